@@ -1,0 +1,544 @@
+//! The router configuration: JAiRouter's `model:` section, validated once and compiled into an
+//! immutable structure that every request shares, so the request path only looks things up.
+
+mod policy;
+mod reader;
+
+pub use policy::{CircuitBreakerPolicy, FallbackPolicy, LoadBalance, RateLimitPolicy, Strategy};
+pub use reader::ConfigError;
+
+use crate::balance::smooth_sequence;
+use crate::endpoint::{Endpoint, ServiceType};
+use reader::{error, Fields, Result};
+use serde_json::Value;
+use std::collections::HashMap;
+
+/// Upper bounds that keep a hostile or mistaken configuration from exhausting the VM.
+pub const MAX_INSTANCES: usize = 10_000;
+pub const MAX_WEIGHT: u64 = 1_000_000;
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
+pub const MAX_MODEL_NAME_BYTES: usize = 1024;
+
+/// The header that names the Envoy cluster chosen by the filter; the bootstrap's route reads it
+/// (`cluster_header`). A client-supplied value is always removed.
+pub const ROUTING_HEADER: &str = "x-jairouter-cluster";
+/// A client may name the model in this header instead of the body (required for nothing; it saves
+/// the body scan, e.g. for large uploads).
+pub const MODEL_HEADER: &str = "x-jairouter-model";
+/// Response header naming the instance that served.
+pub const INSTANCE_HEADER: &str = "x-jairouter-instance";
+
+#[derive(Debug)]
+pub struct RouterConfig {
+    /// Indexed by `ServiceType::index()`; `None` when the service is not configured.
+    services: [Option<Service>; 7],
+    pub load_balance: LoadBalance,
+    pub rate_limit: Option<RateLimitPolicy>,
+    pub circuit_breaker: Option<CircuitBreakerPolicy>,
+    pub fallback: Option<FallbackPolicy>,
+    pub gateway: GatewayOptions,
+    /// The `GET /v1/models` answer, built once.
+    pub models_json: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewayOptions {
+    /// How much of a body may be buffered while looking for the model; past it, 413.
+    pub max_body_bytes: u64,
+    /// Whether responses carry `x-jairouter-instance`.
+    pub instance_header: bool,
+}
+
+#[derive(Debug)]
+pub struct Service {
+    pub kind: ServiceType,
+    pub load_balance: LoadBalance,
+    pub rate_limit: Option<RateLimitPolicy>,
+    pub circuit_breaker: Option<CircuitBreakerPolicy>,
+    pub fallback: Option<FallbackPolicy>,
+    pub instances: Vec<Instance>,
+    pub models: HashMap<String, ModelPool>,
+}
+
+/// The instances that serve one model name within a service.
+#[derive(Debug)]
+pub struct ModelPool {
+    pub model: String,
+    /// Indices into `Service::instances` of the routable ones (status active, weight > 0).
+    pub routable: Vec<usize>,
+    /// Smooth weighted round-robin order over `routable` (positions into it).
+    pub rotation: Vec<u16>,
+    /// Cumulative weights over `routable`, for weighted random.
+    pub cumulative: Vec<u64>,
+    /// The shared-data key of this pool's round-robin counter.
+    pub counter_key: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Instance {
+    /// `instance-id`, or `<service>-<index>` when none is given; named in `x-jairouter-instance`.
+    pub id: String,
+    /// The Envoy cluster that reaches this instance.
+    pub cluster: String,
+    pub name: String,
+    pub base_url: BaseUrl,
+    pub weight: u64,
+    pub active: bool,
+    /// Upstream path per endpoint of the service (base-url prefix included).
+    pub paths: Vec<(Endpoint, String)>,
+    /// Headers sent upstream on every request to this instance (e.g. the backend's credentials).
+    pub headers: Vec<(String, String)>,
+    pub rate_limit: Option<RateLimitPolicy>,
+    pub circuit_breaker: Option<CircuitBreakerPolicy>,
+}
+
+impl Instance {
+    pub fn upstream_path(&self, endpoint: Endpoint) -> Option<&str> {
+        self.paths
+            .iter()
+            .find(|(e, _)| *e == endpoint)
+            .map(|(_, p)| p.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseUrl {
+    pub tls: bool,
+    /// A DNS name or an IP address (IPv6 without brackets).
+    pub host: String,
+    pub port: u16,
+    /// The path part of the base URL without a trailing slash ("" for none).
+    pub prefix: String,
+}
+
+impl BaseUrl {
+    pub fn parse(path: &str, text: &str) -> Result<BaseUrl> {
+        let bad = |why: &str| error(path, format!("{why} (got {text:?})"));
+        let (tls, rest) = if let Some(rest) = text.strip_prefix("http://") {
+            (false, rest)
+        } else if let Some(rest) = text.strip_prefix("https://") {
+            (true, rest)
+        } else {
+            return Err(bad("must start with http:// or https://"));
+        };
+        if rest.contains(['?', '#', '@', ' ']) {
+            return Err(bad("must not carry a query, fragment, user or space"));
+        }
+        let (authority, prefix) = match rest.find('/') {
+            Some(at) => rest.split_at(at),
+            None => (rest, ""),
+        };
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (host, after) = v6.split_once(']').ok_or_else(|| bad("unclosed '['"))?;
+            (host, after.strip_prefix(':'))
+        } else {
+            match authority.split_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (authority, None),
+            }
+        };
+        let host_ok = !host.is_empty()
+            && host.len() <= 253
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':'));
+        if !host_ok {
+            return Err(bad("has no valid host"));
+        }
+        let port = match port {
+            None => {
+                if tls {
+                    443
+                } else {
+                    80
+                }
+            }
+            Some(p) => match p.parse::<u16>() {
+                Ok(n) if n > 0 => n,
+                _ => return Err(bad("has an invalid port")),
+            },
+        };
+        Ok(BaseUrl {
+            tls,
+            host: host.to_ascii_lowercase(),
+            port,
+            prefix: prefix.trim_end_matches('/').to_string(),
+        })
+    }
+
+    pub fn host_is_ip(&self) -> bool {
+        self.host.parse::<std::net::IpAddr>().is_ok()
+    }
+}
+
+impl RouterConfig {
+    pub fn service(&self, kind: ServiceType) -> Option<&Service> {
+        self.services.get(kind.index()).and_then(Option::as_ref)
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &Service> {
+        self.services.iter().flatten()
+    }
+
+    /// Every instance of every service, for the renderer's clusters.
+    pub fn instances(&self) -> impl Iterator<Item = &Instance> {
+        self.services().flat_map(|s| s.instances.iter())
+    }
+
+    /// Parses the filter's plugin configuration: the JSON form of JAiRouter's `model:` section
+    /// (or an object holding it under `model`).
+    pub fn from_json(bytes: &[u8]) -> std::result::Result<RouterConfig, ConfigError> {
+        let value: Value = serde_json::from_slice(bytes)
+            .map_err(|e| error("configuration", format!("is not valid JSON: {e}")))?;
+        Self::from_value(&value)
+    }
+
+    pub fn from_value(value: &Value) -> std::result::Result<RouterConfig, ConfigError> {
+        let model = match value.get("model") {
+            Some(inner) if value.get("services").is_none() => inner,
+            _ => value,
+        };
+        parse_model(model)
+    }
+}
+
+fn parse_model(value: &Value) -> Result<RouterConfig> {
+    let mut f = Fields::new("model", value)?;
+    f.string("adapter")?; // adapters translate request bodies in the original; ours pass them unchanged
+    let load_balance = match f.take("load-balance") {
+        Some(v) => LoadBalance::parse(&f.child("load-balance"), v, None)?,
+        None => LoadBalance::default(),
+    };
+    let rate_limit = take_policy(&mut f, "rate-limit", RateLimitPolicy::parse)?;
+    let circuit_breaker = take_policy(&mut f, "circuit-breaker", CircuitBreakerPolicy::parse)?;
+    let fallback = take_policy(&mut f, "fallback", FallbackPolicy::parse)?;
+    let gateway = match f.take("gateway") {
+        Some(v) => parse_gateway(&f.child("gateway"), v)?,
+        None => GatewayOptions {
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            instance_header: true,
+        },
+    };
+    let services_path = f.child("services");
+    let services_value = f.take("services");
+    f.finish()?;
+
+    let mut services: [Option<Service>; 7] = Default::default();
+    let mut total_instances = 0usize;
+    let mut clusters: HashMap<String, String> = HashMap::new();
+    if let Some(services_value) = services_value {
+        let map = services_value.as_object().ok_or_else(|| {
+            error(
+                &services_path,
+                "must be a mapping of service type to service",
+            )
+        })?;
+        for (key, service_value) in map {
+            let path = reader::join(&services_path, key);
+            let kind = ServiceType::from_config_key(key).ok_or_else(|| {
+                error(
+                    &path,
+                    "unknown service type (expected chat, embedding, rerank, tts, stt, imgGen or imgEdit)",
+                )
+            })?;
+            let slot = services
+                .get_mut(kind.index())
+                .ok_or_else(|| error(&path, "internal: no slot for service"))?;
+            if slot.is_some() {
+                return Err(error(&path, "service type given twice (under two aliases)"));
+            }
+            let service = parse_service(&path, kind, service_value, &load_balance, &mut clusters)?;
+            total_instances = total_instances.saturating_add(service.instances.len());
+            if total_instances > MAX_INSTANCES {
+                return Err(error(
+                    &services_path,
+                    format!("more than {MAX_INSTANCES} instances in all"),
+                ));
+            }
+            *slot = Some(service);
+        }
+    }
+    let models_json = models_list_json(services.iter().flatten());
+    Ok(RouterConfig {
+        services,
+        load_balance,
+        rate_limit,
+        circuit_breaker,
+        fallback,
+        gateway,
+        models_json,
+    })
+}
+
+fn take_policy<T>(
+    f: &mut Fields<'_>,
+    key: &str,
+    parse: fn(&str, &Value) -> Result<T>,
+) -> Result<Option<T>> {
+    let path = f.child(key);
+    f.take(key).map(|v| parse(&path, v)).transpose()
+}
+
+fn parse_gateway(path: &str, value: &Value) -> Result<GatewayOptions> {
+    let mut f = Fields::new(path, value)?;
+    let max_body_bytes = f.integer(
+        "max-body-bytes",
+        DEFAULT_MAX_BODY_BYTES,
+        1024,
+        256 * 1024 * 1024,
+    )?;
+    let instance_header = f.boolean("instance-header", true)?;
+    f.finish()?;
+    Ok(GatewayOptions {
+        max_body_bytes,
+        instance_header,
+    })
+}
+
+fn parse_service(
+    path: &str,
+    kind: ServiceType,
+    value: &Value,
+    global_lb: &LoadBalance,
+    clusters: &mut HashMap<String, String>,
+) -> Result<Service> {
+    let mut f = Fields::new(path, value)?;
+    f.string("adapter")?;
+    let load_balance = match f.take("load-balance") {
+        Some(v) => LoadBalance::parse(&f.child("load-balance"), v, Some(global_lb))?,
+        None => global_lb.clone(),
+    };
+    let rate_limit = take_policy(&mut f, "rate-limit", RateLimitPolicy::parse)?;
+    let circuit_breaker = take_policy(&mut f, "circuit-breaker", CircuitBreakerPolicy::parse)?;
+    let fallback = take_policy(&mut f, "fallback", FallbackPolicy::parse)?;
+    let instances_path = f.child("instances");
+    let list = match f.take("instances") {
+        None => Vec::new(),
+        Some(Value::Array(items)) => items.iter().collect(),
+        Some(other) => {
+            return Err(error(
+                &instances_path,
+                format!("must be a list (got {})", reader::kind(other)),
+            ))
+        }
+    };
+    f.finish()?;
+    if list.len() > MAX_INSTANCES {
+        return Err(error(
+            &instances_path,
+            format!("more than {MAX_INSTANCES} instances"),
+        ));
+    }
+
+    let mut instances = Vec::with_capacity(list.len());
+    for (index, item) in list.into_iter().enumerate() {
+        let ipath = format!("{instances_path}[{index}]");
+        let instance = parse_instance(&ipath, kind, index, item)?;
+        if let Some(previous) = clusters.insert(instance.cluster.clone(), ipath.clone()) {
+            return Err(error(
+                &ipath,
+                format!(
+                    "instance-id {:?} is already used by {previous}",
+                    instance.id
+                ),
+            ));
+        }
+        instances.push(instance);
+    }
+
+    let mut names: Vec<&str> = Vec::new();
+    for instance in &instances {
+        if !names.contains(&instance.name.as_str()) {
+            names.push(&instance.name);
+        }
+    }
+    let mut models = HashMap::with_capacity(names.len());
+    for name in names {
+        let routable: Vec<usize> = instances
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| i.name == name && i.active && i.weight > 0)
+            .map(|(at, _)| at)
+            .collect();
+        let weights: Vec<u64> = routable
+            .iter()
+            .filter_map(|at| instances.get(*at).map(|i| i.weight))
+            .collect();
+        let mut cumulative = Vec::with_capacity(weights.len());
+        let mut sum = 0u64;
+        for w in &weights {
+            sum = sum.saturating_add(*w);
+            cumulative.push(sum);
+        }
+        models.insert(
+            name.to_string(),
+            ModelPool {
+                model: name.to_string(),
+                rotation: smooth_sequence(&weights),
+                cumulative,
+                routable,
+                counter_key: format!("jairouter/rr/{}/{}", kind.key(), name),
+            },
+        );
+    }
+
+    Ok(Service {
+        kind,
+        load_balance,
+        rate_limit,
+        circuit_breaker,
+        fallback,
+        instances,
+        models,
+    })
+}
+
+fn parse_instance(path: &str, kind: ServiceType, index: usize, value: &Value) -> Result<Instance> {
+    let mut f = Fields::new(path, value)?;
+    let name = f
+        .string("name")?
+        .ok_or_else(|| error(&f.child("name"), "is required: the model name clients send"))?
+        .trim()
+        .to_string();
+    if name.is_empty() || name.len() > MAX_MODEL_NAME_BYTES {
+        return Err(error(
+            &f.child("name"),
+            format!("must be 1 to {MAX_MODEL_NAME_BYTES} bytes"),
+        ));
+    }
+    let base_url_path = f.child("base-url");
+    let base_url_text = f
+        .string("base-url")?
+        .ok_or_else(|| error(&base_url_path, "is required (e.g. http://ollama:11434)"))?;
+    let base_url = BaseUrl::parse(&base_url_path, base_url_text.trim())?;
+    let instance_path = match f.string("path")? {
+        Some(p) if p.starts_with('/') && !p.contains(['?', '#', ' ']) => p.to_string(),
+        Some(p) => {
+            return Err(error(
+                &f.child("path"),
+                format!("must start with '/' and carry no query (got {p:?})"),
+            ))
+        }
+        None => format!("/v1/{}", kind.primary_endpoint().suffix()),
+    };
+    let weight = f.integer("weight", 1, 0, MAX_WEIGHT)?;
+    let active = match f.string("status")? {
+        None => true,
+        Some(s) => s.trim().eq_ignore_ascii_case("active"),
+    };
+    let id = match f.string("instance-id")? {
+        Some(id) if !id.trim().is_empty() => id.trim().to_string(),
+        _ => format!("{}-{index}", kind.key()),
+    };
+    let headers = match f.take("headers") {
+        None => Vec::new(),
+        Some(v) => parse_headers(&f.child("headers"), v)?,
+    };
+    let rate_limit = take_policy(&mut f, "rate-limit", RateLimitPolicy::parse)?;
+    let circuit_breaker = take_policy(&mut f, "circuit-breaker", CircuitBreakerPolicy::parse)?;
+    // Bookkeeping fields of the original (database ids, adapter names): accepted, not needed.
+    f.string("adapter")?;
+    f.take("id");
+    f.boolean("healthy", true)?;
+    f.finish()?;
+
+    let paths = Endpoint::ALL
+        .iter()
+        .filter(|e| e.service() == kind)
+        .map(|e| {
+            (
+                *e,
+                format!("{}{}", base_url.prefix, e.upstream_path(&instance_path)),
+            )
+        })
+        .collect();
+    Ok(Instance {
+        cluster: cluster_name(&id),
+        id,
+        name,
+        base_url,
+        weight,
+        active,
+        paths,
+        headers,
+        rate_limit,
+        circuit_breaker,
+    })
+}
+
+/// Envoy cluster names appear in stats names, where dots and colons would split them.
+fn cluster_name(id: &str) -> String {
+    let safe: String = id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("jairouter-{safe}")
+}
+
+fn parse_headers(path: &str, value: &Value) -> Result<Vec<(String, String)>> {
+    let map = value
+        .as_object()
+        .ok_or_else(|| error(path, "must be a mapping of header name to value"))?;
+    let mut headers = Vec::with_capacity(map.len());
+    for (name, v) in map {
+        let hpath = reader::join(path, name);
+        let token_ok = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if !token_ok {
+            return Err(error(&hpath, "is not a valid header name"));
+        }
+        let text = match v {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            Value::Bool(b) => b.to_string(),
+            other => {
+                return Err(error(
+                    &hpath,
+                    format!("must be a string (got {})", reader::kind(other)),
+                ))
+            }
+        };
+        if text.contains(['\r', '\n', '\0']) {
+            return Err(error(&hpath, "must not contain line breaks"));
+        }
+        headers.push((name.to_ascii_lowercase(), text));
+    }
+    Ok(headers)
+}
+
+fn models_list_json<'a>(services: impl Iterator<Item = &'a Service>) -> String {
+    let mut seen: Vec<&str> = Vec::new();
+    let mut data = Vec::new();
+    for service in services {
+        for instance in &service.instances {
+            if seen.contains(&instance.name.as_str()) {
+                continue;
+            }
+            seen.push(&instance.name);
+            data.push(model_object(&instance.name, service.kind));
+        }
+    }
+    serde_json::json!({"object": "list", "data": data}).to_string()
+}
+
+/// One entry of the OpenAI model list (`owned_by` names the gateway, as the original does).
+pub fn model_object(name: &str, kind: ServiceType) -> Value {
+    serde_json::json!({
+        "id": name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "jairouter",
+        "service_type": kind.key(),
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,196 @@
+//! The policy blocks of the configuration (`load-balance`, `rate-limit`, `circuit-breaker`,
+//! `fallback`), with the original's defaults. They may stand globally, per service and (limits
+//! and breakers) per instance.
+
+use super::reader::{error, Fields, Result};
+use serde_json::Value;
+
+/// `load-balance.type`
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    Random,
+    RoundRobin,
+    LeastConnections,
+    IpHash,
+    ConsistentHash,
+    HeaderHash,
+    LeastLatency,
+}
+
+impl Strategy {
+    pub fn parse(path: &str, name: &str) -> Result<Strategy> {
+        Ok(match name.trim().to_ascii_lowercase().replace('_', "-").as_str() {
+            "random" => Strategy::Random,
+            "round-robin" | "roundrobin" => Strategy::RoundRobin,
+            "least-connections" | "leastconnections" => Strategy::LeastConnections,
+            "ip-hash" | "iphash" => Strategy::IpHash,
+            "consistent-hash" | "consistenthash" => Strategy::ConsistentHash,
+            "header-hash" | "headerhash" => Strategy::HeaderHash,
+            "least-latency" | "leastlatency" => Strategy::LeastLatency,
+            _ => {
+                return Err(error(
+                    path,
+                    format!(
+                        "unknown strategy {name:?} (expected random, round-robin, least-connections, \
+                         ip-hash, consistent-hash, header-hash or least-latency)"
+                    ),
+                ))
+            }
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Random => "random",
+            Strategy::RoundRobin => "round-robin",
+            Strategy::LeastConnections => "least-connections",
+            Strategy::IpHash => "ip-hash",
+            Strategy::ConsistentHash => "consistent-hash",
+            Strategy::HeaderHash => "header-hash",
+            Strategy::LeastLatency => "least-latency",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadBalance {
+    pub strategy: Strategy,
+    pub hash_algorithm: String,
+    pub virtual_nodes: u64,
+}
+
+impl Default for LoadBalance {
+    /// Smooth weighted round-robin: the original defaults to random, which spreads worse.
+    fn default() -> Self {
+        LoadBalance {
+            strategy: Strategy::RoundRobin,
+            hash_algorithm: "md5".to_string(),
+            virtual_nodes: 150,
+        }
+    }
+}
+
+impl LoadBalance {
+    /// A service-level block inherits what it does not say from the global one.
+    pub fn parse(path: &str, value: &Value, inherit: Option<&LoadBalance>) -> Result<LoadBalance> {
+        let base = inherit.cloned().unwrap_or_default();
+        let mut f = Fields::new(path, value)?;
+        let strategy = match f.string("type")? {
+            Some(name) => Strategy::parse(&f.child("type"), name)?,
+            None => base.strategy,
+        };
+        let hash_algorithm = match f.string("hash-algorithm")? {
+            Some(a) => a.trim().to_ascii_lowercase(),
+            None => base.hash_algorithm,
+        };
+        let virtual_nodes = f.integer("virtual-nodes", base.virtual_nodes, 1, 10_000)?;
+        f.finish()?;
+        Ok(LoadBalance {
+            strategy,
+            hash_algorithm,
+            virtual_nodes,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitPolicy {
+    pub enabled: bool,
+    pub algorithm: String,
+    pub capacity: u64,
+    pub rate: u64,
+    pub scope: String,
+    pub key: Option<String>,
+    pub client_ip_enable: bool,
+}
+
+impl RateLimitPolicy {
+    pub fn parse(path: &str, value: &Value) -> Result<RateLimitPolicy> {
+        let mut f = Fields::new(path, value)?;
+        let enabled = f.boolean("enabled", false)?;
+        let algorithm = match f.string("algorithm")? {
+            None => "token-bucket".to_string(),
+            Some(a) => {
+                let a = a.trim().to_ascii_lowercase();
+                if !["token-bucket", "leaky-bucket", "sliding-window", "warm-up"]
+                    .contains(&a.as_str())
+                {
+                    return Err(error(
+                        &f.child("algorithm"),
+                        format!(
+                            "unknown algorithm {a:?} (expected token-bucket, leaky-bucket, \
+                             sliding-window or warm-up)"
+                        ),
+                    ));
+                }
+                a
+            }
+        };
+        let capacity = f.integer("capacity", 100, 1, 1_000_000_000)?;
+        let rate = f.integer("rate", 10, 1, 1_000_000_000)?;
+        let scope = f
+            .string("scope")?
+            .map(|s| s.trim().to_ascii_lowercase())
+            .unwrap_or_else(|| "service".to_string());
+        let key = f.string("key")?.map(str::to_string);
+        let client_ip_enable = f.boolean("client-ip-enable", false)?;
+        f.finish()?;
+        Ok(RateLimitPolicy {
+            enabled,
+            algorithm,
+            capacity,
+            rate,
+            scope,
+            key,
+            client_ip_enable,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CircuitBreakerPolicy {
+    pub enabled: bool,
+    pub failure_threshold: u64,
+    /// Milliseconds from open to half-open.
+    pub timeout_ms: u64,
+    pub success_threshold: u64,
+}
+
+impl CircuitBreakerPolicy {
+    pub fn parse(path: &str, value: &Value) -> Result<CircuitBreakerPolicy> {
+        let mut f = Fields::new(path, value)?;
+        let policy = CircuitBreakerPolicy {
+            enabled: f.boolean("enabled", false)?,
+            failure_threshold: f.integer("failure-threshold", 5, 1, 1_000_000)?,
+            timeout_ms: f.integer("timeout", 60_000, 1, 86_400_000)?,
+            success_threshold: f.integer("success-threshold", 2, 1, 1_000_000)?,
+        };
+        f.finish()?;
+        Ok(policy)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FallbackPolicy {
+    pub enabled: bool,
+    pub strategy: String,
+    pub cache_size: u64,
+    pub cache_ttl_ms: u64,
+}
+
+impl FallbackPolicy {
+    pub fn parse(path: &str, value: &Value) -> Result<FallbackPolicy> {
+        let mut f = Fields::new(path, value)?;
+        let policy = FallbackPolicy {
+            enabled: f.boolean("enabled", false)?,
+            strategy: f
+                .string("strategy")?
+                .map(|s| s.trim().to_ascii_lowercase())
+                .unwrap_or_else(|| "default".to_string()),
+            cache_size: f.integer("cache-size", 100, 0, 1_000_000)?,
+            cache_ttl_ms: f.integer("cache-ttl", 300_000, 0, 86_400_000 * 30)?,
+        };
+        f.finish()?;
+        Ok(policy)
+    }
+}

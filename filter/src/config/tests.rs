@@ -1,0 +1,229 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+use super::*;
+use serde_json::json;
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
+fn refused(v: Value) -> String {
+    RouterConfig::from_value(&v).unwrap_err().to_string()
+}
+
+/// The `model:` section of the seed guide's ConfigMap, as the renderer turns it into JSON.
+fn seed_model() -> Value {
+    json!({
+        "load-balance": {"type": "round-robin"},
+        "rate-limit": {"enabled": true, "algorithm": "token-bucket", "capacity": 1000, "rate": 100},
+        "services": {"chat": {"instances": [
+            {"name": "llama3.2:3b", "base-url": "http://ollama-service:11434",
+             "path": "/v1/chat/completions", "weight": 1}
+        ]}}
+    })
+}
+
+#[test]
+fn seed_configmap_loads() {
+    let cfg = RouterConfig::from_value(&seed_model()).unwrap();
+    let chat = cfg.service(ServiceType::Chat).unwrap();
+    let i = &chat.instances[0];
+    assert_eq!(i.id, "chat-0");
+    assert_eq!(i.cluster, "jairouter-chat-0");
+    assert_eq!(i.base_url.host, "ollama-service");
+    assert_eq!(i.base_url.port, 11434);
+    assert_eq!(
+        i.upstream_path(Endpoint::ChatCompletions),
+        Some("/v1/chat/completions")
+    );
+    assert_eq!(
+        i.upstream_path(Endpoint::Completions),
+        Some("/v1/completions")
+    );
+    assert_eq!(chat.models["llama3.2:3b"].routable, vec![0]);
+    assert!(cfg.rate_limit.as_ref().unwrap().enabled);
+}
+
+#[test]
+fn wrapped_in_model_key_also_loads() {
+    let cfg = RouterConfig::from_value(&json!({"model": seed_model()})).unwrap();
+    assert!(cfg.service(ServiceType::Chat).is_some());
+}
+
+/// The original's own services.yml: camelCase and kebab-case mixed, adapters, instance ids,
+/// empty headers, ip-hash with sha256, a cache fallback.
+#[test]
+fn original_services_yml_loads() {
+    let v = json!({
+        "adapter": "gpustack",
+        "circuit-breaker": {"enabled": true, "failureThreshold": 5, "timeout": 60000, "successThreshold": 2},
+        "fallback": {"enabled": true, "strategy": "default"},
+        "services": {
+            "chat": {
+                "load-balance": {"type": "least-connections"},
+                "adapter": "gpustack",
+                "rate-limit": {"enabled": true, "algorithm": "token-bucket", "capacity": 100, "rate": 10,
+                                "scope": "service", "client-ip-enable": true},
+                "instances": [{"name": "qwen2.5:1.5b", "instance-id": "c09eb43b-5084-48bb-8fc8-3e5ab2505c31",
+                               "base-url": "http://172.16.30.6:12434", "path": "/v1/chat/completions",
+                               "adapter": "ollama", "weight": 1, "headers": {}}]
+            },
+            "rerank": {
+                "load-balance": {"type": "ip-hash", "hash-algorithm": "sha256"},
+                "fallback": {"enabled": true, "strategy": "cache", "cache-size": 50, "cache-ttl": 600000},
+                "instances": []
+            },
+            "imgGen": {"instances": [{"name": "sd", "baseUrl": "https://img.example.com/api/", "path": "/v1/images/generations",
+                        "headers": {"Authorization": "Bearer x"}, "status": "ACTIVE"}]}
+        }
+    });
+    let cfg = RouterConfig::from_value(&v).unwrap();
+    let chat = cfg.service(ServiceType::Chat).unwrap();
+    assert_eq!(chat.load_balance.strategy, Strategy::LeastConnections);
+    assert_eq!(
+        chat.instances[0].cluster,
+        "jairouter-c09eb43b-5084-48bb-8fc8-3e5ab2505c31"
+    );
+    assert_eq!(
+        cfg.service(ServiceType::Rerank)
+            .unwrap()
+            .load_balance
+            .hash_algorithm,
+        "sha256"
+    );
+    let img = &cfg.service(ServiceType::ImgGen).unwrap().instances[0];
+    assert!(img.base_url.tls);
+    assert_eq!(img.base_url.port, 443);
+    assert_eq!(
+        img.upstream_path(Endpoint::ImageGenerations),
+        Some("/api/v1/images/generations")
+    );
+    assert_eq!(
+        img.headers,
+        vec![("authorization".to_string(), "Bearer x".to_string())]
+    );
+    assert!(img.active);
+    assert_eq!(cfg.circuit_breaker.as_ref().unwrap().failure_threshold, 5);
+}
+
+#[test]
+fn refusals_name_the_key() {
+    let mut v = seed_model();
+    v["services"]["chat"]["instances"][0]["weight"] = json!(-2);
+    assert_eq!(
+        refused(v),
+        "model.services.chat.instances[0].weight: must be a whole number from 0 to 1000000 (got -2)"
+    );
+
+    let mut v = seed_model();
+    v["services"]["chat"]["instances"][0]["base-url"] = json!("ollama:11434");
+    assert!(refused(v)
+        .starts_with("model.services.chat.instances[0].base-url: must start with http://"));
+
+    let mut v = seed_model();
+    v["services"]["chat"]["instances"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("name");
+    assert!(refused(v).starts_with("model.services.chat.instances[0].name: is required"));
+
+    let mut v = seed_model();
+    v["load-balance"]["type"] = json!("fastest");
+    assert!(refused(v).starts_with("model.load-balance.type: unknown strategy \"fastest\""));
+
+    let mut v = seed_model();
+    v["services"]["chatt"] = json!({"instances": []});
+    assert!(refused(v).starts_with("model.services.chatt: unknown service type"));
+
+    let mut v = seed_model();
+    v["rate-limit"]["algorithm"] = json!("magic");
+    assert!(refused(v).starts_with("model.rate-limit.algorithm: unknown algorithm"));
+
+    let mut v = seed_model();
+    v["services"]["chat"]["instances"][0]["path"] = json!("v1/chat");
+    assert!(refused(v).starts_with("model.services.chat.instances[0].path:"));
+
+    assert!(refused(json!({"services": []})).starts_with("model.services: must be a mapping"));
+    assert!(refused(json!([1])).starts_with("model: must be a mapping"));
+    assert!(RouterConfig::from_json(b"{not json")
+        .unwrap_err()
+        .to_string()
+        .starts_with("configuration: is not valid JSON"));
+}
+
+#[test]
+fn duplicate_instance_ids_are_refused() {
+    let v = json!({"services": {
+        "chat": {"instances": [{"name": "a", "base-url": "http://h:1", "instance-id": "x"}]},
+        "embedding": {"instances": [{"name": "b", "base-url": "http://h:1", "instance-id": "x"}]}
+    }});
+    assert!(refused(v).contains("already used by model.services.chat.instances[0]"));
+}
+
+#[test]
+fn inactive_and_zero_weight_instances_are_not_routable() {
+    let v = json!({"services": {"chat": {"instances": [
+        {"name": "m", "base-url": "http://a:1", "weight": 0},
+        {"name": "m", "base-url": "http://b:1", "status": "inactive"},
+        {"name": "m", "base-url": "http://c:1", "weight": 3},
+        {"name": "n", "base-url": "http://c:1", "status": "INACTIVE"}
+    ]}}});
+    let cfg = RouterConfig::from_value(&v).unwrap();
+    let chat = cfg.service(ServiceType::Chat).unwrap();
+    assert_eq!(chat.models["m"].routable, vec![2]);
+    assert!(chat.models["n"].routable.is_empty());
+}
+
+#[test]
+fn base_urls() {
+    let b = BaseUrl::parse("p", "http://[::1]:8000/prefix/").unwrap();
+    assert_eq!(
+        (b.host.as_str(), b.port, b.prefix.as_str()),
+        ("::1", 8000, "/prefix")
+    );
+    assert!(b.host_is_ip());
+    let b = BaseUrl::parse("p", "https://API.example.com").unwrap();
+    assert_eq!(
+        (b.host.as_str(), b.port, b.tls),
+        ("api.example.com", 443, true)
+    );
+    assert!(!b.host_is_ip());
+    for bad in [
+        "ftp://x",
+        "http://",
+        "http://h:0",
+        "http://h:99999",
+        "http://u@h",
+        "http://h?x=1",
+        "http://h h",
+    ] {
+        assert!(BaseUrl::parse("p", bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn gateway_options() {
+    let mut v = seed_model();
+    v["gateway"] = json!({"max-body-bytes": 2048, "instance-header": false});
+    let cfg = RouterConfig::from_value(&v).unwrap();
+    assert_eq!(cfg.gateway.max_body_bytes, 2048);
+    assert!(!cfg.gateway.instance_header);
+    let mut v = seed_model();
+    v["gateway"] = json!({"max-body-bytes": 1});
+    assert!(refused(v).starts_with("model.gateway.max-body-bytes:"));
+}
+
+#[test]
+fn models_list_is_openai_shaped() {
+    let cfg = RouterConfig::from_value(&seed_model()).unwrap();
+    let list: Value = serde_json::from_str(&cfg.models_json).unwrap();
+    assert_eq!(list["object"], "list");
+    assert_eq!(list["data"][0]["id"], "llama3.2:3b");
+    assert_eq!(list["data"][0]["object"], "model");
+}
+
+#[test]
+fn too_many_instances_are_refused() {
+    let many: Vec<Value> = (0..MAX_INSTANCES + 1)
+        .map(|i| json!({"name": "m", "base-url": format!("http://h{i}:1")}))
+        .collect();
+    let v = json!({"services": {"chat": {"instances": many}}});
+    assert!(refused(v).contains("more than 10000 instances"));
+}

@@ -1,0 +1,14 @@
+//! JAiRouter for Envoy: model routing for the OpenAI API as a proxy-wasm filter.
+//!
+//! Everything but `wasm` is plain Rust with no host calls, so it is tested natively and under
+//! wasm32; `wasm` binds it to proxy-wasm contexts.
+
+pub mod balance;
+pub mod config;
+pub mod endpoint;
+pub mod request;
+pub mod scan;
+pub mod store;
+
+#[cfg(all(target_arch = "wasm32", not(test)))]
+mod wasm;

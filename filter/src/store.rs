@@ -1,0 +1,111 @@
+//! The host's shared data, behind a trait: Envoy's `get_shared_data`/`set_shared_data` in the
+//! filter, a map in tests. Every Envoy worker of one process sees the same keys, and a set with
+//! the CAS value from a get fails if another worker wrote in between, which makes counters exact.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreError {
+    /// Another writer changed the key since it was read.
+    CasMismatch,
+    /// The host refused for another reason.
+    Failed,
+}
+
+pub trait SharedStore {
+    /// The value and its CAS token; `(None, _)` when the key does not exist.
+    fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>);
+    /// Writes the value if `cas` still matches (a `None` cas writes unconditionally).
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError>;
+}
+
+/// Contention seen in Envoy stays below a few retries; the bound only keeps a pathological
+/// host from spinning the worker.
+const MAX_CAS_ATTEMPTS: usize = 64;
+
+/// Creates a zero counter unless one exists. Envoy ignores CAS on a key that does not exist yet,
+/// so counters must be created before traffic can race on them (at configure time).
+pub fn ensure_counter(store: &dyn SharedStore, key: &str) {
+    if store.get(key).0.is_none() {
+        let _ = store.set(key, &0u64.to_le_bytes(), None);
+    }
+}
+
+/// Atomically adds one and returns the value before the increment.
+pub fn fetch_increment(store: &dyn SharedStore, key: &str) -> Option<u64> {
+    for _ in 0..MAX_CAS_ATTEMPTS {
+        let (value, cas) = store.get(key);
+        let current = value.as_deref().map(decode_u64).unwrap_or(0);
+        match store.set(key, &current.wrapping_add(1).to_le_bytes(), cas) {
+            Ok(()) => return Some(current),
+            Err(StoreError::CasMismatch) => continue,
+            Err(StoreError::Failed) => return None,
+        }
+    }
+    None
+}
+
+pub fn decode_u64(bytes: &[u8]) -> u64 {
+    let mut raw = [0u8; 8];
+    for (slot, byte) in raw.iter_mut().zip(bytes) {
+        *slot = *byte;
+    }
+    u64::from_le_bytes(raw)
+}
+
+/// An in-memory store with Envoy's CAS semantics, for tests and native tools.
+#[derive(Default)]
+pub struct MemoryStore {
+    entries: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+}
+
+impl SharedStore for MemoryStore {
+    fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        match self.entries.borrow().get(key) {
+            Some((value, cas)) => (Some(value.clone()), Some(*cas)),
+            None => (None, None),
+        }
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+        let mut entries = self.entries.borrow_mut();
+        match entries.get_mut(key) {
+            Some((stored, version)) => {
+                if cas.is_some_and(|c| c != *version) {
+                    return Err(StoreError::CasMismatch);
+                }
+                *stored = value.to_vec();
+                *version = version.wrapping_add(1);
+            }
+            None => {
+                entries.insert(key.to_string(), (value.to_vec(), 1));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+    use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    #[test]
+    fn increments_and_cas() {
+        let store = MemoryStore::default();
+        ensure_counter(&store, "k");
+        assert_eq!(fetch_increment(&store, "k"), Some(0));
+        assert_eq!(fetch_increment(&store, "k"), Some(1));
+        let (_, cas) = store.get("k");
+        store.set("k", &5u64.to_le_bytes(), None).unwrap();
+        assert_eq!(
+            store.set("k", &6u64.to_le_bytes(), cas),
+            Err(StoreError::CasMismatch)
+        );
+        ensure_counter(&store, "k"); // does not reset an existing counter
+        assert_eq!(fetch_increment(&store, "k"), Some(5));
+    }
+}
