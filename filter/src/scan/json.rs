@@ -1,0 +1,725 @@
+//! Finds the top-level `"model"` of a JSON object body, validating the JSON read on the way.
+//!
+//! A pushdown state machine fed chunk by chunk. It keeps the container stack (bounded), the key
+//! being read when that key could still be `model`, and the model value; nothing else is kept, so
+//! a 5 MB prompt costs no memory. It stops at the first top-level `model`: what follows is not
+//! our business, and the backend judges it.
+
+use super::ScanOutcome;
+
+/// Deeper nesting than this is refused: nobody sends it legitimately, and it bounds the stack.
+pub const MAX_DEPTH: usize = 128;
+
+const MODEL_KEY: &[u8] = b"model";
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Container {
+    Object,
+    Array,
+}
+
+/// Where the decoded characters of the string being read go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sink {
+    /// An ordinary string value: validated, not kept.
+    Skip,
+    /// A key of a nested object: validated, not kept.
+    NestedKey,
+    /// A key of the top-level object: kept while it can still be `model`.
+    Key,
+    /// The value of the top-level `model`.
+    Model,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Esc {
+    /// Plain characters.
+    None,
+    /// After a backslash.
+    Backslash,
+    /// Inside `\uXXXX`: digits read so far and their value.
+    Unicode { digits: u8, value: u32 },
+    /// After a high surrogate: a `\` must follow.
+    LowBackslash { high: u32 },
+    /// After a high surrogate and `\`: a `u` must follow.
+    LowU { high: u32 },
+    /// Reading the low surrogate's digits.
+    LowUnicode { high: u32, digits: u8, value: u32 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Num {
+    Minus,
+    Zero,
+    Int,
+    Dot,
+    Frac,
+    Exp,
+    ExpSign,
+    ExpDigits,
+}
+
+impl Num {
+    /// Whether a number may end here.
+    fn complete(self) -> bool {
+        matches!(self, Num::Zero | Num::Int | Num::Frac | Num::ExpDigits)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Before the first byte: a BOM may come.
+    Start {
+        bom: usize,
+    },
+    /// Expecting the top-level `{`.
+    Root,
+    /// Expecting a value.
+    Value,
+    /// Expecting the `model` value: only a string will do.
+    ModelValue,
+    /// After `{`: a key or `}`.
+    FirstKey,
+    /// After `,` in an object: a key.
+    Key,
+    /// After a key: `:`.
+    Colon {
+        is_model: bool,
+    },
+    /// After `[`: a value or `]`.
+    FirstElement,
+    /// After a value: `,` or the closing bracket.
+    AfterValue,
+    Str {
+        sink: Sink,
+        esc: Esc,
+    },
+    Number(Num),
+    Literal {
+        word: &'static [u8],
+        matched: usize,
+    },
+}
+
+/// Feed it the body; it answers as soon as the model is known (or cannot be).
+#[derive(Debug)]
+pub struct JsonModelScanner {
+    state: State,
+    stack: Vec<Container>,
+    /// The key or model value being decoded (only for `Sink::Key` and `Sink::Model`).
+    text: Vec<u8>,
+    max_model_len: usize,
+    done: Option<ScanOutcome>,
+    seen_any: bool,
+}
+
+impl JsonModelScanner {
+    pub fn new(max_model_len: usize) -> Self {
+        JsonModelScanner {
+            state: State::Start { bom: 0 },
+            stack: Vec::new(),
+            text: Vec::new(),
+            max_model_len,
+            done: None,
+            seen_any: false,
+        }
+    }
+
+    /// Reads the next bytes of the body. Once the outcome is not `NeedMore` it never changes.
+    pub fn feed(&mut self, chunk: &[u8]) -> ScanOutcome {
+        if let Some(done) = &self.done {
+            return done.clone();
+        }
+        if !chunk.is_empty() {
+            self.seen_any = true;
+        }
+        let outcome = self.run(chunk);
+        if outcome != ScanOutcome::NeedMore {
+            self.done = Some(outcome.clone());
+            self.text = Vec::new();
+            self.stack = Vec::new();
+        }
+        outcome
+    }
+
+    /// The body has ended: if the model was not decided yet, the JSON is cut short.
+    pub fn finish(&mut self) -> ScanOutcome {
+        if let Some(done) = &self.done {
+            return done.clone();
+        }
+        let outcome = if !self.seen_any || matches!(self.state, State::Start { .. } | State::Root) {
+            ScanOutcome::Invalid("the request body is empty".into())
+        } else {
+            ScanOutcome::Invalid("the JSON body ends before it is complete".into())
+        };
+        self.done = Some(outcome.clone());
+        outcome
+    }
+
+    fn run(&mut self, chunk: &[u8]) -> ScanOutcome {
+        let mut i = 0;
+        while let Some(&b) = chunk.get(i) {
+            // Long string contents are the bulk of a prompt: skip them without the state match.
+            if let State::Str {
+                sink: Sink::Skip | Sink::NestedKey,
+                esc: Esc::None,
+            } = self.state
+            {
+                let rest = chunk.get(i..).unwrap_or_default();
+                let plain = rest
+                    .iter()
+                    .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
+                    .unwrap_or(rest.len());
+                i += plain;
+                if plain > 0 {
+                    continue;
+                }
+            }
+            match self.step(b) {
+                Step::Next => i += 1,
+                Step::Again => {}
+                Step::Done(outcome) => return outcome,
+            }
+        }
+        ScanOutcome::NeedMore
+    }
+
+    fn step(&mut self, b: u8) -> Step {
+        match self.state {
+            State::Start { bom } => {
+                if BOM.get(bom) == Some(&b) {
+                    self.state = if bom + 1 == BOM.len() {
+                        State::Root
+                    } else {
+                        State::Start { bom: bom + 1 }
+                    };
+                    return Step::Next;
+                }
+                if bom > 0 {
+                    return invalid("the body starts with a broken byte order mark");
+                }
+                self.state = State::Root;
+                Step::Again
+            }
+            State::Root => match b {
+                _ if is_ws(b) => Step::Next,
+                b'{' => self.open(Container::Object),
+                _ => invalid("the request body must be a JSON object"),
+            },
+            State::Value | State::FirstElement => match b {
+                _ if is_ws(b) => Step::Next,
+                b']' if self.state == State::FirstElement => self.close(Container::Array),
+                _ => self.begin_value(b),
+            },
+            State::ModelValue => match b {
+                _ if is_ws(b) => Step::Next,
+                b'"' => {
+                    self.text.clear();
+                    self.state = State::Str {
+                        sink: Sink::Model,
+                        esc: Esc::None,
+                    };
+                    Step::Next
+                }
+                _ => invalid("`model` must be a string"),
+            },
+            State::FirstKey | State::Key => match b {
+                _ if is_ws(b) => Step::Next,
+                b'}' if self.state == State::FirstKey => self.close(Container::Object),
+                b'"' => {
+                    let sink = if self.stack.len() == 1 {
+                        Sink::Key
+                    } else {
+                        Sink::NestedKey
+                    };
+                    self.text.clear();
+                    self.state = State::Str {
+                        sink,
+                        esc: Esc::None,
+                    };
+                    Step::Next
+                }
+                _ => invalid("expected a string key in an object"),
+            },
+            State::Colon { is_model } => match b {
+                _ if is_ws(b) => Step::Next,
+                b':' => {
+                    self.state = if is_model {
+                        State::ModelValue
+                    } else {
+                        State::Value
+                    };
+                    Step::Next
+                }
+                _ => invalid("expected `:` after an object key"),
+            },
+            State::AfterValue => match (b, self.stack.last()) {
+                (_, _) if is_ws(b) => Step::Next,
+                (b',', Some(Container::Object)) => {
+                    self.state = State::Key;
+                    Step::Next
+                }
+                (b',', Some(Container::Array)) => {
+                    self.state = State::Value;
+                    Step::Next
+                }
+                (b'}', Some(Container::Object)) => self.close(Container::Object),
+                (b']', Some(Container::Array)) => self.close(Container::Array),
+                _ => invalid("expected `,` or a closing bracket"),
+            },
+            State::Str { sink, esc } => self.string_byte(sink, esc, b),
+            State::Number(num) => self.number_byte(num, b),
+            State::Literal { word, matched } => {
+                if word.get(matched) != Some(&b) {
+                    return invalid("invalid literal (expected true, false or null)");
+                }
+                self.state = if matched + 1 == word.len() {
+                    State::AfterValue
+                } else {
+                    State::Literal {
+                        word,
+                        matched: matched + 1,
+                    }
+                };
+                Step::Next
+            }
+        }
+    }
+
+    fn begin_value(&mut self, b: u8) -> Step {
+        match b {
+            b'{' => self.open(Container::Object),
+            b'[' => self.open(Container::Array),
+            b'"' => {
+                self.state = State::Str {
+                    sink: Sink::Skip,
+                    esc: Esc::None,
+                };
+                Step::Next
+            }
+            b'-' => {
+                self.state = State::Number(Num::Minus);
+                Step::Next
+            }
+            b'0' => {
+                self.state = State::Number(Num::Zero);
+                Step::Next
+            }
+            b'1'..=b'9' => {
+                self.state = State::Number(Num::Int);
+                Step::Next
+            }
+            b't' => self.literal(b"true"),
+            b'f' => self.literal(b"false"),
+            b'n' => self.literal(b"null"),
+            _ => invalid("expected a JSON value"),
+        }
+    }
+
+    fn literal(&mut self, word: &'static [u8]) -> Step {
+        self.state = State::Literal { word, matched: 1 };
+        Step::Next
+    }
+
+    fn open(&mut self, container: Container) -> Step {
+        if self.stack.len() >= MAX_DEPTH {
+            return invalid(&format!("JSON nested deeper than {MAX_DEPTH} levels"));
+        }
+        self.stack.push(container);
+        self.state = match container {
+            Container::Object => State::FirstKey,
+            Container::Array => State::FirstElement,
+        };
+        Step::Next
+    }
+
+    fn close(&mut self, container: Container) -> Step {
+        if self.stack.pop() != Some(container) {
+            return invalid("mismatched closing bracket");
+        }
+        if self.stack.is_empty() {
+            // The top-level object is complete and had no `model`.
+            return Step::Done(ScanOutcome::Absent);
+        }
+        self.state = State::AfterValue;
+        Step::Next
+    }
+
+    fn number_byte(&mut self, num: Num, b: u8) -> Step {
+        let next = match (num, b) {
+            (Num::Minus, b'0') => Num::Zero,
+            (Num::Minus, b'1'..=b'9') => Num::Int,
+            (Num::Int, b'0'..=b'9') => Num::Int,
+            (Num::Zero | Num::Int, b'.') => Num::Dot,
+            (Num::Dot | Num::Frac, b'0'..=b'9') => Num::Frac,
+            (Num::Zero | Num::Int | Num::Frac, b'e' | b'E') => Num::Exp,
+            (Num::Exp, b'+' | b'-') => Num::ExpSign,
+            (Num::Exp | Num::ExpSign | Num::ExpDigits, b'0'..=b'9') => Num::ExpDigits,
+            _ if num.complete() => {
+                self.state = State::AfterValue;
+                return Step::Again;
+            }
+            _ => return invalid("malformed number"),
+        };
+        self.state = State::Number(next);
+        Step::Next
+    }
+
+    fn string_byte(&mut self, sink: Sink, esc: Esc, b: u8) -> Step {
+        let next = match esc {
+            Esc::None => match b {
+                b'"' => return self.end_string(sink),
+                b'\\' => Esc::Backslash,
+                0..=0x1F => return invalid("control character inside a JSON string"),
+                _ => return self.push_bytes(sink, &[b]),
+            },
+            Esc::Backslash => {
+                let decoded = match b {
+                    b'"' => b'"',
+                    b'\\' => b'\\',
+                    b'/' => b'/',
+                    b'b' => 0x08,
+                    b'f' => 0x0C,
+                    b'n' => b'\n',
+                    b'r' => b'\r',
+                    b't' => b'\t',
+                    b'u' => {
+                        self.state = State::Str {
+                            sink,
+                            esc: Esc::Unicode {
+                                digits: 0,
+                                value: 0,
+                            },
+                        };
+                        return Step::Next;
+                    }
+                    _ => return invalid("invalid escape inside a JSON string"),
+                };
+                self.state = State::Str {
+                    sink,
+                    esc: Esc::None,
+                };
+                return self.push_bytes(sink, &[decoded]);
+            }
+            Esc::Unicode { digits, value } => {
+                let Some(d) = hex(b) else {
+                    return invalid("invalid \\u escape inside a JSON string");
+                };
+                let value = value * 16 + d;
+                if digits < 3 {
+                    Esc::Unicode {
+                        digits: digits + 1,
+                        value,
+                    }
+                } else if (0xD800..0xDC00).contains(&value) {
+                    Esc::LowBackslash { high: value }
+                } else if (0xDC00..0xE000).contains(&value) {
+                    return invalid("lone surrogate in a \\u escape");
+                } else {
+                    self.state = State::Str {
+                        sink,
+                        esc: Esc::None,
+                    };
+                    return self.push_char(sink, value);
+                }
+            }
+            Esc::LowBackslash { high } if b == b'\\' => Esc::LowU { high },
+            Esc::LowU { high } if b == b'u' => Esc::LowUnicode {
+                high,
+                digits: 0,
+                value: 0,
+            },
+            Esc::LowBackslash { .. } | Esc::LowU { .. } => {
+                return invalid("lone surrogate in a \\u escape");
+            }
+            Esc::LowUnicode {
+                high,
+                digits,
+                value,
+            } => {
+                let Some(d) = hex(b) else {
+                    return invalid("invalid \\u escape inside a JSON string");
+                };
+                let value = value * 16 + d;
+                if digits < 3 {
+                    Esc::LowUnicode {
+                        high,
+                        digits: digits + 1,
+                        value,
+                    }
+                } else if (0xDC00..0xE000).contains(&value) {
+                    self.state = State::Str {
+                        sink,
+                        esc: Esc::None,
+                    };
+                    let code = 0x10000 + ((high - 0xD800) << 10) + (value - 0xDC00);
+                    return self.push_char(sink, code);
+                } else {
+                    return invalid("lone surrogate in a \\u escape");
+                }
+            }
+        };
+        self.state = State::Str { sink, esc: next };
+        Step::Next
+    }
+
+    fn push_char(&mut self, sink: Sink, code: u32) -> Step {
+        let Some(c) = char::from_u32(code) else {
+            return invalid("invalid \\u escape inside a JSON string");
+        };
+        let mut buf = [0u8; 4];
+        let encoded = c.encode_utf8(&mut buf);
+        self.push_bytes(sink, encoded.as_bytes())
+    }
+
+    fn push_bytes(&mut self, sink: Sink, bytes: &[u8]) -> Step {
+        match sink {
+            Sink::Skip | Sink::NestedKey => {}
+            Sink::Key => {
+                // One byte past `model` is enough to know it is some other key.
+                if self.text.len() <= MODEL_KEY.len() {
+                    self.text.extend_from_slice(bytes);
+                }
+            }
+            Sink::Model => {
+                self.text.extend_from_slice(bytes);
+                if self.text.len() > self.max_model_len {
+                    return invalid(&format!(
+                        "`model` is longer than {} bytes",
+                        self.max_model_len
+                    ));
+                }
+            }
+        }
+        Step::Next
+    }
+
+    fn end_string(&mut self, sink: Sink) -> Step {
+        match sink {
+            Sink::Skip => self.state = State::AfterValue,
+            Sink::NestedKey => self.state = State::Colon { is_model: false },
+            Sink::Key => {
+                let is_model = self.text == MODEL_KEY;
+                self.text.clear();
+                self.state = State::Colon { is_model };
+            }
+            Sink::Model => {
+                let text = std::mem::take(&mut self.text);
+                return match String::from_utf8(text) {
+                    Ok(model) if model.trim().is_empty() => {
+                        invalid("`model` must be a non-empty string")
+                    }
+                    Ok(model) => Step::Done(ScanOutcome::Found(model)),
+                    Err(_) => invalid("`model` is not valid UTF-8"),
+                };
+            }
+        }
+        // A string just closed: for keys a colon follows, for values a comma or bracket.
+        Step::Next
+    }
+}
+
+enum Step {
+    /// Byte consumed.
+    Next,
+    /// The state changed; look at the same byte again.
+    Again,
+    Done(ScanOutcome),
+}
+
+fn invalid(reason: &str) -> Step {
+    Step::Done(ScanOutcome::Invalid(reason.to_string()))
+}
+
+fn is_ws(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+fn hex(b: u8) -> Option<u32> {
+    char::from(b).to_digit(16)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::panic
+    )]
+    use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    fn scan(body: &[u8]) -> ScanOutcome {
+        let mut s = JsonModelScanner::new(64);
+        match s.feed(body) {
+            ScanOutcome::NeedMore => s.finish(),
+            other => other,
+        }
+    }
+
+    /// Feeds one byte at a time: every state must survive a chunk boundary.
+    fn scan_bytewise(body: &[u8]) -> ScanOutcome {
+        let mut s = JsonModelScanner::new(64);
+        for b in body {
+            let out = s.feed(std::slice::from_ref(b));
+            if out != ScanOutcome::NeedMore {
+                return out;
+            }
+        }
+        s.finish()
+    }
+
+    fn found(m: &str) -> ScanOutcome {
+        ScanOutcome::Found(m.to_string())
+    }
+
+    fn is_invalid(out: &ScanOutcome) -> bool {
+        matches!(out, ScanOutcome::Invalid(_))
+    }
+
+    #[test]
+    fn finds_the_model_wherever_it_is_at_top_level() {
+        let cases: &[(&[u8], &str)] = &[
+            (br#"{"model":"llama"}"#, "llama"),
+            (
+                br#"  {"messages":[{"role":"user","content":"hi \"model\""}],"model":"qwen"}"#,
+                "qwen",
+            ),
+            (
+                br#"{"a":{"model":"inner"},"b":[1,-2.5e+3,true,false,null,{}],"model":"outer"}"#,
+                "outer",
+            ),
+            (b"\xEF\xBB\xBF{\"model\":\"bom\"}", "bom"),
+            (br#"{"m\u006fdel":"escaped-key"}"#, "escaped-key"),
+            (
+                br#"{"model":"caf\u00e9 \ud83d\ude00 \/ \n"}"#,
+                "caf\u{e9} \u{1F600} / \n",
+            ),
+            (br#"{"model":"first","model":"second"}"#, "first"),
+            ("{\"model\":\"日本\"}".as_bytes(), "日本"),
+        ];
+        for (body, model) in cases {
+            assert_eq!(
+                scan(body),
+                found(model),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+            assert_eq!(
+                scan_bytewise(body),
+                found(model),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn stops_at_the_model_without_reading_the_rest() {
+        let mut s = JsonModelScanner::new(64);
+        assert_eq!(s.feed(br#"{"model":"llama","prompt":"#), found("llama"));
+        // Whatever follows, even garbage, does not change the answer.
+        assert_eq!(s.feed(b"\x00 not json"), found("llama"));
+        assert_eq!(s.finish(), found("llama"));
+    }
+
+    #[test]
+    fn a_complete_object_without_model_is_absent() {
+        for body in [
+            &br#"{}"#[..],
+            br#"{"messages":[{"model":"nested"}]}"#,
+            br#"{"models":"x","mode":"y"}"#,
+        ] {
+            assert_eq!(scan(body), ScanOutcome::Absent);
+            assert_eq!(scan_bytewise(body), ScanOutcome::Absent);
+        }
+    }
+
+    #[test]
+    fn needs_more_until_the_model_or_the_end() {
+        let mut s = JsonModelScanner::new(64);
+        assert_eq!(s.feed(br#"{"prompt":"a long"#), ScanOutcome::NeedMore);
+        assert_eq!(s.feed(br#" prompt","mod"#), ScanOutcome::NeedMore);
+        assert_eq!(s.feed(br#"el" : "x"#), ScanOutcome::NeedMore);
+        assert_eq!(s.feed(br#"y"}"#), found("xy"));
+    }
+
+    #[test]
+    fn malformed_json_is_invalid() {
+        let bad: &[&[u8]] = &[
+            b"",
+            b"   ",
+            b"[1,2]",
+            b"\"model\"",
+            br#"{"model" "x"}"#,
+            br#"{"a":01,"model":"x"}"#,
+            br#"{"a":1.,"model":"x"}"#,
+            br#"{"a":-,"model":"x"}"#,
+            br#"{"a":tru,"model":"x"}"#,
+            br#"{"a":[1,],"model":"x"}"#,
+            br#"{"a":1,}"#,
+            br#"{"a":"\q","model":"x"}"#,
+            br#"{"a":"\u12G4","model":"x"}"#,
+            br#"{"a":"\ud800x","model":"x"}"#,
+            br#"{"a":"\udc00","model":"x"}"#,
+            b"{\"a\":\"line\nbreak\",\"model\":\"x\"}",
+            br#"{"a":[}"#,
+            br#"{"prompt":"cut"#,
+            b"\xEF\xBB{}",
+            br#"{'model':'x'}"#,
+        ];
+        for body in bad {
+            assert!(is_invalid(&scan(body)), "{}", String::from_utf8_lossy(body));
+            assert!(
+                is_invalid(&scan_bytewise(body)),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn the_model_must_be_a_reasonable_string() {
+        for body in [
+            &br#"{"model":42}"#[..],
+            br#"{"model":null}"#,
+            br#"{"model":["a"]}"#,
+            br#"{"model":""}"#,
+            br#"{"model":"  "}"#,
+            b"{\"model\":\"\xFF\"}",
+        ] {
+            assert!(is_invalid(&scan(body)), "{}", String::from_utf8_lossy(body));
+        }
+        let long = format!(r#"{{"model":"{}"}}"#, "m".repeat(65));
+        assert!(is_invalid(&scan(long.as_bytes())));
+        let fits = format!(r#"{{"model":"{}"}}"#, "m".repeat(64));
+        assert_eq!(scan(fits.as_bytes()), found(&"m".repeat(64)));
+    }
+
+    #[test]
+    fn nesting_is_bounded() {
+        let deep = format!(r#"{{"a":{}"#, "[".repeat(MAX_DEPTH));
+        assert!(is_invalid(&scan(deep.as_bytes())));
+        let ok = format!(
+            r#"{{"a":{}{},"model":"m"}}"#,
+            "[".repeat(MAX_DEPTH - 1),
+            "]".repeat(MAX_DEPTH - 1)
+        );
+        assert_eq!(scan(ok.as_bytes()), found("m"));
+    }
+
+    #[test]
+    fn a_multi_megabyte_prompt_costs_no_memory() {
+        let mut s = JsonModelScanner::new(64);
+        assert_eq!(s.feed(br#"{"prompt":""#), ScanOutcome::NeedMore);
+        let filler = vec![b'x'; 1 << 20];
+        for _ in 0..5 {
+            assert_eq!(s.feed(&filler), ScanOutcome::NeedMore);
+        }
+        assert!(s.text.capacity() <= 64);
+        assert_eq!(s.feed(br#"","model":"late"}"#), found("late"));
+    }
+}
