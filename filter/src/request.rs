@@ -1,0 +1,371 @@
+//! What to do with a request: answer it here, route it now, or read its body for the model.
+//! Plain Rust over the compiled configuration; the proxy-wasm binding only carries bytes in and
+//! decisions out.
+
+use crate::balance::pick_instance;
+use crate::config::{model_object, RouterConfig, MAX_MODEL_NAME_BYTES};
+use crate::endpoint::{classify, Endpoint, Route, ServiceType};
+use crate::scan::json::JsonModelScanner;
+use crate::scan::multipart::{boundary_from_content_type, MultipartModelScanner};
+use crate::scan::ScanOutcome;
+use crate::store::SharedStore;
+
+/// Part headers above this are refused (the model part's headers are a few dozen bytes).
+const MAX_PART_HEADER_BYTES: usize = 16 * 1024;
+
+/// A response the filter sends itself, always an OpenAI-shaped error or a model list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    pub status: u32,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: String,
+}
+
+impl LocalReply {
+    fn json(status: u32, body: String) -> LocalReply {
+        LocalReply {
+            status,
+            headers: vec![("content-type", "application/json".to_string())],
+            body,
+        }
+    }
+
+    /// `{"error":{"message","type","code"}}`, as the OpenAI API and its SDKs expect.
+    pub fn error(status: u32, kind: &str, code: &str, message: &str) -> LocalReply {
+        let body = serde_json::json!({
+            "error": {"message": message, "type": kind, "param": null, "code": code}
+        });
+        LocalReply::json(status, body.to_string())
+    }
+
+    fn with_header(mut self, name: &'static str, value: &str) -> LocalReply {
+        self.headers.push((name, value.to_string()));
+        self
+    }
+}
+
+/// The request line and the headers the decision needs.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestHead<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub content_type: Option<&'a str>,
+    pub model_header: Option<&'a str>,
+    /// True when the request has no body.
+    pub end_of_stream: bool,
+}
+
+/// Where a request goes: the instance (by index in its service) and the upstream `:path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routed {
+    pub service: ServiceType,
+    pub instance: usize,
+    pub path: String,
+}
+
+pub enum HeadDecision {
+    Reply(LocalReply),
+    Route(Routed),
+    ScanBody(BodyScan),
+}
+
+/// The choices that depend on the host: shared data and randomness.
+pub struct Host<'a> {
+    pub store: &'a dyn SharedStore,
+    pub random: u64,
+}
+
+pub fn on_request_headers(
+    cfg: &RouterConfig,
+    head: &RequestHead<'_>,
+    host: &Host<'_>,
+) -> HeadDecision {
+    let (route, model_id) = classify(head.path);
+    let endpoint = match route {
+        Route::Model(endpoint) => endpoint,
+        Route::ListModels | Route::RetrieveModel => {
+            if head.method != "GET" && head.method != "HEAD" {
+                return HeadDecision::Reply(method_not_allowed(head, "GET"));
+            }
+            return HeadDecision::Reply(if route == Route::ListModels {
+                LocalReply::json(200, cfg.models_json.clone())
+            } else {
+                retrieve_model(cfg, model_id)
+            });
+        }
+        Route::Unknown => {
+            return HeadDecision::Reply(LocalReply::error(
+                404,
+                "invalid_request_error",
+                "unknown_url",
+                &format!(
+                    "Unknown request URL: {} {}. This gateway serves the OpenAI API under /v1/ and /api/v1/.",
+                    head.method,
+                    head.path.split('?').next().unwrap_or_default()
+                ),
+            ))
+        }
+    };
+    if head.method != "POST" {
+        return HeadDecision::Reply(method_not_allowed(head, "POST"));
+    }
+    if cfg.service(endpoint.service()).is_none() {
+        return HeadDecision::Reply(service_missing(cfg, endpoint));
+    }
+    let query = query_of(head.path);
+    if let Some(model) = head.model_header.map(str::trim).filter(|m| !m.is_empty()) {
+        return match route_model(cfg, endpoint, model, query, host) {
+            Ok(routed) => HeadDecision::Route(routed),
+            Err(reply) => HeadDecision::Reply(reply),
+        };
+    }
+    if head.end_of_stream {
+        return HeadDecision::Reply(missing_model());
+    }
+    let scanner = match head.content_type {
+        Some(ct) if is_multipart(ct) => match boundary_from_content_type(ct) {
+            Some(boundary) => Scanner::Multipart(MultipartModelScanner::new(
+                &boundary,
+                MAX_MODEL_NAME_BYTES,
+                MAX_PART_HEADER_BYTES,
+            )),
+            None => {
+                return HeadDecision::Reply(LocalReply::error(
+                    400,
+                    "invalid_request_error",
+                    "invalid_multipart",
+                    "multipart/form-data request without a valid boundary",
+                ))
+            }
+        },
+        _ => Scanner::Json(JsonModelScanner::new(MAX_MODEL_NAME_BYTES)),
+    };
+    HeadDecision::ScanBody(BodyScan {
+        endpoint,
+        query: query.to_string(),
+        scanner,
+        limit: cfg.gateway.max_body_bytes,
+    })
+}
+
+fn is_multipart(content_type: &str) -> bool {
+    content_type
+        .trim_start()
+        .get(..19)
+        .is_some_and(|t| t.eq_ignore_ascii_case("multipart/form-data"))
+}
+
+fn query_of(path: &str) -> &str {
+    path.split_once('?').map(|(_, q)| q).unwrap_or("")
+}
+
+enum Scanner {
+    Json(JsonModelScanner),
+    Multipart(MultipartModelScanner),
+}
+
+/// A request body being read for its model, chunk by chunk.
+pub struct BodyScan {
+    endpoint: Endpoint,
+    query: String,
+    scanner: Scanner,
+    limit: u64,
+}
+
+pub enum BodyStep {
+    /// Keep buffering; call again with the next bytes.
+    NeedMore,
+    Route(Routed),
+    Reply(LocalReply),
+}
+
+impl BodyScan {
+    /// How many body bytes may be buffered while looking for the model.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Feeds the next bytes; stops being interesting as soon as the outcome is not `NeedMore`.
+    pub fn feed(&mut self, chunk: &[u8]) -> ScanOutcome {
+        match &mut self.scanner {
+            Scanner::Json(s) => s.feed(chunk),
+            Scanner::Multipart(s) => s.feed(chunk),
+        }
+    }
+
+    /// Decides after feeding the bytes available now. `buffered` is the body size Envoy holds,
+    /// `end_of_stream` whether that is the whole body.
+    pub fn decide(
+        &mut self,
+        outcome: ScanOutcome,
+        buffered: u64,
+        end_of_stream: bool,
+        cfg: &RouterConfig,
+        host: &Host<'_>,
+    ) -> BodyStep {
+        let outcome = match outcome {
+            ScanOutcome::NeedMore if buffered > self.limit => {
+                return BodyStep::Reply(too_large(self.limit));
+            }
+            ScanOutcome::NeedMore if end_of_stream => match &mut self.scanner {
+                Scanner::Json(s) => s.finish(),
+                Scanner::Multipart(s) => s.finish(),
+            },
+            other => other,
+        };
+        match outcome {
+            ScanOutcome::NeedMore => BodyStep::NeedMore,
+            ScanOutcome::Found(model) => {
+                match route_model(cfg, self.endpoint, &model, &self.query, host) {
+                    Ok(routed) => BodyStep::Route(routed),
+                    Err(reply) => BodyStep::Reply(reply),
+                }
+            }
+            ScanOutcome::Absent => BodyStep::Reply(missing_model()),
+            ScanOutcome::Invalid(reason) => BodyStep::Reply(LocalReply::error(
+                400,
+                "invalid_request_error",
+                match self.scanner {
+                    Scanner::Json(_) => "invalid_json",
+                    Scanner::Multipart(_) => "invalid_multipart",
+                },
+                &format!("Invalid request body: {reason}"),
+            )),
+        }
+    }
+}
+
+/// Finds the model's pool in the endpoint's service and picks an instance.
+pub fn route_model(
+    cfg: &RouterConfig,
+    endpoint: Endpoint,
+    model: &str,
+    query: &str,
+    host: &Host<'_>,
+) -> Result<Routed, LocalReply> {
+    let kind = endpoint.service();
+    let service = cfg
+        .service(kind)
+        .ok_or_else(|| service_missing(cfg, endpoint))?;
+    let pool = service
+        .models
+        .get(model)
+        .ok_or_else(|| unknown_model(cfg, endpoint, model))?;
+    let Some(instance) =
+        pick_instance(pool, service.load_balance.strategy, host.store, host.random)
+    else {
+        return Err(LocalReply::error(
+            503,
+            "server_error",
+            "no_available_instance",
+            &format!("The model `{model}` has no active instance right now."),
+        ));
+    };
+    let path = service
+        .instances
+        .get(instance)
+        .and_then(|i| i.upstream_path(endpoint))
+        .ok_or_else(|| {
+            LocalReply::error(
+                503,
+                "server_error",
+                "no_available_instance",
+                "instance without a path for this endpoint",
+            )
+        })?;
+    let path = if query.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{query}")
+    };
+    Ok(Routed {
+        service: kind,
+        instance,
+        path,
+    })
+}
+
+fn retrieve_model(cfg: &RouterConfig, id: &str) -> LocalReply {
+    for service in cfg.services() {
+        if service.models.contains_key(id) {
+            return LocalReply::json(200, model_object(id, service.kind).to_string());
+        }
+    }
+    LocalReply::error(
+        404,
+        "invalid_request_error",
+        "model_not_found",
+        &format!("The model `{id}` does not exist."),
+    )
+}
+
+fn unknown_model(cfg: &RouterConfig, endpoint: Endpoint, model: &str) -> LocalReply {
+    // Point a client that used the wrong endpoint to the right one.
+    let elsewhere = cfg
+        .services()
+        .find(|s| s.kind != endpoint.service() && s.models.contains_key(model))
+        .map(|s| {
+            format!(
+                " It is a `{}` model: use /v1/{}.",
+                s.kind.key(),
+                s.kind.primary_endpoint().suffix()
+            )
+        })
+        .unwrap_or_default();
+    LocalReply::error(
+        404,
+        "invalid_request_error",
+        "model_not_found",
+        &format!(
+            "The model `{model}` does not exist for the `{}` service.{elsewhere}",
+            endpoint.service().key()
+        ),
+    )
+}
+
+fn service_missing(_cfg: &RouterConfig, endpoint: Endpoint) -> LocalReply {
+    LocalReply::error(
+        404,
+        "invalid_request_error",
+        "service_not_configured",
+        &format!(
+            "This gateway has no `{}` service configured, so /v1/{} is not available.",
+            endpoint.service().key(),
+            endpoint.suffix()
+        ),
+    )
+}
+
+fn missing_model() -> LocalReply {
+    LocalReply::error(
+        400,
+        "invalid_request_error",
+        "missing_model",
+        "You must provide a model parameter.",
+    )
+}
+
+fn too_large(limit: u64) -> LocalReply {
+    LocalReply::error(
+        413,
+        "invalid_request_error",
+        "request_too_large",
+        &format!(
+            "The model was not found within the first {limit} bytes of the body. Put `model` first, \
+             or name it in the x-jairouter-model header."
+        ),
+    )
+}
+
+fn method_not_allowed(head: &RequestHead<'_>, allow: &str) -> LocalReply {
+    LocalReply::error(
+        405,
+        "invalid_request_error",
+        "method_not_allowed",
+        &format!("{} is not allowed here; use {allow}.", head.method),
+    )
+    .with_header("allow", allow)
+}
+
+#[cfg(test)]
+mod tests;

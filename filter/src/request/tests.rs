@@ -1,0 +1,328 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+use super::*;
+use crate::store::MemoryStore;
+use serde_json::{json, Value};
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
+fn config() -> RouterConfig {
+    RouterConfig::from_value(&json!({"services": {
+        "chat": {"instances": [
+            {"name": "llama", "base-url": "http://a:1/ollama", "path": "/v1/chat/completions"},
+            {"name": "llama", "base-url": "http://b:1", "status": "down"},
+            {"name": "off", "base-url": "http://c:1", "weight": 0}
+        ]},
+        "stt": {"instances": [{"name": "whisper", "base-url": "http://w:1"}]},
+        "embedding": {"instances": [{"name": "bge", "base-url": "http://e:1"}]}
+    }}))
+    .unwrap()
+}
+
+fn head<'a>(method: &'a str, path: &'a str) -> RequestHead<'a> {
+    RequestHead {
+        method,
+        path,
+        content_type: Some("application/json"),
+        model_header: None,
+        end_of_stream: false,
+    }
+}
+
+fn decide(cfg: &RouterConfig, h: &RequestHead<'_>) -> HeadDecision {
+    let store = MemoryStore::default();
+    on_request_headers(
+        cfg,
+        h,
+        &Host {
+            store: &store,
+            random: 7,
+        },
+    )
+}
+
+fn reply(d: HeadDecision) -> LocalReply {
+    match d {
+        HeadDecision::Reply(r) => r,
+        _ => panic!("expected a local reply"),
+    }
+}
+
+fn error_code(r: &LocalReply) -> String {
+    let v: Value = serde_json::from_str(&r.body).unwrap();
+    assert!(v["error"]["message"].is_string());
+    assert!(v["error"]["type"].is_string());
+    v["error"]["code"].as_str().unwrap().to_string()
+}
+
+/// Feeds a whole body the way the binding does, in small windows.
+fn scan_body(cfg: &RouterConfig, path: &str, content_type: &str, body: &[u8]) -> BodyStep {
+    let store = MemoryStore::default();
+    let host = Host {
+        store: &store,
+        random: 7,
+    };
+    let h = RequestHead {
+        content_type: Some(content_type),
+        ..head("POST", path)
+    };
+    let HeadDecision::ScanBody(mut scan) = on_request_headers(cfg, &h, &host) else {
+        panic!("expected a body scan")
+    };
+    let mut outcome = ScanOutcome::NeedMore;
+    for chunk in body.chunks(7) {
+        outcome = scan.feed(chunk);
+        if outcome != ScanOutcome::NeedMore {
+            break;
+        }
+    }
+    scan.decide(outcome, body.len() as u64, true, cfg, &host)
+}
+
+#[test]
+fn routes_by_body_model_with_prefix_and_query() {
+    let cfg = config();
+    match scan_body(
+        &cfg,
+        "/v1/chat/completions?trace=1",
+        "application/json",
+        br#"{"messages":[],"model":"llama"}"#,
+    ) {
+        BodyStep::Route(r) => {
+            assert_eq!(r.service, ServiceType::Chat);
+            assert_eq!(r.instance, 0);
+            assert_eq!(r.path, "/ollama/v1/chat/completions?trace=1");
+        }
+        _ => panic!("not routed"),
+    }
+    match scan_body(
+        &cfg,
+        "/api/v1/completions",
+        "application/json",
+        br#"{"model":"llama","prompt":"x"}"#,
+    ) {
+        BodyStep::Route(r) => assert_eq!(r.path, "/ollama/v1/completions"),
+        _ => panic!("not routed"),
+    }
+}
+
+#[test]
+fn routes_multipart_by_model_field() {
+    let cfg = config();
+    let body = b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\nRIFF....\r\n--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n--XyZ--\r\n";
+    match scan_body(
+        &cfg,
+        "/v1/audio/translations",
+        "multipart/form-data; boundary=XyZ",
+        body,
+    ) {
+        BodyStep::Route(r) => assert_eq!(r.path, "/v1/audio/translations"),
+        _ => panic!("not routed"),
+    }
+}
+
+#[test]
+fn model_header_routes_without_the_body() {
+    let cfg = config();
+    let h = RequestHead {
+        model_header: Some("bge"),
+        ..head("POST", "/v1/embeddings")
+    };
+    match decide(&cfg, &h) {
+        HeadDecision::Route(r) => assert_eq!(
+            (r.service, r.path.as_str()),
+            (ServiceType::Embedding, "/v1/embeddings")
+        ),
+        _ => panic!("not routed"),
+    }
+}
+
+#[test]
+fn errors_have_status_and_openai_shape() {
+    let cfg = config();
+    let cases: Vec<(BodyStep, u32, &str)> = vec![
+        (
+            scan_body(
+                &cfg,
+                "/v1/chat/completions",
+                "application/json",
+                b"{\"model\": ",
+            ),
+            400,
+            "invalid_json",
+        ),
+        (
+            scan_body(
+                &cfg,
+                "/v1/chat/completions",
+                "application/json",
+                b"not json",
+            ),
+            400,
+            "invalid_json",
+        ),
+        (
+            scan_body(
+                &cfg,
+                "/v1/chat/completions",
+                "application/json",
+                b"{\"messages\":[]}",
+            ),
+            400,
+            "missing_model",
+        ),
+        (
+            scan_body(
+                &cfg,
+                "/v1/chat/completions",
+                "application/json",
+                b"{\"model\":\"gpt-9\"}",
+            ),
+            404,
+            "model_not_found",
+        ),
+        (
+            scan_body(
+                &cfg,
+                "/v1/chat/completions",
+                "application/json",
+                b"{\"model\":\"off\"}",
+            ),
+            503,
+            "no_available_instance",
+        ),
+        (
+            scan_body(
+                &cfg,
+                "/v1/chat/completions",
+                "application/json",
+                b"{\"model\":\"bge\"}",
+            ),
+            404,
+            "model_not_found",
+        ),
+    ];
+    for (step, status, code) in cases {
+        let BodyStep::Reply(r) = step else {
+            panic!("expected a reply for {code}")
+        };
+        assert_eq!((r.status, error_code(&r).as_str()), (status, code));
+    }
+    let r = reply(decide(&cfg, &head("POST", "/v1/rerank")));
+    assert_eq!(
+        (r.status, error_code(&r).as_str()),
+        (404, "service_not_configured")
+    );
+    let r = reply(decide(&cfg, &head("POST", "/v1/nope")));
+    assert_eq!((r.status, error_code(&r).as_str()), (404, "unknown_url"));
+    let r = reply(decide(&cfg, &head("GET", "/v1/chat/completions")));
+    assert_eq!(
+        (r.status, error_code(&r).as_str()),
+        (405, "method_not_allowed")
+    );
+    let r = reply(decide(
+        &cfg,
+        &RequestHead {
+            end_of_stream: true,
+            ..head("POST", "/v1/chat/completions")
+        },
+    ));
+    assert_eq!((r.status, error_code(&r).as_str()), (400, "missing_model"));
+    let r = reply(decide(
+        &cfg,
+        &RequestHead {
+            content_type: Some("multipart/form-data"),
+            ..head("POST", "/v1/audio/transcriptions")
+        },
+    ));
+    assert_eq!(
+        (r.status, error_code(&r).as_str()),
+        (400, "invalid_multipart")
+    );
+}
+
+#[test]
+fn wrong_endpoint_hint() {
+    let cfg = config();
+    let BodyStep::Reply(r) = scan_body(
+        &cfg,
+        "/v1/chat/completions",
+        "application/json",
+        b"{\"model\":\"bge\"}",
+    ) else {
+        panic!()
+    };
+    assert!(r.body.contains("/v1/embeddings"), "{}", r.body);
+}
+
+#[test]
+fn body_over_the_limit_is_413() {
+    let mut v = json!({"gateway": {"max-body-bytes": 1024}, "services": {"chat": {"instances": [{"name": "m", "base-url": "http://a:1"}]}}});
+    let cfg = RouterConfig::from_value(&v).unwrap();
+    let store = MemoryStore::default();
+    let host = Host {
+        store: &store,
+        random: 0,
+    };
+    let HeadDecision::ScanBody(mut scan) =
+        on_request_headers(&cfg, &head("POST", "/v1/chat/completions"), &host)
+    else {
+        panic!()
+    };
+    let big = format!("{{\"messages\":\"{}\",\"model\":\"m\"}}", "x".repeat(2000));
+    let outcome = scan.feed(&big.as_bytes()[..1024]);
+    assert_eq!(outcome, ScanOutcome::NeedMore);
+    let BodyStep::Reply(r) = scan.decide(outcome, 1500, false, &cfg, &host) else {
+        panic!()
+    };
+    assert_eq!(
+        (r.status, error_code(&r).as_str()),
+        (413, "request_too_large")
+    );
+    v["gateway"]["max-body-bytes"] = json!(4096);
+    let cfg = RouterConfig::from_value(&v).unwrap();
+    assert!(matches!(
+        scan_body(
+            &cfg,
+            "/v1/chat/completions",
+            "application/json",
+            big.as_bytes()
+        ),
+        BodyStep::Route(_)
+    ));
+}
+
+#[test]
+fn models_endpoints() {
+    let cfg = config();
+    let r = reply(decide(&cfg, &head("GET", "/v1/models")));
+    assert_eq!(r.status, 200);
+    let v: Value = serde_json::from_str(&r.body).unwrap();
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 4);
+    assert!(
+        ids.contains(&"whisper")
+            && ids.contains(&"llama")
+            && ids.contains(&"bge")
+            && ids.contains(&"off")
+    );
+    let r = reply(decide(&cfg, &head("GET", "/api/v1/models/whisper")));
+    assert_eq!(r.status, 200);
+    assert!(r.body.contains("\"id\":\"whisper\""));
+    let r = reply(decide(&cfg, &head("GET", "/v1/models/none")));
+    assert_eq!(
+        (r.status, error_code(&r).as_str()),
+        (404, "model_not_found")
+    );
+    let r = reply(decide(&cfg, &head("POST", "/v1/models")));
+    assert_eq!(r.status, 405);
+}
