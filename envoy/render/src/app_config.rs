@@ -1,0 +1,153 @@
+//! Reading a JAiRouter `application.yml`: its `model:` section (or a file that is just that
+//! section), `server.port`, and Spring's `${VAR:default}` placeholders.
+
+use serde_json::Value;
+use std::collections::HashMap;
+
+#[derive(Debug)]
+pub struct AppConfig {
+    /// The `model:` section as JSON: what the filter is configured with.
+    pub model: Value,
+    /// `server.port`, when the file gives one.
+    pub server_port: Option<u16>,
+}
+
+pub fn load(text: &str, env: &HashMap<String, String>) -> Result<AppConfig, String> {
+    let mut model: Option<Value> = None;
+    let mut server_port = None;
+    // Spring files may hold several YAML documents; the first that has each part wins.
+    for document in serde_yaml::Deserializer::from_str(text) {
+        let value: Value = serde::Deserialize::deserialize(document)
+            .map_err(|e| format!("configuration file is not valid YAML: {e}"))?;
+        let value = resolve_placeholders(value, env)?;
+        if server_port.is_none() {
+            server_port = port_of(&value)?;
+        }
+        if model.is_none() {
+            model = match value.get("model") {
+                Some(m) => Some(m.clone()),
+                // A file holding just the model: content.
+                None if value.get("services").is_some() => Some(value),
+                None => None,
+            };
+        }
+    }
+    let model = model.ok_or("configuration file has no `model:` section (and no `services:`)")?;
+    Ok(AppConfig { model, server_port })
+}
+
+fn port_of(value: &Value) -> Result<Option<u16>, String> {
+    match value.get("server").and_then(|s| s.get("port")) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .map(Some)
+            .ok_or_else(|| format!("server.port: not a port number ({n})")),
+        Some(Value::String(s)) => s
+            .trim()
+            .parse::<u16>()
+            .map(Some)
+            .map_err(|_| format!("server.port: not a port number ({s:?})")),
+        Some(other) => Err(format!("server.port: not a port number ({other})")),
+    }
+}
+
+/// Replaces Spring placeholders `${NAME}` and `${NAME:default}` in every string.
+fn resolve_placeholders(value: Value, env: &HashMap<String, String>) -> Result<Value, String> {
+    Ok(match value {
+        Value::String(s) => Value::String(substitute(&s, env)?),
+        Value::Array(items) => Value::Array(
+            items
+                .into_iter()
+                .map(|v| resolve_placeholders(v, env))
+                .collect::<Result<_, _>>()?,
+        ),
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| Ok((k, resolve_placeholders(v, env)?)))
+                .collect::<Result<_, String>>()?,
+        ),
+        other => other,
+    })
+}
+
+fn substitute(text: &str, env: &HashMap<String, String>) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| format!("unclosed placeholder in {text:?}"))?;
+        let inner = &after[..end];
+        let (name, default) = match inner.split_once(':') {
+            Some((n, d)) => (n, Some(d)),
+            None => (inner, None),
+        };
+        match (env.get(name), default) {
+            (Some(v), _) => out.push_str(v),
+            (None, Some(d)) => out.push_str(d),
+            (None, None) => {
+                return Err(format!(
+                    "placeholder ${{{name}}} is not set in the environment and has no default"
+                ))
+            }
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env() -> HashMap<String, String> {
+        HashMap::from([("TOKEN".to_string(), "s3cret".to_string())])
+    }
+
+    #[test]
+    fn spring_file_and_placeholders() {
+        let text = r#"
+server:
+  port: 9090
+model:
+  services:
+    chat:
+      instances:
+        - name: "m"
+          base-url: "http://h:${PORT_X:1234}"
+          headers:
+            Authorization: "Bearer ${TOKEN:}"
+management:
+  endpoints: {}
+"#;
+        let cfg = load(text, &env()).unwrap();
+        assert_eq!(cfg.server_port, Some(9090));
+        let i = &cfg.model["services"]["chat"]["instances"][0];
+        assert_eq!(i["base-url"], "http://h:1234");
+        assert_eq!(i["headers"]["Authorization"], "Bearer s3cret");
+    }
+
+    #[test]
+    fn bare_model_section() {
+        let cfg = load("services:\n  chat:\n    instances: []\n", &env()).unwrap();
+        assert!(cfg.model.get("services").is_some());
+        assert_eq!(cfg.server_port, None);
+    }
+
+    #[test]
+    fn errors() {
+        assert!(load("server: {port: 8080}\n", &env())
+            .unwrap_err()
+            .contains("no `model:`"));
+        assert!(load("model: {services: {}}\nserver: {port: 70000}\n", &env()).is_err());
+        assert!(load("model: {x: \"${NOPE}\"}\n", &env())
+            .unwrap_err()
+            .contains("NOPE"));
+        assert!(load(": : :\n  - [", &env()).is_err());
+    }
+}

@@ -1,0 +1,166 @@
+//! The Envoy bootstrap for the standalone gateway, rendered from the router configuration so
+//! one file is the single source of truth: a listener whose HTTP chain is our wasm filter and
+//! the router, a route that sends each request to the cluster the filter named, and one cluster
+//! per configured instance.
+
+use jairouter_filter::config::{Instance, RouterConfig, ROUTING_HEADER};
+use serde_json::{json, Value};
+
+pub struct Options {
+    pub listen_address: String,
+    pub port: u16,
+    pub admin_address: String,
+    pub admin_port: u16,
+    /// Absolute path of the built `.wasm`.
+    pub wasm_path: String,
+    /// CA bundle for https backends.
+    pub ca_file: String,
+}
+
+/// Envoy may read up to this much more than the filter's scan limit before the filter sees it;
+/// past the connection buffer limit Envoy answers 413 itself, with a body that is not ours.
+const BUFFER_HEADROOM: u64 = 2 * 1024 * 1024;
+
+pub fn render(config: &RouterConfig, model_json: &Value, opts: &Options) -> Value {
+    let buffer_limit = config
+        .gateway
+        .max_body_bytes
+        .saturating_add(BUFFER_HEADROOM);
+    let clusters: Vec<Value> = config.instances().map(|i| cluster(i, opts)).collect();
+    json!({
+        "node": {"id": "jairouter", "cluster": "jairouter"},
+        "admin": {
+            "address": socket(&opts.admin_address, opts.admin_port)
+        },
+        "static_resources": {
+            "listeners": [{
+                "name": "jairouter",
+                "address": socket(&opts.listen_address, opts.port),
+                "per_connection_buffer_limit_bytes": buffer_limit,
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": http_connection_manager(model_json, opts)
+                }]}]
+            }],
+            "clusters": clusters
+        }
+    })
+}
+
+fn socket(address: &str, port: u16) -> Value {
+    json!({"socket_address": {"address": address, "port_value": port}})
+}
+
+fn http_connection_manager(model_json: &Value, opts: &Options) -> Value {
+    json!({
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "jairouter",
+        "codec_type": "AUTO",
+        // The client address is the peer's, never a header the client could forge.
+        "use_remote_address": true,
+        "route_config": {
+            "name": "jairouter",
+            "virtual_hosts": [{
+                "name": "openai",
+                "domains": ["*"],
+                "routes": [
+                    {
+                        "match": {"prefix": "/", "headers": [{"name": ROUTING_HEADER, "present_match": true}]},
+                        "route": {
+                            "cluster_header": ROUTING_HEADER,
+                            "auto_host_rewrite": true,
+                            // Generations run for minutes; the stream idle timeout guards hangs.
+                            "timeout": "0s"
+                        },
+                        "request_headers_to_remove": [ROUTING_HEADER]
+                    },
+                    {
+                        // Reached only if the filter did not run: never forward unrouted traffic.
+                        "match": {"prefix": "/"},
+                        "direct_response": {
+                            "status": 503,
+                            "body": {"inline_string": r#"{"error":{"message":"The routing filter did not choose an instance.","type":"server_error","param":null,"code":"gateway_unavailable"}}"#}
+                        },
+                        "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
+                    }
+                ]
+            }]
+        },
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.wasm",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                    "config": plugin_config(model_json, &opts.wasm_path)
+                }
+            },
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
+            }
+        ]
+    })
+}
+
+/// The wasm plugin: one VM id for every worker, so shared data (the round-robin rotation) is
+/// one per process.
+pub fn plugin_config(model_json: &Value, wasm_path: &str) -> Value {
+    json!({
+        "name": "jairouter",
+        "root_id": "jairouter",
+        "vm_config": {
+            "vm_id": "jairouter",
+            "runtime": "envoy.wasm.runtime.v8",
+            "code": {"local": {"filename": wasm_path}}
+        },
+        "configuration": {
+            "@type": "type.googleapis.com/google.protobuf.StringValue",
+            "value": model_json.to_string()
+        },
+        "fail_open": false,
+        // Without it, pausing in the headers phase to read the body for the model hangs.
+        "allow_on_headers_stop_iteration": true
+    })
+}
+
+fn cluster(instance: &Instance, opts: &Options) -> Value {
+    let url = &instance.base_url;
+    let kind = if url.host_is_ip() {
+        "STATIC"
+    } else {
+        "STRICT_DNS"
+    };
+    let mut cluster = json!({
+        "name": instance.cluster,
+        "type": kind,
+        "connect_timeout": "5s",
+        "dns_lookup_family": "V4_PREFERRED",
+        "load_assignment": {
+            "cluster_name": instance.cluster,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {
+                "address": socket(&url.host, url.port),
+                // auto_host_rewrite sends the backend its own name as Host.
+                "hostname": url.host
+            }}]}]
+        }
+    });
+    if url.tls {
+        cluster["transport_socket"] = json!({
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": url.host,
+                "common_tls_context": {
+                    "validation_context": {
+                        "trusted_ca": {"filename": opts.ca_file},
+                        "match_typed_subject_alt_names": [{
+                            "san_type": if url.host_is_ip() { "IP_ADDRESS" } else { "DNS" },
+                            "matcher": {"exact": url.host}
+                        }]
+                    }
+                }
+            }
+        });
+    }
+    cluster
+}
