@@ -1,0 +1,49 @@
+"""Fixtures for the end-to-end tests: stub backends and Envoy gateways that stop themselves."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from harness import ENVOY, RENDER, WASM, Gateway  # noqa: E402
+from stub_backend import StubServer  # noqa: E402
+
+
+def pytest_sessionstart(session):
+    missing = [str(p) for p in (ENVOY, RENDER, WASM) if not p.exists()]
+    if missing:
+        pytest.exit(f"build first (./build.sh build); missing: {', '.join(missing)}", returncode=2)
+
+
+@pytest.fixture
+def stubs():
+    """stubs("a", "b") starts one stub backend per name; all stop after the test."""
+    started: list[StubServer] = []
+
+    def start(*names: str) -> list[StubServer]:
+        servers = [StubServer(name).start() for name in names]
+        started.extend(servers)
+        return servers
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def gateway(tmp_path):
+    """gateway(config, concurrency=2) starts an Envoy with our filter; it stops after the test."""
+    running: list[Gateway] = []
+
+    def start(config, concurrency: int = 2, name: str = "gw") -> Gateway:
+        gw = Gateway(tmp_path / f"{name}{len(running)}", config, concurrency).start()
+        running.append(gw)
+        return gw
+
+    yield start
+    for gw in running:
+        gw.stop()

@@ -1,0 +1,158 @@
+"""Starts a real Envoy, loaded with the built .wasm, in front of stub backends.
+
+The bootstrap comes from our renderer (the same path `./build.sh up` takes), on ephemeral
+loopback ports, with --use-dynamic-base-id so several Envoys can run side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+ENVOY = ROOT / ".venv" / "bin" / "envoy"
+WASM = ROOT / "target" / "wasm32-unknown-unknown" / "release" / "jairouter_filter.wasm"
+RENDER = ROOT / "target" / "release" / "jairouter-render"
+
+
+def render(config_path: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(RENDER), *flags[:1], str(config_path), *flags[1:]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+class Gateway:
+    """One Envoy process serving the given JAiRouter configuration."""
+
+    def __init__(self, workdir: Path, config: dict | str, concurrency: int = 2):
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path = workdir / "application.yml"
+        text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
+        self.config_path.write_text(text)
+        self.concurrency = concurrency
+        self.process: subprocess.Popen | None = None
+        self.log_path = workdir / "envoy.log"
+        self.port = 0
+        self.admin_port = 0
+
+    def render_bootstrap(self) -> Path:
+        out = self.workdir / "envoy.json"
+        result = render(
+            self.config_path, "bootstrap", "--wasm", str(WASM), "--port", "0",
+            "--admin-port", "0", "--listen-address", "127.0.0.1", "--out", str(out),
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"renderer refused the configuration: {result.stderr}")
+        return out
+
+    def start(self, bootstrap: Path | None = None) -> "Gateway":
+        bootstrap = bootstrap or self.render_bootstrap()
+        admin_file = self.workdir / "admin-address"
+        admin_file.unlink(missing_ok=True)
+        self.process = subprocess.Popen(
+            [
+                str(ENVOY), "-c", str(bootstrap), "--concurrency", str(self.concurrency),
+                "--use-dynamic-base-id", "--admin-address-path", str(admin_file),
+                "--log-level", "warning", "--log-path", str(self.log_path),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"Envoy exited with {self.process.returncode}:\n{self.logs()}")
+            if admin_file.exists() and admin_file.read_text().strip():
+                self.admin_port = int(admin_file.read_text().strip().rsplit(":", 1)[1])
+                try:
+                    if httpx.get(f"{self.admin_url}/ready", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.05)
+        else:
+            self.stop()
+            raise RuntimeError(f"Envoy did not become ready:\n{self.logs()}")
+        listeners = httpx.get(f"{self.admin_url}/listeners?format=json", timeout=5).json()
+        address = listeners["listener_statuses"][0]["local_address"]["socket_address"]
+        self.port = int(address["port_value"])
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def stats(self, prefix: str = "") -> dict[str, int]:
+        text = httpx.get(f"{self.admin_url}/stats?filter={prefix}", timeout=5).text
+        out = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(": ")
+            if value.strip().lstrip("-").isdigit():
+                out[name] = int(value)
+        return out
+
+    def logs(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> "Gateway":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def instance(name: str, stub, **extra) -> dict:
+    """A config instance entry pointing at a stub server."""
+    return {"name": name, "base-url": stub.url, **extra}
+
+
+def error_of(response: httpx.Response) -> dict:
+    """The OpenAI error object of a response, checking its shape on the way."""
+    assert response.headers.get("content-type", "").startswith("application/json"), response.headers
+    body = response.json()
+    err = body["error"]
+    assert isinstance(err["message"], str) and err["message"]
+    assert isinstance(err["type"], str)
+    assert "code" in err
+    return err
+
+
+def multipart(fields: list[tuple[str, str | tuple[str, bytes, str]]], boundary: str = "jairouterTestBoundary") -> tuple[bytes, str]:
+    """A multipart/form-data body as clients send it; file fields are (filename, data, type)."""
+    parts = []
+    for name, value in fields:
+        if isinstance(value, tuple):
+            filename, data, ctype = value
+            head = (f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
+                    f'filename="{filename}"\r\nContent-Type: {ctype}\r\n\r\n').encode()
+            parts.append(head + data + b"\r\n")
+        else:
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def json_body(obj) -> bytes:
+    return json.dumps(obj).encode()

@@ -1,0 +1,381 @@
+"""A small OpenAI-compatible backend for tests and the demo.
+
+It serves every endpoint the gateway routes (matched by path suffix, so any prefix such as
+`/v1`, `/api/v1` or `/ollama/v1` works), streams SSE with chosen gaps, fails on demand, and
+records every request it received so tests can check what reached it.
+
+Per-request control headers:
+  x-stub-delay-ms        wait before answering
+  x-stub-status          answer this status with an OpenAI error (code "stub_failure")
+  x-stub-chunks          SSE content chunks (default 5)
+  x-stub-chunk-delay-ms  wait between SSE chunks
+
+CLI: python stub_backend.py --instance NAME[:PORT] [...] prints `STUB <name> <port>` per server
+and serves until SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Received:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    header_list: list[tuple[str, str]]
+    body: bytes
+    received_at: float = field(default_factory=time.monotonic)
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    # Keep-alive connections from Envoy must not block shutdown.
+    block_on_close = False
+
+    def __init__(self, stub: "StubServer", address: tuple[str, int]):
+        self.stub = stub
+        super().__init__(address, _Handler)
+
+
+def _error(message: str, kind: str, code: str) -> dict:
+    return {"error": {"message": message, "type": kind, "code": code}}
+
+
+def _multipart_fields(content_type: str, body: bytes) -> dict[str, bytes] | None:
+    """The parts of a multipart/form-data body by field name, or None when it is malformed.
+
+    Splits on the delimiter bytes, so a 20 MB file costs a few slices, not a Python loop.
+    """
+    boundary = None
+    for param in content_type.split(";")[1:]:
+        name, _, value = param.strip().partition("=")
+        if name.strip().lower() == "boundary":
+            boundary = value.strip().strip('"')
+    if not boundary:
+        return None
+    delimiter = b"--" + boundary.encode()
+    pieces = body.split(delimiter)
+    if len(pieces) < 3:
+        return None
+    fields: dict[str, bytes] = {}
+    for piece in pieces[1:]:
+        if piece.startswith(b"--"):
+            break
+        head, sep, content = piece.partition(b"\r\n\r\n")
+        if not sep:
+            head, sep, content = piece.partition(b"\n\n")
+            if not sep:
+                return None
+        if content.endswith(b"\r\n"):
+            content = content[:-2]
+        elif content.endswith(b"\n"):
+            content = content[:-1]
+        name = None
+        for line in head.decode("latin-1").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip().lower() != "content-disposition":
+                continue
+            for param in value.split(";")[1:]:
+                pname, _, pvalue = param.strip().partition("=")
+                if pname.strip().lower() == "name":
+                    name = pvalue.strip().strip('"')
+        if name is not None:
+            fields.setdefault(name, content)
+    else:
+        return None  # no closing delimiter
+    return fields
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        pass
+
+    # Every method goes through one place.
+    def do_GET(self) -> None:
+        self._handle()
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_GET
+
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("transfer-encoding", "").lower():
+            chunks = []
+            while True:
+                size_line = self.rfile.readline()
+                size = int(size_line.split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    # Trailers, up to the empty line.
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("content-length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _handle(self) -> None:
+        stub = self.server.stub
+        received_at = time.monotonic()
+        try:
+            body = self._read_body()
+        except (ValueError, ConnectionError):
+            self.close_connection = True
+            return
+        path, _, query = self.path.partition("?")
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        stub._record(Received(self.command, path, query, headers, list(self.headers.items()), body, received_at))
+        stub._enter()
+        try:
+            self._answer(stub, path, headers, body)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        finally:
+            stub._leave()
+
+    def _answer(self, stub: "StubServer", path: str, headers: dict[str, str], body: bytes) -> None:
+        delay = stub.delay + float(headers.get("x-stub-delay-ms", "0")) / 1000
+        if delay > 0:
+            time.sleep(delay)
+        status = stub._take_failure() or (int(headers["x-stub-status"]) if "x-stub-status" in headers else None)
+        if status:
+            self._json(status, _error("stub failure requested", "stub_error", "stub_failure"))
+            return
+
+        content_type = headers.get("content-type", "")
+        if path.endswith("/chat/completions") or path.endswith("/completions"):
+            request = self._parse_json(body)
+            if request is None:
+                return
+            chat = path.endswith("/chat/completions")
+            if request.get("stream") is True:
+                self._stream(stub, request, chat, headers)
+            elif chat:
+                self._json(200, {
+                    "id": "chatcmpl-stub", "object": "chat.completion", "created": int(time.time()),
+                    "model": request.get("model"),
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": f"hello from {stub.name}"},
+                                 "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
+                })
+            else:
+                self._json(200, {
+                    "id": "cmpl-stub", "object": "text_completion", "created": int(time.time()),
+                    "model": request.get("model"),
+                    "choices": [{"index": 0, "text": f"hello from {stub.name}", "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
+                })
+        elif path.endswith("/embeddings"):
+            request = self._parse_json(body)
+            if request is None:
+                return
+            inputs = request.get("input", "")
+            inputs = inputs if isinstance(inputs, list) else [inputs]
+            self._json(200, {
+                "object": "list", "model": request.get("model"),
+                "data": [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(len(inputs))],
+                "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
+            })
+        elif path.endswith("/rerank"):
+            request = self._parse_json(body)
+            if request is None:
+                return
+            docs = request.get("documents") or []
+            self._json(200, {
+                "model": request.get("model"),
+                "results": [{"index": i, "relevance_score": 1.0 / (i + 1)} for i in range(len(docs))],
+            })
+        elif path.endswith("/audio/speech"):
+            if self._parse_json(body) is None:
+                return
+            self._send(200, b"ID3" + bytes(1024), "audio/mpeg")
+        elif path.endswith("/audio/transcriptions") or path.endswith("/audio/translations") \
+                or path.endswith("/images/edits"):
+            fields = _multipart_fields(content_type, body)
+            if fields is None:
+                self._json(400, _error("malformed multipart body", "invalid_request_error", "invalid_multipart"))
+                return
+            model = fields["model"].decode("utf-8", "replace") if "model" in fields else None
+            answer: dict[str, Any] = {"model": model, "file_bytes": len(fields.get("file", fields.get("image", b"")))}
+            if path.endswith("/images/edits"):
+                answer.update(created=int(time.time()), data=[{"url": f"http://stub/{stub.name}.png"}])
+            else:
+                answer["text"] = f"transcribed by {stub.name}"
+            self._json(200, answer)
+        elif path.endswith("/images/generations"):
+            request = self._parse_json(body)
+            if request is None:
+                return
+            self._json(200, {"created": int(time.time()), "model": request.get("model"),
+                             "data": [{"url": f"http://stub/{stub.name}.png"}]})
+        elif path in ("/", "/health") or path.endswith("/health"):
+            self._json(200, {"status": "ok", "instance": stub.name})
+        else:
+            self._json(404, _error(f"no such endpoint: {path}", "invalid_request_error", "not_found"))
+
+    def _parse_json(self, body: bytes) -> dict | None:
+        try:
+            value = json.loads(body)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            self._json(400, _error("malformed JSON body", "invalid_request_error", "invalid_json"))
+            return None
+        return value
+
+    def _stream(self, stub: "StubServer", request: dict, chat: bool, headers: dict[str, str]) -> None:
+        """SSE, one HTTP chunk per event, flushed, so a client can time the gaps."""
+        chunks = int(headers.get("x-stub-chunks", "5"))
+        gap = float(headers.get("x-stub-chunk-delay-ms", "0")) / 1000
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("cache-control", "no-cache")
+        self.send_header("transfer-encoding", "chunked")
+        self.send_header("x-stub-instance", stub.name)
+        self.end_headers()
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def event(payload: Any) -> None:
+            data = b"data: " + (payload if isinstance(payload, bytes) else json.dumps(payload).encode()) + b"\n\n"
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+
+        for i in range(chunks):
+            if i and gap:
+                time.sleep(gap)
+            choice = {"index": 0, "delta": {"content": f"tok{i} "}} if chat else {"index": 0, "text": f"tok{i} "}
+            event({"id": "stub-stream", "object": obj, "created": int(time.time()), "model": request.get("model"),
+                   "choices": [choice]})
+        event({"id": "stub-stream", "object": obj, "created": int(time.time()), "model": request.get("model"),
+               "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": chunks, "total_tokens": 3 + chunks}})
+        event(b"[DONE]")
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def _json(self, status: int, value: Any) -> None:
+        self._send(status, json.dumps(value).encode(), "application/json")
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("content-type", content_type)
+        self.send_header("content-length", str(len(body)))
+        self.send_header("x-stub-instance", self.server.stub.name)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+
+class StubServer:
+    """One backend instance on 127.0.0.1; `start()` returns it serving."""
+
+    def __init__(self, name: str, host: str = "127.0.0.1", port: int = 0):
+        self.name = name
+        self.host = host
+        self._requested_port = port
+        self.requests: list[Received] = []
+        self.delay = 0.0
+        self.fail_status: int | None = None
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._fail_next: list[int] = []
+        self._lock = threading.Lock()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "not started"
+        return self._server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> "StubServer":
+        self._server = _Server(self, (self.host, self._requested_port))
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name=f"stub-{self.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self._requested_port = server.server_address[1]
+        server.shutdown()
+        server.server_close()
+
+    def clear(self) -> None:
+        with self._lock:
+            self.requests.clear()
+
+    def fail_next(self, n: int, status: int = 500) -> None:
+        with self._lock:
+            self._fail_next.extend([status] * n)
+
+    def _record(self, received: Received) -> None:
+        with self._lock:
+            self.requests.append(received)
+
+    def _take_failure(self) -> int | None:
+        with self._lock:
+            if self._fail_next:
+                return self._fail_next.pop(0)
+        return self.fail_status
+
+    def _enter(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def _leave(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--instance", action="append", required=True, metavar="NAME[:PORT]")
+    parser.add_argument("--host", default="127.0.0.1")
+    args = parser.parse_args(argv)
+    servers = []
+    for spec in args.instance:
+        name, _, port = spec.partition(":")
+        try:
+            servers.append(StubServer(name, args.host, int(port or 0)).start())
+        except (OSError, ValueError) as e:
+            print(f"stub {spec}: {e}", file=sys.stderr)
+            for server in servers:
+                server.stop()
+            return 1
+    for server in servers:
+        print(f"STUB {server.name} {server.port}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+    for server in servers:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

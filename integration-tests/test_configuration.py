@@ -1,0 +1,124 @@
+"""Configuration: JAiRouter files load as they are; bad ones are refused naming the key (issue 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+from harness import ENVOY, ROOT, Gateway, json_body, render
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_seed_configmap_loads_unchanged(stubs, gateway, tmp_path):
+    [stub] = stubs("ollama")
+    text = (FIXTURES / "seed-configmap-application.yml").read_text()
+    text = text.replace("http://ollama-service:11434", stub.url)
+    gw = gateway(text)
+    r = httpx.post(gw.url + "/v1/chat/completions",
+                   content=json_body({"model": "llama3.2:3b", "messages": [{"role": "user", "content": "hi"}]}),
+                   headers={"content-type": "application/json"}, timeout=10)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-stub-instance"] == "ollama"
+    assert stub.requests[-1].path == "/v1/chat/completions"
+
+
+def test_renderer_uses_server_port_and_validates_with_envoy(tmp_path):
+    config = tmp_path / "application.yml"
+    config.write_text((FIXTURES / "seed-configmap-application.yml").read_text())
+    out = tmp_path / "envoy.json"
+    from harness import WASM
+    result = render(config, "bootstrap", "--wasm", str(WASM), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    bootstrap = json.loads(out.read_text())
+    listener = bootstrap["static_resources"]["listeners"][0]
+    assert listener["address"]["socket_address"]["port_value"] == 8080
+    [cluster] = bootstrap["static_resources"]["clusters"]
+    assert cluster["type"] == "STRICT_DNS"  # DNS names work
+    check = subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(out), "--use-dynamic-base-id"],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_bad_configuration_is_refused_naming_the_key(tmp_path):
+    config = tmp_path / "application.yml"
+    config.write_text("model:\n  services:\n    chat:\n      instances:\n"
+                      "        - name: m\n          base-url: http://h:1\n          weigth: 3\n")
+    result = render(config, "check")
+    assert result.returncode == 1
+    assert "model.services.chat.instances[0].weigth: unknown key" in result.stderr
+    config.write_text("model:\n  services:\n    chat:\n      instances:\n"
+                      "        - name: m\n          base-url: h:1\n")
+    result = render(config, "check")
+    assert result.returncode == 1
+    assert "model.services.chat.instances[0].base-url: must start with http://" in result.stderr
+    config.write_text((FIXTURES / "seed-configmap-application.yml").read_text())
+    result = render(config, "check")
+    assert result.returncode == 0, result.stderr
+    assert "valid (1 models, 1 instances)" in result.stdout
+
+
+def test_envoy_refuses_a_filter_configuration_the_filter_rejects(tmp_path, stubs):
+    """The filter's own check runs in Envoy too: a bootstrap carrying a bad plugin config won't start."""
+    [stub] = stubs("a")
+    gw = Gateway(tmp_path, {"model": {"services": {"chat": {"instances": [{"name": "m", "base-url": stub.url}]}}}})
+    bootstrap = gw.render_bootstrap()
+    doc = json.loads(bootstrap.read_text())
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    wasm = hcm["http_filters"][0]["typed_config"]["config"]
+    wasm["configuration"]["value"] = json.dumps({"services": {"chat": {"instances": [{"name": "m", "base-url": stub.url, "weight": -1}]}}})
+    bootstrap.write_text(json.dumps(doc))
+    try:
+        gw.start(bootstrap)
+        raise AssertionError("Envoy started with a configuration the filter refuses")
+    except RuntimeError as e:
+        assert "model.services.chat.instances[0].weight: must be a whole number" in str(e)
+    finally:
+        gw.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_build_sh_up_serves_the_demo_and_stops_everything(tmp_path):
+    port, admin = free_port(), free_port()
+    env = dict(os.environ, PORT=str(port), ADMIN_PORT=str(admin), CONCURRENCY="1")
+    proc = subprocess.Popen([str(ROOT / "build.sh"), "up"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    output = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            output.append(line)
+            if "Ctrl-C stops" in line:
+                break
+        assert any(f"http://127.0.0.1:{port}" in line for line in output), "".join(output)
+        assert any("curl" in line for line in output)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                       content=json_body({"model": "demo-llama", "messages": [{"role": "user", "content": "hi"}]}),
+                       headers={"content-type": "application/json"}, timeout=10)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-stub-instance"] in ("demo-a", "demo-b")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    time.sleep(0.5)
+    # Nothing it started is left behind: the ports are free again.
+    for p in (port, admin):
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", p)) != 0, f"port {p} still served"
