@@ -32,18 +32,46 @@ pub fn ensure_counter(store: &dyn SharedStore, key: &str) {
     }
 }
 
-/// Atomically adds one and returns the value before the increment.
-pub fn fetch_increment(store: &dyn SharedStore, key: &str) -> Option<u64> {
+/// Replaces the value with `next(current)` atomically (a CAS loop); returns what it wrote, or
+/// `None` when the host refused or contention never let up.
+pub fn update(
+    store: &dyn SharedStore,
+    key: &str,
+    next: impl Fn(Option<&[u8]>) -> Vec<u8>,
+) -> Option<Vec<u8>> {
     for _ in 0..MAX_CAS_ATTEMPTS {
         let (value, cas) = store.get(key);
-        let current = value.as_deref().map(decode_u64).unwrap_or(0);
-        match store.set(key, &current.wrapping_add(1).to_le_bytes(), cas) {
-            Ok(()) => return Some(current),
+        let written = next(value.as_deref());
+        match store.set(key, &written, cas) {
+            Ok(()) => return Some(written),
             Err(StoreError::CasMismatch) => continue,
             Err(StoreError::Failed) => return None,
         }
     }
     None
+}
+
+/// Atomically adds one and returns the value before the increment.
+pub fn fetch_increment(store: &dyn SharedStore, key: &str) -> Option<u64> {
+    let written = update(store, key, |v| {
+        let current = v.map(decode_u64).unwrap_or(0);
+        current.wrapping_add(1).to_le_bytes().to_vec()
+    })?;
+    Some(decode_u64(&written).wrapping_sub(1))
+}
+
+/// Atomically adds `delta` to a counter that never goes below zero; returns the new value.
+pub fn add_saturating(store: &dyn SharedStore, key: &str, delta: i64) -> Option<u64> {
+    let written = update(store, key, |v| {
+        let current = v.map(decode_u64).unwrap_or(0);
+        current.saturating_add_signed(delta).to_le_bytes().to_vec()
+    })?;
+    Some(decode_u64(&written))
+}
+
+/// A counter's value (zero when absent).
+pub fn read_u64(store: &dyn SharedStore, key: &str) -> u64 {
+    store.get(key).0.as_deref().map(decode_u64).unwrap_or(0)
 }
 
 pub fn decode_u64(bytes: &[u8]) -> u64 {
@@ -107,5 +135,16 @@ mod tests {
         );
         ensure_counter(&store, "k"); // does not reset an existing counter
         assert_eq!(fetch_increment(&store, "k"), Some(5));
+    }
+
+    #[test]
+    fn saturating_counters_never_go_negative() {
+        let store = MemoryStore::default();
+        ensure_counter(&store, "n");
+        assert_eq!(add_saturating(&store, "n", 2), Some(2));
+        assert_eq!(add_saturating(&store, "n", -1), Some(1));
+        assert_eq!(add_saturating(&store, "n", -5), Some(0));
+        assert_eq!(read_u64(&store, "n"), 0);
+        assert_eq!(read_u64(&store, "missing"), 0);
     }
 }

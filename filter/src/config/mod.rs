@@ -7,6 +7,7 @@ mod reader;
 pub use policy::{CircuitBreakerPolicy, FallbackPolicy, LoadBalance, RateLimitPolicy, Strategy};
 pub use reader::ConfigError;
 
+use crate::balance::ring::HashRing;
 use crate::balance::smooth_sequence;
 use crate::endpoint::{Endpoint, ServiceType};
 use reader::{error, Fields, Result};
@@ -47,6 +48,9 @@ pub struct GatewayOptions {
     pub max_body_bytes: u64,
     /// Whether responses carry `x-jairouter-instance`.
     pub instance_header: bool,
+    /// How many proxies in front of Envoy append to X-Forwarded-For and are trusted to tell the
+    /// client address (Envoy's `xff_num_trusted_hops`); 0 means the peer address is the client.
+    pub trusted_hops: u32,
 }
 
 #[derive(Debug)]
@@ -72,6 +76,8 @@ pub struct ModelPool {
     pub cumulative: Vec<u64>,
     /// The shared-data key of this pool's round-robin counter.
     pub counter_key: String,
+    /// The consistent-hash ring over `routable` (hash strategies only; empty otherwise).
+    pub ring: HashRing,
 }
 
 #[derive(Debug, Clone)]
@@ -90,6 +96,10 @@ pub struct Instance {
     pub headers: Vec<(String, String)>,
     pub rate_limit: Option<RateLimitPolicy>,
     pub circuit_breaker: Option<CircuitBreakerPolicy>,
+    /// Shared-data key of the requests in flight to this instance (least-connections, least-latency).
+    pub in_flight_key: String,
+    /// Shared-data key of this instance's latency estimate (least-latency).
+    pub latency_key: String,
 }
 
 impl Instance {
@@ -217,6 +227,7 @@ fn parse_model(value: &Value) -> Result<RouterConfig> {
         None => GatewayOptions {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             instance_header: true,
+            trusted_hops: 0,
         },
     };
     let services_path = f.child("services");
@@ -288,10 +299,12 @@ fn parse_gateway(path: &str, value: &Value) -> Result<GatewayOptions> {
         256 * 1024 * 1024,
     )?;
     let instance_header = f.boolean("instance-header", true)?;
+    let trusted_hops = f.integer("trusted-hops", 0, 0, 16)?;
     f.finish()?;
     Ok(GatewayOptions {
         max_body_bytes,
         instance_header,
+        trusted_hops: u32::try_from(trusted_hops).unwrap_or(0),
     })
 }
 
@@ -370,6 +383,15 @@ fn parse_service(
             sum = sum.saturating_add(*w);
             cumulative.push(sum);
         }
+        let ring = if load_balance.strategy.hashes() {
+            let members: Vec<(&str, u64)> = routable
+                .iter()
+                .filter_map(|at| instances.get(*at).map(|i| (i.id.as_str(), i.weight)))
+                .collect();
+            HashRing::build(&members, load_balance.virtual_nodes)
+        } else {
+            HashRing::default()
+        };
         models.insert(
             name.to_string(),
             ModelPool {
@@ -378,6 +400,7 @@ fn parse_service(
                 cumulative,
                 routable,
                 counter_key: format!("jairouter/rr/{}/{}", kind.key(), name),
+                ring,
             },
         );
     }
@@ -454,6 +477,8 @@ fn parse_instance(path: &str, kind: ServiceType, index: usize, value: &Value) ->
         .collect();
     Ok(Instance {
         cluster: cluster_name(&id),
+        in_flight_key: format!("jairouter/inflight/{id}"),
+        latency_key: format!("jairouter/latency/{id}"),
         id,
         name,
         base_url,

@@ -39,6 +39,14 @@ impl Strategy {
         })
     }
 
+    /// Whether the strategy places requests on a consistent-hash ring.
+    pub fn hashes(self) -> bool {
+        matches!(
+            self,
+            Strategy::IpHash | Strategy::ConsistentHash | Strategy::HeaderHash
+        )
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Strategy::Random => "random",
@@ -55,8 +63,34 @@ impl Strategy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadBalance {
     pub strategy: Strategy,
+    /// Accepted for compatibility; the hash rings use one fast 64-bit hash whatever it says.
     pub hash_algorithm: String,
+    /// Ring points of an instance of average weight (ip-hash, consistent-hash, header-hash).
     pub virtual_nodes: u64,
+    /// header-hash: the request header whose value keys the ring (lower-case).
+    pub hash_header: Option<String>,
+    /// header-hash: the top-level body field (JSON or multipart) that keys the ring when the
+    /// header is absent.
+    pub hash_field: Option<String>,
+    /// least-latency: how fast an instance's latency estimate fades, in milliseconds.
+    pub latency_decay_ms: u64,
+}
+
+/// Hash strategies need their key configured; the names are checked once, here.
+fn hash_name(path: &str, name: &str, what: &str) -> Result<String> {
+    let name = name.trim();
+    let valid = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if !valid {
+        return Err(error(
+            path,
+            format!("must be a {what} name of letters, digits, '-', '_' or '.' (got {name:?})"),
+        ));
+    }
+    Ok(name.to_string())
 }
 
 impl Default for LoadBalance {
@@ -66,6 +100,9 @@ impl Default for LoadBalance {
             strategy: Strategy::RoundRobin,
             hash_algorithm: "md5".to_string(),
             virtual_nodes: 150,
+            hash_header: None,
+            hash_field: None,
+            latency_decay_ms: 10_000,
         }
     }
 }
@@ -84,11 +121,32 @@ impl LoadBalance {
             None => base.hash_algorithm,
         };
         let virtual_nodes = f.integer("virtual-nodes", base.virtual_nodes, 1, 10_000)?;
+        let hash_header = match f.string("hash-header")? {
+            Some(name) => {
+                Some(hash_name(&f.child("hash-header"), name, "header")?.to_ascii_lowercase())
+            }
+            None => base.hash_header,
+        };
+        let hash_field = match f.string("hash-field")? {
+            Some(name) => Some(hash_name(&f.child("hash-field"), name, "field")?),
+            None => base.hash_field,
+        };
+        let latency_decay_ms =
+            f.integer("latency-decay-ms", base.latency_decay_ms, 100, 3_600_000)?;
+        if strategy == Strategy::HeaderHash && hash_header.is_none() && hash_field.is_none() {
+            return Err(error(
+                &f.child("type"),
+                "header-hash needs `hash-header` or `hash-field` to say what keys the ring",
+            ));
+        }
         f.finish()?;
         Ok(LoadBalance {
             strategy,
             hash_algorithm,
             virtual_nodes,
+            hash_header,
+            hash_field,
+            latency_decay_ms,
         })
     }
 }
