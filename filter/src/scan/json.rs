@@ -30,6 +30,16 @@ enum Sink {
     Key,
     /// The value of the top-level `model`.
     Model,
+    /// The value of the extra top-level field asked for (a header-hash key).
+    Field,
+}
+
+/// Which top-level value comes next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Other,
+    Model,
+    Field,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,16 +87,14 @@ enum State {
     Root,
     /// Expecting a value.
     Value,
-    /// Expecting the `model` value: only a string will do.
-    ModelValue,
+    /// Expecting the value of a top-level key we look for (`model` must be a string).
+    TargetValue(Target),
     /// After `{`: a key or `}`.
     FirstKey,
     /// After `,` in an object: a key.
     Key,
     /// After a key: `:`.
-    Colon {
-        is_model: bool,
-    },
+    Colon(Target),
     /// After `[`: a value or `]`.
     FirstElement,
     /// After a value: `,` or the closing bracket.
@@ -110,9 +118,17 @@ pub struct JsonModelScanner {
     /// The key or model value being decoded (only for `Sink::Key` and `Sink::Model`).
     text: Vec<u8>,
     max_model_len: usize,
+    /// The extra top-level field to find (`with_field`), and its string value once read.
+    field: Option<Vec<u8>>,
+    field_value: Option<String>,
+    /// The model, held while the field is still being looked for.
+    model: Option<String>,
     done: Option<ScanOutcome>,
     seen_any: bool,
 }
+
+/// Field values past this are cut: a session key needs no more to hash well.
+const MAX_FIELD_BYTES: usize = 256;
 
 impl JsonModelScanner {
     pub fn new(max_model_len: usize) -> Self {
@@ -121,9 +137,28 @@ impl JsonModelScanner {
             stack: Vec::new(),
             text: Vec::new(),
             max_model_len,
+            field: None,
+            field_value: None,
+            model: None,
             done: None,
             seen_any: false,
         }
+    }
+
+    /// Also finds the top-level string field `name`: the answer then waits until both are read,
+    /// or the object ends.
+    pub fn with_field(mut self, name: &str) -> Self {
+        self.field = Some(name.as_bytes().to_vec());
+        self
+    }
+
+    /// The `with_field` value, when the body had it as a string.
+    pub fn field(&self) -> Option<&str> {
+        self.field_value.as_deref()
+    }
+
+    fn wants_field(&self) -> bool {
+        self.field.is_some() && self.field_value.is_none()
     }
 
     /// Reads the next bytes of the body. Once the outcome is not `NeedMore` it never changes.
@@ -212,17 +247,24 @@ impl JsonModelScanner {
                 b']' if self.state == State::FirstElement => self.close(Container::Array),
                 _ => self.begin_value(b),
             },
-            State::ModelValue => match b {
+            State::TargetValue(target) => match (b, target) {
                 _ if is_ws(b) => Step::Next,
-                b'"' => {
+                (b'"', Target::Model | Target::Field) => {
                     self.text.clear();
+                    let sink = if target == Target::Model {
+                        Sink::Model
+                    } else {
+                        Sink::Field
+                    };
                     self.state = State::Str {
-                        sink: Sink::Model,
+                        sink,
                         esc: Esc::None,
                     };
                     Step::Next
                 }
-                _ => invalid("`model` must be a string"),
+                (_, Target::Model) => invalid("`model` must be a string"),
+                // A field that is not a string is no key; read it like any value.
+                _ => self.begin_value(b),
             },
             State::FirstKey | State::Key => match b {
                 _ if is_ws(b) => Step::Next,
@@ -242,13 +284,12 @@ impl JsonModelScanner {
                 }
                 _ => invalid("expected a string key in an object"),
             },
-            State::Colon { is_model } => match b {
+            State::Colon(target) => match b {
                 _ if is_ws(b) => Step::Next,
                 b':' => {
-                    self.state = if is_model {
-                        State::ModelValue
-                    } else {
-                        State::Value
+                    self.state = match target {
+                        Target::Other => State::Value,
+                        _ => State::TargetValue(target),
                     };
                     Step::Next
                 }
@@ -339,8 +380,11 @@ impl JsonModelScanner {
             return invalid("mismatched closing bracket");
         }
         if self.stack.is_empty() {
-            // The top-level object is complete and had no `model`.
-            return Step::Done(ScanOutcome::Absent);
+            // The top-level object is complete.
+            return Step::Done(match self.model.take() {
+                Some(model) => ScanOutcome::Found(model),
+                None => ScanOutcome::Absent,
+            });
         }
         self.state = State::AfterValue;
         Step::Next
@@ -477,8 +521,14 @@ impl JsonModelScanner {
         match sink {
             Sink::Skip | Sink::NestedKey => {}
             Sink::Key => {
-                // One byte past `model` is enough to know it is some other key.
-                if self.text.len() <= MODEL_KEY.len() {
+                // One byte past the longest name we look for is enough to know it is another key.
+                let longest = self.field.as_ref().map_or(0, Vec::len).max(MODEL_KEY.len());
+                if self.text.len() <= longest {
+                    self.text.extend_from_slice(bytes);
+                }
+            }
+            Sink::Field => {
+                if self.text.len() < MAX_FIELD_BYTES {
                     self.text.extend_from_slice(bytes);
                 }
             }
@@ -498,21 +548,41 @@ impl JsonModelScanner {
     fn end_string(&mut self, sink: Sink) -> Step {
         match sink {
             Sink::Skip => self.state = State::AfterValue,
-            Sink::NestedKey => self.state = State::Colon { is_model: false },
+            Sink::NestedKey => self.state = State::Colon(Target::Other),
             Sink::Key => {
-                let is_model = self.text == MODEL_KEY;
+                // The first `model` (and field) wins; later duplicates are ordinary keys.
+                let target = if self.text == MODEL_KEY && self.model.is_none() {
+                    Target::Model
+                } else if self.field.as_deref() == Some(self.text.as_slice()) && self.wants_field()
+                {
+                    Target::Field
+                } else {
+                    Target::Other
+                };
                 self.text.clear();
-                self.state = State::Colon { is_model };
+                self.state = State::Colon(target);
             }
             Sink::Model => {
                 let text = std::mem::take(&mut self.text);
-                return match String::from_utf8(text) {
+                match String::from_utf8(text) {
                     Ok(model) if model.trim().is_empty() => {
-                        invalid("`model` must be a non-empty string")
+                        return invalid("`model` must be a non-empty string")
                     }
-                    Ok(model) => Step::Done(ScanOutcome::Found(model)),
-                    Err(_) => invalid("`model` is not valid UTF-8"),
-                };
+                    Ok(model) if !self.wants_field() => {
+                        return Step::Done(ScanOutcome::Found(model))
+                    }
+                    Ok(model) => self.model = Some(model),
+                    Err(_) => return invalid("`model` is not valid UTF-8"),
+                }
+                self.state = State::AfterValue;
+            }
+            Sink::Field => {
+                let text = std::mem::take(&mut self.text);
+                self.field_value = Some(String::from_utf8_lossy(&text).into_owned());
+                if let Some(model) = self.model.take() {
+                    return Step::Done(ScanOutcome::Found(model));
+                }
+                self.state = State::AfterValue;
             }
         }
         // A string just closed: for keys a colon follows, for values a comma or bracket.
@@ -721,5 +791,37 @@ mod tests {
         }
         assert!(s.text.capacity() <= 64);
         assert_eq!(s.feed(br#"","model":"late"}"#), found("late"));
+    }
+
+    #[test]
+    fn finds_an_extra_field_before_or_after_the_model() {
+        let cases: &[(&[u8], Option<&str>)] = &[
+            (br#"{"user":"u-1","model":"m"}"#, Some("u-1")),
+            (
+                br#"{"model":"m","messages":[{"user":"inner"}],"user":"u-2"}"#,
+                Some("u-2"),
+            ),
+            (br#"{"model":"m","user":42}"#, None),
+            (br#"{"model":"m"}"#, None),
+        ];
+        for (body, user) in cases {
+            let mut s = JsonModelScanner::new(64).with_field("user");
+            let mut out = ScanOutcome::NeedMore;
+            for b in *body {
+                out = s.feed(std::slice::from_ref(b));
+                if out != ScanOutcome::NeedMore {
+                    break;
+                }
+            }
+            assert_eq!(out, found("m"), "{}", String::from_utf8_lossy(body));
+            assert_eq!(s.field(), *user, "{}", String::from_utf8_lossy(body));
+        }
+        // With the field found first, the model still ends the scan at once.
+        let mut s = JsonModelScanner::new(64).with_field("user");
+        assert_eq!(s.feed(br#"{"user":"u","model":"m","rest":"#), found("m"));
+        // A field without a model is still a body without a model.
+        let mut s = JsonModelScanner::new(64).with_field("user");
+        assert_eq!(s.feed(br#"{"user":"u"}"#), ScanOutcome::Absent);
+        assert_eq!(s.field(), Some("u"));
     }
 }

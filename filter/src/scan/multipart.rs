@@ -78,8 +78,19 @@ enum State {
     /// A part's headers, up to the empty line.
     Headers { block: Vec<u8> },
     /// A part's content, up to the next delimiter; kept only for the `model` field.
-    Content { keep: bool },
+    Content { keep: Keep },
 }
+
+/// Whose content a part holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    Nothing,
+    Model,
+    Field,
+}
+
+/// Field values past this are not kept: a session key needs no more to hash well.
+const MAX_FIELD_BYTES: usize = 256;
 
 /// Feed it the body; it answers as soon as the `model` field is complete (or cannot be).
 #[derive(Debug)]
@@ -93,6 +104,10 @@ pub struct MultipartModelScanner {
     pending: Vec<u8>,
     max_model_len: usize,
     max_part_header_bytes: usize,
+    /// The extra field to find (`with_field`), its value once read, and the model held meanwhile.
+    field: Option<String>,
+    field_value: Option<String>,
+    model: Option<String>,
     done: Option<ScanOutcome>,
 }
 
@@ -107,8 +122,27 @@ impl MultipartModelScanner {
             pending: Vec::new(),
             max_model_len,
             max_part_header_bytes,
+            field: None,
+            field_value: None,
+            model: None,
             done: None,
         }
+    }
+
+    /// Also finds the form field `name`: the answer then waits until both are read, or the
+    /// body ends.
+    pub fn with_field(mut self, name: &str) -> Self {
+        self.field = Some(name.to_string());
+        self
+    }
+
+    /// The `with_field` value, when the body had it.
+    pub fn field(&self) -> Option<&str> {
+        self.field_value.as_deref()
+    }
+
+    fn wants_field(&self) -> bool {
+        self.field.is_some() && self.field_value.is_none()
     }
 
     /// Reads the next bytes of the body. Once the outcome is not `NeedMore` it never changes.
@@ -120,7 +154,9 @@ impl MultipartModelScanner {
         if outcome != ScanOutcome::NeedMore {
             self.done = Some(outcome.clone());
             self.pending = Vec::new();
-            self.state = State::Content { keep: false };
+            self.state = State::Content {
+                keep: Keep::Nothing,
+            };
         }
         outcome
     }
@@ -147,16 +183,30 @@ impl MultipartModelScanner {
             &joined
         };
         while !input.is_empty() {
-            let state = std::mem::replace(&mut self.state, State::Content { keep: false });
+            let state = std::mem::replace(
+                &mut self.state,
+                State::Content {
+                    keep: Keep::Nothing,
+                },
+            );
             let (next, rest) = match state {
                 State::Preamble { seen } => self.preamble(seen, input),
                 State::DelimiterLine { line } => delimiter_line(line, input),
                 State::Headers { block } => self.headers(block, input),
-                State::Content { keep: false } => self.skip_content(input),
-                State::Content { keep: true } => self.keep_content(input),
+                State::Content {
+                    keep: Keep::Nothing,
+                } => self.skip_content(input),
+                State::Content { keep } => self.keep_content(keep, input),
             };
             match next {
                 Next::State(state) => self.state = state,
+                // The closing delimiter: a model held while looking for the field is the answer.
+                Next::Done(ScanOutcome::Absent) => {
+                    return match self.model.take() {
+                        Some(model) => ScanOutcome::Found(model),
+                        None => ScanOutcome::Absent,
+                    }
+                }
                 Next::Done(outcome) => return outcome,
             }
             input = rest;
@@ -164,8 +214,21 @@ impl MultipartModelScanner {
         ScanOutcome::NeedMore
     }
 
+    /// Runs over bytes already taken out of `pending` (the rest of a chunk after a kept part).
+    fn run_owned(&mut self, bytes: &[u8]) -> ScanOutcome {
+        if bytes.is_empty() {
+            return ScanOutcome::NeedMore;
+        }
+        self.run(bytes)
+    }
+
     fn keeps_content(&self) -> bool {
-        self.state == State::Content { keep: true }
+        matches!(
+            self.state,
+            State::Content {
+                keep: Keep::Model | Keep::Field
+            }
+        )
     }
 
     fn preamble<'a>(&mut self, seen: usize, input: &'a [u8]) -> (Next, &'a [u8]) {
@@ -197,7 +260,15 @@ impl MultipartModelScanner {
                 || block == b"\r\n"
                 || block == b"\n";
             if ended {
-                let keep = is_model_part(&block);
+                let keep = match part_name(&block) {
+                    Some(name) if name == "model" && self.model.is_none() => Keep::Model,
+                    Some(name)
+                        if self.field.as_deref() == Some(name.as_str()) && self.wants_field() =>
+                    {
+                        Keep::Field
+                    }
+                    _ => Keep::Nothing,
+                };
                 let rest = input.get(i + 1..).unwrap_or_default();
                 return (Next::State(State::Content { keep }), rest);
             }
@@ -221,38 +292,95 @@ impl MultipartModelScanner {
             );
         }
         self.hold_tail(input, self.delimiter.len());
-        (Next::State(State::Content { keep: false }), &[])
+        (
+            Next::State(State::Content {
+                keep: Keep::Nothing,
+            }),
+            &[],
+        )
     }
 
-    fn keep_content<'a>(&mut self, input: &'a [u8]) -> (Next, &'a [u8]) {
-        // Search only where a delimiter could newly appear: the model content is small.
+    fn keep_content<'a>(&mut self, keep: Keep, input: &'a [u8]) -> (Next, &'a [u8]) {
+        // Search only where a delimiter could newly appear: the kept content is small.
         let from = self.pending.len().saturating_sub(self.delimiter.len());
         self.pending.extend_from_slice(input);
-        let Some(at) = self
+        let found = self
             .pending
             .get(from..)
-            .and_then(|tail| find(tail, &self.delimiter))
-        else {
-            // Room for the longest model, its line break and a delimiter split across chunks.
-            if self.pending.len() > self.max_model_len + self.delimiter.len() + 1 {
-                let reason = format!("`model` is longer than {} bytes", self.max_model_len);
-                return (Next::Done(ScanOutcome::Invalid(reason)), &[]);
+            .and_then(|tail| find(tail, &self.delimiter));
+        let limit = match keep {
+            Keep::Field => MAX_FIELD_BYTES,
+            _ => self.max_model_len,
+        };
+        let Some(at) = found else {
+            // Room for the longest value, its line break and a delimiter split across chunks.
+            if self.pending.len() <= limit + self.delimiter.len() + 1 {
+                return (Next::State(State::Content { keep }), &[]);
             }
-            return (Next::State(State::Content { keep: true }), &[]);
+            if keep == Keep::Field {
+                // Too long to be a session key: skip it like any other part.
+                let held = std::mem::take(&mut self.pending);
+                self.hold_tail(&held, self.delimiter.len());
+                return (
+                    Next::State(State::Content {
+                        keep: Keep::Nothing,
+                    }),
+                    &[],
+                );
+            }
+            let reason = format!("`model` is longer than {} bytes", self.max_model_len);
+            return (Next::Done(ScanOutcome::Invalid(reason)), &[]);
         };
         let at = from + at;
-        let content = self.pending.get(..at).unwrap_or_default();
+        let held = std::mem::take(&mut self.pending);
+        let content = held.get(..at).unwrap_or_default();
         let content = content.strip_suffix(b"\r").unwrap_or(content);
-        let outcome = match std::str::from_utf8(content) {
-            _ if content.len() > self.max_model_len => ScanOutcome::Invalid(format!(
-                "`model` is longer than {} bytes",
-                self.max_model_len
-            )),
-            Ok(model) if !model.trim().is_empty() => ScanOutcome::Found(model.trim().to_string()),
-            Ok(_) => ScanOutcome::Invalid("the `model` field is empty".into()),
-            Err(_) => ScanOutcome::Invalid("the `model` field is not valid UTF-8".into()),
-        };
-        (Next::Done(outcome), &[])
+        let after = held
+            .get(at + self.delimiter.len()..)
+            .unwrap_or_default()
+            .to_vec();
+        if keep == Keep::Field {
+            self.field_value = Some(String::from_utf8_lossy(content).trim().to_string());
+        } else {
+            let model = match std::str::from_utf8(content) {
+                _ if content.len() > self.max_model_len => {
+                    let reason = format!("`model` is longer than {} bytes", self.max_model_len);
+                    return (Next::Done(ScanOutcome::Invalid(reason)), &[]);
+                }
+                Ok(model) if !model.trim().is_empty() => model.trim().to_string(),
+                Ok(_) => {
+                    return (
+                        Next::Done(ScanOutcome::Invalid("the `model` field is empty".into())),
+                        &[],
+                    )
+                }
+                Err(_) => {
+                    let reason = "the `model` field is not valid UTF-8".to_string();
+                    return (Next::Done(ScanOutcome::Invalid(reason)), &[]);
+                }
+            };
+            self.model = Some(model);
+        }
+        if !self.wants_field() {
+            if let Some(model) = self.model.take() {
+                return (Next::Done(ScanOutcome::Found(model)), &[]);
+            }
+        }
+        // Go on after the delimiter with what this chunk held beyond it.
+        self.state = State::DelimiterLine { line: Vec::new() };
+        let outcome = self.run_owned(&after);
+        match outcome {
+            ScanOutcome::NeedMore => {
+                let state = std::mem::replace(
+                    &mut self.state,
+                    State::Content {
+                        keep: Keep::Nothing,
+                    },
+                );
+                (Next::State(state), &[])
+            }
+            done => (Next::Done(done), &[]),
+        }
     }
 
     /// Keeps the last bytes of `input` that could begin a delimiter of `len` bytes.
@@ -296,22 +424,23 @@ fn delimiter_line(mut line: Vec<u8>, input: &[u8]) -> (Next, &[u8]) {
     (Next::State(State::DelimiterLine { line }), &[])
 }
 
-/// Whether a part's header block says `Content-Disposition: form-data; name="model"`.
-fn is_model_part(block: &[u8]) -> bool {
+/// The field name of a part: `Content-Disposition: form-data; name="..."`.
+fn part_name(block: &[u8]) -> Option<String> {
     let text = String::from_utf8_lossy(block);
-    text.lines().any(|line| {
-        let Some((name, value)) = line.split_once(':') else {
-            return false;
-        };
+    text.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
         if !name.trim().eq_ignore_ascii_case("content-disposition") {
-            return false;
+            return None;
         }
         let value = value.trim();
         let (kind, params) = value.split_once(';').unwrap_or((value, ""));
-        kind.trim().eq_ignore_ascii_case("form-data")
-            && parameters(params)
-                .iter()
-                .any(|(n, v)| n.eq_ignore_ascii_case("name") && v == "model")
+        if !kind.trim().eq_ignore_ascii_case("form-data") {
+            return None;
+        }
+        parameters(params)
+            .into_iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("name"))
+            .map(|(_, v)| v)
     })
 }
 
@@ -516,5 +645,41 @@ mod tests {
             s.feed(b"\r\n--XyZ-42\r\nContent-Disposition: form-data; name=model\r\n\r\nw\r\n--XyZ-42--"),
             found("w")
         );
+    }
+
+    #[test]
+    fn finds_an_extra_field_before_or_after_the_model() {
+        let audio = vec![0x11u8; 3000];
+        let cases = [
+            form(
+                "XyZ-42",
+                &[("user", b"u-1"), ("file", &audio), ("model", b"m")],
+                "\r\n",
+            ),
+            form(
+                "XyZ-42",
+                &[("model", b"m"), ("file", &audio), ("user", b"u-1")],
+                "\r\n",
+            ),
+        ];
+        for body in &cases {
+            for chunk in [1, 5, 64, body.len()] {
+                let mut s = MultipartModelScanner::new("XyZ-42", 64, 1024).with_field("user");
+                let mut out = ScanOutcome::NeedMore;
+                for piece in body.chunks(chunk) {
+                    out = s.feed(piece);
+                    if out != ScanOutcome::NeedMore {
+                        break;
+                    }
+                }
+                assert_eq!(out, found("m"), "chunk {chunk}");
+                assert_eq!(s.field(), Some("u-1"), "chunk {chunk}");
+            }
+        }
+        // No such field: the model is the answer at the closing delimiter.
+        let body = form("XyZ-42", &[("model", b"m"), ("file", &audio)], "\r\n");
+        let mut s = MultipartModelScanner::new("XyZ-42", 64, 1024).with_field("user");
+        assert_eq!(s.feed(&body), found("m"));
+        assert_eq!(s.field(), None);
     }
 }
