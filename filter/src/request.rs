@@ -2,8 +2,8 @@
 //! Plain Rust over the compiled configuration; the proxy-wasm binding only carries bytes in and
 //! decisions out.
 
-use crate::balance::pick_instance;
-use crate::config::{model_object, RouterConfig, MAX_MODEL_NAME_BYTES};
+use crate::balance::{pick_instance, PickInput};
+use crate::config::{model_object, RouterConfig, Strategy, MAX_MODEL_NAME_BYTES};
 use crate::endpoint::{classify, Endpoint, Route, ServiceType};
 use crate::scan::json::JsonModelScanner;
 use crate::scan::multipart::{boundary_from_content_type, MultipartModelScanner};
@@ -45,7 +45,7 @@ impl LocalReply {
 }
 
 /// The request line and the headers the decision needs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct RequestHead<'a> {
     pub method: &'a str,
     pub path: &'a str,
@@ -53,6 +53,8 @@ pub struct RequestHead<'a> {
     pub model_header: Option<&'a str>,
     /// True when the request has no body.
     pub end_of_stream: bool,
+    /// Any other request header, by lower-case name (header-hash reads its configured one).
+    pub header: &'a dyn Fn(&str) -> Option<String>,
 }
 
 /// Where a request goes: the instance (by index in its service) and the upstream `:path`.
@@ -66,13 +68,27 @@ pub struct Routed {
 pub enum HeadDecision {
     Reply(LocalReply),
     Route(Routed),
-    ScanBody(BodyScan),
+    ScanBody(Box<BodyScan>),
 }
 
-/// The choices that depend on the host: shared data and randomness.
+/// The choices that depend on the host: shared data, randomness, the clock, the client.
 pub struct Host<'a> {
     pub store: &'a dyn SharedStore,
     pub random: u64,
+    pub now_ns: u64,
+    /// Envoy's view of the client address, without the port (ip-hash, consistent-hash).
+    pub client: Option<&'a str>,
+}
+
+impl Host<'_> {
+    fn pick_input<'k>(&'k self, hash_key: Option<&'k str>) -> PickInput<'k> {
+        PickInput {
+            random: self.random,
+            now_ns: self.now_ns,
+            client: self.client,
+            hash_key,
+        }
+    }
 }
 
 pub fn on_request_headers(
@@ -113,22 +129,48 @@ pub fn on_request_headers(
         return HeadDecision::Reply(service_missing(cfg, endpoint));
     }
     let query = query_of(head.path);
-    if let Some(model) = head.model_header.map(str::trim).filter(|m| !m.is_empty()) {
-        return match route_model(cfg, endpoint, model, query, host) {
-            Ok(routed) => HeadDecision::Route(routed),
-            Err(reply) => HeadDecision::Reply(reply),
-        };
+    let model = head.model_header.map(str::trim).filter(|m| !m.is_empty());
+    // header-hash keys the ring by a header, else by a body field (which means reading the body
+    // for it, even when the model came in a header).
+    let lb = cfg.service(endpoint.service()).map(|s| &s.load_balance);
+    let hash_key = match lb {
+        Some(lb) if lb.strategy == Strategy::HeaderHash => lb
+            .hash_header
+            .as_deref()
+            .and_then(|name| (head.header)(name))
+            .filter(|v| !v.is_empty()),
+        _ => None,
+    };
+    let body_field = match lb {
+        Some(lb) if lb.strategy == Strategy::HeaderHash && hash_key.is_none() => {
+            lb.hash_field.as_deref()
+        }
+        _ => None,
+    };
+    if let Some(model) = model {
+        if body_field.is_none() || head.end_of_stream {
+            return match route_model(cfg, endpoint, model, query, host, hash_key.as_deref()) {
+                Ok(routed) => HeadDecision::Route(routed),
+                Err(reply) => HeadDecision::Reply(reply),
+            };
+        }
     }
     if head.end_of_stream {
         return HeadDecision::Reply(missing_model());
     }
     let scanner = match head.content_type {
         Some(ct) if is_multipart(ct) => match boundary_from_content_type(ct) {
-            Some(boundary) => Scanner::Multipart(MultipartModelScanner::new(
-                &boundary,
-                MAX_MODEL_NAME_BYTES,
-                MAX_PART_HEADER_BYTES,
-            )),
+            Some(boundary) => {
+                let scanner = MultipartModelScanner::new(
+                    &boundary,
+                    MAX_MODEL_NAME_BYTES,
+                    MAX_PART_HEADER_BYTES,
+                );
+                Scanner::Multipart(match body_field {
+                    Some(field) => scanner.with_field(field),
+                    None => scanner,
+                })
+            }
             None => {
                 return HeadDecision::Reply(LocalReply::error(
                     400,
@@ -138,14 +180,34 @@ pub fn on_request_headers(
                 ))
             }
         },
-        _ => Scanner::Json(JsonModelScanner::new(MAX_MODEL_NAME_BYTES)),
+        _ => {
+            let scanner = JsonModelScanner::new(MAX_MODEL_NAME_BYTES);
+            Scanner::Json(match body_field {
+                Some(field) => scanner.with_field(field),
+                None => scanner,
+            })
+        }
     };
-    HeadDecision::ScanBody(BodyScan {
+    HeadDecision::ScanBody(Box::new(BodyScan {
         endpoint,
         query: query.to_string(),
         scanner,
         limit: cfg.gateway.max_body_bytes,
-    })
+        model_from_header: model.map(str::to_string),
+        hash_key_from_header: hash_key,
+    }))
+}
+
+/// The IP of an Envoy address property ("10.0.0.1:5678", "[::1]:5678"), without the port.
+pub fn client_ip(address: &str) -> &str {
+    if let Some(rest) = address.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match address.split_once(':') {
+        // One colon: IPv4 with a port. More: a bare IPv6 address.
+        Some((ip, port)) if !port.contains(':') => ip,
+        _ => address,
+    }
 }
 
 fn is_multipart(content_type: &str) -> bool {
@@ -170,6 +232,10 @@ pub struct BodyScan {
     query: String,
     scanner: Scanner,
     limit: u64,
+    /// The `x-jairouter-model` override, when the body is read only for the hash field.
+    model_from_header: Option<String>,
+    /// The header-hash key, when the configured header carried it.
+    hash_key_from_header: Option<String>,
 }
 
 pub enum BodyStep {
@@ -213,25 +279,33 @@ impl BodyScan {
             },
             other => other,
         };
-        match outcome {
-            ScanOutcome::NeedMore => BodyStep::NeedMore,
-            ScanOutcome::Found(model) => {
-                match route_model(cfg, self.endpoint, &model, &self.query, host) {
-                    Ok(routed) => BodyStep::Route(routed),
-                    Err(reply) => BodyStep::Reply(reply),
-                }
-            }
-            ScanOutcome::Absent => BodyStep::Reply(missing_model()),
-            ScanOutcome::Invalid(reason) => BodyStep::Reply(LocalReply::error(
-                400,
-                "invalid_request_error",
-                match self.scanner {
-                    Scanner::Json(_) => "invalid_json",
-                    Scanner::Multipart(_) => "invalid_multipart",
-                },
-                &format!("Invalid request body: {reason}"),
-            )),
+        let model = match outcome {
+            ScanOutcome::NeedMore => return BodyStep::NeedMore,
+            ScanOutcome::Found(model) => self.model_from_header.take().unwrap_or(model),
+            ScanOutcome::Absent => match self.model_from_header.take() {
+                Some(model) => model,
+                None => return BodyStep::Reply(missing_model()),
+            },
+            ScanOutcome::Invalid(reason) => return BodyStep::Reply(self.invalid(&reason)),
+        };
+        let hash_key = match &self.scanner {
+            _ if self.hash_key_from_header.is_some() => self.hash_key_from_header.as_deref(),
+            Scanner::Json(s) => s.field(),
+            Scanner::Multipart(s) => s.field(),
+        };
+        match route_model(cfg, self.endpoint, &model, &self.query, host, hash_key) {
+            Ok(routed) => BodyStep::Route(routed),
+            Err(reply) => BodyStep::Reply(reply),
         }
+    }
+
+    fn invalid(&self, reason: &str) -> LocalReply {
+        let code = match self.scanner {
+            Scanner::Json(_) => "invalid_json",
+            Scanner::Multipart(_) => "invalid_multipart",
+        };
+        let message = format!("Invalid request body: {reason}");
+        LocalReply::error(400, "invalid_request_error", code, &message)
     }
 }
 
@@ -242,6 +316,7 @@ pub fn route_model(
     model: &str,
     query: &str,
     host: &Host<'_>,
+    hash_key: Option<&str>,
 ) -> Result<Routed, LocalReply> {
     let kind = endpoint.service();
     let service = cfg
@@ -251,8 +326,7 @@ pub fn route_model(
         .models
         .get(model)
         .ok_or_else(|| unknown_model(cfg, endpoint, model))?;
-    let Some(instance) =
-        pick_instance(pool, service.load_balance.strategy, host.store, host.random)
+    let Some(instance) = pick_instance(service, pool, host.store, &host.pick_input(hash_key))
     else {
         return Err(LocalReply::error(
             503,

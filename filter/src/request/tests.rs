@@ -30,7 +30,12 @@ fn head<'a>(method: &'a str, path: &'a str) -> RequestHead<'a> {
         content_type: Some("application/json"),
         model_header: None,
         end_of_stream: false,
+        header: &no_header,
     }
+}
+
+fn no_header(_: &str) -> Option<String> {
+    None
 }
 
 fn decide(cfg: &RouterConfig, h: &RequestHead<'_>) -> HeadDecision {
@@ -41,6 +46,8 @@ fn decide(cfg: &RouterConfig, h: &RequestHead<'_>) -> HeadDecision {
         &Host {
             store: &store,
             random: 7,
+            now_ns: 1,
+            client: None,
         },
     )
 }
@@ -65,6 +72,8 @@ fn scan_body(cfg: &RouterConfig, path: &str, content_type: &str, body: &[u8]) ->
     let host = Host {
         store: &store,
         random: 7,
+        now_ns: 1,
+        client: None,
     };
     let h = RequestHead {
         content_type: Some(content_type),
@@ -267,6 +276,8 @@ fn body_over_the_limit_is_413() {
     let host = Host {
         store: &store,
         random: 0,
+        now_ns: 1,
+        client: None,
     };
     let HeadDecision::ScanBody(mut scan) =
         on_request_headers(&cfg, &head("POST", "/v1/chat/completions"), &host)
@@ -325,4 +336,64 @@ fn models_endpoints() {
     );
     let r = reply(decide(&cfg, &head("POST", "/v1/models")));
     assert_eq!(r.status, 405);
+}
+
+#[test]
+fn client_ip_drops_the_port() {
+    assert_eq!(client_ip("10.1.2.3:5678"), "10.1.2.3");
+    assert_eq!(client_ip("[::1]:5678"), "::1");
+    assert_eq!(client_ip("fe80::1"), "fe80::1");
+    assert_eq!(client_ip("10.1.2.3"), "10.1.2.3");
+}
+
+#[test]
+fn header_hash_takes_its_key_from_the_header_or_the_body_field() {
+    let cfg = RouterConfig::from_value(&json!({
+        "load-balance": {"type": "header-hash", "hash-header": "x-session-id", "hash-field": "user"},
+        "services": {"chat": {"instances": [
+            {"name": "m", "base-url": "http://a:1"}, {"name": "m", "base-url": "http://b:1"},
+            {"name": "m", "base-url": "http://c:1"}, {"name": "m", "base-url": "http://d:1"}
+        ]}}
+    }))
+    .unwrap();
+    let store = MemoryStore::default();
+    let route = |session: Option<&'static str>, body: &str, random: u64| -> usize {
+        let header = move |name: &str| {
+            (name == "x-session-id")
+                .then(|| session.map(str::to_string))
+                .flatten()
+        };
+        let h = RequestHead {
+            header: &header,
+            ..head("POST", "/v1/chat/completions")
+        };
+        let host = Host {
+            store: &store,
+            random,
+            now_ns: 1,
+            client: None,
+        };
+        let HeadDecision::ScanBody(mut scan) = on_request_headers(&cfg, &h, &host) else {
+            panic!()
+        };
+        let outcome = scan.feed(body.as_bytes());
+        match scan.decide(outcome, body.len() as u64, true, &cfg, &host) {
+            BodyStep::Route(r) => r.instance,
+            _ => panic!("not routed"),
+        }
+    };
+    for session in ["s-1", "s-2", "s-3", "s-4", "s-5"] {
+        let by_header: Vec<usize> = (0..8)
+            .map(|r| route(Some(session), r#"{"model":"m"}"#, r))
+            .collect();
+        assert!(
+            by_header.iter().all(|i| *i == by_header[0]),
+            "{by_header:?}"
+        );
+        let body = format!(r#"{{"model":"m","user":"{session}"}}"#);
+        let by_field: Vec<usize> = (0..8).map(|r| route(None, &body, r)).collect();
+        assert!(by_field.iter().all(|i| *i == by_field[0]), "{by_field:?}");
+        // The same key, from either place, lands on the same instance.
+        assert_eq!(by_header[0], by_field[0]);
+    }
 }
