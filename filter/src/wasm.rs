@@ -2,10 +2,11 @@
 //! decisions back. Host calls go through `hostcalls` directly, whose results are checked: the SDK's
 //! trait helpers unwrap them, and a non-UTF-8 header from a client would panic the VM.
 
+use crate::balance::load::{begin_request, end_request, record_latency, LatencyEstimate};
 use crate::balance::Rng;
-use crate::config::{RouterConfig, INSTANCE_HEADER, MODEL_HEADER, ROUTING_HEADER};
+use crate::config::{RouterConfig, Strategy, INSTANCE_HEADER, MODEL_HEADER, ROUTING_HEADER};
 use crate::request::{
-    on_request_headers, BodyStep, HeadDecision, Host, LocalReply, RequestHead, Routed,
+    client_ip, on_request_headers, BodyStep, HeadDecision, Host, LocalReply, RequestHead, Routed,
 };
 use crate::scan::ScanOutcome;
 use crate::store::{ensure_counter, SharedStore, StoreError};
@@ -18,6 +19,9 @@ use std::time::UNIX_EPOCH;
 
 /// Body bytes are copied into the VM in windows of this size, and only until the model is known.
 const BODY_WINDOW: usize = 16 * 1024;
+
+/// A failed exchange (5xx, reset, timeout) counts as at least this slow for least-latency.
+const FAILURE_LATENCY_NS: u64 = 1_000_000_000;
 
 /// Routing headers a client must never choose: ours, and the one ORIGINAL_DST clusters honour.
 const CLIENT_ROUTING_HEADERS: [&str; 2] = [ROUTING_HEADER, "x-envoy-original-dst-host"];
@@ -47,9 +51,20 @@ impl RootContext for Root {
         };
         match RouterConfig::from_json(&bytes) {
             Ok(config) => {
+                // Envoy ignores CAS on a missing key: create every key before traffic races on it.
                 for service in config.services() {
                     for pool in service.models.values() {
                         ensure_counter(&HostStore, &pool.counter_key);
+                    }
+                    for instance in &service.instances {
+                        ensure_counter(&HostStore, &instance.in_flight_key);
+                        if HostStore.get(&instance.latency_key).0.is_none() {
+                            let _ = HostStore.set(
+                                &instance.latency_key,
+                                &LatencyEstimate::INITIAL,
+                                None,
+                            );
+                        }
                     }
                 }
                 let instances = config.instances().count();
@@ -73,6 +88,7 @@ impl RootContext for Root {
             scan: None,
             scanned: 0,
             served_by: None,
+            load: None,
         }))
     }
 
@@ -84,11 +100,24 @@ impl RootContext for Root {
 struct Request {
     config: Rc<RouterConfig>,
     rng: Rc<RefCell<Rng>>,
-    scan: Option<crate::request::BodyScan>,
+    scan: Option<Box<crate::request::BodyScan>>,
     /// Body bytes already fed to the scanner.
     scanned: usize,
     /// The instance id for `x-jairouter-instance`.
     served_by: Option<String>,
+    /// What least-connections and least-latency must hear about this request when it ends.
+    load: Option<LoadReport>,
+}
+
+/// An in-flight count taken for a request, to give back exactly once, and the start of its
+/// latency measurement.
+struct LoadReport {
+    in_flight_key: String,
+    /// Set for least-latency: where the time to first byte goes.
+    latency_key: Option<String>,
+    decay_ns: u64,
+    started_ns: u64,
+    measured: bool,
 }
 
 impl Context for Request {}
@@ -108,11 +137,15 @@ impl HttpContext for Request {
             content_type: content_type.as_deref(),
             model_header: model_header.as_deref(),
             end_of_stream,
+            header: &request_header,
         };
         let random = self.next_random();
+        let client = client_address();
         let host = Host {
             store: &HostStore,
             random,
+            now_ns: now_ns(),
+            client: client.as_deref().map(client_ip),
         };
         match on_request_headers(&self.config, &head, &host) {
             HeadDecision::Reply(reply) => send(&reply),
@@ -143,9 +176,12 @@ impl HttpContext for Request {
             self.scanned = self.scanned.saturating_add(chunk.len());
             outcome = scan.feed(&chunk);
         }
+        let client = client_address();
         let host = Host {
             store: &HostStore,
             random,
+            now_ns: now_ns(),
+            client: client.as_deref().map(client_ip),
         };
         let buffered = u64::try_from(body_size).unwrap_or(u64::MAX);
         let step = scan.decide(outcome, buffered, end_of_stream, &self.config, &host);
@@ -163,6 +199,8 @@ impl HttpContext for Request {
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let failed = response_status().is_none_or(|status| status >= 500);
+        self.measure_latency(failed);
         if self.config.gateway.instance_header {
             if let Some(id) = &self.served_by {
                 let _ = hostcalls::set_map_value(
@@ -174,9 +212,49 @@ impl HttpContext for Request {
         }
         Action::Continue
     }
+
+    /// Envoy logs every stream when it ends: completed, failed, or reset by either side.
+    fn on_log(&mut self) {
+        self.end_load();
+    }
+}
+
+impl Drop for Request {
+    /// A backstop for `on_log`: the in-flight count must never leak.
+    fn drop(&mut self) {
+        self.end_load();
+    }
 }
 
 impl Request {
+    /// The first response byte (or the end of a request that never got one) is the latency
+    /// sample; a failure counts as slow.
+    fn measure_latency(&mut self, failed: bool) {
+        let Some(load) = self.load.as_mut() else {
+            return;
+        };
+        if load.measured {
+            return;
+        }
+        load.measured = true;
+        if let Some(key) = &load.latency_key {
+            let now = now_ns();
+            let mut sample = now.saturating_sub(load.started_ns);
+            if failed {
+                sample = sample.max(FAILURE_LATENCY_NS);
+            }
+            record_latency(&HostStore, key, sample, now, load.decay_ns);
+        }
+    }
+
+    /// Gives the in-flight count back, once, however the request ended.
+    fn end_load(&mut self) {
+        self.measure_latency(true);
+        if let Some(load) = self.load.take() {
+            end_request(&HostStore, &load.in_flight_key);
+        }
+    }
+
     fn next_random(&self) -> u64 {
         self.rng
             .try_borrow_mut()
@@ -211,8 +289,47 @@ impl Request {
             log::warn!("clear_route_cache failed: {status:?}");
         }
         self.served_by = Some(instance.id.clone());
+        let strategy = self.config.service(routed.service).map(|s| &s.load_balance);
+        if let Some(lb) = strategy.filter(|lb| {
+            matches!(
+                lb.strategy,
+                Strategy::LeastConnections | Strategy::LeastLatency
+            )
+        }) {
+            begin_request(&HostStore, &instance.in_flight_key);
+            self.load = Some(LoadReport {
+                in_flight_key: instance.in_flight_key.clone(),
+                latency_key: (lb.strategy == Strategy::LeastLatency)
+                    .then(|| instance.latency_key.clone()),
+                decay_ns: lb.latency_decay_ms.saturating_mul(1_000_000),
+                started_ns: now_ns(),
+                measured: false,
+            });
+        }
         Action::Continue
     }
+}
+
+fn client_address() -> Option<String> {
+    match hostcalls::get_property(vec!["source", "address"]) {
+        Ok(Some(bytes)) => String::from_utf8(bytes).ok(),
+        _ => None,
+    }
+}
+
+fn response_status() -> Option<u32> {
+    match hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, ":status") {
+        Ok(Some(bytes)) => std::str::from_utf8(&bytes).ok()?.parse().ok(),
+        _ => None,
+    }
+}
+
+fn now_ns() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 fn request_header(name: &str) -> Option<String> {
