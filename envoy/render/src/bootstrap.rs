@@ -39,7 +39,7 @@ pub fn render(config: &RouterConfig, model_json: &Value, opts: &Options) -> Valu
                 "per_connection_buffer_limit_bytes": buffer_limit,
                 "filter_chains": [{"filters": [{
                     "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": http_connection_manager(model_json, opts)
+                    "typed_config": http_connection_manager(config, model_json, opts)
                 }]}]
             }],
             "clusters": clusters
@@ -51,13 +51,15 @@ fn socket(address: &str, port: u16) -> Value {
     json!({"socket_address": {"address": address, "port_value": port}})
 }
 
-fn http_connection_manager(model_json: &Value, opts: &Options) -> Value {
+fn http_connection_manager(config: &RouterConfig, model_json: &Value, opts: &Options) -> Value {
     json!({
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "jairouter",
         "codec_type": "AUTO",
-        // The client address is the peer's, never a header the client could forge.
+        // The client address is the peer's, or (with `gateway.trusted-hops`) the one the
+        // trusted proxies in front wrote into X-Forwarded-For; never a header a client forges.
         "use_remote_address": true,
+        "xff_num_trusted_hops": config.gateway.trusted_hops,
         "route_config": {
             "name": "jairouter",
             "virtual_hosts": [{
