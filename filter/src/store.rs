@@ -32,23 +32,39 @@ pub fn ensure_counter(store: &dyn SharedStore, key: &str) {
     }
 }
 
-/// Replaces the value with `next(current)` atomically (a CAS loop); returns what it wrote, or
-/// `None` when the host refused or contention never let up.
-pub fn update(
+/// Reads the key, lets `step` decide what to write (or nothing) and what to answer, and writes
+/// with compare-and-swap, retrying on a lost race; `None` when the host refused or contention
+/// never let up.
+pub fn transact<T>(
     store: &dyn SharedStore,
     key: &str,
-    next: impl Fn(Option<&[u8]>) -> Vec<u8>,
-) -> Option<Vec<u8>> {
+    step: impl Fn(Option<&[u8]>) -> (Option<Vec<u8>>, T),
+) -> Option<T> {
     for _ in 0..MAX_CAS_ATTEMPTS {
         let (value, cas) = store.get(key);
-        let written = next(value.as_deref());
+        let (written, answer) = step(value.as_deref());
+        let Some(written) = written else {
+            return Some(answer);
+        };
         match store.set(key, &written, cas) {
-            Ok(()) => return Some(written),
+            Ok(()) => return Some(answer),
             Err(StoreError::CasMismatch) => continue,
             Err(StoreError::Failed) => return None,
         }
     }
     None
+}
+
+/// Replaces the value with `next(current)` atomically; returns what it wrote.
+pub fn update(
+    store: &dyn SharedStore,
+    key: &str,
+    next: impl Fn(Option<&[u8]>) -> Vec<u8>,
+) -> Option<Vec<u8>> {
+    transact(store, key, |current| {
+        let written = next(current);
+        (Some(written.clone()), written)
+    })
 }
 
 /// Atomically adds one and returns the value before the increment.
@@ -86,6 +102,17 @@ pub fn decode_u64(bytes: &[u8]) -> u64 {
 #[derive(Default)]
 pub struct MemoryStore {
     entries: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+}
+
+impl MemoryStore {
+    /// How many keys it holds.
+    pub fn len(&self) -> usize {
+        self.entries.borrow().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl SharedStore for MemoryStore {

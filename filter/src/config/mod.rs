@@ -4,12 +4,16 @@
 mod policy;
 mod reader;
 
-pub use policy::{CircuitBreakerPolicy, FallbackPolicy, LoadBalance, RateLimitPolicy, Strategy};
+pub use policy::{
+    Algorithm, CircuitBreakerPolicy, FallbackPolicy, LoadBalance, RateLimitPolicy, Scope, Strategy,
+    MAX_WINDOW_REQUESTS,
+};
 pub use reader::ConfigError;
 
 use crate::balance::ring::HashRing;
 use crate::balance::smooth_sequence;
 use crate::endpoint::{Endpoint, ServiceType};
+use crate::limit::Limits;
 use reader::{error, Fields, Result};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -40,7 +44,12 @@ pub struct RouterConfig {
     pub gateway: GatewayOptions,
     /// The `GET /v1/models` answer, built once.
     pub models_json: String,
+    /// Every enabled rate limit, compiled.
+    pub limits: Limits,
 }
+
+/// Per-client rate-limit tables are preallocated in shared data; this bounds their total size.
+pub const MAX_CLIENT_TABLE_BYTES: u64 = 64 * 1024 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct GatewayOptions {
@@ -270,6 +279,25 @@ fn parse_model(value: &Value) -> Result<RouterConfig> {
         }
     }
     let models_json = models_list_json(services.iter().flatten());
+    let configured: Vec<&Service> = services.iter().flatten().collect();
+    let limits = Limits::compile(rate_limit.as_ref(), &configured);
+    let mut table_bytes = 0u64;
+    for limit in limits.list.iter().filter(|l| l.scope == Scope::Client) {
+        let slot = 8 + limit.params.initial_state().len() as u64;
+        table_bytes = table_bytes.saturating_add(limit.max_clients.saturating_mul(slot));
+        if table_bytes > MAX_CLIENT_TABLE_BYTES {
+            return Err(error(
+                &format!(
+                    "{}.max-clients",
+                    limit.name.trim_end_matches(" (per client)")
+                ),
+                format!(
+                    "per-client rate-limit tables would take {table_bytes} bytes of shared data \
+                     (at most {MAX_CLIENT_TABLE_BYTES}); lower max-clients or the window"
+                ),
+            ));
+        }
+    }
     Ok(RouterConfig {
         services,
         load_balance,
@@ -278,6 +306,7 @@ fn parse_model(value: &Value) -> Result<RouterConfig> {
         fallback,
         gateway,
         models_json,
+        limits,
     })
 }
 
@@ -457,7 +486,7 @@ fn parse_instance(path: &str, kind: ServiceType, index: usize, value: &Value) ->
         None => Vec::new(),
         Some(v) => parse_headers(&f.child("headers"), v)?,
     };
-    let rate_limit = take_policy(&mut f, "rate-limit", RateLimitPolicy::parse)?;
+    let rate_limit = take_policy(&mut f, "rate-limit", RateLimitPolicy::parse_for_instance)?;
     let circuit_breaker = take_policy(&mut f, "circuit-breaker", CircuitBreakerPolicy::parse)?;
     // Bookkeeping fields of the original (database ids, adapter names): accepted, not needed.
     f.string("adapter")?;

@@ -151,47 +151,146 @@ impl LoadBalance {
     }
 }
 
+/// `rate-limit.algorithm`
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    /// Starts full with `capacity` tokens, refills `rate` per second.
+    TokenBucket,
+    /// A bucket of `capacity` that leaks `rate` per second (as a meter: the same admissions as a
+    /// token bucket, kept for compatibility).
+    LeakyBucket,
+    /// At most `rate` x `window` requests in any `window` seconds.
+    SlidingWindow,
+    /// A token bucket whose refill ramps from `rate / cold-factor` to `rate` over
+    /// `warm-up-period` seconds from its first request; it starts with `capacity / cold-factor`.
+    WarmUp,
+}
+
+impl Algorithm {
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::TokenBucket => "token-bucket",
+            Algorithm::LeakyBucket => "leaky-bucket",
+            Algorithm::SlidingWindow => "sliding-window",
+            Algorithm::WarmUp => "warm-up",
+        }
+    }
+}
+
+/// `rate-limit.scope`: what one bucket counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// One bucket for every request the block covers.
+    Global,
+    /// One bucket per service type.
+    Service,
+    /// One bucket per model.
+    Model,
+    /// One bucket per instance.
+    Instance,
+    /// One bucket per client address.
+    Client,
+}
+
+impl Scope {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scope::Global => "global",
+            Scope::Service => "service",
+            Scope::Model => "model",
+            Scope::Instance => "instance",
+            Scope::Client => "client-ip",
+        }
+    }
+}
+
+/// A sliding window remembers each admission in it; this bounds the memory one window takes.
+pub const MAX_WINDOW_REQUESTS: u64 = 10_000;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RateLimitPolicy {
     pub enabled: bool,
-    pub algorithm: String,
+    pub algorithm: Algorithm,
     pub capacity: u64,
+    /// Requests per second.
     pub rate: u64,
-    pub scope: String,
+    pub scope: Scope,
     pub key: Option<String>,
+    /// Also one bucket per client address, with the same numbers.
     pub client_ip_enable: bool,
+    /// sliding-window: the window, seconds.
+    pub window_secs: u64,
+    /// warm-up: the ramp, seconds.
+    pub warm_up_secs: u64,
+    /// warm-up: how much slower the cold rate is.
+    pub cold_factor: u64,
+    /// Per-client buckets tracked at most (a fixed table: shared data never grows with clients).
+    pub max_clients: u64,
 }
 
 impl RateLimitPolicy {
-    pub fn parse(path: &str, value: &Value) -> Result<RateLimitPolicy> {
+    /// `default_scope` is `service` for global and service blocks (as the original), `instance`
+    /// for an instance's own block.
+    pub fn parse_with(path: &str, value: &Value, default_scope: Scope) -> Result<RateLimitPolicy> {
         let mut f = Fields::new(path, value)?;
         let enabled = f.boolean("enabled", false)?;
         let algorithm = match f.string("algorithm")? {
-            None => "token-bucket".to_string(),
-            Some(a) => {
-                let a = a.trim().to_ascii_lowercase();
-                if !["token-bucket", "leaky-bucket", "sliding-window", "warm-up"]
-                    .contains(&a.as_str())
-                {
+            None => Algorithm::TokenBucket,
+            Some(a) => match a.trim().to_ascii_lowercase().replace('_', "-").as_str() {
+                "token-bucket" => Algorithm::TokenBucket,
+                "leaky-bucket" => Algorithm::LeakyBucket,
+                "sliding-window" => Algorithm::SlidingWindow,
+                "warm-up" | "warmup" => Algorithm::WarmUp,
+                other => {
                     return Err(error(
                         &f.child("algorithm"),
                         format!(
-                            "unknown algorithm {a:?} (expected token-bucket, leaky-bucket, \
+                            "unknown algorithm {other:?} (expected token-bucket, leaky-bucket, \
                              sliding-window or warm-up)"
                         ),
-                    ));
+                    ))
                 }
-                a
-            }
+            },
         };
         let capacity = f.integer("capacity", 100, 1, 1_000_000_000)?;
         let rate = f.integer("rate", 10, 1, 1_000_000_000)?;
-        let scope = f
-            .string("scope")?
-            .map(|s| s.trim().to_ascii_lowercase())
-            .unwrap_or_else(|| "service".to_string());
+        let scope = match f.string("scope")? {
+            None => default_scope,
+            Some(s) => match s.trim().to_ascii_lowercase().replace('_', "-").as_str() {
+                "global" | "default" => Scope::Global,
+                "service" => Scope::Service,
+                "model" => Scope::Model,
+                "instance" => Scope::Instance,
+                "client-ip" | "client" | "ip" => Scope::Client,
+                other => {
+                    return Err(error(
+                        &f.child("scope"),
+                        format!(
+                            "unknown scope {other:?} (expected global, service, model, instance \
+                             or client-ip)"
+                        ),
+                    ))
+                }
+            },
+        };
         let key = f.string("key")?.map(str::to_string);
         let client_ip_enable = f.boolean("client-ip-enable", false)?;
+        let window_secs = f.integer("window", 1, 1, 3600)?;
+        let warm_up_secs = f.integer("warm-up-period", 600, 1, 86_400)?;
+        let cold_factor = f.integer("cold-factor", 3, 1, 100)?;
+        let max_clients = f.integer("max-clients", 10_000, 1, 1_000_000)?;
+        if algorithm == Algorithm::SlidingWindow
+            && rate.saturating_mul(window_secs) > MAX_WINDOW_REQUESTS
+        {
+            return Err(error(
+                &f.child("rate"),
+                format!(
+                    "a sliding window holds at most {MAX_WINDOW_REQUESTS} requests (rate x window \
+                     is {})",
+                    rate.saturating_mul(window_secs)
+                ),
+            ));
+        }
         f.finish()?;
         Ok(RateLimitPolicy {
             enabled,
@@ -201,7 +300,19 @@ impl RateLimitPolicy {
             scope,
             key,
             client_ip_enable,
+            window_secs,
+            warm_up_secs,
+            cold_factor,
+            max_clients,
         })
+    }
+
+    pub fn parse(path: &str, value: &Value) -> Result<RateLimitPolicy> {
+        RateLimitPolicy::parse_with(path, value, Scope::Service)
+    }
+
+    pub fn parse_for_instance(path: &str, value: &Value) -> Result<RateLimitPolicy> {
+        RateLimitPolicy::parse_with(path, value, Scope::Instance)
     }
 }
 
