@@ -1,0 +1,423 @@
+//! Rate limits: which buckets a request draws from, in what order, and what the client is told.
+//!
+//! Every configured `rate-limit` block (global, per service, per instance) is compiled into a
+//! `Limit`: what it covers, what one bucket counts (`scope`), and its numbers. A request draws
+//! from every limit that covers it; all must admit, so the strictest wins. When one refuses, the
+//! admissions already taken are given back, so a refused request costs nothing anywhere.
+//!
+//! Buckets live in shared data under keys created at configure time, so compare-and-swap is
+//! exact from the first request. Per-client buckets live in a fixed table of `max-clients`
+//! slots: shared data never grows with the number of clients.
+
+pub mod bucket;
+
+use crate::balance::ring::hash64;
+use crate::config::{RateLimitPolicy, Scope, Service};
+use crate::endpoint::ServiceType;
+use crate::store::{transact, SharedStore};
+use bucket::{admit, is_idle, refund, Params, Verdict};
+
+/// How many neighbouring slots a client may take when its own holds another active client.
+const CLIENT_PROBES: u64 = 4;
+
+/// What a limit applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Covers {
+    All,
+    Service(ServiceType),
+    /// One instance, by index in its service.
+    Instance(ServiceType, usize),
+}
+
+#[derive(Debug)]
+pub struct Limit {
+    /// Where it is configured, as a client and an operator read it in the 429.
+    pub name: String,
+    /// Shared-data key prefix; changes with the numbers, so a reload never reads foreign state.
+    prefix: String,
+    pub covers: Covers,
+    pub scope: Scope,
+    pub params: Params,
+    pub max_clients: u64,
+}
+
+impl Limit {
+    fn new(name: String, covers: Covers, scope: Scope, policy: &RateLimitPolicy) -> Limit {
+        let params = Params::of(policy);
+        let fingerprint =
+            hash64(format!("{name}|{scope:?}|{params:?}|{}", policy.max_clients).as_bytes());
+        Limit {
+            name,
+            prefix: format!("jairouter/rl/{fingerprint:016x}"),
+            covers,
+            scope,
+            params,
+            max_clients: policy.max_clients,
+        }
+    }
+
+    /// Whether the bucket depends on the chosen instance (drawn after the pick).
+    fn after_pick(&self) -> bool {
+        matches!(self.covers, Covers::Instance(..)) || self.scope == Scope::Instance
+    }
+
+    fn covers(&self, subject: &Subject<'_>) -> bool {
+        match self.covers {
+            Covers::All => true,
+            Covers::Service(kind) => kind == subject.service,
+            Covers::Instance(kind, at) => {
+                kind == subject.service && subject.instance.is_some_and(|(i, _)| i == at)
+            }
+        }
+    }
+
+    /// The bucket for this request and how to name it; `None` when the request has nothing to
+    /// key it by (no client address for a per-client limit).
+    fn bucket(&self, subject: &Subject<'_>) -> Option<(BucketKey, String)> {
+        let fixed = |label: String| Some((BucketKey::Fixed(self.fixed_key(&label)), label));
+        match self.scope {
+            Scope::Global => fixed("all".to_string()),
+            Scope::Service => fixed(subject.service.key().to_string()),
+            Scope::Model => fixed(format!("{}/{}", subject.service.key(), subject.model)),
+            Scope::Instance => fixed(subject.instance?.1.to_string()),
+            Scope::Client => {
+                let client = subject.client?;
+                Some((
+                    BucketKey::Client(hash64(client.as_bytes()).max(1)),
+                    client.to_string(),
+                ))
+            }
+        }
+    }
+
+    fn fixed_key(&self, label: &str) -> String {
+        format!("{}/{label}", self.prefix)
+    }
+
+    fn client_slot(&self, slot: u64) -> String {
+        format!("{}/c/{slot}", self.prefix)
+    }
+}
+
+enum BucketKey {
+    Fixed(String),
+    /// A client's fingerprint: it finds its slot in the table.
+    Client(u64),
+}
+
+/// The request as the limits see it.
+#[derive(Debug, Clone, Copy)]
+pub struct Subject<'a> {
+    pub service: ServiceType,
+    pub model: &'a str,
+    pub client: Option<&'a str>,
+    /// The chosen instance (index in its service, id), once picked.
+    pub instance: Option<(usize, &'a str)>,
+}
+
+/// One admission taken, to give back if a later limit refuses.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    limit: usize,
+    key: String,
+    at_ns: u64,
+}
+
+/// The admissions a request holds, and the tightest of their verdicts (for the headers).
+#[derive(Debug, Default)]
+pub struct Admitted {
+    pub grants: Vec<Grant>,
+    pub tightest: Option<(usize, Verdict)>,
+}
+
+impl Admitted {
+    fn note(&mut self, limit: usize, verdict: Verdict) {
+        if self
+            .tightest
+            .is_none_or(|(_, v)| verdict.remaining < v.remaining)
+        {
+            self.tightest = Some((limit, verdict));
+        }
+    }
+
+    pub fn merge(&mut self, other: Admitted) {
+        if let Some((limit, verdict)) = other.tightest {
+            self.note(limit, verdict);
+        }
+        self.grants.extend(other.grants);
+    }
+}
+
+/// The limit that refused, the bucket it keyed, and when to come back.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub limit: usize,
+    pub label: String,
+    pub verdict: Verdict,
+}
+
+#[derive(Debug, Default)]
+pub struct Limits {
+    pub list: Vec<Limit>,
+}
+
+/// Which limits to draw from: those that need no instance, or those that do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    BeforePick,
+    AfterPick,
+}
+
+impl Limits {
+    /// Every enabled block, in the order they are drawn: global, service, instance; each with a
+    /// per-client twin when `client-ip-enable` is set.
+    pub fn compile(global: Option<&RateLimitPolicy>, services: &[&Service]) -> Limits {
+        let mut list = Vec::new();
+        let mut add = |name: String, covers: Covers, policy: &RateLimitPolicy| {
+            if !policy.enabled {
+                return;
+            }
+            if policy.client_ip_enable && policy.scope != Scope::Client {
+                list.push(Limit::new(
+                    format!("{name} (per client)"),
+                    covers,
+                    Scope::Client,
+                    policy,
+                ));
+            }
+            list.push(Limit::new(name, covers, policy.scope, policy));
+        };
+        if let Some(policy) = global {
+            add("model.rate-limit".to_string(), Covers::All, policy);
+        }
+        for service in services {
+            let path = format!("model.services.{}", service.kind.key());
+            if let Some(policy) = &service.rate_limit {
+                add(
+                    format!("{path}.rate-limit"),
+                    Covers::Service(service.kind),
+                    policy,
+                );
+            }
+            for (at, instance) in service.instances.iter().enumerate() {
+                if let Some(policy) = &instance.rate_limit {
+                    let name = format!("{path}.instances[{at}].rate-limit");
+                    add(name, Covers::Instance(service.kind, at), policy);
+                }
+            }
+        }
+        Limits { list }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// Every bucket key with its initial state, to create before traffic (Envoy ignores CAS on
+    /// a key that does not exist, so creating them on first use would race).
+    pub fn initial_keys(&self, services: &[&Service]) -> Vec<(String, Vec<u8>)> {
+        let mut keys = Vec::new();
+        for limit in &self.list {
+            let initial = limit.params.initial_state();
+            if limit.scope == Scope::Client {
+                let slot_state = [&[0u8; 8][..], &initial].concat();
+                for slot in 0..limit.max_clients {
+                    keys.push((limit.client_slot(slot), slot_state.clone()));
+                }
+                continue;
+            }
+            for service in services {
+                let covered = match limit.covers {
+                    Covers::All => true,
+                    Covers::Service(kind) | Covers::Instance(kind, _) => kind == service.kind,
+                };
+                if !covered {
+                    continue;
+                }
+                let labels: Vec<String> = match limit.scope {
+                    Scope::Global => vec!["all".to_string()],
+                    Scope::Service => vec![service.kind.key().to_string()],
+                    Scope::Model => service
+                        .models
+                        .keys()
+                        .map(|m| format!("{}/{m}", service.kind.key()))
+                        .collect(),
+                    Scope::Instance => service
+                        .instances
+                        .iter()
+                        .enumerate()
+                        .filter(|(at, _)| match limit.covers {
+                            Covers::Instance(_, only) => *at == only,
+                            _ => true,
+                        })
+                        .map(|(_, i)| i.id.clone())
+                        .collect(),
+                    Scope::Client => Vec::new(),
+                };
+                for label in labels {
+                    keys.push((limit.fixed_key(&label), initial.clone()));
+                }
+            }
+        }
+        keys.sort();
+        keys.dedup_by(|a, b| a.0 == b.0);
+        keys
+    }
+
+    /// Draws one admission from every limit of `phase` that covers the request. On a refusal
+    /// the admissions taken here are given back.
+    pub fn acquire(
+        &self,
+        store: &dyn SharedStore,
+        subject: &Subject<'_>,
+        phase: Phase,
+        now_ns: u64,
+    ) -> Result<Admitted, Refusal> {
+        let mut admitted = Admitted::default();
+        for (index, limit) in self.list.iter().enumerate() {
+            if limit.after_pick() != (phase == Phase::AfterPick) || !limit.covers(subject) {
+                continue;
+            }
+            let Some((key, label)) = limit.bucket(subject) else {
+                continue;
+            };
+            let (key, verdict) = match key {
+                BucketKey::Fixed(key) => {
+                    let verdict =
+                        transact(store, &key, |state| admit(&limit.params, state, now_ns));
+                    (key, verdict)
+                }
+                BucketKey::Client(fingerprint) => {
+                    let key = self.client_key(store, limit, fingerprint, now_ns);
+                    let verdict = transact(store, &key, |state| {
+                        admit_client(&limit.params, state, fingerprint, now_ns)
+                    });
+                    (key, verdict)
+                }
+            };
+            // A store that fails must not fail the request: the limit is skipped.
+            let Some(verdict) = verdict else {
+                log::warn!(
+                    "rate limit {}: shared data unavailable, not enforced",
+                    limit.name
+                );
+                continue;
+            };
+            if !verdict.admitted {
+                self.release(store, &admitted.grants);
+                return Err(Refusal {
+                    limit: index,
+                    label,
+                    verdict,
+                });
+            }
+            admitted.note(index, verdict);
+            admitted.grants.push(Grant {
+                limit: index,
+                key,
+                at_ns: now_ns,
+            });
+        }
+        Ok(admitted)
+    }
+
+    /// Gives admissions back (the request was refused by another limit, or never sent).
+    pub fn release(&self, store: &dyn SharedStore, grants: &[Grant]) {
+        for grant in grants {
+            let Some(limit) = self.list.get(grant.limit) else {
+                continue;
+            };
+            let client = limit.scope == Scope::Client;
+            let _ = transact(store, &grant.key, |state| {
+                let written = if client {
+                    let (fingerprint, rest) = split_slot(state);
+                    let bucket = refund(&limit.params, rest, grant.at_ns);
+                    [&fingerprint.to_le_bytes()[..], &bucket].concat()
+                } else {
+                    refund(&limit.params, state, grant.at_ns)
+                };
+                (Some(written), ())
+            });
+        }
+    }
+
+    /// The slot a client's bucket lives in: its own if it holds one, else the first free or
+    /// idle one among its home slot and a few neighbours, else (all busy with other active
+    /// clients) its home slot, shared.
+    fn client_key(
+        &self,
+        store: &dyn SharedStore,
+        limit: &Limit,
+        fingerprint: u64,
+        now_ns: u64,
+    ) -> String {
+        let slots = limit.max_clients.max(1);
+        let home = fingerprint % slots;
+        let mut free = None;
+        for probe in 0..CLIENT_PROBES.min(slots) {
+            let key = limit.client_slot((home + probe) % slots);
+            let (state, _) = store.get(&key);
+            let (owner, rest) = split_slot(state.as_deref());
+            if owner == fingerprint {
+                return key;
+            }
+            if free.is_none() && (owner == 0 || is_idle(&limit.params, rest, now_ns)) {
+                free = Some(key);
+            }
+        }
+        free.unwrap_or_else(|| limit.client_slot(home))
+    }
+}
+
+/// A client slot: the owner's fingerprint (0: free), then its bucket.
+fn split_slot(state: Option<&[u8]>) -> (u64, Option<&[u8]>) {
+    let owner = state
+        .and_then(|s| s.get(..8))
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_le_bytes)
+        .unwrap_or(0);
+    (owner, state.and_then(|s| s.get(8..)))
+}
+
+fn admit_client(
+    params: &Params,
+    state: Option<&[u8]>,
+    fingerprint: u64,
+    now_ns: u64,
+) -> (Option<Vec<u8>>, Verdict) {
+    let (owner, rest) = split_slot(state);
+    // Taking over a free or idle slot starts a fresh bucket; a busy slot of another client is
+    // shared (the table is full of active clients).
+    let (owner, rest) = if owner == fingerprint {
+        (owner, rest)
+    } else if owner == 0 || is_idle(params, rest, now_ns) {
+        (fingerprint, None)
+    } else {
+        (owner, rest)
+    };
+    let (written, verdict) = admit(params, rest, now_ns);
+    let written = written.map(|bucket| [&owner.to_le_bytes()[..], &bucket].concat());
+    (written, verdict)
+}
+
+/// OpenAI's duration format for `x-ratelimit-reset-*`: "120ms", "7s", "6m0s".
+pub fn openai_duration(ns: u64) -> String {
+    let ms = ns.div_ceil(1_000_000);
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let secs = ns.div_ceil(1_000_000_000);
+    if secs < 60 {
+        format!("{secs}s")
+    } else {
+        format!("{}m{}s", secs / 60, secs % 60)
+    }
+}
+
+/// Whole seconds for `Retry-After`: rounded up, at least 1.
+pub fn retry_after_secs(ns: u64) -> u64 {
+    ns.div_ceil(1_000_000_000).max(1)
+}
+
+#[cfg(test)]
+mod tests;

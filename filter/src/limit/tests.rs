@@ -1,0 +1,180 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+use super::*;
+use crate::config::RouterConfig;
+use crate::store::MemoryStore;
+use serde_json::{json, Value};
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
+const T0: u64 = 1_000_000_000_000;
+
+fn config(v: Value) -> RouterConfig {
+    RouterConfig::from_value(&v).unwrap()
+}
+
+/// A store holding every key the configuration creates at configure time.
+fn store_for(cfg: &RouterConfig) -> MemoryStore {
+    let store = MemoryStore::default();
+    let services: Vec<&Service> = cfg.services().collect();
+    for (key, initial) in cfg.limits.initial_keys(&services) {
+        store.set(&key, &initial, None).unwrap();
+    }
+    store
+}
+
+fn subject<'a>(model: &'a str, client: Option<&'a str>) -> Subject<'a> {
+    Subject {
+        service: ServiceType::Chat,
+        model,
+        client,
+        instance: None,
+    }
+}
+
+#[test]
+fn the_strictest_limit_refuses_and_the_others_get_their_admission_back() {
+    let cfg = config(json!({
+        "rate-limit": {"enabled": true, "capacity": 5, "rate": 1, "scope": "global"},
+        "services": {"chat": {
+            "rate-limit": {"enabled": true, "capacity": 3, "rate": 1, "scope": "model"},
+            "instances": [{"name": "m", "base-url": "http://a:1"}, {"name": "n", "base-url": "http://b:1"}]
+        }}
+    }));
+    let store = store_for(&cfg);
+    let limits = &cfg.limits;
+    for _ in 0..3 {
+        assert!(limits
+            .acquire(&store, &subject("m", None), Phase::BeforePick, T0)
+            .is_ok());
+    }
+    let refusal = limits
+        .acquire(&store, &subject("m", None), Phase::BeforePick, T0)
+        .unwrap_err();
+    assert_eq!(
+        limits.list[refusal.limit].name,
+        "model.services.chat.rate-limit"
+    );
+    assert_eq!(refusal.label, "chat/m");
+    // The refused request took nothing from the global bucket: model n still gets the 2 left.
+    assert!(limits
+        .acquire(&store, &subject("n", None), Phase::BeforePick, T0)
+        .is_ok());
+    let ok = limits
+        .acquire(&store, &subject("n", None), Phase::BeforePick, T0)
+        .unwrap();
+    assert_eq!(ok.tightest.unwrap().1.remaining, 0);
+    let refusal = limits
+        .acquire(&store, &subject("n", None), Phase::BeforePick, T0)
+        .unwrap_err();
+    assert_eq!(limits.list[refusal.limit].name, "model.rate-limit");
+    assert!(refusal.verdict.retry_after_ns > 0 && refusal.verdict.retry_after_ns <= 1_000_000_000);
+}
+
+#[test]
+fn disabled_blocks_compile_to_nothing() {
+    let cfg = config(json!({
+        "rate-limit": {"enabled": false},
+        "services": {"chat": {"instances": [{"name": "m", "base-url": "http://a:1",
+            "rate-limit": {"enabled": false, "capacity": 1}}]}}
+    }));
+    assert!(cfg.limits.is_empty());
+}
+
+#[test]
+fn instance_limits_are_drawn_after_the_pick() {
+    let cfg = config(json!({"services": {"chat": {"instances": [
+        {"name": "m", "base-url": "http://a:1", "instance-id": "a",
+         "rate-limit": {"enabled": true, "capacity": 1, "rate": 1}},
+        {"name": "m", "base-url": "http://b:1", "instance-id": "b"}
+    ]}}}));
+    let store = store_for(&cfg);
+    let limits = &cfg.limits;
+    assert_eq!(
+        limits.list[0].name,
+        "model.services.chat.instances[0].rate-limit"
+    );
+    let mut s = subject("m", None);
+    // Before the pick nothing applies.
+    assert!(limits
+        .acquire(&store, &s, Phase::BeforePick, T0)
+        .unwrap()
+        .grants
+        .is_empty());
+    s.instance = Some((0, "a"));
+    assert!(limits.acquire(&store, &s, Phase::AfterPick, T0).is_ok());
+    assert_eq!(
+        limits
+            .acquire(&store, &s, Phase::AfterPick, T0)
+            .unwrap_err()
+            .label,
+        "a"
+    );
+    s.instance = Some((1, "b"));
+    assert!(limits
+        .acquire(&store, &s, Phase::AfterPick, T0)
+        .unwrap()
+        .grants
+        .is_empty());
+}
+
+#[test]
+fn clients_get_buckets_of_their_own_in_a_fixed_table() {
+    let cfg = config(json!({
+        "rate-limit": {"enabled": true, "capacity": 2, "rate": 1, "scope": "client-ip", "max-clients": 64},
+        "services": {"chat": {"instances": [{"name": "m", "base-url": "http://a:1"}]}}
+    }));
+    let store = store_for(&cfg);
+    let keys_before = store.len();
+    assert_eq!(keys_before, 64);
+    let limits = &cfg.limits;
+    let admitted = |client: &str, t: u64| {
+        (0..5)
+            .filter(|_| {
+                limits
+                    .acquire(&store, &subject("m", Some(client)), Phase::BeforePick, t)
+                    .is_ok()
+            })
+            .count()
+    };
+    assert_eq!(admitted("10.0.0.1", T0), 2);
+    assert_eq!(admitted("10.0.0.2", T0), 2);
+    // A stream of distinct clients: still 64 keys, and a client seen before keeps its (empty)
+    // bucket while it is active.
+    for c in 0..5000 {
+        let _ = admitted(&format!("172.16.{}.{}", c / 256, c % 256), T0 + 1 + c);
+    }
+    assert_eq!(store.len(), keys_before);
+    // No client address: the per-client limit does not apply.
+    assert!(limits
+        .acquire(&store, &subject("m", None), Phase::BeforePick, T0)
+        .is_ok());
+    // client-ip-enable adds a per-client twin to a service-wide limit.
+    let cfg = config(json!({
+        "rate-limit": {"enabled": true, "capacity": 100, "rate": 1, "client-ip-enable": true, "max-clients": 8},
+        "services": {"chat": {"instances": [{"name": "m", "base-url": "http://a:1"}]}}
+    }));
+    let names: Vec<&str> = cfg.limits.list.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, ["model.rate-limit (per client)", "model.rate-limit"]);
+}
+
+#[test]
+fn oversized_client_tables_are_refused() {
+    let err = RouterConfig::from_value(&json!({
+        "rate-limit": {"enabled": true, "algorithm": "sliding-window", "rate": 1000, "window": 10,
+                       "scope": "client-ip", "max-clients": 100000},
+        "services": {"chat": {"instances": [{"name": "m", "base-url": "http://a:1"}]}}
+    }))
+    .unwrap_err()
+    .to_string();
+    assert!(err.starts_with("model.rate-limit.max-clients:"), "{err}");
+}
+
+#[test]
+fn durations_read_like_openai() {
+    assert_eq!(openai_duration(0), "0ms");
+    assert_eq!(openai_duration(120_000_000), "120ms");
+    assert_eq!(openai_duration(6_500_000_000), "7s");
+    assert_eq!(openai_duration(360_000_000_000), "6m0s");
+    assert_eq!(retry_after_secs(1), 1);
+    assert_eq!(retry_after_secs(2_000_000_001), 3);
+}
