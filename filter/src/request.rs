@@ -3,8 +3,10 @@
 //! decisions out.
 
 use crate::balance::{pick_instance, PickInput};
-use crate::config::{model_object, RouterConfig, Strategy, MAX_MODEL_NAME_BYTES};
+use crate::config::{model_object, Algorithm, RouterConfig, Strategy, MAX_MODEL_NAME_BYTES};
 use crate::endpoint::{classify, Endpoint, Route, ServiceType};
+use crate::limit::bucket::Verdict;
+use crate::limit::{openai_duration, retry_after_secs, Phase, Refusal, Subject};
 use crate::scan::json::JsonModelScanner;
 use crate::scan::multipart::{boundary_from_content_type, MultipartModelScanner};
 use crate::scan::ScanOutcome;
@@ -12,6 +14,9 @@ use crate::store::SharedStore;
 
 /// Part headers above this are refused (the model part's headers are a few dozen bytes).
 const MAX_PART_HEADER_BYTES: usize = 16 * 1024;
+
+/// Instances tried when instance-level limits refuse.
+const MAX_INSTANCE_TRIES: usize = 3;
 
 /// A response the filter sends itself, always an OpenAI-shaped error or a model list.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +68,8 @@ pub struct Routed {
     pub service: ServiceType,
     pub instance: usize,
     pub path: String,
+    /// Response headers to add (the rate-limit state the request met).
+    pub headers: Vec<(&'static str, String)>,
 }
 
 pub enum HeadDecision {
@@ -326,27 +333,64 @@ pub fn route_model(
         .models
         .get(model)
         .ok_or_else(|| unknown_model(cfg, endpoint, model))?;
-    let Some(instance) = pick_instance(service, pool, host.store, &host.pick_input(hash_key))
-    else {
-        return Err(LocalReply::error(
+    let no_instance = || {
+        LocalReply::error(
             503,
             "server_error",
             "no_available_instance",
             &format!("The model `{model}` has no active instance right now."),
-        ));
+        )
     };
-    let path = service
-        .instances
-        .get(instance)
-        .and_then(|i| i.upstream_path(endpoint))
-        .ok_or_else(|| {
-            LocalReply::error(
-                503,
-                "server_error",
-                "no_available_instance",
-                "instance without a path for this endpoint",
-            )
-        })?;
+    let limits = &cfg.limits;
+    let mut subject = Subject {
+        service: kind,
+        model,
+        client: host.client,
+        instance: None,
+    };
+    let mut admitted = limits
+        .acquire(host.store, &subject, Phase::BeforePick, host.now_ns)
+        .map_err(|refusal| too_many_requests(cfg, &refusal))?;
+    let Some(first) = pick_instance(service, pool, host.store, &host.pick_input(hash_key)) else {
+        limits.release(host.store, &admitted.grants);
+        return Err(no_instance());
+    };
+    // An instance's own limit refusing sends the request to the next routable instance (as the
+    // original does, up to three tries); only when all refuse is the client limited.
+    let start = pool.routable.iter().position(|i| *i == first).unwrap_or(0);
+    let candidates = pool
+        .routable
+        .iter()
+        .cycle()
+        .skip(start)
+        .take(pool.routable.len().min(MAX_INSTANCE_TRIES));
+    let mut chosen = None;
+    let mut refused = None;
+    for &at in candidates {
+        let Some(instance) = service.instances.get(at) else {
+            continue;
+        };
+        subject.instance = Some((at, &instance.id));
+        match limits.acquire(host.store, &subject, Phase::AfterPick, host.now_ns) {
+            Ok(more) => {
+                admitted.merge(more);
+                chosen = Some((at, instance));
+                break;
+            }
+            Err(refusal) => refused = Some(refusal),
+        }
+    }
+    let Some((at, instance)) = chosen else {
+        limits.release(host.store, &admitted.grants);
+        return Err(match refused {
+            Some(refusal) => too_many_requests(cfg, &refusal),
+            None => no_instance(),
+        });
+    };
+    let Some(path) = instance.upstream_path(endpoint) else {
+        limits.release(host.store, &admitted.grants);
+        return Err(no_instance());
+    };
     let path = if query.is_empty() {
         path.to_string()
     } else {
@@ -354,9 +398,76 @@ pub fn route_model(
     };
     Ok(Routed {
         service: kind,
-        instance,
+        instance: at,
         path,
+        headers: admitted
+            .tightest
+            .map(|(limit, verdict)| rate_limit_headers(cfg, limit, &verdict))
+            .unwrap_or_default(),
     })
+}
+
+/// The OpenAI rate-limit headers for the tightest limit a request met.
+fn rate_limit_headers(
+    cfg: &RouterConfig,
+    limit: usize,
+    verdict: &Verdict,
+) -> Vec<(&'static str, String)> {
+    let Some(limit) = cfg.limits.list.get(limit) else {
+        return Vec::new();
+    };
+    vec![
+        (
+            "x-ratelimit-limit-requests",
+            limit.params.limit().to_string(),
+        ),
+        (
+            "x-ratelimit-remaining-requests",
+            verdict.remaining.to_string(),
+        ),
+        (
+            "x-ratelimit-reset-requests",
+            openai_duration(verdict.reset_ns),
+        ),
+    ]
+}
+
+/// 429 with an OpenAI `rate_limit_error` naming the limit, and when to come back.
+fn too_many_requests(cfg: &RouterConfig, refusal: &Refusal) -> LocalReply {
+    let Some(limit) = cfg.limits.list.get(refusal.limit) else {
+        return LocalReply::error(
+            429,
+            "rate_limit_error",
+            "rate_limit_exceeded",
+            "Rate limit reached.",
+        );
+    };
+    let retry = retry_after_secs(refusal.verdict.retry_after_ns);
+    let per = match limit.params.algorithm {
+        Algorithm::SlidingWindow => format!(
+            "{} requests per {} s",
+            limit.params.limit(),
+            limit.params.window_ns / 1_000_000_000
+        ),
+        _ => format!(
+            "bursts of {} and {} requests per second",
+            limit.params.capacity, limit.params.rate
+        ),
+    };
+    let message = format!(
+        "Rate limit reached: `{}` ({} {} `{}`) allows {per}. Please retry after {retry} s.",
+        limit.name,
+        limit.params.algorithm.name(),
+        limit.scope.name(),
+        refusal.label,
+    );
+    let mut reply = LocalReply::error(429, "rate_limit_error", "rate_limit_exceeded", &message)
+        .with_header("retry-after", &retry.to_string())
+        .with_header("x-jairouter-limit", &limit.name);
+    for (name, value) in rate_limit_headers(cfg, refusal.limit, &refusal.verdict) {
+        reply = reply.with_header(name, &value);
+    }
+    reply
 }
 
 fn retrieve_model(cfg: &RouterConfig, id: &str) -> LocalReply {

@@ -67,6 +67,12 @@ impl RootContext for Root {
                         }
                     }
                 }
+                let services: Vec<_> = config.services().collect();
+                for (key, initial) in config.limits.initial_keys(&services) {
+                    if HostStore.get(&key).0.is_none() {
+                        let _ = HostStore.set(&key, &initial, None);
+                    }
+                }
                 let instances = config.instances().count();
                 log::info!("configuration loaded ({instances} instances)");
                 self.config = Some(Rc::new(config));
@@ -89,6 +95,7 @@ impl RootContext for Root {
             scanned: 0,
             served_by: None,
             load: None,
+            response_headers: Vec::new(),
         }))
     }
 
@@ -107,6 +114,8 @@ struct Request {
     served_by: Option<String>,
     /// What least-connections and least-latency must hear about this request when it ends.
     load: Option<LoadReport>,
+    /// Headers for the response (the rate-limit state the request met).
+    response_headers: Vec<(&'static str, String)>,
 }
 
 /// An in-flight count taken for a request, to give back exactly once, and the start of its
@@ -201,6 +210,9 @@ impl HttpContext for Request {
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         let failed = response_status().is_none_or(|status| status >= 500);
         self.measure_latency(failed);
+        for (name, value) in &self.response_headers {
+            let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
+        }
         if self.config.gateway.instance_header {
             if let Some(id) = &self.served_by {
                 let _ = hostcalls::set_map_value(
@@ -289,6 +301,7 @@ impl Request {
             log::warn!("clear_route_cache failed: {status:?}");
         }
         self.served_by = Some(instance.id.clone());
+        self.response_headers.clone_from(&routed.headers);
         let strategy = self.config.service(routed.service).map(|s| &s.load_balance);
         if let Some(lb) = strategy.filter(|lb| {
             matches!(
