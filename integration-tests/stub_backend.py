@@ -9,6 +9,8 @@ Per-request control headers:
   x-stub-status          answer this status with an OpenAI error (code "stub_failure")
   x-stub-chunks          SSE content chunks (default 5)
   x-stub-chunk-delay-ms  wait between SSE chunks
+  x-stub-usage           "none" leaves `usage` out; "P,C" reports P prompt and C completion
+                         tokens (default: body bytes / 4, and max_tokens or 3)
 
 CLI: python stub_backend.py --instance NAME[:PORT] [...] prints `STUB <name> <port>` per server
 and serves until SIGTERM or SIGINT.
@@ -101,6 +103,19 @@ def _multipart_fields(content_type: str, body: bytes) -> dict[str, bytes] | None
     return fields
 
 
+def _usage(headers: dict[str, str], request: dict, body: bytes) -> dict:
+    """The `usage` to report: chosen by x-stub-usage, else derived from the request."""
+    spec = headers.get("x-stub-usage", "")
+    if spec == "none":
+        return {}
+    if spec:
+        prompt, completion = (int(x) for x in spec.split(","))
+    else:
+        prompt = len(body) // 4
+        completion = int(request.get("max_tokens") or request.get("max_completion_tokens") or 3)
+    return {"usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _Server
@@ -164,22 +179,23 @@ class _Handler(BaseHTTPRequestHandler):
             if request is None:
                 return
             chat = path.endswith("/chat/completions")
+            usage = _usage(headers, request, body)
             if request.get("stream") is True:
-                self._stream(stub, request, chat, headers)
+                self._stream(stub, request, chat, headers, usage)
             elif chat:
                 self._json(200, {
                     "id": "chatcmpl-stub", "object": "chat.completion", "created": int(time.time()),
                     "model": request.get("model"),
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": f"hello from {stub.name}"},
                                  "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
+                    **usage,
                 })
             else:
                 self._json(200, {
                     "id": "cmpl-stub", "object": "text_completion", "created": int(time.time()),
                     "model": request.get("model"),
                     "choices": [{"index": 0, "text": f"hello from {stub.name}", "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
+                    **usage,
                 })
         elif path.endswith("/embeddings"):
             request = self._parse_json(body)
@@ -239,7 +255,7 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         return value
 
-    def _stream(self, stub: "StubServer", request: dict, chat: bool, headers: dict[str, str]) -> None:
+    def _stream(self, stub: "StubServer", request: dict, chat: bool, headers: dict[str, str], usage: dict) -> None:
         """SSE, one HTTP chunk per event, flushed, so a client can time the gaps."""
         chunks = int(headers.get("x-stub-chunks", "5"))
         gap = float(headers.get("x-stub-chunk-delay-ms", "0")) / 1000
@@ -262,8 +278,9 @@ class _Handler(BaseHTTPRequestHandler):
             choice = {"index": 0, "delta": {"content": f"tok{i} "}} if chat else {"index": 0, "text": f"tok{i} "}
             event({"id": "stub-stream", "object": obj, "created": int(time.time()), "model": request.get("model"),
                    "choices": [choice]})
-        event({"id": "stub-stream", "object": obj, "created": int(time.time()), "model": request.get("model"),
-               "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": chunks, "total_tokens": 3 + chunks}})
+        if usage:
+            event({"id": "stub-stream", "object": obj, "created": int(time.time()), "model": request.get("model"),
+                   "choices": [], **usage})
         event(b"[DONE]")
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()

@@ -195,3 +195,92 @@ def test_an_instance_limit_sends_the_request_to_another_instance(stubs, gateway)
     assert sorted(served) == ["a", "a", "b", "b", "b"]
     assert responses[-1].status_code == 429  # never 503 for a limit
     assert "instances[" in responses[-1].headers["x-jairouter-limit"]
+
+
+def token_gateway(gateway, stub, tpm: int, **extra):
+    return gateway({"model": {"token-limit": {"tokens-per-minute": tpm, "scope": "model", **extra},
+                              "services": chat_service([stub])}}, name=f"tokens{tpm}")
+
+
+def chat(client, gw, max_tokens: int, stream: bool = False, **headers) -> httpx.Response:
+    payload = {"model": "llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens}
+    if stream:
+        payload["stream"] = True
+    return client.post(gw.url + CHAT, content=json_body(payload), headers={**JSON, **headers})
+
+
+def test_a_concurrent_burst_cannot_overrun_a_token_budget(stubs, gateway):
+    [stub] = stubs("a")
+    gw = token_gateway(gateway, stub, 3000)
+    payload = json_body({"model": "llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 280})
+    local = threading.local()
+
+    def send(_):
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(timeout=10)
+        return local.client.post(gw.url + CHAT, content=payload, headers=JSON)
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(50) as pool:
+        responses = list(pool.map(send, range(50)))
+    elapsed = time.monotonic() - started
+    admitted = sum(r.status_code == 200 for r in responses)
+    # Each reserves about len/4 + 280 = 300 of 3000; 50 tokens a second refill while the burst runs.
+    assert 9 <= admitted <= 10 + int(elapsed) + 1, (admitted, elapsed)
+    used = admitted * (len(payload) // 4 + 280)
+    budget = 3000 + 50 * elapsed
+    print(f"token burst: {admitted} of 50 admitted in {elapsed:.2f}s; used {used} of {budget:.0f} "
+          f"(overrun {max(0, used - budget):.0f})")
+    assert used <= budget + 300
+    limited = next(r for r in responses if r.status_code == 429)
+    assert error_of(limited)["type"] == "rate_limit_error"
+    assert "model.token-limit" in error_of(limited)["message"]
+    assert limited.headers["x-ratelimit-limit-tokens"] == "3000"
+    assert int(limited.headers["retry-after"]) >= 1
+
+
+def remaining_tokens(r: httpx.Response) -> int:
+    assert r.status_code == 200, r.text
+    return int(r.headers["x-ratelimit-remaining-tokens"])
+
+
+def payload(max_tokens: int, stream: bool = False) -> bytes:
+    body = {"model": "llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens}
+    if stream:
+        body["stream"] = True
+    return json_body(body)
+
+
+def used_by_first(gw, first_headers: dict, stream: bool) -> tuple[int, int]:
+    """Sends a request, then a probe; returns (what the probe shows the first one cost, its reservation)."""
+    with httpx.Client(timeout=10) as c:
+        body = payload(10, stream)
+        first = c.post(gw.url + CHAT, content=body, headers={**JSON, **first_headers})
+        reserved = int(first.headers["x-ratelimit-limit-tokens"]) - remaining_tokens(first)
+        assert reserved == len(body) // 4 + (len(body) % 4 > 0) + 10  # prompt bytes / 4 + max_tokens
+        first.read()
+        probe_body = payload(10)
+        left = remaining_tokens(c.post(gw.url + CHAT, content=probe_body, headers=JSON))
+        probe_reserved = -(-len(probe_body) // 4) + 10
+        return int(first.headers["x-ratelimit-limit-tokens"]) - left - probe_reserved, reserved
+
+
+def test_token_budgets_settle_from_streamed_and_unstreamed_usage(stubs, gateway):
+    [stub] = stubs("a")
+    for stream in (False, True):
+        gw = gateway({"model": {"token-limit": {"tokens-per-minute": 600, "scope": "model"},
+                                "services": chat_service([stub])}}, name=f"settle{stream}")
+        used, reserved = used_by_first(gw, {"x-stub-usage": "100,200"}, stream)
+        # Reserved about 30, really used 300: the budget is charged 300 (less a little refill,
+        # 10 tokens a second).
+        assert 280 <= used <= 300, (stream, used, reserved)
+
+
+def test_a_stream_without_usage_is_charged_its_estimate(stubs, gateway):
+    [stub] = stubs("a")
+    gw = gateway({"model": {"token-limit": {"tokens-per-minute": 6000, "scope": "model"},
+                            "services": chat_service([stub])}})
+    used, reserved = used_by_first(gw, {"x-stub-usage": "none", "x-stub-chunks": "80"}, True)
+    # 80 chunks of "tokN " carry 470 characters: 118 tokens estimated for the completion, plus
+    # the prompt estimate (~25), instead of the 10 reserved for it; 100 tokens a second refill.
+    assert 120 <= used <= 145, (used, reserved)

@@ -10,6 +10,7 @@ pub mod limit;
 pub mod request;
 pub mod scan;
 pub mod store;
+pub mod usage;
 
 #[cfg(all(target_arch = "wasm32", not(test)))]
 mod wasm;

@@ -6,7 +6,7 @@ use crate::balance::{pick_instance, PickInput};
 use crate::config::{model_object, Algorithm, RouterConfig, Strategy, MAX_MODEL_NAME_BYTES};
 use crate::endpoint::{classify, Endpoint, Route, ServiceType};
 use crate::limit::bucket::Verdict;
-use crate::limit::{openai_duration, retry_after_secs, Phase, Refusal, Subject};
+use crate::limit::{openai_duration, retry_after_secs, Grant, Phase, Refusal, Subject, Unit};
 use crate::scan::json::JsonModelScanner;
 use crate::scan::multipart::{boundary_from_content_type, MultipartModelScanner};
 use crate::scan::ScanOutcome;
@@ -60,6 +60,32 @@ pub struct RequestHead<'a> {
     pub end_of_stream: bool,
     /// Any other request header, by lower-case name (header-hash reads its configured one).
     pub header: &'a dyn Fn(&str) -> Option<String>,
+    /// `content-length`, when the client sent one (a token budget's prompt estimate).
+    pub content_length: Option<u64>,
+}
+
+/// What besides the model shapes the pick and the limits.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Extras<'a> {
+    /// header-hash key.
+    pub hash_key: Option<&'a str>,
+    /// The body's size, for the prompt estimate of token budgets.
+    pub body_bytes: Option<u64>,
+    /// The request's `max_tokens` (or `max_completion_tokens`).
+    pub max_tokens: Option<u64>,
+}
+
+/// Body fields a token budget reads for the completion estimate.
+const MAX_TOKENS_FIELDS: [&str; 2] = ["max_completion_tokens", "max_tokens"];
+
+/// Tokens a request reserved from token budgets, settled when its usage is known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenReservation {
+    pub reserved: u64,
+    /// The prompt part of the reservation: what is charged for the prompt when the response
+    /// reports no usage.
+    pub prompt_estimate: u64,
+    pub grants: Vec<Grant>,
 }
 
 /// Where a request goes: the instance (by index in its service) and the upstream `:path`.
@@ -70,6 +96,8 @@ pub struct Routed {
     pub path: String,
     /// Response headers to add (the rate-limit state the request met).
     pub headers: Vec<(&'static str, String)>,
+    /// Token budgets to settle from the response's usage.
+    pub tokens: Option<TokenReservation>,
 }
 
 pub enum HeadDecision {
@@ -154,9 +182,15 @@ pub fn on_request_headers(
         }
         _ => None,
     };
+    let token_limited = cfg.limits.completion_estimate(endpoint.service()).is_some();
     if let Some(model) = model {
         if body_field.is_none() || head.end_of_stream {
-            return match route_model(cfg, endpoint, model, query, host, hash_key.as_deref()) {
+            let extras = Extras {
+                hash_key: hash_key.as_deref(),
+                body_bytes: head.content_length,
+                max_tokens: None,
+            };
+            return match route_model(cfg, endpoint, model, query, host, &extras) {
                 Ok(routed) => HeadDecision::Route(routed),
                 Err(reply) => HeadDecision::Reply(reply),
             };
@@ -188,11 +222,18 @@ pub fn on_request_headers(
             }
         },
         _ => {
-            let scanner = JsonModelScanner::new(MAX_MODEL_NAME_BYTES);
-            Scanner::Json(match body_field {
-                Some(field) => scanner.with_field(field),
-                None => scanner,
-            })
+            let mut scanner = JsonModelScanner::new(MAX_MODEL_NAME_BYTES);
+            if let Some(field) = body_field {
+                scanner = scanner.with_field(field);
+            }
+            // A token budget reserves what the request asks for: read `max_tokens` too, which
+            // means reading the JSON to its end (within max-body-bytes) when it has none.
+            if token_limited && model.is_none() {
+                for field in MAX_TOKENS_FIELDS {
+                    scanner = scanner.with_field(field);
+                }
+            }
+            Scanner::Json(scanner)
         }
     };
     HeadDecision::ScanBody(Box::new(BodyScan {
@@ -202,6 +243,8 @@ pub fn on_request_headers(
         limit: cfg.gateway.max_body_bytes,
         model_from_header: model.map(str::to_string),
         hash_key_from_header: hash_key,
+        hash_field: body_field.map(str::to_string),
+        content_length: head.content_length,
     }))
 }
 
@@ -243,6 +286,9 @@ pub struct BodyScan {
     model_from_header: Option<String>,
     /// The header-hash key, when the configured header carried it.
     hash_key_from_header: Option<String>,
+    /// The body field that keys header-hash, when the header did not.
+    hash_field: Option<String>,
+    content_length: Option<u64>,
 }
 
 pub enum BodyStep {
@@ -276,7 +322,15 @@ impl BodyScan {
         cfg: &RouterConfig,
         host: &Host<'_>,
     ) -> BodyStep {
+        let held = match &self.scanner {
+            Scanner::Json(s) => s.model().map(str::to_string),
+            Scanner::Multipart(_) => None,
+        };
         let outcome = match outcome {
+            // The model is known and only optional fields were still sought: go without them.
+            ScanOutcome::NeedMore if buffered > self.limit && held.is_some() => {
+                ScanOutcome::Found(held.unwrap_or_default())
+            }
             ScanOutcome::NeedMore if buffered > self.limit => {
                 return BodyStep::Reply(too_large(self.limit));
             }
@@ -295,12 +349,24 @@ impl BodyScan {
             },
             ScanOutcome::Invalid(reason) => return BodyStep::Reply(self.invalid(&reason)),
         };
+        let hash_field = self.hash_field.as_deref().unwrap_or_default();
         let hash_key = match &self.scanner {
             _ if self.hash_key_from_header.is_some() => self.hash_key_from_header.as_deref(),
-            Scanner::Json(s) => s.field(),
+            Scanner::Json(s) => s.field(hash_field),
             Scanner::Multipart(s) => s.field(),
         };
-        match route_model(cfg, self.endpoint, &model, &self.query, host, hash_key) {
+        let max_tokens = match &self.scanner {
+            Scanner::Json(s) => MAX_TOKENS_FIELDS
+                .iter()
+                .find_map(|f| s.field(f).and_then(|v| v.parse::<u64>().ok())),
+            Scanner::Multipart(_) => None,
+        };
+        let extras = Extras {
+            hash_key,
+            body_bytes: self.content_length.or(Some(buffered)),
+            max_tokens,
+        };
+        match route_model(cfg, self.endpoint, &model, &self.query, host, &extras) {
             Ok(routed) => BodyStep::Route(routed),
             Err(reply) => BodyStep::Reply(reply),
         }
@@ -323,7 +389,7 @@ pub fn route_model(
     model: &str,
     query: &str,
     host: &Host<'_>,
-    hash_key: Option<&str>,
+    extras: &Extras<'_>,
 ) -> Result<Routed, LocalReply> {
     let kind = endpoint.service();
     let service = cfg
@@ -348,10 +414,20 @@ pub fn route_model(
         client: host.client,
         instance: None,
     };
+    // A token budget reserves the prompt (about 4 bytes a token) and the completion asked for.
+    let tokens = match limits.completion_estimate(kind) {
+        Some(estimate) => extras
+            .body_bytes
+            .unwrap_or(0)
+            .div_ceil(4)
+            .saturating_add(extras.max_tokens.unwrap_or(estimate)),
+        None => 0,
+    };
     let mut admitted = limits
-        .acquire(host.store, &subject, Phase::BeforePick, host.now_ns)
+        .acquire(host.store, &subject, Phase::BeforePick, host.now_ns, tokens)
         .map_err(|refusal| too_many_requests(cfg, &refusal))?;
-    let Some(first) = pick_instance(service, pool, host.store, &host.pick_input(hash_key)) else {
+    let Some(first) = pick_instance(service, pool, host.store, &host.pick_input(extras.hash_key))
+    else {
         limits.release(host.store, &admitted.grants);
         return Err(no_instance());
     };
@@ -371,7 +447,7 @@ pub fn route_model(
             continue;
         };
         subject.instance = Some((at, &instance.id));
-        match limits.acquire(host.store, &subject, Phase::AfterPick, host.now_ns) {
+        match limits.acquire(host.store, &subject, Phase::AfterPick, host.now_ns, tokens) {
             Ok(more) => {
                 admitted.merge(more);
                 chosen = Some((at, instance));
@@ -400,10 +476,16 @@ pub fn route_model(
         service: kind,
         instance: at,
         path,
-        headers: admitted
-            .tightest
-            .map(|(limit, verdict)| rate_limit_headers(cfg, limit, &verdict))
-            .unwrap_or_default(),
+        headers: [admitted.tightest, admitted.tightest_tokens]
+            .into_iter()
+            .flatten()
+            .flat_map(|(limit, verdict)| rate_limit_headers(cfg, limit, &verdict))
+            .collect(),
+        tokens: admitted.holds_tokens().then(|| TokenReservation {
+            reserved: tokens,
+            prompt_estimate: extras.body_bytes.unwrap_or(0).div_ceil(4),
+            grants: admitted.grants,
+        }),
     })
 }
 
@@ -416,19 +498,22 @@ fn rate_limit_headers(
     let Some(limit) = cfg.limits.list.get(limit) else {
         return Vec::new();
     };
-    vec![
-        (
+    let [limit_name, remaining_name, reset_name] = match limit.unit {
+        Unit::Requests => [
             "x-ratelimit-limit-requests",
-            limit.params.limit().to_string(),
-        ),
-        (
             "x-ratelimit-remaining-requests",
-            verdict.remaining.to_string(),
-        ),
-        (
             "x-ratelimit-reset-requests",
-            openai_duration(verdict.reset_ns),
-        ),
+        ],
+        Unit::Tokens => [
+            "x-ratelimit-limit-tokens",
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-reset-tokens",
+        ],
+    };
+    vec![
+        (limit_name, limit.params.limit().to_string()),
+        (remaining_name, verdict.remaining.to_string()),
+        (reset_name, openai_duration(verdict.reset_ns)),
     ]
 }
 
@@ -444,6 +529,7 @@ fn too_many_requests(cfg: &RouterConfig, refusal: &Refusal) -> LocalReply {
     };
     let retry = retry_after_secs(refusal.verdict.retry_after_ns);
     let per = match limit.params.algorithm {
+        _ if limit.unit == Unit::Tokens => format!("{} tokens per minute", limit.params.capacity),
         Algorithm::SlidingWindow => format!(
             "{} requests per {} s",
             limit.params.limit(),

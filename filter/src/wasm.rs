@@ -7,9 +7,11 @@ use crate::balance::Rng;
 use crate::config::{RouterConfig, Strategy, INSTANCE_HEADER, MODEL_HEADER, ROUTING_HEADER};
 use crate::request::{
     client_ip, on_request_headers, BodyStep, HeadDecision, Host, LocalReply, RequestHead, Routed,
+    TokenReservation,
 };
 use crate::scan::ScanOutcome;
 use crate::store::{ensure_counter, SharedStore, StoreError};
+use crate::usage::UsageScanner;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Status};
@@ -96,6 +98,8 @@ impl RootContext for Root {
             served_by: None,
             load: None,
             response_headers: Vec::new(),
+            tokens: None,
+            usage: None,
         }))
     }
 
@@ -116,6 +120,9 @@ struct Request {
     load: Option<LoadReport>,
     /// Headers for the response (the rate-limit state the request met).
     response_headers: Vec<(&'static str, String)>,
+    /// Token budgets drawn at admission, settled once the response tells its usage.
+    tokens: Option<TokenReservation>,
+    usage: Option<UsageScanner>,
 }
 
 /// An in-flight count taken for a request, to give back exactly once, and the start of its
@@ -147,6 +154,7 @@ impl HttpContext for Request {
             model_header: model_header.as_deref(),
             end_of_stream,
             header: &request_header,
+            content_length: request_header("content-length").and_then(|v| v.trim().parse().ok()),
         };
         let random = self.next_random();
         let client = client_address();
@@ -213,6 +221,13 @@ impl HttpContext for Request {
         for (name, value) in &self.response_headers {
             let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
         }
+        // Token budgets settle from the usage an OpenAI answer (JSON or SSE) reports.
+        let content_type = response_header("content-type").unwrap_or_default();
+        if self.tokens.is_some()
+            && (content_type.contains("json") || content_type.contains("event-stream"))
+        {
+            self.usage = Some(UsageScanner::new());
+        }
         if self.config.gateway.instance_header {
             if let Some(id) = &self.served_by {
                 let _ = hostcalls::set_map_value(
@@ -225,9 +240,25 @@ impl HttpContext for Request {
         Action::Continue
     }
 
+    /// Reads the response for its usage as it passes, without holding it back.
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if let Some(scanner) = self.usage.as_mut() {
+            if let Ok(Some(bytes)) =
+                hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size)
+            {
+                scanner.feed(&bytes);
+            }
+        }
+        if end_of_stream {
+            self.settle_tokens();
+        }
+        Action::Continue
+    }
+
     /// Envoy logs every stream when it ends: completed, failed, or reset by either side.
     fn on_log(&mut self) {
         self.end_load();
+        self.settle_tokens();
     }
 }
 
@@ -235,6 +266,7 @@ impl Drop for Request {
     /// A backstop for `on_log`: the in-flight count must never leak.
     fn drop(&mut self) {
         self.end_load();
+        self.settle_tokens();
     }
 }
 
@@ -257,6 +289,21 @@ impl Request {
             }
             record_latency(&HostStore, key, sample, now, load.decay_ns);
         }
+    }
+
+    /// Charges the token budgets what the request really used (once): the reported usage, or
+    /// the prompt estimate and the completion estimated from the text that passed.
+    fn settle_tokens(&mut self) {
+        let Some(reservation) = self.tokens.take() else {
+            return;
+        };
+        let used = match self.usage.take() {
+            Some(scanner) => scanner.usage().charge(reservation.prompt_estimate),
+            None => reservation.prompt_estimate,
+        };
+        self.config
+            .limits
+            .settle_tokens(&HostStore, &reservation.grants, used, now_ns());
     }
 
     /// Gives the in-flight count back, once, however the request ended.
@@ -302,6 +349,7 @@ impl Request {
         }
         self.served_by = Some(instance.id.clone());
         self.response_headers.clone_from(&routed.headers);
+        self.tokens.clone_from(&routed.tokens);
         let strategy = self.config.service(routed.service).map(|s| &s.load_balance);
         if let Some(lb) = strategy.filter(|lb| {
             matches!(
@@ -325,6 +373,13 @@ impl Request {
 
 fn client_address() -> Option<String> {
     match hostcalls::get_property(vec!["source", "address"]) {
+        Ok(Some(bytes)) => String::from_utf8(bytes).ok(),
+        _ => None,
+    }
+}
+
+fn response_header(name: &str) -> Option<String> {
+    match hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name) {
         Ok(Some(bytes)) => String::from_utf8(bytes).ok(),
         _ => None,
     }

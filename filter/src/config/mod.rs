@@ -6,7 +6,7 @@ mod reader;
 
 pub use policy::{
     Algorithm, CircuitBreakerPolicy, FallbackPolicy, LoadBalance, RateLimitPolicy, Scope, Strategy,
-    MAX_WINDOW_REQUESTS,
+    TokenLimitPolicy, MAX_WINDOW_REQUESTS,
 };
 pub use reader::ConfigError;
 
@@ -39,6 +39,7 @@ pub struct RouterConfig {
     services: [Option<Service>; 7],
     pub load_balance: LoadBalance,
     pub rate_limit: Option<RateLimitPolicy>,
+    pub token_limit: Option<TokenLimitPolicy>,
     pub circuit_breaker: Option<CircuitBreakerPolicy>,
     pub fallback: Option<FallbackPolicy>,
     pub gateway: GatewayOptions,
@@ -67,6 +68,7 @@ pub struct Service {
     pub kind: ServiceType,
     pub load_balance: LoadBalance,
     pub rate_limit: Option<RateLimitPolicy>,
+    pub token_limit: Option<TokenLimitPolicy>,
     pub circuit_breaker: Option<CircuitBreakerPolicy>,
     pub fallback: Option<FallbackPolicy>,
     pub instances: Vec<Instance>,
@@ -229,6 +231,7 @@ fn parse_model(value: &Value) -> Result<RouterConfig> {
         None => LoadBalance::default(),
     };
     let rate_limit = take_policy(&mut f, "rate-limit", RateLimitPolicy::parse)?;
+    let token_limit = take_policy(&mut f, "token-limit", TokenLimitPolicy::parse)?;
     let circuit_breaker = take_policy(&mut f, "circuit-breaker", CircuitBreakerPolicy::parse)?;
     let fallback = take_policy(&mut f, "fallback", FallbackPolicy::parse)?;
     let gateway = match f.take("gateway") {
@@ -280,7 +283,7 @@ fn parse_model(value: &Value) -> Result<RouterConfig> {
     }
     let models_json = models_list_json(services.iter().flatten());
     let configured: Vec<&Service> = services.iter().flatten().collect();
-    let limits = Limits::compile(rate_limit.as_ref(), &configured);
+    let limits = Limits::compile(rate_limit.as_ref(), token_limit.as_ref(), &configured);
     let mut table_bytes = 0u64;
     for limit in limits.list.iter().filter(|l| l.scope == Scope::Client) {
         let slot = 8 + limit.params.initial_state().len() as u64;
@@ -302,6 +305,7 @@ fn parse_model(value: &Value) -> Result<RouterConfig> {
         services,
         load_balance,
         rate_limit,
+        token_limit,
         circuit_breaker,
         fallback,
         gateway,
@@ -351,6 +355,7 @@ fn parse_service(
         None => global_lb.clone(),
     };
     let rate_limit = take_policy(&mut f, "rate-limit", RateLimitPolicy::parse)?;
+    let token_limit = take_policy(&mut f, "token-limit", TokenLimitPolicy::parse)?;
     let circuit_breaker = take_policy(&mut f, "circuit-breaker", CircuitBreakerPolicy::parse)?;
     let fallback = take_policy(&mut f, "fallback", FallbackPolicy::parse)?;
     let instances_path = f.child("instances");
@@ -438,6 +443,7 @@ fn parse_service(
         kind,
         load_balance,
         rate_limit,
+        token_limit,
         circuit_breaker,
         fallback,
         instances,

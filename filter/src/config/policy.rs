@@ -363,3 +363,56 @@ impl FallbackPolicy {
         Ok(policy)
     }
 }
+
+/// `token-limit` (ours): a budget of model tokens per minute, reserved at admission from an
+/// estimate and settled from the response's `usage`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenLimitPolicy {
+    pub enabled: bool,
+    pub tokens_per_minute: u64,
+    pub scope: Scope,
+    /// Tokens reserved for the completion when the request sets no `max_tokens`.
+    pub completion_estimate: u64,
+    pub max_clients: u64,
+}
+
+impl TokenLimitPolicy {
+    pub fn parse(path: &str, value: &Value) -> Result<TokenLimitPolicy> {
+        let mut f = Fields::new(path, value)?;
+        let enabled = f.boolean("enabled", true)?;
+        let tokens_per_minute = f.integer("tokens-per-minute", 0, 0, 1_000_000_000_000)?;
+        if tokens_per_minute == 0 {
+            return Err(error(
+                &f.child("tokens-per-minute"),
+                "is required: the tokens a minute allows",
+            ));
+        }
+        let scope = match f.string("scope")? {
+            None => Scope::Model,
+            Some(s) => match s.trim().to_ascii_lowercase().replace('_', "-").as_str() {
+                "global" | "default" => Scope::Global,
+                "service" => Scope::Service,
+                "model" => Scope::Model,
+                "client-ip" | "client" | "ip" => Scope::Client,
+                other => {
+                    return Err(error(
+                        &f.child("scope"),
+                        format!(
+                        "unknown scope {other:?} (expected global, service, model or client-ip)"
+                    ),
+                    ))
+                }
+            },
+        };
+        let completion_estimate = f.integer("completion-estimate", 256, 0, 1_000_000)?;
+        let max_clients = f.integer("max-clients", 10_000, 1, 1_000_000)?;
+        f.finish()?;
+        Ok(TokenLimitPolicy {
+            enabled,
+            tokens_per_minute,
+            scope,
+            completion_estimate,
+            max_clients,
+        })
+    }
+}

@@ -5,17 +5,20 @@
 
 use crate::config::{Algorithm, RateLimitPolicy};
 
-/// Tokens are counted in millionths, so slow refill rates lose nothing to rounding.
-const MICRO: u128 = 1_000_000;
-const NS_PER_SEC: u128 = 1_000_000_000;
+/// Tokens are counted in millionths, so slow refill rates lose nothing to rounding. Signed: a
+/// token budget settled above its reservation runs into debt that the refill pays back.
+const MICRO: i128 = 1_000_000;
+const NS_PER_SEC: i128 = 1_000_000_000;
 
 /// A policy's numbers, in the units the algorithms use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Params {
     pub algorithm: Algorithm,
     pub capacity: u64,
-    /// Per second.
+    /// Per second (per minute when `per_minute`).
     pub rate: u64,
+    /// Token budgets refill per minute (`tokens-per-minute`).
+    pub per_minute: bool,
     pub window_ns: u64,
     pub warm_up_ns: u64,
     pub cold_factor: u64,
@@ -27,6 +30,7 @@ impl Params {
             algorithm: policy.algorithm,
             capacity: policy.capacity,
             rate: policy.rate,
+            per_minute: false,
             window_ns: policy.window_secs.saturating_mul(1_000_000_000),
             warm_up_ns: policy.warm_up_secs.saturating_mul(1_000_000_000),
             cold_factor: policy.cold_factor.max(1),
@@ -46,8 +50,30 @@ impl Params {
         self.rate.saturating_mul(secs).max(1)
     }
 
-    fn full_micro(&self) -> u128 {
-        u128::from(self.capacity) * MICRO
+    /// A token budget: a token bucket of `tokens_per_minute`, refilled evenly over the minute.
+    pub fn tokens_per_minute(tokens_per_minute: u64) -> Params {
+        Params {
+            algorithm: Algorithm::TokenBucket,
+            capacity: tokens_per_minute,
+            rate: tokens_per_minute,
+            per_minute: true,
+            window_ns: 60_000_000_000,
+            warm_up_ns: 0,
+            cold_factor: 1,
+        }
+    }
+
+    fn full_micro(&self) -> i128 {
+        i128::from(self.capacity) * MICRO
+    }
+
+    /// Refill per second, in tokens.
+    fn rate_per_sec(&self) -> f64 {
+        if self.per_minute {
+            self.rate as f64 / 60.0
+        } else {
+            self.rate as f64
+        }
     }
 
     /// The state of a bucket nobody has used yet.
@@ -57,7 +83,7 @@ impl Params {
                 vec![0; 8 + 8 * usize::try_from(self.window_slots()).unwrap_or(0)]
             }
             Algorithm::WarmUp => Bucket {
-                micro_tokens: self.full_micro() / u128::from(self.cold_factor),
+                micro_tokens: self.full_micro() / i128::from(self.cold_factor),
                 last_ns: 0,
                 start_ns: 0,
             }
@@ -87,14 +113,33 @@ pub struct Verdict {
 /// Admits one request at `now_ns` if it fits. Returns the state to write (none when nothing
 /// changed) and the verdict.
 pub fn admit(params: &Params, state: Option<&[u8]>, now_ns: u64) -> (Option<Vec<u8>>, Verdict) {
+    admit_cost(params, state, now_ns, 1)
+}
+
+/// Admits a request that costs `cost` (tokens of a token budget; 1 for a request limit).
+pub fn admit_cost(
+    params: &Params,
+    state: Option<&[u8]>,
+    now_ns: u64,
+    cost: u64,
+) -> (Option<Vec<u8>>, Verdict) {
     match params.algorithm {
         Algorithm::SlidingWindow => admit_window(params, state, now_ns),
-        _ => admit_bucket(params, state, now_ns),
+        _ => admit_bucket(params, state, now_ns, cost),
     }
 }
 
+/// Corrects a token budget once the real cost is known: `delta` more tokens taken (or fewer,
+/// when negative). The bucket may go into debt; it never rises above full.
+pub fn settle(params: &Params, state: Option<&[u8]>, now_ns: u64, delta: i64) -> Vec<u8> {
+    let mut bucket = Bucket::decode(params, state).refilled(params, now_ns);
+    bucket.micro_tokens =
+        (bucket.micro_tokens - i128::from(delta) * MICRO).min(params.full_micro());
+    bucket.encode()
+}
+
 /// Gives back one admission made at `admitted_ns` (another limit of the same request refused).
-pub fn refund(params: &Params, state: Option<&[u8]>, admitted_ns: u64) -> Vec<u8> {
+pub fn refund(params: &Params, state: Option<&[u8]>, admitted_ns: u64, cost: u64) -> Vec<u8> {
     match params.algorithm {
         Algorithm::SlidingWindow => {
             let mut window = Window::decode(params, state);
@@ -105,7 +150,8 @@ pub fn refund(params: &Params, state: Option<&[u8]>, admitted_ns: u64) -> Vec<u8
         }
         _ => {
             let mut bucket = Bucket::decode(params, state);
-            bucket.micro_tokens = (bucket.micro_tokens + MICRO).min(params.full_micro());
+            bucket.micro_tokens =
+                (bucket.micro_tokens + i128::from(cost) * MICRO).min(params.full_micro());
             bucket.encode()
         }
     }
@@ -132,7 +178,7 @@ pub fn is_idle(params: &Params, state: Option<&[u8]>, now_ns: u64) -> bool {
 /// A token bucket's state (also the leaky bucket's, read as `capacity - level`, and warm-up's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Bucket {
-    micro_tokens: u128,
+    micro_tokens: i128,
     /// When the tokens were last brought up to date; 0 before the first request.
     last_ns: u64,
     /// warm-up: the first request, where the ramp starts.
@@ -147,7 +193,8 @@ impl Bucket {
         };
         match (word(0), word(8), word(16)) {
             (Some(tokens), Some(last_ns), Some(start_ns)) => Bucket {
-                micro_tokens: u128::from(tokens),
+                // Stored as the bits of an i64.
+                micro_tokens: i128::from(tokens as i64),
                 last_ns,
                 start_ns,
             },
@@ -157,7 +204,9 @@ impl Bucket {
     }
 
     fn encode(self) -> Vec<u8> {
-        let tokens = u64::try_from(self.micro_tokens).unwrap_or(u64::MAX);
+        let tokens = self
+            .micro_tokens
+            .clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
         [
             tokens.to_le_bytes(),
             self.last_ns.to_le_bytes(),
@@ -179,7 +228,12 @@ impl Bucket {
         }
         let added = match params.algorithm {
             Algorithm::WarmUp => warm_up_refill(params, self.start_ns, self.last_ns, now_ns),
-            _ => u128::from(now_ns - self.last_ns) * u128::from(params.rate) * MICRO / NS_PER_SEC,
+            _ => {
+                let per = if params.per_minute { 60 } else { 1 };
+                i128::from(now_ns - self.last_ns) * i128::from(params.rate) * MICRO
+                    / NS_PER_SEC
+                    / per
+            }
         };
         self.micro_tokens = (self.micro_tokens + added).min(params.full_micro());
         self.last_ns = now_ns;
@@ -187,15 +241,15 @@ impl Bucket {
     }
 
     /// Nanoseconds until the tokens reach `target` (micro-tokens) at the current refill rate.
-    fn time_to(self, params: &Params, target: u128) -> u64 {
+    fn time_to(self, params: &Params, target: i128) -> u64 {
         let missing = target.saturating_sub(self.micro_tokens);
-        if missing == 0 {
+        if missing <= 0 {
             return 0;
         }
         let rate = match params.algorithm {
             // During the ramp the rate only grows: the current rate gives an upper bound.
             Algorithm::WarmUp => warm_up_rate(params, self.start_ns, self.last_ns),
-            _ => params.rate as f64,
+            _ => params.rate_per_sec(),
         };
         let secs = (missing as f64 / MICRO as f64) / rate.max(1e-9);
         (secs * 1e9).ceil().min(u64::MAX as f64) as u64
@@ -212,7 +266,7 @@ fn warm_up_rate(params: &Params, start_ns: u64, at_ns: u64) -> f64 {
 }
 
 /// Tokens (micro) a warm-up bucket gains between `from` and `to`: the integral of its rate.
-fn warm_up_refill(params: &Params, start_ns: u64, from_ns: u64, to_ns: u64) -> u128 {
+fn warm_up_refill(params: &Params, start_ns: u64, from_ns: u64, to_ns: u64) -> i128 {
     let ramp_end = start_ns.saturating_add(params.warm_up_ns);
     let mut tokens = 0.0;
     // The ramp part: a trapezoid.
@@ -228,22 +282,29 @@ fn warm_up_refill(params: &Params, start_ns: u64, from_ns: u64, to_ns: u64) -> u
     if to_ns > flat_from {
         tokens += (to_ns - flat_from) as f64 / 1e9 * params.rate as f64;
     }
-    (tokens * MICRO as f64) as u128
+    (tokens * MICRO as f64) as i128
 }
 
-fn admit_bucket(params: &Params, state: Option<&[u8]>, now_ns: u64) -> (Option<Vec<u8>>, Verdict) {
+fn admit_bucket(
+    params: &Params,
+    state: Option<&[u8]>,
+    now_ns: u64,
+    cost: u64,
+) -> (Option<Vec<u8>>, Verdict) {
     let mut bucket = Bucket::decode(params, state).refilled(params, now_ns);
-    let admitted = bucket.micro_tokens >= MICRO;
+    // A cost above the whole budget is admitted from a full bucket, or it could never pass.
+    let cost = (i128::from(cost) * MICRO).min(params.full_micro());
+    let admitted = bucket.micro_tokens >= cost;
     if admitted {
-        bucket.micro_tokens -= MICRO;
+        bucket.micro_tokens -= cost;
     }
     let verdict = Verdict {
         admitted,
-        remaining: u64::try_from(bucket.micro_tokens / MICRO).unwrap_or(u64::MAX),
+        remaining: u64::try_from(bucket.micro_tokens.max(0) / MICRO).unwrap_or(u64::MAX),
         retry_after_ns: if admitted {
             0
         } else {
-            bucket.time_to(params, MICRO)
+            bucket.time_to(params, cost)
         },
         reset_ns: bucket.time_to(params, params.full_micro()),
     };
@@ -340,6 +401,7 @@ mod tests {
             algorithm,
             capacity,
             rate,
+            per_minute: false,
             window_ns: SEC,
             warm_up_ns: 10 * SEC,
             cold_factor: 3,
@@ -453,7 +515,7 @@ mod tests {
             assert!(v.admitted);
             state = w.unwrap();
             let before = admit(&p, Some(&state), T0).1.remaining;
-            state = refund(&p, Some(&state), T0);
+            state = refund(&p, Some(&state), T0, 1);
             let after = admit(&p, Some(&state), T0).1.remaining;
             assert_eq!(after, before + 1, "{algorithm:?}");
         }
@@ -482,5 +544,36 @@ mod tests {
         let w = params(Algorithm::SlidingWindow, 0, 2);
         let (_, v) = admit(&w, Some(b"junk"), T0);
         assert!(v.admitted && v.remaining == 1);
+    }
+
+    #[test]
+    fn token_budgets_reserve_then_settle_into_debt_or_back() {
+        let p = Params::tokens_per_minute(600); // 10 tokens a second
+        let mut state = p.initial_state();
+        let (w, v) = admit_cost(&p, Some(&state), T0, 250);
+        assert!(v.admitted && v.remaining == 350);
+        state = w.unwrap();
+        let (w, v) = admit_cost(&p, Some(&state), T0, 300);
+        assert!(v.admitted && v.remaining == 50);
+        state = w.unwrap();
+        let (_, refused) = admit_cost(&p, Some(&state), T0, 100);
+        assert!(!refused.admitted);
+        // 50 missing at 10 a second: 5 s.
+        assert_eq!(refused.retry_after_ns, 5 * SEC);
+        // The first request really used 400: the budget goes 100 into debt.
+        state = settle(&p, Some(&state), T0, 150);
+        let (_, v) = admit_cost(&p, Some(&state), T0 + 10 * SEC, 1);
+        assert!(!v.admitted, "{v:?}"); // -100 + 100 refilled: nothing yet
+        let (_, v) = admit_cost(&p, Some(&state), T0 + 11 * SEC, 1);
+        assert!(v.admitted && v.remaining == 9, "{v:?}");
+        // Settling below the reservation gives tokens back, never above full.
+        state = settle(&p, Some(&state), T0, -10_000);
+        assert_eq!(admit_cost(&p, Some(&state), T0, 1).1.remaining, 599);
+        // A cost above the whole budget passes from a full bucket.
+        assert!(
+            admit_cost(&p, Some(&p.initial_state()), T0, 5000)
+                .1
+                .admitted
+        );
     }
 }

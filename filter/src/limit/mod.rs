@@ -12,13 +12,22 @@
 pub mod bucket;
 
 use crate::balance::ring::hash64;
-use crate::config::{RateLimitPolicy, Scope, Service};
+use crate::config::{RateLimitPolicy, Scope, Service, TokenLimitPolicy};
 use crate::endpoint::ServiceType;
 use crate::store::{transact, SharedStore};
-use bucket::{admit, is_idle, refund, Params, Verdict};
+use bucket::{admit_cost, is_idle, refund, settle, Params, Verdict};
 
 /// How many neighbouring slots a client may take when its own holds another active client.
 const CLIENT_PROBES: u64 = 4;
+
+/// What a limit counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    /// `rate-limit`: requests.
+    Requests,
+    /// `token-limit`: model tokens (prompt and completion).
+    Tokens,
+}
 
 /// What a limit applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,20 +48,50 @@ pub struct Limit {
     pub scope: Scope,
     pub params: Params,
     pub max_clients: u64,
+    pub unit: Unit,
+    /// Token budgets: what to reserve for a completion of unknown length.
+    pub completion_estimate: u64,
 }
 
 impl Limit {
     fn new(name: String, covers: Covers, scope: Scope, policy: &RateLimitPolicy) -> Limit {
-        let params = Params::of(policy);
-        let fingerprint =
-            hash64(format!("{name}|{scope:?}|{params:?}|{}", policy.max_clients).as_bytes());
+        Limit::build(
+            name,
+            covers,
+            scope,
+            Params::of(policy),
+            policy.max_clients,
+            Unit::Requests,
+            0,
+        )
+    }
+
+    fn tokens(name: String, covers: Covers, policy: &TokenLimitPolicy) -> Limit {
+        let params = Params::tokens_per_minute(policy.tokens_per_minute);
+        let (scope, clients, estimate) =
+            (policy.scope, policy.max_clients, policy.completion_estimate);
+        Limit::build(name, covers, scope, params, clients, Unit::Tokens, estimate)
+    }
+
+    fn build(
+        name: String,
+        covers: Covers,
+        scope: Scope,
+        params: Params,
+        max_clients: u64,
+        unit: Unit,
+        completion_estimate: u64,
+    ) -> Limit {
+        let fingerprint = hash64(format!("{name}|{scope:?}|{params:?}|{max_clients}").as_bytes());
         Limit {
             name,
             prefix: format!("jairouter/rl/{fingerprint:016x}"),
             covers,
             scope,
             params,
-            max_clients: policy.max_clients,
+            max_clients,
+            unit,
+            completion_estimate,
         }
     }
 
@@ -116,35 +155,47 @@ pub struct Subject<'a> {
 }
 
 /// One admission taken, to give back if a later limit refuses.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
     limit: usize,
     key: String,
     at_ns: u64,
+    /// What was taken: 1 request, or the reserved tokens.
+    cost: u64,
 }
 
-/// The admissions a request holds, and the tightest of their verdicts (for the headers).
+/// The admissions a request holds, and the tightest of their verdicts per unit (for the headers).
 #[derive(Debug, Default)]
 pub struct Admitted {
     pub grants: Vec<Grant>,
     pub tightest: Option<(usize, Verdict)>,
+    pub tightest_tokens: Option<(usize, Verdict)>,
 }
 
 impl Admitted {
-    fn note(&mut self, limit: usize, verdict: Verdict) {
-        if self
-            .tightest
-            .is_none_or(|(_, v)| verdict.remaining < v.remaining)
-        {
-            self.tightest = Some((limit, verdict));
+    fn note(&mut self, limit: usize, unit: Unit, verdict: Verdict) {
+        let slot = match unit {
+            Unit::Requests => &mut self.tightest,
+            Unit::Tokens => &mut self.tightest_tokens,
+        };
+        if slot.is_none_or(|(_, v)| verdict.remaining < v.remaining) {
+            *slot = Some((limit, verdict));
         }
     }
 
     pub fn merge(&mut self, other: Admitted) {
         if let Some((limit, verdict)) = other.tightest {
-            self.note(limit, verdict);
+            self.note(limit, Unit::Requests, verdict);
+        }
+        if let Some((limit, verdict)) = other.tightest_tokens {
+            self.note(limit, Unit::Tokens, verdict);
         }
         self.grants.extend(other.grants);
+    }
+
+    /// Whether any token budget was drawn (the response must then be read for its usage).
+    pub fn holds_tokens(&self) -> bool {
+        self.tightest_tokens.is_some()
     }
 }
 
@@ -171,8 +222,32 @@ pub enum Phase {
 impl Limits {
     /// Every enabled block, in the order they are drawn: global, service, instance; each with a
     /// per-client twin when `client-ip-enable` is set.
-    pub fn compile(global: Option<&RateLimitPolicy>, services: &[&Service]) -> Limits {
+    pub fn compile(
+        global: Option<&RateLimitPolicy>,
+        global_tokens: Option<&TokenLimitPolicy>,
+        services: &[&Service],
+    ) -> Limits {
         let mut list = Vec::new();
+        let add_tokens =
+            |list: &mut Vec<Limit>, name: String, covers: Covers, policy: &TokenLimitPolicy| {
+                if policy.enabled {
+                    list.push(Limit::tokens(name, covers, policy));
+                }
+            };
+        if let Some(policy) = global_tokens {
+            add_tokens(
+                &mut list,
+                "model.token-limit".to_string(),
+                Covers::All,
+                policy,
+            );
+        }
+        for service in services {
+            if let Some(policy) = &service.token_limit {
+                let name = format!("model.services.{}.token-limit", service.kind.key());
+                add_tokens(&mut list, name, Covers::Service(service.kind), policy);
+            }
+        }
         let mut add = |name: String, covers: Covers, policy: &RateLimitPolicy| {
             if !policy.enabled {
                 return;
@@ -211,6 +286,17 @@ impl Limits {
 
     pub fn is_empty(&self) -> bool {
         self.list.is_empty()
+    }
+
+    /// Tokens to reserve for a completion of unknown length: the largest estimate among the
+    /// token budgets covering the service (0 when none does).
+    pub fn completion_estimate(&self, service: ServiceType) -> Option<u64> {
+        self.list
+            .iter()
+            .filter(|l| l.unit == Unit::Tokens)
+            .filter(|l| matches!(l.covers, Covers::All) || l.covers == Covers::Service(service))
+            .map(|l| l.completion_estimate)
+            .max()
     }
 
     /// Every bucket key with its initial state, to create before traffic (Envoy ignores CAS on
@@ -264,14 +350,15 @@ impl Limits {
         keys
     }
 
-    /// Draws one admission from every limit of `phase` that covers the request. On a refusal
-    /// the admissions taken here are given back.
+    /// Draws from every limit of `phase` that covers the request: one request from request
+    /// limits, `tokens` from token budgets. On a refusal the admissions taken here are given back.
     pub fn acquire(
         &self,
         store: &dyn SharedStore,
         subject: &Subject<'_>,
         phase: Phase,
         now_ns: u64,
+        tokens: u64,
     ) -> Result<Admitted, Refusal> {
         let mut admitted = Admitted::default();
         for (index, limit) in self.list.iter().enumerate() {
@@ -281,16 +368,21 @@ impl Limits {
             let Some((key, label)) = limit.bucket(subject) else {
                 continue;
             };
+            let cost = match limit.unit {
+                Unit::Requests => 1,
+                Unit::Tokens => tokens,
+            };
             let (key, verdict) = match key {
                 BucketKey::Fixed(key) => {
-                    let verdict =
-                        transact(store, &key, |state| admit(&limit.params, state, now_ns));
+                    let verdict = transact(store, &key, |state| {
+                        admit_cost(&limit.params, state, now_ns, cost)
+                    });
                     (key, verdict)
                 }
                 BucketKey::Client(fingerprint) => {
                     let key = self.client_key(store, limit, fingerprint, now_ns);
                     let verdict = transact(store, &key, |state| {
-                        admit_client(&limit.params, state, fingerprint, now_ns)
+                        admit_client(&limit.params, state, fingerprint, now_ns, cost)
                     });
                     (key, verdict)
                 }
@@ -311,11 +403,12 @@ impl Limits {
                     verdict,
                 });
             }
-            admitted.note(index, verdict);
+            admitted.note(index, limit.unit, verdict);
             admitted.grants.push(Grant {
                 limit: index,
                 key,
                 at_ns: now_ns,
+                cost,
             });
         }
         Ok(admitted)
@@ -331,10 +424,39 @@ impl Limits {
             let _ = transact(store, &grant.key, |state| {
                 let written = if client {
                     let (fingerprint, rest) = split_slot(state);
-                    let bucket = refund(&limit.params, rest, grant.at_ns);
+                    let bucket = refund(&limit.params, rest, grant.at_ns, grant.cost);
                     [&fingerprint.to_le_bytes()[..], &bucket].concat()
                 } else {
-                    refund(&limit.params, state, grant.at_ns)
+                    refund(&limit.params, state, grant.at_ns, grant.cost)
+                };
+                (Some(written), ())
+            });
+        }
+    }
+
+    /// Settles the token budgets a request drew from, now that it really used `used` tokens.
+    pub fn settle_tokens(&self, store: &dyn SharedStore, grants: &[Grant], used: u64, now_ns: u64) {
+        for grant in grants {
+            let Some(limit) = self
+                .list
+                .get(grant.limit)
+                .filter(|l| l.unit == Unit::Tokens)
+            else {
+                continue;
+            };
+            let delta = i64::try_from(used).unwrap_or(i64::MAX)
+                - i64::try_from(grant.cost).unwrap_or(i64::MAX);
+            if delta == 0 {
+                continue;
+            }
+            let client = limit.scope == Scope::Client;
+            let _ = transact(store, &grant.key, |state| {
+                let written = if client {
+                    let (fingerprint, rest) = split_slot(state);
+                    let bucket = settle(&limit.params, rest, now_ns, delta);
+                    [&fingerprint.to_le_bytes()[..], &bucket].concat()
+                } else {
+                    settle(&limit.params, state, now_ns, delta)
                 };
                 (Some(written), ())
             });
@@ -384,6 +506,7 @@ fn admit_client(
     state: Option<&[u8]>,
     fingerprint: u64,
     now_ns: u64,
+    cost: u64,
 ) -> (Option<Vec<u8>>, Verdict) {
     let (owner, rest) = split_slot(state);
     // Taking over a free or idle slot starts a fresh bucket; a busy slot of another client is
@@ -395,7 +518,7 @@ fn admit_client(
     } else {
         (owner, rest)
     };
-    let (written, verdict) = admit(params, rest, now_ns);
+    let (written, verdict) = admit_cost(params, rest, now_ns, cost);
     let written = written.map(|bucket| [&owner.to_le_bytes()[..], &bucket].concat());
     (written, verdict)
 }

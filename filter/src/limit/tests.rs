@@ -44,11 +44,11 @@ fn the_strictest_limit_refuses_and_the_others_get_their_admission_back() {
     let limits = &cfg.limits;
     for _ in 0..3 {
         assert!(limits
-            .acquire(&store, &subject("m", None), Phase::BeforePick, T0)
+            .acquire(&store, &subject("m", None), Phase::BeforePick, T0, 0)
             .is_ok());
     }
     let refusal = limits
-        .acquire(&store, &subject("m", None), Phase::BeforePick, T0)
+        .acquire(&store, &subject("m", None), Phase::BeforePick, T0, 0)
         .unwrap_err();
     assert_eq!(
         limits.list[refusal.limit].name,
@@ -57,14 +57,14 @@ fn the_strictest_limit_refuses_and_the_others_get_their_admission_back() {
     assert_eq!(refusal.label, "chat/m");
     // The refused request took nothing from the global bucket: model n still gets the 2 left.
     assert!(limits
-        .acquire(&store, &subject("n", None), Phase::BeforePick, T0)
+        .acquire(&store, &subject("n", None), Phase::BeforePick, T0, 0)
         .is_ok());
     let ok = limits
-        .acquire(&store, &subject("n", None), Phase::BeforePick, T0)
+        .acquire(&store, &subject("n", None), Phase::BeforePick, T0, 0)
         .unwrap();
     assert_eq!(ok.tightest.unwrap().1.remaining, 0);
     let refusal = limits
-        .acquire(&store, &subject("n", None), Phase::BeforePick, T0)
+        .acquire(&store, &subject("n", None), Phase::BeforePick, T0, 0)
         .unwrap_err();
     assert_eq!(limits.list[refusal.limit].name, "model.rate-limit");
     assert!(refusal.verdict.retry_after_ns > 0 && refusal.verdict.retry_after_ns <= 1_000_000_000);
@@ -96,22 +96,22 @@ fn instance_limits_are_drawn_after_the_pick() {
     let mut s = subject("m", None);
     // Before the pick nothing applies.
     assert!(limits
-        .acquire(&store, &s, Phase::BeforePick, T0)
+        .acquire(&store, &s, Phase::BeforePick, T0, 0)
         .unwrap()
         .grants
         .is_empty());
     s.instance = Some((0, "a"));
-    assert!(limits.acquire(&store, &s, Phase::AfterPick, T0).is_ok());
+    assert!(limits.acquire(&store, &s, Phase::AfterPick, T0, 0).is_ok());
     assert_eq!(
         limits
-            .acquire(&store, &s, Phase::AfterPick, T0)
+            .acquire(&store, &s, Phase::AfterPick, T0, 0)
             .unwrap_err()
             .label,
         "a"
     );
     s.instance = Some((1, "b"));
     assert!(limits
-        .acquire(&store, &s, Phase::AfterPick, T0)
+        .acquire(&store, &s, Phase::AfterPick, T0, 0)
         .unwrap()
         .grants
         .is_empty());
@@ -131,7 +131,7 @@ fn clients_get_buckets_of_their_own_in_a_fixed_table() {
         (0..5)
             .filter(|_| {
                 limits
-                    .acquire(&store, &subject("m", Some(client)), Phase::BeforePick, t)
+                    .acquire(&store, &subject("m", Some(client)), Phase::BeforePick, t, 0)
                     .is_ok()
             })
             .count()
@@ -146,7 +146,7 @@ fn clients_get_buckets_of_their_own_in_a_fixed_table() {
     assert_eq!(store.len(), keys_before);
     // No client address: the per-client limit does not apply.
     assert!(limits
-        .acquire(&store, &subject("m", None), Phase::BeforePick, T0)
+        .acquire(&store, &subject("m", None), Phase::BeforePick, T0, 0)
         .is_ok());
     // client-ip-enable adds a per-client twin to a service-wide limit.
     let cfg = config(json!({

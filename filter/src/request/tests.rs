@@ -31,6 +31,7 @@ fn head<'a>(method: &'a str, path: &'a str) -> RequestHead<'a> {
         model_header: None,
         end_of_stream: false,
         header: &no_header,
+        content_length: None,
     }
 }
 

@@ -30,8 +30,8 @@ enum Sink {
     Key,
     /// The value of the top-level `model`.
     Model,
-    /// The value of the extra top-level field asked for (a header-hash key).
-    Field,
+    /// The value of an extra top-level field asked for (by position in `fields`).
+    Field(usize),
 }
 
 /// Which top-level value comes next.
@@ -39,7 +39,7 @@ enum Sink {
 enum Target {
     Other,
     Model,
-    Field,
+    Field(usize),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,9 +118,12 @@ pub struct JsonModelScanner {
     /// The key or model value being decoded (only for `Sink::Key` and `Sink::Model`).
     text: Vec<u8>,
     max_model_len: usize,
-    /// The extra top-level field to find (`with_field`), and its string value once read.
-    field: Option<Vec<u8>>,
-    field_value: Option<String>,
+    /// Extra top-level fields to find (`with_field`), and their values once read (strings, or
+    /// the text of numbers).
+    fields: Vec<Vec<u8>>,
+    field_values: Vec<Option<String>>,
+    /// The field whose number is being read.
+    number_field: Option<usize>,
     /// The model, held while the field is still being looked for.
     model: Option<String>,
     done: Option<ScanOutcome>,
@@ -137,8 +140,9 @@ impl JsonModelScanner {
             stack: Vec::new(),
             text: Vec::new(),
             max_model_len,
-            field: None,
-            field_value: None,
+            fields: Vec::new(),
+            field_values: Vec::new(),
+            number_field: None,
             model: None,
             done: None,
             seen_any: false,
@@ -148,17 +152,39 @@ impl JsonModelScanner {
     /// Also finds the top-level string field `name`: the answer then waits until both are read,
     /// or the object ends.
     pub fn with_field(mut self, name: &str) -> Self {
-        self.field = Some(name.as_bytes().to_vec());
+        if !self.fields.iter().any(|f| f == name.as_bytes()) {
+            self.fields.push(name.as_bytes().to_vec());
+            self.field_values.push(None);
+        }
         self
     }
 
-    /// The `with_field` value, when the body had it as a string.
-    pub fn field(&self) -> Option<&str> {
-        self.field_value.as_deref()
+    /// A `with_field` value, when the body had it as a string or a number.
+    pub fn field(&self, name: &str) -> Option<&str> {
+        let at = self.fields.iter().position(|f| f == name.as_bytes())?;
+        self.field_values.get(at)?.as_deref()
+    }
+
+    /// The model, once read, while the extra fields are still being looked for.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
     }
 
     fn wants_field(&self) -> bool {
-        self.field.is_some() && self.field_value.is_none()
+        self.field_values.iter().any(Option::is_none)
+    }
+
+    /// Records a field's value; answers when that was the last thing missing.
+    fn found_field(&mut self, at: usize, value: String) -> Option<Step> {
+        if let Some(slot) = self.field_values.get_mut(at) {
+            *slot = Some(value);
+        }
+        if self.wants_field() {
+            return None;
+        }
+        self.model
+            .take()
+            .map(|model| Step::Done(ScanOutcome::Found(model)))
     }
 
     /// Reads the next bytes of the body. Once the outcome is not `NeedMore` it never changes.
@@ -249,12 +275,11 @@ impl JsonModelScanner {
             },
             State::TargetValue(target) => match (b, target) {
                 _ if is_ws(b) => Step::Next,
-                (b'"', Target::Model | Target::Field) => {
+                (b'"', Target::Model | Target::Field(_)) => {
                     self.text.clear();
-                    let sink = if target == Target::Model {
-                        Sink::Model
-                    } else {
-                        Sink::Field
+                    let sink = match target {
+                        Target::Field(at) => Sink::Field(at),
+                        _ => Sink::Model,
                     };
                     self.state = State::Str {
                         sink,
@@ -263,7 +288,14 @@ impl JsonModelScanner {
                     Step::Next
                 }
                 (_, Target::Model) => invalid("`model` must be a string"),
-                // A field that is not a string is no key; read it like any value.
+                // A number is kept as its text (`max_tokens`).
+                (b'-' | b'0'..=b'9', Target::Field(at)) => {
+                    self.text.clear();
+                    self.text.push(b);
+                    self.number_field = Some(at);
+                    self.begin_value(b)
+                }
+                // Any other value is no key; read it like any value.
                 _ => self.begin_value(b),
             },
             State::FirstKey | State::Key => match b {
@@ -402,10 +434,20 @@ impl JsonModelScanner {
             (Num::Exp | Num::ExpSign | Num::ExpDigits, b'0'..=b'9') => Num::ExpDigits,
             _ if num.complete() => {
                 self.state = State::AfterValue;
+                if let Some(at) = self.number_field.take() {
+                    let text =
+                        String::from_utf8_lossy(&std::mem::take(&mut self.text)).into_owned();
+                    if let Some(done) = self.found_field(at, text) {
+                        return done;
+                    }
+                }
                 return Step::Again;
             }
             _ => return invalid("malformed number"),
         };
+        if self.number_field.is_some() && self.text.len() < MAX_FIELD_BYTES {
+            self.text.push(b);
+        }
         self.state = State::Number(next);
         Step::Next
     }
@@ -522,12 +564,18 @@ impl JsonModelScanner {
             Sink::Skip | Sink::NestedKey => {}
             Sink::Key => {
                 // One byte past the longest name we look for is enough to know it is another key.
-                let longest = self.field.as_ref().map_or(0, Vec::len).max(MODEL_KEY.len());
+                let longest = self
+                    .fields
+                    .iter()
+                    .map(Vec::len)
+                    .max()
+                    .unwrap_or(0)
+                    .max(MODEL_KEY.len());
                 if self.text.len() <= longest {
                     self.text.extend_from_slice(bytes);
                 }
             }
-            Sink::Field => {
+            Sink::Field(_) => {
                 if self.text.len() < MAX_FIELD_BYTES {
                     self.text.extend_from_slice(bytes);
                 }
@@ -553,9 +601,12 @@ impl JsonModelScanner {
                 // The first `model` (and field) wins; later duplicates are ordinary keys.
                 let target = if self.text == MODEL_KEY && self.model.is_none() {
                     Target::Model
-                } else if self.field.as_deref() == Some(self.text.as_slice()) && self.wants_field()
-                {
-                    Target::Field
+                } else if let Some(at) = self.fields.iter().position(|f| *f == self.text) {
+                    // The first occurrence of a field wins.
+                    match self.field_values.get(at) {
+                        Some(None) => Target::Field(at),
+                        _ => Target::Other,
+                    }
                 } else {
                     Target::Other
                 };
@@ -576,11 +627,12 @@ impl JsonModelScanner {
                 }
                 self.state = State::AfterValue;
             }
-            Sink::Field => {
+            Sink::Field(at) => {
                 let text = std::mem::take(&mut self.text);
-                self.field_value = Some(String::from_utf8_lossy(&text).into_owned());
-                if let Some(model) = self.model.take() {
-                    return Step::Done(ScanOutcome::Found(model));
+                if let Some(done) =
+                    self.found_field(at, String::from_utf8_lossy(&text).into_owned())
+                {
+                    return done;
                 }
                 self.state = State::AfterValue;
             }
@@ -801,7 +853,8 @@ mod tests {
                 br#"{"model":"m","messages":[{"user":"inner"}],"user":"u-2"}"#,
                 Some("u-2"),
             ),
-            (br#"{"model":"m","user":42}"#, None),
+            (br#"{"model":"m","user":42}"#, Some("42")),
+            (br#"{"model":"m","user":{"id":1}}"#, None),
             (br#"{"model":"m"}"#, None),
         ];
         for (body, user) in cases {
@@ -814,7 +867,7 @@ mod tests {
                 }
             }
             assert_eq!(out, found("m"), "{}", String::from_utf8_lossy(body));
-            assert_eq!(s.field(), *user, "{}", String::from_utf8_lossy(body));
+            assert_eq!(s.field("user"), *user, "{}", String::from_utf8_lossy(body));
         }
         // With the field found first, the model still ends the scan at once.
         let mut s = JsonModelScanner::new(64).with_field("user");
@@ -822,6 +875,6 @@ mod tests {
         // A field without a model is still a body without a model.
         let mut s = JsonModelScanner::new(64).with_field("user");
         assert_eq!(s.feed(br#"{"user":"u"}"#), ScanOutcome::Absent);
-        assert_eq!(s.field(), Some("u"));
+        assert_eq!(s.field("user"), Some("u"));
     }
 }
