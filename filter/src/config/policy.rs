@@ -204,6 +204,33 @@ impl Scope {
     }
 }
 
+/// `scope`, with the original's aliases; `instance` only where the block allows it.
+fn parse_scope(f: &mut Fields<'_>, default: Scope, instance: bool) -> Result<Scope> {
+    let Some(text) = f.string("scope")? else {
+        return Ok(default);
+    };
+    Ok(
+        match text.trim().to_ascii_lowercase().replace('_', "-").as_str() {
+            "global" | "default" => Scope::Global,
+            "service" => Scope::Service,
+            "model" => Scope::Model,
+            "instance" if instance => Scope::Instance,
+            "client-ip" | "client" | "ip" => Scope::Client,
+            other => {
+                let expected = if instance {
+                    "global, service, model, instance or client-ip"
+                } else {
+                    "global, service, model or client-ip"
+                };
+                return Err(error(
+                    &f.child("scope"),
+                    format!("unknown scope {other:?} (expected {expected})"),
+                ));
+            }
+        },
+    )
+}
+
 /// A sliding window remembers each admission in it; this bounds the memory one window takes.
 pub const MAX_WINDOW_REQUESTS: u64 = 10_000;
 
@@ -254,25 +281,7 @@ impl RateLimitPolicy {
         };
         let capacity = f.integer("capacity", 100, 1, 1_000_000_000)?;
         let rate = f.integer("rate", 10, 1, 1_000_000_000)?;
-        let scope = match f.string("scope")? {
-            None => default_scope,
-            Some(s) => match s.trim().to_ascii_lowercase().replace('_', "-").as_str() {
-                "global" | "default" => Scope::Global,
-                "service" => Scope::Service,
-                "model" => Scope::Model,
-                "instance" => Scope::Instance,
-                "client-ip" | "client" | "ip" => Scope::Client,
-                other => {
-                    return Err(error(
-                        &f.child("scope"),
-                        format!(
-                            "unknown scope {other:?} (expected global, service, model, instance \
-                             or client-ip)"
-                        ),
-                    ))
-                }
-            },
-        };
+        let scope = parse_scope(&mut f, default_scope, true)?;
         let key = f.string("key")?.map(str::to_string);
         let client_ip_enable = f.boolean("client-ip-enable", false)?;
         let window_secs = f.integer("window", 1, 1, 3600)?;
@@ -387,23 +396,8 @@ impl TokenLimitPolicy {
                 "is required: the tokens a minute allows",
             ));
         }
-        let scope = match f.string("scope")? {
-            None => Scope::Model,
-            Some(s) => match s.trim().to_ascii_lowercase().replace('_', "-").as_str() {
-                "global" | "default" => Scope::Global,
-                "service" => Scope::Service,
-                "model" => Scope::Model,
-                "client-ip" | "client" | "ip" => Scope::Client,
-                other => {
-                    return Err(error(
-                        &f.child("scope"),
-                        format!(
-                        "unknown scope {other:?} (expected global, service, model or client-ip)"
-                    ),
-                    ))
-                }
-            },
-        };
+        // A token budget is drawn before an instance is picked: no instance scope.
+        let scope = parse_scope(&mut f, Scope::Model, false)?;
         let completion_estimate = f.integer("completion-estimate", 256, 0, 1_000_000)?;
         let max_clients = f.integer("max-clients", 10_000, 1, 1_000_000)?;
         f.finish()?;

@@ -227,3 +227,34 @@ fn too_many_instances_are_refused() {
     let v = json!({"services": {"chat": {"instances": many}}});
     assert!(refused(v).contains("more than 10000 instances"));
 }
+
+#[test]
+fn limits_are_checked_key_by_key() {
+    let chat = json!({"instances": [{"name": "m", "base-url": "http://a:1"}]});
+    let cases = [
+        (
+            json!({"token-limit": {}, "services": {"chat": chat}}),
+            "model.token-limit.tokens-per-minute: is required",
+        ),
+        (
+            json!({"token-limit": {"tokens-per-minute": 10, "scope": "instance"}, "services": {"chat": chat}}),
+            "model.token-limit.scope: unknown scope \"instance\"",
+        ),
+        (
+            json!({"rate-limit": {"algorithm": "leaky"}, "services": {"chat": chat}}),
+            "model.rate-limit.algorithm: unknown algorithm",
+        ),
+        (
+            json!({"rate-limit": {"algorithm": "sliding-window", "rate": 5000, "window": 10}, "services": {"chat": chat}}),
+            "model.rate-limit.rate: a sliding window holds at most 10000 requests",
+        ),
+        (
+            json!({"services": {"chat": {"rate-limit": {"scope": "planet"}, "instances": []}}}),
+            "model.services.chat.rate-limit.scope: unknown scope",
+        ),
+    ];
+    for (config, message) in cases {
+        let err = refused(config);
+        assert!(err.starts_with(message), "{err}");
+    }
+}
