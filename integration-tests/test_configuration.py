@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import yaml
 
 from harness import ENVOY, ROOT, Gateway, json_body, render
 
@@ -122,3 +123,24 @@ def test_build_sh_up_serves_the_demo_and_stops_everything(tmp_path):
     for p in (port, admin):
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", p)) != 0, f"port {p} still served"
+
+
+def test_global_rate_limit_manifests_render_with_the_shipped_rules():
+    """k8s/ratelimit renders offline, and its rules are the ones shipped in envoy/ratelimit."""
+    import shutil
+
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl (client) is needed to render the kustomization"
+    out = subprocess.run([kubectl, "kustomize", str(ROOT / "k8s" / "ratelimit")], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == ["ConfigMap", "Deployment", "Deployment", "Service", "Service"]
+    [config_map] = [d for d in docs if d["kind"] == "ConfigMap"]
+    shipped = (ROOT / "envoy" / "ratelimit" / "config.yaml").read_text()
+    assert config_map["data"]["config.yaml"] == shipped
+    rules = yaml.safe_load(shipped)
+    assert rules["domain"] == "jairouter"
+    keys = {d["key"] for d in rules["descriptors"][0]["descriptors"]}
+    assert keys == {"model", "remote_address"}  # the descriptors the gateway sends

@@ -92,6 +92,7 @@ pub struct TokenReservation {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Routed {
     pub service: ServiceType,
+    pub model: String,
     pub instance: usize,
     pub path: String,
     /// Response headers to add (the rate-limit state the request met).
@@ -474,6 +475,7 @@ pub fn route_model(
     };
     Ok(Routed {
         service: kind,
+        model: model.to_string(),
         instance: at,
         path,
         headers: [admitted.tightest, admitted.tightest_tokens]

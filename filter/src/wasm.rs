@@ -4,7 +4,10 @@
 
 use crate::balance::load::{begin_request, end_request, record_latency, LatencyEstimate};
 use crate::balance::Rng;
-use crate::config::{RouterConfig, Strategy, INSTANCE_HEADER, MODEL_HEADER, ROUTING_HEADER};
+use crate::config::{
+    RouterConfig, Strategy, INSTANCE_HEADER, MODEL_HEADER, ROUTING_HEADER,
+    SERVICE_DESCRIPTOR_HEADER,
+};
 use crate::request::{
     client_ip, on_request_headers, BodyStep, HeadDecision, Host, LocalReply, RequestHead, Routed,
     TokenReservation,
@@ -344,6 +347,21 @@ impl Request {
             ROUTING_HEADER,
             Some(&instance.cluster),
         );
+        // Envoy's global rate-limit filter reads these as descriptors (the route removes them
+        // before the request goes upstream). Set by us, whatever the client sent.
+        if self.config.gateway.global_rate_limit.is_some() {
+            let service = routed.service.key();
+            let _ = hostcalls::set_map_value(
+                MapType::HttpRequestHeaders,
+                SERVICE_DESCRIPTOR_HEADER,
+                Some(service),
+            );
+            let _ = hostcalls::set_map_value(
+                MapType::HttpRequestHeaders,
+                MODEL_HEADER,
+                Some(&routed.model),
+            );
+        }
         if let Err(status) = hostcalls::call_foreign_function("clear_route_cache", None) {
             log::warn!("clear_route_cache failed: {status:?}");
         }

@@ -3,7 +3,10 @@
 //! the router, a route that sends each request to the cluster the filter named, and one cluster
 //! per configured instance.
 
-use jairouter_filter::config::{Instance, RouterConfig, ROUTING_HEADER};
+use jairouter_filter::config::{
+    BaseUrl, GlobalRateLimit, Instance, RouterConfig, MODEL_HEADER, ROUTING_HEADER,
+    SERVICE_DESCRIPTOR_HEADER,
+};
 use serde_json::{json, Value};
 
 pub struct Options {
@@ -26,7 +29,10 @@ pub fn render(config: &RouterConfig, model_json: &Value, opts: &Options) -> Valu
         .gateway
         .max_body_bytes
         .saturating_add(BUFFER_HEADROOM);
-    let clusters: Vec<Value> = config.instances().map(|i| cluster(i, opts)).collect();
+    let mut clusters: Vec<Value> = config.instances().map(|i| cluster(i, opts)).collect();
+    if let Some(global) = &config.gateway.global_rate_limit {
+        clusters.push(rate_limit_cluster(&global.service));
+    }
     json!({
         "node": {"id": "jairouter", "cluster": "jairouter"},
         "admin": {
@@ -52,7 +58,36 @@ fn socket(address: &str, port: u16) -> Value {
 }
 
 fn http_connection_manager(config: &RouterConfig, model_json: &Value, opts: &Options) -> Value {
-    json!({
+    let global = config.gateway.global_rate_limit.as_ref();
+    let mut filters = vec![json!({
+        "name": "envoy.filters.http.wasm",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": plugin_config(model_json, &opts.wasm_path)
+        }
+    })];
+    if let Some(global) = global {
+        filters.push(rate_limit_filter(global));
+    }
+    filters.push(json!({
+        "name": "envoy.filters.http.router",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
+    }));
+    let mut routed = json!({
+        "match": {"prefix": "/", "headers": [{"name": ROUTING_HEADER, "present_match": true}]},
+        "route": {
+            "cluster_header": ROUTING_HEADER,
+            "auto_host_rewrite": true,
+            // Generations run for minutes; the stream idle timeout guards hangs.
+            "timeout": "0s"
+        },
+        // Ours, not the backend's: the routing header and the rate-limit descriptors.
+        "request_headers_to_remove": [ROUTING_HEADER, SERVICE_DESCRIPTOR_HEADER, MODEL_HEADER]
+    });
+    if global.is_some() {
+        routed["route"]["rate_limits"] = rate_limit_actions();
+    }
+    let mut hcm = json!({
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "jairouter",
         "codec_type": "AUTO",
@@ -66,16 +101,7 @@ fn http_connection_manager(config: &RouterConfig, model_json: &Value, opts: &Opt
                 "name": "openai",
                 "domains": ["*"],
                 "routes": [
-                    {
-                        "match": {"prefix": "/", "headers": [{"name": ROUTING_HEADER, "present_match": true}]},
-                        "route": {
-                            "cluster_header": ROUTING_HEADER,
-                            "auto_host_rewrite": true,
-                            // Generations run for minutes; the stream idle timeout guards hangs.
-                            "timeout": "0s"
-                        },
-                        "request_headers_to_remove": [ROUTING_HEADER]
-                    },
+                    routed,
                     {
                         // Reached only if the filter did not run: never forward unrouted traffic.
                         "match": {"prefix": "/"},
@@ -88,19 +114,70 @@ fn http_connection_manager(config: &RouterConfig, model_json: &Value, opts: &Opt
                 ]
             }]
         },
-        "http_filters": [
-            {
-                "name": "envoy.filters.http.wasm",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-                    "config": plugin_config(model_json, &opts.wasm_path)
-                }
-            },
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
+        "http_filters": filters
+    });
+    if global.is_some() {
+        // The rate-limit filter's own 429 gets the OpenAI error body ours have.
+        hcm["local_reply_config"] = json!({"mappers": [{
+            "filter": {"response_flag_filter": {"flags": ["RL"]}},
+            "body_format_override": {"json_format": {"error": {
+                "message": "Rate limit reached (the global rate-limit service refused). Please retry later.",
+                "type": "rate_limit_error",
+                "param": null,
+                "code": "rate_limit_exceeded"
+            }}}
+        }]});
+    }
+    hcm
+}
+
+/// Descriptors for the rate-limit service: per service, per service and model, per service and
+/// client address (Envoy's view of it, honouring trusted hops).
+fn rate_limit_actions() -> Value {
+    let service = json!({"request_headers": {"header_name": SERVICE_DESCRIPTOR_HEADER, "descriptor_key": "service"}});
+    let model =
+        json!({"request_headers": {"header_name": MODEL_HEADER, "descriptor_key": "model"}});
+    json!([
+        {"actions": [service]},
+        {"actions": [service, model]},
+        {"actions": [service, {"remote_address": {}}]}
+    ])
+}
+
+fn rate_limit_filter(global: &GlobalRateLimit) -> Value {
+    json!({
+        "name": "envoy.filters.http.ratelimit",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+            "domain": global.domain,
+            "failure_mode_deny": global.failure_mode_deny,
+            "timeout": format!("{}.{:03}s", global.timeout_ms / 1000, global.timeout_ms % 1000),
+            "rate_limit_service": {
+                "grpc_service": {"envoy_grpc": {"cluster_name": RATE_LIMIT_CLUSTER}},
+                "transport_api_version": "V3"
             }
-        ]
+        }
+    })
+}
+
+const RATE_LIMIT_CLUSTER: &str = "jairouter-ratelimit";
+
+fn rate_limit_cluster(service: &BaseUrl) -> Value {
+    json!({
+        "name": RATE_LIMIT_CLUSTER,
+        "type": if service.host_is_ip() { "STATIC" } else { "STRICT_DNS" },
+        "connect_timeout": "1s",
+        "dns_lookup_family": "V4_PREFERRED",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}}
+            }
+        },
+        "load_assignment": {
+            "cluster_name": RATE_LIMIT_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket(&service.host, service.port)}}]}]
+        }
     })
 }
 

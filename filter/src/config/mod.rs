@@ -61,7 +61,24 @@ pub struct GatewayOptions {
     /// How many proxies in front of Envoy append to X-Forwarded-For and are trusted to tell the
     /// client address (Envoy's `xff_num_trusted_hops`); 0 means the peer address is the client.
     pub trusted_hops: u32,
+    /// Envoy's global rate limiting through a rate-limit service, for limits across replicas.
+    pub global_rate_limit: Option<GlobalRateLimit>,
 }
+
+/// `gateway.global-rate-limit`: the rendered bootstrap adds Envoy's rate-limit filter, and the
+/// filter sets the descriptor headers it reads (`x-jairouter-service`, `x-jairouter-model`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GlobalRateLimit {
+    /// The rate-limit service (gRPC, `host:port`).
+    pub service: BaseUrl,
+    pub domain: String,
+    /// Refuse requests when the service cannot be reached (default: let them through).
+    pub failure_mode_deny: bool,
+    pub timeout_ms: u64,
+}
+
+/// Descriptor headers for Envoy's rate-limit filter (removed before the request goes upstream).
+pub const SERVICE_DESCRIPTOR_HEADER: &str = "x-jairouter-service";
 
 #[derive(Debug)]
 pub struct Service {
@@ -240,6 +257,7 @@ fn parse_model(value: &Value) -> Result<RouterConfig> {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             instance_header: true,
             trusted_hops: 0,
+            global_rate_limit: None,
         },
     };
     let services_path = f.child("services");
@@ -333,11 +351,51 @@ fn parse_gateway(path: &str, value: &Value) -> Result<GatewayOptions> {
     )?;
     let instance_header = f.boolean("instance-header", true)?;
     let trusted_hops = f.integer("trusted-hops", 0, 0, 16)?;
+    let global_rate_limit = match f.take("global-rate-limit") {
+        Some(v) => Some(parse_global_rate_limit(&f.child("global-rate-limit"), v)?),
+        None => None,
+    };
     f.finish()?;
     Ok(GatewayOptions {
         max_body_bytes,
         instance_header,
         trusted_hops: u32::try_from(trusted_hops).unwrap_or(0),
+        global_rate_limit,
+    })
+}
+
+fn parse_global_rate_limit(path: &str, value: &Value) -> Result<GlobalRateLimit> {
+    let mut f = Fields::new(path, value)?;
+    let address_path = f.child("address");
+    let Some(address) = f.string("address")? else {
+        return Err(error(
+            &address_path,
+            "is required: the rate-limit service's host:port",
+        ));
+    };
+    let service = BaseUrl::parse(&address_path, &format!("http://{}", address.trim()))?;
+    if !service.prefix.is_empty() {
+        return Err(error(
+            &address_path,
+            format!("must be host:port (got {address:?})"),
+        ));
+    }
+    let domain = f
+        .string("domain")?
+        .unwrap_or("jairouter")
+        .trim()
+        .to_string();
+    if domain.is_empty() {
+        return Err(error(&f.child("domain"), "must not be empty"));
+    }
+    let failure_mode_deny = f.boolean("failure-mode-deny", false)?;
+    let timeout_ms = f.integer("timeout-ms", 20, 1, 10_000)?;
+    f.finish()?;
+    Ok(GlobalRateLimit {
+        service,
+        domain,
+        failure_mode_deny,
+        timeout_ms,
     })
 }
 
