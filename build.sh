@@ -6,6 +6,7 @@
 #   ./build.sh build                the filter (.wasm), the renderer and the Python venv with Envoy
 #   ./build.sh validate FILE        check a JAiRouter application.yml with the filter's own code
 #   ./build.sh render FILE [ARGS]   print the Envoy bootstrap for FILE (see envoy/render)
+#   ./build.sh bench [SCENARIO]     benchmarks and soaks (soak-clients), not part of test
 #
 # Environment: PORT (8080), ADMIN_PORT (9901), CONCURRENCY (2), LISTEN_ADDRESS (127.0.0.1).
 set -euo pipefail
@@ -74,6 +75,19 @@ cmd_test() {
     cargo test -p jairouter-filter --lib --target "$WASM_TARGET"
   log "end-to-end tests through a real Envoy"
   "$VENV/bin/python" -m pytest -q integration-tests "$@"
+}
+
+# Benchmarks and soaks (never part of `test`): ./build.sh bench [soak-clients] [ARGS]
+cmd_bench() {
+  build
+  local scenario="${1:-soak-clients}"
+  shift || true
+  case "$scenario" in
+    soak-clients)
+      log "soak: 100,000 distinct clients against per-client rate limits (memory must stay flat)"
+      "$VENV/bin/python" -u integration-tests/bench_soak_clients.py "$@" ;;
+    *) echo "unknown bench scenario: $scenario (soak-clients)" >&2; exit 2 ;;
+  esac
 }
 
 cmd_validate() {
@@ -162,6 +176,6 @@ case "${1:-}" in
   up) shift; cmd_up "$@" ;;
   validate) shift; cmd_validate "$@" ;;
   render) shift; cmd_render "$@" ;;
-  bench) echo "./build.sh bench is not built yet (issue 5)" >&2; exit 2 ;;
+  bench) shift; cmd_bench "$@" ;;
   *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
