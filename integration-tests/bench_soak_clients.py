@@ -52,7 +52,7 @@ def main() -> int:
     def send(n: int) -> None:
         if not hasattr(local, "client"):
             local.client = httpx.Client(timeout=10)
-        address = f"10.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}"
+        address = f"127.{1 + (n >> 16)}.{(n >> 8) & 255}.{n & 255}"  # distinct loopback strings
         r = local.client.post(gw.url + "/v1/chat/completions", content=body,
                               headers={"content-type": "application/json", "x-forwarded-for": address})
         with lock:

@@ -109,7 +109,7 @@ def test_ip_hash_keeps_clients_and_moves_few_when_an_instance_joins(stubs, gatew
 
 def test_client_address_honours_trusted_hops_only(stubs, gateway):
     servers = stubs("x1", "x2", "x3")
-    forwarded = [f"198.51.100.{i}" for i in range(1, 31)]
+    forwarded = [f"127.10.0.{i}" for i in range(1, 31)]
     # No trusted proxy: X-Forwarded-For is the client's word and changes nothing.
     direct = gateway(chat_config({"type": "ip-hash"}, servers), name="direct")
     with httpx.Client(timeout=10) as c:
