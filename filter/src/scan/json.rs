@@ -126,12 +126,19 @@ pub struct JsonModelScanner {
     number_field: Option<usize>,
     /// The model, held while the field is still being looked for.
     model: Option<String>,
+    /// Bytes fed so far, and how far in the model had been read.
+    consumed: usize,
+    model_seen_at: Option<usize>,
     done: Option<ScanOutcome>,
     seen_any: bool,
 }
 
 /// Field values past this are cut: a session key needs no more to hash well.
 const MAX_FIELD_BYTES: usize = 256;
+
+/// How far past the model extra fields are sought (`max_tokens` sits right after the model in
+/// what the SDKs send; a 4 MB prompt after the model is not read for it).
+pub const FIELD_LOOKAHEAD: usize = 64 * 1024;
 
 impl JsonModelScanner {
     pub fn new(max_model_len: usize) -> Self {
@@ -143,6 +150,8 @@ impl JsonModelScanner {
             fields: Vec::new(),
             field_values: Vec::new(),
             number_field: None,
+            consumed: 0,
+            model_seen_at: None,
             model: None,
             done: None,
             seen_any: false,
@@ -170,6 +179,12 @@ impl JsonModelScanner {
         self.model.as_deref()
     }
 
+    /// Bytes still to read for extra fields after the model (`None` before the model).
+    fn lookahead_left(&self) -> Option<usize> {
+        let seen_at = self.model_seen_at?;
+        Some(FIELD_LOOKAHEAD.saturating_sub(self.consumed.saturating_sub(seen_at)))
+    }
+
     fn wants_field(&self) -> bool {
         self.field_values.iter().any(Option::is_none)
     }
@@ -195,7 +210,25 @@ impl JsonModelScanner {
         if !chunk.is_empty() {
             self.seen_any = true;
         }
-        let outcome = self.run(chunk);
+        // Once the model is read, extra fields are sought only a little further: a large body
+        // is not read to its end for them.
+        let chunk = match self.lookahead_left() {
+            Some(left) => chunk.get(..left.min(chunk.len())).unwrap_or(chunk),
+            None => chunk,
+        };
+        let mut outcome = self.run(chunk);
+        self.consumed = self.consumed.saturating_add(chunk.len());
+        if outcome == ScanOutcome::NeedMore {
+            if self.model.is_some() && self.model_seen_at.is_none() {
+                self.model_seen_at = Some(self.consumed);
+            }
+            if self.lookahead_left() == Some(0) {
+                outcome = self
+                    .model
+                    .take()
+                    .map_or(ScanOutcome::NeedMore, ScanOutcome::Found);
+            }
+        }
         if outcome != ScanOutcome::NeedMore {
             self.done = Some(outcome.clone());
             self.text = Vec::new();
@@ -876,5 +909,27 @@ mod tests {
         let mut s = JsonModelScanner::new(64).with_field("user");
         assert_eq!(s.feed(br#"{"user":"u"}"#), ScanOutcome::Absent);
         assert_eq!(s.field("user"), Some("u"));
+    }
+
+    #[test]
+    fn extra_fields_are_sought_only_a_little_past_the_model() {
+        let mut s = JsonModelScanner::new(64).with_field("max_tokens");
+        assert_eq!(
+            s.feed(br#"{"model":"m","messages":[{"content":""#),
+            ScanOutcome::NeedMore
+        );
+        let filler = vec![b'x'; 16 * 1024];
+        let mut out = ScanOutcome::NeedMore;
+        let mut fed = 0;
+        while out == ScanOutcome::NeedMore && fed < 1 << 20 {
+            out = s.feed(&filler);
+            fed += filler.len();
+        }
+        assert_eq!(out, found("m"));
+        assert!(
+            fed <= FIELD_LOOKAHEAD + filler.len(),
+            "read {fed} bytes past the model"
+        );
+        assert_eq!(s.field("max_tokens"), None);
     }
 }
