@@ -17,7 +17,7 @@ use crate::store::{ensure_counter, SharedStore, StoreError};
 use crate::usage::UsageScanner;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Status};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
@@ -34,18 +34,42 @@ const CLIENT_ROUTING_HEADERS: [&str; 2] = [ROUTING_HEADER, "x-envoy-original-dst
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(Root { config: None, rng: Rc::new(RefCell::new(Rng::new(seed()))) })
+        Box::new(Root { config: None, rng: Rc::new(RefCell::new(Rng::new(seed()))), memory_gauge: None })
     });
 }}
 
 struct Root {
     config: Option<Rc<RouterConfig>>,
     rng: Rc<RefCell<Rng>>,
+    /// This VM's linear memory gauge (`jairouter_vm_memory_bytes{vm=...}`), set every tick.
+    memory_gauge: Option<u32>,
 }
+
+/// How often each VM reports its linear memory.
+const MEMORY_REPORT_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Context for Root {}
 
 impl RootContext for Root {
+    /// Each VM (one per worker, and the main thread's) reports its own linear memory: a filter
+    /// whose memory grows with traffic is a filter that will die of it.
+    fn on_tick(&mut self) {
+        if self.memory_gauge.is_none() {
+            let vm = self
+                .rng
+                .try_borrow_mut()
+                .map(|mut r| r.next_u64())
+                .unwrap_or(0)
+                & 0xffff_ffff;
+            let name = format!("jairouter_vm_memory_bytes.vm={vm:08x};");
+            self.memory_gauge = hostcalls::define_metric(MetricType::Gauge, &name).ok();
+        }
+        if let Some(gauge) = self.memory_gauge {
+            let pages = core::arch::wasm32::memory_size(0) as u64;
+            let _ = hostcalls::record_metric(gauge, pages * 65_536);
+        }
+    }
+
     fn on_configure(&mut self, size: usize) -> bool {
         let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size) {
             Ok(Some(bytes)) => bytes,
@@ -78,6 +102,7 @@ impl RootContext for Root {
                         let _ = HostStore.set(&key, &initial, None);
                     }
                 }
+                let _ = hostcalls::set_tick_period(MEMORY_REPORT_PERIOD);
                 let instances = config.instances().count();
                 log::info!("configuration loaded ({instances} instances)");
                 self.config = Some(Rc::new(config));
@@ -157,10 +182,18 @@ impl HttpContext for Request {
             model_header: model_header.as_deref(),
             end_of_stream,
             header: &request_header,
-            content_length: request_header("content-length").and_then(|v| v.trim().parse().ok()),
+            content_length: if self.config.limits.is_empty() {
+                None
+            } else {
+                request_header("content-length").and_then(|v| v.trim().parse().ok())
+            },
         };
         let random = self.next_random();
-        let client = client_address();
+        let client = self
+            .config
+            .uses_client_address
+            .then(client_address)
+            .flatten();
         let host = Host {
             store: &HostStore,
             random,
@@ -196,7 +229,11 @@ impl HttpContext for Request {
             self.scanned = self.scanned.saturating_add(chunk.len());
             outcome = scan.feed(&chunk);
         }
-        let client = client_address();
+        let client = self
+            .config
+            .uses_client_address
+            .then(client_address)
+            .flatten();
         let host = Host {
             store: &HostStore,
             random,
@@ -219,17 +256,19 @@ impl HttpContext for Request {
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        let failed = response_status().is_none_or(|status| status >= 500);
-        self.measure_latency(failed);
+        if self.load.is_some() {
+            let failed = response_status().is_none_or(|status| status >= 500);
+            self.measure_latency(failed);
+        }
         for (name, value) in &self.response_headers {
             let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
         }
         // Token budgets settle from the usage an OpenAI answer (JSON or SSE) reports.
-        let content_type = response_header("content-type").unwrap_or_default();
-        if self.tokens.is_some()
-            && (content_type.contains("json") || content_type.contains("event-stream"))
-        {
-            self.usage = Some(UsageScanner::new());
+        if self.tokens.is_some() {
+            let content_type = response_header("content-type").unwrap_or_default();
+            if content_type.contains("json") || content_type.contains("event-stream") {
+                self.usage = Some(UsageScanner::new());
+            }
         }
         if self.config.gateway.instance_header {
             if let Some(id) = &self.served_by {

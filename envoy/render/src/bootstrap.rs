@@ -35,6 +35,10 @@ pub fn render(config: &RouterConfig, model_json: &Value, opts: &Options) -> Valu
     }
     json!({
         "node": {"id": "jairouter", "cluster": "jairouter"},
+        // The filter's metrics carry labels in their names (`<name>.<tag>=<value>;`).
+        "stats_config": {"stats_tags": [
+            {"tag_name": "vm", "regex": r"(\.vm=([^;]*);)"}
+        ]},
         "admin": {
             "address": socket(&opts.admin_address, opts.admin_port)
         },

@@ -47,6 +47,9 @@ pub struct RouterConfig {
     pub models_json: String,
     /// Every enabled rate limit, compiled.
     pub limits: Limits,
+    /// Whether anything keys on the client address (hash strategies, per-client limits): the
+    /// binding asks Envoy for it only then.
+    pub uses_client_address: bool,
 }
 
 /// Per-client rate-limit tables are preallocated in shared data; this bounds their total size.
@@ -319,7 +322,15 @@ fn parse_model(value: &Value) -> Result<RouterConfig> {
             ));
         }
     }
+    let uses_client_address = limits.list.iter().any(|l| l.scope == Scope::Client)
+        || services.iter().flatten().any(|s| {
+            matches!(
+                s.load_balance.strategy,
+                Strategy::IpHash | Strategy::ConsistentHash
+            )
+        });
     Ok(RouterConfig {
+        uses_client_address,
         services,
         load_balance,
         rate_limit,
