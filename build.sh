@@ -6,7 +6,7 @@
 #   ./build.sh build                the filter (.wasm), the renderer and the Python venv with Envoy
 #   ./build.sh validate FILE        check a JAiRouter application.yml with the filter's own code
 #   ./build.sh render FILE [ARGS]   print the Envoy bootstrap for FILE (see envoy/render)
-#   ./build.sh bench [SCENARIO]     benchmarks and soaks (soak-clients), not part of test
+#   ./build.sh bench [soak-clients] benchmarks (README table) and soaks, not part of test
 #
 # Environment: PORT (8080), ADMIN_PORT (9901), CONCURRENCY (2), LISTEN_ADDRESS (127.0.0.1).
 set -euo pipefail
@@ -77,17 +77,44 @@ cmd_test() {
   "$VENV/bin/python" -m pytest -q integration-tests "$@"
 }
 
-# Benchmarks and soaks (never part of `test`): ./build.sh bench [soak-clients] [ARGS]
+# Benchmarks and soaks (never part of `test`):
+#   ./build.sh bench [--rounds N --seconds S ...]   the comparison table (writes the README)
+#   ./build.sh bench soak-clients [--clients N]      distinct clients vs per-client limits
+ensure_wrk() {
+  command -v wrk >/dev/null && return
+  log "installing wrk (Debian) as the load generator"
+  if [[ $(id -u) -eq 0 ]]; then apt-get install -y -q wrk >/dev/null
+  else sudo apt-get install -y -q wrk >/dev/null; fi
+}
+
+# LiteLLM in a venv of its own (it pins its own dependencies); the bench runs without it if
+# it cannot be installed.
+ensure_litellm() {
+  local venv="$ROOT/.bench-venv" stamp="$ROOT/.bench-venv/.requirements"
+  [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
+  if ! cmp -s "$ROOT/integration-tests/bench-requirements.txt" "$stamp"; then
+    log "installing LiteLLM's proxy for the comparison (a few minutes, once)"
+    if "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$ROOT/integration-tests/bench-requirements.txt"; then
+      cp "$ROOT/integration-tests/bench-requirements.txt" "$stamp"
+    else
+      log "LiteLLM could not be installed; benchmarking without it"
+    fi
+  fi
+}
+
 cmd_bench() {
   build
-  local scenario="${1:-soak-clients}"
-  shift || true
-  case "$scenario" in
-    soak-clients)
-      log "soak: 100,000 distinct clients against per-client rate limits (memory must stay flat)"
-      "$VENV/bin/python" -u integration-tests/bench_soak_clients.py "$@" ;;
-    *) echo "unknown bench scenario: $scenario (soak-clients)" >&2; exit 2 ;;
-  esac
+  if [[ "${1:-}" == "soak-clients" ]]; then
+    shift
+    log "soak: 100,000 distinct clients against per-client rate limits (memory must stay flat)"
+    "$VENV/bin/python" -u integration-tests/bench_soak_clients.py "$@"
+    return
+  fi
+  ensure_wrk
+  ensure_litellm
+  cargo build --quiet --release -p jairouter-bench-backend
+  log "bench: direct, plain Envoy, Envoy with our filter, LiteLLM"
+  "$VENV/bin/python" -u integration-tests/bench.py "$@"
 }
 
 cmd_validate() {

@@ -1,0 +1,545 @@
+"""./build.sh bench: what the filter costs, beside plain Envoy and LiteLLM, in one run.
+
+Variants, all in front of the same fast backend (jairouter-bench-backend) on loopback:
+  direct    the backend alone (the floor)
+  envoy     Envoy routing to it with no wasm filter (the physical limit of a proxy here)
+  jairouter Envoy with our filter and the day's features on: routing by the body's model,
+            round-robin over two instances, request and token limits that never fire
+  litellm   LiteLLM's proxy routing the same model to the same backend (production settings:
+            one worker, no verbose logging), when it can be installed
+
+Each workload runs for every variant in turn, round after round, so machine drift hits all
+alike. Figures: requests/s and p50/p99 latency from wrk; proxy CPU per request from the proxy
+process's own accounting (/proc/PID/stat); peak resident memory (VmHWM). Ratios are to `envoy`
+measured in the same round; min/median/max over rounds. Writes the README's performance table,
+integration-tests/bench-results/{results.json,chart.svg}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+ENVOY = ROOT / ".venv" / "bin" / "envoy"
+RENDER = ROOT / "target" / "release" / "jairouter-render"
+WASM = ROOT / "target" / "wasm32-unknown-unknown" / "release" / "jairouter_filter.wasm"
+BACKEND = ROOT / "target" / "release" / "jairouter-bench-backend"
+LITELLM = ROOT / ".bench-venv" / "bin" / "litellm"
+OUT = ROOT / "integration-tests" / "bench-results"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MODEL = "bench"
+
+WRK_SCRIPT = """
+local f = io.open(os.getenv("BENCH_BODY"), "rb")
+wrk.body = f:read("*a")
+f:close()
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local chunks = os.getenv("BENCH_CHUNKS")
+if chunks then
+  wrk.headers["x-chunks"] = chunks
+  wrk.headers["x-chunk-gap-ms"] = "0"
+end
+local auth = os.getenv("BENCH_AUTH")
+if auth then wrk.headers["Authorization"] = auth end
+local model = os.getenv("BENCH_MODEL_HEADER")
+if model then wrk.headers["x-jairouter-model"] = model end
+"""
+
+
+def chat_body(prompt_bytes: int, model_first: bool = False, stream: bool = False) -> bytes:
+    """An OpenAI chat body of about `prompt_bytes`; the SDKs put `messages` before `model`."""
+    content = "x" * max(0, prompt_bytes - 80)
+    parts = [f'"messages":[{{"role":"user","content":"{content}"}}]', f'"model":"{MODEL}"']
+    if model_first:
+        parts.reverse()
+    if stream:
+        parts.append('"stream":true')
+    return ("{" + ",".join(parts) + "}").encode()
+
+
+@dataclass
+class Workload:
+    name: str
+    path: str
+    body: bytes
+    connections: int = 16
+    chunks: int | None = None
+
+
+WORKLOADS = [
+    Workload("chat 1 KB", "/v1/chat/completions", chat_body(1024)),
+    Workload("prompt 64 KB", "/v1/chat/completions", chat_body(64 * 1024)),
+    Workload("prompt 4 MB, model first", "/v1/chat/completions", chat_body(4 * 1024 * 1024, model_first=True), 4),
+    Workload("embeddings", "/v1/embeddings", json.dumps({"model": MODEL, "input": "hello world"}).encode()),
+]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def process_tree(pid: int) -> list[int]:
+    """A process and its descendants (LiteLLM's worker runs in a child)."""
+    pids = [pid]
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            for child in children.read_text().split():
+                pids += process_tree(int(child))
+        except FileNotFoundError:
+            pass
+    return pids
+
+
+def cpu_of_tree(pid: int) -> float:
+    return sum(cpu_seconds(p) for p in process_tree(pid) if Path(f"/proc/{p}").exists())
+
+
+def peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_rss_tree(pid: int) -> int:
+    return sum(peak_rss(p) for p in process_tree(pid) if Path(f"/proc/{p}").exists())
+
+
+class Variant:
+    name = ""
+    pid = 0
+    url = ""
+    # Request headers the variant needs (LiteLLM's master key).
+    headers: dict[str, str] = {}
+
+    def start(self, backend_port: int, workdir: Path) -> None: ...
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+    proc: subprocess.Popen | None = None
+
+    def wait_ready(self, probe: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.post(self.url + probe, content=chat_body(200),
+                               headers={"content-type": "application/json", **self.headers}, timeout=5)
+                if r.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.proc and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited")
+            time.sleep(0.3)
+        raise RuntimeError(f"{self.name} not ready")
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Direct(Variant):
+    name = "direct"
+
+    def __init__(self, backend: subprocess.Popen, port: int):
+        self.backend, self.port = backend, port
+
+    def start(self, backend_port, workdir):
+        self.pid = self.backend.pid
+        self.url = f"http://127.0.0.1:{backend_port}"
+
+    def stop(self):
+        pass
+
+
+class PlainEnvoy(Variant):
+    name = "envoy"
+
+    def start(self, backend_port, workdir):
+        port, admin = free_port(), free_port()
+        bootstrap = {
+            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+            "static_resources": {
+                "listeners": [{"name": "plain", "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                               "per_connection_buffer_limit_bytes": 12 * 1024 * 1024,
+                               "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                   "typed_config": {
+                                       "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                                       "stat_prefix": "plain", "use_remote_address": True,
+                                       "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
+                                           {"match": {"prefix": "/"}, "route": {"cluster": "backend", "timeout": "0s"}}]}]},
+                                       "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                                           "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]}],
+                "clusters": [{"name": "backend", "type": "STATIC", "connect_timeout": "5s",
+                              "load_assignment": {"cluster_name": "backend", "endpoints": [{"lb_endpoints": [
+                                  {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": backend_port}}}}]}]}}]}}
+        path = workdir / "plain.json"
+        path.write_text(json.dumps(bootstrap))
+        self.launch(path, port, admin, workdir)
+
+    def launch(self, bootstrap: Path, port: int, admin: int, workdir: Path):
+        self.admin = f"http://127.0.0.1:{admin}"
+        log = open(workdir / f"{self.name}.log", "w")
+        self.proc = subprocess.Popen([str(ENVOY), "-c", str(bootstrap), "--concurrency", "1", "--use-dynamic-base-id",
+                                      "--log-level", "warn"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid = self.proc.pid
+        self.url = f"http://127.0.0.1:{port}"
+        self.wait_ready("/v1/chat/completions")
+
+
+class JAiRouter(PlainEnvoy):
+    name = "jairouter"
+
+    def start(self, backend_port, workdir):
+        port, admin = free_port(), free_port()
+        instance = lambda i: {"name": MODEL, "base-url": f"http://127.0.0.1:{backend_port}"}
+        never = {"enabled": True, "capacity": 1_000_000_000, "rate": 1_000_000_000, "scope": "model"}
+        config = {"model": {
+            "load-balance": {"type": "round-robin"},
+            "rate-limit": never,
+            "token-limit": {"tokens-per-minute": 1_000_000_000_000, "scope": "model"},
+            "services": {
+                "chat": {"instances": [instance(0), instance(1)]},
+                "embedding": {"instances": [instance(0), instance(1)]},
+            }}}
+        app = workdir / "application.yml"
+        app.write_text(yaml.safe_dump(config))
+        path = workdir / "jairouter.json"
+        subprocess.run([str(RENDER), "bootstrap", str(app), "--wasm", str(WASM), "--port", str(port),
+                        "--admin-port", str(admin), "--out", str(path)], check=True)
+        self.launch(path, port, admin, workdir)
+
+    def vm_memory(self) -> dict[str, int]:
+        text = httpx.get(self.admin + "/stats/prometheus", timeout=10).text
+        return {m.group(1): int(m.group(2)) for m in re.finditer(r'jairouter_vm_memory_bytes\{vm="([^"]+)"\} (\d+)', text)}
+
+
+class LiteLLM(Variant):
+    name = "litellm"
+    key = "sk-bench-" + os.urandom(16).hex()
+
+    def start(self, backend_port, workdir):
+        port = free_port()
+        config = {
+            "model_list": [{"model_name": MODEL, "litellm_params": {
+                "model": f"openai/{MODEL}", "api_base": f"http://127.0.0.1:{backend_port}/v1", "api_key": "unused"}}],
+            "litellm_settings": {"set_verbose": False, "request_timeout": 600, "drop_params": True},
+            # Production: a master key (LiteLLM refuses to start without one), no database here.
+            "general_settings": {"master_key": self.key},
+        }
+        self.headers = {"authorization": f"Bearer {self.key}"}
+        path = workdir / "litellm.yaml"
+        path.write_text(yaml.safe_dump(config))
+        log = open(workdir / "litellm.log", "w")
+        env = dict(os.environ, LITELLM_LOG="ERROR", LITELLM_TELEMETRY="False")
+        self.proc = subprocess.Popen([str(LITELLM), "--config", str(path), "--host", "127.0.0.1", "--port", str(port),
+                                      "--num_workers", "1"], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        self.pid = self.proc.pid
+        self.url = f"http://127.0.0.1:{port}"
+        self.wait_ready("/v1/chat/completions", timeout=180)
+
+
+@dataclass
+class Run:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    cpu_us: float
+    requests: int
+    errors: int
+
+
+def parse_duration_ms(text: str) -> float:
+    value, unit = re.match(r"([\d.]+)(us|ms|s|m)", text).groups()
+    return float(value) * {"us": 0.001, "ms": 1, "s": 1000, "m": 60000}[unit]
+
+
+def run_wrk(variant: Variant, workload: Workload, seconds: float, workdir: Path) -> Run:
+    body_path = workdir / "body.json"
+    body_path.write_bytes(workload.body)
+    script = workdir / "post.lua"
+    script.write_text(WRK_SCRIPT)
+    env = dict(os.environ, BENCH_BODY=str(body_path))
+    if workload.chunks:
+        env["BENCH_CHUNKS"] = str(workload.chunks)
+    if "authorization" in variant.headers:
+        env["BENCH_AUTH"] = variant.headers["authorization"]
+    before = cpu_of_tree(variant.pid)
+    out = subprocess.run(["wrk", "-t1", f"-c{workload.connections}", f"-d{int(seconds)}s", "--latency", "-s", str(script),
+                          variant.url + workload.path], capture_output=True, text=True, env=env, timeout=seconds + 60)
+    cpu = cpu_of_tree(variant.pid) - before
+    text = out.stdout
+    if not re.search(r"(\d+) requests in", text):
+        raise RuntimeError(f"wrk failed against {variant.name}: {out.stdout}\n{out.stderr}")
+    requests = int(re.search(r"(\d+) requests in", text).group(1))
+    errors = 0
+    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", text):
+        errors += int(m.group(1))
+    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text):
+        errors += sum(int(x) for x in m.groups())
+    p50 = parse_duration_ms(re.search(r"50%\s+(\S+)", text).group(1))
+    p99 = parse_duration_ms(re.search(r"99%\s+(\S+)", text).group(1))
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+    return Run(rps, p50, p99, cpu / max(1, requests) * 1e6, requests, errors)
+
+
+def stream_timing(url: str, n: int, extra: dict[str, str], chunks: int = 10, gap_ms: int = 20) -> tuple[float, float]:
+    """Median time to first byte (ms) and median deviation of the gaps from `gap_ms` (ms)."""
+    body = chat_body(512, stream=True)
+    ttfb, deviation = [], []
+    with httpx.Client(timeout=30) as c:
+        for _ in range(n):
+            start = time.perf_counter()
+            arrivals = []
+            with c.stream("POST", url + "/v1/chat/completions", content=body,
+                          headers={"content-type": "application/json", "x-chunks": str(chunks),
+                                   "x-chunk-gap-ms": str(gap_ms), **extra}) as r:
+                for _chunk in r.iter_raw():
+                    arrivals.append(time.perf_counter())
+            ttfb.append((arrivals[0] - start) * 1000)
+            gaps = [(b - a) * 1000 for a, b in zip(arrivals, arrivals[1:])]
+            deviation.extend(abs(g - gap_ms) for g in gaps[: chunks - 1] if g > gap_ms / 2)
+    return statistics.median(ttfb), statistics.median(deviation) if deviation else 0.0
+
+
+def spread(values: list[float]) -> str:
+    if not values:
+        return "–"
+    return f"{statistics.median(values):.2f} ({min(values):.2f}–{max(values):.2f})"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--soak", type=int, default=10_000, help="streamed and large requests for the VM memory check")
+    parser.add_argument("--no-litellm", action="store_true")
+    parser.add_argument("--no-readme", action="store_true")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report from results.json")
+    args = parser.parse_args()
+    if args.report_only:
+        return report_only(args)
+
+    workdir = Path(tempfile.mkdtemp(prefix="jairouter-bench-"))
+    backend = subprocess.Popen([str(BACKEND)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    backend_port = int(backend.stdout.readline().split()[1])
+    variants: list[Variant] = [Direct(backend, backend_port), PlainEnvoy(), JAiRouter()]
+    litellm_note = ""
+    if not args.no_litellm and LITELLM.exists():
+        variants.append(LiteLLM())
+    elif not args.no_litellm:
+        litellm_note = "LiteLLM could not be installed here; its column is empty."
+    results: dict[str, dict[str, list[Run]]] = {w.name: {v.name: [] for v in variants} for w in WORKLOADS}
+    peak: dict[str, int] = {}
+    try:
+        for v in variants:
+            v.start(backend_port, workdir)
+        print(f"bench: {len(variants)} variants, {args.rounds} rounds x {args.seconds:g}s per workload", flush=True)
+        for round_no in range(args.rounds):
+            for workload in WORKLOADS:
+                order = variants[round_no % len(variants):] + variants[: round_no % len(variants)]
+                for v in order:
+                    run = run_wrk(v, workload, args.seconds, workdir)
+                    results[workload.name][v.name].append(run)
+                    print(f"  round {round_no + 1} {workload.name:<26} {v.name:<10} {run.rps:>9.0f} req/s "
+                          f"p50 {run.p50_ms:.3f} ms p99 {run.p99_ms:.3f} ms cpu {run.cpu_us:.1f} us/req "
+                          f"errors {run.errors}", flush=True)
+        streaming = {v.name: stream_timing(v.url, 30, v.headers) for v in variants}
+        for v in variants:
+            peak[v.name] = peak_rss_tree(v.pid)
+        ours = next(v for v in variants if isinstance(v, JAiRouter))
+        vm_before = ours.vm_memory()
+        soak = Workload("soak stream", "/v1/chat/completions", chat_body(512, stream=True), 8, 10)
+        big = Workload("soak large", "/v1/chat/completions", chat_body(256 * 1024), 8)
+        soak_runs = []
+        for w in (soak, big):
+            done = 0
+            while done < args.soak:
+                r = run_wrk(ours, w, 2, workdir)
+                done += r.requests
+            soak_runs.append(done)
+        time.sleep(1.5)  # a tick reports each VM's memory
+        vm_after = ours.vm_memory()
+    finally:
+        for v in variants:
+            v.stop()
+        os.killpg(backend.pid, signal.SIGTERM)
+
+    report = build_report(results, streaming, peak, vm_before, vm_after, soak_runs, variants, args, litellm_note)
+    print(report)
+    OUT.mkdir(exist_ok=True)
+    (OUT / "results.json").write_text(json.dumps({
+        "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+        "results": {w: {v: [r.__dict__ for r in runs] for v, runs in per.items()} for w, per in results.items()},
+        "streaming": streaming, "peak_rss": peak, "vm_memory_before": vm_before, "vm_memory_after": vm_after,
+        "soak": soak_runs, "seconds": args.seconds,
+    }, indent=1))
+    (OUT / "chart.svg").write_text(chart(results, [v.name for v in variants]))
+    if not args.no_readme:
+        write_readme(report)
+    return 0
+
+
+def report_only(args) -> int:
+    saved = json.loads((OUT / "results.json").read_text())
+    results = {w: {v: [Run(**r) for r in runs] for v, runs in per.items()} for w, per in saved["results"].items()}
+    names = list(next(iter(results.values())).keys())
+    variants = [type("V", (), {"name": n})() for n in names]
+    streaming = {k: tuple(v) for k, v in saved["streaming"].items()}
+    args.rounds = len(next(iter(results.values()))["envoy"])
+    args.seconds = saved.get("seconds", 5)
+    report = build_report(results, streaming, saved["peak_rss"], saved["vm_memory_before"], saved["vm_memory_after"],
+                          saved.get("soak", [0, 0]), variants, args, "", saved["date"], saved["machine"])
+    write_readme(report)
+    print(report)
+    return 0
+
+
+def write_readme(report: str) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- bench:begin -->", "<!-- bench:end -->"
+    if start in text and end in text:
+        text = text[: text.index(start) + len(start)] + "\n" + report + "\n" + text[text.index(end):]
+        readme.write_text(text)
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return f"{os.cpu_count()} vCPU ({cpu}), {platform.system()} {platform.release()}"
+
+
+def build_report(results, streaming, peak, vm_before, vm_after, soak_runs, variants, args, litellm_note,
+                 date: str | None = None, where: str | None = None) -> str:
+    names = [v.name for v in variants]
+    lines = [
+        f"Measured {date or time.strftime('%Y-%m-%d')} on {where or machine()} with `./build.sh bench` "
+        f"({args.rounds} rounds of {args.seconds:g} s per workload and variant, wrk with 1 thread; "
+        "Envoy with one worker; LiteLLM with one worker). Ratios are to plain Envoy in the same round: "
+        "median (min–max).",
+        "",
+        "| Workload | Variant | req/s | × Envoy req/s | p50 ms | p99 ms | proxy CPU µs/req | CPU over Envoy µs/req |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for workload, per in results.items():
+        base = per["envoy"]
+        for name in names:
+            runs = per[name]
+            if not runs:
+                continue
+            ratio = [r.rps / b.rps for r, b in zip(runs, base)]
+            over = [r.cpu_us - b.cpu_us for r, b in zip(runs, base)]
+            errors = sum(r.errors for r in runs)
+            flag = f" ({errors} errors)" if errors else ""
+            lines.append(
+                f"| {workload} | {name}{flag} | {statistics.median([r.rps for r in runs]):.0f} | {spread(ratio)} | "
+                f"{statistics.median([r.p50_ms for r in runs]):.3f} | {statistics.median([r.p99_ms for r in runs]):.3f} | "
+                f"{statistics.median([r.cpu_us for r in runs]):.1f} | "
+                f"{'–' if name in ('envoy', 'direct') else spread(over)} |")
+    lines += ["", "| Variant | peak resident memory | streaming: time to first byte | streaming: gap deviation |",
+              "|---|---|---|---|"]
+    for name in names:
+        ttfb, dev = streaming[name]
+        lines.append(f"| {name} | {peak[name] / 2**20:.1f} MiB | {ttfb:.2f} ms | {dev:.2f} ms |")
+    growth = {vm: vm_after.get(vm, 0) - vm_before.get(vm, 0) for vm in vm_before}
+    lines += ["", f"Filter: {WASM.stat().st_size:,} bytes of wasm. Wasm VM linear memory after "
+                  f"{soak_runs[0]:,} streamed responses and {soak_runs[1]:,} 256 KB requests (model last): "
+                  + ", ".join(f"{vm_after.get(vm, 0) / 2**20:.2f} MiB (grew {g / 2**20:.2f})" for vm, g in growth.items())
+                  + "."]
+    if litellm_note:
+        lines += ["", litellm_note]
+    lines += ["", "Targets:", ""] + [f"- {t}" for t in targets(results, streaming, vm_before, vm_after)]
+    return "\n".join(lines)
+
+
+def targets(results, streaming, vm_before, vm_after) -> list[str]:
+    """Issue 5's targets, each with its verdict from this run's medians."""
+    def med(workload, variant, attr):
+        runs = results[workload][variant]
+        return statistics.median(getattr(r, attr) for r in runs) if runs else None
+
+    def ok(passed: bool) -> str:
+        return "met" if passed else "**missed**"
+
+    out = []
+    small, large = "chat 1 KB", "prompt 4 MB, model first"
+    over_small = med(small, "jairouter", "cpu_us") - med(small, "envoy", "cpu_us")
+    share = med(small, "jairouter", "rps") / med(small, "envoy", "rps")
+    out.append(f"CPU over plain Envoy on the 1 KB chat request at most 20 µs: {over_small:.1f} µs, {ok(over_small <= 20)}.")
+    out.append(f"At least 88% of plain Envoy's throughput at one worker: {share:.0%}, {ok(share >= 0.88)}.")
+    over_large = med(large, "jairouter", "cpu_us") - med(large, "envoy", "cpu_us")
+    out.append(f"The 4 MB prompt costs no more over Envoy than the 1 KB one: {over_large:.0f} µs vs {over_small:.0f} µs, "
+               f"{ok(over_large <= over_small)}.")
+    added = streaming["jairouter"][0] - streaming["envoy"][0]
+    out.append(f"Streaming adds under 1 ms to time to first byte over Envoy: {added:.2f} ms, {ok(added < 1)}.")
+    growth = max((vm_after.get(vm, 0) - v for vm, v in vm_before.items()), default=0)
+    out.append(f"Wasm VM memory within 1 MiB of its start after the soak: grew {growth / 2**20:.2f} MiB, {ok(growth <= 2**20)}.")
+    if results[small].get("litellm"):
+        times = med(small, "jairouter", "rps") / med(small, "litellm", "rps")
+        lower = med(small, "litellm", "p99_ms") / med(small, "jairouter", "p99_ms")
+        out.append(f"At least 60x LiteLLM's throughput per core: {times:.0f}x, {ok(times >= 60)}; "
+                   f"p99 at least 20x lower: {lower:.0f}x, {ok(lower >= 20)}.")
+    return out
+
+
+def chart(results, names) -> str:
+    """Requests/s per workload and variant, as grouped bars (log scale), in plain SVG."""
+    import math
+    colors = {"direct": "#999999", "envoy": "#4c78a8", "jairouter": "#f58518", "litellm": "#54a24b"}
+    width, row, bar = 760, 34 * len(names) + 20, 30
+    height = 40 + row * len(results)
+    top = max(statistics.median([r.rps for r in runs]) for per in results.values() for runs in per.values() if runs)
+    scale = lambda v: 180 + 540 * math.log10(max(v, 1)) / math.log10(top * 1.2)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
+           '<text x="10" y="20" font-size="14">Requests per second (log scale), median over rounds</text>']
+    y = 40
+    for workload, per in results.items():
+        out.append(f'<text x="10" y="{y + 14}" font-weight="bold">{workload}</text>')
+        for i, name in enumerate(names):
+            runs = per[name]
+            if not runs:
+                continue
+            rps = statistics.median([r.rps for r in runs])
+            by = y + 20 + i * 34
+            out.append(f'<rect x="180" y="{by}" width="{scale(rps) - 180:.1f}" height="{bar - 6}" fill="{colors.get(name, "#888")}"/>')
+            out.append(f'<text x="170" y="{by + 16}" text-anchor="end">{name}</text>')
+            out.append(f'<text x="{scale(rps) + 4:.1f}" y="{by + 16}">{rps:,.0f}</text>')
+        y += row
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
