@@ -6,7 +6,7 @@
 #   ./build.sh build                the filter (.wasm), the renderer and the Python venv with Envoy
 #   ./build.sh validate FILE        check a JAiRouter application.yml with the filter's own code
 #   ./build.sh render FILE [ARGS]   print the Envoy bootstrap for FILE (see envoy/render)
-#   ./build.sh bench [soak-clients] benchmarks (README table) and soaks, not part of test
+#   ./build.sh bench [soak-clients|hostcalls] benchmarks (README table) and soaks, not part of test
 #
 # Environment: PORT (8080), ADMIN_PORT (9901), CONCURRENCY (2), LISTEN_ADDRESS (127.0.0.1).
 set -euo pipefail
@@ -80,6 +80,7 @@ cmd_test() {
 # Benchmarks and soaks (never part of `test`):
 #   ./build.sh bench [--rounds N --seconds S ...]   the comparison table (writes the README)
 #   ./build.sh bench soak-clients [--clients N]      distinct clients vs per-client limits
+#   ./build.sh bench hostcalls                        what each kind of host call costs (README)
 ensure_wrk() {
   command -v wrk >/dev/null && return
   log "installing wrk (Debian) as the load generator"
@@ -104,17 +105,25 @@ ensure_litellm() {
 
 cmd_bench() {
   build
-  if [[ "${1:-}" == "soak-clients" ]]; then
-    shift
-    log "soak: 100,000 distinct clients against per-client rate limits (memory must stay flat)"
-    "$VENV/bin/python" -u integration-tests/bench_soak_clients.py "$@"
-    return
+  local scenario="${1:-}"
+  case "$scenario" in soak-clients | hostcalls) shift ;; esac
+  if [[ "$scenario" != soak-clients ]]; then
+    ensure_wrk
+    cargo build --quiet --release -p jairouter-bench-backend
+    cargo build --quiet --release --target "$WASM_TARGET" -p jairouter-filter --example hostcall_probe
   fi
-  ensure_wrk
-  ensure_litellm
-  cargo build --quiet --release -p jairouter-bench-backend
-  log "bench: direct, plain Envoy, Envoy with our filter, LiteLLM"
-  "$VENV/bin/python" -u integration-tests/bench.py "$@"
+  case "$scenario" in
+    soak-clients)
+      log "soak: 100,000 distinct clients against per-client rate limits (memory must stay flat)"
+      "$VENV/bin/python" -u integration-tests/bench_soak_clients.py "$@" ;;
+    hostcalls)
+      log "bench: what each kind of proxy-wasm host call costs in Envoy"
+      "$VENV/bin/python" -u integration-tests/bench_hostcalls.py "$@" ;;
+    *)
+      ensure_litellm
+      log "bench: direct, plain Envoy, wasm no-op, Envoy with our filter, LiteLLM"
+      "$VENV/bin/python" -u integration-tests/bench.py "$@" ;;
+  esac
 }
 
 cmd_validate() {

@@ -263,3 +263,41 @@ def test_backend_errors_pass_through_untouched(stubs, gateway):
     r = httpx.post(gw.url + "/v1/chat/completions", content=json_body({"model": "llama"}), timeout=5)
     body = r.json()
     assert body["object"] == "chat.completion" and "success" not in body  # no envelope
+
+
+def wasm_exports(path) -> set[str]:
+    """Names in a .wasm module's export section (section id 7)."""
+    data = path.read_bytes()
+
+    def leb(pos):
+        value = shift = 0
+        while True:
+            byte = data[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value, pos
+
+    names, pos = set(), 8
+    while pos < len(data):
+        section, pos = data[pos], pos + 1
+        size, pos = leb(pos)
+        if section == 7:
+            count, p = leb(pos)
+            for _ in range(count):
+                length, p = leb(p)
+                names.add(data[p:p + length].decode())
+                p += length + 1  # the kind byte
+                _, p = leb(p)    # the index
+        pos += size
+    return names
+
+
+def test_abi_version_lets_envoy_reselect_the_route():
+    """The filter skips the clear_route_cache call because Envoy re-selects the route itself
+    when an ABI 0.2.1 module changes a request header (HOST_CLEARS_ROUTE_CACHE in wasm.rs).
+    A newer SDK exporting another ABI must turn that call back on."""
+    from harness import WASM
+    abi = {name for name in wasm_exports(WASM) if name.startswith("proxy_abi_version_")}
+    assert abi == {"proxy_abi_version_0_2_1"}

@@ -6,6 +6,7 @@
 pub mod balance;
 pub mod config;
 pub mod endpoint;
+pub mod headers;
 pub mod limit;
 pub mod request;
 pub mod scan;

@@ -8,6 +8,7 @@ use crate::config::{
     RouterConfig, Strategy, INSTANCE_HEADER, MODEL_HEADER, ROUTING_HEADER,
     SERVICE_DESCRIPTOR_HEADER,
 };
+use crate::headers::HeaderPairs;
 use crate::request::{
     client_ip, on_request_headers, BodyStep, HeadDecision, Host, LocalReply, RequestHead, Routed,
     TokenReservation,
@@ -27,6 +28,13 @@ const BODY_WINDOW: usize = 16 * 1024;
 
 /// A failed exchange (5xx, reset, timeout) counts as at least this slow for least-latency.
 const FAILURE_LATENCY_NS: u64 = 1_000_000_000;
+
+/// Envoy re-selects the route itself when a module of ABI 0.2.1 (what proxy-wasm 0.2.x
+/// exports) changes a request header; newer ABIs must ask with the `clear_route_cache` foreign
+/// function, which costs ~2 µs per request on top (`./build.sh bench hostcalls`). Every routing
+/// test fails if this is ever wrong, and `test_abi_version_lets_envoy_reselect_the_route` pins
+/// the ABI it relies on.
+const HOST_CLEARS_ROUTE_CACHE: bool = true;
 
 /// Routing headers a client must never choose: ours, and the one ORIGINAL_DST clusters honour.
 const CLIENT_ROUTING_HEADERS: [&str; 2] = [ROUTING_HEADER, "x-envoy-original-dst-host"];
@@ -122,6 +130,7 @@ impl RootContext for Root {
             config,
             rng: Rc::clone(&self.rng),
             scan: None,
+            path: String::new(),
             scanned: 0,
             served_by: None,
             load: None,
@@ -140,6 +149,8 @@ struct Request {
     config: Rc<RouterConfig>,
     rng: Rc<RefCell<Rng>>,
     scan: Option<Box<crate::request::BodyScan>>,
+    /// The request's `:path` as the client sent it (rewritten only when the instance needs it).
+    path: String,
     /// Body bytes already fed to the scanner.
     scanned: usize,
     /// The instance id for `x-jairouter-instance`.
@@ -168,25 +179,28 @@ impl Context for Request {}
 
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
+        // One host call for every header: asking by name costs a call apiece.
+        let headers = request_headers();
         for name in CLIENT_ROUTING_HEADERS {
-            let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
+            if headers.contains(name) {
+                let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
+            }
         }
-        let method = request_header(":method").unwrap_or_default();
-        let path = request_header(":path").unwrap_or_default();
-        let content_type = request_header("content-type");
-        let model_header = request_header(MODEL_HEADER);
+        headers
+            .get(":path")
+            .unwrap_or_default()
+            .clone_into(&mut self.path);
+        let lookup = |name: &str| headers.get(name).map(str::to_string);
         let head = RequestHead {
-            method: &method,
-            path: &path,
-            content_type: content_type.as_deref(),
-            model_header: model_header.as_deref(),
+            method: headers.get(":method").unwrap_or_default(),
+            path: headers.get(":path").unwrap_or_default(),
+            content_type: headers.get("content-type"),
+            model_header: headers.get(MODEL_HEADER),
             end_of_stream,
-            header: &request_header,
-            content_length: if self.config.limits.is_empty() {
-                None
-            } else {
-                request_header("content-length").and_then(|v| v.trim().parse().ok())
-            },
+            header: &lookup,
+            content_length: headers
+                .get("content-length")
+                .and_then(|v| v.trim().parse().ok()),
         };
         let random = self.next_random();
         let client = self
@@ -377,7 +391,10 @@ impl Request {
                 "the chosen instance is gone",
             ));
         };
-        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, ":path", Some(&routed.path));
+        if routed.path != self.path {
+            let _ =
+                hostcalls::set_map_value(MapType::HttpRequestHeaders, ":path", Some(&routed.path));
+        }
         for (name, value) in &instance.headers {
             let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
         }
@@ -401,8 +418,10 @@ impl Request {
                 Some(&routed.model),
             );
         }
-        if let Err(status) = hostcalls::call_foreign_function("clear_route_cache", None) {
-            log::warn!("clear_route_cache failed: {status:?}");
+        if !HOST_CLEARS_ROUTE_CACHE {
+            if let Err(status) = hostcalls::call_foreign_function("clear_route_cache", None) {
+                log::warn!("clear_route_cache failed: {status:?}");
+            }
         }
         self.served_by = Some(instance.id.clone());
         self.response_headers.clone_from(&routed.headers);
@@ -457,11 +476,29 @@ fn now_ns() -> u64 {
         .unwrap_or(0)
 }
 
-fn request_header(name: &str) -> Option<String> {
-    match hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name) {
-        Ok(Some(bytes)) => String::from_utf8(bytes).ok(),
-        _ => None,
-    }
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_get_header_map_pairs(
+        map_type: MapType,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> Status;
+}
+
+/// Every request header in one host call. The SDK's own `get_map_bytes` unwraps a non-UTF-8
+/// name; `HeaderPairs` skips one instead.
+fn request_headers() -> HeaderPairs {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: on `Ok` the host has put `size` bytes at `data`, allocated through the SDK's
+    // `proxy_on_memory_allocate` (a `Vec<u8>` of that capacity): ownership passes to us.
+    let bytes = unsafe {
+        match proxy_get_header_map_pairs(MapType::HttpRequestHeaders, &mut data, &mut size) {
+            Status::Ok if !data.is_null() => Vec::from_raw_parts(data, size, size),
+            _ => return HeaderPairs::default(),
+        }
+    };
+    HeaderPairs::parse(&bytes)
 }
 
 fn send(reply: &LocalReply) -> Action {

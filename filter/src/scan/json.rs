@@ -260,11 +260,7 @@ impl JsonModelScanner {
                 esc: Esc::None,
             } = self.state
             {
-                let rest = chunk.get(i..).unwrap_or_default();
-                let plain = rest
-                    .iter()
-                    .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
-                    .unwrap_or(rest.len());
+                let plain = plain_string_bytes(chunk.get(i..).unwrap_or_default());
                 i += plain;
                 if plain > 0 {
                     continue;
@@ -695,6 +691,39 @@ fn hex(b: u8) -> Option<u32> {
     char::from(b).to_digit(16)
 }
 
+/// How many leading bytes of `bytes` are plain string content: not a quote, a backslash or a
+/// control character. Eight bytes at a time (SWAR on a u64, which wasm32 has natively): the
+/// prompt's strings are most of what the scanner reads.
+fn plain_string_bytes(bytes: &[u8]) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    // A byte of `v` is zero (or, for `below`, under `n`) where the result has its high bit set;
+    // bits above the first such byte may be wrong, the lowest one is exact.
+    let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS;
+    let below = |v: u64, n: u8| v.wrapping_sub(ONES.wrapping_mul(u64::from(n))) & !v & HIGHS;
+    let mut words = bytes.chunks_exact(8);
+    let mut plain = 0;
+    for word in words.by_ref() {
+        let Ok(word) = <[u8; 8]>::try_from(word) else {
+            break;
+        };
+        let v = u64::from_le_bytes(word);
+        let special = zero_byte(v ^ ONES.wrapping_mul(u64::from(b'"')))
+            | zero_byte(v ^ ONES.wrapping_mul(u64::from(b'\\')))
+            | below(v, 0x20);
+        if special != 0 {
+            return plain + (special.trailing_zeros() / 8) as usize;
+        }
+        plain += 8;
+    }
+    let tail = words.remainder();
+    plain
+        + tail
+            .iter()
+            .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
+            .unwrap_or(tail.len())
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(
@@ -931,5 +960,38 @@ mod tests {
             "read {fed} bytes past the model"
         );
         assert_eq!(s.field("max_tokens"), None);
+    }
+
+    #[test]
+    fn plain_string_bytes_stops_where_a_byte_at_a_time_scan_does() {
+        let naive = |b: &[u8]| {
+            b.iter()
+                .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
+                .unwrap_or(b.len())
+        };
+        // Deterministic noise over the bytes that matter and UTF-8 bytes around them.
+        let alphabet = [
+            b'a', b' ', b'"', b'\\', 0x00, 0x1f, 0x20, 0x21, 0x5b, 0x5d, 0x7f, 0x80, 0xa2, 0xdc,
+            0xff,
+        ];
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        for len in 0..40 {
+            for _ in 0..200 {
+                let bytes: Vec<u8> = (0..len)
+                    .map(|_| {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        // Mostly plain bytes, so runs are long enough to cross words.
+                        if state.is_multiple_of(4) {
+                            alphabet[(state >> 8) as usize % alphabet.len()]
+                        } else {
+                            b'a' + (state >> 8) as u8 % 26
+                        }
+                    })
+                    .collect();
+                assert_eq!(plain_string_bytes(&bytes), naive(&bytes), "{bytes:?}");
+            }
+        }
     }
 }

@@ -1,0 +1,151 @@
+//! A proxy-wasm filter that does nothing but the host calls its configuration names, for
+//! `./build.sh bench`: with an empty configuration it is the floor under ours (what any wasm
+//! filter costs in Envoy); with steps it prices each kind of host call under load
+//! (`./build.sh bench hostcalls`). Steps, comma-separated, `name` or `name:count`:
+//! `pause` (hold the headers, read the body, continue from the body callback), `get` (a request
+//! header by name), `map` (every request header at once), `set` / `remove` (request headers),
+//! `reply-header` (a response header), `route-cache` (the `clear_route_cache` foreign
+//! function), `time`, `shared` (a shared-data read and compare-and-swap write), `property`
+//! (`source.address`).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+#[cfg(target_arch = "wasm32")]
+mod probe {
+    use proxy_wasm::hostcalls;
+    use proxy_wasm::traits::{Context, HttpContext, RootContext};
+    use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
+    use std::rc::Rc;
+
+    proxy_wasm::main! {{
+        proxy_wasm::set_log_level(LogLevel::Warn);
+        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root(Rc::default())) });
+    }}
+
+    #[derive(Default)]
+    struct Steps {
+        pause: bool,
+        get: u32,
+        map: u32,
+        set: u32,
+        remove: u32,
+        reply_header: u32,
+        route_cache: u32,
+        time: u32,
+        shared: u32,
+        property: u32,
+    }
+
+    struct Root(Rc<Steps>);
+    impl Context for Root {}
+    impl RootContext for Root {
+        fn on_configure(&mut self, _: usize) -> bool {
+            let text = self.get_plugin_configuration().unwrap_or_default();
+            let mut steps = Steps::default();
+            for step in String::from_utf8_lossy(&text)
+                .split(',')
+                .filter(|s| !s.is_empty())
+            {
+                let (name, count) = step.split_once(':').unwrap_or((step, "1"));
+                let count: u32 = count.parse().unwrap_or(1);
+                match name {
+                    "pause" => steps.pause = true,
+                    "get" => steps.get = count,
+                    "map" => steps.map = count,
+                    "set" => steps.set = count,
+                    "remove" => steps.remove = count,
+                    "reply-header" => steps.reply_header = count,
+                    "route-cache" => steps.route_cache = count,
+                    "time" => steps.time = count,
+                    "shared" => steps.shared = count,
+                    "property" => steps.property = count,
+                    _ => return false,
+                }
+            }
+            if steps.shared > 0 {
+                hostcalls::set_shared_data("probe", Some(b"0"), None).unwrap();
+            }
+            self.0 = Rc::new(steps);
+            true
+        }
+        fn create_http_context(&self, _: u32) -> Option<Box<dyn HttpContext>> {
+            Some(Box::new(Probe {
+                steps: Rc::clone(&self.0),
+                done: false,
+            }))
+        }
+        fn get_type(&self) -> Option<ContextType> {
+            Some(ContextType::HttpContext)
+        }
+    }
+
+    struct Probe {
+        steps: Rc<Steps>,
+        done: bool,
+    }
+
+    impl Probe {
+        fn request_calls(&mut self) {
+            self.done = true;
+            let s = &self.steps;
+            let headers = MapType::HttpRequestHeaders;
+            for _ in 0..s.get {
+                let _ = hostcalls::get_map_value_bytes(headers, ":path");
+            }
+            for _ in 0..s.map {
+                let _ = hostcalls::get_map_bytes(headers);
+            }
+            for i in 0..s.set {
+                let _ = hostcalls::set_map_value(headers, &format!("x-probe-{i}"), Some("value"));
+            }
+            for i in 0..s.remove {
+                let _ = hostcalls::remove_map_value(headers, &format!("x-absent-{i}"));
+            }
+            for _ in 0..s.route_cache {
+                let _ = hostcalls::call_foreign_function("clear_route_cache", None);
+            }
+            for _ in 0..s.time {
+                let _ = hostcalls::get_current_time();
+            }
+            for _ in 0..s.shared {
+                let (value, cas) = hostcalls::get_shared_data("probe").unwrap_or((None, None));
+                let _ = hostcalls::set_shared_data("probe", value.as_deref(), cas);
+            }
+            for _ in 0..s.property {
+                let _ = hostcalls::get_property(vec!["source", "address"]);
+            }
+        }
+    }
+
+    impl Context for Probe {}
+    impl HttpContext for Probe {
+        fn on_http_request_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
+            if self.steps.pause && !end_of_stream {
+                return Action::Pause;
+            }
+            self.request_calls();
+            Action::Continue
+        }
+        fn on_http_request_body(&mut self, size: usize, _: bool) -> Action {
+            if !self.done {
+                let _ = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size.min(16 * 1024));
+                self.request_calls();
+            }
+            Action::Continue
+        }
+        fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
+            for i in 0..self.steps.reply_header {
+                let _ = hostcalls::set_map_value(
+                    MapType::HttpResponseHeaders,
+                    &format!("x-probe-{i}"),
+                    Some("1"),
+                );
+            }
+            Action::Continue
+        }
+    }
+}
