@@ -11,6 +11,11 @@ Per-request control headers:
   x-stub-chunk-delay-ms  wait between SSE chunks
   x-stub-usage           "none" leaves `usage` out; "P,C" reports P prompt and C completion
                          tokens (default: body bytes / 4, and max_tokens or 3)
+  x-stub-break-after     cut a stream's connection after this many SSE chunks (a backend dying
+                         midway)
+
+A stopped stub (`stop()`) refuses new connections and drops requests that arrive on connections
+it had kept alive, without answering: to its clients it is a dead backend until `start()`.
 
 CLI: python stub_backend.py --instance NAME[:PORT] [...] prints `STUB <name> <port>` per server
 and serves until SIGTERM or SIGINT.
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import signal
 import sys
 import threading
@@ -148,6 +154,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         stub = self.server.stub
         received_at = time.monotonic()
+        if stub._server is not self.server:
+            # Stopped: a kept-alive connection outlives the listener; drop it unanswered.
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
         try:
             body = self._read_body()
         except (ValueError, ConnectionError):
@@ -272,7 +283,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()
 
+        break_after = int(headers.get("x-stub-break-after", "-1"))
         for i in range(chunks):
+            if i == break_after:
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
             if i and gap:
                 time.sleep(gap)
             choice = {"index": 0, "delta": {"content": f"tok{i} "}} if chat else {"index": 0, "text": f"tok{i} "}

@@ -4,6 +4,7 @@
 //! wasm32; `wasm` binds it to proxy-wasm contexts.
 
 pub mod balance;
+pub mod breaker;
 pub mod config;
 pub mod endpoint;
 pub mod headers;

@@ -3,7 +3,10 @@
 //! decisions out.
 
 use crate::balance::{pick_instance, PickInput};
-use crate::config::{model_object, Algorithm, RouterConfig, Strategy, MAX_MODEL_NAME_BYTES};
+use crate::breaker::{self, Admission, Outcome};
+use crate::config::{
+    model_object, Algorithm, Instance, RouterConfig, Strategy, MAX_MODEL_NAME_BYTES,
+};
 use crate::endpoint::{classify, Endpoint, Route, ServiceType};
 use crate::limit::bucket::Verdict;
 use crate::limit::{openai_duration, retry_after_secs, Grant, Phase, Refusal, Subject, Unit};
@@ -99,6 +102,9 @@ pub struct Routed {
     pub headers: Vec<(&'static str, String)>,
     /// Token budgets to settle from the response's usage.
     pub tokens: Option<TokenReservation>,
+    /// How the instance's circuit breaker let the request through (when it has one): what the
+    /// end of the exchange must be counted against.
+    pub breaker: Option<Admission>,
 }
 
 pub enum HeadDecision {
@@ -432,40 +438,63 @@ pub fn route_model(
         limits.release(host.store, &admitted.grants);
         return Err(no_instance());
     };
-    // An instance's own limit refusing sends the request to the next routable instance (as the
-    // original does, up to three tries); only when all refuse is the client limited.
+    // Instances whose breaker is open are passed over, whatever the strategy picked; an
+    // instance's own limit refusing sends the request on as well (as the original does, up to
+    // three tries). Only when every instance refuses is the client limited or told none serve.
     let start = pool.routable.iter().position(|i| *i == first).unwrap_or(0);
     let candidates = pool
         .routable
         .iter()
         .cycle()
         .skip(start)
-        .take(pool.routable.len().min(MAX_INSTANCE_TRIES));
+        .take(pool.routable.len());
     let mut chosen = None;
     let mut refused = None;
+    let mut limit_tries = 0;
+    // The soonest an open breaker passed over here lets a trial through (an upper bound).
+    let mut open_for_ns: Option<u64> = None;
     for &at in candidates {
         let Some(instance) = service.instances.get(at) else {
             continue;
         };
+        let breaker = instance
+            .breaker
+            .as_ref()
+            .map(|policy| breaker::admit(host.store, &instance.breaker_key, policy, host.now_ns));
+        if breaker == Some(Admission::Refused) {
+            let timeout = instance.breaker.as_ref().map_or(0, |p| p.timeout_ns);
+            open_for_ns = Some(open_for_ns.map_or(timeout, |t| t.min(timeout)));
+            continue;
+        }
+        if limit_tries == MAX_INSTANCE_TRIES {
+            release_breaker(host, instance, breaker);
+            break;
+        }
+        limit_tries += 1;
         subject.instance = Some((at, &instance.id));
         match limits.acquire(host.store, &subject, Phase::AfterPick, host.now_ns, tokens) {
             Ok(more) => {
                 admitted.merge(more);
-                chosen = Some((at, instance));
+                chosen = Some((at, instance, breaker));
                 break;
             }
-            Err(refusal) => refused = Some(refusal),
+            Err(refusal) => {
+                release_breaker(host, instance, breaker);
+                refused = Some(refusal);
+            }
         }
     }
-    let Some((at, instance)) = chosen else {
+    let Some((at, instance, breaker)) = chosen else {
         limits.release(host.store, &admitted.grants);
-        return Err(match refused {
-            Some(refusal) => too_many_requests(cfg, &refusal),
-            None => no_instance(),
+        return Err(match (refused, open_for_ns) {
+            (Some(refusal), _) => too_many_requests(cfg, &refusal),
+            (None, Some(open_ns)) => all_breakers_open(model, open_ns),
+            (None, None) => no_instance(),
         });
     };
     let Some(path) = instance.upstream_path(endpoint) else {
         limits.release(host.store, &admitted.grants);
+        release_breaker(host, instance, breaker);
         return Err(no_instance());
     };
     let path = if query.is_empty() {
@@ -488,7 +517,37 @@ pub fn route_model(
             prompt_estimate: extras.body_bytes.unwrap_or(0).div_ceil(4),
             grants: admitted.grants,
         }),
+        breaker,
     })
+}
+
+/// 503 when every instance of the model is behind an open breaker; Retry-After is when the
+/// first of them lets a trial request through, at the latest.
+fn all_breakers_open(model: &str, open_ns: u64) -> LocalReply {
+    let secs = open_ns.div_ceil(1_000_000_000).max(1);
+    LocalReply::error(
+        503,
+        "server_error",
+        "no_available_instance",
+        &format!(
+            "Every instance of the model `{model}` is failing (circuit breakers open); try again later."
+        ),
+    )
+    .with_header("retry-after", &secs.to_string())
+}
+
+/// A breaker admission that will not be used (a half-open trial must free its place).
+fn release_breaker(host: &Host<'_>, instance: &Instance, admission: Option<Admission>) {
+    if let (Some(policy), Some(admission)) = (&instance.breaker, admission) {
+        breaker::record(
+            host.store,
+            &instance.breaker_key,
+            policy,
+            admission,
+            Outcome::Neutral,
+            host.now_ns,
+        );
+    }
 }
 
 /// The OpenAI rate-limit headers for the tightest limit a request met.

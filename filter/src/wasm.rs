@@ -4,6 +4,7 @@
 
 use crate::balance::load::{begin_request, end_request, record_latency, LatencyEstimate};
 use crate::balance::Rng;
+use crate::breaker::{self, Admission, BreakerPolicy, Outcome};
 use crate::config::{
     RouterConfig, Strategy, INSTANCE_HEADER, MODEL_HEADER, ROUTING_HEADER,
     SERVICE_DESCRIPTOR_HEADER,
@@ -137,6 +138,8 @@ impl RootContext for Root {
             response_headers: Vec::new(),
             tokens: None,
             usage: None,
+            breaker: None,
+            status: None,
         }))
     }
 
@@ -162,6 +165,17 @@ struct Request {
     /// Token budgets drawn at admission, settled once the response tells its usage.
     tokens: Option<TokenReservation>,
     usage: Option<UsageScanner>,
+    /// The instance's circuit breaker, until the exchange's outcome is counted.
+    breaker: Option<BreakerTicket>,
+    /// The response's status, once its headers passed.
+    status: Option<u32>,
+}
+
+/// A breaker admission to count once the exchange with the instance is over.
+struct BreakerTicket {
+    key: String,
+    policy: BreakerPolicy,
+    admission: Admission,
 }
 
 /// An in-flight count taken for a request, to give back exactly once, and the start of its
@@ -269,10 +283,21 @@ impl HttpContext for Request {
         }
     }
 
-    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_response_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
+        if self.load.is_some() || self.breaker.is_some() {
+            self.status = response_status();
+        }
         if self.load.is_some() {
-            let failed = response_status().is_none_or(|status| status >= 500);
+            let failed = self.status.is_none_or(|status| status >= 500);
             self.measure_latency(failed);
+        }
+        // 5xx (Envoy's own for connect failures, resets and timeouts included) counts at once;
+        // a 4xx is the client's doing; a success counts only once its body has ended whole.
+        match self.status {
+            Some(status) if status >= 500 => self.count_breaker(Outcome::Failure),
+            Some(status) if status >= 400 => self.count_breaker(Outcome::Neutral),
+            _ if end_of_stream => self.count_breaker(Outcome::Success),
+            _ => {}
         }
         for (name, value) in &self.response_headers {
             let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
@@ -307,6 +332,7 @@ impl HttpContext for Request {
         }
         if end_of_stream {
             self.settle_tokens();
+            self.count_breaker(Outcome::Success);
         }
         Action::Continue
     }
@@ -315,6 +341,10 @@ impl HttpContext for Request {
     fn on_log(&mut self) {
         self.end_load();
         self.settle_tokens();
+        if self.breaker.is_some() {
+            let outcome = unfinished_outcome(self.status.is_some());
+            self.count_breaker(outcome);
+        }
     }
 }
 
@@ -323,6 +353,7 @@ impl Drop for Request {
     fn drop(&mut self) {
         self.end_load();
         self.settle_tokens();
+        self.count_breaker(Outcome::Neutral);
     }
 }
 
@@ -360,6 +391,20 @@ impl Request {
         self.config
             .limits
             .settle_tokens(&HostStore, &reservation.grants, used, now_ns());
+    }
+
+    /// Counts the exchange against the instance's breaker, once.
+    fn count_breaker(&mut self, outcome: Outcome) {
+        if let Some(ticket) = self.breaker.take() {
+            breaker::record(
+                &HostStore,
+                &ticket.key,
+                &ticket.policy,
+                ticket.admission,
+                outcome,
+                now_ns(),
+            );
+        }
     }
 
     /// Gives the in-flight count back, once, however the request ended.
@@ -426,6 +471,14 @@ impl Request {
         self.served_by = Some(instance.id.clone());
         self.response_headers.clone_from(&routed.headers);
         self.tokens.clone_from(&routed.tokens);
+        self.breaker = match (&instance.breaker, routed.breaker) {
+            (Some(policy), Some(admission)) => Some(BreakerTicket {
+                key: instance.breaker_key.clone(),
+                policy: *policy,
+                admission,
+            }),
+            _ => None,
+        };
         let strategy = self.config.service(routed.service).map(|s| &s.load_balance);
         if let Some(lb) = strategy.filter(|lb| {
             matches!(
@@ -444,6 +497,24 @@ impl Request {
             });
         }
         Action::Continue
+    }
+}
+
+/// How an exchange the breaker has not counted yet ended, read when Envoy logs the stream: a
+/// response that began and did not end whole broke midway, the instance's failure unless the
+/// client went away; no response at all means the client left first.
+fn unfinished_outcome(response_started: bool) -> Outcome {
+    if !response_started {
+        return Outcome::Neutral;
+    }
+    let details = match hostcalls::get_property(vec!["response", "code_details"]) {
+        Ok(Some(bytes)) => String::from_utf8(bytes).unwrap_or_default(),
+        _ => String::new(),
+    };
+    if details.starts_with("downstream_") {
+        Outcome::Neutral
+    } else {
+        Outcome::Failure
     }
 }
 

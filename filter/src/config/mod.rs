@@ -12,6 +12,7 @@ pub use reader::ConfigError;
 
 use crate::balance::ring::HashRing;
 use crate::balance::smooth_sequence;
+use crate::breaker::BreakerPolicy;
 use crate::endpoint::{Endpoint, ServiceType};
 use crate::limit::Limits;
 use reader::{error, Fields, Result};
@@ -126,7 +127,12 @@ pub struct Instance {
     /// Headers sent upstream on every request to this instance (e.g. the backend's credentials).
     pub headers: Vec<(String, String)>,
     pub rate_limit: Option<RateLimitPolicy>,
+    /// The `circuit-breaker` block in force here (instance, else service, else global).
     pub circuit_breaker: Option<CircuitBreakerPolicy>,
+    /// This instance's breaker, when one is enabled for it.
+    pub breaker: Option<BreakerPolicy>,
+    /// Shared-data key of its breaker state.
+    pub breaker_key: String,
     /// Shared-data key of the requests in flight to this instance (least-connections, least-latency).
     pub in_flight_key: String,
     /// Shared-data key of this instance's latency estimate (least-latency).
@@ -252,7 +258,7 @@ fn parse_model(value: &Value) -> Result<RouterConfig> {
     };
     let rate_limit = take_policy(&mut f, "rate-limit", RateLimitPolicy::parse)?;
     let token_limit = take_policy(&mut f, "token-limit", TokenLimitPolicy::parse)?;
-    let circuit_breaker = take_policy(&mut f, "circuit-breaker", CircuitBreakerPolicy::parse)?;
+    let circuit_breaker = take_breaker(&mut f, None)?;
     let fallback = take_policy(&mut f, "fallback", FallbackPolicy::parse)?;
     let gateway = match f.take("gateway") {
         Some(v) => parse_gateway(&f.child("gateway"), v)?,
@@ -291,7 +297,14 @@ fn parse_model(value: &Value) -> Result<RouterConfig> {
             if slot.is_some() {
                 return Err(error(&path, "service type given twice (under two aliases)"));
             }
-            let service = parse_service(&path, kind, service_value, &load_balance, &mut clusters)?;
+            let service = parse_service(
+                &path,
+                kind,
+                service_value,
+                &load_balance,
+                circuit_breaker.as_ref(),
+                &mut clusters,
+            )?;
             total_instances = total_instances.saturating_add(service.instances.len());
             if total_instances > MAX_INSTANCES {
                 return Err(error(
@@ -341,6 +354,16 @@ fn parse_model(value: &Value) -> Result<RouterConfig> {
         models_json,
         limits,
     })
+}
+
+fn take_breaker(
+    f: &mut Fields<'_>,
+    parent: Option<&CircuitBreakerPolicy>,
+) -> Result<Option<CircuitBreakerPolicy>> {
+    let path = f.child("circuit-breaker");
+    f.take("circuit-breaker")
+        .map(|v| CircuitBreakerPolicy::parse(&path, v, parent))
+        .transpose()
 }
 
 fn take_policy<T>(
@@ -415,6 +438,7 @@ fn parse_service(
     kind: ServiceType,
     value: &Value,
     global_lb: &LoadBalance,
+    global_breaker: Option<&CircuitBreakerPolicy>,
     clusters: &mut HashMap<String, String>,
 ) -> Result<Service> {
     let mut f = Fields::new(path, value)?;
@@ -425,7 +449,7 @@ fn parse_service(
     };
     let rate_limit = take_policy(&mut f, "rate-limit", RateLimitPolicy::parse)?;
     let token_limit = take_policy(&mut f, "token-limit", TokenLimitPolicy::parse)?;
-    let circuit_breaker = take_policy(&mut f, "circuit-breaker", CircuitBreakerPolicy::parse)?;
+    let circuit_breaker = take_breaker(&mut f, global_breaker)?.or_else(|| global_breaker.cloned());
     let fallback = take_policy(&mut f, "fallback", FallbackPolicy::parse)?;
     let instances_path = f.child("instances");
     let list = match f.take("instances") {
@@ -449,7 +473,7 @@ fn parse_service(
     let mut instances = Vec::with_capacity(list.len());
     for (index, item) in list.into_iter().enumerate() {
         let ipath = format!("{instances_path}[{index}]");
-        let instance = parse_instance(&ipath, kind, index, item)?;
+        let instance = parse_instance(&ipath, kind, index, item, circuit_breaker.as_ref())?;
         if let Some(previous) = clusters.insert(instance.cluster.clone(), ipath.clone()) {
             return Err(error(
                 &ipath,
@@ -520,7 +544,13 @@ fn parse_service(
     })
 }
 
-fn parse_instance(path: &str, kind: ServiceType, index: usize, value: &Value) -> Result<Instance> {
+fn parse_instance(
+    path: &str,
+    kind: ServiceType,
+    index: usize,
+    value: &Value,
+    service_breaker: Option<&CircuitBreakerPolicy>,
+) -> Result<Instance> {
     let mut f = Fields::new(path, value)?;
     let name = f
         .string("name")?
@@ -562,7 +592,8 @@ fn parse_instance(path: &str, kind: ServiceType, index: usize, value: &Value) ->
         Some(v) => parse_headers(&f.child("headers"), v)?,
     };
     let rate_limit = take_policy(&mut f, "rate-limit", RateLimitPolicy::parse_for_instance)?;
-    let circuit_breaker = take_policy(&mut f, "circuit-breaker", CircuitBreakerPolicy::parse)?;
+    let circuit_breaker =
+        take_breaker(&mut f, service_breaker)?.or_else(|| service_breaker.cloned());
     // Bookkeeping fields of the original (database ids, adapter names): accepted, not needed.
     f.string("adapter")?;
     f.take("id");
@@ -583,6 +614,10 @@ fn parse_instance(path: &str, kind: ServiceType, index: usize, value: &Value) ->
         cluster: cluster_name(&id),
         in_flight_key: format!("jairouter/inflight/{id}"),
         latency_key: format!("jairouter/latency/{id}"),
+        breaker_key: format!("jairouter/breaker/{id}"),
+        breaker: circuit_breaker
+            .as_ref()
+            .and_then(CircuitBreakerPolicy::breaker),
         id,
         name,
         base_url,

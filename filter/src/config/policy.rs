@@ -335,16 +335,47 @@ pub struct CircuitBreakerPolicy {
 }
 
 impl CircuitBreakerPolicy {
-    pub fn parse(path: &str, value: &Value) -> Result<CircuitBreakerPolicy> {
+    /// The original's defaults (5 failures, 60 s open, 2 successes).
+    pub const DEFAULT: CircuitBreakerPolicy = CircuitBreakerPolicy {
+        enabled: true,
+        failure_threshold: 5,
+        timeout_ms: 60_000,
+        success_threshold: 2,
+    };
+
+    /// A block written at all is on unless it says `enabled: false`; keys it leaves out come
+    /// from the enclosing block (`parent`: the service's for an instance, the global one for a
+    /// service), else the original's defaults. The original parses per-service and
+    /// per-instance blocks and then ignores them; ours honours them.
+    pub fn parse(
+        path: &str,
+        value: &Value,
+        parent: Option<&CircuitBreakerPolicy>,
+    ) -> Result<CircuitBreakerPolicy> {
+        let base = parent.unwrap_or(&CircuitBreakerPolicy::DEFAULT);
         let mut f = Fields::new(path, value)?;
         let policy = CircuitBreakerPolicy {
-            enabled: f.boolean("enabled", false)?,
-            failure_threshold: f.integer("failure-threshold", 5, 1, 1_000_000)?,
-            timeout_ms: f.integer("timeout", 60_000, 1, 86_400_000)?,
-            success_threshold: f.integer("success-threshold", 2, 1, 1_000_000)?,
+            enabled: f.boolean("enabled", true)?,
+            failure_threshold: f.integer(
+                "failure-threshold",
+                base.failure_threshold,
+                1,
+                1_000_000,
+            )?,
+            timeout_ms: f.integer("timeout", base.timeout_ms, 1, 86_400_000)?,
+            success_threshold: f.integer("success-threshold", base.success_threshold, 1, 1_000)?,
         };
         f.finish()?;
         Ok(policy)
+    }
+
+    /// What the breaker of an instance runs on, when it has one.
+    pub fn breaker(&self) -> Option<crate::breaker::BreakerPolicy> {
+        self.enabled.then(|| crate::breaker::BreakerPolicy {
+            failure_threshold: u32::try_from(self.failure_threshold).unwrap_or(u32::MAX),
+            timeout_ns: self.timeout_ms.saturating_mul(1_000_000),
+            success_threshold: u32::try_from(self.success_threshold).unwrap_or(u32::MAX),
+        })
     }
 }
 

@@ -258,3 +258,57 @@ fn limits_are_checked_key_by_key() {
         assert!(err.starts_with(message), "{err}");
     }
 }
+
+#[test]
+fn breaker_blocks_inherit_from_the_enclosing_block() {
+    let cfg = RouterConfig::from_value(&json!({
+        "circuit-breaker": {"failureThreshold": 10, "timeout": 5000},
+        "services": {
+            "chat": {
+                "circuit-breaker": {"success-threshold": 3},
+                "instances": [
+                    {"name": "a", "base-url": "http://a:1", "circuit-breaker": {"failure-threshold": 1}},
+                    {"name": "a", "base-url": "http://b:1", "circuit-breaker": {"enabled": false}},
+                    {"name": "a", "base-url": "http://c:1"}
+                ]
+            },
+            "embedding": {"instances": [{"name": "e", "base-url": "http://e:1"}]}
+        }
+    }))
+    .unwrap();
+    let chat = cfg.service(ServiceType::Chat).unwrap();
+    let own = chat.instances[0].breaker.unwrap();
+    assert_eq!(
+        (own.failure_threshold, own.success_threshold, own.timeout_ns),
+        (1, 3, 5_000_000_000)
+    );
+    assert_eq!(chat.instances[1].breaker, None);
+    let inherited = chat.instances[2].breaker.unwrap();
+    assert_eq!(
+        (inherited.failure_threshold, inherited.success_threshold),
+        (10, 3)
+    );
+    let embedding = cfg.service(ServiceType::Embedding).unwrap().instances[0]
+        .breaker
+        .unwrap();
+    assert_eq!(
+        (embedding.failure_threshold, embedding.success_threshold),
+        (10, 2)
+    );
+
+    let none = RouterConfig::from_value(&json!({"services": {"chat": {"instances": [
+        {"name": "a", "base-url": "http://a:1"}]}}}))
+    .unwrap();
+    assert_eq!(
+        none.service(ServiceType::Chat).unwrap().instances[0].breaker,
+        None
+    );
+    let bad = RouterConfig::from_value(&json!({"services": {"chat": {"instances": [
+        {"name": "a", "base-url": "http://a:1", "circuit-breaker": {"timeout": 0}}]}}}))
+    .unwrap_err();
+    assert!(
+        bad.to_string()
+            .contains("model.services.chat.instances[0].circuit-breaker.timeout"),
+        "{bad}"
+    );
+}

@@ -398,3 +398,65 @@ fn header_hash_takes_its_key_from_the_header_or_the_body_field() {
         assert_eq!(by_header[0], by_field[0]);
     }
 }
+
+fn route_with(cfg: &RouterConfig, store: &MemoryStore, now_ns: u64) -> Result<Routed, LocalReply> {
+    let host = Host {
+        store,
+        random: 0,
+        now_ns,
+        client: None,
+    };
+    route_model(
+        cfg,
+        Endpoint::ChatCompletions,
+        "llama",
+        "",
+        &host,
+        &Extras::default(),
+    )
+}
+
+#[test]
+fn open_breakers_are_passed_over_and_all_open_is_503_with_retry_after() {
+    let cfg = RouterConfig::from_value(&json!({
+        "load-balance": {"type": "round-robin"},
+        "circuit-breaker": {"failure-threshold": 1, "timeout": 10_000},
+        "services": {"chat": {"instances": [
+            {"name": "llama", "base-url": "http://a:1"},
+            {"name": "llama", "base-url": "http://b:1"}
+        ]}}
+    }))
+    .unwrap();
+    let store = MemoryStore::default();
+    let service = cfg.service(ServiceType::Chat).unwrap();
+    let open = |at: usize| {
+        let instance = &service.instances[at];
+        let policy = instance.breaker.unwrap();
+        let admission = breaker::admit(&store, &instance.breaker_key, &policy, 0);
+        breaker::record(
+            &store,
+            &instance.breaker_key,
+            &policy,
+            admission,
+            Outcome::Failure,
+            0,
+        );
+    };
+    open(0);
+    for _ in 0..4 {
+        let routed = route_with(&cfg, &store, 1).unwrap();
+        assert_eq!(routed.instance, 1);
+        assert_eq!(routed.breaker, Some(Admission::Closed { clean: true }));
+    }
+    open(1);
+    let refused = route_with(&cfg, &store, 1).unwrap_err();
+    assert_eq!(refused.status, 503);
+    assert_eq!(error_code(&refused), "no_available_instance");
+    assert!(refused
+        .headers
+        .iter()
+        .any(|(name, value)| *name == "retry-after" && value == "10"));
+    // After the timeout, one trial goes through.
+    let trial = route_with(&cfg, &store, 10_000_000_001).unwrap();
+    assert_eq!(trial.breaker, Some(Admission::Trial));
+}

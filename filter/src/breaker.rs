@@ -1,0 +1,437 @@
+//! Circuit breakers, one per instance, kept in shared data so every Envoy worker of a process
+//! sees the same state.
+//!
+//! closed → open after `failure-threshold` consecutive failures → half-open once `timeout` has
+//! passed → closed after `success-threshold` successes, or open again on one failure. Half-open
+//! lets at most `success-threshold` trial requests be in flight at once, never a flood.
+//! A closed breaker costs a request one shared-data read at admission, and nothing when the
+//! request succeeds on a breaker that had no failures.
+
+use crate::store::{transact, SharedStore};
+
+/// What a breaker needs from the configuration (the most specific `circuit-breaker` block:
+/// instance, else service, else global; unset keys come from the enclosing block).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerPolicy {
+    pub failure_threshold: u32,
+    pub timeout_ns: u64,
+    pub success_threshold: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl State {
+    /// The value of `jairouter_circuit_breaker_state` (the original's: 0 closed, 1 open,
+    /// 2 half-open).
+    pub fn gauge(self) -> u64 {
+        match self {
+            State::Closed => 0,
+            State::Open => 1,
+            State::HalfOpen => 2,
+        }
+    }
+}
+
+/// One instance's breaker as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Breaker {
+    pub state: State,
+    /// Consecutive failures while closed.
+    pub failures: u32,
+    /// Successes while half-open.
+    pub successes: u32,
+    /// Trial requests in flight while half-open.
+    pub trials: u32,
+    /// When it last opened (host clock, ns).
+    pub opened_at_ns: u64,
+}
+
+const ENCODED_LEN: usize = 21;
+
+impl Breaker {
+    pub const CLOSED: Breaker = Breaker {
+        state: State::Closed,
+        failures: 0,
+        successes: 0,
+        trials: 0,
+        opened_at_ns: 0,
+    };
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(ENCODED_LEN);
+        out.push(match self.state {
+            State::Closed => 0,
+            State::Open => 1,
+            State::HalfOpen => 2,
+        });
+        out.extend(self.failures.to_le_bytes());
+        out.extend(self.successes.to_le_bytes());
+        out.extend(self.trials.to_le_bytes());
+        out.extend(self.opened_at_ns.to_le_bytes());
+        out
+    }
+
+    /// A missing or unreadable value is a closed breaker: when in doubt, serve.
+    pub fn decode(bytes: Option<&[u8]>) -> Breaker {
+        let Some(bytes) = bytes.filter(|b| b.len() == ENCODED_LEN) else {
+            return Breaker::CLOSED;
+        };
+        let u32_at = |at: usize| {
+            bytes
+                .get(at..at + 4)
+                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                .map_or(0, u32::from_le_bytes)
+        };
+        let opened_at_ns = bytes
+            .get(13..21)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map_or(0, u64::from_le_bytes);
+        let state = match bytes.first() {
+            Some(1) => State::Open,
+            Some(2) => State::HalfOpen,
+            _ => State::Closed,
+        };
+        Breaker {
+            state,
+            failures: u32_at(1),
+            successes: u32_at(5),
+            trials: u32_at(9),
+            opened_at_ns,
+        }
+    }
+
+    /// Whether a request may go to the instance now, and the state it leaves (an open breaker
+    /// whose timeout passed turns half-open and admits a trial).
+    pub fn admit(self, policy: &BreakerPolicy, now_ns: u64) -> (Breaker, Admission) {
+        match self.state {
+            State::Closed => (
+                self,
+                Admission::Closed {
+                    clean: self.failures == 0,
+                },
+            ),
+            State::Open if now_ns.saturating_sub(self.opened_at_ns) >= policy.timeout_ns => {
+                let next = Breaker {
+                    state: State::HalfOpen,
+                    failures: 0,
+                    successes: 0,
+                    trials: 1,
+                    opened_at_ns: self.opened_at_ns,
+                };
+                (next, Admission::Trial)
+            }
+            State::Open => (self, Admission::Refused),
+            State::HalfOpen if self.trials < policy.success_threshold => {
+                let next = Breaker {
+                    trials: self.trials.saturating_add(1),
+                    ..self
+                };
+                (next, Admission::Trial)
+            }
+            State::HalfOpen => (self, Admission::Refused),
+        }
+    }
+
+    /// The state after a request admitted as `admission` ended with `outcome`.
+    pub fn record(
+        self,
+        policy: &BreakerPolicy,
+        admission: Admission,
+        outcome: Outcome,
+        now_ns: u64,
+    ) -> Breaker {
+        let trial = admission == Admission::Trial;
+        match (self.state, outcome) {
+            (State::Closed, Outcome::Success) => Breaker {
+                failures: 0,
+                ..self
+            },
+            (State::Closed, Outcome::Failure) => {
+                let failures = self.failures.saturating_add(1);
+                if failures >= policy.failure_threshold {
+                    Breaker {
+                        state: State::Open,
+                        failures,
+                        successes: 0,
+                        trials: 0,
+                        opened_at_ns: now_ns,
+                    }
+                } else {
+                    Breaker { failures, ..self }
+                }
+            }
+            (State::HalfOpen, Outcome::Failure) => Breaker {
+                state: State::Open,
+                failures: self.failures,
+                successes: 0,
+                trials: 0,
+                opened_at_ns: now_ns,
+            },
+            (State::HalfOpen, Outcome::Success) if trial => {
+                let successes = self.successes.saturating_add(1);
+                if successes >= policy.success_threshold {
+                    Breaker::CLOSED
+                } else {
+                    Breaker {
+                        successes,
+                        trials: self.trials.saturating_sub(1),
+                        ..self
+                    }
+                }
+            }
+            (State::HalfOpen, Outcome::Neutral) if trial => Breaker {
+                trials: self.trials.saturating_sub(1),
+                ..self
+            },
+            // A request admitted before the breaker opened (or before it turned half-open)
+            // says nothing about the trials; an open breaker waits out its timeout.
+            _ => self,
+        }
+    }
+}
+
+/// How a request was let through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Closed; `clean` when it had no failures (a success then needs no write).
+    Closed {
+        clean: bool,
+    },
+    /// One of half-open's bounded trial requests.
+    Trial,
+    Refused,
+}
+
+/// How the exchange with the instance ended, as the breaker counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    /// 5xx, connect failure, reset, timeout, or a response stream broken midway.
+    Failure,
+    /// The client's doing (4xx, the client went away): neither success nor failure.
+    Neutral,
+}
+
+/// Admits a request to the instance whose breaker lives at `key`.
+pub fn admit(store: &dyn SharedStore, key: &str, policy: &BreakerPolicy, now_ns: u64) -> Admission {
+    let decision = transact(store, key, |value| {
+        let before = Breaker::decode(value);
+        let (after, admission) = before.admit(policy, now_ns);
+        ((after != before).then(|| after.encode()), admission)
+    });
+    // A host that refuses shared data must not take every instance out of rotation.
+    decision.unwrap_or(Admission::Closed { clean: true })
+}
+
+/// Counts the end of a request admitted as `admission`; returns the state change, if any.
+pub fn record(
+    store: &dyn SharedStore,
+    key: &str,
+    policy: &BreakerPolicy,
+    admission: Admission,
+    outcome: Outcome,
+    now_ns: u64,
+) -> Option<(State, State)> {
+    if admission == (Admission::Closed { clean: true }) && outcome != Outcome::Failure {
+        return None;
+    }
+    transact(store, key, |value| {
+        let before = Breaker::decode(value);
+        let after = before.record(policy, admission, outcome, now_ns);
+        let change = (after.state != before.state).then_some((before.state, after.state));
+        ((after != before).then(|| after.encode()), change)
+    })
+    .flatten()
+}
+
+/// The breaker's state as stored (for the state gauge).
+pub fn state(store: &dyn SharedStore, key: &str) -> State {
+    Breaker::decode(store.get(key).0.as_deref()).state
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    const SECOND: u64 = 1_000_000_000;
+    const POLICY: BreakerPolicy = BreakerPolicy {
+        failure_threshold: 5,
+        timeout_ns: SECOND,
+        success_threshold: 2,
+    };
+    const KEY: &str = "jairouter/breaker/a";
+
+    fn fail(store: &MemoryStore, now: u64) -> Option<(State, State)> {
+        let admission = admit(store, KEY, &POLICY, now);
+        assert_ne!(admission, Admission::Refused);
+        record(store, KEY, &POLICY, admission, Outcome::Failure, now)
+    }
+
+    fn succeed(store: &MemoryStore, now: u64) -> Option<(State, State)> {
+        let admission = admit(store, KEY, &POLICY, now);
+        assert_ne!(admission, Admission::Refused);
+        record(store, KEY, &POLICY, admission, Outcome::Success, now)
+    }
+
+    fn open(store: &MemoryStore) {
+        for _ in 0..5 {
+            fail(store, 0);
+        }
+        assert_eq!(state(store, KEY), State::Open);
+    }
+
+    #[test]
+    fn threshold_minus_one_failures_stay_closed_and_the_threshold_opens() {
+        let store = MemoryStore::default();
+        for _ in 0..4 {
+            assert_eq!(fail(&store, 0), None);
+        }
+        assert_eq!(state(&store, KEY), State::Closed);
+        assert_ne!(admit(&store, KEY, &POLICY, 0), Admission::Refused);
+        assert_eq!(fail(&store, 0), Some((State::Closed, State::Open)));
+        assert_eq!(admit(&store, KEY, &POLICY, SECOND / 2), Admission::Refused);
+    }
+
+    #[test]
+    fn a_success_resets_the_consecutive_count() {
+        let store = MemoryStore::default();
+        for _ in 0..4 {
+            fail(&store, 0);
+        }
+        succeed(&store, 0);
+        for _ in 0..4 {
+            fail(&store, 0);
+        }
+        assert_eq!(state(&store, KEY), State::Closed);
+    }
+
+    #[test]
+    fn the_timeout_half_opens_and_successes_close() {
+        let store = MemoryStore::default();
+        open(&store);
+        assert_eq!(admit(&store, KEY, &POLICY, SECOND - 1), Admission::Refused);
+        let first = admit(&store, KEY, &POLICY, SECOND);
+        assert_eq!(first, Admission::Trial);
+        assert_eq!(state(&store, KEY), State::HalfOpen);
+        assert_eq!(
+            record(&store, KEY, &POLICY, first, Outcome::Success, SECOND),
+            None
+        );
+        assert_eq!(state(&store, KEY), State::HalfOpen);
+        assert_eq!(
+            succeed(&store, SECOND),
+            Some((State::HalfOpen, State::Closed))
+        );
+        assert_eq!(
+            Breaker::decode(store.get(KEY).0.as_deref()),
+            Breaker::CLOSED
+        );
+    }
+
+    #[test]
+    fn one_failure_in_half_open_reopens_for_another_timeout() {
+        let store = MemoryStore::default();
+        open(&store);
+        assert_eq!(
+            fail(&store, 2 * SECOND),
+            Some((State::HalfOpen, State::Open))
+        );
+        assert_eq!(
+            admit(&store, KEY, &POLICY, 2 * SECOND + SECOND / 2),
+            Admission::Refused
+        );
+        assert_eq!(admit(&store, KEY, &POLICY, 3 * SECOND), Admission::Trial);
+    }
+
+    #[test]
+    fn half_open_admits_a_bounded_number_of_trials() {
+        let store = MemoryStore::default();
+        open(&store);
+        let now = 5 * SECOND;
+        let trials: Vec<_> = (0..10).map(|_| admit(&store, KEY, &POLICY, now)).collect();
+        assert_eq!(trials.iter().filter(|a| **a == Admission::Trial).count(), 2);
+        // A trial that ends neither well nor badly frees its place.
+        record(
+            &store,
+            KEY,
+            &POLICY,
+            Admission::Trial,
+            Outcome::Neutral,
+            now,
+        );
+        assert_eq!(admit(&store, KEY, &POLICY, now), Admission::Trial);
+        assert_eq!(admit(&store, KEY, &POLICY, now), Admission::Refused);
+    }
+
+    #[test]
+    fn failures_while_open_keep_it_open_without_extending_it() {
+        let store = MemoryStore::default();
+        open(&store);
+        // Requests admitted before it opened end later, failing.
+        let before_open = Admission::Closed { clean: false };
+        record(
+            &store,
+            KEY,
+            &POLICY,
+            before_open,
+            Outcome::Failure,
+            SECOND / 2,
+        );
+        assert_eq!(state(&store, KEY), State::Open);
+        assert_eq!(admit(&store, KEY, &POLICY, SECOND), Admission::Trial);
+    }
+
+    #[test]
+    fn successes_while_closed_keep_it_closed_and_write_nothing() {
+        let store = MemoryStore::default();
+        for _ in 0..100 {
+            assert_eq!(succeed(&store, 0), None);
+        }
+        assert!(store.is_empty(), "a clean closed breaker is never written");
+        assert_eq!(state(&store, KEY), State::Closed);
+    }
+
+    #[test]
+    fn counts_start_over_after_recovery() {
+        let store = MemoryStore::default();
+        open(&store);
+        succeed(&store, SECOND);
+        succeed(&store, SECOND);
+        assert_eq!(state(&store, KEY), State::Closed);
+        fail(&store, SECOND);
+        assert_eq!(Breaker::decode(store.get(KEY).0.as_deref()).failures, 1);
+    }
+
+    #[test]
+    fn client_errors_never_trip_it() {
+        let store = MemoryStore::default();
+        for _ in 0..50 {
+            let admission = admit(&store, KEY, &POLICY, 0);
+            record(&store, KEY, &POLICY, admission, Outcome::Neutral, 0);
+        }
+        assert_eq!(state(&store, KEY), State::Closed);
+    }
+
+    #[test]
+    fn unreadable_state_reads_as_closed() {
+        for bytes in [&b""[..], b"\x01", &[7u8; 21], &[1u8; 40]] {
+            let breaker = Breaker::decode(Some(bytes));
+            assert!(breaker.state == State::Closed || bytes.len() == ENCODED_LEN);
+        }
+        let b = Breaker {
+            state: State::HalfOpen,
+            failures: 3,
+            successes: 1,
+            trials: 2,
+            opened_at_ns: 1234,
+        };
+        assert_eq!(Breaker::decode(Some(&b.encode())), b);
+    }
+}

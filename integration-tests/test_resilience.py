@@ -1,0 +1,191 @@
+"""Circuit breakers through a real Envoy with two workers (issue 6)."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from harness import error_of, instance, json_body
+
+CHAT = json_body({"model": "llama", "messages": [{"role": "user", "content": "hi"}]})
+JSON = {"content-type": "application/json"}
+
+
+def breaker(**keys) -> dict:
+    # Long enough that a phase of a test never outlasts it by accident.
+    return {"failure-threshold": 3, "timeout": 2000, "success-threshold": 2, **keys}
+
+
+def post(gw, headers=None, body=CHAT) -> httpx.Response:
+    # A fresh connection each time spreads requests over both workers.
+    with httpx.Client(timeout=10) as c:
+        return c.post(gw.url + "/v1/chat/completions", content=body, headers={**JSON, **(headers or {})})
+
+
+def chat_gateway(gateway, servers, cb=None, **service):
+    return gateway({"model": {"load-balance": {"type": "round-robin"}, **({"circuit-breaker": cb} if cb else {}),
+                              "services": {"chat": {"instances": [instance("llama", s) for s in servers], **service}}}})
+
+
+def test_failures_open_the_breaker_and_it_closes_after_the_timeout(stubs, gateway):
+    bad, good = stubs("bad", "good")
+    gw = chat_gateway(gateway, [bad, good], breaker())
+    bad.fail_status = 500
+    statuses = [post(gw).status_code for _ in range(16)]
+    # Exactly the threshold reached the failing instance, across both workers; then none.
+    assert len(bad.requests) == 3
+    assert statuses.count(500) == 3 and statuses.count(200) == 13
+    bad.fail_status = None
+    bad.clear()
+    time.sleep(2.1)
+    served = [post(gw).headers["x-stub-instance"] for _ in range(20)]
+    # Half-open: two trials succeed, the breaker closes and round-robin shares again.
+    assert served.count("bad") >= 8, served
+
+
+def test_one_failure_in_half_open_reopens_it(stubs, gateway):
+    bad, good = stubs("bad", "good")
+    gw = chat_gateway(gateway, [bad, good], breaker())
+    bad.fail_status = 503
+    for _ in range(10):
+        post(gw)
+    assert len(bad.requests) == 3
+    time.sleep(2.1)
+    for _ in range(10):
+        post(gw)
+    assert len(bad.requests) == 4, "one trial, failed, open again"
+    for _ in range(10):
+        post(gw)
+    assert len(bad.requests) == 4
+
+
+def test_half_open_admits_a_bounded_number_of_trials(stubs, gateway):
+    slow, good = stubs("slow", "good")
+    gw = chat_gateway(gateway, [slow, good], breaker())
+    slow.fail_status = 500
+    for _ in range(6):
+        post(gw)
+    slow.fail_status = None
+    slow.clear()
+    slow.delay = 2.0  # the trials are still running when every other request has been served
+    time.sleep(2.1)
+    with ThreadPoolExecutor(20) as pool:
+        codes = list(pool.map(lambda _: post(gw).status_code, range(40)))
+    assert codes.count(200) == 40
+    assert len(slow.requests) == 2, "success-threshold trials at once, not a flood"
+
+
+def test_client_errors_never_trip_a_breaker(stubs, gateway):
+    picky, other = stubs("picky", "other")
+    gw = chat_gateway(gateway, [picky, other], breaker(**{"failure-threshold": 1}))
+    picky.fail_status = 400
+    codes = [post(gw).status_code for _ in range(20)]
+    assert codes.count(400) == 10 and len(picky.requests) == 10
+
+
+def test_a_stream_broken_midway_is_a_failure(stubs, gateway):
+    servers = stubs("one", "two")
+    gw = chat_gateway(gateway, servers, breaker(**{"failure-threshold": 1, "timeout": 30000}))
+    stream = json_body({"model": "llama", "stream": True, "messages": []})
+    try:
+        post(gw, {"x-stub-break-after": "2"}, stream)
+        raise AssertionError("the cut stream should reach the client broken")
+    except httpx.HTTPError:
+        pass
+    for _ in range(6):
+        assert post(gw, body=stream).status_code == 200
+    counts = sorted(len(s.requests) for s in servers)
+    assert counts == [1, 6], "the instance whose stream broke is open; the other took the rest"
+
+
+def test_a_client_leaving_midstream_is_not_a_failure(stubs, gateway):
+    slow, other = stubs("slow", "other")
+    gw = chat_gateway(gateway, [slow, other], breaker(**{"failure-threshold": 1}))
+    stream = json_body({"model": "llama", "stream": True, "messages": []})
+    for _ in range(4):
+        with httpx.Client(timeout=10) as c:
+            with c.stream("POST", gw.url + "/v1/chat/completions", content=stream,
+                          headers={**JSON, "x-stub-chunks": "20", "x-stub-chunk-delay-ms": "50"}) as r:
+                next(r.iter_raw())  # the first bytes, then hang up
+    time.sleep(1.5)
+    assert len(slow.requests) == 2
+
+
+def test_instance_and_service_overrides_are_honoured(stubs, gateway):
+    strict, lenient, spare = stubs("strict", "lenient", "spare")
+    gw = gateway({"model": {
+        "load-balance": {"type": "round-robin"},
+        "circuit-breaker": {"failure-threshold": 50, "timeout": 60000},
+        "services": {"chat": {
+            "circuit-breaker": {"failure-threshold": 4},
+            "instances": [instance("llama", strict, **{"circuit-breaker": {"failure-threshold": 1}}),
+                          instance("llama", lenient), instance("llama", spare)]}}}})
+    strict.fail_status = lenient.fail_status = 500
+    for _ in range(30):
+        post(gw)
+    assert len(strict.requests) == 1, "the instance's own threshold"
+    assert len(lenient.requests) == 4, "the service's threshold, not the global one"
+
+
+def test_every_instance_open_gives_503_with_retry_after(stubs, gateway):
+    (dead,) = stubs("dead")
+    gw = chat_gateway(gateway, [dead], breaker(**{"timeout": 30000}))
+    dead.fail_status = 500
+    for _ in range(3):
+        assert post(gw).status_code == 500
+    r = post(gw)
+    assert r.status_code == 503
+    assert error_of(r)["code"] == "no_available_instance"
+    assert 1 <= int(r.headers["retry-after"]) <= 30
+    assert len(dead.requests) == 3
+
+
+def test_a_breaker_can_be_turned_off_per_instance(stubs, gateway):
+    bad, good = stubs("bad", "good")
+    gw = gateway({"model": {"load-balance": {"type": "round-robin"}, "circuit-breaker": breaker(),
+                            "services": {"chat": {"instances": [
+                                instance("llama", bad, **{"circuit-breaker": {"enabled": False}}),
+                                instance("llama", good)]}}}})
+    bad.fail_status = 500
+    for _ in range(20):
+        post(gw)
+    assert len(bad.requests) == 10
+
+
+def test_a_backend_stopped_under_load_is_routed_around_and_returns(stubs, gateway):
+    servers = stubs("s1", "s2", "s3")
+    gw = chat_gateway(gateway, servers, breaker(**{"failure-threshold": 3, "timeout": 1500}))
+    victim = servers[1]
+    results: list[tuple[float, int, str]] = []
+
+    def client(deadline):
+        with httpx.Client(timeout=10) as c:
+            while time.monotonic() < deadline:
+                try:
+                    r = c.post(gw.url + "/v1/chat/completions", content=CHAT, headers=JSON)
+                    results.append((time.monotonic(), r.status_code, r.headers.get("x-stub-instance", "")))
+                except httpx.HTTPError:
+                    results.append((time.monotonic(), 0, ""))
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(client, start + 8) for _ in range(4)]
+        time.sleep(1.5)
+        victim.stop()
+        stopped_at = time.monotonic()
+        time.sleep(2)
+        victim.start()
+        restarted_at = time.monotonic()
+        for f in futures:
+            f.result()
+    failed = [r for r in results if r[1] != 200]
+    # Without retries (a later part of issue 6), each worker's breaker opens after the threshold:
+    # the failures are what it takes to open it, plus the trials while the backend is down.
+    print(f"\nstopped 1 of 3 under load: {len(results)} requests, {len(failed)} failed")
+    assert len(failed) <= 12, failed
+    during = [r for r in results if stopped_at + 0.5 < r[0] < restarted_at]
+    assert during and all(r[2] != "s2" for r in during if r[1] == 200)
+    after = [r for r in results if r[0] > restarted_at + 2]
+    assert any(r[2] == "s2" for r in after), "the instance came back by itself"
