@@ -5,7 +5,8 @@ Variants, all in front of the same fast backend (jairouter-bench-backend) on loo
   envoy     Envoy routing to it with no wasm filter (the physical limit of a proxy here)
   wasm-noop Envoy with a proxy-wasm filter that does nothing (what any wasm filter costs)
   jairouter Envoy with our filter and the day's features on: routing by the body's model,
-            round-robin over two instances, request and token limits that never fire
+            round-robin over two instances, request and token limits that never fire,
+            circuit breakers
   litellm   LiteLLM's proxy routing the same model to the same backend (production settings:
             one worker, no verbose logging), when it can be installed
 
@@ -239,6 +240,7 @@ class JAiRouter(PlainEnvoy):
             "load-balance": {"type": "round-robin"},
             "rate-limit": never,
             "token-limit": {"tokens-per-minute": 1_000_000_000_000, "scope": "model"},
+            "circuit-breaker": {"failure-threshold": 5, "timeout": 60000},
             "services": {
                 "chat": {"instances": [instance(0), instance(1)]},
                 "embedding": {"instances": [instance(0), instance(1)]},

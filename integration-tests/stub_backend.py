@@ -14,8 +14,8 @@ Per-request control headers:
   x-stub-break-after     cut a stream's connection after this many SSE chunks (a backend dying
                          midway)
 
-A stopped stub (`stop()`) refuses new connections and drops requests that arrive on connections
-it had kept alive, without answering: to its clients it is a dead backend until `start()`.
+A stopped stub (`stop()`) refuses new connections and closes the ones it had kept alive, as a
+dead process would: to its clients it is a dead backend until `start()`.
 
 CLI: python stub_backend.py --instance NAME[:PORT] [...] prints `STUB <name> <port>` per server
 and serves until SIGTERM or SIGINT.
@@ -129,6 +129,16 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         pass
 
+    def setup(self) -> None:
+        super().setup()
+        with self.server.stub._lock:
+            self.server.stub._connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.server.stub._lock:
+            self.server.stub._connections.discard(self.connection)
+        super().finish()
+
     # Every method goes through one place.
     def do_GET(self) -> None:
         self._handle()
@@ -155,7 +165,7 @@ class _Handler(BaseHTTPRequestHandler):
         stub = self.server.stub
         received_at = time.monotonic()
         if stub._server is not self.server:
-            # Stopped: a kept-alive connection outlives the listener; drop it unanswered.
+            # Stopped while this request was on its way in: drop it unanswered.
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
             return
@@ -329,6 +339,7 @@ class StubServer:
         self._fail_next: list[int] = []
         self._lock = threading.Lock()
         self._server: _Server | None = None
+        self._connections: set[socket.socket] = set()
         self._thread: threading.Thread | None = None
 
     @property
@@ -354,6 +365,13 @@ class StubServer:
         self._requested_port = server.server_address[1]
         server.shutdown()
         server.server_close()
+        with self._lock:
+            connections, self._connections = self._connections, set()
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def clear(self) -> None:
         with self._lock:

@@ -154,9 +154,59 @@ def test_a_breaker_can_be_turned_off_per_instance(stubs, gateway):
     assert len(bad.requests) == 10
 
 
+def health(**keys) -> dict:
+    return {"interval": 300, "timeout": 200, "unhealthy-threshold": 2, "healthy-threshold": 1, **keys}
+
+
+def served_by(gw, n: int) -> list[str]:
+    return [post(gw).headers.get("x-stub-instance", "") for _ in range(n)]
+
+
+def checks(stub) -> list:
+    return [r for r in stub.requests if r.method == "GET"]
+
+
+def test_health_checks_take_a_dead_instance_out_and_bring_it_back(stubs, gateway):
+    a, b = stubs("a", "b")
+    gw = gateway({"model": {"load-balance": {"type": "round-robin"}, "health-check": health(),
+                            "services": {"chat": {"instances": [instance("llama", a), instance("llama", b)]}}}})
+    time.sleep(0.8)
+    # One checker per process (not one per worker): about 0.8 s / 300 ms checks, not twice that.
+    got = checks(a)
+    assert 2 <= len(got) <= 4, len(got)
+    assert got[0].path == "/v1/models" and got[0].headers["user-agent"] == "jairouter-health-check"
+    assert sorted(set(served_by(gw, 10))) == ["a", "b"]
+    a.stop()
+    time.sleep(1.2)
+    codes = [post(gw).status_code for _ in range(20)]
+    assert codes == [200] * 20, "the dead instance is out of rotation before a request meets it"
+    a.start()
+    time.sleep(0.8)
+    assert served_by(gw, 10).count("a") == 5, "back in rotation by itself"
+
+
+def test_a_failing_health_check_marks_down_and_all_down_is_503(stubs, gateway):
+    (sick,) = stubs("sick")
+    gw = chat_gateway(gateway, [sick], **{"health-check": health(path="/health")})
+    sick.fail_status = 503
+    time.sleep(1.2)
+    sick.fail_status = None
+    sick.clear()
+    r = post(gw)
+    # The next check (within 300 ms) brings it back; this request came before it.
+    assert r.status_code in (200, 503)
+    if r.status_code == 503:
+        assert error_of(r)["code"] == "no_available_instance" and "healthy" in error_of(r)["message"]
+        assert r.headers["retry-after"]
+    time.sleep(0.8)
+    assert post(gw).status_code == 200
+    assert all(r.path == "/health" for r in checks(sick))
+
+
 def test_a_backend_stopped_under_load_is_routed_around_and_returns(stubs, gateway):
     servers = stubs("s1", "s2", "s3")
-    gw = chat_gateway(gateway, servers, breaker(**{"failure-threshold": 3, "timeout": 1500}))
+    gw = chat_gateway(gateway, servers, breaker(**{"failure-threshold": 3, "timeout": 1500}),
+                      **{"health-check": health(interval=500)})
     victim = servers[1]
     results: list[tuple[float, int, str]] = []
 
@@ -181,8 +231,8 @@ def test_a_backend_stopped_under_load_is_routed_around_and_returns(stubs, gatewa
         for f in futures:
             f.result()
     failed = [r for r in results if r[1] != 200]
-    # Without retries (a later part of issue 6), each worker's breaker opens after the threshold:
-    # the failures are what it takes to open it, plus the trials while the backend is down.
+    # Without retries (a later part of issue 6) the failures are what it takes to open the
+    # breaker or mark the instance down, whichever comes first.
     print(f"\nstopped 1 of 3 under load: {len(results)} requests, {len(failed)} failed")
     assert len(failed) <= 12, failed
     during = [r for r in results if stopped_at + 0.5 < r[0] < restarted_at]

@@ -1,5 +1,6 @@
 //! Circuit breakers, one per instance, kept in shared data so every Envoy worker of a process
-//! sees the same state.
+//! sees the same state. The same value carries the instance's health as the process's health
+//! checker last saw it, so admission reads one key for both.
 //!
 //! closed → open after `failure-threshold` consecutive failures → half-open once `timeout` has
 //! passed → closed after `success-threshold` successes, or open again on one failure. Half-open
@@ -49,9 +50,11 @@ pub struct Breaker {
     pub trials: u32,
     /// When it last opened (host clock, ns).
     pub opened_at_ns: u64,
+    /// Marked down by the health checker (unknown is healthy).
+    pub unhealthy: bool,
 }
 
-const ENCODED_LEN: usize = 21;
+const ENCODED_LEN: usize = 22;
 
 impl Breaker {
     pub const CLOSED: Breaker = Breaker {
@@ -60,6 +63,7 @@ impl Breaker {
         successes: 0,
         trials: 0,
         opened_at_ns: 0,
+        unhealthy: false,
     };
 
     pub fn encode(&self) -> Vec<u8> {
@@ -73,6 +77,7 @@ impl Breaker {
         out.extend(self.successes.to_le_bytes());
         out.extend(self.trials.to_le_bytes());
         out.extend(self.opened_at_ns.to_le_bytes());
+        out.push(u8::from(self.unhealthy));
         out
     }
 
@@ -102,12 +107,19 @@ impl Breaker {
             successes: u32_at(5),
             trials: u32_at(9),
             opened_at_ns,
+            unhealthy: bytes.get(21) == Some(&1),
         }
     }
 
     /// Whether a request may go to the instance now, and the state it leaves (an open breaker
     /// whose timeout passed turns half-open and admits a trial).
-    pub fn admit(self, policy: &BreakerPolicy, now_ns: u64) -> (Breaker, Admission) {
+    pub fn admit(self, policy: Option<&BreakerPolicy>, now_ns: u64) -> (Breaker, Admission) {
+        if self.unhealthy {
+            return (self, Admission::Unhealthy);
+        }
+        let Some(policy) = policy else {
+            return (self, Admission::Closed { clean: true });
+        };
         match self.state {
             State::Closed => (
                 self,
@@ -121,7 +133,7 @@ impl Breaker {
                     failures: 0,
                     successes: 0,
                     trials: 1,
-                    opened_at_ns: self.opened_at_ns,
+                    ..self
                 };
                 (next, Admission::Trial)
             }
@@ -160,6 +172,7 @@ impl Breaker {
                         successes: 0,
                         trials: 0,
                         opened_at_ns: now_ns,
+                        ..self
                     }
                 } else {
                     Breaker { failures, ..self }
@@ -167,15 +180,18 @@ impl Breaker {
             }
             (State::HalfOpen, Outcome::Failure) => Breaker {
                 state: State::Open,
-                failures: self.failures,
                 successes: 0,
                 trials: 0,
                 opened_at_ns: now_ns,
+                ..self
             },
             (State::HalfOpen, Outcome::Success) if trial => {
                 let successes = self.successes.saturating_add(1);
                 if successes >= policy.success_threshold {
-                    Breaker::CLOSED
+                    Breaker {
+                        unhealthy: self.unhealthy,
+                        ..Breaker::CLOSED
+                    }
                 } else {
                     Breaker {
                         successes,
@@ -199,12 +215,19 @@ impl Breaker {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
     /// Closed; `clean` when it had no failures (a success then needs no write).
-    Closed {
-        clean: bool,
-    },
+    Closed { clean: bool },
     /// One of half-open's bounded trial requests.
     Trial,
+    /// The breaker is open (or half-open with its trials all out).
     Refused,
+    /// The health checker has marked the instance down.
+    Unhealthy,
+}
+
+impl Admission {
+    pub fn admitted(self) -> bool {
+        matches!(self, Admission::Closed { .. } | Admission::Trial)
+    }
 }
 
 /// How the exchange with the instance ended, as the breaker counts it.
@@ -217,8 +240,14 @@ pub enum Outcome {
     Neutral,
 }
 
-/// Admits a request to the instance whose breaker lives at `key`.
-pub fn admit(store: &dyn SharedStore, key: &str, policy: &BreakerPolicy, now_ns: u64) -> Admission {
+/// Admits a request to the instance whose state lives at `key`: its health, and its breaker
+/// when it has one.
+pub fn admit(
+    store: &dyn SharedStore,
+    key: &str,
+    policy: Option<&BreakerPolicy>,
+    now_ns: u64,
+) -> Admission {
     let decision = transact(store, key, |value| {
         let before = Breaker::decode(value);
         let (after, admission) = before.admit(policy, now_ns);
@@ -249,6 +278,25 @@ pub fn record(
     .flatten()
 }
 
+/// The health checker's verdict: marks the instance down or up (one writer per process, the
+/// checker; the breaker's fields are left as they are).
+pub fn set_unhealthy(store: &dyn SharedStore, key: &str, unhealthy: bool) -> bool {
+    transact(store, key, |value| {
+        let before = Breaker::decode(value);
+        let after = Breaker {
+            unhealthy,
+            ..before
+        };
+        ((after != before).then(|| after.encode()), ())
+    })
+    .is_some()
+}
+
+/// Whether the instance is marked down.
+pub fn is_unhealthy(store: &dyn SharedStore, key: &str) -> bool {
+    Breaker::decode(store.get(key).0.as_deref()).unhealthy
+}
+
 /// The breaker's state as stored (for the state gauge).
 pub fn state(store: &dyn SharedStore, key: &str) -> State {
     Breaker::decode(store.get(key).0.as_deref()).state
@@ -269,13 +317,13 @@ mod tests {
     const KEY: &str = "jairouter/breaker/a";
 
     fn fail(store: &MemoryStore, now: u64) -> Option<(State, State)> {
-        let admission = admit(store, KEY, &POLICY, now);
+        let admission = admit(store, KEY, Some(&POLICY), now);
         assert_ne!(admission, Admission::Refused);
         record(store, KEY, &POLICY, admission, Outcome::Failure, now)
     }
 
     fn succeed(store: &MemoryStore, now: u64) -> Option<(State, State)> {
-        let admission = admit(store, KEY, &POLICY, now);
+        let admission = admit(store, KEY, Some(&POLICY), now);
         assert_ne!(admission, Admission::Refused);
         record(store, KEY, &POLICY, admission, Outcome::Success, now)
     }
@@ -294,9 +342,12 @@ mod tests {
             assert_eq!(fail(&store, 0), None);
         }
         assert_eq!(state(&store, KEY), State::Closed);
-        assert_ne!(admit(&store, KEY, &POLICY, 0), Admission::Refused);
+        assert_ne!(admit(&store, KEY, Some(&POLICY), 0), Admission::Refused);
         assert_eq!(fail(&store, 0), Some((State::Closed, State::Open)));
-        assert_eq!(admit(&store, KEY, &POLICY, SECOND / 2), Admission::Refused);
+        assert_eq!(
+            admit(&store, KEY, Some(&POLICY), SECOND / 2),
+            Admission::Refused
+        );
     }
 
     #[test]
@@ -316,8 +367,11 @@ mod tests {
     fn the_timeout_half_opens_and_successes_close() {
         let store = MemoryStore::default();
         open(&store);
-        assert_eq!(admit(&store, KEY, &POLICY, SECOND - 1), Admission::Refused);
-        let first = admit(&store, KEY, &POLICY, SECOND);
+        assert_eq!(
+            admit(&store, KEY, Some(&POLICY), SECOND - 1),
+            Admission::Refused
+        );
+        let first = admit(&store, KEY, Some(&POLICY), SECOND);
         assert_eq!(first, Admission::Trial);
         assert_eq!(state(&store, KEY), State::HalfOpen);
         assert_eq!(
@@ -344,10 +398,13 @@ mod tests {
             Some((State::HalfOpen, State::Open))
         );
         assert_eq!(
-            admit(&store, KEY, &POLICY, 2 * SECOND + SECOND / 2),
+            admit(&store, KEY, Some(&POLICY), 2 * SECOND + SECOND / 2),
             Admission::Refused
         );
-        assert_eq!(admit(&store, KEY, &POLICY, 3 * SECOND), Admission::Trial);
+        assert_eq!(
+            admit(&store, KEY, Some(&POLICY), 3 * SECOND),
+            Admission::Trial
+        );
     }
 
     #[test]
@@ -355,7 +412,9 @@ mod tests {
         let store = MemoryStore::default();
         open(&store);
         let now = 5 * SECOND;
-        let trials: Vec<_> = (0..10).map(|_| admit(&store, KEY, &POLICY, now)).collect();
+        let trials: Vec<_> = (0..10)
+            .map(|_| admit(&store, KEY, Some(&POLICY), now))
+            .collect();
         assert_eq!(trials.iter().filter(|a| **a == Admission::Trial).count(), 2);
         // A trial that ends neither well nor badly frees its place.
         record(
@@ -366,8 +425,8 @@ mod tests {
             Outcome::Neutral,
             now,
         );
-        assert_eq!(admit(&store, KEY, &POLICY, now), Admission::Trial);
-        assert_eq!(admit(&store, KEY, &POLICY, now), Admission::Refused);
+        assert_eq!(admit(&store, KEY, Some(&POLICY), now), Admission::Trial);
+        assert_eq!(admit(&store, KEY, Some(&POLICY), now), Admission::Refused);
     }
 
     #[test]
@@ -385,7 +444,7 @@ mod tests {
             SECOND / 2,
         );
         assert_eq!(state(&store, KEY), State::Open);
-        assert_eq!(admit(&store, KEY, &POLICY, SECOND), Admission::Trial);
+        assert_eq!(admit(&store, KEY, Some(&POLICY), SECOND), Admission::Trial);
     }
 
     #[test]
@@ -413,7 +472,7 @@ mod tests {
     fn client_errors_never_trip_it() {
         let store = MemoryStore::default();
         for _ in 0..50 {
-            let admission = admit(&store, KEY, &POLICY, 0);
+            let admission = admit(&store, KEY, Some(&POLICY), 0);
             record(&store, KEY, &POLICY, admission, Outcome::Neutral, 0);
         }
         assert_eq!(state(&store, KEY), State::Closed);
@@ -421,7 +480,7 @@ mod tests {
 
     #[test]
     fn unreadable_state_reads_as_closed() {
-        for bytes in [&b""[..], b"\x01", &[7u8; 21], &[1u8; 40]] {
+        for bytes in [&b""[..], b"\x01", &[7u8; 22], &[1u8; 40]] {
             let breaker = Breaker::decode(Some(bytes));
             assert!(breaker.state == State::Closed || bytes.len() == ENCODED_LEN);
         }
@@ -431,7 +490,26 @@ mod tests {
             successes: 1,
             trials: 2,
             opened_at_ns: 1234,
+            unhealthy: true,
         };
         assert_eq!(Breaker::decode(Some(&b.encode())), b);
+    }
+
+    #[test]
+    fn an_unhealthy_instance_is_refused_and_keeps_its_breaker() {
+        let store = MemoryStore::default();
+        for _ in 0..2 {
+            fail(&store, 0);
+        }
+        assert!(set_unhealthy(&store, KEY, true));
+        assert!(is_unhealthy(&store, KEY));
+        assert_eq!(admit(&store, KEY, Some(&POLICY), 0), Admission::Unhealthy);
+        assert_eq!(admit(&store, KEY, None, 0), Admission::Unhealthy);
+        set_unhealthy(&store, KEY, false);
+        assert_eq!(
+            admit(&store, KEY, None, 0),
+            Admission::Closed { clean: true }
+        );
+        assert_eq!(Breaker::decode(store.get(KEY).0.as_deref()).failures, 2);
     }
 }

@@ -8,6 +8,7 @@ pub mod breaker;
 pub mod config;
 pub mod endpoint;
 pub mod headers;
+pub mod health;
 pub mod limit;
 pub mod request;
 pub mod scan;

@@ -453,18 +453,31 @@ pub fn route_model(
     let mut limit_tries = 0;
     // The soonest an open breaker passed over here lets a trial through (an upper bound).
     let mut open_for_ns: Option<u64> = None;
+    let mut unhealthy = false;
     for &at in candidates {
         let Some(instance) = service.instances.get(at) else {
             continue;
         };
-        let breaker = instance
-            .breaker
-            .as_ref()
-            .map(|policy| breaker::admit(host.store, &instance.breaker_key, policy, host.now_ns));
-        if breaker == Some(Admission::Refused) {
-            let timeout = instance.breaker.as_ref().map_or(0, |p| p.timeout_ns);
-            open_for_ns = Some(open_for_ns.map_or(timeout, |t| t.min(timeout)));
-            continue;
+        // One shared-data read for the instance's health and breaker, when it has either.
+        let breaker = (instance.breaker.is_some() || instance.health_check.is_some()).then(|| {
+            breaker::admit(
+                host.store,
+                &instance.state_key,
+                instance.breaker.as_ref(),
+                host.now_ns,
+            )
+        });
+        match breaker {
+            Some(Admission::Refused) => {
+                let timeout = instance.breaker.as_ref().map_or(0, |p| p.timeout_ns);
+                open_for_ns = Some(open_for_ns.map_or(timeout, |t| t.min(timeout)));
+                continue;
+            }
+            Some(Admission::Unhealthy) => {
+                unhealthy = true;
+                continue;
+            }
+            _ => {}
         }
         if limit_tries == MAX_INSTANCE_TRIES {
             release_breaker(host, instance, breaker);
@@ -489,6 +502,7 @@ pub fn route_model(
         return Err(match (refused, open_for_ns) {
             (Some(refusal), _) => too_many_requests(cfg, &refusal),
             (None, Some(open_ns)) => all_breakers_open(model, open_ns),
+            (None, None) if unhealthy => none_healthy(model),
             (None, None) => no_instance(),
         });
     };
@@ -536,12 +550,23 @@ fn all_breakers_open(model: &str, open_ns: u64) -> LocalReply {
     .with_header("retry-after", &secs.to_string())
 }
 
+/// 503 when the health checker has every instance of the model down.
+fn none_healthy(model: &str) -> LocalReply {
+    LocalReply::error(
+        503,
+        "server_error",
+        "no_available_instance",
+        &format!("No instance of the model `{model}` is healthy right now; try again later."),
+    )
+    .with_header("retry-after", "5")
+}
+
 /// A breaker admission that will not be used (a half-open trial must free its place).
 fn release_breaker(host: &Host<'_>, instance: &Instance, admission: Option<Admission>) {
     if let (Some(policy), Some(admission)) = (&instance.breaker, admission) {
         breaker::record(
             host.store,
-            &instance.breaker_key,
+            &instance.state_key,
             policy,
             admission,
             Outcome::Neutral,

@@ -4,12 +4,13 @@
 
 use crate::balance::load::{begin_request, end_request, record_latency, LatencyEstimate};
 use crate::balance::Rng;
-use crate::breaker::{self, Admission, BreakerPolicy, Outcome};
+use crate::breaker::{self, Admission, Breaker, BreakerPolicy, Outcome};
 use crate::config::{
     RouterConfig, Strategy, INSTANCE_HEADER, MODEL_HEADER, ROUTING_HEADER,
     SERVICE_DESCRIPTOR_HEADER,
 };
 use crate::headers::HeaderPairs;
+use crate::health::{Checker, Verdict};
 use crate::request::{
     client_ip, on_request_headers, BodyStep, HeadDecision, Host, LocalReply, RequestHead, Routed,
     TokenReservation,
@@ -21,6 +22,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
 
@@ -43,7 +45,12 @@ const CLIENT_ROUTING_HEADERS: [&str; 2] = [ROUTING_HEADER, "x-envoy-original-dst
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(Root { config: None, rng: Rc::new(RefCell::new(Rng::new(seed()))), memory_gauge: None })
+        Box::new(Root {
+            config: None,
+            rng: Rc::new(RefCell::new(Rng::new(seed()))),
+            memory_gauge: None,
+            health: None,
+        })
     });
 }}
 
@@ -52,17 +59,110 @@ struct Root {
     rng: Rc<RefCell<Rng>>,
     /// This VM's linear memory gauge (`jairouter_vm_memory_bytes{vm=...}`), set every tick.
     memory_gauge: Option<u32>,
+    /// Set in the process's health checker only.
+    health: Option<HealthRun>,
 }
 
 /// How often each VM reports its linear memory.
 const MEMORY_REPORT_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 
-impl Context for Root {}
+/// The root id of the process's health checker (a singleton WasmService the renderer adds
+/// beside the HTTP filter, with the same VM id so they share data).
+const HEALTH_ROOT_ID: &str = "jairouter-health";
+
+/// The health checker's run: what it checks, and which answer belongs to which instance.
+struct HealthRun {
+    checker: Checker,
+    pending: HashMap<u32, usize>,
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        _headers: usize,
+        _body: usize,
+        _trailers: usize,
+    ) {
+        let Some(run) = self.health.as_mut() else {
+            return;
+        };
+        let Some(at) = run.pending.remove(&token) else {
+            return;
+        };
+        // No headers at all: Envoy gave up (timeout, reset).
+        let status =
+            match hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status") {
+                Ok(Some(bytes)) => std::str::from_utf8(&bytes)
+                    .ok()
+                    .and_then(|s| s.parse().ok()),
+                _ => None,
+            };
+        record_check(run, at, status);
+    }
+}
+
+/// Counts a check's result and writes a change of verdict where every worker reads it.
+fn record_check(run: &mut HealthRun, at: usize, status: Option<u32>) {
+    let verdict = run.checker.result(at, status);
+    let Some(target) = run.checker.targets().get(at) else {
+        return;
+    };
+    match verdict {
+        Some(Verdict::MarkedDown) => {
+            log::warn!(
+                "instance {} marked down by health checks (last: {})",
+                target.instance_id,
+                status.map_or("no answer".to_string(), |s| format!("status {s}"))
+            );
+            breaker::set_unhealthy(&HostStore, &target.state_key, true);
+        }
+        Some(Verdict::MarkedUp) => {
+            log::warn!("instance {} healthy again", target.instance_id);
+            breaker::set_unhealthy(&HostStore, &target.state_key, false);
+        }
+        None => {}
+    }
+}
+
+impl Root {
+    fn run_health_checks(&mut self) {
+        let Some(run) = self.health.as_mut() else {
+            return;
+        };
+        for at in run.checker.due(now_ns()) {
+            let Some(target) = run.checker.targets().get(at) else {
+                continue;
+            };
+            let mut headers = vec![
+                (":method", "GET"),
+                (":path", target.path.as_str()),
+                (":authority", target.authority.as_str()),
+                ("user-agent", "jairouter-health-check"),
+            ];
+            headers.extend(target.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+            let timeout = std::time::Duration::from_millis(target.policy.timeout_ms);
+            match hostcalls::dispatch_http_call(&target.cluster, headers, None, vec![], timeout) {
+                Ok(token) => {
+                    run.pending.insert(token, at);
+                }
+                Err(status) => {
+                    log::warn!(
+                        "health check of {} not sent: {status:?}",
+                        target.instance_id
+                    );
+                    record_check(run, at, None);
+                }
+            }
+        }
+    }
+}
 
 impl RootContext for Root {
     /// Each VM (one per worker, and the main thread's) reports its own linear memory: a filter
     /// whose memory grows with traffic is a filter that will die of it.
     fn on_tick(&mut self) {
+        self.run_health_checks();
         if self.memory_gauge.is_none() {
             let vm = self
                 .rng
@@ -111,7 +211,31 @@ impl RootContext for Root {
                         let _ = HostStore.set(&key, &initial, None);
                     }
                 }
-                let _ = hostcalls::set_tick_period(MEMORY_REPORT_PERIOD);
+                for instance in config.instances() {
+                    if HostStore.get(&instance.state_key).0.is_none() {
+                        let _ = HostStore.set(&instance.state_key, &Breaker::CLOSED.encode(), None);
+                    } else if instance.health_check.is_none()
+                        && breaker::is_unhealthy(&HostStore, &instance.state_key)
+                    {
+                        // Checked no more (a reload turned its checks off): not down any more.
+                        breaker::set_unhealthy(&HostStore, &instance.state_key, false);
+                    }
+                }
+                let mut tick = MEMORY_REPORT_PERIOD;
+                if plugin_root_id().as_deref() == Some(HEALTH_ROOT_ID) {
+                    let checker = Checker::new(&config);
+                    // A (re)started checker knows nothing yet, and unknown is healthy.
+                    for target in checker.targets() {
+                        breaker::set_unhealthy(&HostStore, &target.state_key, false);
+                    }
+                    tick = std::time::Duration::from_millis(checker.tick_ms());
+                    log::info!("health checks: {} instances", checker.targets().len());
+                    self.health = Some(HealthRun {
+                        checker,
+                        pending: HashMap::new(),
+                    });
+                }
+                let _ = hostcalls::set_tick_period(tick);
                 let instances = config.instances().count();
                 log::info!("configuration loaded ({instances} instances)");
                 self.config = Some(Rc::new(config));
@@ -473,7 +597,7 @@ impl Request {
         self.tokens.clone_from(&routed.tokens);
         self.breaker = match (&instance.breaker, routed.breaker) {
             (Some(policy), Some(admission)) => Some(BreakerTicket {
-                key: instance.breaker_key.clone(),
+                key: instance.state_key.clone(),
                 policy: *policy,
                 admission,
             }),
@@ -515,6 +639,13 @@ fn unfinished_outcome(response_started: bool) -> Outcome {
         Outcome::Neutral
     } else {
         Outcome::Failure
+    }
+}
+
+fn plugin_root_id() -> Option<String> {
+    match hostcalls::get_property(vec!["plugin_root_id"]) {
+        Ok(Some(bytes)) => String::from_utf8(bytes).ok(),
+        _ => None,
     }
 }
 

@@ -33,7 +33,7 @@ pub fn render(config: &RouterConfig, model_json: &Value, opts: &Options) -> Valu
     if let Some(global) = &config.gateway.global_rate_limit {
         clusters.push(rate_limit_cluster(&global.service));
     }
-    json!({
+    let mut bootstrap = json!({
         "node": {"id": "jairouter", "cluster": "jairouter"},
         // The filter's metrics carry labels in their names (`<name>.<tag>=<value>;`).
         "stats_config": {"stats_tags": [
@@ -53,6 +53,30 @@ pub fn render(config: &RouterConfig, model_json: &Value, opts: &Options) -> Valu
                 }]}]
             }],
             "clusters": clusters
+        }
+    });
+    if config.instances().any(|i| i.health_check.is_some()) {
+        bootstrap["bootstrap_extensions"] = json!([health_checker(model_json, &opts.wasm_path)]);
+    }
+    bootstrap
+}
+
+/// The process's one health checker: the same module as a singleton service on the main
+/// thread, with the HTTP filter's VM id so its verdicts land in the shared data the filter reads.
+fn health_checker(model_json: &Value, wasm_path: &str) -> Value {
+    let mut config = plugin_config(model_json, wasm_path);
+    config["name"] = json!("jairouter-health");
+    config["root_id"] = json!("jairouter-health");
+    if let Some(plugin) = config.as_object_mut() {
+        plugin.remove("allow_on_headers_stop_iteration");
+        plugin.remove("fail_open");
+    }
+    json!({
+        "name": "envoy.bootstrap.wasm",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.wasm.v3.WasmService",
+            "singleton": true,
+            "config": config
         }
     })
 }

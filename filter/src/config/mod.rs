@@ -5,8 +5,8 @@ mod policy;
 mod reader;
 
 pub use policy::{
-    Algorithm, CircuitBreakerPolicy, FallbackPolicy, LoadBalance, RateLimitPolicy, Scope, Strategy,
-    TokenLimitPolicy, MAX_WINDOW_REQUESTS,
+    Algorithm, CircuitBreakerPolicy, FallbackPolicy, HealthCheckPolicy, LoadBalance,
+    RateLimitPolicy, Scope, Strategy, TokenLimitPolicy, MAX_WINDOW_REQUESTS,
 };
 pub use reader::ConfigError;
 
@@ -131,8 +131,10 @@ pub struct Instance {
     pub circuit_breaker: Option<CircuitBreakerPolicy>,
     /// This instance's breaker, when one is enabled for it.
     pub breaker: Option<BreakerPolicy>,
-    /// Shared-data key of its breaker state.
-    pub breaker_key: String,
+    /// Checked by the process's health checker, when enabled for it.
+    pub health_check: Option<HealthCheckPolicy>,
+    /// Shared-data key of its state: breaker and health (`breaker::Breaker`).
+    pub state_key: String,
     /// Shared-data key of the requests in flight to this instance (least-connections, least-latency).
     pub in_flight_key: String,
     /// Shared-data key of this instance's latency estimate (least-latency).
@@ -259,6 +261,7 @@ fn parse_model(value: &Value) -> Result<RouterConfig> {
     let rate_limit = take_policy(&mut f, "rate-limit", RateLimitPolicy::parse)?;
     let token_limit = take_policy(&mut f, "token-limit", TokenLimitPolicy::parse)?;
     let circuit_breaker = take_breaker(&mut f, None)?;
+    let health_check = take_health_check(&mut f, None)?;
     let fallback = take_policy(&mut f, "fallback", FallbackPolicy::parse)?;
     let gateway = match f.take("gateway") {
         Some(v) => parse_gateway(&f.child("gateway"), v)?,
@@ -302,7 +305,10 @@ fn parse_model(value: &Value) -> Result<RouterConfig> {
                 kind,
                 service_value,
                 &load_balance,
-                circuit_breaker.as_ref(),
+                Inherited {
+                    breaker: circuit_breaker.as_ref(),
+                    health_check: health_check.as_ref(),
+                },
                 &mut clusters,
             )?;
             total_instances = total_instances.saturating_add(service.instances.len());
@@ -354,6 +360,23 @@ fn parse_model(value: &Value) -> Result<RouterConfig> {
         models_json,
         limits,
     })
+}
+
+/// The policy blocks a service or instance inherits from the one enclosing it.
+#[derive(Clone, Copy)]
+struct Inherited<'a> {
+    breaker: Option<&'a CircuitBreakerPolicy>,
+    health_check: Option<&'a HealthCheckPolicy>,
+}
+
+fn take_health_check(
+    f: &mut Fields<'_>,
+    parent: Option<&HealthCheckPolicy>,
+) -> Result<Option<HealthCheckPolicy>> {
+    let path = f.child("health-check");
+    f.take("health-check")
+        .map(|v| HealthCheckPolicy::parse(&path, v, parent))
+        .transpose()
 }
 
 fn take_breaker(
@@ -438,7 +461,7 @@ fn parse_service(
     kind: ServiceType,
     value: &Value,
     global_lb: &LoadBalance,
-    global_breaker: Option<&CircuitBreakerPolicy>,
+    global: Inherited<'_>,
     clusters: &mut HashMap<String, String>,
 ) -> Result<Service> {
     let mut f = Fields::new(path, value)?;
@@ -449,7 +472,9 @@ fn parse_service(
     };
     let rate_limit = take_policy(&mut f, "rate-limit", RateLimitPolicy::parse)?;
     let token_limit = take_policy(&mut f, "token-limit", TokenLimitPolicy::parse)?;
-    let circuit_breaker = take_breaker(&mut f, global_breaker)?.or_else(|| global_breaker.cloned());
+    let circuit_breaker = take_breaker(&mut f, global.breaker)?.or_else(|| global.breaker.cloned());
+    let health_check =
+        take_health_check(&mut f, global.health_check)?.or_else(|| global.health_check.cloned());
     let fallback = take_policy(&mut f, "fallback", FallbackPolicy::parse)?;
     let instances_path = f.child("instances");
     let list = match f.take("instances") {
@@ -473,7 +498,11 @@ fn parse_service(
     let mut instances = Vec::with_capacity(list.len());
     for (index, item) in list.into_iter().enumerate() {
         let ipath = format!("{instances_path}[{index}]");
-        let instance = parse_instance(&ipath, kind, index, item, circuit_breaker.as_ref())?;
+        let inherited = Inherited {
+            breaker: circuit_breaker.as_ref(),
+            health_check: health_check.as_ref(),
+        };
+        let instance = parse_instance(&ipath, kind, index, item, inherited)?;
         if let Some(previous) = clusters.insert(instance.cluster.clone(), ipath.clone()) {
             return Err(error(
                 &ipath,
@@ -549,7 +578,7 @@ fn parse_instance(
     kind: ServiceType,
     index: usize,
     value: &Value,
-    service_breaker: Option<&CircuitBreakerPolicy>,
+    service: Inherited<'_>,
 ) -> Result<Instance> {
     let mut f = Fields::new(path, value)?;
     let name = f
@@ -593,7 +622,10 @@ fn parse_instance(
     };
     let rate_limit = take_policy(&mut f, "rate-limit", RateLimitPolicy::parse_for_instance)?;
     let circuit_breaker =
-        take_breaker(&mut f, service_breaker)?.or_else(|| service_breaker.cloned());
+        take_breaker(&mut f, service.breaker)?.or_else(|| service.breaker.cloned());
+    let health_check = take_health_check(&mut f, service.health_check)?
+        .or_else(|| service.health_check.cloned())
+        .filter(|h| h.enabled);
     // Bookkeeping fields of the original (database ids, adapter names): accepted, not needed.
     f.string("adapter")?;
     f.take("id");
@@ -614,10 +646,11 @@ fn parse_instance(
         cluster: cluster_name(&id),
         in_flight_key: format!("jairouter/inflight/{id}"),
         latency_key: format!("jairouter/latency/{id}"),
-        breaker_key: format!("jairouter/breaker/{id}"),
+        state_key: format!("jairouter/instance/{id}"),
         breaker: circuit_breaker
             .as_ref()
             .and_then(CircuitBreakerPolicy::breaker),
+        health_check,
         id,
         name,
         base_url,

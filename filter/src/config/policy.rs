@@ -379,6 +379,82 @@ impl CircuitBreakerPolicy {
     }
 }
 
+/// `health-check` (ours; the original only opens a TCP connection every 30 s): an HTTP GET
+/// to each instance from one checker per Envoy process. An instance that answers below 500 is
+/// up (any answer shows the server is there, as the original's connect did); 5xx, a refused
+/// connection or a timeout count against it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheckPolicy {
+    pub enabled: bool,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    /// Below the instance's base-url path.
+    pub path: String,
+    /// Consecutive good checks that bring a down instance back.
+    pub healthy_threshold: u64,
+    /// Consecutive bad checks that take an instance down.
+    pub unhealthy_threshold: u64,
+}
+
+impl HealthCheckPolicy {
+    /// A 30 s interval as the original's; `/v1/models` is answered by Ollama, vLLM and every
+    /// OpenAI-compatible server.
+    fn defaults() -> HealthCheckPolicy {
+        HealthCheckPolicy {
+            enabled: true,
+            interval_ms: 30_000,
+            timeout_ms: 5_000,
+            path: "/v1/models".to_string(),
+            healthy_threshold: 1,
+            unhealthy_threshold: 2,
+        }
+    }
+
+    /// Like `circuit-breaker`: a block is on unless it says otherwise, and keys it leaves out
+    /// come from the enclosing block.
+    pub fn parse(
+        path: &str,
+        value: &Value,
+        parent: Option<&HealthCheckPolicy>,
+    ) -> Result<HealthCheckPolicy> {
+        let defaults = HealthCheckPolicy::defaults();
+        let base = parent.unwrap_or(&defaults);
+        let mut f = Fields::new(path, value)?;
+        let timeout_path = f.child("timeout");
+        let enabled = f.boolean("enabled", true)?;
+        let interval_ms = f.integer("interval", base.interval_ms, 100, 86_400_000)?;
+        let timeout_ms = f.integer("timeout", base.timeout_ms.min(interval_ms), 10, 600_000)?;
+        let check_path = match f.string("path")? {
+            Some(p) if p.starts_with('/') && !p.contains(['#', ' ']) => p.to_string(),
+            Some(p) => {
+                return Err(error(
+                    &f.child("path"),
+                    format!("must start with '/' (got {p:?})"),
+                ))
+            }
+            None => base.path.clone(),
+        };
+        let healthy_threshold = f.integer("healthy-threshold", base.healthy_threshold, 1, 1000)?;
+        let unhealthy_threshold =
+            f.integer("unhealthy-threshold", base.unhealthy_threshold, 1, 1000)?;
+        f.finish()?;
+        if timeout_ms > interval_ms {
+            return Err(error(
+                &timeout_path,
+                format!("must not exceed the interval ({interval_ms} ms), got {timeout_ms} ms"),
+            ));
+        }
+        Ok(HealthCheckPolicy {
+            enabled,
+            interval_ms,
+            timeout_ms,
+            path: check_path,
+            healthy_threshold,
+            unhealthy_threshold,
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FallbackPolicy {
     pub enabled: bool,

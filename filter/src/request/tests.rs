@@ -432,10 +432,10 @@ fn open_breakers_are_passed_over_and_all_open_is_503_with_retry_after() {
     let open = |at: usize| {
         let instance = &service.instances[at];
         let policy = instance.breaker.unwrap();
-        let admission = breaker::admit(&store, &instance.breaker_key, &policy, 0);
+        let admission = breaker::admit(&store, &instance.state_key, Some(&policy), 0);
         breaker::record(
             &store,
-            &instance.breaker_key,
+            &instance.state_key,
             &policy,
             admission,
             Outcome::Failure,
