@@ -56,6 +56,12 @@ impl ServiceType {
         })
     }
 
+    /// Services whose requests upload files (multipart): not retried unless configured, since a
+    /// second attempt sends the whole upload again (and image edits are not free to repeat).
+    pub fn takes_uploads(self) -> bool {
+        matches!(self, ServiceType::Stt | ServiceType::ImgEdit)
+    }
+
     pub fn index(self) -> usize {
         self as usize
     }

@@ -300,6 +300,8 @@ struct BreakerTicket {
     key: String,
     policy: BreakerPolicy,
     admission: Admission,
+    /// Retries allowed for the request (an answer may then come from another instance).
+    retries: u64,
 }
 
 /// An in-flight count taken for a request, to give back exactly once, and the start of its
@@ -417,6 +419,11 @@ impl HttpContext for Request {
         }
         // 5xx (Envoy's own for connect failures, resets and timeouts included) counts at once;
         // a 4xx is the client's doing; a success counts only once its body has ended whole.
+        // An answer after a retry means the chosen instance failed first (the first attempt is
+        // always on it; retries go to its peers).
+        if self.breaker.is_some() && self.status.is_some_and(|s| s < 500) && self.retried() {
+            self.count_breaker(Outcome::Failure);
+        }
         match self.status {
             Some(status) if status >= 500 => self.count_breaker(Outcome::Failure),
             Some(status) if status >= 400 => self.count_breaker(Outcome::Neutral),
@@ -517,6 +524,18 @@ impl Request {
             .settle_tokens(&HostStore, &reservation.grants, used, now_ns());
     }
 
+    /// Whether Envoy needed more than one attempt (`include_attempt_count_in_response`).
+    fn retried(&self) -> bool {
+        let retries_possible = self
+            .breaker
+            .as_ref()
+            .is_some_and(|ticket| ticket.retries > 0);
+        retries_possible
+            && response_header("x-envoy-attempt-count")
+                .and_then(|count| count.trim().parse::<u32>().ok())
+                .is_some_and(|count| count > 1)
+    }
+
     /// Counts the exchange against the instance's breaker, once.
     fn count_breaker(&mut self, outcome: Outcome) {
         if let Some(ticket) = self.breaker.take() {
@@ -587,6 +606,18 @@ impl Request {
                 Some(&routed.model),
             );
         }
+        // The route's retry policy carries the global `retries`; a service that differs (or an
+        // upload, not retried unless configured) says so here. Envoy strips this header from
+        // clients' requests; ours is set after that.
+        if let Some(service) = self.config.service(routed.service) {
+            if service.retries != self.config.retries {
+                let _ = hostcalls::set_map_value(
+                    MapType::HttpRequestHeaders,
+                    "x-envoy-max-retries",
+                    Some(&service.retries.to_string()),
+                );
+            }
+        }
         if !HOST_CLEARS_ROUTE_CACHE {
             if let Err(status) = hostcalls::call_foreign_function("clear_route_cache", None) {
                 log::warn!("clear_route_cache failed: {status:?}");
@@ -600,6 +631,7 @@ impl Request {
                 key: instance.state_key.clone(),
                 policy: *policy,
                 admission,
+                retries: self.config.service(routed.service).map_or(0, |s| s.retries),
             }),
             _ => None,
         };

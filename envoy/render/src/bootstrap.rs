@@ -4,7 +4,7 @@
 //! per configured instance.
 
 use jairouter_filter::config::{
-    BaseUrl, GlobalRateLimit, Instance, RouterConfig, MODEL_HEADER, ROUTING_HEADER,
+    BaseUrl, GlobalRateLimit, Instance, RouterConfig, Service, MODEL_HEADER, ROUTING_HEADER,
     SERVICE_DESCRIPTOR_HEADER,
 };
 use serde_json::{json, Value};
@@ -29,7 +29,15 @@ pub fn render(config: &RouterConfig, model_json: &Value, opts: &Options) -> Valu
         .gateway
         .max_body_bytes
         .saturating_add(BUFFER_HEADROOM);
-    let mut clusters: Vec<Value> = config.instances().map(|i| cluster(i, opts)).collect();
+    let mut clusters: Vec<Value> = config
+        .services()
+        .flat_map(|service| {
+            service
+                .instances
+                .iter()
+                .map(move |i| cluster(i, &failover_peers(service, i), opts))
+        })
+        .collect();
     if let Some(global) = &config.gateway.global_rate_limit {
         clusters.push(rate_limit_cluster(&global.service));
     }
@@ -106,14 +114,18 @@ fn http_connection_manager(config: &RouterConfig, model_json: &Value, opts: &Opt
         "route": {
             "cluster_header": ROUTING_HEADER,
             "auto_host_rewrite": true,
-            // Generations run for minutes; the stream idle timeout guards hangs.
-            "timeout": "0s"
+            // Generations run for minutes: no limit unless `request-timeout` sets one; the
+            // stream idle timeout guards hangs.
+            "timeout": format!("{}.{:03}s", config.request_timeout_ms / 1000, config.request_timeout_ms % 1000)
         },
         // Ours, not the backend's: the routing header and the rate-limit descriptors.
         "request_headers_to_remove": [ROUTING_HEADER, SERVICE_DESCRIPTOR_HEADER, MODEL_HEADER]
     });
     if global.is_some() {
         routed["route"]["rate_limits"] = rate_limit_actions();
+    }
+    if config.services().any(|s| s.retries > 0) {
+        routed["route"]["retry_policy"] = retry_policy(config.retries);
     }
     let mut hcm = json!({
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -128,6 +140,8 @@ fn http_connection_manager(config: &RouterConfig, model_json: &Value, opts: &Opt
             "virtual_hosts": [{
                 "name": "openai",
                 "domains": ["*"],
+                // x-envoy-attempt-count tells the filter the chosen instance failed first.
+                "include_attempt_count_in_response": true,
                 "routes": [
                     routed,
                     {
@@ -161,6 +175,35 @@ fn http_connection_manager(config: &RouterConfig, model_json: &Value, opts: &Opt
 
 /// Descriptors for the rate-limit service: per service, per service and model, per service and
 /// client address (Envoy's view of it, honouring trusted hops).
+/// Failed attempts move to another instance of the model: the first attempt is on the chosen
+/// instance (priority 0 of its cluster), retries on its peers (priority 1) and never on a host
+/// already tried. What fails: a refused or reset connection, a 5xx, and 429 (the backend's own
+/// limit, which should move traffic rather than reach the client). Envoy never retries once
+/// the response has begun, and only bodies it still holds (up to the buffer limit).
+fn retry_policy(retries: u64) -> Value {
+    json!({
+        "retry_on": "connect-failure,refused-stream,reset,5xx,retriable-status-codes",
+        "retriable_status_codes": [429],
+        "num_retries": retries,
+        "retry_priority": {
+            "name": "envoy.retry_priorities.previous_priorities",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
+                "update_frequency": 1
+            }
+        },
+        "retry_host_predicate": [{
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+            }
+        }],
+        "host_selection_retry_max_attempts": 5,
+        // A quick second chance: the next attempt goes elsewhere anyway.
+        "retry_back_off": {"base_interval": "0.005s", "max_interval": "0.05s"}
+    })
+}
+
 fn rate_limit_actions() -> Value {
     let service = json!({"request_headers": {"header_name": SERVICE_DESCRIPTOR_HEADER, "descriptor_key": "service"}});
     let model =
@@ -230,13 +273,55 @@ pub fn plugin_config(model_json: &Value, wasm_path: &str) -> Value {
     })
 }
 
-fn cluster(instance: &Instance, opts: &Options) -> Value {
+/// Where a failed attempt may go instead: the other instances of the same model that take the
+/// same path and headers (a retry re-sends the request as the filter shaped it for the first
+/// instance, credentials included) over the same scheme, and for TLS the same host (the cluster's
+/// SNI and certificate check are the first instance's).
+fn failover_peers<'a>(service: &'a Service, instance: &Instance) -> Vec<&'a Instance> {
+    if service.retries == 0 {
+        return Vec::new();
+    }
+    service
+        .instances
+        .iter()
+        .filter(|peer| {
+            peer.id != instance.id
+                && peer.name == instance.name
+                && peer.active
+                && peer.weight > 0
+                && peer.base_url.prefix == instance.base_url.prefix
+                && peer.base_url.tls == instance.base_url.tls
+                && (!peer.base_url.tls || peer.base_url.host == instance.base_url.host)
+                && peer.headers == instance.headers
+        })
+        .collect()
+}
+
+fn lb_endpoint(instance: &Instance) -> Value {
     let url = &instance.base_url;
-    let kind = if url.host_is_ip() {
-        "STATIC"
-    } else {
-        "STRICT_DNS"
-    };
+    json!({
+        "endpoint": {
+            "address": socket(&url.host, url.port),
+            // auto_host_rewrite sends the backend its own name as Host.
+            "hostname": url.host
+        },
+        "load_balancing_weight": instance.weight.max(1)
+    })
+}
+
+/// One cluster per instance: the instance itself, then (priority 1, reached only by retries,
+/// which move on from priorities already tried) its failover peers.
+fn cluster(instance: &Instance, peers: &[&Instance], opts: &Options) -> Value {
+    let url = &instance.base_url;
+    let all_ips = url.host_is_ip() && peers.iter().all(|p| p.base_url.host_is_ip());
+    let kind = if all_ips { "STATIC" } else { "STRICT_DNS" };
+    let mut endpoints = vec![json!({"lb_endpoints": [lb_endpoint(instance)]})];
+    if !peers.is_empty() {
+        endpoints.push(json!({
+            "priority": 1,
+            "lb_endpoints": peers.iter().map(|p| lb_endpoint(p)).collect::<Vec<_>>()
+        }));
+    }
     let mut cluster = json!({
         "name": instance.cluster,
         "type": kind,
@@ -244,11 +329,7 @@ fn cluster(instance: &Instance, opts: &Options) -> Value {
         "dns_lookup_family": "V4_PREFERRED",
         "load_assignment": {
             "cluster_name": instance.cluster,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {
-                "address": socket(&url.host, url.port),
-                // auto_host_rewrite sends the backend its own name as Host.
-                "hostname": url.host
-            }}]}]
+            "endpoints": endpoints
         }
     });
     if url.tls {

@@ -51,7 +51,17 @@ pub struct RouterConfig {
     /// Whether anything keys on the client address (hash strategies, per-client limits): the
     /// binding asks Envoy for it only then.
     pub uses_client_address: bool,
+    /// `retries`: further attempts on another instance of the model (Envoy's retry policy on
+    /// the route; services that differ say so per request).
+    pub retries: u64,
+    /// `retry-uploads`: whether multipart uploads are retried too.
+    pub retry_uploads: bool,
+    /// `request-timeout` in ms (0: none): the whole exchange, streamed answers included.
+    pub request_timeout_ms: u64,
 }
+
+/// Retries when none are configured: a failed attempt gets two more, on other instances.
+pub const DEFAULT_RETRIES: u64 = 2;
 
 /// Per-client rate-limit tables are preallocated in shared data; this bounds their total size.
 pub const MAX_CLIENT_TABLE_BYTES: u64 = 64 * 1024 * 1024;
@@ -94,6 +104,9 @@ pub struct Service {
     pub fallback: Option<FallbackPolicy>,
     pub instances: Vec<Instance>,
     pub models: HashMap<String, ModelPool>,
+    /// Retries for this service's requests (its own `retries`, else the global; 0 for uploads
+    /// unless `retry-uploads`).
+    pub retries: u64,
 }
 
 /// The instances that serve one model name within a service.
@@ -262,6 +275,9 @@ fn parse_model(value: &Value) -> Result<RouterConfig> {
     let token_limit = take_policy(&mut f, "token-limit", TokenLimitPolicy::parse)?;
     let circuit_breaker = take_breaker(&mut f, None)?;
     let health_check = take_health_check(&mut f, None)?;
+    let retries = f.integer("retries", DEFAULT_RETRIES, 0, 10)?;
+    let retry_uploads = f.boolean("retry-uploads", false)?;
+    let request_timeout_ms = f.integer("request-timeout", 0, 0, 86_400_000)?;
     let fallback = take_policy(&mut f, "fallback", FallbackPolicy::parse)?;
     let gateway = match f.take("gateway") {
         Some(v) => parse_gateway(&f.child("gateway"), v)?,
@@ -308,6 +324,8 @@ fn parse_model(value: &Value) -> Result<RouterConfig> {
                 Inherited {
                     breaker: circuit_breaker.as_ref(),
                     health_check: health_check.as_ref(),
+                    retries,
+                    retry_uploads,
                 },
                 &mut clusters,
             )?;
@@ -350,6 +368,9 @@ fn parse_model(value: &Value) -> Result<RouterConfig> {
         });
     Ok(RouterConfig {
         uses_client_address,
+        retries,
+        retry_uploads,
+        request_timeout_ms,
         services,
         load_balance,
         rate_limit,
@@ -367,6 +388,8 @@ fn parse_model(value: &Value) -> Result<RouterConfig> {
 struct Inherited<'a> {
     breaker: Option<&'a CircuitBreakerPolicy>,
     health_check: Option<&'a HealthCheckPolicy>,
+    retries: u64,
+    retry_uploads: bool,
 }
 
 fn take_health_check(
@@ -475,6 +498,10 @@ fn parse_service(
     let circuit_breaker = take_breaker(&mut f, global.breaker)?.or_else(|| global.breaker.cloned());
     let health_check =
         take_health_check(&mut f, global.health_check)?.or_else(|| global.health_check.cloned());
+    let retries = match f.integer("retries", global.retries, 0, 10)? {
+        _ if kind.takes_uploads() && !global.retry_uploads => 0,
+        n => n,
+    };
     let fallback = take_policy(&mut f, "fallback", FallbackPolicy::parse)?;
     let instances_path = f.child("instances");
     let list = match f.take("instances") {
@@ -501,6 +528,7 @@ fn parse_service(
         let inherited = Inherited {
             breaker: circuit_breaker.as_ref(),
             health_check: health_check.as_ref(),
+            ..global
         };
         let instance = parse_instance(&ipath, kind, index, item, inherited)?;
         if let Some(previous) = clusters.insert(instance.cluster.clone(), ipath.clone()) {
@@ -570,6 +598,7 @@ fn parse_service(
         fallback,
         instances,
         models,
+        retries,
     })
 }
 
