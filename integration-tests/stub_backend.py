@@ -319,6 +319,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("content-type", content_type)
         self.send_header("content-length", str(len(body)))
         self.send_header("x-stub-instance", self.server.stub.name)
+        if status == 429 and self.server.stub.retry_after is not None:
+            self.send_header("retry-after", str(self.server.stub.retry_after))
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -334,6 +336,8 @@ class StubServer:
         self.requests: list[Received] = []
         self.delay = 0.0
         self.fail_status: int | None = None
+        # Sent as Retry-After with every 429 it answers.
+        self.retry_after: int | None = None
         self.in_flight = 0
         self.max_in_flight = 0
         self._fail_next: list[int] = []

@@ -293,3 +293,26 @@ def test_uploads_are_retried_only_when_configured(stubs, gateway):
             codes = [client.post(gw.url + "/v1/audio/transcriptions", content=body,
                                  headers={"content-type": content_type}).status_code for _ in range(4)]
         assert expected in codes and (codes.count(200) == 4) == retry_uploads, codes
+
+
+def test_a_429_with_retry_after_takes_the_instance_out_for_that_long(stubs, gateway):
+    limited, other = stubs("limited", "other")
+    gw = chat_gateway(gateway, [limited, other])
+    limited.fail_status, limited.retry_after = 429, 2
+    first = [post(gw) for _ in range(2)]
+    assert sorted(r.status_code for r in first) == [200, 429]
+    limited.fail_status = None
+    assert served_by(gw, 10) == ["other"] * 10, "out of rotation while it asked for a pause"
+    time.sleep(2.1)
+    assert served_by(gw, 10).count("limited") == 5, "back when the pause is over"
+
+
+def test_every_instance_pausing_gives_a_429_with_retry_after(stubs, gateway):
+    (only,) = stubs("only")
+    gw = chat_gateway(gateway, [only])
+    only.fail_status, only.retry_after = 429, 30
+    assert post(gw).status_code == 429
+    r = post(gw)
+    assert r.status_code == 429 and error_of(r)["type"] == "rate_limit_error"
+    assert 25 <= int(r.headers["retry-after"]) <= 30
+    assert len(only.requests) == 1

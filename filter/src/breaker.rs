@@ -52,9 +52,11 @@ pub struct Breaker {
     pub opened_at_ns: u64,
     /// Marked down by the health checker (unknown is healthy).
     pub unhealthy: bool,
+    /// Out of rotation until then: it answered 429 with Retry-After (host clock, ns).
+    pub cooldown_until_ns: u64,
 }
 
-const ENCODED_LEN: usize = 22;
+const ENCODED_LEN: usize = 30;
 
 impl Breaker {
     pub const CLOSED: Breaker = Breaker {
@@ -64,6 +66,7 @@ impl Breaker {
         trials: 0,
         opened_at_ns: 0,
         unhealthy: false,
+        cooldown_until_ns: 0,
     };
 
     pub fn encode(&self) -> Vec<u8> {
@@ -78,6 +81,7 @@ impl Breaker {
         out.extend(self.trials.to_le_bytes());
         out.extend(self.opened_at_ns.to_le_bytes());
         out.push(u8::from(self.unhealthy));
+        out.extend(self.cooldown_until_ns.to_le_bytes());
         out
     }
 
@@ -92,10 +96,12 @@ impl Breaker {
                 .and_then(|b| <[u8; 4]>::try_from(b).ok())
                 .map_or(0, u32::from_le_bytes)
         };
-        let opened_at_ns = bytes
-            .get(13..21)
-            .and_then(|b| <[u8; 8]>::try_from(b).ok())
-            .map_or(0, u64::from_le_bytes);
+        let u64_at = |at: usize| {
+            bytes
+                .get(at..at + 8)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map_or(0, u64::from_le_bytes)
+        };
         let state = match bytes.first() {
             Some(1) => State::Open,
             Some(2) => State::HalfOpen,
@@ -106,8 +112,9 @@ impl Breaker {
             failures: u32_at(1),
             successes: u32_at(5),
             trials: u32_at(9),
-            opened_at_ns,
+            opened_at_ns: u64_at(13),
             unhealthy: bytes.get(21) == Some(&1),
+            cooldown_until_ns: u64_at(22),
         }
     }
 
@@ -116,6 +123,14 @@ impl Breaker {
     pub fn admit(self, policy: Option<&BreakerPolicy>, now_ns: u64) -> (Breaker, Admission) {
         if self.unhealthy {
             return (self, Admission::Unhealthy);
+        }
+        if now_ns < self.cooldown_until_ns {
+            return (
+                self,
+                Admission::CoolingDown {
+                    until_ns: self.cooldown_until_ns,
+                },
+            );
         }
         let Some(policy) = policy else {
             return (self, Admission::Closed { clean: true });
@@ -190,6 +205,7 @@ impl Breaker {
                 if successes >= policy.success_threshold {
                     Breaker {
                         unhealthy: self.unhealthy,
+                        cooldown_until_ns: self.cooldown_until_ns,
                         ..Breaker::CLOSED
                     }
                 } else {
@@ -222,6 +238,8 @@ pub enum Admission {
     Refused,
     /// The health checker has marked the instance down.
     Unhealthy,
+    /// It asked for a pause (429 with Retry-After) that lasts until then.
+    CoolingDown { until_ns: u64 },
 }
 
 impl Admission {
@@ -290,6 +308,18 @@ pub fn set_unhealthy(store: &dyn SharedStore, key: &str, unhealthy: bool) -> boo
         ((after != before).then(|| after.encode()), ())
     })
     .is_some()
+}
+
+/// Takes the instance out of rotation until `until_ns`: it answered 429 with Retry-After.
+pub fn cool_down(store: &dyn SharedStore, key: &str, until_ns: u64) {
+    transact(store, key, |value| {
+        let before = Breaker::decode(value);
+        let after = Breaker {
+            cooldown_until_ns: before.cooldown_until_ns.max(until_ns),
+            ..before
+        };
+        ((after != before).then(|| after.encode()), ())
+    });
 }
 
 /// Whether the instance is marked down.
@@ -480,7 +510,7 @@ mod tests {
 
     #[test]
     fn unreadable_state_reads_as_closed() {
-        for bytes in [&b""[..], b"\x01", &[7u8; 22], &[1u8; 40]] {
+        for bytes in [&b""[..], b"\x01", &[7u8; 30], &[1u8; 40]] {
             let breaker = Breaker::decode(Some(bytes));
             assert!(breaker.state == State::Closed || bytes.len() == ENCODED_LEN);
         }
@@ -491,6 +521,7 @@ mod tests {
             trials: 2,
             opened_at_ns: 1234,
             unhealthy: true,
+            cooldown_until_ns: 99,
         };
         assert_eq!(Breaker::decode(Some(&b.encode())), b);
     }
@@ -511,5 +542,24 @@ mod tests {
             Admission::Closed { clean: true }
         );
         assert_eq!(Breaker::decode(store.get(KEY).0.as_deref()).failures, 2);
+    }
+
+    #[test]
+    fn a_cooldown_keeps_the_instance_out_until_it_ends() {
+        let store = MemoryStore::default();
+        cool_down(&store, KEY, 5 * SECOND);
+        cool_down(&store, KEY, 2 * SECOND);
+        assert_eq!(
+            admit(&store, KEY, Some(&POLICY), SECOND),
+            Admission::CoolingDown {
+                until_ns: 5 * SECOND
+            },
+            "a shorter pause never cuts a longer one"
+        );
+        assert_eq!(
+            admit(&store, KEY, None, 5 * SECOND),
+            Admission::Closed { clean: true }
+        );
+        assert!(!Admission::CoolingDown { until_ns: 1 }.admitted());
     }
 }

@@ -454,6 +454,8 @@ pub fn route_model(
     // The soonest an open breaker passed over here lets a trial through (an upper bound).
     let mut open_for_ns: Option<u64> = None;
     let mut unhealthy = false;
+    // The soonest a backend that answered 429 with Retry-After takes requests again.
+    let mut cooling_until: Option<u64> = None;
     for &at in candidates {
         let Some(instance) = service.instances.get(at) else {
             continue;
@@ -475,6 +477,10 @@ pub fn route_model(
             }
             Some(Admission::Unhealthy) => {
                 unhealthy = true;
+                continue;
+            }
+            Some(Admission::CoolingDown { until_ns }) => {
+                cooling_until = Some(cooling_until.map_or(until_ns, |t: u64| t.min(until_ns)));
                 continue;
             }
             _ => {}
@@ -501,6 +507,10 @@ pub fn route_model(
         limits.release(host.store, &admitted.grants);
         return Err(match (refused, open_for_ns) {
             (Some(refusal), _) => too_many_requests(cfg, &refusal),
+            (None, _) if cooling_until.is_some() => backends_limited(
+                model,
+                cooling_until.unwrap_or(0).saturating_sub(host.now_ns),
+            ),
             (None, Some(open_ns)) => all_breakers_open(model, open_ns),
             (None, None) if unhealthy => none_healthy(model),
             (None, None) => no_instance(),
@@ -546,6 +556,19 @@ fn all_breakers_open(model: &str, open_ns: u64) -> LocalReply {
         &format!(
             "Every instance of the model `{model}` is failing (circuit breakers open); try again later."
         ),
+    )
+    .with_header("retry-after", &secs.to_string())
+}
+
+/// 429 when the model's backends asked for a pause (they answered 429 with Retry-After) and
+/// nothing else can serve: the client waits as long as they asked.
+fn backends_limited(model: &str, wait_ns: u64) -> LocalReply {
+    let secs = wait_ns.div_ceil(1_000_000_000).max(1);
+    LocalReply::error(
+        429,
+        "rate_limit_error",
+        "rate_limit_exceeded",
+        &format!("The backends of the model `{model}` are rate limiting; try again in {secs} s."),
     )
     .with_header("retry-after", &secs.to_string())
 }

@@ -424,6 +424,13 @@ impl HttpContext for Request {
         if self.breaker.is_some() && self.status.is_some_and(|s| s < 500) && self.retried() {
             self.count_breaker(Outcome::Failure);
         }
+        // The instance asks for a pause: out of rotation for as long as it says (capped).
+        if self.status == Some(429) && !self.retried() && answered_by_upstream() {
+            if let (Some(ticket), Some(secs)) = (&self.breaker, retry_after_secs()) {
+                let until = now_ns().saturating_add(secs.saturating_mul(1_000_000_000));
+                breaker::cool_down(&HostStore, &ticket.key, until);
+            }
+        }
         match self.status {
             Some(status) if status >= 500 => self.count_breaker(Outcome::Failure),
             Some(status) if status >= 400 => self.count_breaker(Outcome::Neutral),
@@ -672,6 +679,22 @@ fn unfinished_outcome(response_started: bool) -> Outcome {
     } else {
         Outcome::Failure
     }
+}
+
+/// Whether the response came from the instance (not a local reply, such as Envoy's global
+/// rate limit's 429).
+fn answered_by_upstream() -> bool {
+    matches!(
+        hostcalls::get_property(vec!["response", "code_details"]),
+        Ok(Some(bytes)) if bytes == b"via_upstream"
+    )
+}
+
+/// A 429's Retry-After in seconds (delta form), at most ten minutes.
+fn retry_after_secs() -> Option<u64> {
+    let value = response_header("retry-after")?;
+    let secs: u64 = value.trim().parse().ok()?;
+    Some(secs.min(600))
 }
 
 fn plugin_root_id() -> Option<String> {

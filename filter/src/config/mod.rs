@@ -273,7 +273,10 @@ fn parse_model(value: &Value) -> Result<RouterConfig> {
     };
     let rate_limit = take_policy(&mut f, "rate-limit", RateLimitPolicy::parse)?;
     let token_limit = take_policy(&mut f, "token-limit", TokenLimitPolicy::parse)?;
-    let circuit_breaker = take_breaker(&mut f, None)?;
+    // Breakers are on unless turned off (the original's manager builds one for every instance
+    // whatever its `enabled` says; ours honours `enabled: false`).
+    let circuit_breaker =
+        Some(take_breaker(&mut f, None)?.unwrap_or(CircuitBreakerPolicy::DEFAULT));
     let health_check = take_health_check(&mut f, None)?;
     let retries = f.integer("retries", DEFAULT_RETRIES, 0, 10)?;
     let retry_uploads = f.boolean("retry-uploads", false)?;

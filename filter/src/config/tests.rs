@@ -299,8 +299,22 @@ fn breaker_blocks_inherit_from_the_enclosing_block() {
     let none = RouterConfig::from_value(&json!({"services": {"chat": {"instances": [
         {"name": "a", "base-url": "http://a:1"}]}}}))
     .unwrap();
+    let default = none.service(ServiceType::Chat).unwrap().instances[0]
+        .breaker
+        .unwrap();
     assert_eq!(
-        none.service(ServiceType::Chat).unwrap().instances[0].breaker,
+        (
+            default.failure_threshold,
+            default.timeout_ns,
+            default.success_threshold
+        ),
+        (5, 60_000_000_000, 2)
+    );
+    let off = RouterConfig::from_value(&json!({"circuit-breaker": {"enabled": false},
+        "services": {"chat": {"instances": [{"name": "a", "base-url": "http://a:1"}]}}}))
+    .unwrap();
+    assert_eq!(
+        off.service(ServiceType::Chat).unwrap().instances[0].breaker,
         None
     );
     let bad = RouterConfig::from_value(&json!({"services": {"chat": {"instances": [
