@@ -316,3 +316,52 @@ def test_every_instance_pausing_gives_a_429_with_retry_after(stubs, gateway):
     assert r.status_code == 429 and error_of(r)["type"] == "rate_limit_error"
     assert 25 <= int(r.headers["retry-after"]) <= 30
     assert len(only.requests) == 1
+
+
+def test_a_fallback_model_stands_in_when_no_instance_can_serve(stubs, gateway):
+    primary, stand_in = stubs("primary", "stand-in")
+    gw = gateway({"model": {"retries": 0, "circuit-breaker": {"failure-threshold": 1, "timeout": 30000},
+                            "fallback": {"models": {"llama": ["missing-too", "qwen"]}},
+                            "services": {"chat": {"instances": [
+                                instance("llama", primary), instance("qwen", stand_in),
+                                {"name": "missing-too", "base-url": stand_in.url, "status": "down"}]}}}})
+    primary.fail_status = 500
+    assert post(gw).status_code == 500  # opens llama's only breaker
+    small = {"model": "llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    large = {"messages": [{"role": "user", "content": "x" * 300_000}], "model": "llama", "stream": False}
+    for body in (small, large):
+        r = post(gw, body=json_body(body))
+        assert r.status_code == 200, r.text
+        assert r.headers["x-stub-instance"] == "stand-in"
+        assert r.headers["x-jairouter-model"] == "qwen"
+        received = stand_in.requests[-1]
+        assert received.json()["model"] == "qwen"
+        assert {k: v for k, v in received.json().items() if k != "model"} == \
+            {k: v for k, v in body.items() if k != "model"}
+        assert int(received.headers["content-length"]) == len(received.body)
+    # Chunked upload, no content-length.
+    def chunks():
+        data = json_body(large)
+        for i in range(0, len(data), 7000):
+            yield data[i:i + 7000]
+    with httpx.Client(timeout=10) as c:
+        r = c.post(gw.url + "/v1/chat/completions", content=chunks(), headers=JSON)
+    assert r.status_code == 200 and stand_in.requests[-1].json()["model"] == "qwen"
+    # A model named by header is not rewritten: no fallback.
+    r = post(gw, {"x-jairouter-model": "llama"})
+    assert r.status_code == 503 and error_of(r)["code"] == "no_available_instance"
+    # The model the client asked for is served by itself when it can.
+    r = post(gw, body=json_body({"model": "qwen", "messages": []}))
+    assert r.status_code == 200 and "x-jairouter-model" not in r.headers
+
+
+def test_fallback_models_must_exist_in_the_service(tmp_path):
+    from harness import render
+    import yaml
+    config = tmp_path / "application.yml"
+    config.write_text(yaml.safe_dump({"model": {"fallback": {"models": {"llama": ["ghost"]}},
+                                                "services": {"chat": {"instances": [
+                                                    {"name": "llama", "base-url": "http://127.0.0.1:9"}]}}}}))
+    result = render(config, "check")
+    assert result.returncode != 0
+    assert "model.fallback.models.llama" in result.stderr and "ghost" in result.stderr

@@ -76,6 +76,9 @@ pub struct Extras<'a> {
     pub body_bytes: Option<u64>,
     /// The request's `max_tokens` (or `max_completion_tokens`).
     pub max_tokens: Option<u64>,
+    /// Whether the model came from a JSON body the binding can rewrite: only then may a
+    /// fallback model stand in (the backend must be asked for the model it serves).
+    pub model_rewritable: bool,
 }
 
 /// Body fields a token budget reads for the completion estimate.
@@ -105,6 +108,8 @@ pub struct Routed {
     /// How the instance's circuit breaker let the request through (when it has one): what the
     /// end of the exchange must be counted against.
     pub breaker: Option<Admission>,
+    /// The model the client asked for, when `model` is a fallback standing in for it.
+    pub fallback_from: Option<String>,
 }
 
 pub enum HeadDecision {
@@ -196,6 +201,7 @@ pub fn on_request_headers(
                 hash_key: hash_key.as_deref(),
                 body_bytes: head.content_length,
                 max_tokens: None,
+                model_rewritable: false,
             };
             return match route_model(cfg, endpoint, model, query, host, &extras) {
                 Ok(routed) => HeadDecision::Route(routed),
@@ -306,6 +312,14 @@ pub enum BodyStep {
 }
 
 impl BodyScan {
+    /// Where the model's JSON string sits in the body (what a fallback rewrites).
+    pub fn model_span(&self) -> Option<(usize, usize)> {
+        match &self.scanner {
+            Scanner::Json(s) => s.model_span(),
+            Scanner::Multipart(_) => None,
+        }
+    }
+
     /// How many body bytes may be buffered while looking for the model.
     pub fn limit(&self) -> u64 {
         self.limit
@@ -347,6 +361,7 @@ impl BodyScan {
             },
             other => other,
         };
+        let from_body = self.model_from_header.is_none();
         let model = match outcome {
             ScanOutcome::NeedMore => return BodyStep::NeedMore,
             ScanOutcome::Found(model) => self.model_from_header.take().unwrap_or(model),
@@ -372,6 +387,7 @@ impl BodyScan {
             hash_key,
             body_bytes: self.content_length.or(Some(buffered)),
             max_tokens,
+            model_rewritable: from_body && matches!(self.scanner, Scanner::Json(_)),
         };
         match route_model(cfg, self.endpoint, &model, &self.query, host, &extras) {
             Ok(routed) => BodyStep::Route(routed),
@@ -398,14 +414,48 @@ pub fn route_model(
     host: &Host<'_>,
     extras: &Extras<'_>,
 ) -> Result<Routed, LocalReply> {
+    let reply = match route_to_instance(cfg, endpoint, model, query, host, extras) {
+        Ok(routed) => return Ok(routed),
+        Err(Unroutable::Final(reply)) => return Err(reply),
+        Err(Unroutable::NoInstance(reply)) => reply,
+    };
+    // None of the model's instances can take it: its fallback models, in order.
+    let stand_ins = cfg
+        .service(endpoint.service())
+        .and_then(|s| s.fallbacks.get(model))
+        .filter(|_| extras.model_rewritable);
+    for stand_in in stand_ins.into_iter().flatten() {
+        if let Ok(mut routed) = route_to_instance(cfg, endpoint, stand_in, query, host, extras) {
+            routed.fallback_from = Some(model.to_string());
+            return Ok(routed);
+        }
+    }
+    Err(reply)
+}
+
+/// Why a model could not be routed: for good (a fallback would not help), or because none of
+/// its instances can take the request now.
+enum Unroutable {
+    Final(LocalReply),
+    NoInstance(LocalReply),
+}
+
+fn route_to_instance(
+    cfg: &RouterConfig,
+    endpoint: Endpoint,
+    model: &str,
+    query: &str,
+    host: &Host<'_>,
+    extras: &Extras<'_>,
+) -> Result<Routed, Unroutable> {
     let kind = endpoint.service();
     let service = cfg
         .service(kind)
-        .ok_or_else(|| service_missing(cfg, endpoint))?;
+        .ok_or_else(|| Unroutable::Final(service_missing(cfg, endpoint)))?;
     let pool = service
         .models
         .get(model)
-        .ok_or_else(|| unknown_model(cfg, endpoint, model))?;
+        .ok_or_else(|| Unroutable::Final(unknown_model(cfg, endpoint, model)))?;
     let no_instance = || {
         LocalReply::error(
             503,
@@ -432,11 +482,11 @@ pub fn route_model(
     };
     let mut admitted = limits
         .acquire(host.store, &subject, Phase::BeforePick, host.now_ns, tokens)
-        .map_err(|refusal| too_many_requests(cfg, &refusal))?;
+        .map_err(|refusal| Unroutable::Final(too_many_requests(cfg, &refusal)))?;
     let Some(first) = pick_instance(service, pool, host.store, &host.pick_input(extras.hash_key))
     else {
         limits.release(host.store, &admitted.grants);
-        return Err(no_instance());
+        return Err(Unroutable::NoInstance(no_instance()));
     };
     // Instances whose breaker is open are passed over, whatever the strategy picked; an
     // instance's own limit refusing sends the request on as well (as the original does, up to
@@ -505,7 +555,7 @@ pub fn route_model(
     }
     let Some((at, instance, breaker)) = chosen else {
         limits.release(host.store, &admitted.grants);
-        return Err(match (refused, open_for_ns) {
+        return Err(Unroutable::NoInstance(match (refused, open_for_ns) {
             (Some(refusal), _) => too_many_requests(cfg, &refusal),
             (None, _) if cooling_until.is_some() => backends_limited(
                 model,
@@ -514,12 +564,12 @@ pub fn route_model(
             (None, Some(open_ns)) => all_breakers_open(model, open_ns),
             (None, None) if unhealthy => none_healthy(model),
             (None, None) => no_instance(),
-        });
+        }));
     };
     let Some(path) = instance.upstream_path(endpoint) else {
         limits.release(host.store, &admitted.grants);
         release_breaker(host, instance, breaker);
-        return Err(no_instance());
+        return Err(Unroutable::NoInstance(no_instance()));
     };
     let path = if query.is_empty() {
         path.to_string()
@@ -542,6 +592,7 @@ pub fn route_model(
             grants: admitted.grants,
         }),
         breaker,
+        fallback_from: None,
     })
 }
 

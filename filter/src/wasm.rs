@@ -264,6 +264,8 @@ impl RootContext for Root {
             usage: None,
             breaker: None,
             status: None,
+            content_length: None,
+            served_model: None,
         }))
     }
 
@@ -293,6 +295,10 @@ struct Request {
     breaker: Option<BreakerTicket>,
     /// The response's status, once its headers passed.
     status: Option<u32>,
+    /// The request's content-length, if it had one (a fallback's rewrite changes it).
+    content_length: Option<u64>,
+    /// The model that served, when a fallback stood in for the one asked for.
+    served_model: Option<String>,
 }
 
 /// A breaker admission to count once the exchange with the instance is over.
@@ -342,6 +348,7 @@ impl HttpContext for Request {
                 .get("content-length")
                 .and_then(|v| v.trim().parse().ok()),
         };
+        self.content_length = head.content_length;
         let random = self.next_random();
         let client = self
             .config
@@ -403,7 +410,19 @@ impl HttpContext for Request {
                 send(&reply)
             }
             BodyStep::Route(routed) => {
+                let span = scan.model_span();
                 self.scan = None;
+                if routed.fallback_from.is_some() {
+                    if let Err(why) = self.ask_for(&routed.model, span, body_size) {
+                        log::warn!("fallback to {} not taken: {why}", routed.model);
+                        return send(&LocalReply::error(
+                            503,
+                            "server_error",
+                            "no_available_instance",
+                            "No instance of the model can take the request right now.",
+                        ));
+                    }
+                }
                 self.apply(&routed)
             }
         }
@@ -446,6 +465,10 @@ impl HttpContext for Request {
             if content_type.contains("json") || content_type.contains("event-stream") {
                 self.usage = Some(UsageScanner::new());
             }
+        }
+        if let Some(model) = &self.served_model {
+            let _ =
+                hostcalls::set_map_value(MapType::HttpResponseHeaders, MODEL_HEADER, Some(model));
         }
         if self.config.gateway.instance_header {
             if let Some(id) = &self.served_by {
@@ -529,6 +552,42 @@ impl Request {
         self.config
             .limits
             .settle_tokens(&HostStore, &reservation.grants, used, now_ns());
+    }
+
+    /// Rewrites the body's `model` to the fallback that stands in for it, so the backend is
+    /// asked for a model it serves. The whole buffered body is replaced (Envoy's buffer API
+    /// replaces all or appends), and content-length follows.
+    fn ask_for(
+        &mut self,
+        model: &str,
+        span: Option<(usize, usize)>,
+        body_size: usize,
+    ) -> Result<(), &'static str> {
+        let (start, end) = span.ok_or("the model's place in the body is unknown")?;
+        let body = match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
+            Ok(Some(body)) => body,
+            _ => return Err("the body could not be read"),
+        };
+        let (Some(before), Some(after)) = (body.get(..start), body.get(end..)) else {
+            return Err("the model lies outside the buffered body");
+        };
+        let quoted = serde_json::to_string(model).map_err(|_| "the model cannot be written")?;
+        let mut rewritten = Vec::with_capacity(body.len() + quoted.len());
+        rewritten.extend_from_slice(before);
+        rewritten.extend_from_slice(quoted.as_bytes());
+        rewritten.extend_from_slice(after);
+        hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body.len(), &rewritten)
+            .map_err(|_| "Envoy refused the rewritten body")?;
+        if let Some(length) = self.content_length {
+            let new_length = (length + rewritten.len() as u64).saturating_sub(body.len() as u64);
+            let _ = hostcalls::set_map_value(
+                MapType::HttpRequestHeaders,
+                "content-length",
+                Some(&new_length.to_string()),
+            );
+        }
+        self.served_model = Some(model.to_string());
+        Ok(())
     }
 
     /// Whether Envoy needed more than one attempt (`include_attempt_count_in_response`).

@@ -107,6 +107,9 @@ pub struct Service {
     /// Retries for this service's requests (its own `retries`, else the global; 0 for uploads
     /// unless `retry-uploads`).
     pub retries: u64,
+    /// Models that stand in for a model none of whose instances can take a request, in order
+    /// (the service's `fallback.models`, else the global one, for models of this service).
+    pub fallbacks: HashMap<String, Vec<String>>,
 }
 
 /// The instances that serve one model name within a service.
@@ -329,6 +332,7 @@ fn parse_model(value: &Value) -> Result<RouterConfig> {
                     health_check: health_check.as_ref(),
                     retries,
                     retry_uploads,
+                    fallback: fallback.as_ref(),
                 },
                 &mut clusters,
             )?;
@@ -386,6 +390,32 @@ fn parse_model(value: &Value) -> Result<RouterConfig> {
     })
 }
 
+/// The fallback lists that concern this service's models; each stand-in must be a model of the
+/// same service (it gets the same request).
+fn fallback_models(
+    policy: Option<&FallbackPolicy>,
+    models: &HashMap<String, ModelPool>,
+    kind: ServiceType,
+) -> Result<HashMap<String, Vec<String>>> {
+    let mut out = HashMap::new();
+    let Some(policy) = policy.filter(|p| p.enabled) else {
+        return Ok(out);
+    };
+    for (model, stand_ins) in &policy.models {
+        if !models.contains_key(model) {
+            continue;
+        }
+        if let Some(missing) = stand_ins.iter().find(|m| !models.contains_key(*m)) {
+            return Err(error(
+                &reader::join(&policy.models_path, model),
+                format!("`{missing}` is not a model of the {} service", kind.key()),
+            ));
+        }
+        out.insert(model.clone(), stand_ins.clone());
+    }
+    Ok(out)
+}
+
 /// The policy blocks a service or instance inherits from the one enclosing it.
 #[derive(Clone, Copy)]
 struct Inherited<'a> {
@@ -393,6 +423,7 @@ struct Inherited<'a> {
     health_check: Option<&'a HealthCheckPolicy>,
     retries: u64,
     retry_uploads: bool,
+    fallback: Option<&'a FallbackPolicy>,
 }
 
 fn take_health_check(
@@ -592,6 +623,7 @@ fn parse_service(
         );
     }
 
+    let fallbacks = fallback_models(fallback.as_ref().or(global.fallback), &models, kind)?;
     Ok(Service {
         kind,
         load_balance,
@@ -602,6 +634,7 @@ fn parse_service(
         instances,
         models,
         retries,
+        fallbacks,
     })
 }
 

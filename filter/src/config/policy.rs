@@ -461,23 +461,58 @@ pub struct FallbackPolicy {
     pub strategy: String,
     pub cache_size: u64,
     pub cache_ttl_ms: u64,
+    /// Ours: `models: {<model>: [<fallback>, ...]}`, tried in order when none of the model's
+    /// instances can take a request.
+    pub models: Vec<(String, Vec<String>)>,
+    /// Where `models` was written, for errors found once the services are known.
+    pub models_path: String,
 }
 
 impl FallbackPolicy {
     pub fn parse(path: &str, value: &Value) -> Result<FallbackPolicy> {
         let mut f = Fields::new(path, value)?;
         let policy = FallbackPolicy {
-            enabled: f.boolean("enabled", false)?,
+            // Off only when it says so: a block that lists stand-in models means them.
+            enabled: f.boolean("enabled", true)?,
             strategy: f
                 .string("strategy")?
                 .map(|s| s.trim().to_ascii_lowercase())
                 .unwrap_or_else(|| "default".to_string()),
             cache_size: f.integer("cache-size", 100, 0, 1_000_000)?,
             cache_ttl_ms: f.integer("cache-ttl", 300_000, 0, 86_400_000 * 30)?,
+            models_path: f.child("models"),
+            models: match f.take("models") {
+                None => Vec::new(),
+                Some(v) => parse_fallback_models(&f.child("models"), v)?,
+            },
         };
         f.finish()?;
         Ok(policy)
     }
+}
+
+fn parse_fallback_models(path: &str, value: &Value) -> Result<Vec<(String, Vec<String>)>> {
+    let map = value
+        .as_object()
+        .ok_or_else(|| error(path, "must map a model to the models that stand in for it"))?;
+    let mut models = Vec::new();
+    for (model, list) in map {
+        let at = super::reader::join(path, model);
+        let names: Vec<String> = match list {
+            Value::String(one) => vec![one.trim().to_string()],
+            Value::Array(items) => items
+                .iter()
+                .map(|item| item.as_str().map(|s| s.trim().to_string()))
+                .collect::<Option<_>>()
+                .ok_or_else(|| error(&at, "must be a list of model names"))?,
+            _ => return Err(error(&at, "must be a list of model names")),
+        };
+        if names.iter().any(|n| n.is_empty() || n == model.trim()) {
+            return Err(error(&at, "names an empty model or the model itself"));
+        }
+        models.push((model.trim().to_string(), names));
+    }
+    Ok(models)
 }
 
 /// `token-limit` (ours): a budget of model tokens per minute, reserved at admission from an

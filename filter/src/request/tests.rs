@@ -460,3 +460,45 @@ fn open_breakers_are_passed_over_and_all_open_is_503_with_retry_after() {
     let trial = route_with(&cfg, &store, 10_000_000_001).unwrap();
     assert_eq!(trial.breaker, Some(Admission::Trial));
 }
+
+#[test]
+fn fallback_models_stand_in_in_order_only_when_the_body_can_be_rewritten() {
+    let cfg = RouterConfig::from_value(&json!({
+        "fallback": {"models": {"llama": ["gone", "qwen", "mistral"]}},
+        "services": {"chat": {"instances": [
+            {"name": "llama", "base-url": "http://a:1", "status": "down"},
+            {"name": "gone", "base-url": "http://g:1", "status": "down"},
+            {"name": "qwen", "base-url": "http://q:1"},
+            {"name": "mistral", "base-url": "http://m:1"}
+        ]}}
+    }))
+    .unwrap();
+    let store = MemoryStore::default();
+    let host = Host {
+        store: &store,
+        random: 0,
+        now_ns: 1,
+        client: None,
+    };
+    let route = |rewritable: bool| {
+        let extras = Extras {
+            model_rewritable: rewritable,
+            ..Extras::default()
+        };
+        route_model(&cfg, Endpoint::ChatCompletions, "llama", "", &host, &extras)
+    };
+    let routed = route(true).unwrap();
+    assert_eq!(routed.model, "qwen");
+    assert_eq!(routed.fallback_from.as_deref(), Some("llama"));
+    assert_eq!(route(false).unwrap_err().status, 503);
+    let own = route_model(
+        &cfg,
+        Endpoint::ChatCompletions,
+        "qwen",
+        "",
+        &host,
+        &Extras::default(),
+    )
+    .unwrap();
+    assert_eq!(own.fallback_from, None);
+}

@@ -131,6 +131,12 @@ pub struct JsonModelScanner {
     model_seen_at: Option<usize>,
     done: Option<ScanOutcome>,
     seen_any: bool,
+    /// Where in the body the byte being stepped is.
+    at: usize,
+    /// Where the model's string starts (its opening quote), then where it ends (past the
+    /// closing quote): what a fallback rewrites.
+    model_start: usize,
+    model_span: Option<(usize, usize)>,
 }
 
 /// Field values past this are cut: a session key needs no more to hash well.
@@ -151,6 +157,9 @@ impl JsonModelScanner {
             field_values: Vec::new(),
             number_field: None,
             consumed: 0,
+            at: 0,
+            model_start: 0,
+            model_span: None,
             model_seen_at: None,
             model: None,
             done: None,
@@ -237,6 +246,12 @@ impl JsonModelScanner {
         outcome
     }
 
+    /// Where the model's JSON string sits in the body: from its opening quote to just past its
+    /// closing quote (escapes included, as written).
+    pub fn model_span(&self) -> Option<(usize, usize)> {
+        self.model_span
+    }
+
     /// The body has ended: if the model was not decided yet, the JSON is cut short.
     pub fn finish(&mut self) -> ScanOutcome {
         if let Some(done) = &self.done {
@@ -266,6 +281,7 @@ impl JsonModelScanner {
                     continue;
                 }
             }
+            self.at = self.consumed.saturating_add(i);
             match self.step(b) {
                 Step::Next => i += 1,
                 Step::Again => {}
@@ -306,6 +322,7 @@ impl JsonModelScanner {
                 _ if is_ws(b) => Step::Next,
                 (b'"', Target::Model | Target::Field(_)) => {
                     self.text.clear();
+                    self.model_start = self.at;
                     let sink = match target {
                         Target::Field(at) => Sink::Field(at),
                         _ => Sink::Model,
@@ -643,6 +660,7 @@ impl JsonModelScanner {
                 self.state = State::Colon(target);
             }
             Sink::Model => {
+                self.model_span = Some((self.model_start, self.at.saturating_add(1)));
                 let text = std::mem::take(&mut self.text);
                 match String::from_utf8(text) {
                     Ok(model) if model.trim().is_empty() => {
@@ -992,6 +1010,20 @@ mod tests {
                     .collect();
                 assert_eq!(plain_string_bytes(&bytes), naive(&bytes), "{bytes:?}");
             }
+        }
+    }
+
+    #[test]
+    fn the_model_span_covers_the_string_as_written() {
+        let body = br#"{"messages":[{"model":"no"}], "model" : "ll\u0061ma", "max_tokens": 5}"#;
+        for split in 0..body.len() {
+            let mut s = JsonModelScanner::new(256).with_field("max_tokens");
+            let (a, b) = body.split_at(split);
+            if s.feed(a) == ScanOutcome::NeedMore {
+                s.feed(b);
+            }
+            let (start, end) = s.model_span().unwrap();
+            assert_eq!(&body[start..end], br#""ll\u0061ma""#, "split at {split}");
         }
     }
 }
