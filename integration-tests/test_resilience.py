@@ -240,6 +240,11 @@ def test_a_backend_stopped_under_load_is_routed_around_and_returns(stubs, gatewa
     assert during and all(r[2] != "s2" for r in during if r[1] == 200)
     after = [r for r in results if r[0] > restarted_at + 2]
     assert any(r[2] == "s2" for r in after), "the instance came back by itself"
+    gw.stop()  # flushes Envoy's log
+    log = gw.logs()
+    assert "circuit breaker of instance chat-1: Closed -> Open" in log
+    assert "instance chat-1 marked down by health checks" in log
+    assert "instance chat-1 healthy again" in log
 
 
 def test_a_failed_attempt_is_retried_on_another_instance_and_trips_the_breaker(stubs, gateway):
@@ -365,3 +370,27 @@ def test_fallback_models_must_exist_in_the_service(tmp_path):
     result = render(config, "check")
     assert result.returncode != 0
     assert "model.fallback.models.llama" in result.stderr and "ghost" in result.stderr
+
+
+def test_retries_never_follow_a_4xx_or_a_started_stream_and_respect_the_timeout(stubs, gateway):
+    picky, other = stubs("picky", "other")
+    gw = gateway({"model": {"load-balance": {"type": "round-robin"}, "retries": 2, "request-timeout": 800,
+                            "circuit-breaker": {"enabled": False},
+                            "services": {"chat": {"instances": [instance("llama", picky), instance("llama", other)]}}}})
+    picky.fail_status = 400
+    codes = [post(gw).status_code for _ in range(10)]
+    assert codes.count(400) == 5 and len(picky.requests) == 5 and len(other.requests) == 5
+    picky.fail_status = None
+    stream = json_body({"model": "llama", "stream": True, "messages": []})
+    broken = 0
+    for _ in range(4):
+        try:
+            post(gw, {"x-stub-break-after": "2"}, stream)
+        except httpx.HTTPError:
+            broken += 1
+    assert broken == 4, "a stream cut after its first bytes reaches the client cut, not retried"
+    assert len(picky.requests) + len(other.requests) == 14
+    picky.delay = other.delay = 2.0
+    started = time.monotonic()
+    r = post(gw)
+    assert r.status_code == 504 and time.monotonic() - started < 1.5, "request-timeout bounds every attempt"

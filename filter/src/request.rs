@@ -463,6 +463,7 @@ fn route_to_instance(
             "no_available_instance",
             &format!("The model `{model}` has no active instance right now."),
         )
+        .with_header("retry-after", "5")
     };
     let limits = &cfg.limits;
     let mut subject = Subject {

@@ -605,7 +605,7 @@ impl Request {
     /// Counts the exchange against the instance's breaker, once.
     fn count_breaker(&mut self, outcome: Outcome) {
         if let Some(ticket) = self.breaker.take() {
-            breaker::record(
+            let change = breaker::record(
                 &HostStore,
                 &ticket.key,
                 &ticket.policy,
@@ -613,6 +613,10 @@ impl Request {
                 outcome,
                 now_ns(),
             );
+            if let Some((from, to)) = change {
+                let instance = self.served_by.as_deref().unwrap_or("?");
+                log::warn!("circuit breaker of instance {instance}: {from:?} -> {to:?}");
+            }
         }
     }
 
