@@ -10,6 +10,7 @@ pub mod endpoint;
 pub mod headers;
 pub mod health;
 pub mod limit;
+pub mod metrics;
 pub mod request;
 pub mod scan;
 pub mod store;

@@ -11,6 +11,7 @@ use crate::config::{
 };
 use crate::headers::HeaderPairs;
 use crate::health::{Checker, Verdict};
+use crate::metrics::{stat_name, status_class, Metrics, DURATION_BUCKETS};
 use crate::request::{
     client_ip, on_request_headers, BodyStep, HeadDecision, Host, LocalReply, RequestHead, Routed,
     TokenReservation,
@@ -50,6 +51,9 @@ proxy_wasm::main! {{
             rng: Rc::new(RefCell::new(Rng::new(seed()))),
             memory_gauge: None,
             health: None,
+            metrics: Rc::default(),
+            metric_ids: HashMap::new(),
+            gauge_ids: HashMap::new(),
         })
     });
 }}
@@ -61,6 +65,11 @@ struct Root {
     memory_gauge: Option<u32>,
     /// Set in the process's health checker only.
     health: Option<HealthRun>,
+    /// What this VM's requests counted since the last tick.
+    metrics: Rc<RefCell<Metrics>>,
+    /// Envoy's ids of the stats this VM has defined, by name.
+    metric_ids: HashMap<String, u32>,
+    gauge_ids: HashMap<String, u32>,
 }
 
 /// How often each VM reports its linear memory.
@@ -102,6 +111,16 @@ impl Context for Root {
     }
 }
 
+/// Envoy's id for a stat, defined the first time this VM uses it.
+fn metric_id(ids: &mut HashMap<String, u32>, kind: MetricType, name: String) -> Option<u32> {
+    if let Some(id) = ids.get(&name) {
+        return Some(*id);
+    }
+    let id = hostcalls::define_metric(kind, &name).ok()?;
+    ids.insert(name, id);
+    Some(id)
+}
+
 /// Counts a check's result and writes a change of verdict where every worker reads it.
 fn record_check(run: &mut HealthRun, at: usize, status: Option<u32>) {
     let verdict = run.checker.result(at, status);
@@ -126,6 +145,50 @@ fn record_check(run: &mut HealthRun, at: usize, status: Option<u32>) {
 }
 
 impl Root {
+    /// Hands what this VM counted to Envoy: one call per stat that moved, once a tick.
+    fn flush_metrics(&mut self) {
+        let drained = match self.metrics.try_borrow_mut() {
+            Ok(mut metrics) => metrics.drain(),
+            Err(_) => return,
+        };
+        for (name, delta) in drained {
+            if let Some(id) = metric_id(&mut self.metric_ids, MetricType::Counter, name) {
+                let _ = hostcalls::increment_metric(id, i64::try_from(delta).unwrap_or(i64::MAX));
+            }
+        }
+    }
+
+    /// Each instance's breaker state and health as gauges (read from shared data, so every VM
+    /// reports the same values).
+    fn report_instance_states(&mut self) {
+        let Some(config) = self.config.clone() else {
+            return;
+        };
+        for service in config.services() {
+            for instance in &service.instances {
+                let state = Breaker::decode(HostStore.get(&instance.state_key).0.as_deref());
+                let labels = [
+                    ("service", service.kind.key()),
+                    ("instance", instance.id.as_str()),
+                ];
+                let health = u64::from(!state.unhealthy);
+                self.set_gauge(
+                    "jairouter_circuit_breaker_state",
+                    &labels,
+                    state.state.gauge(),
+                );
+                self.set_gauge("jairouter_backend_health", &labels, health);
+            }
+        }
+    }
+
+    fn set_gauge(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
+        let stat = stat_name(name, labels);
+        if let Some(id) = metric_id(&mut self.gauge_ids, MetricType::Gauge, stat) {
+            let _ = hostcalls::record_metric(id, value);
+        }
+    }
+
     fn run_health_checks(&mut self) {
         let Some(run) = self.health.as_mut() else {
             return;
@@ -163,6 +226,8 @@ impl RootContext for Root {
     /// whose memory grows with traffic is a filter that will die of it.
     fn on_tick(&mut self) {
         self.run_health_checks();
+        self.flush_metrics();
+        self.report_instance_states();
         if self.memory_gauge.is_none() {
             let vm = self
                 .rng
@@ -266,6 +331,8 @@ impl RootContext for Root {
             status: None,
             content_length: None,
             served_model: None,
+            metrics: Rc::clone(&self.metrics),
+            measure: Measure::default(),
         }))
     }
 
@@ -299,6 +366,23 @@ struct Request {
     content_length: Option<u64>,
     /// The model that served, when a fallback stood in for the one asked for.
     served_model: Option<String>,
+    metrics: Rc<RefCell<Metrics>>,
+    /// What the request's metrics are labelled and measured with.
+    measure: Measure,
+}
+
+/// What the metrics of one request need, gathered as it passes.
+#[derive(Default)]
+struct Measure {
+    started_ns: u64,
+    /// When the request was sent to its instance.
+    routed_ns: u64,
+    method: String,
+    service: Option<&'static str>,
+    /// The response was an event stream (the original's `STREAM` method).
+    streamed: bool,
+    request_bytes: u64,
+    response_bytes: u64,
 }
 
 /// A breaker admission to count once the exchange with the instance is over.
@@ -349,6 +433,9 @@ impl HttpContext for Request {
                 .and_then(|v| v.trim().parse().ok()),
         };
         self.content_length = head.content_length;
+        self.measure.started_ns = now_ns();
+        head.method.clone_into(&mut self.measure.method);
+        self.measure.request_bytes = head.content_length.unwrap_or(0);
         let random = self.next_random();
         let client = self
             .config
@@ -362,7 +449,7 @@ impl HttpContext for Request {
             client: client.as_deref().map(client_ip),
         };
         match on_request_headers(&self.config, &head, &host) {
-            HeadDecision::Reply(reply) => send(&reply),
+            HeadDecision::Reply(reply) => self.reply(&reply),
             HeadDecision::Route(routed) => self.apply(&routed),
             HeadDecision::ScanBody(scan) => {
                 self.scan = Some(scan);
@@ -402,12 +489,13 @@ impl HttpContext for Request {
             client: client.as_deref().map(client_ip),
         };
         let buffered = u64::try_from(body_size).unwrap_or(u64::MAX);
+        self.measure.request_bytes = self.measure.request_bytes.max(buffered);
         let step = scan.decide(outcome, buffered, end_of_stream, &self.config, &host);
         match step {
             BodyStep::NeedMore => Action::Pause,
             BodyStep::Reply(reply) => {
                 self.scan = None;
-                send(&reply)
+                self.reply(&reply)
             }
             BodyStep::Route(routed) => {
                 let span = scan.model_span();
@@ -415,7 +503,7 @@ impl HttpContext for Request {
                 if routed.fallback_from.is_some() {
                     if let Err(why) = self.ask_for(&routed.model, span, body_size) {
                         log::warn!("fallback to {} not taken: {why}", routed.model);
-                        return send(&LocalReply::error(
+                        return self.reply(&LocalReply::error(
                             503,
                             "server_error",
                             "no_available_instance",
@@ -429,7 +517,7 @@ impl HttpContext for Request {
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
-        if self.load.is_some() || self.breaker.is_some() {
+        if self.status.is_none() {
             self.status = response_status();
         }
         if self.load.is_some() {
@@ -460,11 +548,12 @@ impl HttpContext for Request {
             let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
         }
         // Token budgets settle from the usage an OpenAI answer (JSON or SSE) reports.
-        if self.tokens.is_some() {
-            let content_type = response_header("content-type").unwrap_or_default();
-            if content_type.contains("json") || content_type.contains("event-stream") {
-                self.usage = Some(UsageScanner::new());
-            }
+        let content_type = response_header("content-type").unwrap_or_default();
+        self.measure.streamed = content_type.contains("event-stream");
+        if self.tokens.is_some()
+            && (content_type.contains("json") || content_type.contains("event-stream"))
+        {
+            self.usage = Some(UsageScanner::new());
         }
         if let Some(model) = &self.served_model {
             let _ =
@@ -484,6 +573,10 @@ impl HttpContext for Request {
 
     /// Reads the response for its usage as it passes, without holding it back.
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.measure.response_bytes = self
+            .measure
+            .response_bytes
+            .saturating_add(u64::try_from(body_size).unwrap_or(0));
         if let Some(scanner) = self.usage.as_mut() {
             if let Ok(Some(bytes)) =
                 hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size)
@@ -500,6 +593,7 @@ impl HttpContext for Request {
 
     /// Envoy logs every stream when it ends: completed, failed, or reset by either side.
     fn on_log(&mut self) {
+        self.record_metrics();
         self.end_load();
         self.settle_tokens();
         if self.breaker.is_some() {
@@ -552,6 +646,69 @@ impl Request {
         self.config
             .limits
             .settle_tokens(&HostStore, &reservation.grants, used, now_ns());
+    }
+
+    /// Answers the client from the filter (and remembers the status for the metrics).
+    fn reply(&mut self, reply: &LocalReply) -> Action {
+        self.status = Some(reply.status);
+        send(reply)
+    }
+
+    /// The request's metrics, counted in the VM once Envoy logs the stream.
+    fn record_metrics(&mut self) {
+        let Ok(mut metrics) = self.metrics.try_borrow_mut() else {
+            return;
+        };
+        let m = &self.measure;
+        let now = now_ns();
+        let service = m.service.unwrap_or("none");
+        let method = if m.streamed {
+            "STREAM"
+        } else {
+            m.method.as_str()
+        };
+        let status = status_class(self.status);
+        metrics.add(
+            "jairouter_requests_total",
+            &[("service", service), ("method", method), ("status", status)],
+            1,
+        );
+        metrics.observe(
+            "jairouter_request_duration_seconds",
+            &[("service", service), ("method", method)],
+            seconds(now.saturating_sub(m.started_ns)),
+            &DURATION_BUCKETS,
+        );
+        let by_service = [("service", service)];
+        metrics.add(
+            "jairouter_request_size_bytes_sum",
+            &by_service,
+            m.request_bytes,
+        );
+        metrics.add("jairouter_request_size_bytes_count", &by_service, 1);
+        metrics.add(
+            "jairouter_response_size_bytes_sum",
+            &by_service,
+            m.response_bytes,
+        );
+        metrics.add("jairouter_response_size_bytes_count", &by_service, 1);
+        if let Some(instance) = &self.served_by {
+            metrics.add(
+                "jairouter_backend_calls_total",
+                &[
+                    ("service", service),
+                    ("instance", instance),
+                    ("status", status),
+                ],
+                1,
+            );
+            metrics.observe(
+                "jairouter_backend_call_duration_seconds",
+                &[("service", service), ("instance", instance)],
+                seconds(now.saturating_sub(m.routed_ns)),
+                &DURATION_BUCKETS,
+            );
+        }
     }
 
     /// Rewrites the body's `model` to the fallback that stands in for it, so the backend is
@@ -613,8 +770,28 @@ impl Request {
                 outcome,
                 now_ns(),
             );
+            let instance = self.served_by.as_deref().unwrap_or("?");
+            let service = self.measure.service.unwrap_or("none");
+            if let Ok(mut metrics) = self.metrics.try_borrow_mut() {
+                let event = match outcome {
+                    Outcome::Success => Some("success"),
+                    Outcome::Failure => Some("failure"),
+                    Outcome::Neutral => None,
+                };
+                let events = event.into_iter().chain(change.map(|_| "state_change"));
+                for event in events {
+                    metrics.add(
+                        "jairouter_circuit_breaker_events_total",
+                        &[
+                            ("service", service),
+                            ("instance", instance),
+                            ("event", event),
+                        ],
+                        1,
+                    );
+                }
+            }
             if let Some((from, to)) = change {
-                let instance = self.served_by.as_deref().unwrap_or("?");
                 log::warn!("circuit breaker of instance {instance}: {from:?} -> {to:?}");
             }
         }
@@ -642,7 +819,7 @@ impl Request {
             .service(routed.service)
             .and_then(|s| s.instances.get(routed.instance))
         else {
-            return send(&LocalReply::error(
+            return self.reply(&LocalReply::error(
                 503,
                 "server_error",
                 "no_available_instance",
@@ -694,6 +871,23 @@ impl Request {
             }
         }
         self.served_by = Some(instance.id.clone());
+        self.measure.routed_ns = now_ns();
+        self.measure.service = Some(routed.service.key());
+        if let Ok(mut metrics) = self.metrics.try_borrow_mut() {
+            let strategy = self
+                .config
+                .service(routed.service)
+                .map_or("random", |s| s.load_balance.strategy.metric_label());
+            metrics.add(
+                "jairouter_loadbalancer_selections_total",
+                &[
+                    ("service", routed.service.key()),
+                    ("strategy", strategy),
+                    ("instance", &instance.id),
+                ],
+                1,
+            );
+        }
         self.response_headers.clone_from(&routed.headers);
         self.tokens.clone_from(&routed.tokens);
         self.breaker = match (&instance.breaker, routed.breaker) {
@@ -758,6 +952,10 @@ fn retry_after_secs() -> Option<u64> {
     let value = response_header("retry-after")?;
     let secs: u64 = value.trim().parse().ok()?;
     Some(secs.min(600))
+}
+
+fn seconds(ns: u64) -> f64 {
+    ns as f64 / 1e9
 }
 
 fn plugin_root_id() -> Option<String> {

@@ -7,6 +7,7 @@ use jairouter_filter::config::{
     BaseUrl, GlobalRateLimit, Instance, RouterConfig, Service, MODEL_HEADER, ROUTING_HEADER,
     SERVICE_DESCRIPTOR_HEADER,
 };
+use jairouter_filter::metrics::TAGS;
 use serde_json::{json, Value};
 
 pub struct Options {
@@ -44,9 +45,7 @@ pub fn render(config: &RouterConfig, model_json: &Value, opts: &Options) -> Valu
     let mut bootstrap = json!({
         "node": {"id": "jairouter", "cluster": "jairouter"},
         // The filter's metrics carry labels in their names (`<name>.<tag>=<value>;`).
-        "stats_config": {"stats_tags": [
-            {"tag_name": "vm", "regex": r"(\.vm=([^;]*);)"}
-        ]},
+        "stats_config": {"stats_tags": stats_tags()},
         "admin": {
             "address": socket(&opts.admin_address, opts.admin_port)
         },
@@ -67,6 +66,16 @@ pub fn render(config: &RouterConfig, model_json: &Value, opts: &Options) -> Valu
         bootstrap["bootstrap_extensions"] = json!([health_checker(model_json, &opts.wasm_path)]);
     }
     bootstrap
+}
+
+/// One stats tag per label the filter writes into its metric names (`<name>.<tag>=<value>;`):
+/// Envoy takes them out of the name and exports them as Prometheus labels.
+fn stats_tags() -> Value {
+    let tags: Vec<Value> = std::iter::once("vm")
+        .chain(TAGS)
+        .map(|tag| json!({"tag_name": tag, "regex": format!(r"(\.{tag}=([^;]*);)")}))
+        .collect();
+    Value::Array(tags)
 }
 
 /// The process's one health checker: the same module as a singleton service on the main

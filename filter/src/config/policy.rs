@@ -58,6 +58,20 @@ impl Strategy {
             Strategy::LeastLatency => "least-latency",
         }
     }
+
+    /// The `strategy` label of `jairouter_loadbalancer_selections_total`, as the original
+    /// writes it (so its dashboards keep working).
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            Strategy::Random => "random",
+            Strategy::RoundRobin => "round_robin",
+            Strategy::LeastConnections => "least_connections",
+            Strategy::IpHash => "ip_hash",
+            Strategy::ConsistentHash => "consistent_hash",
+            Strategy::HeaderHash => "header_hash",
+            Strategy::LeastLatency => "least_latency",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

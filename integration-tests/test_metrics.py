@@ -1,0 +1,82 @@
+"""The filter's metrics through a real Envoy's Prometheus endpoint (issue 7, first part)."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import httpx
+
+from harness import instance, json_body
+
+JSON = {"content-type": "application/json"}
+
+
+def scrape(gw) -> dict[tuple[str, frozenset], float]:
+    """Every sample of /stats/prometheus, by name and label set."""
+    samples = {}
+    text = httpx.get(gw.admin_url + "/stats/prometheus", timeout=10).text
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)$", line)
+        if not m:
+            continue
+        labels = frozenset(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        samples[(m.group(1), labels)] = float(m.group(3))
+    return samples
+
+
+def value(samples, name: str, **labels) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+def test_requests_durations_sizes_backend_calls_and_selections_are_counted(stubs, gateway):
+    a, b = stubs("a", "b")
+    gw = gateway({"model": {"load-balance": {"type": "round-robin"}, "services": {
+        "chat": {"instances": [instance("llama", a), instance("llama", b)]}}}})
+    chat = json_body({"model": "llama", "messages": [{"role": "user", "content": "hi"}]})
+    with httpx.Client(base_url=gw.url, timeout=10) as c:
+        for _ in range(6):
+            assert c.post("/v1/chat/completions", content=chat, headers=JSON).status_code == 200
+        for _ in range(2):
+            assert c.post("/v1/chat/completions", content=json_body({"model": "nope"}), headers=JSON).status_code == 404
+        stream = json_body({"model": "llama", "stream": True, "messages": []})
+        assert c.post("/v1/chat/completions", content=stream, headers=JSON).status_code == 200
+    time.sleep(1.5)  # each worker hands its counts to Envoy once a second
+    s = scrape(gw)
+    assert value(s, "jairouter_requests_total", service="chat", method="POST", status="2xx") == 6
+    assert value(s, "jairouter_requests_total", service="chat", method="STREAM", status="2xx") == 1
+    assert value(s, "jairouter_requests_total", service="none", method="POST", status="4xx") == 2
+    assert value(s, "jairouter_request_duration_seconds_count", service="chat", method="POST") == 6
+    assert value(s, "jairouter_request_duration_seconds_bucket", service="chat", method="POST", le="+Inf") == 6
+    assert value(s, "jairouter_request_duration_seconds_bucket", service="chat", method="POST", le="10") == 6
+    assert value(s, "jairouter_request_size_bytes_sum", service="chat") == 6 * len(chat) + len(stream)
+    assert value(s, "jairouter_request_size_bytes_count", service="chat") == 7
+    assert value(s, "jairouter_response_size_bytes_count", service="chat") == 7
+    assert value(s, "jairouter_response_size_bytes_sum", service="chat") > 7 * 50
+    calls = {i: value(s, "jairouter_backend_calls_total", service="chat", instance=i, status="2xx") for i in ("chat-0", "chat-1")}
+    assert calls == {"chat-0": 4, "chat-1": 3}, calls
+    assert value(s, "jairouter_backend_call_duration_seconds_count", service="chat", instance="chat-0") == 4
+    picks = {i: value(s, "jairouter_loadbalancer_selections_total", service="chat", strategy="round_robin", instance=i)
+             for i in ("chat-0", "chat-1")}
+    assert picks == {"chat-0": 4, "chat-1": 3}, picks
+
+
+def test_breaker_events_and_state_and_health_gauges(stubs, gateway):
+    bad, good = stubs("bad", "good")
+    gw = gateway({"model": {"load-balance": {"type": "round-robin"}, "retries": 0,
+                            "circuit-breaker": {"failure-threshold": 2, "timeout": 60000},
+                            "services": {"chat": {"instances": [instance("llama", bad), instance("llama", good)]}}}})
+    bad.fail_status = 500
+    chat = json_body({"model": "llama", "messages": []})
+    with httpx.Client(base_url=gw.url, timeout=10) as c:
+        codes = [c.post("/v1/chat/completions", content=chat, headers=JSON).status_code for _ in range(10)]
+    assert codes.count(500) == 2
+    time.sleep(1.5)
+    s = scrape(gw)
+    events = lambda i, e: value(s, "jairouter_circuit_breaker_events_total", service="chat", instance=i, event=e)
+    assert events("chat-0", "failure") == 2 and events("chat-0", "state_change") == 1
+    assert events("chat-1", "success") == 8 and events("chat-1", "state_change") is None
+    assert value(s, "jairouter_circuit_breaker_state", service="chat", instance="chat-0") == 1
+    assert value(s, "jairouter_circuit_breaker_state", service="chat", instance="chat-1") == 0
+    assert value(s, "jairouter_backend_health", service="chat", instance="chat-0") == 1
+    assert value(s, "jairouter_backend_calls_total", service="chat", instance="chat-0", status="5xx") == 2
