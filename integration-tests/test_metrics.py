@@ -45,14 +45,16 @@ def test_requests_durations_sizes_backend_calls_and_selections_are_counted(stubs
     s = scrape(gw)
     assert value(s, "jairouter_requests_total", service="chat", method="POST", status="2xx") == 6
     assert value(s, "jairouter_requests_total", service="chat", method="STREAM", status="2xx") == 1
-    assert value(s, "jairouter_requests_total", service="none", method="POST", status="4xx") == 2
-    assert value(s, "jairouter_request_duration_seconds_count", service="chat", method="POST") == 6
-    assert value(s, "jairouter_request_duration_seconds_bucket", service="chat", method="POST", le="+Inf") == 6
-    assert value(s, "jairouter_request_duration_seconds_bucket", service="chat", method="POST", le="10") == 6
-    assert value(s, "jairouter_request_size_bytes_sum", service="chat") == 6 * len(chat) + len(stream)
-    assert value(s, "jairouter_request_size_bytes_count", service="chat") == 7
-    assert value(s, "jairouter_response_size_bytes_count", service="chat") == 7
-    assert value(s, "jairouter_response_size_bytes_sum", service="chat") > 7 * 50
+    assert value(s, "jairouter_requests_total", service="chat", method="POST", status="4xx") == 2
+    # The 404s were for the chat endpoint: they count under its service too.
+    assert value(s, "jairouter_request_duration_seconds_count", service="chat", method="POST") == 8
+    assert value(s, "jairouter_request_duration_seconds_bucket", service="chat", method="POST", le="+Inf") == 8
+    assert value(s, "jairouter_request_duration_seconds_bucket", service="chat", method="POST", le="10") == 8
+    unknown = len(json_body({"model": "nope"}))
+    assert value(s, "jairouter_request_size_bytes_sum", service="chat") == 6 * len(chat) + len(stream) + 2 * unknown
+    assert value(s, "jairouter_request_size_bytes_count", service="chat") == 9
+    assert value(s, "jairouter_response_size_bytes_count", service="chat") == 9
+    assert value(s, "jairouter_response_size_bytes_sum", service="chat") > 9 * 50
     calls = {i: value(s, "jairouter_backend_calls_total", service="chat", instance=i, status="2xx") for i in ("chat-0", "chat-1")}
     assert calls == {"chat-0": 4, "chat-1": 3}, calls
     assert value(s, "jairouter_backend_call_duration_seconds_count", service="chat", instance="chat-0") == 4
@@ -80,3 +82,20 @@ def test_breaker_events_and_state_and_health_gauges(stubs, gateway):
     assert value(s, "jairouter_circuit_breaker_state", service="chat", instance="chat-1") == 0
     assert value(s, "jairouter_backend_health", service="chat", instance="chat-0") == 1
     assert value(s, "jairouter_backend_calls_total", service="chat", instance="chat-0", status="5xx") == 2
+
+
+def test_rate_limit_events_count_each_decision(stubs, gateway):
+    (a,) = stubs("a")
+    gw = gateway({"model": {"rate-limit": {"enabled": True, "algorithm": "token-bucket", "capacity": 3,
+                                           "rate": 1, "scope": "model"},
+                            "services": {"chat": {"instances": [instance("llama", a)]}}}})
+    chat = json_body({"model": "llama", "messages": []})
+    with httpx.Client(base_url=gw.url, timeout=10) as c:
+        codes = [c.post("/v1/chat/completions", content=chat, headers=JSON).status_code for _ in range(6)]
+    assert codes == [200] * 3 + [429] * 3
+    time.sleep(1.5)
+    s = scrape(gw)
+    event = lambda result: value(s, "jairouter_rate_limit_events_total", service="chat",
+                                 algorithm="token-bucket", scope="model", result=result)
+    assert (event("allowed"), event("rejected")) == (3, 3)
+    assert value(s, "jairouter_requests_total", service="chat", method="POST", status="4xx") == 3

@@ -27,6 +27,10 @@ pub struct LocalReply {
     pub status: u32,
     pub headers: Vec<(&'static str, String)>,
     pub body: String,
+    /// The service the request was for, once known (a metrics label).
+    pub service: Option<ServiceType>,
+    /// The rate limit that refused it (index into `Limits::list`), for a 429 of ours.
+    pub limited_by: Option<usize>,
 }
 
 impl LocalReply {
@@ -35,6 +39,8 @@ impl LocalReply {
             status,
             headers: vec![("content-type", "application/json".to_string())],
             body,
+            service: None,
+            limited_by: None,
         }
     }
 
@@ -110,6 +116,8 @@ pub struct Routed {
     pub breaker: Option<Admission>,
     /// The model the client asked for, when `model` is a fallback standing in for it.
     pub fallback_from: Option<String>,
+    /// The rate limits that let it through (indices into `Limits::list`; a metrics label).
+    pub limits_passed: Vec<usize>,
 }
 
 pub enum HeadDecision {
@@ -414,12 +422,16 @@ pub fn route_model(
     host: &Host<'_>,
     extras: &Extras<'_>,
 ) -> Result<Routed, LocalReply> {
-    let reply = match route_to_instance(cfg, endpoint, model, query, host, extras) {
+    let mut reply = match route_to_instance(cfg, endpoint, model, query, host, extras) {
         Ok(routed) => return Ok(routed),
-        Err(Unroutable::Final(reply)) => return Err(reply),
-        Err(Unroutable::NoInstance(reply)) => reply,
+        Err(reply) => reply,
     };
-    // None of the model's instances can take it: its fallback models, in order.
+    reply.service = Some(endpoint.service());
+    if reply.limited_by.is_some() {
+        return Err(reply);
+    }
+    // None of the model's instances can take it (or the model is unknown, which finds no
+    // fallback list): its fallback models, in order.
     let stand_ins = cfg
         .service(endpoint.service())
         .and_then(|s| s.fallbacks.get(model))
@@ -433,13 +445,6 @@ pub fn route_model(
     Err(reply)
 }
 
-/// Why a model could not be routed: for good (a fallback would not help), or because none of
-/// its instances can take the request now.
-enum Unroutable {
-    Final(LocalReply),
-    NoInstance(LocalReply),
-}
-
 fn route_to_instance(
     cfg: &RouterConfig,
     endpoint: Endpoint,
@@ -447,15 +452,15 @@ fn route_to_instance(
     query: &str,
     host: &Host<'_>,
     extras: &Extras<'_>,
-) -> Result<Routed, Unroutable> {
+) -> Result<Routed, LocalReply> {
     let kind = endpoint.service();
     let service = cfg
         .service(kind)
-        .ok_or_else(|| Unroutable::Final(service_missing(cfg, endpoint)))?;
+        .ok_or_else(|| service_missing(cfg, endpoint))?;
     let pool = service
         .models
         .get(model)
-        .ok_or_else(|| Unroutable::Final(unknown_model(cfg, endpoint, model)))?;
+        .ok_or_else(|| unknown_model(cfg, endpoint, model))?;
     let no_instance = || {
         LocalReply::error(
             503,
@@ -483,11 +488,11 @@ fn route_to_instance(
     };
     let mut admitted = limits
         .acquire(host.store, &subject, Phase::BeforePick, host.now_ns, tokens)
-        .map_err(|refusal| Unroutable::Final(too_many_requests(cfg, &refusal)))?;
+        .map_err(|refusal| too_many_requests(cfg, &refusal))?;
     let Some(first) = pick_instance(service, pool, host.store, &host.pick_input(extras.hash_key))
     else {
         limits.release(host.store, &admitted.grants);
-        return Err(Unroutable::NoInstance(no_instance()));
+        return Err(no_instance());
     };
     // Instances whose breaker is open are passed over, whatever the strategy picked; an
     // instance's own limit refusing sends the request on as well (as the original does, up to
@@ -556,7 +561,7 @@ fn route_to_instance(
     }
     let Some((at, instance, breaker)) = chosen else {
         limits.release(host.store, &admitted.grants);
-        return Err(Unroutable::NoInstance(match (refused, open_for_ns) {
+        return Err(match (refused, open_for_ns) {
             (Some(refusal), _) => too_many_requests(cfg, &refusal),
             (None, _) if cooling_until.is_some() => backends_limited(
                 model,
@@ -565,19 +570,21 @@ fn route_to_instance(
             (None, Some(open_ns)) => all_breakers_open(model, open_ns),
             (None, None) if unhealthy => none_healthy(model),
             (None, None) => no_instance(),
-        }));
+        });
     };
     let Some(path) = instance.upstream_path(endpoint) else {
         limits.release(host.store, &admitted.grants);
         release_breaker(host, instance, breaker);
-        return Err(Unroutable::NoInstance(no_instance()));
+        return Err(no_instance());
     };
     let path = if query.is_empty() {
         path.to_string()
     } else {
         format!("{path}?{query}")
     };
+    let limits_passed = admitted.grants.iter().map(Grant::limit).collect();
     Ok(Routed {
+        limits_passed,
         service: kind,
         model: model.to_string(),
         instance: at,
@@ -689,6 +696,7 @@ fn too_many_requests(cfg: &RouterConfig, refusal: &Refusal) -> LocalReply {
         );
     };
     let retry = retry_after_secs(refusal.verdict.retry_after_ns);
+    let limited_by = Some(refusal.limit);
     let per = match limit.params.algorithm {
         _ if limit.unit == Unit::Tokens => format!("{} tokens per minute", limit.params.capacity),
         Algorithm::SlidingWindow => format!(
@@ -711,6 +719,7 @@ fn too_many_requests(cfg: &RouterConfig, refusal: &Refusal) -> LocalReply {
     let mut reply = LocalReply::error(429, "rate_limit_error", "rate_limit_exceeded", &message)
         .with_header("retry-after", &retry.to_string())
         .with_header("x-jairouter-limit", &limit.name);
+    reply.limited_by = limited_by;
     for (name, value) in rate_limit_headers(cfg, refusal.limit, &refusal.verdict) {
         reply = reply.with_header(name, &value);
     }

@@ -648,10 +648,36 @@ impl Request {
             .settle_tokens(&HostStore, &reservation.grants, used, now_ns());
     }
 
-    /// Answers the client from the filter (and remembers the status for the metrics).
+    /// Answers the client from the filter (and remembers what the metrics need).
     fn reply(&mut self, reply: &LocalReply) -> Action {
         self.status = Some(reply.status);
+        if let Some(service) = reply.service {
+            self.measure.service = Some(service.key());
+        }
+        if let Some(limit) = reply.limited_by {
+            self.count_limit_event(limit, "rejected");
+        }
         send(reply)
+    }
+
+    /// `jairouter_rate_limit_events_total`: one per limit that decided on the request.
+    fn count_limit_event(&self, limit: usize, result: &str) {
+        let (Some(limit), Ok(mut metrics)) = (
+            self.config.limits.list.get(limit),
+            self.metrics.try_borrow_mut(),
+        ) else {
+            return;
+        };
+        metrics.add(
+            "jairouter_rate_limit_events_total",
+            &[
+                ("service", self.measure.service.unwrap_or("none")),
+                ("algorithm", limit.params.algorithm.name()),
+                ("scope", limit.scope.name()),
+                ("result", result),
+            ],
+            1,
+        );
     }
 
     /// The request's metrics, counted in the VM once Envoy logs the stream.
@@ -873,6 +899,9 @@ impl Request {
         self.served_by = Some(instance.id.clone());
         self.measure.routed_ns = now_ns();
         self.measure.service = Some(routed.service.key());
+        for limit in &routed.limits_passed {
+            self.count_limit_event(*limit, "allowed");
+        }
         if let Ok(mut metrics) = self.metrics.try_borrow_mut() {
             let strategy = self
                 .config

@@ -164,6 +164,13 @@ pub struct Grant {
     cost: u64,
 }
 
+impl Grant {
+    /// The limit it was drawn from (index into `Limits::list`).
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+}
+
 /// The admissions a request holds, and the tightest of their verdicts per unit (for the headers).
 #[derive(Debug, Default)]
 pub struct Admitted {
