@@ -99,3 +99,47 @@ def test_rate_limit_events_count_each_decision(stubs, gateway):
                                  algorithm="token-bucket", scope="model", result=result)
     assert (event("allowed"), event("rejected")) == (3, 3)
     assert value(s, "jairouter_requests_total", service="chat", method="POST", status="4xx") == 3
+
+
+def test_tokens_and_stream_timings_per_model(stubs, gateway):
+    (a,) = stubs("a")
+    gw = gateway({"model": {"services": {"chat": {"instances": [instance("llama", a)]}}}})
+    stream = json_body({"model": "llama", "stream": True, "messages": []})
+    with httpx.Client(base_url=gw.url, timeout=10) as c:
+        for _ in range(2):
+            r = c.post("/v1/chat/completions", content=stream,
+                       headers={**JSON, "x-stub-usage": "10,5", "x-stub-chunks": "5", "x-stub-chunk-delay-ms": "20"})
+            assert r.status_code == 200
+        r = c.post("/v1/chat/completions", content=json_body({"model": "llama", "messages": []}),
+                   headers={**JSON, "x-stub-usage": "7,3"})
+        assert r.status_code == 200
+    time.sleep(1.5)
+    s = scrape(gw)
+    tokens = lambda kind: value(s, "jairouter_tokens_total", service="chat", model="llama", kind=kind)
+    assert (tokens("prompt"), tokens("completion")) == (27, 13)
+    assert value(s, "jairouter_time_to_first_token_seconds_count", service="chat", model="llama") == 2
+    assert value(s, "jairouter_time_per_output_token_seconds_count", service="chat", model="llama") == 2
+    # Only streams are timed per token; the JSON answer is not.
+    assert value(s, "jairouter_time_per_output_token_seconds_bucket", service="chat", model="llama", le="+Inf") == 2
+
+
+def test_in_flight_requests_per_instance(stubs, gateway):
+    from concurrent.futures import ThreadPoolExecutor
+    (slow,) = stubs("slow")
+    slow.delay = 2.5
+    gw = gateway({"model": {"services": {"chat": {"instances": [instance("llama", slow)]}}}})
+    chat = json_body({"model": "llama", "messages": []})
+
+    def in_flight() -> float:
+        s = scrape(gw)
+        return sum(v for (name, labels), v in s.items()
+                   if name == "jairouter_in_flight_requests" and ("instance", "chat-0") in labels)
+
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(lambda: httpx.post(gw.url + "/v1/chat/completions", content=chat,
+                                                  headers=JSON, timeout=10)) for _ in range(3)]
+        time.sleep(1.4)  # a tick has reported them; they last 2.5 s
+        during = in_flight()
+        assert all(f.result().status_code == 200 for f in futures)
+    time.sleep(1.2)
+    assert (during, in_flight()) == (3, 0)

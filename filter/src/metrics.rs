@@ -60,6 +60,8 @@ pub struct Metrics {
     /// By metric name and labels (no `le`); turned into `_bucket`, `_count` and `_sum` stats
     /// only when drained, so an observation costs one lookup.
     histograms: HashMap<String, Histogram>,
+    /// Requests of this VM now at each instance (by instance id).
+    in_flight: HashMap<String, u64>,
 }
 
 #[derive(Debug)]
@@ -163,6 +165,24 @@ impl Metrics {
         out
     }
 
+    /// A request of this VM went to the instance.
+    pub fn begin(&mut self, instance: &str) {
+        let slot = self.in_flight.entry(instance.to_string()).or_insert(0);
+        *slot = slot.saturating_add(1);
+    }
+
+    /// A request of this VM at the instance is over.
+    pub fn end(&mut self, instance: &str) {
+        if let Some(slot) = self.in_flight.get_mut(instance) {
+            *slot = slot.saturating_sub(1);
+        }
+    }
+
+    /// This VM's requests in flight, by instance (every instance it ever sent one to).
+    pub fn in_flight(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.in_flight.iter().map(|(k, v)| (k.as_str(), *v))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.counters.is_empty()
             && self
@@ -246,6 +266,22 @@ mod tests {
         );
         m.observe("d", &labels, f64::NAN, &[0.1]);
         assert_eq!(drained(&mut m)["d_bucket.service=chat;.le=0.1;"], 1);
+    }
+
+    #[test]
+    fn in_flight_counts_rise_and_fall_per_instance() {
+        let mut m = Metrics::default();
+        m.begin("a");
+        m.begin("a");
+        m.begin("b");
+        m.end("a");
+        m.end("c");
+        let mut got: Vec<_> = m.in_flight().collect();
+        got.sort();
+        assert_eq!(got, [("a", 1), ("b", 1)]);
+        m.end("b");
+        m.end("b");
+        assert!(m.in_flight().any(|(i, n)| i == "b" && n == 0));
     }
 
     #[test]

@@ -11,14 +11,14 @@ use crate::config::{
 };
 use crate::headers::HeaderPairs;
 use crate::health::{Checker, Verdict};
-use crate::metrics::{stat_name, status_class, Metrics, DURATION_BUCKETS};
+use crate::metrics::{stat_name, status_class, Metrics, DURATION_BUCKETS, TOKEN_TIME_BUCKETS};
 use crate::request::{
     client_ip, on_request_headers, BodyStep, HeadDecision, Host, LocalReply, RequestHead, Routed,
     TokenReservation,
 };
 use crate::scan::ScanOutcome;
 use crate::store::{ensure_counter, SharedStore, StoreError};
-use crate::usage::UsageScanner;
+use crate::usage::{Usage, UsageScanner};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
@@ -54,6 +54,7 @@ proxy_wasm::main! {{
             metrics: Rc::default(),
             metric_ids: HashMap::new(),
             gauge_ids: HashMap::new(),
+            vm: String::new(),
         })
     });
 }}
@@ -70,6 +71,8 @@ struct Root {
     /// Envoy's ids of the stats this VM has defined, by name.
     metric_ids: HashMap<String, u32>,
     gauge_ids: HashMap<String, u32>,
+    /// This VM's `vm` label (empty until first used).
+    vm: String,
 }
 
 /// How often each VM reports its linear memory.
@@ -145,6 +148,20 @@ fn record_check(run: &mut HealthRun, at: usize, status: Option<u32>) {
 }
 
 impl Root {
+    /// This VM's label in per-VM gauges: drawn once, at random.
+    fn vm_label(&mut self) -> String {
+        if self.vm.is_empty() {
+            let vm = self
+                .rng
+                .try_borrow_mut()
+                .map(|mut r| r.next_u64())
+                .unwrap_or(0)
+                & 0xffff_ffff;
+            self.vm = format!("{vm:08x}");
+        }
+        self.vm.clone()
+    }
+
     /// Hands what this VM counted to Envoy: one call per stat that moved, once a tick.
     fn flush_metrics(&mut self) {
         let drained = match self.metrics.try_borrow_mut() {
@@ -159,11 +176,24 @@ impl Root {
     }
 
     /// Each instance's breaker state and health as gauges (read from shared data, so every VM
-    /// reports the same values).
+    /// reports the same values), and this VM's requests in flight to it (labelled with the VM:
+    /// sum them over `vm`).
     fn report_instance_states(&mut self) {
         let Some(config) = self.config.clone() else {
             return;
         };
+        let vm = self.vm_label();
+        let in_flight: Vec<(String, u64)> = match self.metrics.try_borrow() {
+            Ok(metrics) => metrics
+                .in_flight()
+                .map(|(i, n)| (i.to_string(), n))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        for (instance, count) in in_flight {
+            let labels = [("instance", instance.as_str()), ("vm", vm.as_str())];
+            self.set_gauge("jairouter_in_flight_requests", &labels, count);
+        }
         for service in config.services() {
             for instance in &service.instances {
                 let state = Breaker::decode(HostStore.get(&instance.state_key).0.as_deref());
@@ -229,13 +259,7 @@ impl RootContext for Root {
         self.flush_metrics();
         self.report_instance_states();
         if self.memory_gauge.is_none() {
-            let vm = self
-                .rng
-                .try_borrow_mut()
-                .map(|mut r| r.next_u64())
-                .unwrap_or(0)
-                & 0xffff_ffff;
-            let name = format!("jairouter_vm_memory_bytes.vm={vm:08x};");
+            let name = stat_name("jairouter_vm_memory_bytes", &[("vm", &self.vm_label())]);
             self.memory_gauge = hostcalls::define_metric(MetricType::Gauge, &name).ok();
         }
         if let Some(gauge) = self.memory_gauge {
@@ -383,6 +407,12 @@ struct Measure {
     streamed: bool,
     request_bytes: u64,
     response_bytes: u64,
+    /// The model that served (a label of the token metrics).
+    model: String,
+    /// When the first and the last response bytes passed.
+    first_byte_ns: u64,
+    last_byte_ns: u64,
+    usage: Option<Usage>,
 }
 
 /// A breaker admission to count once the exchange with the instance is over.
@@ -550,7 +580,9 @@ impl HttpContext for Request {
         // Token budgets settle from the usage an OpenAI answer (JSON or SSE) reports.
         let content_type = response_header("content-type").unwrap_or_default();
         self.measure.streamed = content_type.contains("event-stream");
-        if self.tokens.is_some()
+        // Token budgets settle from the usage an OpenAI answer reports, and the token metrics
+        // count it: read it from every answer of an instance.
+        if self.served_by.is_some()
             && (content_type.contains("json") || content_type.contains("event-stream"))
         {
             self.usage = Some(UsageScanner::new());
@@ -577,6 +609,13 @@ impl HttpContext for Request {
             .measure
             .response_bytes
             .saturating_add(u64::try_from(body_size).unwrap_or(0));
+        if body_size > 0 {
+            let now = now_ns();
+            if self.measure.first_byte_ns == 0 {
+                self.measure.first_byte_ns = now;
+            }
+            self.measure.last_byte_ns = now;
+        }
         if let Some(scanner) = self.usage.as_mut() {
             if let Ok(Some(bytes)) =
                 hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size)
@@ -639,13 +678,21 @@ impl Request {
         let Some(reservation) = self.tokens.take() else {
             return;
         };
-        let used = match self.usage.take() {
-            Some(scanner) => scanner.usage().charge(reservation.prompt_estimate),
+        let used = match self.final_usage() {
+            Some(usage) => usage.charge(reservation.prompt_estimate),
             None => reservation.prompt_estimate,
         };
         self.config
             .limits
             .settle_tokens(&HostStore, &reservation.grants, used, now_ns());
+    }
+
+    /// What the response reported (or its text let estimate), once it is over.
+    fn final_usage(&mut self) -> Option<Usage> {
+        if let Some(scanner) = self.usage.take() {
+            self.measure.usage = Some(scanner.usage());
+        }
+        self.measure.usage
     }
 
     /// Answers the client from the filter (and remembers what the metrics need).
@@ -682,9 +729,13 @@ impl Request {
 
     /// The request's metrics, counted in the VM once Envoy logs the stream.
     fn record_metrics(&mut self) {
+        let usage = self.final_usage();
         let Ok(mut metrics) = self.metrics.try_borrow_mut() else {
             return;
         };
+        if let Some(instance) = &self.served_by {
+            metrics.end(instance);
+        }
         let m = &self.measure;
         let now = now_ns();
         let service = m.service.unwrap_or("none");
@@ -734,6 +785,40 @@ impl Request {
                 seconds(now.saturating_sub(m.routed_ns)),
                 &DURATION_BUCKETS,
             );
+            let by_model = [("service", service), ("model", m.model.as_str())];
+            if let Some(usage) = usage {
+                let prompt = usage
+                    .prompt_tokens
+                    .unwrap_or_else(|| m.request_bytes.div_ceil(4));
+                let completion = usage
+                    .completion_tokens
+                    .unwrap_or(usage.estimated_completion);
+                for (kind, tokens) in [("prompt", prompt), ("completion", completion)] {
+                    metrics.add(
+                        "jairouter_tokens_total",
+                        &[by_model[0], by_model[1], ("kind", kind)],
+                        tokens,
+                    );
+                }
+                // Streams: how long the first token took, and each one after it.
+                if m.streamed && m.first_byte_ns > 0 {
+                    metrics.observe(
+                        "jairouter_time_to_first_token_seconds",
+                        &by_model,
+                        seconds(m.first_byte_ns.saturating_sub(m.routed_ns)),
+                        &TOKEN_TIME_BUCKETS,
+                    );
+                    if completion > 1 {
+                        let streaming = m.last_byte_ns.saturating_sub(m.first_byte_ns);
+                        metrics.observe(
+                            "jairouter_time_per_output_token_seconds",
+                            &by_model,
+                            seconds(streaming) / (completion - 1) as f64,
+                            &TOKEN_TIME_BUCKETS,
+                        );
+                    }
+                }
+            }
         }
     }
 
@@ -899,8 +984,12 @@ impl Request {
         self.served_by = Some(instance.id.clone());
         self.measure.routed_ns = now_ns();
         self.measure.service = Some(routed.service.key());
+        self.measure.model.clone_from(&routed.model);
         for limit in &routed.limits_passed {
             self.count_limit_event(*limit, "allowed");
+        }
+        if let Ok(mut metrics) = self.metrics.try_borrow_mut() {
+            metrics.begin(&instance.id);
         }
         if let Ok(mut metrics) = self.metrics.try_borrow_mut() {
             let strategy = self
