@@ -78,9 +78,10 @@ def test_breaker_events_and_state_and_health_gauges(stubs, gateway):
     events = lambda i, e: value(s, "jairouter_circuit_breaker_events_total", service="chat", instance=i, event=e)
     assert events("chat-0", "failure") == 2 and events("chat-0", "state_change") == 1
     assert events("chat-1", "success") == 8 and events("chat-1", "state_change") is None
-    assert value(s, "jairouter_circuit_breaker_state", service="chat", instance="chat-0") == 1
-    assert value(s, "jairouter_circuit_breaker_state", service="chat", instance="chat-1") == 0
-    assert value(s, "jairouter_backend_health", service="chat", instance="chat-0") == 1
+    state = lambda name, i: value(s, name, service="chat", model="llama", instance=i)
+    assert state("jairouter_circuit_breaker_state", "chat-0") == 1
+    assert state("jairouter_circuit_breaker_state", "chat-1") == 0
+    assert state("jairouter_backend_health", "chat-0") == 1
     assert value(s, "jairouter_backend_calls_total", service="chat", instance="chat-0", status="5xx") == 2
 
 
@@ -143,3 +144,34 @@ def test_in_flight_requests_per_instance(stubs, gateway):
         assert all(f.result().status_code == 200 for f in futures)
     time.sleep(1.2)
     assert (during, in_flight()) == (3, 0)
+
+
+def test_dashboard_and_alerts_query_only_exported_series(stubs, gateway):
+    """Every jairouter_* series the Grafana dashboard and the PrometheusRule alerts read is in a
+    real Envoy's scrape after mixed traffic (failures, limits, streams)."""
+    import json as jsonlib
+    from pathlib import Path
+    import yaml
+
+    monitoring = Path(__file__).resolve().parents[1] / "k8s" / "monitoring"
+    dashboard = jsonlib.loads((monitoring / "grafana-dashboard.json").read_text())
+    rules = yaml.safe_load((monitoring / "prometheus-rule.yaml").read_text())
+    queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    queries += [r["expr"] for g in rules["spec"]["groups"] for r in g["rules"]]
+    wanted = {name for q in queries for name in re.findall(r"\b(jairouter_[a-z_]+)", q)}
+    assert len(wanted) >= 15, wanted
+
+    bad, good = stubs("bad", "good")
+    gw = gateway({"model": {"load-balance": {"type": "round-robin"}, "retries": 0,
+                            "circuit-breaker": {"failure-threshold": 1, "timeout": 60000},
+                            "rate-limit": {"enabled": True, "capacity": 6, "rate": 1, "scope": "model"},
+                            "services": {"chat": {"instances": [instance("llama", bad), instance("llama", good)]}}}})
+    bad.fail_status = 500
+    stream = json_body({"model": "llama", "stream": True, "messages": []})
+    with httpx.Client(base_url=gw.url, timeout=10) as c:
+        for _ in range(10):
+            c.post("/v1/chat/completions", content=stream, headers={**JSON, "x-stub-usage": "4,3"})
+    time.sleep(1.5)
+    exported = {name for name, _ in scrape(gw)}
+    missing = sorted(name for name in wanted if name not in exported)
+    assert not missing, missing

@@ -199,6 +199,7 @@ impl Root {
                 let state = Breaker::decode(HostStore.get(&instance.state_key).0.as_deref());
                 let labels = [
                     ("service", service.kind.key()),
+                    ("model", instance.name.as_str()),
                     ("instance", instance.id.as_str()),
                 ];
                 let health = u64::from(!state.unhealthy);
