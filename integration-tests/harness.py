@@ -41,6 +41,7 @@ class Gateway:
         self.concurrency = concurrency
         self.process: subprocess.Popen | None = None
         self.log_path = workdir / "envoy.log"
+        self.access_log_path = workdir / "access.log"
         self.port = 0
         self.admin_port = 0
 
@@ -49,6 +50,7 @@ class Gateway:
         result = render(
             self.config_path, "bootstrap", "--wasm", str(WASM), "--port", "0",
             "--admin-port", "0", "--listen-address", "127.0.0.1", "--out", str(out),
+            "--access-log", str(self.access_log_path),
         )
         if result.returncode != 0:
             raise RuntimeError(f"renderer refused the configuration: {result.stderr}")

@@ -175,3 +175,29 @@ def test_dashboard_and_alerts_query_only_exported_series(stubs, gateway):
     exported = {name for name, _ in scrape(gw)}
     missing = sorted(name for name in wanted if name not in exported)
     assert not missing, missing
+
+
+def test_access_log_explains_each_request(stubs, gateway):
+    import json as jsonlib
+    (a,) = stubs("a")
+    gw = gateway({"model": {"rate-limit": {"enabled": True, "capacity": 2, "rate": 1, "scope": "model"},
+                            "services": {"chat": {"instances": [instance("llama", a)]}}}})
+    with httpx.Client(base_url=gw.url, timeout=10) as c:
+        ok = c.post("/v1/chat/completions", content=json_body({"model": "llama", "messages": []}),
+                    headers={**JSON, "x-stub-usage": "11,4"})
+        assert ok.status_code == 200
+        assert c.post("/v1/chat/completions", content=json_body({"model": "nope"}), headers=JSON).status_code == 404
+        codes = [c.post("/v1/chat/completions", content=json_body({"model": "llama"}), headers=JSON).status_code
+                 for _ in range(3)]
+        assert 429 in codes
+    gw.stop()  # flushes the access log
+    lines = [jsonlib.loads(line) for line in gw.access_log_path.read_text().splitlines()]
+    assert len(lines) == 5
+    mine = [jsonlib.loads(line["jairouter"]) for line in lines]
+    first = mine[0]
+    assert (first["service"], first["model"], first["instance"], first["status"]) == ("chat", "llama", "chat-0", 200)
+    assert (first["prompt_tokens"], first["completion_tokens"]) == (11, 4)
+    assert lines[0]["status"] == 200 and lines[0]["upstream"].startswith("127.0.0.1:")
+    assert mine[1]["status"] == 404 and mine[1]["service"] == "chat" and mine[1]["instance"] is None
+    limited = [m for m in mine if m["status"] == 429]
+    assert limited and limited[0]["decision"].startswith("rate_limited: model.rate-limit")

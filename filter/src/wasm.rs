@@ -356,6 +356,7 @@ impl RootContext for Root {
             status: None,
             content_length: None,
             served_model: None,
+            requested_model: None,
             metrics: Rc::clone(&self.metrics),
             measure: Measure::default(),
         }))
@@ -391,6 +392,8 @@ struct Request {
     content_length: Option<u64>,
     /// The model that served, when a fallback stood in for the one asked for.
     served_model: Option<String>,
+    /// The model the client asked for, when a fallback served.
+    requested_model: Option<String>,
     metrics: Rc<RefCell<Metrics>>,
     /// What the request's metrics are labelled and measured with.
     measure: Measure,
@@ -414,6 +417,10 @@ struct Measure {
     first_byte_ns: u64,
     last_byte_ns: u64,
     usage: Option<Usage>,
+    /// What decided about the request, for the access log (a limit's name, a fallback...).
+    decision: Option<String>,
+    /// The access-log summary has been handed to Envoy.
+    logged: bool,
 }
 
 /// A breaker admission to count once the exchange with the instance is over.
@@ -532,6 +539,7 @@ impl HttpContext for Request {
                 let span = scan.model_span();
                 self.scan = None;
                 if routed.fallback_from.is_some() {
+                    self.requested_model.clone_from(&routed.fallback_from);
                     if let Err(why) = self.ask_for(&routed.model, span, body_size) {
                         log::warn!("fallback to {} not taken: {why}", routed.model);
                         return self.reply(&LocalReply::error(
@@ -627,12 +635,14 @@ impl HttpContext for Request {
         if end_of_stream {
             self.settle_tokens();
             self.count_breaker(Outcome::Success);
+            self.write_log_summary();
         }
         Action::Continue
     }
 
     /// Envoy logs every stream when it ends: completed, failed, or reset by either side.
     fn on_log(&mut self) {
+        self.write_log_summary();
         self.record_metrics();
         self.end_load();
         self.settle_tokens();
@@ -704,8 +714,50 @@ impl Request {
         }
         if let Some(limit) = reply.limited_by {
             self.count_limit_event(limit, "rejected");
+            let name = self.config.limits.list.get(limit).map(|l| l.name.clone());
+            self.measure.decision = Some(format!("rate_limited: {}", name.unwrap_or_default()));
         }
+        self.write_log_summary();
         send(reply)
+    }
+
+    /// The filter's part of the access log line (`jairouter` in Envoy's JSON log, through the
+    /// `wasm.jairouter` filter state): one host call, once the request's story is known.
+    fn write_log_summary(&mut self) {
+        if self.measure.logged {
+            return;
+        }
+        self.measure.logged = true;
+        let usage = self.final_usage();
+        let m = &self.measure;
+        let mut summary = serde_json::Map::new();
+        let mut put = |key: &str, value: serde_json::Value| {
+            summary.insert(key.to_string(), value);
+        };
+        put("service", m.service.into());
+        // A stand-in's name when a fallback served, with the model asked for beside it.
+        let model = self
+            .served_model
+            .as_deref()
+            .or((!m.model.is_empty()).then_some(m.model.as_str()));
+        put("model", model.into());
+        if self.served_model.is_some() {
+            put("fallback_for", self.requested_model.as_deref().into());
+        }
+        put("instance", self.served_by.as_deref().into());
+        put("status", self.status.into());
+        if let Some(usage) = usage {
+            put("prompt_tokens", usage.prompt_tokens.into());
+            let completion = usage
+                .completion_tokens
+                .unwrap_or(usage.estimated_completion);
+            put("completion_tokens", completion.into());
+        }
+        if let Some(decision) = &m.decision {
+            put("decision", decision.as_str().into());
+        }
+        let summary = serde_json::Value::Object(summary);
+        let _ = hostcalls::set_property(vec!["jairouter"], Some(summary.to_string().as_bytes()));
     }
 
     /// `jairouter_rate_limit_events_total`: one per limit that decided on the request.

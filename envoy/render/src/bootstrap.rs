@@ -19,6 +19,8 @@ pub struct Options {
     pub wasm_path: String,
     /// CA bundle for https backends.
     pub ca_file: String,
+    /// Where the JSON access log goes (`/dev/stdout` in containers).
+    pub access_log: String,
 }
 
 /// Envoy may read up to this much more than the filter's scan limit before the filter sees it;
@@ -66,6 +68,36 @@ pub fn render(config: &RouterConfig, model_json: &Value, opts: &Options) -> Valu
         bootstrap["bootstrap_extensions"] = json!([health_checker(model_json, &opts.wasm_path)]);
     }
     bootstrap
+}
+
+/// One JSON line per request: Envoy's view (status, timings, upstream, flags) and the filter's
+/// (`jairouter`: service, model, instance, tokens and what decided), so a failed request can be
+/// explained from the log alone.
+fn access_log(path: &str) -> Value {
+    json!({
+        "name": "envoy.access_loggers.file",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": path,
+            "log_format": {"json_format": {
+                "time": "%START_TIME%",
+                "method": "%REQ(:METHOD)%",
+                "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+                "status": "%RESPONSE_CODE%",
+                "details": "%RESPONSE_CODE_DETAILS%",
+                "flags": "%RESPONSE_FLAGS%",
+                "duration_ms": "%DURATION%",
+                "upstream_ms": "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%",
+                "bytes_in": "%BYTES_RECEIVED%",
+                "bytes_out": "%BYTES_SENT%",
+                "upstream": "%UPSTREAM_HOST%",
+                "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
+                "request_id": "%REQ(X-REQUEST-ID)%",
+                "client": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+                "jairouter": "%FILTER_STATE(wasm.jairouter:PLAIN)%"
+            }}
+        }
+    })
 }
 
 /// One stats tag per label the filter writes into its metric names (`<name>.<tag>=<value>;`):
@@ -144,6 +176,7 @@ fn http_connection_manager(config: &RouterConfig, model_json: &Value, opts: &Opt
         // The client address is the peer's, or (with `gateway.trusted-hops`) the one the
         // trusted proxies in front wrote into X-Forwarded-For; never a header a client forges.
         "use_remote_address": true,
+        "access_log": [access_log(&opts.access_log)],
         "xff_num_trusted_hops": config.gateway.trusted_hops,
         "route_config": {
             "name": "jairouter",

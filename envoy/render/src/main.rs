@@ -6,7 +6,8 @@
 //!   jairouter-render plugin-config FILE
 //!       Prints the filter's JSON configuration (for Istio, Envoy Gateway or a hand-written bootstrap).
 //!   jairouter-render bootstrap FILE --wasm PATH [--port N] [--admin-port N]
-//!       [--listen-address A] [--admin-address A] [--ca-file PATH] [--out FILE]
+//!       [--listen-address A] [--admin-address A] [--ca-file PATH] [--access-log PATH]
+//!       [--out FILE]
 //!       Renders a complete Envoy bootstrap. The port defaults to server.port, then 8080.
 
 mod app_config;
@@ -67,6 +68,7 @@ fn run(args: &[String]) -> Result<(), String> {
                 wasm_path,
                 ca_file: get("ca-file")
                     .unwrap_or_else(|| "/etc/ssl/certs/ca-certificates.crt".into()),
+                access_log: get("access-log").unwrap_or_else(|| "/dev/stdout".into()),
             };
             let rendered = bootstrap::render(&router, &app.model, &opts);
             let text = serde_json::to_string_pretty(&rendered).map_err(|e| e.to_string())?;
@@ -83,7 +85,8 @@ fn run(args: &[String]) -> Result<(), String> {
 }
 
 const USAGE: &str = "usage: jairouter-render (check|plugin-config|bootstrap) FILE [--wasm PATH] \
-[--port N] [--admin-port N] [--listen-address A] [--admin-address A] [--ca-file PATH] [--out FILE]";
+[--port N] [--admin-port N] [--listen-address A] [--admin-address A] [--ca-file PATH] \
+[--access-log PATH] [--out FILE]";
 
 fn parse_flags(flags: &[String]) -> Result<HashMap<String, String>, String> {
     let mut out = HashMap::new();
