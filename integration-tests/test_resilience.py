@@ -142,6 +142,10 @@ def test_every_instance_open_gives_503_with_retry_after(stubs, gateway):
     assert error_of(r)["code"] == "no_available_instance"
     assert 1 <= int(r.headers["retry-after"]) <= 30
     assert len(dead.requests) == 3
+    gw.stop()  # the access log says why
+    import json as jsonlib
+    last = jsonlib.loads(gw.access_log_path.read_text().splitlines()[-1])
+    assert jsonlib.loads(last["jairouter"])["decision"] == "every circuit breaker open"
 
 
 def test_a_breaker_can_be_turned_off_per_instance(stubs, gateway):

@@ -31,6 +31,8 @@ pub struct LocalReply {
     pub service: Option<ServiceType>,
     /// The rate limit that refused it (index into `Limits::list`), for a 429 of ours.
     pub limited_by: Option<usize>,
+    /// Why no instance took it, when that is the answer (for the access log).
+    pub reason: Option<&'static str>,
 }
 
 impl LocalReply {
@@ -41,6 +43,7 @@ impl LocalReply {
             body,
             service: None,
             limited_by: None,
+            reason: None,
         }
     }
 
@@ -50,6 +53,11 @@ impl LocalReply {
             "error": {"message": message, "type": kind, "param": null, "code": code}
         });
         LocalReply::json(status, body.to_string())
+    }
+
+    fn because(mut self, reason: &'static str) -> LocalReply {
+        self.reason = Some(reason);
+        self
     }
 
     fn with_header(mut self, name: &'static str, value: &str) -> LocalReply {
@@ -469,6 +477,7 @@ fn route_to_instance(
             &format!("The model `{model}` has no active instance right now."),
         )
         .with_header("retry-after", "5")
+        .because("no active instance")
     };
     let limits = &cfg.limits;
     let mut subject = Subject {
@@ -617,6 +626,7 @@ fn all_breakers_open(model: &str, open_ns: u64) -> LocalReply {
         ),
     )
     .with_header("retry-after", &secs.to_string())
+    .because("every circuit breaker open")
 }
 
 /// 429 when the model's backends asked for a pause (they answered 429 with Retry-After) and
@@ -630,6 +640,7 @@ fn backends_limited(model: &str, wait_ns: u64) -> LocalReply {
         &format!("The backends of the model `{model}` are rate limiting; try again in {secs} s."),
     )
     .with_header("retry-after", &secs.to_string())
+    .because("every instance pausing after a 429")
 }
 
 /// 503 when the health checker has every instance of the model down.
@@ -641,6 +652,7 @@ fn none_healthy(model: &str) -> LocalReply {
         &format!("No instance of the model `{model}` is healthy right now; try again later."),
     )
     .with_header("retry-after", "5")
+    .because("no healthy instance")
 }
 
 /// A breaker admission that will not be used (a half-open trial must free its place).

@@ -717,6 +717,9 @@ impl Request {
             let name = self.config.limits.list.get(limit).map(|l| l.name.clone());
             self.measure.decision = Some(format!("rate_limited: {}", name.unwrap_or_default()));
         }
+        if let Some(reason) = reply.reason {
+            self.measure.decision = Some(reason.to_string());
+        }
         self.write_log_summary();
         send(reply)
     }

@@ -19,7 +19,7 @@ pub struct Options {
     pub wasm_path: String,
     /// CA bundle for https backends.
     pub ca_file: String,
-    /// Where the JSON access log goes (`/dev/stdout` in containers).
+    /// Where the JSON access log goes (`/dev/stdout` in containers; `none` for no access log).
     pub access_log: String,
 }
 
@@ -165,6 +165,10 @@ fn http_connection_manager(config: &RouterConfig, model_json: &Value, opts: &Opt
     if global.is_some() {
         routed["route"]["rate_limits"] = rate_limit_actions();
     }
+    let access_logs: Vec<Value> = match opts.access_log.as_str() {
+        "none" => Vec::new(),
+        path => vec![access_log(path)],
+    };
     if config.services().any(|s| s.retries > 0) {
         routed["route"]["retry_policy"] = retry_policy(config.retries);
         routed["per_request_buffer_limit_bytes"] = json!(RETRY_BUFFER_BYTES);
@@ -176,8 +180,8 @@ fn http_connection_manager(config: &RouterConfig, model_json: &Value, opts: &Opt
         // The client address is the peer's, or (with `gateway.trusted-hops`) the one the
         // trusted proxies in front wrote into X-Forwarded-For; never a header a client forges.
         "use_remote_address": true,
-        "access_log": [access_log(&opts.access_log)],
         "xff_num_trusted_hops": config.gateway.trusted_hops,
+        "access_log": access_logs,
         "route_config": {
             "name": "jairouter",
             "virtual_hosts": [{
