@@ -73,8 +73,18 @@ cmd_test() {
   log "unit tests, wasm32 (wasm-bindgen-test under node)"
   CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
     cargo test -p jairouter-filter --lib --target "$WASM_TARGET"
+  ensure_prometheus
   log "end-to-end tests through a real Envoy"
   "$VENV/bin/python" -m pytest -q integration-tests "$@"
+}
+
+# A real Prometheus (Debian's) scrapes the gateway in a test, to run the dashboard's and the
+# alerts' queries against it.
+ensure_prometheus() {
+  command -v prometheus >/dev/null && command -v promtool >/dev/null && return
+  log "installing Prometheus (Debian) for the monitoring test"
+  if [[ $(id -u) -eq 0 ]]; then apt-get install -y -q prometheus >/dev/null
+  else sudo apt-get install -y -q prometheus >/dev/null; fi
 }
 
 # Benchmarks and soaks (never part of `test`):

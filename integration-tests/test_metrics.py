@@ -29,6 +29,17 @@ def value(samples, name: str, **labels) -> float | None:
     return samples.get((name, frozenset(labels.items())))
 
 
+def mixed_gateway(stubs, gateway, capacity: int):
+    """Two instances, one failing (its breaker opens at once), and a model limit that refuses
+    once `capacity` requests have passed: traffic through it feeds every series."""
+    bad, good = stubs("bad", "good")
+    bad.fail_status = 500
+    return gateway({"model": {"load-balance": {"type": "round-robin"}, "retries": 0,
+                              "circuit-breaker": {"failure-threshold": 1, "timeout": 60000},
+                              "rate-limit": {"enabled": True, "capacity": capacity, "rate": 1, "scope": "model"},
+                              "services": {"chat": {"instances": [instance("llama", bad), instance("llama", good)]}}}})
+
+
 def test_requests_durations_sizes_backend_calls_and_selections_are_counted(stubs, gateway):
     a, b = stubs("a", "b")
     gw = gateway({"model": {"load-balance": {"type": "round-robin"}, "services": {
@@ -161,12 +172,7 @@ def test_dashboard_and_alerts_query_only_exported_series(stubs, gateway):
     wanted = {name for q in queries for name in re.findall(r"\b(jairouter_[a-z_]+)", q)}
     assert len(wanted) >= 15, wanted
 
-    bad, good = stubs("bad", "good")
-    gw = gateway({"model": {"load-balance": {"type": "round-robin"}, "retries": 0,
-                            "circuit-breaker": {"failure-threshold": 1, "timeout": 60000},
-                            "rate-limit": {"enabled": True, "capacity": 6, "rate": 1, "scope": "model"},
-                            "services": {"chat": {"instances": [instance("llama", bad), instance("llama", good)]}}}})
-    bad.fail_status = 500
+    gw = mixed_gateway(stubs, gateway, capacity=6)
     stream = json_body({"model": "llama", "stream": True, "messages": []})
     with httpx.Client(base_url=gw.url, timeout=10) as c:
         for _ in range(10):
@@ -201,3 +207,65 @@ def test_access_log_explains_each_request(stubs, gateway):
     assert mine[1]["status"] == 404 and mine[1]["service"] == "chat" and mine[1]["instance"] is None
     limited = [m for m in mine if m["status"] == 429]
     assert limited and limited[0]["decision"].startswith("rate_limited: model.rate-limit")
+
+
+def test_dashboard_and_alert_queries_run_on_a_real_prometheus(stubs, gateway, tmp_path):
+    """Prometheus (Debian's) scrapes the gateway; promtool accepts the rules; every dashboard
+    panel query and every alert expression evaluates, and the ones the traffic feeds return data."""
+    import json as jsonlib
+    import shutil
+    import socket
+    import subprocess
+    from pathlib import Path
+    import yaml
+
+    prometheus, promtool = shutil.which("prometheus"), shutil.which("promtool")
+    assert prometheus and promtool, "./build.sh test installs Prometheus"
+    monitoring = Path(__file__).resolve().parents[1] / "k8s" / "monitoring"
+    rules = yaml.safe_load((monitoring / "prometheus-rule.yaml").read_text())
+    rules_file = tmp_path / "rules.yml"
+    rules_file.write_text(yaml.safe_dump(rules["spec"]))
+    check = subprocess.run([promtool, "check", "rules", str(rules_file)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+    gw = mixed_gateway(stubs, gateway, capacity=8)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(rules_file)],
+        "scrape_configs": [{"job_name": "jairouter", "metrics_path": "/stats/prometheus",
+                            "static_configs": [{"targets": [gw.admin_url.removeprefix("http://")]}]}]}))
+    server = subprocess.Popen([prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+                               f"--web.listen-address=127.0.0.1:{port}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    api = f"http://127.0.0.1:{port}/api/v1"
+    try:
+        stream = json_body({"model": "llama", "stream": True, "messages": []})
+        deadline = time.monotonic() + 8
+        with httpx.Client(base_url=gw.url, timeout=10) as c:
+            while time.monotonic() < deadline:  # traffic across several scrapes
+                c.post("/v1/chat/completions", content=stream, headers={**JSON, "x-stub-usage": "4,3"})
+                time.sleep(0.2)
+
+        def query(expr: str) -> list:
+            r = httpx.get(api + "/query", params={"query": expr.replace("$__rate_interval", "5s")}, timeout=10)
+            body = r.json()
+            assert body["status"] == "success", (expr, body)
+            return body["data"]["result"]
+
+        assert query('up{job="jairouter"}')[0]["value"][1] == "1"
+        dashboard = jsonlib.loads((monitoring / "grafana-dashboard.json").read_text())
+        empty = [p["title"] for p in dashboard["panels"]
+                 if not any(query(t["expr"]) for t in p["targets"])]
+        assert not empty, f"panels with no data: {empty}"
+        alerts = {r["alert"]: r["expr"] for g in rules["spec"]["groups"] for r in g["rules"]}
+        firing_now = {name for name, expr in alerts.items() if query(expr)}
+        # The breaker of the failing instance is open; cAdvisor series do not exist here.
+        assert "JAiRouterCircuitBreakerOpen" in firing_now, firing_now
+        assert "JAiRouterDown" not in firing_now
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
