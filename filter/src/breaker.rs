@@ -242,12 +242,6 @@ pub enum Admission {
     CoolingDown { until_ns: u64 },
 }
 
-impl Admission {
-    pub fn admitted(self) -> bool {
-        matches!(self, Admission::Closed { .. } | Admission::Trial)
-    }
-}
-
 /// How the exchange with the instance ended, as the breaker counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -327,11 +321,6 @@ pub fn is_unhealthy(store: &dyn SharedStore, key: &str) -> bool {
     Breaker::decode(store.get(key).0.as_deref()).unhealthy
 }
 
-/// The breaker's state as stored (for the state gauge).
-pub fn state(store: &dyn SharedStore, key: &str) -> State {
-    Breaker::decode(store.get(key).0.as_deref()).state
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
@@ -345,6 +334,10 @@ mod tests {
         success_threshold: 2,
     };
     const KEY: &str = "jairouter/breaker/a";
+
+    fn state(store: &MemoryStore, key: &str) -> State {
+        Breaker::decode(store.get(key).0.as_deref()).state
+    }
 
     fn fail(store: &MemoryStore, now: u64) -> Option<(State, State)> {
         let admission = admit(store, KEY, Some(&POLICY), now);
@@ -560,6 +553,5 @@ mod tests {
             admit(&store, KEY, None, 5 * SECOND),
             Admission::Closed { clean: true }
         );
-        assert!(!Admission::CoolingDown { until_ns: 1 }.admitted());
     }
 }

@@ -64,10 +64,6 @@ impl Checker {
         Checker { targets, progress }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.targets.is_empty()
-    }
-
     pub fn targets(&self) -> &[Target] {
         &self.targets
     }

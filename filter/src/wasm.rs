@@ -357,6 +357,7 @@ impl RootContext for Root {
             content_length: None,
             served_model: None,
             requested_model: None,
+            client: None,
             metrics: Rc::clone(&self.metrics),
             measure: Measure::default(),
         }))
@@ -394,6 +395,8 @@ struct Request {
     served_model: Option<String>,
     /// The model the client asked for, when a fallback served.
     requested_model: Option<String>,
+    /// Envoy's client address, when anything keys on it.
+    client: Option<String>,
     metrics: Rc<RefCell<Metrics>>,
     /// What the request's metrics are labelled and measured with.
     measure: Measure,
@@ -471,11 +474,13 @@ impl HttpContext for Request {
                 .and_then(|v| v.trim().parse().ok()),
         };
         self.content_length = head.content_length;
-        self.measure.started_ns = now_ns();
+        let now = now_ns();
+        self.measure.started_ns = now;
         head.method.clone_into(&mut self.measure.method);
         self.measure.request_bytes = head.content_length.unwrap_or(0);
         let random = self.next_random();
-        let client = self
+        // Asked once: the body phase decides with the same address.
+        self.client = self
             .config
             .uses_client_address
             .then(client_address)
@@ -483,8 +488,8 @@ impl HttpContext for Request {
         let host = Host {
             store: &HostStore,
             random,
-            now_ns: now_ns(),
-            client: client.as_deref().map(client_ip),
+            now_ns: now,
+            client: self.client.as_deref().map(client_ip),
         };
         match on_request_headers(&self.config, &head, &host) {
             HeadDecision::Reply(reply) => self.reply(&reply),
@@ -515,16 +520,11 @@ impl HttpContext for Request {
             self.scanned = self.scanned.saturating_add(chunk.len());
             outcome = scan.feed(&chunk);
         }
-        let client = self
-            .config
-            .uses_client_address
-            .then(client_address)
-            .flatten();
         let host = Host {
             store: &HostStore,
             random,
             now_ns: now_ns(),
-            client: client.as_deref().map(client_ip),
+            client: self.client.as_deref().map(client_ip),
         };
         let buffered = u64::try_from(body_size).unwrap_or(u64::MAX);
         self.measure.request_bytes = self.measure.request_bytes.max(buffered);

@@ -54,8 +54,6 @@ pub struct RouterConfig {
     /// `retries`: further attempts on another instance of the model (Envoy's retry policy on
     /// the route; services that differ say so per request).
     pub retries: u64,
-    /// `retry-uploads`: whether multipart uploads are retried too.
-    pub retry_uploads: bool,
     /// `request-timeout` in ms (0: none): the whole exchange, streamed answers included.
     pub request_timeout_ms: u64,
 }
@@ -376,7 +374,6 @@ fn parse_model(value: &Value) -> Result<RouterConfig> {
     Ok(RouterConfig {
         uses_client_address,
         retries,
-        retry_uploads,
         request_timeout_ms,
         services,
         load_balance,
