@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # JAiRouter for Envoy: every entry point.
 #
-#   ./build.sh up [--config FILE]   build, start the gateway (demo backends unless --config) in the foreground
+#   ./build.sh up [--config FILE] [--api-keys KEYS]
+#                                   build, start the gateway (demo backends unless --config) in the
+#                                   foreground; edits of FILE (and KEYS) apply live
 #   ./build.sh test                 every test: clippy, unit tests (native and wasm32), end-to-end through Envoy
 #   ./build.sh build                the filter (.wasm), the renderer and the Python venv with Envoy
-#   ./build.sh validate FILE        check a JAiRouter application.yml with the filter's own code
+#   ./build.sh validate FILE [--api-keys KEYS]
+#                                   check a JAiRouter application.yml with the filter's own code
+#   ./build.sh hash-key [--salt B64] < KEY   the key-hash of an API key, for jairouter.security.api-key
 #   ./build.sh render FILE [ARGS]   print the Envoy bootstrap for FILE (see envoy/render)
 #   ./build.sh bench [soak-clients|hostcalls] benchmarks (README table) and soaks, not part of test
 #
-# Environment: PORT (8080), ADMIN_PORT (9901), CONCURRENCY (2), LISTEN_ADDRESS (127.0.0.1).
+# Environment: PORT (8080), ADMIN_PORT (9901), STATUS_PORT (9902), CONCURRENCY (2),
+# LISTEN_ADDRESS (127.0.0.1).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -137,10 +142,16 @@ cmd_bench() {
 }
 
 cmd_validate() {
-  [[ $# -ge 1 ]] || { echo "usage: ./build.sh validate FILE" >&2; exit 2; }
+  [[ $# -ge 1 ]] || { echo "usage: ./build.sh validate FILE [--api-keys KEYS]" >&2; exit 2; }
   ensure_rust
   cargo build --quiet --release -p jairouter-render
-  "$RENDER" check "$1"
+  "$RENDER" check "$@"
+}
+
+cmd_hash_key() {
+  ensure_rust
+  cargo build --quiet --release -p jairouter-render
+  "$RENDER" hash-key "$@"
 }
 
 cmd_render() {
@@ -151,11 +162,12 @@ cmd_render() {
 }
 
 cmd_up() {
-  local config=""
+  local config="" keys_args=()
   while [[ $# -gt 0 ]]; do
     case "$1" in
       --config) config="$2"; shift 2 ;;
-      *) echo "usage: ./build.sh up [--config FILE]" >&2; exit 2 ;;
+      --api-keys) keys_args=(--api-keys "$2"); shift 2 ;;
+      *) echo "usage: ./build.sh up [--config FILE] [--api-keys KEYS]" >&2; exit 2 ;;
     esac
   done
   build
@@ -187,9 +199,12 @@ cmd_up() {
 
   local port_args=()
   [[ -n "${PORT:-}" ]] && port_args+=(--port "$PORT")
-  "$RENDER" bootstrap "$config" --wasm "$WASM" "${port_args[@]}" \
-    --admin-port "${ADMIN_PORT:-9901}" --listen-address "${LISTEN_ADDRESS:-127.0.0.1}" \
-    --out "$run/envoy.json"
+  # Live: Envoy watches the filter's configuration and the clusters in $run/live, and the
+  # watcher below rewrites them whenever the configuration file changes.
+  rm -rf "$run/live"
+  "$RENDER" bootstrap "$config" "${keys_args[@]}" --wasm "$WASM" "${port_args[@]}" \
+    --admin-port "${ADMIN_PORT:-9901}" --status-port "${STATUS_PORT:-9902}" \
+    --listen-address "${LISTEN_ADDRESS:-127.0.0.1}" --live-dir "$run/live" --out "$run/envoy.json"
   local port
   port=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"])' "$run/envoy.json")
   log "starting Envoy ($("$ENVOY" --version | sed -n 's/.*version: [^/]*\/\([^/]*\).*/\1/p'), ${CONCURRENCY:-2} workers)"
@@ -201,11 +216,14 @@ cmd_up() {
     kill -0 "${pids[-1]}" 2>/dev/null || { echo "Envoy exited; see the log above" >&2; exit 1; }
     sleep 0.1
   done
+  "$RENDER" watch "$config" "${keys_args[@]}" --wasm "$WASM" --live-dir "$run/live" &
+  pids+=($!)
   local model
-  model=$("$RENDER" plugin-config "$config" | python3 -c 'import json,sys; m=json.load(sys.stdin); print(next((i["name"] for s in m.get("services",{}).values() for i in (s or {}).get("instances") or []), "MODEL"))')
+  model=$("$RENDER" plugin-config "$config" "${keys_args[@]}" | python3 -c 'import json,sys; m=json.load(sys.stdin); m=m.get("model", m); print(next((i["name"] for s in m.get("services",{}).values() for i in (s or {}).get("instances") or []), "MODEL"))')
   cat <<EOF
 
-JAiRouter is serving on http://127.0.0.1:$port  (Envoy admin: http://127.0.0.1:${ADMIN_PORT:-9901})
+JAiRouter is serving on http://127.0.0.1:$port  (Envoy admin: http://127.0.0.1:${ADMIN_PORT:-9901},
+status: http://127.0.0.1:${STATUS_PORT:-9902}/status). Edits of $config apply live.
 Try:
   curl -s http://127.0.0.1:$port/v1/chat/completions -H 'content-type: application/json' \\
     -d '{"model": "$model", "messages": [{"role": "user", "content": "Hello"}]}'
@@ -221,7 +239,8 @@ case "${1:-}" in
   test) shift; cmd_test "$@" ;;
   up) shift; cmd_up "$@" ;;
   validate) shift; cmd_validate "$@" ;;
+  hash-key) shift; cmd_hash_key "$@" ;;
   render) shift; cmd_render "$@" ;;
   bench) shift; cmd_bench "$@" ;;
-  *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

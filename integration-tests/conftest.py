@@ -39,8 +39,8 @@ def gateway(tmp_path):
     """gateway(config, concurrency=2) starts an Envoy with our filter; it stops after the test."""
     running: list[Gateway] = []
 
-    def start(config, concurrency: int = 2, name: str = "gw") -> Gateway:
-        gw = Gateway(tmp_path / f"{name}{len(running)}", config, concurrency).start()
+    def start(config, concurrency: int = 2, name: str = "gw", **options) -> Gateway:
+        gw = Gateway(tmp_path / f"{name}{len(running)}", config, concurrency, **options).start()
         running.append(gw)
         return gw
 

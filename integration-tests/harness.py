@@ -20,37 +20,54 @@ WASM = ROOT / "target" / "wasm32-unknown-unknown" / "release" / "jairouter_filte
 RENDER = ROOT / "target" / "release" / "jairouter-render"
 
 
-def render(config_path: Path, *flags: str) -> subprocess.CompletedProcess:
+def render(config_path: Path, *flags: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(RENDER), *flags[:1], str(config_path), *flags[1:]],
         capture_output=True,
         text=True,
         timeout=60,
+        env=env,
     )
 
 
 class Gateway:
     """One Envoy process serving the given JAiRouter configuration."""
 
-    def __init__(self, workdir: Path, config: dict | str, concurrency: int = 2):
+    def __init__(self, workdir: Path, config: dict | str, concurrency: int = 2, live: bool = True,
+                 api_keys: dict | str | None = None, env: dict[str, str] | None = None):
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / "application.yml"
         text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
         self.config_path.write_text(text)
         self.concurrency = concurrency
+        # API keys kept apart, as a Kubernetes Secret mounted beside the ConfigMap.
+        self.api_keys_path: Path | None = None
+        if api_keys is not None:
+            self.api_keys_path = workdir / "api-keys.yml"
+            keys_text = api_keys if isinstance(api_keys, str) else yaml.safe_dump(api_keys, sort_keys=False)
+            self.api_keys_path.write_text(keys_text)
+        self.env = env
         self.process: subprocess.Popen | None = None
         self.log_path = workdir / "envoy.log"
         self.access_log_path = workdir / "access.log"
         self.port = 0
         self.admin_port = 0
+        self.status_port = 0
+        # Live: the filter's configuration and the clusters come from watched files (ECDS, CDS),
+        # as in `./build.sh up` and the Helm chart; `watch()` follows edits of config_path.
+        self.live_dir = workdir / "live" if live else None
+        self.watcher: subprocess.Popen | None = None
+        self.watch_log_path = workdir / "watch.log"
 
     def render_bootstrap(self) -> Path:
         out = self.workdir / "envoy.json"
         result = render(
             self.config_path, "bootstrap", "--wasm", str(WASM), "--port", "0",
             "--admin-port", "0", "--listen-address", "127.0.0.1", "--out", str(out),
-            "--access-log", str(self.access_log_path),
+            "--access-log", str(self.access_log_path), "--status-port", "0",
+            *(["--live-dir", str(self.live_dir)] if self.live_dir else []),
+            *self._keys_flags(), env=self.env,
         )
         if result.returncode != 0:
             raise RuntimeError(f"renderer refused the configuration: {result.stderr}")
@@ -85,9 +102,45 @@ class Gateway:
             self.stop()
             raise RuntimeError(f"Envoy did not become ready:\n{self.logs()}")
         listeners = httpx.get(f"{self.admin_url}/listeners?format=json", timeout=5).json()
-        address = listeners["listener_statuses"][0]["local_address"]["socket_address"]
-        self.port = int(address["port_value"])
+        for listener in listeners["listener_statuses"]:
+            port = int(listener["local_address"]["socket_address"]["port_value"])
+            if listener["name"] == "jairouter-status":
+                self.status_port = port
+            elif listener["name"] == "jairouter" or not self.port:
+                self.port = port
         return self
+
+    def watch(self, interval_ms: int = 200, settle_ms: int = 500) -> "Gateway":
+        """Starts the renderer's watcher on config_path (a live gateway only)."""
+        assert self.live_dir is not None, "watch() needs a live gateway"
+        self.watcher = subprocess.Popen(
+            [
+                str(RENDER), "watch", str(self.config_path), "--wasm", str(WASM),
+                "--live-dir", str(self.live_dir), "--interval-ms", str(interval_ms),
+                "--settle-ms", str(settle_ms), *self._keys_flags(),
+            ],
+            env=self.env,
+            stdout=self.watch_log_path.open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        return self
+
+    def _keys_flags(self) -> list[str]:
+        return ["--api-keys", str(self.api_keys_path)] if self.api_keys_path else []
+
+    def write_config(self, config: dict | str) -> None:
+        """Replaces config_path at once (an editor's save, or a ConfigMap's symlink swap)."""
+        text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
+        temp = self.config_path.with_suffix(".tmp")
+        temp.write_text(text)
+        temp.replace(self.config_path)
+
+    def watch_log(self) -> str:
+        return self.watch_log_path.read_text() if self.watch_log_path.exists() else ""
+
+    @property
+    def status_url(self) -> str:
+        return f"http://127.0.0.1:{self.status_port}/status"
 
     @property
     def url(self) -> str:
@@ -110,6 +163,9 @@ class Gateway:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
     def stop(self) -> None:
+        if self.watcher and self.watcher.poll() is None:
+            self.watcher.terminate()
+            self.watcher.wait(timeout=10)
         if self.process and self.process.poll() is None:
             self.process.terminate()
             try:

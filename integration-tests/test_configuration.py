@@ -69,7 +69,7 @@ def test_bad_configuration_is_refused_naming_the_key(tmp_path):
 def test_envoy_refuses_a_filter_configuration_the_filter_rejects(tmp_path, stubs):
     """The filter's own check runs in Envoy too: a bootstrap carrying a bad plugin config won't start."""
     [stub] = stubs("a")
-    gw = Gateway(tmp_path, {"model": {"services": {"chat": {"instances": [{"name": "m", "base-url": stub.url}]}}}})
+    gw = Gateway(tmp_path, {"model": {"services": {"chat": {"instances": [{"name": "m", "base-url": stub.url}]}}}}, live=False)
     bootstrap = gw.render_bootstrap()
     doc = json.loads(bootstrap.read_text())
     hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
@@ -92,8 +92,8 @@ def free_port() -> int:
 
 
 def test_build_sh_up_serves_the_demo_and_stops_everything(tmp_path):
-    port, admin = free_port(), free_port()
-    env = dict(os.environ, PORT=str(port), ADMIN_PORT=str(admin), CONCURRENCY="1")
+    port, admin, status = free_port(), free_port(), free_port()
+    env = dict(os.environ, PORT=str(port), ADMIN_PORT=str(admin), STATUS_PORT=str(status), CONCURRENCY="1")
     proc = subprocess.Popen([str(ROOT / "build.sh"), "up"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     output = []
@@ -113,6 +113,8 @@ def test_build_sh_up_serves_the_demo_and_stops_everything(tmp_path):
                        headers={"content-type": "application/json"}, timeout=10)
         assert r.status_code == 200, r.text
         assert r.headers["x-stub-instance"] in ("demo-a", "demo-b")
+        page = httpx.get(f"http://127.0.0.1:{status}/status", timeout=5).json()
+        assert [s["service"] for s in page["services"]] == ["chat", "embedding"]
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
     finally:
@@ -120,7 +122,7 @@ def test_build_sh_up_serves_the_demo_and_stops_everything(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     time.sleep(0.5)
     # Nothing it started is left behind: the ports are free again.
-    for p in (port, admin):
+    for p in (port, admin, status):
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", p)) != 0, f"port {p} still served"
 

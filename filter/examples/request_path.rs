@@ -53,6 +53,8 @@ fn main() {
                 random: u64::from(i),
                 now_ns: 1_000_000_000 + u64::from(i) * 1000,
                 client: None,
+                api_key: None,
+                caller: None,
             };
             let head = RequestHead {
                 method: "POST",

@@ -3,6 +3,7 @@
 //! Everything but `wasm` is plain Rust with no host calls, so it is tested natively and under
 //! wasm32; `wasm` binds it to proxy-wasm contexts.
 
+pub mod auth;
 pub mod balance;
 pub mod breaker;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod limit;
 pub mod metrics;
 pub mod request;
 pub mod scan;
+pub mod status;
 pub mod store;
 pub mod usage;
 

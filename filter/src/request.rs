@@ -2,6 +2,7 @@
 //! Plain Rust over the compiled configuration; the proxy-wasm binding only carries bytes in and
 //! decisions out.
 
+use crate::auth::{ApiKey, AuthError};
 use crate::balance::{pick_instance, PickInput};
 use crate::breaker::{self, Admission, Outcome};
 use crate::config::{
@@ -134,13 +135,97 @@ pub enum HeadDecision {
     ScanBody(Box<BodyScan>),
 }
 
-/// The choices that depend on the host: shared data, randomness, the clock, the client.
+/// The choices that depend on the host and the caller: shared data, randomness, the clock,
+/// the client.
 pub struct Host<'a> {
     pub store: &'a dyn SharedStore,
     pub random: u64,
     pub now_ns: u64,
     /// Envoy's view of the client address, without the port (ip-hash, consistent-hash).
     pub client: Option<&'a str>,
+    /// The API key the request authenticated with (`authenticate`), by index: its quotas.
+    pub api_key: Option<usize>,
+    /// What the caller may use (its API key, or what its verified token grants).
+    pub caller: Option<&'a ApiKey>,
+}
+
+/// Who calls, once authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// Neither API keys nor tokens are configured.
+    Anyone,
+    /// A configured API key, by index.
+    Key(usize),
+    /// A JWT Envoy's jwt_authn verified, with what its claims grant.
+    Token(ApiKey),
+}
+
+impl Caller {
+    pub fn key_index(&self) -> Option<usize> {
+        match self {
+            Caller::Key(at) => Some(*at),
+            _ => None,
+        }
+    }
+
+    /// What the caller may use (`None`: anything).
+    pub fn grants<'a>(&'a self, cfg: &'a RouterConfig) -> Option<&'a ApiKey> {
+        match self {
+            Caller::Anyone => None,
+            Caller::Key(at) => cfg.api_keys.keys().get(*at),
+            Caller::Token(grants) => Some(grants),
+        }
+    }
+}
+
+/// The claims of a token Envoy's jwt_authn verified (`gateway.jwt`).
+#[derive(Debug, Clone, Default)]
+pub struct TokenClaims {
+    pub subject: String,
+    pub permissions: Vec<String>,
+    pub models: Option<Vec<String>>,
+}
+
+/// Who calls: a token Envoy verified (`token`, when `gateway.jwt` is set), else the configured
+/// API key the request presents (`Authorization: Bearer` or the configured header). Refusals
+/// are 401, or 403 for a key used from an address it is not allowed from.
+pub fn authenticate(
+    cfg: &RouterConfig,
+    authorization: Option<&str>,
+    api_key_header: Option<&str>,
+    client: Option<&str>,
+    now_ns: u64,
+    token: Option<TokenClaims>,
+) -> Result<Caller, LocalReply> {
+    if let Some(claims) = token {
+        let grants = ApiKey::for_token(&claims.subject, &claims.permissions, claims.models);
+        return Ok(Caller::Token(grants));
+    }
+    let keys = &cfg.api_keys;
+    let refuse = |e: AuthError| e.reply().because(e.code());
+    if !keys.enabled() {
+        return match cfg.gateway.jwt {
+            Some(_) => Err(refuse(AuthError::InvalidToken)),
+            None => Ok(Caller::Anyone),
+        };
+    }
+    let presented = crate::auth::presented_key(authorization, api_key_header);
+    match keys.authenticate(presented, client, now_ns / 1_000_000_000) {
+        Ok(key) => Ok(keys.index_of(key).map_or(Caller::Anyone, Caller::Key)),
+        Err(e) => Err(refuse(e)),
+    }
+}
+
+/// Refuses a request its caller may not make (403).
+fn permitted(host: &Host<'_>, kind: ServiceType, model: Option<&str>) -> Result<(), LocalReply> {
+    let Some(key) = host.caller else {
+        return Ok(());
+    };
+    key.permits(kind, model).map_err(|e| {
+        let mut reply = e.reply().because(e.code());
+        reply.service = Some(kind);
+        reply
+    })
 }
 
 impl Host<'_> {
@@ -191,6 +276,9 @@ pub fn on_request_headers(
     if cfg.service(endpoint.service()).is_none() {
         return HeadDecision::Reply(service_missing(cfg, endpoint));
     }
+    if let Err(reply) = permitted(host, endpoint.service(), None) {
+        return HeadDecision::Reply(reply);
+    }
     let query = query_of(head.path);
     let model = head.model_header.map(str::trim).filter(|m| !m.is_empty());
     // header-hash keys the ring by a header, else by a body field (which means reading the body
@@ -210,7 +298,10 @@ pub fn on_request_headers(
         }
         _ => None,
     };
-    let token_limited = cfg.limits.completion_estimate(endpoint.service()).is_some();
+    let token_limited = cfg
+        .limits
+        .completion_estimate(endpoint.service(), host.api_key)
+        .is_some();
     if let Some(model) = model {
         if body_field.is_none() || head.end_of_stream {
             let extras = Extras {
@@ -430,6 +521,7 @@ pub fn route_model(
     host: &Host<'_>,
     extras: &Extras<'_>,
 ) -> Result<Routed, LocalReply> {
+    permitted(host, endpoint.service(), Some(model))?;
     let mut reply = match route_to_instance(cfg, endpoint, model, query, host, extras) {
         Ok(routed) => return Ok(routed),
         Err(reply) => reply,
@@ -485,9 +577,10 @@ fn route_to_instance(
         model,
         client: host.client,
         instance: None,
+        api_key: host.api_key,
     };
     // A token budget reserves the prompt (about 4 bytes a token) and the completion asked for.
-    let tokens = match limits.completion_estimate(kind) {
+    let tokens = match limits.completion_estimate(kind, host.api_key) {
         Some(estimate) => extras
             .body_bytes
             .unwrap_or(0)

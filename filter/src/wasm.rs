@@ -2,21 +2,23 @@
 //! decisions back. Host calls go through `hostcalls` directly, whose results are checked: the SDK's
 //! trait helpers unwrap them, and a non-UTF-8 header from a client would panic the VM.
 
+use crate::auth::claim_values;
 use crate::balance::load::{begin_request, end_request, record_latency, LatencyEstimate};
 use crate::balance::Rng;
 use crate::breaker::{self, Admission, Breaker, BreakerPolicy, Outcome};
 use crate::config::{
-    RouterConfig, Strategy, INSTANCE_HEADER, MODEL_HEADER, ROUTING_HEADER,
-    SERVICE_DESCRIPTOR_HEADER,
+    JwtOptions, RouterConfig, Strategy, INSTANCE_HEADER, JWT_PAYLOAD_KEY, MODEL_HEADER,
+    ROUTING_HEADER, SERVICE_DESCRIPTOR_HEADER,
 };
 use crate::headers::HeaderPairs;
 use crate::health::{Checker, Verdict};
 use crate::metrics::{stat_name, status_class, Metrics, DURATION_BUCKETS, TOKEN_TIME_BUCKETS};
 use crate::request::{
-    client_ip, on_request_headers, BodyStep, HeadDecision, Host, LocalReply, RequestHead, Routed,
-    TokenReservation,
+    authenticate, client_ip, on_request_headers, BodyStep, Caller, HeadDecision, Host, LocalReply,
+    RequestHead, Routed, TokenClaims, TokenReservation,
 };
 use crate::scan::ScanOutcome;
+use crate::status::{config_version, status_json, CONFIG_KEY};
 use crate::store::{ensure_counter, SharedStore, StoreError};
 use crate::usage::{Usage, UsageScanner};
 use proxy_wasm::hostcalls;
@@ -51,6 +53,7 @@ proxy_wasm::main! {{
             rng: Rc::new(RefCell::new(Rng::new(seed()))),
             memory_gauge: None,
             health: None,
+            status_page: false,
             metrics: Rc::default(),
             metric_ids: HashMap::new(),
             gauge_ids: HashMap::new(),
@@ -66,6 +69,8 @@ struct Root {
     memory_gauge: Option<u32>,
     /// Set in the process's health checker only.
     health: Option<HealthRun>,
+    /// This root serves the status page (the admin-side listener), not traffic.
+    status_page: bool,
     /// What this VM's requests counted since the last tick.
     metrics: Rc<RefCell<Metrics>>,
     /// Envoy's ids of the stats this VM has defined, by name.
@@ -82,9 +87,16 @@ const MEMORY_REPORT_PERIOD: std::time::Duration = std::time::Duration::from_secs
 /// beside the HTTP filter, with the same VM id so they share data).
 const HEALTH_ROOT_ID: &str = "jairouter-health";
 
-/// The health checker's run: what it checks, and which answer belongs to which instance.
+/// The root id of the status page's filter (on the admin-side listener, same VM id).
+const STATUS_ROOT_ID: &str = "jairouter-status";
+
+/// The health checker's run: what it checks, and which answer belongs to which instance. It
+/// checks what the routing filter last published (`CONFIG_KEY`), so it follows every reload.
+#[derive(Default)]
 struct HealthRun {
-    checker: Checker,
+    checker: Option<Checker>,
+    /// The CAS of the published configuration the checker was built from.
+    config_cas: Option<u32>,
     pending: HashMap<u32, usize>,
 }
 
@@ -102,6 +114,9 @@ impl Context for Root {
         let Some(at) = run.pending.remove(&token) else {
             return;
         };
+        let Some(checker) = run.checker.as_mut() else {
+            return;
+        };
         // No headers at all: Envoy gave up (timeout, reset).
         let status =
             match hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status") {
@@ -110,7 +125,7 @@ impl Context for Root {
                     .and_then(|s| s.parse().ok()),
                 _ => None,
             };
-        record_check(run, at, status);
+        record_check(checker, at, status);
     }
 }
 
@@ -125,9 +140,9 @@ fn metric_id(ids: &mut HashMap<String, u32>, kind: MetricType, name: String) -> 
 }
 
 /// Counts a check's result and writes a change of verdict where every worker reads it.
-fn record_check(run: &mut HealthRun, at: usize, status: Option<u32>) {
-    let verdict = run.checker.result(at, status);
-    let Some(target) = run.checker.targets().get(at) else {
+fn record_check(checker: &mut Checker, at: usize, status: Option<u32>) {
+    let verdict = checker.result(at, status);
+    let Some(target) = checker.targets().get(at) else {
         return;
     };
     match verdict {
@@ -220,12 +235,54 @@ impl Root {
         }
     }
 
+    /// Rebuilds the checker when the routing filter has published another configuration.
+    fn follow_published_config(&mut self) {
+        let Some(run) = self.health.as_mut() else {
+            return;
+        };
+        let (bytes, cas) = HostStore.get(CONFIG_KEY);
+        if cas.is_none() || cas == run.config_cas {
+            return;
+        }
+        run.config_cas = cas;
+        let Some(bytes) = bytes else {
+            return;
+        };
+        let config = match RouterConfig::from_json(&bytes) {
+            Ok(config) => config,
+            Err(e) => {
+                log::error!("health checks: published configuration unreadable: {e}");
+                return;
+            }
+        };
+        let checker = Checker::new(&config);
+        if run.checker.is_none() {
+            // A (re)started checker knows nothing yet, and unknown is healthy. A checker
+            // rebuilt by a reload keeps what it knew: unchanged instances keep their state keys.
+            for target in checker.targets() {
+                breaker::set_unhealthy(&HostStore, &target.state_key, false);
+            }
+        }
+        log::info!(
+            "health checks: {} instances (configuration {})",
+            checker.targets().len(),
+            config_version(&bytes)
+        );
+        let _ = hostcalls::set_tick_period(std::time::Duration::from_millis(checker.tick_ms()));
+        run.checker = Some(checker);
+        // Answers still on their way belong to the old target list.
+        run.pending.clear();
+    }
+
     fn run_health_checks(&mut self) {
         let Some(run) = self.health.as_mut() else {
             return;
         };
-        for at in run.checker.due(now_ns()) {
-            let Some(target) = run.checker.targets().get(at) else {
+        let Some(checker) = run.checker.as_mut() else {
+            return;
+        };
+        for at in checker.due(now_ns()) {
+            let Some(target) = checker.targets().get(at) else {
                 continue;
             };
             let mut headers = vec![
@@ -245,7 +302,7 @@ impl Root {
                         "health check of {} not sent: {status:?}",
                         target.instance_id
                     );
-                    record_check(run, at, None);
+                    record_check(checker, at, None);
                 }
             }
         }
@@ -256,6 +313,7 @@ impl RootContext for Root {
     /// Each VM (one per worker, and the main thread's) reports its own linear memory: a filter
     /// whose memory grows with traffic is a filter that will die of it.
     fn on_tick(&mut self) {
+        self.follow_published_config();
         self.run_health_checks();
         self.flush_metrics();
         self.report_instance_states();
@@ -270,6 +328,21 @@ impl RootContext for Root {
     }
 
     fn on_configure(&mut self, size: usize) -> bool {
+        // The health checker and the status page read the configuration the routing filter
+        // publishes; they need none of their own.
+        match plugin_root_id().as_deref() {
+            Some(HEALTH_ROOT_ID) => {
+                self.health = Some(HealthRun::default());
+                // Soon, to find the routing filter's configuration as it is published.
+                let _ = hostcalls::set_tick_period(std::time::Duration::from_millis(100));
+                return true;
+            }
+            Some(STATUS_ROOT_ID) => {
+                self.status_page = true;
+                return true;
+            }
+            _ => {}
+        }
         let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size) {
             Ok(Some(bytes)) => bytes,
             _ => {
@@ -277,69 +350,31 @@ impl RootContext for Root {
                 return false;
             }
         };
+        let version = config_version(&bytes);
         match RouterConfig::from_json(&bytes) {
             Ok(config) => {
-                // Envoy ignores CAS on a missing key: create every key before traffic races on it.
-                for service in config.services() {
-                    for pool in service.models.values() {
-                        ensure_counter(&HostStore, &pool.counter_key);
-                    }
-                    for instance in &service.instances {
-                        ensure_counter(&HostStore, &instance.in_flight_key);
-                        if HostStore.get(&instance.latency_key).0.is_none() {
-                            let _ = HostStore.set(
-                                &instance.latency_key,
-                                &LatencyEstimate::INITIAL,
-                                None,
-                            );
-                        }
-                    }
+                prepare_shared_keys(&config);
+                if HostStore.get(CONFIG_KEY).0.as_deref() != Some(bytes.as_slice()) {
+                    let _ = HostStore.set(CONFIG_KEY, &bytes, None);
                 }
-                let services: Vec<_> = config.services().collect();
-                for (key, initial) in config.limits.initial_keys(&services) {
-                    if HostStore.get(&key).0.is_none() {
-                        let _ = HostStore.set(&key, &initial, None);
-                    }
-                }
-                for instance in config.instances() {
-                    if HostStore.get(&instance.state_key).0.is_none() {
-                        let _ = HostStore.set(&instance.state_key, &Breaker::CLOSED.encode(), None);
-                    } else if instance.health_check.is_none()
-                        && breaker::is_unhealthy(&HostStore, &instance.state_key)
-                    {
-                        // Checked no more (a reload turned its checks off): not down any more.
-                        breaker::set_unhealthy(&HostStore, &instance.state_key, false);
-                    }
-                }
-                let mut tick = MEMORY_REPORT_PERIOD;
-                if plugin_root_id().as_deref() == Some(HEALTH_ROOT_ID) {
-                    let checker = Checker::new(&config);
-                    // A (re)started checker knows nothing yet, and unknown is healthy.
-                    for target in checker.targets() {
-                        breaker::set_unhealthy(&HostStore, &target.state_key, false);
-                    }
-                    tick = std::time::Duration::from_millis(checker.tick_ms());
-                    log::info!("health checks: {} instances", checker.targets().len());
-                    self.health = Some(HealthRun {
-                        checker,
-                        pending: HashMap::new(),
-                    });
-                }
-                let _ = hostcalls::set_tick_period(tick);
+                let _ = hostcalls::set_tick_period(MEMORY_REPORT_PERIOD);
                 let instances = config.instances().count();
-                log::info!("configuration loaded ({instances} instances)");
+                log::info!("configuration {version} loaded ({instances} instances)");
                 self.config = Some(Rc::new(config));
                 true
             }
             Err(e) => {
                 // Refusing makes Envoy keep the last good configuration (or not start).
-                log::error!("configuration refused: {e}");
+                log::error!("configuration {version} refused: {e}");
                 false
             }
         }
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        if self.status_page {
+            return Some(Box::new(StatusPage));
+        }
         let config = self.config.clone()?;
         Some(Box::new(Request {
             config,
@@ -358,6 +393,7 @@ impl RootContext for Root {
             served_model: None,
             requested_model: None,
             client: None,
+            caller: Caller::Anyone,
             metrics: Rc::clone(&self.metrics),
             measure: Measure::default(),
         }))
@@ -365,6 +401,53 @@ impl RootContext for Root {
 
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
+    }
+}
+
+/// One request to the status page: answered from shared data, never forwarded.
+struct StatusPage;
+
+impl Context for StatusPage {}
+
+impl HttpContext for StatusPage {
+    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let path = match hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, ":path") {
+            Ok(Some(bytes)) => bytes,
+            _ => Vec::new(),
+        };
+        let path = path.split(|b| *b == b'?').next().unwrap_or_default();
+        let (status, body) = match path {
+            b"/status" => status_page(),
+            _ => (
+                404,
+                r#"{"error":"not found: the status page is GET /status"}"#.to_string(),
+            ),
+        };
+        let headers = vec![
+            ("content-type", "application/json"),
+            ("cache-control", "no-store"),
+        ];
+        if let Err(e) = hostcalls::send_http_response(status, headers, Some(body.as_bytes())) {
+            log::warn!("could not answer the status page: {e:?}");
+        }
+        Action::Pause
+    }
+}
+
+/// The status page's answer: what the routing filter published, with the shared state now.
+fn status_page() -> (u32, String) {
+    let (Some(bytes), _) = HostStore.get(CONFIG_KEY) else {
+        return (
+            503,
+            r#"{"error":"no configuration loaded yet"}"#.to_string(),
+        );
+    };
+    match RouterConfig::from_json(&bytes) {
+        Ok(config) => (
+            200,
+            status_json(&config, &config_version(&bytes), &HostStore, now_ns()),
+        ),
+        Err(e) => (503, serde_json::json!({"error": e.to_string()}).to_string()),
     }
 }
 
@@ -397,6 +480,8 @@ struct Request {
     requested_model: Option<String>,
     /// Envoy's client address, when anything keys on it.
     client: Option<String>,
+    /// Who the request authenticated as.
+    caller: Caller,
     metrics: Rc<RefCell<Metrics>>,
     /// What the request's metrics are labelled and measured with.
     measure: Measure,
@@ -485,11 +570,36 @@ impl HttpContext for Request {
             .uses_client_address
             .then(client_address)
             .flatten();
+        let keys = &self.config.api_keys;
+        let token = self.config.gateway.jwt.as_ref().and_then(verified_claims);
+        let authenticated = authenticate(
+            &self.config,
+            headers.get("authorization"),
+            headers.get(keys.header_name()),
+            self.client.as_deref(),
+            now,
+            token,
+        );
+        if keys.enabled() || self.config.gateway.jwt.is_some() {
+            // The client's credentials are the gateway's business: no backend ever sees them
+            // (an instance's own `headers` carry the backend's).
+            for name in keys.credential_headers() {
+                if headers.contains(name) {
+                    let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
+                }
+            }
+        }
+        self.caller = match authenticated {
+            Ok(caller) => caller,
+            Err(reply) => return self.reply(&reply),
+        };
         let host = Host {
             store: &HostStore,
             random,
             now_ns: now,
             client: self.client.as_deref().map(client_ip),
+            api_key: self.caller.key_index(),
+            caller: self.caller.grants(&self.config),
         };
         match on_request_headers(&self.config, &head, &host) {
             HeadDecision::Reply(reply) => self.reply(&reply),
@@ -525,6 +635,8 @@ impl HttpContext for Request {
             random,
             now_ns: now_ns(),
             client: self.client.as_deref().map(client_ip),
+            api_key: self.caller.key_index(),
+            caller: self.caller.grants(&self.config),
         };
         let buffered = u64::try_from(body_size).unwrap_or(u64::MAX);
         self.measure.request_bytes = self.measure.request_bytes.max(buffered);
@@ -749,6 +861,15 @@ impl Request {
         }
         put("instance", self.served_by.as_deref().into());
         put("status", self.status.into());
+        // The key's id (never the key), or the token's subject.
+        match &self.caller {
+            Caller::Anyone => {}
+            Caller::Key(_) => {
+                let id = self.caller.grants(&self.config).map(|k| k.id.as_str());
+                put("api_key", id.into());
+            }
+            Caller::Token(grants) => put("subject", grants.id.as_str().into()),
+        }
         if let Some(usage) = usage {
             put("prompt_tokens", usage.prompt_tokens.into());
             let completion = usage
@@ -1097,6 +1218,64 @@ impl Request {
 /// How an exchange the breaker has not counted yet ended, read when Envoy logs the stream: a
 /// response that began and did not end whole broke midway, the instance's failure unless the
 /// client went away; no response at all means the client left first.
+/// Creates every shared-data key the configuration uses, before traffic races on it (Envoy
+/// ignores CAS on a key that does not exist). Keys that exist keep their state: a reload keeps
+/// the buckets, breakers and load of everything it did not change.
+fn prepare_shared_keys(config: &RouterConfig) {
+    for service in config.services() {
+        for pool in service.models.values() {
+            ensure_counter(&HostStore, &pool.counter_key);
+        }
+        for instance in &service.instances {
+            ensure_counter(&HostStore, &instance.in_flight_key);
+            if HostStore.get(&instance.latency_key).0.is_none() {
+                let _ = HostStore.set(&instance.latency_key, &LatencyEstimate::INITIAL, None);
+            }
+        }
+    }
+    let services: Vec<_> = config.services().collect();
+    for (key, initial) in config.limits.initial_keys(&services) {
+        if HostStore.get(&key).0.is_none() {
+            let _ = HostStore.set(&key, &initial, None);
+        }
+    }
+    for instance in config.instances() {
+        if HostStore.get(&instance.state_key).0.is_none() {
+            let _ = HostStore.set(&instance.state_key, &Breaker::CLOSED.encode(), None);
+        } else if instance.health_check.is_none()
+            && breaker::is_unhealthy(&HostStore, &instance.state_key)
+        {
+            // Checked no more (a reload turned its checks off): not down any more.
+            breaker::set_unhealthy(&HostStore, &instance.state_key, false);
+        }
+    }
+}
+
+/// The claims of the token Envoy's jwt_authn verified in front of us (it writes the payload
+/// into the request's metadata only then; a client cannot forge metadata).
+fn verified_claims(jwt: &JwtOptions) -> Option<TokenClaims> {
+    let claim = |name: &str| -> Option<Vec<u8>> {
+        let path = vec![
+            "metadata",
+            "filter_metadata",
+            "envoy.filters.http.jwt_authn",
+            JWT_PAYLOAD_KEY,
+            name,
+        ];
+        hostcalls::get_property(path).ok().flatten()
+    };
+    // The provider is configured with the issuer: a verified payload always carries it.
+    claim("iss")?;
+    let text = |bytes: Vec<u8>| String::from_utf8(bytes).unwrap_or_default();
+    Some(TokenClaims {
+        subject: claim("sub").map(text).unwrap_or_default(),
+        permissions: claim(&jwt.permissions_claim)
+            .map(|b| claim_values(&b))
+            .unwrap_or_default(),
+        models: claim(&jwt.models_claim).map(|b| claim_values(&b)),
+    })
+}
+
 fn unfinished_outcome(response_started: bool) -> Outcome {
     if !response_started {
         return Outcome::Neutral;

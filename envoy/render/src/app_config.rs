@@ -1,19 +1,68 @@
 //! Reading a JAiRouter `application.yml`: its `model:` section (or a file that is just that
-//! section), `server.port`, and Spring's `${VAR:default}` placeholders.
+//! section), its API keys (`jairouter.security.api-key`, possibly from a second file: the
+//! Kubernetes Secret), `server.port`, and Spring's `${VAR:default}` placeholders.
 
 use serde_json::Value;
 use std::collections::HashMap;
 
 #[derive(Debug)]
 pub struct AppConfig {
-    /// The `model:` section as JSON: what the filter is configured with.
+    /// The `model:` section as JSON.
     pub model: Value,
+    /// `jairouter.security.api-key`, when the file has it.
+    pub api_keys: Option<Value>,
     /// `server.port`, when the file gives one.
     pub server_port: Option<u16>,
 }
 
+impl AppConfig {
+    /// What the filter is configured with: the `model:` section alone, or beside the API keys
+    /// under the original's names when there are any.
+    pub fn filter_config(&self) -> Value {
+        match &self.api_keys {
+            None => self.model.clone(),
+            Some(keys) => serde_json::json!({
+                "model": self.model,
+                "jairouter": {"security": {"api-key": keys}}
+            }),
+        }
+    }
+
+    /// Takes the API keys from a second file (`--api-keys`), which holds only them.
+    pub fn add_api_keys(
+        &mut self,
+        text: &str,
+        env: &HashMap<String, String>,
+    ) -> Result<(), String> {
+        let mut found = None;
+        for document in serde_yaml::Deserializer::from_str(text) {
+            let value: Value = serde::Deserialize::deserialize(document)
+                .map_err(|e| format!("not valid YAML: {e}"))?;
+            let value = resolve_placeholders(value, env)?;
+            if found.is_none() {
+                found = api_key_section(&value);
+            }
+        }
+        let keys = found.ok_or("has no `jairouter.security.api-key:` section")?;
+        if self.api_keys.is_some() {
+            return Err("jairouter.security.api-key is given in both files; keep it in one".into());
+        }
+        self.api_keys = Some(keys);
+        Ok(())
+    }
+}
+
+fn api_key_section(value: &Value) -> Option<Value> {
+    let security = value.get("jairouter")?.get("security")?;
+    security
+        .get("api-key")
+        .or_else(|| security.get("apiKey"))
+        .cloned()
+}
+
 pub fn load(text: &str, env: &HashMap<String, String>) -> Result<AppConfig, String> {
     let mut model: Option<Value> = None;
+    let mut api_keys: Option<Value> = None;
     let mut server_port = None;
     // Spring files may hold several YAML documents; the first that has each part wins.
     for document in serde_yaml::Deserializer::from_str(text) {
@@ -22,6 +71,9 @@ pub fn load(text: &str, env: &HashMap<String, String>) -> Result<AppConfig, Stri
         let value = resolve_placeholders(value, env)?;
         if server_port.is_none() {
             server_port = port_of(&value)?;
+        }
+        if api_keys.is_none() {
+            api_keys = api_key_section(&value);
         }
         if model.is_none() {
             model = match value.get("model") {
@@ -33,7 +85,11 @@ pub fn load(text: &str, env: &HashMap<String, String>) -> Result<AppConfig, Stri
         }
     }
     let model = model.ok_or("configuration file has no `model:` section (and no `services:`)")?;
-    Ok(AppConfig { model, server_port })
+    Ok(AppConfig {
+        model,
+        api_keys,
+        server_port,
+    })
 }
 
 fn port_of(value: &Value) -> Result<Option<u16>, String> {

@@ -4,8 +4,8 @@
 //! per configured instance.
 
 use jairouter_filter::config::{
-    BaseUrl, GlobalRateLimit, Instance, RouterConfig, Service, MODEL_HEADER, ROUTING_HEADER,
-    SERVICE_DESCRIPTOR_HEADER,
+    BaseUrl, GlobalRateLimit, Instance, Jwks, JwtOptions, RouterConfig, Service, JWT_PAYLOAD_KEY,
+    MODEL_HEADER, ROUTING_HEADER, SERVICE_DESCRIPTOR_HEADER,
 };
 use jairouter_filter::metrics::TAGS;
 use serde_json::{json, Value};
@@ -21,7 +21,17 @@ pub struct Options {
     pub ca_file: String,
     /// Where the JSON access log goes (`/dev/stdout` in containers; `none` for no access log).
     pub access_log: String,
+    /// The status page's port on the admin address (`None`: no status listener).
+    pub status_port: Option<u16>,
+    /// Live configuration: the filter's configuration and the clusters are files in this
+    /// directory that Envoy watches (file-based ECDS and CDS), rewritten by `watch`.
+    pub live_dir: Option<String>,
 }
+
+/// Where, under the live directory, each watched file lives (each in its own directory: Envoy
+/// re-reads a file when one is moved into its watched directory).
+pub const LIVE_FILTER: &str = "filter/filter.json";
+pub const LIVE_CLUSTERS: &str = "clusters/clusters.json";
 
 /// Envoy may read up to this much more than the filter's scan limit before the filter sees it;
 /// past the connection buffer limit Envoy answers 413 itself, with a body that is not ours.
@@ -32,17 +42,24 @@ pub fn render(config: &RouterConfig, model_json: &Value, opts: &Options) -> Valu
         .gateway
         .max_body_bytes
         .saturating_add(BUFFER_HEADROOM);
-    let mut clusters: Vec<Value> = config
-        .services()
-        .flat_map(|service| {
-            service
-                .instances
-                .iter()
-                .map(move |i| cluster(i, &failover_peers(service, i), opts))
-        })
-        .collect();
+    let mut static_clusters = Vec::new();
     if let Some(global) = &config.gateway.global_rate_limit {
-        clusters.push(rate_limit_cluster(&global.service));
+        static_clusters.push(rate_limit_cluster(&global.service));
+    }
+    if let Some(Jwks::Remote { url, .. }) = config.gateway.jwt.as_ref().map(|j| &j.jwks) {
+        static_clusters.push(jwks_cluster(url, &opts.ca_file));
+    }
+    let mut listeners = vec![json!({
+        "name": "jairouter",
+        "address": socket(&opts.listen_address, opts.port),
+        "per_connection_buffer_limit_bytes": buffer_limit,
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": http_connection_manager(config, model_json, opts)
+        }]}]
+    })];
+    if let Some(port) = opts.status_port {
+        listeners.push(status_listener(&opts.admin_address, port, &opts.wasm_path));
     }
     let mut bootstrap = json!({
         "node": {"id": "jairouter", "cluster": "jairouter"},
@@ -52,22 +69,121 @@ pub fn render(config: &RouterConfig, model_json: &Value, opts: &Options) -> Valu
             "address": socket(&opts.admin_address, opts.admin_port)
         },
         "static_resources": {
-            "listeners": [{
-                "name": "jairouter",
-                "address": socket(&opts.listen_address, opts.port),
-                "per_connection_buffer_limit_bytes": buffer_limit,
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": http_connection_manager(config, model_json, opts)
-                }]}]
-            }],
-            "clusters": clusters
+            "listeners": listeners,
+            "clusters": static_clusters
         }
     });
-    if config.instances().any(|i| i.health_check.is_some()) {
-        bootstrap["bootstrap_extensions"] = json!([health_checker(model_json, &opts.wasm_path)]);
+    match &opts.live_dir {
+        Some(dir) => {
+            bootstrap["dynamic_resources"] = json!({
+                "cds_config": watched_file(dir, LIVE_CLUSTERS)
+            });
+            // A reload may add health checks: the checker always runs (idle without targets).
+            bootstrap["bootstrap_extensions"] = json!([health_checker(&opts.wasm_path)]);
+        }
+        None => {
+            if let Some(list) = bootstrap["static_resources"]["clusters"].as_array_mut() {
+                list.extend(instance_clusters(config, opts));
+            }
+            if config.instances().any(|i| i.health_check.is_some()) {
+                bootstrap["bootstrap_extensions"] = json!([health_checker(&opts.wasm_path)]);
+            }
+        }
     }
     bootstrap
+}
+
+/// The clusters of every configured instance.
+pub fn instance_clusters(config: &RouterConfig, opts: &Options) -> Vec<Value> {
+    config
+        .services()
+        .flat_map(|service| {
+            service
+                .instances
+                .iter()
+                .map(move |i| cluster(i, &failover_peers(service, i), opts))
+        })
+        .collect()
+}
+
+/// The live clusters file (CDS): a discovery response of the instances' clusters.
+pub fn clusters_resource(clusters: &[Value]) -> Value {
+    let resources: Vec<Value> = clusters
+        .iter()
+        .map(|c| {
+            let mut c = c.clone();
+            c["@type"] = json!("type.googleapis.com/envoy.config.cluster.v3.Cluster");
+            c
+        })
+        .collect();
+    json!({"resources": resources})
+}
+
+/// The live filter file (ECDS): the wasm filter with this configuration.
+pub fn filter_resource(model_json: &Value, wasm_path: &str) -> Value {
+    json!({"resources": [{
+        "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+        "name": "jairouter",
+        "typed_config": wasm_filter_config(model_json, wasm_path)
+    }]})
+}
+
+fn wasm_filter_config(model_json: &Value, wasm_path: &str) -> Value {
+    json!({
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+        "config": plugin_config(model_json, wasm_path)
+    })
+}
+
+fn watched_file(dir: &str, file: &str) -> Value {
+    let path = format!("{}/{file}", dir.trim_end_matches('/'));
+    let watched = path
+        .rsplit_once('/')
+        .map_or(dir.to_string(), |(d, _)| d.to_string());
+    json!({
+        "path_config_source": {"path": path, "watched_directory": {"path": watched}},
+        "resource_api_version": "V3"
+    })
+}
+
+/// The status page: a listener on the admin address (never the public one) whose only filter
+/// is ours under the status root id, answering `GET /status` from shared data.
+fn status_listener(address: &str, port: u16, wasm_path: &str) -> Value {
+    let mut config = plugin_config(&json!({}), wasm_path);
+    config["name"] = json!("jairouter-status");
+    config["root_id"] = json!("jairouter-status");
+    json!({
+        "name": "jairouter-status",
+        "address": socket(address, port),
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "jairouter_status",
+                "route_config": {"virtual_hosts": [{
+                    "name": "status",
+                    "domains": ["*"],
+                    "routes": [{
+                        "match": {"prefix": "/"},
+                        "direct_response": {"status": 404}
+                    }]
+                }]},
+                "http_filters": [
+                    {
+                        "name": "envoy.filters.http.wasm",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                            "config": config
+                        }
+                    },
+                    {
+                        "name": "envoy.filters.http.router",
+                        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
+                    }
+                ]
+            }
+        }]}]
+    })
 }
 
 /// One JSON line per request: Envoy's view (status, timings, upstream, flags) and the filter's
@@ -111,9 +227,11 @@ fn stats_tags() -> Value {
 }
 
 /// The process's one health checker: the same module as a singleton service on the main
-/// thread, with the HTTP filter's VM id so its verdicts land in the shared data the filter reads.
-fn health_checker(model_json: &Value, wasm_path: &str) -> Value {
-    let mut config = plugin_config(model_json, wasm_path);
+/// thread, with the HTTP filter's VM id so its verdicts land in the shared data the filter reads
+/// (and it reads the configuration the filter publishes there).
+fn health_checker(wasm_path: &str) -> Value {
+    // It checks what the routing filter publishes in shared data, so it follows reloads.
+    let mut config = plugin_config(&json!({}), wasm_path);
     config["name"] = json!("jairouter-health");
     config["root_id"] = json!("jairouter-health");
     if let Some(plugin) = config.as_object_mut() {
@@ -136,13 +254,21 @@ fn socket(address: &str, port: u16) -> Value {
 
 fn http_connection_manager(config: &RouterConfig, model_json: &Value, opts: &Options) -> Value {
     let global = config.gateway.global_rate_limit.as_ref();
-    let mut filters = vec![json!({
-        "name": "envoy.filters.http.wasm",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-            "config": plugin_config(model_json, &opts.wasm_path)
-        }
-    })];
+    let wasm = match &opts.live_dir {
+        Some(dir) => json!({
+            "name": "jairouter",
+            "config_discovery": {
+                "config_source": watched_file(dir, LIVE_FILTER),
+                "type_urls": ["type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"]
+            }
+        }),
+        None => json!({
+            "name": "envoy.filters.http.wasm",
+            "typed_config": wasm_filter_config(model_json, &opts.wasm_path)
+        }),
+    };
+    let mut filters: Vec<Value> = config.gateway.jwt.iter().map(jwt_filter).collect();
+    filters.push(wasm);
     if let Some(global) = global {
         filters.push(rate_limit_filter(global));
     }
@@ -169,7 +295,8 @@ fn http_connection_manager(config: &RouterConfig, model_json: &Value, opts: &Opt
         "none" => Vec::new(),
         path => vec![access_log(path)],
     };
-    if config.services().any(|s| s.retries > 0) {
+    // Live: a reload may give a service retries; the route must already have the policy.
+    if opts.live_dir.is_some() || config.services().any(|s| s.retries > 0) {
         routed["route"]["retry_policy"] = retry_policy(config.retries);
         routed["per_request_buffer_limit_bytes"] = json!(RETRY_BUFFER_BYTES);
     }
@@ -384,22 +511,89 @@ fn cluster(instance: &Instance, peers: &[&Instance], opts: &Options) -> Value {
         }
     });
     if url.tls {
-        cluster["transport_socket"] = json!({
-            "name": "envoy.transport_sockets.tls",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                "sni": url.host,
-                "common_tls_context": {
-                    "validation_context": {
-                        "trusted_ca": {"filename": opts.ca_file},
-                        "match_typed_subject_alt_names": [{
-                            "san_type": if url.host_is_ip() { "IP_ADDRESS" } else { "DNS" },
-                            "matcher": {"exact": url.host}
-                        }]
-                    }
+        cluster["transport_socket"] = tls_socket(url, &opts.ca_file);
+    }
+    cluster
+}
+
+/// TLS to a backend, checking its certificate against the CA bundle and its name.
+fn tls_socket(url: &BaseUrl, ca_file: &str) -> Value {
+    json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": url.host,
+            "common_tls_context": {
+                "validation_context": {
+                    "trusted_ca": {"filename": ca_file},
+                    "match_typed_subject_alt_names": [{
+                        "san_type": if url.host_is_ip() { "IP_ADDRESS" } else { "DNS" },
+                        "matcher": {"exact": url.host}
+                    }]
                 }
             }
-        });
+        }
+    })
+}
+
+const JWKS_CLUSTER: &str = "jairouter-jwks";
+
+/// Envoy's jwt_authn in front of the filter (`gateway.jwt`): a valid token's payload goes into
+/// the request's metadata, where the filter reads its claims; a missing or failed one passes on
+/// without it, so the filter answers (an OpenAI-shaped 401, or an API key still works).
+fn jwt_filter(jwt: &JwtOptions) -> Value {
+    let mut provider = json!({
+        "issuer": jwt.issuer,
+        "audiences": jwt.audiences,
+        "payload_in_metadata": JWT_PAYLOAD_KEY,
+        // The token is the gateway's business: it never reaches a backend.
+        "forward": false
+    });
+    match &jwt.jwks {
+        Jwks::File(path) => provider["local_jwks"] = json!({"filename": path}),
+        Jwks::Remote { url, cache_secs } => {
+            let scheme = if url.tls { "https" } else { "http" };
+            provider["remote_jwks"] = json!({
+                "http_uri": {
+                    "uri": format!("{scheme}://{}:{}{}", url.host, url.port, url.prefix),
+                    "cluster": JWKS_CLUSTER,
+                    "timeout": "5s"
+                },
+                "cache_duration": format!("{cache_secs}s"),
+                "async_fetch": {}
+            });
+        }
+    }
+    json!({
+        "name": "envoy.filters.http.jwt_authn",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            "providers": {"idp": provider},
+            "rules": [{
+                "match": {"prefix": "/"},
+                "requires": {"requires_any": {"requirements": [
+                    {"provider_name": "idp"},
+                    {"allow_missing_or_failed": {}}
+                ]}}
+            }]
+        }
+    })
+}
+
+/// The identity provider's key endpoint, for `jwks-uri`.
+fn jwks_cluster(url: &BaseUrl, ca_file: &str) -> Value {
+    let mut cluster = json!({
+        "name": JWKS_CLUSTER,
+        "type": if url.host_is_ip() { "STATIC" } else { "STRICT_DNS" },
+        "connect_timeout": "5s",
+        "dns_lookup_family": "V4_PREFERRED",
+        "load_assignment": {
+            "cluster_name": JWKS_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket(&url.host, url.port)}}]}]
+        }
+    });
+    if url.tls {
+        cluster["transport_socket"] = tls_socket(url, ca_file);
     }
     cluster
 }

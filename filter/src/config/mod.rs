@@ -2,7 +2,7 @@
 //! immutable structure that every request shares, so the request path only looks things up.
 
 mod policy;
-mod reader;
+pub(crate) mod reader;
 
 pub use policy::{
     Algorithm, CircuitBreakerPolicy, FallbackPolicy, HealthCheckPolicy, LoadBalance,
@@ -10,7 +10,8 @@ pub use policy::{
 };
 pub use reader::ConfigError;
 
-use crate::balance::ring::HashRing;
+use crate::auth::ApiKeys;
+use crate::balance::ring::{hash64, HashRing};
 use crate::balance::smooth_sequence;
 use crate::breaker::BreakerPolicy;
 use crate::endpoint::{Endpoint, ServiceType};
@@ -31,6 +32,9 @@ pub const ROUTING_HEADER: &str = "x-jairouter-cluster";
 /// A client may name the model in this header instead of the body (required for nothing; it saves
 /// the body scan, e.g. for large uploads).
 pub const MODEL_HEADER: &str = "x-jairouter-model";
+/// Where Envoy's jwt_authn puts a verified token's payload in the request's metadata
+/// (`payload_in_metadata`), for the filter to read its claims.
+pub const JWT_PAYLOAD_KEY: &str = "jwt_payload";
 /// Response header naming the instance that served.
 pub const INSTANCE_HEADER: &str = "x-jairouter-instance";
 
@@ -56,6 +60,8 @@ pub struct RouterConfig {
     pub retries: u64,
     /// `request-timeout` in ms (0: none): the whole exchange, streamed answers included.
     pub request_timeout_ms: u64,
+    /// `jairouter.security.api-key`: who may call, and their quotas (off when absent).
+    pub api_keys: ApiKeys,
 }
 
 /// Retries when none are configured: a failed attempt gets two more, on other instances.
@@ -75,6 +81,31 @@ pub struct GatewayOptions {
     pub trusted_hops: u32,
     /// Envoy's global rate limiting through a rate-limit service, for limits across replicas.
     pub global_rate_limit: Option<GlobalRateLimit>,
+    /// `gateway.jwt`: Envoy's jwt_authn verifies tokens of an identity provider in front of the
+    /// filter, which reads the verified claims for permissions.
+    pub jwt: Option<JwtOptions>,
+}
+
+/// `gateway.jwt`: who issues the tokens, where their keys are, and which claims grant what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtOptions {
+    pub issuer: String,
+    /// Accepted `aud` values (any, when empty).
+    pub audiences: Vec<String>,
+    pub jwks: Jwks,
+    /// The claim listing the services (or `admin`) a token may use: a list or a string of
+    /// names separated by spaces or commas (an OAuth `scope` works).
+    pub permissions_claim: String,
+    /// The claim listing the models a token may use (absent: every model of its services).
+    pub models_claim: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Jwks {
+    /// `jwks-uri`: fetched by Envoy and cached (`cache-seconds`).
+    Remote { url: BaseUrl, cache_secs: u64 },
+    /// `jwks-file`: a JWKS document on the gateway's disk (a mounted Secret).
+    File(String),
 }
 
 /// `gateway.global-rate-limit`: the rendered bootstrap adds Envoy's rate-limit filter, and the
@@ -248,8 +279,8 @@ impl RouterConfig {
         self.services().flat_map(|s| s.instances.iter())
     }
 
-    /// Parses the filter's plugin configuration: the JSON form of JAiRouter's `model:` section
-    /// (or an object holding it under `model`).
+    /// Parses the filter's plugin configuration: the JSON form of JAiRouter's `model:` section,
+    /// or an object holding it under `model` beside the original's `jairouter.security.api-key`.
     pub fn from_json(bytes: &[u8]) -> std::result::Result<RouterConfig, ConfigError> {
         let value: Value = serde_json::from_slice(bytes)
             .map_err(|e| error("configuration", format!("is not valid JSON: {e}")))?;
@@ -257,15 +288,25 @@ impl RouterConfig {
     }
 
     pub fn from_value(value: &Value) -> std::result::Result<RouterConfig, ConfigError> {
-        let model = match value.get("model") {
-            Some(inner) if value.get("services").is_none() => inner,
-            _ => value,
+        let (model, api_keys) = match value.get("model") {
+            Some(inner) if value.get("services").is_none() => {
+                let section = value
+                    .get("jairouter")
+                    .and_then(|j| j.get("security"))
+                    .and_then(|s| s.get("api-key").or_else(|| s.get("apiKey")));
+                let api_keys = match section {
+                    Some(v) => ApiKeys::parse("jairouter.security.api-key", v)?,
+                    None => ApiKeys::default(),
+                };
+                (inner, api_keys)
+            }
+            _ => (value, ApiKeys::default()),
         };
-        parse_model(model)
+        parse_model(model, api_keys)
     }
 }
 
-fn parse_model(value: &Value) -> Result<RouterConfig> {
+fn parse_model(value: &Value, api_keys: ApiKeys) -> Result<RouterConfig> {
     let mut f = Fields::new("model", value)?;
     f.string("adapter")?; // adapters translate request bodies in the original; ours pass them unchanged
     let load_balance = match f.take("load-balance") {
@@ -290,6 +331,7 @@ fn parse_model(value: &Value) -> Result<RouterConfig> {
             instance_header: true,
             trusted_hops: 0,
             global_rate_limit: None,
+            jwt: None,
         },
     };
     let services_path = f.child("services");
@@ -346,7 +388,12 @@ fn parse_model(value: &Value) -> Result<RouterConfig> {
     }
     let models_json = models_list_json(services.iter().flatten());
     let configured: Vec<&Service> = services.iter().flatten().collect();
-    let limits = Limits::compile(rate_limit.as_ref(), token_limit.as_ref(), &configured);
+    let limits = Limits::compile(
+        rate_limit.as_ref(),
+        token_limit.as_ref(),
+        &configured,
+        api_keys.keys(),
+    );
     let mut table_bytes = 0u64;
     for limit in limits.list.iter().filter(|l| l.scope == Scope::Client) {
         let slot = 8 + limit.params.initial_state().len() as u64;
@@ -364,7 +411,8 @@ fn parse_model(value: &Value) -> Result<RouterConfig> {
             ));
         }
     }
-    let uses_client_address = limits.list.iter().any(|l| l.scope == Scope::Client)
+    let uses_client_address = api_keys.uses_client_address()
+        || limits.list.iter().any(|l| l.scope == Scope::Client)
         || services.iter().flatten().any(|s| {
             matches!(
                 s.load_balance.strategy,
@@ -372,6 +420,7 @@ fn parse_model(value: &Value) -> Result<RouterConfig> {
             )
         });
     Ok(RouterConfig {
+        api_keys,
         uses_client_address,
         retries,
         request_timeout_ms,
@@ -466,13 +515,84 @@ fn parse_gateway(path: &str, value: &Value) -> Result<GatewayOptions> {
         Some(v) => Some(parse_global_rate_limit(&f.child("global-rate-limit"), v)?),
         None => None,
     };
+    let jwt = match f.take("jwt") {
+        Some(v) => parse_jwt(&f.child("jwt"), v)?,
+        None => None,
+    };
     f.finish()?;
     Ok(GatewayOptions {
         max_body_bytes,
         instance_header,
         trusted_hops: u32::try_from(trusted_hops).unwrap_or(0),
         global_rate_limit,
+        jwt,
     })
+}
+
+fn parse_jwt(path: &str, value: &Value) -> Result<Option<JwtOptions>> {
+    let mut f = Fields::new(path, value)?;
+    let enabled = f.boolean("enabled", true)?;
+    let issuer = f
+        .string("issuer")?
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| error(&f.child("issuer"), "is required: the tokens' `iss`"))?
+        .to_string();
+    let audiences_path = f.child("audiences");
+    let audiences = match f.take("audiences") {
+        None => Vec::new(),
+        Some(Value::String(one)) => vec![one.trim().to_string()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(|s| s.trim().to_string())
+                    .ok_or_else(|| error(&audiences_path, "must be a list of strings"))
+            })
+            .collect::<Result<_>>()?,
+        Some(other) => {
+            return Err(error(
+                &audiences_path,
+                format!("must be a list of strings (got {})", reader::kind(other)),
+            ))
+        }
+    };
+    let cache_secs = f.integer("cache-seconds", 600, 1, 86_400)?;
+    let uri_path = f.child("jwks-uri");
+    let uri = f.string("jwks-uri")?.map(str::trim);
+    let file_path = f.child("jwks-file");
+    let file = f.string("jwks-file")?.map(str::trim);
+    let jwks = match (uri, file) {
+        (Some(uri), None) => Jwks::Remote {
+            url: BaseUrl::parse(&uri_path, uri)?,
+            cache_secs,
+        },
+        (None, Some(file)) if file.starts_with('/') => Jwks::File(file.to_string()),
+        (None, Some(_)) => return Err(error(&file_path, "must be an absolute path")),
+        _ => {
+            return Err(error(
+                path,
+                "needs exactly one of jwks-uri (the identity provider's keys) or jwks-file",
+            ))
+        }
+    };
+    let claim = |f: &mut Fields<'_>, key: &str, default: &str| -> Result<String> {
+        let name = f.string(key)?.unwrap_or(default).trim().to_string();
+        if name.is_empty() || name.contains('.') {
+            return Err(error(&f.child(key), "must be a top-level claim name"));
+        }
+        Ok(name)
+    };
+    let permissions_claim = claim(&mut f, "permissions-claim", "permissions")?;
+    let models_claim = claim(&mut f, "models-claim", "models")?;
+    f.finish()?;
+    Ok(enabled.then_some(JwtOptions {
+        issuer,
+        audiences,
+        jwks,
+        permissions_claim,
+        models_claim,
+    }))
 }
 
 fn parse_global_rate_limit(path: &str, value: &Value) -> Result<GlobalRateLimit> {
@@ -704,11 +824,23 @@ fn parse_instance(
             )
         })
         .collect();
+    // Shared state (breaker, health, load) follows the instance across reloads while its id and
+    // address stay the same, and starts afresh when either changes: an id given by position
+    // (`chat-1`) may name another backend after an edit.
+    let address = format!(
+        "{}|{}|{}|{}|{}",
+        kind.key(),
+        base_url.tls,
+        base_url.host,
+        base_url.port,
+        base_url.prefix
+    );
+    let state = format!("{id}/{:08x}", hash64(address.as_bytes()) & 0xffff_ffff);
     Ok(Instance {
         cluster: cluster_name(&id),
-        in_flight_key: format!("jairouter/inflight/{id}"),
-        latency_key: format!("jairouter/latency/{id}"),
-        state_key: format!("jairouter/instance/{id}"),
+        in_flight_key: format!("jairouter/inflight/{state}"),
+        latency_key: format!("jairouter/latency/{state}"),
+        state_key: format!("jairouter/instance/{state}"),
         breaker: circuit_breaker
             .as_ref()
             .and_then(CircuitBreakerPolicy::breaker),

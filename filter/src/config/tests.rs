@@ -326,3 +326,32 @@ fn breaker_blocks_inherit_from_the_enclosing_block() {
         "{bad}"
     );
 }
+
+/// A reload keeps an instance's shared state (breaker, health, load) while its id and address
+/// stay; an edit that puts another backend under a positional id starts it afresh.
+#[test]
+fn instance_state_keys_follow_id_and_address() {
+    let two = |first: &str, second: &str| {
+        json!({"services": {"chat": {"instances": [
+            {"name": "m", "base-url": first},
+            {"name": "m", "base-url": second}
+        ]}}})
+    };
+    let keys = |v: Value| -> Vec<String> {
+        let cfg = RouterConfig::from_value(&v).unwrap();
+        cfg.instances().map(|i| i.state_key.clone()).collect()
+    };
+    let before = keys(two("http://a:1", "http://b:1"));
+    assert_eq!(before, keys(two("http://a:1", "http://b:1")));
+    let weight_changed = json!({"services": {"chat": {"instances": [
+        {"name": "m", "base-url": "http://a:1", "weight": 5},
+        {"name": "m", "base-url": "http://b:1"}
+    ]}}});
+    assert_eq!(before, keys(weight_changed));
+    // `a` removed: `b` is now chat-0, a new key, and never inherits a's breaker.
+    let after = keys(json!({"services": {"chat": {"instances": [
+        {"name": "m", "base-url": "http://b:1"}
+    ]}}}));
+    assert!(!before.contains(&after[0]));
+    assert!(after[0].starts_with("jairouter/instance/chat-0/"));
+}

@@ -15,10 +15,11 @@ const NS_PER_SEC: i128 = 1_000_000_000;
 pub struct Params {
     pub algorithm: Algorithm,
     pub capacity: u64,
-    /// Per second (per minute when `per_minute`).
+    /// Refill per `period_secs`.
     pub rate: u64,
-    /// Token budgets refill per minute (`tokens-per-minute`).
-    pub per_minute: bool,
+    /// 1 for `rate-limit` (per second); 60 for token budgets (`tokens-per-minute`); a minute or
+    /// a day for API-key quotas.
+    pub period_secs: u64,
     pub window_ns: u64,
     pub warm_up_ns: u64,
     pub cold_factor: u64,
@@ -30,7 +31,7 @@ impl Params {
             algorithm: policy.algorithm,
             capacity: policy.capacity,
             rate: policy.rate,
-            per_minute: false,
+            period_secs: 1,
             window_ns: policy.window_secs.saturating_mul(1_000_000_000),
             warm_up_ns: policy.warm_up_secs.saturating_mul(1_000_000_000),
             cold_factor: policy.cold_factor.max(1),
@@ -52,12 +53,17 @@ impl Params {
 
     /// A token budget: a token bucket of `tokens_per_minute`, refilled evenly over the minute.
     pub fn tokens_per_minute(tokens_per_minute: u64) -> Params {
+        Params::per_period(tokens_per_minute, 60)
+    }
+
+    /// A quota: a bucket of `amount` (requests or tokens), refilled evenly over the period.
+    pub fn per_period(amount: u64, period_secs: u64) -> Params {
         Params {
             algorithm: Algorithm::TokenBucket,
-            capacity: tokens_per_minute,
-            rate: tokens_per_minute,
-            per_minute: true,
-            window_ns: 60_000_000_000,
+            capacity: amount,
+            rate: amount,
+            period_secs: period_secs.max(1),
+            window_ns: period_secs.max(1).saturating_mul(1_000_000_000),
             warm_up_ns: 0,
             cold_factor: 1,
         }
@@ -69,11 +75,7 @@ impl Params {
 
     /// Refill per second, in tokens.
     fn rate_per_sec(&self) -> f64 {
-        if self.per_minute {
-            self.rate as f64 / 60.0
-        } else {
-            self.rate as f64
-        }
+        self.rate as f64 / self.period_secs.max(1) as f64
     }
 
     /// The state of a bucket nobody has used yet.
@@ -229,10 +231,9 @@ impl Bucket {
         let added = match params.algorithm {
             Algorithm::WarmUp => warm_up_refill(params, self.start_ns, self.last_ns, now_ns),
             _ => {
-                let per = if params.per_minute { 60 } else { 1 };
                 i128::from(now_ns - self.last_ns) * i128::from(params.rate) * MICRO
                     / NS_PER_SEC
-                    / per
+                    / i128::from(params.period_secs.max(1))
             }
         };
         self.micro_tokens = (self.micro_tokens + added).min(params.full_micro());
@@ -401,7 +402,7 @@ mod tests {
             algorithm,
             capacity,
             rate,
-            per_minute: false,
+            period_secs: 1,
             window_ns: SEC,
             warm_up_ns: 10 * SEC,
             cold_factor: 3,

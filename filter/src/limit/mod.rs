@@ -11,11 +11,16 @@
 
 pub mod bucket;
 
+use crate::auth::ApiKey;
 use crate::balance::ring::hash64;
 use crate::config::{RateLimitPolicy, Scope, Service, TokenLimitPolicy};
 use crate::endpoint::ServiceType;
 use crate::store::{transact, SharedStore};
 use bucket::{admit_cost, is_idle, refund, settle, Params, Verdict};
+
+/// Tokens an API key's token quota reserves for a completion of unknown length (as a
+/// `token-limit` block does by default).
+const KEY_COMPLETION_ESTIMATE: u64 = 256;
 
 /// How many neighbouring slots a client may take when its own holds another active client.
 const CLIENT_PROBES: u64 = 4;
@@ -36,6 +41,8 @@ pub enum Covers {
     Service(ServiceType),
     /// One instance, by index in its service.
     Instance(ServiceType, usize),
+    /// The requests made with one API key (index into `ApiKeys::keys`): its quotas.
+    ApiKey(usize),
 }
 
 #[derive(Debug)]
@@ -107,6 +114,7 @@ impl Limit {
             Covers::Instance(kind, at) => {
                 kind == subject.service && subject.instance.is_some_and(|(i, _)| i == at)
             }
+            Covers::ApiKey(at) => subject.api_key == Some(at),
         }
     }
 
@@ -152,6 +160,8 @@ pub struct Subject<'a> {
     pub client: Option<&'a str>,
     /// The chosen instance (index in its service, id), once picked.
     pub instance: Option<(usize, &'a str)>,
+    /// The API key the request authenticated with (index into `ApiKeys::keys`).
+    pub api_key: Option<usize>,
 }
 
 /// One admission taken, to give back if a later limit refuses.
@@ -214,6 +224,18 @@ pub struct Refusal {
     pub verdict: Verdict,
 }
 
+/// One bucket's level, as the status page shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Level {
+    /// The limit (index into `Limits::list`).
+    pub limit: usize,
+    pub bucket: String,
+    /// Requests (or tokens) it would admit now.
+    pub available: u64,
+    /// What it admits when full.
+    pub capacity: u64,
+}
+
 #[derive(Debug, Default)]
 pub struct Limits {
     pub list: Vec<Limit>,
@@ -233,8 +255,55 @@ impl Limits {
         global: Option<&RateLimitPolicy>,
         global_tokens: Option<&TokenLimitPolicy>,
         services: &[&Service],
+        api_keys: &[ApiKey],
     ) -> Limits {
         let mut list = Vec::new();
+        // API-key quotas first: a key over its quota is refused before it draws on shared limits.
+        for (at, key) in api_keys.iter().enumerate() {
+            let quotas = [
+                (
+                    "rate-limit-per-minute",
+                    key.rate_limit_per_minute,
+                    60,
+                    Unit::Requests,
+                ),
+                (
+                    "daily-request-limit",
+                    key.daily_request_limit,
+                    86_400,
+                    Unit::Requests,
+                ),
+                ("tokens-per-minute", key.tokens_per_minute, 60, Unit::Tokens),
+                (
+                    "daily-token-limit",
+                    key.daily_token_limit,
+                    86_400,
+                    Unit::Tokens,
+                ),
+            ];
+            for (field, amount, period, unit) in quotas {
+                if amount == 0 {
+                    continue;
+                }
+                let name = format!("jairouter.security.api-key.keys[{}].{field}", key.id);
+                let params = Params::per_period(amount, period);
+                let estimate = if unit == Unit::Tokens {
+                    KEY_COMPLETION_ESTIMATE
+                } else {
+                    0
+                };
+                let covers = Covers::ApiKey(at);
+                list.push(Limit::build(
+                    name,
+                    covers,
+                    Scope::Global,
+                    params,
+                    1,
+                    unit,
+                    estimate,
+                ));
+            }
+        }
         let add_tokens =
             |list: &mut Vec<Limit>, name: String, covers: Covers, policy: &TokenLimitPolicy| {
                 if policy.enabled {
@@ -297,11 +366,16 @@ impl Limits {
 
     /// Tokens to reserve for a completion of unknown length: the largest estimate among the
     /// token budgets covering the service (0 when none does).
-    pub fn completion_estimate(&self, service: ServiceType) -> Option<u64> {
+    pub fn completion_estimate(&self, service: ServiceType, api_key: Option<usize>) -> Option<u64> {
         self.list
             .iter()
             .filter(|l| l.unit == Unit::Tokens)
-            .filter(|l| matches!(l.covers, Covers::All) || l.covers == Covers::Service(service))
+            .filter(|l| match l.covers {
+                Covers::All => true,
+                Covers::Service(kind) => kind == service,
+                Covers::ApiKey(at) => api_key == Some(at),
+                Covers::Instance(..) => false,
+            })
             .map(|l| l.completion_estimate)
             .max()
     }
@@ -310,19 +384,37 @@ impl Limits {
     /// a key that does not exist, so creating them on first use would race).
     pub fn initial_keys(&self, services: &[&Service]) -> Vec<(String, Vec<u8>)> {
         let mut keys = Vec::new();
-        for limit in &self.list {
-            let initial = limit.params.initial_state();
+        for limit in self.list.iter().filter(|l| l.scope == Scope::Client) {
+            let slot_state = [&[0u8; 8][..], &limit.params.initial_state()].concat();
+            for slot in 0..limit.max_clients {
+                keys.push((limit.client_slot(slot), slot_state.clone()));
+            }
+        }
+        for (index, _, key) in self.fixed_buckets(services) {
+            if let Some(limit) = self.list.get(index) {
+                keys.push((key, limit.params.initial_state()));
+            }
+        }
+        keys
+    }
+
+    /// Every bucket but per-client ones: the limit (index), the bucket's label and its key.
+    fn fixed_buckets(&self, services: &[&Service]) -> Vec<(usize, String, String)> {
+        let mut buckets = Vec::new();
+        for (index, limit) in self.list.iter().enumerate() {
             if limit.scope == Scope::Client {
-                let slot_state = [&[0u8; 8][..], &initial].concat();
-                for slot in 0..limit.max_clients {
-                    keys.push((limit.client_slot(slot), slot_state.clone()));
-                }
+                continue;
+            }
+            if let Covers::ApiKey(_) = limit.covers {
+                let label = "all".to_string();
+                buckets.push((index, label.clone(), limit.fixed_key(&label)));
                 continue;
             }
             for service in services {
                 let covered = match limit.covers {
                     Covers::All => true,
                     Covers::Service(kind) | Covers::Instance(kind, _) => kind == service.kind,
+                    Covers::ApiKey(_) => false,
                 };
                 if !covered {
                     continue;
@@ -348,13 +440,43 @@ impl Limits {
                     Scope::Client => Vec::new(),
                 };
                 for label in labels {
-                    keys.push((limit.fixed_key(&label), initial.clone()));
+                    let key = limit.fixed_key(&label);
+                    buckets.push((index, label, key));
                 }
             }
         }
-        keys.sort();
-        keys.dedup_by(|a, b| a.0 == b.0);
-        keys
+        buckets.sort_by(|a, b| a.2.cmp(&b.2));
+        buckets.dedup_by(|a, b| a.2 == b.2);
+        buckets
+    }
+
+    /// What every bucket would admit right now, read without drawing (the status page).
+    /// Per-client tables are not walked: they may hold many thousands of slots.
+    pub fn levels(
+        &self,
+        store: &dyn SharedStore,
+        services: &[&Service],
+        now_ns: u64,
+    ) -> Vec<Level> {
+        self.fixed_buckets(services)
+            .into_iter()
+            .filter_map(|(index, bucket, key)| {
+                let limit = self.list.get(index)?;
+                let (_, verdict) =
+                    admit_cost(&limit.params, store.get(&key).0.as_deref(), now_ns, 1);
+                let available = if verdict.admitted {
+                    verdict.remaining.saturating_add(1)
+                } else {
+                    0
+                };
+                Some(Level {
+                    limit: index,
+                    bucket,
+                    available,
+                    capacity: limit.params.limit(),
+                })
+            })
+            .collect()
     }
 
     /// Draws from every limit of `phase` that covers the request: one request from request

@@ -28,6 +28,7 @@ fn subject<'a>(model: &'a str, client: Option<&'a str>) -> Subject<'a> {
         model,
         client,
         instance: None,
+        api_key: None,
     }
 }
 
@@ -177,4 +178,64 @@ fn durations_read_like_openai() {
     assert_eq!(openai_duration(360_000_000_000), "6m0s");
     assert_eq!(retry_after_secs(1), 1);
     assert_eq!(retry_after_secs(2_000_000_001), 3);
+}
+
+/// API-key quotas: each key draws on its own buckets, per minute and per day, requests and
+/// tokens; a key without quotas and a request without a key draw on none of them.
+#[test]
+fn api_key_quotas_are_per_key() {
+    let hash = |key: &str| crate::auth::hash_key(b"0123456789abcdef", key);
+    let cfg = config(json!({
+        "model": {"services": {"chat": {"instances": [{"name": "m", "base-url": "http://a:1"}]}}},
+        "jairouter": {"security": {"api-key": {"keys": [
+            {"key-id": "small", "key-hash": hash("sk-small-000000"), "permissions": ["chat"],
+             "rate-limit-per-minute": 2, "daily-request-limit": 100, "tokens-per-minute": 1000},
+            {"key-id": "daily", "key-hash": hash("sk-daily-000000"), "permissions": ["chat"],
+             "daily-request-limit": 1},
+            {"key-id": "free", "key-hash": hash("sk-free-0000000"), "permissions": ["chat"]}
+        ]}}}
+    }));
+    assert_eq!(cfg.limits.list.len(), 4);
+    assert_eq!(
+        cfg.limits.completion_estimate(ServiceType::Chat, Some(0)),
+        Some(256)
+    );
+    assert_eq!(
+        cfg.limits.completion_estimate(ServiceType::Chat, Some(2)),
+        None
+    );
+    let store = store_for(&cfg);
+    let with_key = |key: Option<usize>| Subject {
+        api_key: key,
+        ..subject("m", None)
+    };
+    let draw = |key: Option<usize>, tokens: u64| {
+        cfg.limits
+            .acquire(&store, &with_key(key), Phase::BeforePick, T0, tokens)
+    };
+    assert!(draw(Some(0), 300).is_ok());
+    assert!(draw(Some(0), 300).is_ok());
+    let refused = draw(Some(0), 300).unwrap_err();
+    assert_eq!(
+        cfg.limits.list[refused.limit].name,
+        "jairouter.security.api-key.keys[small].rate-limit-per-minute"
+    );
+    assert!(draw(Some(1), 0).is_ok());
+    let refused = draw(Some(1), 0).unwrap_err();
+    assert!(cfg.limits.list[refused.limit]
+        .name
+        .ends_with("[daily].daily-request-limit"));
+    // A day's quota refills over the day: a minute later, still nothing.
+    let later = cfg.limits.acquire(
+        &store,
+        &with_key(Some(1)),
+        Phase::BeforePick,
+        T0 + 60_000_000_000,
+        0,
+    );
+    assert!(later.is_err());
+    for _ in 0..10 {
+        assert!(draw(Some(2), 0).is_ok());
+        assert!(draw(None, 0).is_ok());
+    }
 }

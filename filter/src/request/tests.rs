@@ -49,6 +49,8 @@ fn decide(cfg: &RouterConfig, h: &RequestHead<'_>) -> HeadDecision {
             random: 7,
             now_ns: 1,
             client: None,
+            api_key: None,
+            caller: None,
         },
     )
 }
@@ -75,6 +77,8 @@ fn scan_body(cfg: &RouterConfig, path: &str, content_type: &str, body: &[u8]) ->
         random: 7,
         now_ns: 1,
         client: None,
+        api_key: None,
+        caller: None,
     };
     let h = RequestHead {
         content_type: Some(content_type),
@@ -279,6 +283,8 @@ fn body_over_the_limit_is_413() {
         random: 0,
         now_ns: 1,
         client: None,
+        api_key: None,
+        caller: None,
     };
     let HeadDecision::ScanBody(mut scan) =
         on_request_headers(&cfg, &head("POST", "/v1/chat/completions"), &host)
@@ -373,6 +379,8 @@ fn header_hash_takes_its_key_from_the_header_or_the_body_field() {
             random,
             now_ns: 1,
             client: None,
+            api_key: None,
+            caller: None,
         };
         let HeadDecision::ScanBody(mut scan) = on_request_headers(&cfg, &h, &host) else {
             panic!()
@@ -405,6 +413,8 @@ fn route_with(cfg: &RouterConfig, store: &MemoryStore, now_ns: u64) -> Result<Ro
         random: 0,
         now_ns,
         client: None,
+        api_key: None,
+        caller: None,
     };
     route_model(
         cfg,
@@ -479,6 +489,8 @@ fn fallback_models_stand_in_in_order_only_when_the_body_can_be_rewritten() {
         random: 0,
         now_ns: 1,
         client: None,
+        api_key: None,
+        caller: None,
     };
     let route = |rewritable: bool| {
         let extras = Extras {
@@ -501,4 +513,79 @@ fn fallback_models_stand_in_in_order_only_when_the_body_can_be_rewritten() {
     )
     .unwrap();
     assert_eq!(own.fallback_from, None);
+}
+
+/// API keys: who calls is settled before anything else; what the key may use, once the service
+/// and then the model are known.
+#[test]
+fn api_keys_authenticate_then_authorize() {
+    let hash = |key: &str| crate::auth::hash_key(b"saltsaltsalt", key);
+    let cfg = RouterConfig::from_value(&json!({
+        "model": {"services": {
+            "chat": {"instances": [
+                {"name": "llama", "base-url": "http://a:1"},
+                {"name": "qwen", "base-url": "http://b:1"}
+            ]},
+            "embedding": {"instances": [{"name": "bge", "base-url": "http://e:1"}]}
+        }},
+        "jairouter": {"security": {"api-key": {"keys": [
+            {"key-id": "team", "key-hash": hash("sk-team-123456"), "permissions": ["chat"],
+             "models": ["llama"]}
+        ]}}}
+    }))
+    .unwrap();
+    let now = 1_800_000_000_000_000_000;
+    let refused = authenticate(&cfg, None, None, None, now, None).unwrap_err();
+    assert_eq!(
+        (refused.status, error_code(&refused)),
+        (401, "missing_api_key".into())
+    );
+    let refused =
+        authenticate(&cfg, Some("Bearer sk-nope-000000"), None, None, now, None).unwrap_err();
+    assert_eq!(error_code(&refused), "invalid_api_key");
+    assert!(!refused.body.contains("sk-nope"), "the key is never echoed");
+    let caller = authenticate(&cfg, None, Some("sk-team-123456"), None, now, None).unwrap();
+    assert_eq!(caller, Caller::Key(0));
+
+    let store = MemoryStore::default();
+    let host = Host {
+        store: &store,
+        random: 1,
+        now_ns: now,
+        client: None,
+        api_key: caller.key_index(),
+        caller: caller.grants(&cfg),
+    };
+    let embeddings = head("POST", "/v1/embeddings");
+    let r = reply(on_request_headers(&cfg, &embeddings, &host));
+    assert_eq!(
+        (r.status, error_code(&r)),
+        (403, "service_not_permitted".into())
+    );
+    let extras = Extras::default();
+    let endpoint = Endpoint::ChatCompletions;
+    assert!(route_model(&cfg, endpoint, "llama", "", &host, &extras).is_ok());
+    let r = route_model(&cfg, endpoint, "qwen", "", &host, &extras).unwrap_err();
+    assert_eq!(
+        (r.status, error_code(&r)),
+        (403, "model_not_permitted".into())
+    );
+
+    // A verified token's claims stand in for a key, whatever the Authorization header held.
+    let claims = TokenClaims {
+        subject: "alice".into(),
+        permissions: vec!["embedding".into()],
+        models: None,
+    };
+    let caller = authenticate(&cfg, Some("Bearer x"), None, None, now, Some(claims)).unwrap();
+    assert_eq!(caller.grants(&cfg).map(|g| g.id.as_str()), Some("alice"));
+    assert!(caller
+        .grants(&cfg)
+        .unwrap()
+        .permits(ServiceType::Chat, None)
+        .is_err());
+
+    // Without a key section nobody is asked.
+    let anyone = authenticate(&config(), None, None, None, now, None).unwrap();
+    assert_eq!(anyone, Caller::Anyone);
 }

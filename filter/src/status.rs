@@ -1,0 +1,160 @@
+//! The read-only status page (`GET /status` on the admin-side listener): which configuration
+//! is loaded, and each instance's health, breaker and load, and each rate-limit bucket's level,
+//! read from the shared data every worker writes.
+
+use crate::balance::load::{in_flight, latency};
+use crate::breaker::{Breaker, State};
+use crate::config::{BaseUrl, RouterConfig};
+use crate::limit::Unit;
+use crate::store::SharedStore;
+use serde_json::{json, Value};
+
+/// The shared-data key under which the routing filter publishes the configuration it loaded
+/// (its plugin configuration, verbatim): the health checker and the status page read it, so
+/// they follow every reload without a configuration of their own.
+pub const CONFIG_KEY: &str = "jairouter/config";
+
+/// The configuration's version as the status page and logs name it: a fingerprint of its bytes.
+pub fn config_version(bytes: &[u8]) -> String {
+    format!("{:016x}", crate::balance::ring::hash64(bytes))
+}
+
+pub fn status_json(
+    config: &RouterConfig,
+    version: &str,
+    store: &dyn SharedStore,
+    now_ns: u64,
+) -> String {
+    let services: Vec<Value> = config
+        .services()
+        .map(|service| {
+            let instances: Vec<Value> = service
+                .instances
+                .iter()
+                .map(|instance| {
+                    let state = Breaker::decode(store.get(&instance.state_key).0.as_deref());
+                    let estimate = latency(store, &instance.latency_key);
+                    json!({
+                        "id": instance.id,
+                        "model": instance.name,
+                        "cluster": instance.cluster,
+                        "base_url": base_url(&instance.base_url),
+                        "weight": instance.weight,
+                        "active": instance.active,
+                        "healthy": !state.unhealthy,
+                        "health_checked": instance.health_check.is_some(),
+                        "breaker": match state.state {
+                            State::Closed => "closed",
+                            State::Open => "open",
+                            State::HalfOpen => "half-open",
+                        },
+                        "breaker_enabled": instance.breaker.is_some(),
+                        "consecutive_failures": state.failures,
+                        "cooling_down": state.cooldown_until_ns > now_ns,
+                        "in_flight": in_flight(store, &instance.in_flight_key),
+                        "latency_ms": estimate.estimate_ns / 1_000_000,
+                    })
+                })
+                .collect();
+            json!({
+                "service": service.kind.key(),
+                "load_balance": service.load_balance.strategy.name(),
+                "retries": service.retries,
+                "instances": instances,
+            })
+        })
+        .collect();
+    let configured: Vec<_> = config.services().collect();
+    let limits: Vec<Value> = config
+        .limits
+        .levels(store, &configured, now_ns)
+        .into_iter()
+        .filter_map(|level| {
+            let limit = config.limits.list.get(level.limit)?;
+            Some(json!({
+                "name": limit.name,
+                "scope": limit.scope.name(),
+                "unit": match limit.unit {
+                    Unit::Requests => "requests",
+                    Unit::Tokens => "tokens",
+                },
+                "bucket": level.bucket,
+                "available": level.available,
+                "capacity": level.capacity,
+            }))
+        })
+        .collect();
+    let per_client: Vec<Value> = config
+        .limits
+        .list
+        .iter()
+        .filter(|l| l.scope == crate::config::Scope::Client)
+        .map(|l| json!({"name": l.name, "max_clients": l.max_clients}))
+        .collect();
+    json!({
+        "version": version,
+        "services": services,
+        "rate_limits": limits,
+        "per_client_rate_limits": per_client,
+    })
+    .to_string()
+}
+
+fn base_url(url: &BaseUrl) -> String {
+    let scheme = if url.tls { "https" } else { "http" };
+    let host = if url.host.contains(':') {
+        format!("[{}]", url.host)
+    } else {
+        url.host.clone()
+    };
+    format!("{scheme}://{host}:{}{}", url.port, url.prefix)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+    use super::*;
+    use crate::store::MemoryStore;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    #[test]
+    fn shows_instances_breakers_and_buckets() {
+        let config = RouterConfig::from_value(&json!({
+            "rate-limit": {"enabled": true, "algorithm": "token-bucket", "capacity": 10, "rate": 1, "scope": "service"},
+            "circuit-breaker": {"failure-threshold": 1, "timeout": 60000},
+            "services": {"chat": {"instances": [
+                {"name": "m", "base-url": "http://127.0.0.1:9001"},
+                {"name": "m", "base-url": "https://[::1]:9002/api/"}
+            ]}}
+        }))
+        .unwrap();
+        let store = MemoryStore::default();
+        let services: Vec<_> = config.services().collect();
+        for (key, initial) in config.limits.initial_keys(&services) {
+            store.set(&key, &initial, None).unwrap();
+        }
+        let second = &services[0].instances[1];
+        let now = 5_000_000_000;
+        let open = Breaker {
+            state: State::Open,
+            opened_at_ns: now,
+            ..Breaker::CLOSED
+        };
+        store.set(&second.state_key, &open.encode(), None).unwrap();
+        store
+            .set(&second.in_flight_key, &3u64.to_le_bytes(), None)
+            .unwrap();
+
+        let page: Value = serde_json::from_str(&status_json(&config, "v1", &store, now)).unwrap();
+        assert_eq!(page["version"], "v1");
+        let instances = &page["services"][0]["instances"];
+        assert_eq!(instances[0]["breaker"], "closed");
+        assert_eq!(instances[1]["breaker"], "open");
+        assert_eq!(instances[1]["in_flight"], 3);
+        assert_eq!(instances[1]["base_url"], "https://[::1]:9002/api");
+        assert_eq!(page["rate_limits"][0]["bucket"], "chat");
+        assert_eq!(page["rate_limits"][0]["available"], 10);
+        assert_eq!(page["rate_limits"][0]["capacity"], 10);
+    }
+}
