@@ -27,7 +27,8 @@ const MAX_CAS_ATTEMPTS: usize = 64;
 /// Creates a zero counter unless one exists. Envoy ignores CAS on a key that does not exist yet,
 /// so counters must be created before traffic can race on them (at configure time).
 pub fn ensure_counter(store: &dyn SharedStore, key: &str) {
-    if store.get(key).0.is_none() {
+    // Empty: a reload stopped using it and emptied it (shared data has no delete).
+    if store.get(key).0.is_none_or(|v| v.is_empty()) {
         let _ = store.set(key, &0u64.to_le_bytes(), None);
     }
 }

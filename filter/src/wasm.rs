@@ -354,7 +354,14 @@ impl RootContext for Root {
         match RouterConfig::from_json(&bytes) {
             Ok(config) => {
                 prepare_shared_keys(&config);
-                if HostStore.get(CONFIG_KEY).0.as_deref() != Some(bytes.as_slice()) {
+                let previous = HostStore.get(CONFIG_KEY).0;
+                if previous.as_deref() != Some(bytes.as_slice()) {
+                    // The first VM to load a new configuration empties what the last one used
+                    // and this one does not, then publishes it.
+                    let previous = previous.and_then(|b| RouterConfig::from_json(&b).ok());
+                    for key in previous.map(|p| config.stale_keys(&p)).unwrap_or_default() {
+                        let _ = HostStore.set(&key, &[], None);
+                    }
                     let _ = HostStore.set(CONFIG_KEY, &bytes, None);
                 }
                 let _ = hostcalls::set_tick_period(MEMORY_REPORT_PERIOD);
@@ -1228,19 +1235,19 @@ fn prepare_shared_keys(config: &RouterConfig) {
         }
         for instance in &service.instances {
             ensure_counter(&HostStore, &instance.in_flight_key);
-            if HostStore.get(&instance.latency_key).0.is_none() {
+            if unset(&instance.latency_key) {
                 let _ = HostStore.set(&instance.latency_key, &LatencyEstimate::INITIAL, None);
             }
         }
     }
     let services: Vec<_> = config.services().collect();
     for (key, initial) in config.limits.initial_keys(&services) {
-        if HostStore.get(&key).0.is_none() {
+        if unset(&key) {
             let _ = HostStore.set(&key, &initial, None);
         }
     }
     for instance in config.instances() {
-        if HostStore.get(&instance.state_key).0.is_none() {
+        if unset(&instance.state_key) {
             let _ = HostStore.set(&instance.state_key, &Breaker::CLOSED.encode(), None);
         } else if instance.health_check.is_none()
             && breaker::is_unhealthy(&HostStore, &instance.state_key)
@@ -1274,6 +1281,11 @@ fn verified_claims(jwt: &JwtOptions) -> Option<TokenClaims> {
             .unwrap_or_default(),
         models: claim(&jwt.models_claim).map(|b| claim_values(&b)),
     })
+}
+
+/// A key never written, or emptied by a reload that stopped using it.
+fn unset(key: &str) -> bool {
+    HostStore.get(key).0.is_none_or(|v| v.is_empty())
 }
 
 fn unfinished_outcome(response_started: bool) -> Outcome {

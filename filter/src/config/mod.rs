@@ -279,6 +279,36 @@ impl RouterConfig {
         self.services().flat_map(|s| s.instances.iter())
     }
 
+    /// Every shared-data key this configuration uses (buckets, counters, instance state).
+    pub fn shared_keys(&self) -> Vec<String> {
+        let services: Vec<&Service> = self.services().collect();
+        let mut keys: Vec<String> = self
+            .limits
+            .initial_keys(&services)
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect();
+        for service in &services {
+            keys.extend(service.models.values().map(|p| p.counter_key.clone()));
+            for i in &service.instances {
+                keys.extend([&i.state_key, &i.in_flight_key, &i.latency_key].map(String::clone));
+            }
+        }
+        keys
+    }
+
+    /// The keys `previous` used that this configuration does not: shared data has no delete,
+    /// so a reload empties them (a per-client table may hold megabytes) instead of keeping
+    /// them for good.
+    pub fn stale_keys(&self, previous: &RouterConfig) -> Vec<String> {
+        let current: std::collections::HashSet<String> = self.shared_keys().into_iter().collect();
+        previous
+            .shared_keys()
+            .into_iter()
+            .filter(|k| !current.contains(k))
+            .collect()
+    }
+
     /// Parses the filter's plugin configuration: the JSON form of JAiRouter's `model:` section,
     /// or an object holding it under `model` beside the original's `jairouter.security.api-key`.
     pub fn from_json(bytes: &[u8]) -> std::result::Result<RouterConfig, ConfigError> {

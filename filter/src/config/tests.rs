@@ -355,3 +355,31 @@ fn instance_state_keys_follow_id_and_address() {
     assert!(!before.contains(&after[0]));
     assert!(after[0].starts_with("jairouter/instance/chat-0/"));
 }
+
+/// A reload empties the shared data only of what it dropped or changed.
+#[test]
+fn stale_keys_are_what_a_reload_dropped() {
+    let with_limit = |capacity: u64, second: bool| {
+        let mut instances = vec![json!({"name": "m", "base-url": "http://a:1"})];
+        if second {
+            instances.push(json!({"name": "m", "base-url": "http://b:1"}));
+        }
+        RouterConfig::from_value(&json!({
+            "rate-limit": {"enabled": true, "capacity": capacity, "rate": 1, "scope": "client-ip",
+                           "max-clients": 4},
+            "services": {"chat": {"instances": instances}}
+        }))
+        .unwrap()
+    };
+    let before = with_limit(10, true);
+    assert!(with_limit(10, true).stale_keys(&before).is_empty());
+    let stale = with_limit(20, false).stale_keys(&before);
+    // The per-client table of the old numbers (4 slots) and the removed instance's 3 keys.
+    assert_eq!(stale.len(), 4 + 3, "{stale:?}");
+    assert!(stale
+        .iter()
+        .any(|k| k.starts_with("jairouter/instance/chat-1/")));
+    assert!(!stale
+        .iter()
+        .any(|k| k.starts_with("jairouter/instance/chat-0/")));
+}
