@@ -79,6 +79,8 @@ cmd_test() {
   CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
     cargo test -p jairouter-filter --lib --target "$WASM_TARGET"
   ensure_prometheus
+  log "Kubernetes tools (Helm, Compose, schema validator) for the manifest checks"
+  "$ROOT/k8s/tools/install.sh" "$VENV"
   log "end-to-end tests through a real Envoy"
   "$VENV/bin/python" -m pytest -q integration-tests "$@"
 }

@@ -34,7 +34,8 @@ class Gateway:
     """One Envoy process serving the given JAiRouter configuration."""
 
     def __init__(self, workdir: Path, config: dict | str, concurrency: int = 2, live: bool = True,
-                 api_keys: dict | str | None = None, env: dict[str, str] | None = None):
+                 api_keys: dict | str | None = None, env: dict[str, str] | None = None,
+                 render_flags: tuple[str, ...] = ()):
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / "application.yml"
@@ -48,6 +49,7 @@ class Gateway:
             keys_text = api_keys if isinstance(api_keys, str) else yaml.safe_dump(api_keys, sort_keys=False)
             self.api_keys_path.write_text(keys_text)
         self.env = env
+        self.render_flags = render_flags
         self.process: subprocess.Popen | None = None
         self.log_path = workdir / "envoy.log"
         self.access_log_path = workdir / "access.log"
@@ -67,7 +69,7 @@ class Gateway:
             "--admin-port", "0", "--listen-address", "127.0.0.1", "--out", str(out),
             "--access-log", str(self.access_log_path), "--status-port", "0",
             *(["--live-dir", str(self.live_dir)] if self.live_dir else []),
-            *self._keys_flags(), env=self.env,
+            *self._keys_flags(), *self.render_flags, env=self.env,
         )
         if result.returncode != 0:
             raise RuntimeError(f"renderer refused the configuration: {result.stderr}")
@@ -179,6 +181,19 @@ class Gateway:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def wait_until_ready(url: str, alive=lambda: True, explain=lambda: "", timeout: float = 30) -> None:
+    """Polls a readiness URL (Envoy's /ready) until it answers 200."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert alive() and time.monotonic() < deadline, f"{url} never became ready\n{explain()}"
+        time.sleep(0.1)
 
 
 def instance(name: str, stub, **extra) -> dict:

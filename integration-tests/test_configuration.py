@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from harness import ENVOY, ROOT, Gateway, json_body, render
+from harness import ENVOY, RENDER, ROOT, WASM, Gateway, json_body, render, wait_until_ready
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -146,3 +146,48 @@ def test_global_rate_limit_manifests_render_with_the_shipped_rules():
     assert rules["domain"] == "jairouter"
     keys = {d["key"] for d in rules["descriptors"][0]["descriptors"]}
     assert keys == {"model", "remote_address"}  # the descriptors the gateway sends
+
+
+def test_probes_and_metrics_port_for_kubernetes(tmp_path, stubs):
+    """--metrics-port: /ready for probes (503 once draining), /stats/prometheus for scrapes,
+    nothing else of the admin (which could stop the process)."""
+    [a] = stubs("a")
+    port = free_port()
+    gw = Gateway(tmp_path, {"model": {"services": {"chat": {"instances": [{"name": "m", "base-url": a.url}]}}}},
+                 render_flags=("--metrics-port", str(port), "--admin-port", str(free_port())))
+    with gw:
+        metrics = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{metrics}/ready", timeout=5).status_code == 200
+        assert "envoy_server_live" in httpx.get(f"{metrics}/stats/prometheus", timeout=5).text
+        assert httpx.post(f"{metrics}/quitquitquit", timeout=5).status_code == 404
+        assert httpx.get(f"{metrics}/config_dump", timeout=5).status_code == 404
+        # The pod's preStop: the gateway leaves the Service's endpoints before it stops.
+        assert httpx.post(f"{gw.admin_url}/healthcheck/fail", timeout=5).status_code == 200
+        assert httpx.get(f"{metrics}/ready", timeout=5).status_code == 503
+        assert gw.process.poll() is None
+
+
+def test_the_images_entry_point_serves_the_demo(tmp_path, stubs):
+    """envoy/docker/jairouter-gateway.sh, what `docker run` and docker-compose start, run natively
+    (no Docker engine here) with the compose file's environment pointing at stubs."""
+    a, b, e = stubs("demo-a", "demo-b", "demo-embed")
+    port, metrics, admin, status = free_port(), free_port(), free_port(), free_port()
+    env = dict(os.environ,
+               PATH=f"{RENDER.parent}:{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}",
+               JAIROUTER_CONFIG=str(ROOT / "envoy" / "demo" / "application.yml"),
+               JAIROUTER_RUN_DIR=str(tmp_path), JAIROUTER_WASM=str(WASM),
+               PORT=str(port), METRICS_PORT=str(metrics), ADMIN_PORT=str(admin), STATUS_PORT=str(status),
+               CONCURRENCY="1", ENVOY_LOG_LEVEL="error")
+    for name, stub in (("A", a), ("B", b), ("EMBED", e)):
+        env[f"DEMO_{name}_HOST"], env[f"DEMO_{name}_PORT"] = "127.0.0.1", str(stub.port)
+    proc = subprocess.Popen([str(ROOT / "envoy" / "docker" / "jairouter-gateway.sh")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_until_ready(f"http://127.0.0.1:{metrics}/ready", alive=lambda: proc.poll() is None)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=10,
+                       content=json_body({"model": "demo-llama", "messages": [{"role": "user", "content": "hi"}]}),
+                       headers={"content-type": "application/json"})
+        assert r.status_code == 200 and r.headers["x-stub-instance"] in ("demo-a", "demo-b"), r.text
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)

@@ -23,6 +23,9 @@ pub struct Options {
     pub access_log: String,
     /// The status page's port on the admin address (`None`: no status listener).
     pub status_port: Option<u16>,
+    /// Probes and metrics for the orchestrator, on the listen address (`None`: none):
+    /// `GET /ready` (503 once the gateway is draining) and `GET /stats/prometheus`.
+    pub metrics_port: Option<u16>,
     /// Live configuration: the filter's configuration and the clusters are files in this
     /// directory that Envoy watches (file-based ECDS and CDS), rewritten by `watch`.
     pub live_dir: Option<String>,
@@ -60,6 +63,10 @@ pub fn render(config: &RouterConfig, model_json: &Value, opts: &Options) -> Valu
     })];
     if let Some(port) = opts.status_port {
         listeners.push(status_listener(&opts.admin_address, port, &opts.wasm_path));
+    }
+    if let Some(port) = opts.metrics_port {
+        listeners.push(metrics_listener(&opts.listen_address, port));
+        static_clusters.push(admin_cluster(&opts.admin_address, opts.admin_port));
     }
     let mut bootstrap = json!({
         "node": {"id": "jairouter", "cluster": "jairouter"},
@@ -143,6 +150,70 @@ fn watched_file(dir: &str, file: &str) -> Value {
     json!({
         "path_config_source": {"path": path, "watched_directory": {"path": watched}},
         "resource_api_version": "V3"
+    })
+}
+
+const ADMIN_CLUSTER: &str = "jairouter-admin";
+
+/// What a kubelet and a Prometheus reach, without exposing Envoy's admin (which can stop the
+/// process): `/ready` answers from Envoy's health-check filter, 200 until the admin's
+/// `/healthcheck/fail` (the pod's preStop) and 503 after, so endpoints drop a draining pod
+/// before it stops; `/stats/prometheus` is proxied to the admin, read-only, and nothing else is.
+fn metrics_listener(address: &str, port: u16) -> Value {
+    json!({
+        "name": "jairouter-metrics",
+        "address": socket(address, port),
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "jairouter_metrics",
+                "route_config": {"virtual_hosts": [{
+                    "name": "metrics",
+                    "domains": ["*"],
+                    "routes": [
+                        {
+                            "match": {"path": "/stats/prometheus", "headers": [
+                                {"name": ":method", "string_match": {"exact": "GET"}}
+                            ]},
+                            "route": {"cluster": ADMIN_CLUSTER}
+                        },
+                        {"match": {"prefix": "/"}, "direct_response": {"status": 404}}
+                    ]
+                }]},
+                "http_filters": [
+                    {
+                        "name": "envoy.filters.http.health_check",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck",
+                            "pass_through_mode": false,
+                            "headers": [{"name": ":path", "string_match": {"exact": "/ready"}}]
+                        }
+                    },
+                    {
+                        "name": "envoy.filters.http.router",
+                        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
+                    }
+                ]
+            }
+        }]}]
+    })
+}
+
+fn admin_cluster(address: &str, port: u16) -> Value {
+    let address = if address == "0.0.0.0" {
+        "127.0.0.1"
+    } else {
+        address
+    };
+    json!({
+        "name": ADMIN_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": ADMIN_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket(address, port)}}]}]
+        }
     })
 }
 

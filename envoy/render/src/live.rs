@@ -220,6 +220,7 @@ mod tests {
             ca_file: "/ca.pem".into(),
             access_log: "none".into(),
             status_port: None,
+            metrics_port: None,
             live_dir: Some(dir.into()),
         }
     }

@@ -10,9 +10,11 @@
 //!       Prints the filter's JSON configuration (for Istio, Envoy Gateway or a hand-written bootstrap).
 //!   jairouter-render bootstrap FILE --wasm PATH [--port N] [--admin-port N]
 //!       [--listen-address A] [--admin-address A] [--ca-file PATH] [--access-log PATH]
-//!       [--status-port N|none] [--live-dir DIR] [--out FILE]
+//!       [--status-port N|none] [--metrics-port N] [--live-dir DIR] [--out FILE]
 //!       Renders a complete Envoy bootstrap. The port defaults to server.port, then 8080; the
-//!       status page (GET /status) listens on the admin address, port 9902 by default. With
+//!       status page (GET /status) listens on the admin address, port 9902 by default; with
+//!       --metrics-port, probes (GET /ready) and metrics (GET /stats/prometheus) listen on the
+//!       listen address (for Kubernetes; the admin stays private). With
 //!       --live-dir the filter's configuration and the clusters are files in DIR that Envoy
 //!       watches (written now, and by `watch`).
 //!   jairouter-render watch FILE --wasm PATH --live-dir DIR [--interval-ms N] [--settle-ms N]
@@ -101,7 +103,7 @@ fn run(args: &[String]) -> Result<(), String> {
 
 const USAGE: &str = "usage: jairouter-render (check|plugin-config|bootstrap) FILE [--api-keys KEYS] [--wasm PATH] \
 [--port N] [--admin-port N] [--listen-address A] [--admin-address A] [--ca-file PATH] \
-[--access-log PATH] [--status-port N|none] [--live-dir DIR] [--out FILE]\n       \
+[--access-log PATH] [--status-port N|none] [--metrics-port N] [--live-dir DIR] [--out FILE]\n       \
 jairouter-render watch FILE [--api-keys KEYS] --wasm PATH --live-dir DIR [--interval-ms N] [--settle-ms N]\n       \
 jairouter-render hash-key [--salt BASE64] < KEY";
 
@@ -145,6 +147,10 @@ fn options(
         status_port: match get("status-port").as_deref() {
             Some("none") => None,
             _ => Some(port_flag("status-port", 9902)?),
+        },
+        metrics_port: match get("metrics-port") {
+            None => None,
+            Some(_) => Some(port_flag("metrics-port", 0)?),
         },
         live_dir,
     })
