@@ -20,6 +20,14 @@
 //!   jairouter-render watch FILE --wasm PATH --live-dir DIR [--interval-ms N] [--settle-ms N]
 //!       Follows FILE (and KEYS) and applies every change to a running gateway through DIR, in an order
 //!       that drops no request; a refused change leaves the last good configuration serving.
+//!   jairouter-render istio FILE --wasm-url URL [--wasm-sha256 HEX] [--namespace NS]
+//!       [--mode gateway|sidecar] [--gateway NS/NAME] [--selector KEY=VALUE ...] [--host H ...]
+//!       [--proxy-namespace NS] [--install envoyfilter|wasmplugin]
+//!   jairouter-render envoy-gateway FILE --wasm-url URL [--wasm-sha256 HEX] [--namespace NS]
+//!       --gateway [NS/]NAME [--host H ...] [--xds-listener NAME]
+//!       Print the mesh's resources (multi-document YAML) that run the filter inside an Istio
+//!       gateway or sidecar, or inside Envoy Gateway, and route its choice to each instance
+//!       (see `mesh` and k8s/istio/README.md, k8s/envoy-gateway/README.md).
 //!   jairouter-render hash-key [--salt BASE64] < KEY
 //!       Reads one API key from stdin (a trailing newline is dropped) and prints its `key-hash`
 //!       for `jairouter.security.api-key.keys`: Base64(salt):Base64(SHA-256(salt+key)), the
@@ -29,6 +37,7 @@
 mod app_config;
 mod bootstrap;
 mod live;
+mod mesh;
 
 use jairouter_filter::config::RouterConfig;
 use std::collections::HashMap;
@@ -52,6 +61,9 @@ fn run(args: &[String]) -> Result<(), String> {
     }
     if command == "hash-key" {
         return hash_key_command(rest);
+    }
+    if command == "istio" || command == "envoy-gateway" {
+        return mesh::command(args);
     }
     let (file, flags) = rest.split_first().ok_or(USAGE)?;
     let flags = parse_flags(flags)?;
@@ -105,6 +117,10 @@ const USAGE: &str = "usage: jairouter-render (check|plugin-config|bootstrap) FIL
 [--port N] [--admin-port N] [--listen-address A] [--admin-address A] [--ca-file PATH] \
 [--access-log PATH] [--status-port N|none] [--metrics-port N] [--live-dir DIR] [--out FILE]\n       \
 jairouter-render watch FILE [--api-keys KEYS] --wasm PATH --live-dir DIR [--interval-ms N] [--settle-ms N]\n       \
+jairouter-render istio FILE --wasm-url URL [--namespace NS] [--mode gateway|sidecar] [--gateway NS/NAME] \
+[--selector KEY=VALUE ...] [--host H ...] [--proxy-namespace NS] [--install envoyfilter|wasmplugin] [--wasm-sha256 HEX]\n       \
+jairouter-render envoy-gateway FILE --wasm-url URL --gateway [NS/]NAME [--namespace NS] [--host H ...] \
+[--xds-listener NAME] [--wasm-sha256 HEX]\n       \
 jairouter-render hash-key [--salt BASE64] < KEY";
 
 /// The bootstrap's settings from the command line (`server_port`: the file's `server.port`).
