@@ -104,7 +104,10 @@ def test_who_may_call_what(secured):
         assert chat(gw, model=model, headers=bearer(ADMIN_KEY)).status_code == 200
     # The model list is behind the key too.
     assert httpx.get(f"{gw.url}/v1/models", timeout=5).status_code == 401
-    assert httpx.get(f"{gw.url}/v1/models", headers=bearer(CHAT_KEY), timeout=5).status_code == 200
+    listed = httpx.get(f"{gw.url}/v1/models", headers=bearer(CHAT_KEY), timeout=5)
+    assert [m["id"] for m in listed.json()["data"]] == ["m"], "a key sees only the models it may use"
+    listed = httpx.get(f"{gw.url}/v1/models", headers=bearer(ADMIN_KEY), timeout=5)
+    assert sorted(m["id"] for m in listed.json()["data"]) == ["e", "m", "m2"]
     # Refused requests never reached a backend.
     assert len(hosted.requests) == 3 + 1 and len(local.requests) == 1 and len(embed.requests) == 1
 

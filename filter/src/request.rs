@@ -6,7 +6,8 @@ use crate::auth::{ApiKey, AuthError};
 use crate::balance::{pick_instance, PickInput};
 use crate::breaker::{self, Admission, Outcome};
 use crate::config::{
-    model_object, Algorithm, Instance, RouterConfig, Strategy, MAX_MODEL_NAME_BYTES,
+    model_object, models_list_json_where, Algorithm, Instance, RouterConfig, Strategy,
+    MAX_MODEL_NAME_BYTES,
 };
 use crate::endpoint::{classify, Endpoint, Route, ServiceType};
 use crate::limit::bucket::Verdict;
@@ -252,9 +253,9 @@ pub fn on_request_headers(
                 return HeadDecision::Reply(method_not_allowed(head, "GET"));
             }
             return HeadDecision::Reply(if route == Route::ListModels {
-                LocalReply::json(200, cfg.models_json.clone())
+                list_models(cfg, host.caller)
             } else {
-                retrieve_model(cfg, model_id)
+                retrieve_model(cfg, model_id, host.caller)
             });
         }
         Route::Unknown => {
@@ -831,9 +832,24 @@ fn too_many_requests(cfg: &RouterConfig, refusal: &Refusal) -> LocalReply {
     reply
 }
 
-fn retrieve_model(cfg: &RouterConfig, id: &str) -> LocalReply {
+/// The model list, as far as the caller may use it (a key limited to some services or models
+/// does not learn the others' names).
+fn list_models(cfg: &RouterConfig, caller: Option<&ApiKey>) -> LocalReply {
+    match caller.filter(|c| !c.is_admin()) {
+        None => LocalReply::json(200, cfg.models_json.clone()),
+        Some(caller) => LocalReply::json(
+            200,
+            models_list_json_where(cfg.services(), |kind, model| {
+                caller.permits(kind, Some(model)).is_ok()
+            }),
+        ),
+    }
+}
+
+fn retrieve_model(cfg: &RouterConfig, id: &str, caller: Option<&ApiKey>) -> LocalReply {
+    let permitted = |kind| caller.is_none_or(|c| c.permits(kind, Some(id)).is_ok());
     for service in cfg.services() {
-        if service.models.contains_key(id) {
+        if service.models.contains_key(id) && permitted(service.kind) {
             return LocalReply::json(200, model_object(id, service.kind).to_string());
         }
     }

@@ -936,11 +936,19 @@ fn parse_headers(path: &str, value: &Value) -> Result<Vec<(String, String)>> {
 }
 
 fn models_list_json<'a>(services: impl Iterator<Item = &'a Service>) -> String {
+    models_list_json_where(services, |_, _| true)
+}
+
+/// The OpenAI model list of the models `shown(service, model)` lets through.
+pub fn models_list_json_where<'a>(
+    services: impl Iterator<Item = &'a Service>,
+    shown: impl Fn(ServiceType, &str) -> bool,
+) -> String {
     let mut seen: Vec<&str> = Vec::new();
     let mut data = Vec::new();
     for service in services {
         for instance in &service.instances {
-            if seen.contains(&instance.name.as_str()) {
+            if seen.contains(&instance.name.as_str()) || !shown(service.kind, &instance.name) {
                 continue;
             }
             seen.push(&instance.name);

@@ -571,6 +571,22 @@ fn api_keys_authenticate_then_authorize() {
         (403, "model_not_permitted".into())
     );
 
+    // The model list shows what the key may use, and nothing else.
+    let list = reply(on_request_headers(&cfg, &head("GET", "/v1/models"), &host));
+    let ids: Vec<String> = serde_json::from_str::<Value>(&list.body).unwrap()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, ["llama"]);
+    let hidden = reply(on_request_headers(
+        &cfg,
+        &head("GET", "/v1/models/qwen"),
+        &host,
+    ));
+    assert_eq!(hidden.status, 404);
+
     // A verified token's claims stand in for a key, whatever the Authorization header held.
     let claims = TokenClaims {
         subject: "alice".into(),
