@@ -11,6 +11,7 @@
 #   ./build.sh hash-key [--salt B64] < KEY   the key-hash of an API key, for jairouter.security.api-key
 #   ./build.sh render FILE [ARGS]   print the Envoy bootstrap for FILE (see envoy/render)
 #   ./build.sh bench [soak-clients|hostcalls] benchmarks (README table) and soaks, not part of test
+#   ./build.sh fuzz [SECONDS] [TARGET...]  fuzz every parser SECONDS each (default 60), not part of test
 #
 # Environment: PORT (8080), ADMIN_PORT (9901), STATUS_PORT (9902), CONCURRENCY (2),
 # LISTEN_ADDRESS (127.0.0.1).
@@ -62,6 +63,8 @@ build() {
   ensure_venv
   log "building the filter ($WASM_TARGET) and the renderer"
   cargo build --quiet --release --target "$WASM_TARGET" -p jairouter-filter
+  # The probe filter: the benchmark's floor, and the tests' filter that dies on demand.
+  cargo build --quiet --release --target "$WASM_TARGET" -p jairouter-filter --example hostcall_probe
   cargo build --quiet --release -p jairouter-render
   log "filter: $WASM ($(stat -c %s "$WASM") bytes)"
 }
@@ -78,6 +81,8 @@ cmd_test() {
   log "unit tests, wasm32 (wasm-bindgen-test under node)"
   CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
     cargo test -p jairouter-filter --lib --target "$WASM_TARGET"
+  log "fuzzing every parser a few seconds (inputs that once crashed first; ./build.sh fuzz for longer)"
+  FUZZ_JOBS=2 "$ROOT/filter/fuzz/run.sh" "${FUZZ_SECONDS:-5}"
   ensure_prometheus
   log "Kubernetes tools (Helm, Compose, schema validator) for the manifest checks"
   "$ROOT/k8s/tools/install.sh" "$VENV"
@@ -127,7 +132,6 @@ cmd_bench() {
   if [[ "$scenario" != soak-clients ]]; then
     ensure_wrk
     cargo build --quiet --release -p jairouter-bench-backend
-    cargo build --quiet --release --target "$WASM_TARGET" -p jairouter-filter --example hostcall_probe
   fi
   case "$scenario" in
     soak-clients)
@@ -244,5 +248,6 @@ case "${1:-}" in
   hash-key) shift; cmd_hash_key "$@" ;;
   render) shift; cmd_render "$@" ;;
   bench) shift; cmd_bench "$@" ;;
-  *) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  fuzz) shift; ensure_rust; exec "$ROOT/filter/fuzz/run.sh" "$@" ;;
+  *) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

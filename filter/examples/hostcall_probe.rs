@@ -6,7 +6,8 @@
 //! header by name), `map` (every request header at once), `set` / `remove` (request headers),
 //! `reply-header` (a response header), `route-cache` (the `clear_route_cache` foreign
 //! function), `time`, `shared` (a shared-data read and compare-and-swap write), `property`
-//! (`source.address`).
+//! (`source.address`), `panic` (panics on a request carrying `x-probe-panic`: what Envoy does
+//! with a VM that died, for the gateway's failure policy test).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -38,6 +39,7 @@ mod probe {
         time: u32,
         shared: u32,
         property: u32,
+        panic: bool,
     }
 
     struct Root(Rc<Steps>);
@@ -63,6 +65,7 @@ mod probe {
                     "time" => steps.time = count,
                     "shared" => steps.shared = count,
                     "property" => steps.property = count,
+                    "panic" => steps.panic = true,
                     _ => return false,
                 }
             }
@@ -124,6 +127,14 @@ mod probe {
     impl Context for Probe {}
     impl HttpContext for Probe {
         fn on_http_request_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
+            if self.steps.panic
+                && matches!(
+                    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, "x-probe-panic"),
+                    Ok(Some(_))
+                )
+            {
+                panic!("x-probe-panic");
+            }
             if self.steps.pause && !end_of_stream {
                 return Action::Pause;
             }

@@ -64,24 +64,33 @@ fn take(bytes: &[u8], at: usize, len: usize) -> Option<(&[u8], usize)> {
     Some((field, end.checked_add(1)?))
 }
 
+/// The layout `parse` reads, from name-value pairs (for tests and fuzzing; Envoy writes it).
+pub fn encode(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
+    let length = |bytes: &[u8]| u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_le_bytes();
+    let mut out = u32::try_from(pairs.len())
+        .unwrap_or(u32::MAX)
+        .to_le_bytes()
+        .to_vec();
+    for (name, value) in pairs {
+        out.extend(length(name));
+        out.extend(length(value));
+    }
+    for (name, value) in pairs {
+        out.extend(*name);
+        out.push(0);
+        out.extend(*value);
+        out.push(0);
+    }
+    out
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 
     fn serialize(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
-        let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
-        for (name, value) in pairs {
-            out.extend((name.len() as u32).to_le_bytes());
-            out.extend((value.len() as u32).to_le_bytes());
-        }
-        for (name, value) in pairs {
-            out.extend(*name);
-            out.push(0);
-            out.extend(*value);
-            out.push(0);
-        }
-        out
+        encode(pairs)
     }
 
     #[test]

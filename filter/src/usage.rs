@@ -10,6 +10,11 @@
 const TEXT_KEYS: [&[u8]; 4] = [b"content", b"text", b"reasoning_content", b"arguments"];
 /// Keys are compared only when short: no interesting key is longer.
 const MAX_KEY: usize = 24;
+/// A count above this is not believed (treated as not reported, so the estimate is charged):
+/// no model answers 10 million tokens at once, and a broken or hostile backend's
+/// `"prompt_tokens": 99999999999999999999` would otherwise sink a token budget into debt that
+/// takes its refill hours to pay back.
+pub const MAX_REPORTED_TOKENS: u64 = 10_000_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Key {
@@ -104,6 +109,7 @@ impl UsageScanner {
             self.number = None;
             // A later report (the final chunk) wins over an earlier one.
             match self.value_key.take() {
+                _ if n > MAX_REPORTED_TOKENS => {}
                 Some(Key::PromptTokens) => self.prompt_tokens = Some(n),
                 Some(Key::CompletionTokens) => self.completion_tokens = Some(n),
                 _ => {}
@@ -284,5 +290,28 @@ mod tests {
         let body = br#"{"choices":[{"message":{"content":"\"prompt_tokens\":999"}}],"usage":{"prompt_tokens":3,"completion_tokens":4}}"#;
         let u = scan_in_pieces(body, 1);
         assert_eq!((u.prompt_tokens, u.completion_tokens), (Some(3), Some(4)));
+    }
+    /// Found through a real Envoy (`test_hostile_input.py`): a backend reporting an absurd
+    /// usage sank the model's token budget into debt, and every later request got a 429.
+    #[test]
+    fn absurd_counts_are_not_believed() {
+        let body =
+            br#"{"usage":{"prompt_tokens":99999999999999999999999,"completion_tokens":10000001}}"#;
+        for piece in [1, body.len()] {
+            let u = scan_in_pieces(body, piece);
+            assert_eq!((u.prompt_tokens, u.completion_tokens), (None, None));
+            assert_eq!(u.charge(40), 40);
+        }
+        // The last believable report stands.
+        let body = br#"data: {"usage":{"prompt_tokens":5,"completion_tokens":10000000}}
+
+data: {"usage":{"prompt_tokens":18446744073709551616}}
+
+"#;
+        let u = scan_in_pieces(body, 3);
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens),
+            (Some(5), Some(MAX_REPORTED_TOKENS))
+        );
     }
 }

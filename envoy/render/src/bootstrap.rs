@@ -307,7 +307,7 @@ fn health_checker(wasm_path: &str) -> Value {
     config["root_id"] = json!("jairouter-health");
     if let Some(plugin) = config.as_object_mut() {
         plugin.remove("allow_on_headers_stop_iteration");
-        plugin.remove("fail_open");
+        plugin.remove("failure_policy");
     }
     json!({
         "name": "envoy.bootstrap.wasm",
@@ -516,7 +516,10 @@ pub fn plugin_config(model_json: &Value, wasm_path: &str) -> Value {
             "@type": "type.googleapis.com/google.protobuf.StringValue",
             "value": model_json.to_string()
         },
-        "fail_open": false,
+        // A VM that died (a panic would be a bug; none is known: see filter/fuzz) is replaced
+        // by a fresh one for the next request, instead of failing every request of its worker
+        // (Envoy's default) until a restart.
+        "failure_policy": "FAIL_RELOAD",
         // Without it, pausing in the headers phase to read the body for the model hangs.
         "allow_on_headers_stop_iteration": true
     })

@@ -132,11 +132,12 @@ pub fn admit_cost(
 }
 
 /// Corrects a token budget once the real cost is known: `delta` more tokens taken (or fewer,
-/// when negative). The bucket may go into debt; it never rises above full.
+/// when negative). The bucket may go into debt, at most one bucket's worth (one huge answer
+/// pauses the budget for a period, not for days); it never rises above full.
 pub fn settle(params: &Params, state: Option<&[u8]>, now_ns: u64, delta: i64) -> Vec<u8> {
     let mut bucket = Bucket::decode(params, state).refilled(params, now_ns);
-    bucket.micro_tokens =
-        (bucket.micro_tokens - i128::from(delta) * MICRO).min(params.full_micro());
+    bucket.micro_tokens = (bucket.micro_tokens - i128::from(delta) * MICRO)
+        .clamp(-params.full_micro(), params.full_micro());
     bucket.encode()
 }
 
@@ -576,5 +577,18 @@ mod tests {
                 .1
                 .admitted
         );
+    }
+
+    /// A backend reporting a believable but huge usage puts the budget at most one period into
+    /// debt: 600 a minute, 9,000,000 used, and a minute later (twice the refill) it admits again.
+    #[test]
+    fn debt_is_at_most_one_bucket() {
+        let p = Params::tokens_per_minute(600);
+        let (w, _) = admit_cost(&p, Some(&p.initial_state()), T0, 10);
+        let state = settle(&p, w.as_deref(), T0, 9_000_000);
+        let (_, v) = admit_cost(&p, Some(&state), T0 + 60 * SEC, 1);
+        assert!(!v.admitted, "{v:?}");
+        let (_, v) = admit_cost(&p, Some(&state), T0 + 121 * SEC, 1);
+        assert!(v.admitted, "{v:?}");
     }
 }

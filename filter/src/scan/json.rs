@@ -1026,4 +1026,59 @@ mod tests {
             assert_eq!(&body[start..end], br#""ll\u0061ma""#, "split at {split}");
         }
     }
+    /// Issue 10's list of hostile bodies: each is refused (or read) the same whole and byte by
+    /// byte, and none makes the scanner hold more than its bounds.
+    #[test]
+    fn hostile_bodies_are_refused_within_the_bounds() {
+        let refused: &[&[u8]] = &[
+            br#"{"temperature":NaN,"model":"m"}"#,
+            br#"{"temperature":-Infinity,"model":"m"}"#,
+            br#"{"model":NaN}"#,
+            b"\xEF\xBB\xBF\xEF\xBB\xBF{\"model\":\"m\"}",
+            b"\xFF\xFE{\x00\"\x00m\x00",
+            br#"{"model":"a\ud800"}"#,
+            br#"{"model":{"model":"m"}}"#,
+            br#"{"model":true}"#,
+        ];
+        for body in refused {
+            assert!(is_invalid(&scan(body)), "{}", String::from_utf8_lossy(body));
+            assert!(
+                is_invalid(&scan_bytewise(body)),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        // What follows the model is not read (the backend judges it).
+        assert_eq!(scan(b"{\"model\":\"m\"\x00}"), found("m"));
+        // An escaped NUL is a (strange) name like any other: no instance serves it, a 404 says so.
+        assert_eq!(scan(br#"{"model":"\u0000"}"#), found("\0"));
+        // Deep nesting: refused at MAX_DEPTH, the stack never grows past it.
+        let mut s = JsonModelScanner::new(64);
+        let deep = format!(r#"{{"a":{}"#, "[".repeat(100_000));
+        assert!(is_invalid(&s.feed(deep.as_bytes())));
+        let mut s2 = JsonModelScanner::new(64);
+        for b in deep.as_bytes().iter().take(MAX_DEPTH + 10) {
+            s2.feed(std::slice::from_ref(b));
+        }
+        assert!(s2.stack.len() <= MAX_DEPTH);
+        assert_eq!(s.stack.capacity(), 0);
+        // A 5 MB model string is refused as soon as it passes the bound, holding no more.
+        let mut s = JsonModelScanner::new(64);
+        assert_eq!(s.feed(br#"{"model":""#), ScanOutcome::NeedMore);
+        let mut out = ScanOutcome::NeedMore;
+        let mut fed = 0;
+        while out == ScanOutcome::NeedMore && fed < 5 << 20 {
+            out = s.feed(&[b'm'; 16]);
+            fed += 16;
+            assert!(s.text.len() <= 64 + 4);
+        }
+        assert!(is_invalid(&out) && fed <= 80, "{out:?} after {fed}");
+        // Duplicate keys: the first top-level `model` decides, even when later ones differ in
+        // kind.
+        assert_eq!(scan(br#"{"model":"a","model":42}"#), found("a"));
+        assert_eq!(
+            scan_bytewise(br#"{"model":"a","model":{"x":1}}"#),
+            found("a")
+        );
+    }
 }

@@ -340,7 +340,11 @@ impl MultipartModelScanner {
             .unwrap_or_default()
             .to_vec();
         if keep == Keep::Field {
-            self.field_value = Some(String::from_utf8_lossy(content).trim().to_string());
+            // Too long to be a session key: skipped, as when it arrives in small chunks (and
+            // however it arrives, never kept past the bound).
+            if content.len() <= MAX_FIELD_BYTES {
+                self.field_value = Some(String::from_utf8_lossy(content).trim().to_string());
+            }
         } else {
             let model = match std::str::from_utf8(content) {
                 _ if content.len() > self.max_model_len => {
@@ -664,14 +668,7 @@ mod tests {
         ];
         for body in &cases {
             for chunk in [1, 5, 64, body.len()] {
-                let mut s = MultipartModelScanner::new("XyZ-42", 64, 1024).with_field("user");
-                let mut out = ScanOutcome::NeedMore;
-                for piece in body.chunks(chunk) {
-                    out = s.feed(piece);
-                    if out != ScanOutcome::NeedMore {
-                        break;
-                    }
-                }
+                let (out, s) = user_field_scan(body, chunk);
                 assert_eq!(out, found("m"), "chunk {chunk}");
                 assert_eq!(s.field(), Some("u-1"), "chunk {chunk}");
             }
@@ -681,5 +678,39 @@ mod tests {
         let mut s = MultipartModelScanner::new("XyZ-42", 64, 1024).with_field("user");
         assert_eq!(s.feed(&body), found("m"));
         assert_eq!(s.field(), None);
+    }
+    /// Scans `body` in `chunk`-byte pieces for the model and the `user` field.
+    fn user_field_scan(body: &[u8], chunk: usize) -> (ScanOutcome, MultipartModelScanner) {
+        let mut s = MultipartModelScanner::new("XyZ-42", 64, 1024).with_field("user");
+        let mut out = ScanOutcome::NeedMore;
+        for piece in body.chunks(chunk) {
+            out = s.feed(piece);
+            if out != ScanOutcome::NeedMore {
+                break;
+            }
+        }
+        (out, s)
+    }
+
+    /// Found by fuzzing (`multipart_model`): a field value longer than MAX_FIELD_BYTES was
+    /// kept whole when its part arrived in one chunk, and skipped when it arrived in pieces.
+    #[test]
+    fn a_field_too_long_to_keep_is_skipped_however_the_body_is_cut() {
+        for len in [
+            MAX_FIELD_BYTES,
+            MAX_FIELD_BYTES + 1,
+            MAX_FIELD_BYTES + 5,
+            4000,
+        ] {
+            let value = vec![b'u'; len];
+            let body = form("XyZ-42", &[("user", &value), ("model", b"m")], "\r\n");
+            for chunk in [1, 3, 64, 300, body.len()] {
+                let (out, s) = user_field_scan(&body, chunk);
+                assert_eq!(out, found("m"), "len {len} chunk {chunk}");
+                let kept = s.field().map(str::len);
+                let want = (len <= MAX_FIELD_BYTES).then_some(len);
+                assert_eq!(kept, want, "len {len} chunk {chunk}");
+            }
+        }
     }
 }

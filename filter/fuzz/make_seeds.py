@@ -1,0 +1,243 @@
+#!/usr/bin/env python3
+"""Writes the seed corpus of every fuzz target (corpus/<target>/seed-*) from realistic requests,
+answers and configurations. The fuzzers grow the corpus from there; run.sh calls this first.
+
+Each target's input layout (see fuzz_targets/): a first byte that chooses how the body is cut
+into chunks (0: byte by byte, 255: at once, else sizes from 1 to 64), then its own fields.
+"""
+import json
+import os
+import struct
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(sys.argv[1] if len(sys.argv) > 1 else HERE, "corpus")
+
+
+def write(target, name, data):
+    folder = os.path.join(OUT, target)
+    os.makedirs(folder, exist_ok=True)
+    if isinstance(data, str):
+        data = data.encode()
+    with open(os.path.join(folder, "seed-" + name), "wb") as f:
+        f.write(data)
+
+
+def chat(model="llama3.2:3b", **extra):
+    body = {"model": model, "messages": [{"role": "system", "content": "You are terse."},
+                                         {"role": "user", "content": "Say hi \"twice\" \u00e9 \U0001F600"}]}
+    body.update(extra)
+    return json.dumps(body)
+
+
+JSON_BODIES = {
+    "chat": chat(),
+    "chat-stream": chat(stream=True, stream_options={"include_usage": True}, max_tokens=64, user="u-1"),
+    "model-last": json.dumps({"messages": [{"role": "user", "content": "x" * 200}], "temperature": 0.7,
+                              "top_p": 1e-3, "n": -1, "stop": None, "logprobs": False, "model": "qwen2"}),
+    "embeddings": json.dumps({"input": ["a", "b"], "model": "bge-m3", "encoding_format": "float"}),
+    "rerank": json.dumps({"model": "bge-reranker", "query": "q", "documents": ["d1", "d2"], "top_n": 1}),
+    "speech": json.dumps({"model": "tts-1", "input": "hello", "voice": "alloy"}),
+    "images": json.dumps({"prompt": "a cat", "model": "sd-xl", "size": "1024x1024"}),
+    "escaped": '{"m\\u006fdel":"ll\\u0061ma \\ud83d\\ude00\\n\\t\\/"}',
+    "bom": "\ufeff" + chat(),
+    "duplicate": '{"model":"first","model":"second"}',
+    "nested-model": '{"a":{"model":"inner"},"b":[{"model":1}],"model":"outer"}',
+    "not-a-string": '{"model":42}',
+    "null-model": '{"model":null,"messages":[]}',
+    "empty": "{}",
+    "deep": '{"a":' + "[" * 130 + "]" * 130 + ',"model":"m"}',
+    "nan": '{"temperature":NaN,"model":"m"}',
+    "numbers": '{"a":[0,-0,1.5e10,-2E-3,123456789012345678901234567890],"model":"m"}',
+    "truncated": chat()[:40],
+    "ws": ' \n\t{ "model" :\r\n "spaced" } ',
+}
+
+
+def multipart(boundary, parts, eol="\r\n"):
+    out = b""
+    for name, filename, content in parts:
+        out += ("--" + boundary + eol).encode()
+        disposition = 'Content-Disposition: form-data; name="%s"' % name
+        if filename:
+            disposition += '; filename="%s"' % filename
+        out += (disposition + eol).encode()
+        if filename:
+            out += ("Content-Type: audio/wav" + eol).encode()
+        out += eol.encode() + content + eol.encode()
+    return out + ("--" + boundary + "--" + eol).encode()
+
+
+AUDIO = b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(range(256)) + b"\r\n--not-the-boundary\r\n"
+MULTIPART = {
+    "model-first": ("b0undary", [("model", None, b"whisper-1"), ("file", "a.wav", AUDIO)], "\r\n"),
+    "model-last": ("----WebKitFormBoundary7MA4YWxkTrZu0gW",
+                   [("file", "a.wav", AUDIO), ("language", None, b"en"), ("model", None, b"whisper-1")], "\r\n"),
+    "lf-only": ("x", [("model", None, b"m"), ("user", None, b"u-1")], "\n"),
+    "no-model": ("abc", [("file", "a.wav", AUDIO), ("prompt", None, b"hi")], "\r\n"),
+    "field-first": ("abc", [("user", None, b"session-9"), ("model", None, b"dall-e-2"),
+                            ("image", "i.png", b"\x89PNG\r\n\x1a\n")], "\r\n"),
+    "empty-model": ("abc", [("model", None, b"  ")], "\r\n"),
+}
+
+
+def content_type(boundary, quoted=False):
+    b = '"%s"' % boundary if quoted else boundary
+    return "multipart/form-data; charset=utf-8; boundary=" + b
+
+
+def header_map(pairs):
+    out = struct.pack("<I", len(pairs))
+    for name, value in pairs:
+        out += struct.pack("<II", len(name), len(value))
+    for name, value in pairs:
+        out += name + b"\0" + value + b"\0"
+    return out
+
+
+HEADERS = [
+    (b":authority", b"gateway:8080"), (b":path", b"/v1/chat/completions?x=1"), (b":method", b"POST"),
+    (b":scheme", b"http"), (b"content-type", b"application/json"), (b"x-jairouter-model", b"llama3"),
+    (b"authorization", b"Bearer sk-test"), (b"x-forwarded-for", b"1.2.3.4, 5.6.7.8"),
+    (b"x-bad", b"\xff\xfe"), (b"x-empty", b""),
+]
+
+SSE = "".join("data: %s\n\n" % json.dumps({"choices": [{"delta": {"content": t}}]})
+              for t in ["Hel", "lo", " 你好", "\\u754c"])
+SSE += 'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":5,"total_tokens":12}}\n\ndata: [DONE]\n\n'
+USAGE = {
+    "sse": SSE,
+    "sse-crlf": SSE.replace("\n", "\r\n"),
+    "sse-comments": ": keep-alive\n\nevent: message\nid: 1\nretry: 100\n" + SSE,
+    "sse-no-done": SSE.replace("data: [DONE]\n\n", ""),
+    "json": json.dumps({"id": "x", "object": "chat.completion", "choices": [
+        {"message": {"role": "assistant", "content": "hi", "tool_calls": [
+            {"function": {"name": "f", "arguments": "{\"a\":1}"}}]}}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 34, "total_tokens": 46,
+                  "prompt_tokens_details": {"cached_tokens": 5}}}),
+    "responses": json.dumps({"output": [{"content": [{"type": "output_text", "text": "ok"}]}],
+                             "usage": {"input_tokens": 3, "output_tokens": 4}}),
+    "huge-number": '{"usage":{"prompt_tokens":99999999999999999999999999,"completion_tokens":-1}}',
+    "error": '{"error":{"message":"boom","type":"server_error"}}',
+}
+
+
+def config(**model):
+    return json.dumps(model)
+
+
+INSTANCE = {"name": "llama3.2:3b", "base-url": "http://ollama:11434", "path": "/v1/chat/completions",
+            "weight": 1, "status": "active", "instance-id": "ollama-1",
+            "headers": {"Authorization": "Bearer x"}}
+CONFIGS = {
+    "minimal": config(services={"chat": {"instances": [{"name": "m", "base-url": "http://a:1"}]}}),
+    "full": config(**{
+        "load-balance": {"type": "round-robin", "virtual-nodes": 150, "hash-header": "x-session-id",
+                         "hash-field": "user", "latency-decay-ms": 10000, "hash-algorithm": "md5"},
+        "rate-limit": {"enabled": True, "algorithm": "token-bucket", "capacity": 100, "rate": 10,
+                       "scope": "service", "client-ip-enable": False, "window": 1,
+                       "warm-up-period": 600, "cold-factor": 3, "max-clients": 10000},
+        "token-limit": {"tokens-per-minute": 100000, "scope": "model", "completion-estimate": 256},
+        "circuit-breaker": {"enabled": True, "failure-threshold": 5, "timeout": 60000,
+                            "success-threshold": 2},
+        "health-check": {"interval": 30000, "timeout": 5000, "path": "/v1/models",
+                         "unhealthy-threshold": 2, "healthy-threshold": 1},
+        "retries": 2, "retry-uploads": False, "request-timeout": 0,
+        "fallback": {"enabled": True, "strategy": "default", "models": {"llama3": ["qwen2", "mistral"]}},
+        "gateway": {"max-body-bytes": 10485760, "instance-header": True, "trusted-hops": 0,
+                    "global-rate-limit": {"address": "ratelimit:8081", "domain": "jairouter",
+                                          "failure-mode-deny": False, "timeout-ms": 20}},
+        "services": {
+            "chat": {"load-balance": {"type": "consistent-hash"},
+                     "rate-limit": {"enabled": True, "algorithm": "sliding-window", "rate": 5, "window": 2},
+                     "instances": [INSTANCE, dict(INSTANCE, **{"instance-id": "ollama-2", "weight": 1000000,
+                                                               "base-url": "https://10.0.0.2:8443/prefix"})]},
+            "embedding": {"load-balance": {"type": "least-latency"},
+                          "instances": [{"name": "bge", "base-url": "http://[::1]:9000"}]},
+            "stt": {"instances": [{"name": "whisper", "base-url": "http://w:1", "rate-limit":
+                                   {"enabled": True, "algorithm": "warm-up"}}]},
+            "imgEdit": {"load-balance": {"type": "header-hash", "hash-header": "x-s"},
+                        "instances": [{"name": "sd", "base-url": "http://s:1", "weight": 0}]},
+        }}),
+    "api-keys": json.dumps({"model": {"services": {"chat": {"instances": [{"name": "m", "base-url": "http://a:1"}]}}},
+                            "jairouter": {"security": {"api-key": {
+                                "enabled": True, "header-name": "X-API-Key",
+                                "keys": [{"key-id": "k1",
+                                          "key-hash": "AAECAwQFBgcICQoLDA0ODw==:sa4gYuhJK4q61rnyE//ZA1qX3uRJHYwKS+96Zq5aMLs=",
+                                          "permissions": ["chat"], "expires-at": "2030-01-01T00:00:00Z",
+                                          "rate-limit-per-minute": 10, "tokens-per-minute": 1000}]}}}}),
+    "absurd": config(services={"chat": {"instances": [
+        {"name": "m", "base-url": "http://a:1", "weight": 2 ** 63},
+        {"name": "m", "base-url": "http://b:1", "weight": -1}]}},
+        **{"rate-limit": {"enabled": True, "capacity": 0, "rate": -5}}),
+    "many": config(services={"chat": {"load-balance": {"type": "ip-hash", "virtual-nodes": 10000},
+                                      "instances": [{"name": "m%d" % (i % 3), "base-url": "http://h%d:1" % i,
+                                                     "weight": i * 1000 + 1} for i in range(40)]}}),
+    "empty-instances": config(services={"chat": {"instances": []}}),
+}
+
+AUTH = {
+    "claim-text": b"\x00chat embedding,admin",
+    "claim-list": b"\x00" + header_map([(b"chat", b""), (b"rerank", b"")]),
+    "b64": b"\x01AAECAwQFBgcICQoLDA0ODw==",
+    "b64-nopad": b"\x01sa4gYuhJK4q61rnyE//ZA1qX3uRJHYwKS+96Zq5aMLs",
+    "time": b"\x022027-01-31T12:30:00.123+05:30",
+    "date": b"\x022024-02-29",
+    "keys": b"\x03" + json.dumps({"enabled": True, "keys": [
+        {"key-id": "a", "key-hash": "c2FsdHNhbHRzYWx0:AAAA", "permissions": ["chat", "admin"],
+         "models": ["m"], "allowed-addresses": ["10.0.0.0/8"], "daily-request-limit": 5}]}).encode(),
+}
+
+PATHS = ["/v1/chat/completions", "/api/v1/embeddings?x=1&y=%00", "/v1/models", "/v1/models/qwen2.5:7b",
+         "/v1/models/a/b/../c", "/v1/audio/transcriptions/", "/v2/x#frag", "//v1//chat", "[::1]:8080",
+         "10.0.0.1:5678", "speech-to-text", "/" + "a/" * 300, "/v1/chat/completions?" + "q=" * 200]
+
+
+def main():
+    for name, body in JSON_BODIES.items():
+        for seed in (0, 7, 255):
+            write("json_model", "%s-%d" % (name, seed), bytes([seed]) + body.encode())
+    for name, (boundary, parts, eol) in MULTIPART.items():
+        body = multipart(boundary, parts, eol)
+        for seed in (0, 13, 255):
+            for quoted in (False, True):
+                ct = content_type(boundary, quoted).encode()
+                write("multipart_model", "%s-%d-%d" % (name, seed, quoted),
+                      bytes([seed]) + ct + b"\n" + body)
+    write("header_pairs", "envoy", header_map(HEADERS))
+    write("header_pairs", "lines", b"\n".join(n + b":" + v for n, v in HEADERS))
+    write("header_pairs", "lying-count", struct.pack("<I", 0xFFFFFFFF) + header_map(HEADERS)[4:])
+    for i, path in enumerate(PATHS):
+        write("endpoint_path", str(i), path)
+    for name, body in USAGE.items():
+        for seed in (0, 3, 255):
+            write("usage_stream", "%s-%d" % (name, seed), bytes([seed]) + body.encode())
+    for name, text in CONFIGS.items():
+        write("router_config", name, text)
+    for name, data in AUTH.items():
+        write("auth_inputs", name, data)
+    for kind in range(8):
+        ops = bytes([kind]) + struct.pack("<QQQQQ", 10, 2, 50, 600, 3) + struct.pack("<Q", 10 ** 12)
+        for i in range(40):
+            ops += bytes([i % 8]) + struct.pack("<Q", 10 ** 8 * (i % 5))
+        write("rate_bucket", str(kind), ops)
+    requests = [
+        (b"POST /v1/chat/completions?stream=true", b"application/json", b"", b"", chat(user="u-7").encode()),
+        (b"POST /api/v1/chat/completions", b"application/json", b"", b"sess-1", chat(max_tokens=5).encode()),
+        (b"POST /v1/chat/completions", b"application/json", b"qwen", b"", chat(user="x").encode()),
+        (b"POST /v1/embeddings", b"application/json; charset=utf-8", b"", b"",
+         JSON_BODIES["embeddings"].encode()),
+        (b"POST /v1/audio/transcriptions", content_type("b0undary").encode(), b"", b"",
+         multipart(*MULTIPART["model-first"])),
+        (b"POST /v1/images/edits", content_type("abc").encode(), b"", b"", multipart(*MULTIPART["field-first"])),
+        (b"GET /v1/models/llama", b"", b"", b"", b""),
+        (b"POST /v1/chat/completions", b"application/json", b"", b"", JSON_BODIES["deep"].encode()),
+    ]
+    for i, (line, ct, model, session, body) in enumerate(requests):
+        for seed in (0, 9, 255):
+            write("request_decision", "%d-%d" % (i, seed),
+                  bytes([seed]) + b"\n".join([line, ct, model, session, body]))
+
+
+if __name__ == "__main__":
+    main()
