@@ -6,7 +6,9 @@ Variants, all in front of the same fast backend (jairouter-bench-backend) on loo
   wasm-noop Envoy with a proxy-wasm filter that does nothing (what any wasm filter costs)
   jairouter Envoy with our filter and the day's features on: routing by the body's model,
             round-robin over two instances, request and token limits that never fire,
-            circuit breakers
+            circuit breakers, retries, metrics, the access log, an API key (with quotas that
+            never fire) on every request
+  jairouter-no-keys  the same without API keys
   litellm   LiteLLM's proxy routing the same model to the same backend (production settings:
             one worker, no verbose logging), when it can be installed
 
@@ -231,6 +233,7 @@ class NoopWasm(PlainEnvoy):
 
 class JAiRouter(PlainEnvoy):
     name = "jairouter"
+    api_keys = True
 
     def start(self, backend_port, workdir):
         port, admin = free_port(), free_port()
@@ -245,16 +248,34 @@ class JAiRouter(PlainEnvoy):
                 "chat": {"instances": [instance(0), instance(1)]},
                 "embedding": {"instances": [instance(0), instance(1)]},
             }}}
+        if self.api_keys:
+            self.add_api_key(config)
         app = workdir / "application.yml"
         app.write_text(yaml.safe_dump(config))
         path = workdir / "jairouter.json"
         subprocess.run([str(RENDER), "bootstrap", str(app), "--wasm", str(WASM), "--port", str(port),
-                        "--admin-port", str(admin), "--out", str(path)], check=True)
+                        "--admin-port", str(admin), "--status-port", "none", "--out", str(path)], check=True)
         self.launch(path, port, admin, workdir)
+
+    def add_api_key(self, config: dict) -> None:
+        """API keys on, as a production gateway runs: one key whose quotas never fire."""
+        key = "sk-bench-" + os.urandom(16).hex()
+        key_hash = subprocess.run([str(RENDER), "hash-key"], input=key, capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        config["jairouter"] = {"security": {"api-key": {"keys": [{
+            "key-id": "bench", "key-hash": key_hash, "permissions": ["admin"],
+            "rate-limit-per-minute": 1_000_000_000_000, "tokens-per-minute": 1_000_000_000_000}]}}}
+        self.headers = {"authorization": f"Bearer {key}"}
 
     def vm_memory(self) -> dict[str, int]:
         text = httpx.get(self.admin + "/stats/prometheus", timeout=10).text
         return {m.group(1): int(m.group(2)) for m in re.finditer(r'jairouter_vm_memory_bytes\{vm="([^"]+)"\} (\d+)', text)}
+
+
+class JAiRouterWithoutKeys(JAiRouter):
+    """The same without API keys: what authentication and per-key quotas cost, in the same run."""
+    name = "jairouter-no-keys"
+    api_keys = False
 
 
 class LiteLLM(Variant):
@@ -367,7 +388,8 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="jairouter-bench-"))
     backend = subprocess.Popen([str(BACKEND)], stdout=subprocess.PIPE, text=True, start_new_session=True)
     backend_port = int(backend.stdout.readline().split()[1])
-    variants: list[Variant] = [Direct(backend, backend_port), PlainEnvoy(), NoopWasm(), JAiRouter()]
+    variants: list[Variant] = [Direct(backend, backend_port), PlainEnvoy(), NoopWasm(), JAiRouter(),
+                               JAiRouterWithoutKeys()]
     litellm_note = ""
     if not args.no_litellm and LITELLM.exists():
         variants.append(LiteLLM())
@@ -539,7 +561,8 @@ def targets(results, streaming, vm_before, vm_after) -> list[str]:
 def chart(results, names) -> str:
     """Requests/s per workload and variant, as grouped bars (log scale), in plain SVG."""
     import math
-    colors = {"direct": "#999999", "envoy": "#4c78a8", "jairouter": "#f58518", "litellm": "#54a24b"}
+    colors = {"direct": "#999999", "envoy": "#4c78a8", "jairouter": "#f58518", "jairouter-no-keys": "#ffbf79",
+              "litellm": "#54a24b"}
     width, row, bar = 760, 34 * len(names) + 20, 30
     height = 40 + row * len(results)
     top = max(statistics.median([r.rps for r in runs]) for per in results.values() for runs in per.values() if runs)
