@@ -60,6 +60,20 @@ fn api_key_section(value: &Value) -> Option<Value> {
         .cloned()
 }
 
+/// Reads the configuration file and, when given, the API keys' file (errors name the file),
+/// with placeholders filled from the process's environment.
+pub fn load_files(file: &str, api_keys: Option<&str>) -> Result<AppConfig, String> {
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let read =
+        |path: &str| std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"));
+    let mut app = load(&read(file)?, &env).map_err(|e| format!("{file}: {e}"))?;
+    if let Some(keys_file) = api_keys {
+        app.add_api_keys(&read(keys_file)?, &env)
+            .map_err(|e| format!("{keys_file}: {e}"))?;
+    }
+    Ok(app)
+}
+
 pub fn load(text: &str, env: &HashMap<String, String>) -> Result<AppConfig, String> {
     let mut model: Option<Value> = None;
     let mut api_keys: Option<Value> = None;

@@ -140,7 +140,7 @@ pub fn watch(
         if text.is_some() && text != last_text {
             last_text = text;
             match load(file) {
-                Err(e) => println!("jairouter-render: {file}: refused, nothing changed: {e}"),
+                Err(e) => println!("jairouter-render: refused, nothing changed: {e}"),
                 Ok(Loaded {
                     model,
                     router: Err(e),

@@ -67,15 +67,7 @@ fn run(args: &[String]) -> Result<(), String> {
     }
     let (file, flags) = rest.split_first().ok_or(USAGE)?;
     let flags = parse_flags(flags)?;
-    let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read {file}: {e}"))?;
-    let env: HashMap<String, String> = std::env::vars().collect();
-    let mut app = app_config::load(&text, &env).map_err(|e| format!("{file}: {e}"))?;
-    if let Some(keys_file) = flags.get("api-keys") {
-        let text = std::fs::read_to_string(keys_file)
-            .map_err(|e| format!("cannot read {keys_file}: {e}"))?;
-        app.add_api_keys(&text, &env)
-            .map_err(|e| format!("{keys_file}: {e}"))?;
-    }
+    let app = app_config::load_files(file, flags.get("api-keys").map(String::as_str))?;
     let filter_config = app.filter_config();
     let router = RouterConfig::from_value(&filter_config).map_err(|e| format!("{file}: {e}"))?;
     match command.as_str() {
@@ -191,20 +183,11 @@ fn watch_command(rest: &[String]) -> Result<(), String> {
         Ok(std::time::Duration::from_millis(ms))
     };
     let opts = options(&flags, None)?;
-    let env: HashMap<String, String> = std::env::vars().collect();
     let keys_file = flags.get("api-keys").cloned();
     let mut files = vec![file.clone()];
     files.extend(keys_file.clone());
     let load = |file: &str| -> Result<live::Loaded, String> {
-        let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read: {e}"))?;
-        let mut app = app_config::load(&text, &env)?;
-        if let Some(keys_file) = &keys_file {
-            let text = std::fs::read_to_string(keys_file)
-                .map_err(|e| format!("cannot read {keys_file}: {e}"))?;
-            app.add_api_keys(&text, &env)
-                .map_err(|e| format!("{keys_file}: {e}"))?;
-        }
-        let model = app.filter_config();
+        let model = app_config::load_files(file, keys_file.as_deref())?.filter_config();
         let router = RouterConfig::from_value(&model).map_err(|e| e.to_string());
         Ok(live::Loaded { model, router })
     };

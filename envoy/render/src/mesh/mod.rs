@@ -73,16 +73,7 @@ jairouter-render envoy-gateway FILE [--api-keys KEYS] --wasm-url URL [--wasm-sha
 
 /// The filter's configuration (what `plugin-config` prints) and what it compiles to.
 fn load(file: &str, api_keys: Option<&str>) -> Result<(Value, RouterConfig), String> {
-    let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read {file}: {e}"))?;
-    let env: HashMap<String, String> = std::env::vars().collect();
-    let mut app = app_config::load(&text, &env).map_err(|e| format!("{file}: {e}"))?;
-    if let Some(keys_file) = api_keys {
-        let text = std::fs::read_to_string(keys_file)
-            .map_err(|e| format!("cannot read {keys_file}: {e}"))?;
-        app.add_api_keys(&text, &env)
-            .map_err(|e| format!("{keys_file}: {e}"))?;
-    }
-    let filter_config = app.filter_config();
+    let filter_config = app_config::load_files(file, api_keys)?.filter_config();
     let router = RouterConfig::from_value(&filter_config).map_err(|e| format!("{file}: {e}"))?;
     Ok((filter_config, router))
 }
