@@ -81,8 +81,13 @@ cmd_test() {
   log "unit tests, wasm32 (wasm-bindgen-test under node)"
   CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
     cargo test -p jairouter-filter --lib --target "$WASM_TARGET"
-  log "fuzzing every parser a few seconds (inputs that once crashed first; ./build.sh fuzz for longer)"
-  FUZZ_JOBS=2 "$ROOT/filter/fuzz/run.sh" "${FUZZ_SECONDS:-5}"
+  if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+    log "fuzzing every parser a few seconds (inputs that once crashed first; ./build.sh fuzz for longer)"
+    FUZZ_JOBS=2 "$ROOT/filter/fuzz/run.sh" "${FUZZ_SECONDS:-5}"
+  else
+    # The inputs that once crashed are unit tests too, so they ran above on stable.
+    log "fuzzing skipped: cargo-fuzz needs the nightly toolchain, which this machine lacks"
+  fi
   ensure_prometheus
   log "Kubernetes tools (Helm, Compose, schema validator) for the manifest checks"
   "$ROOT/k8s/tools/install.sh" "$VENV"
