@@ -182,3 +182,15 @@ def test_status_page_is_on_the_admin_side_only(gateway, stubs):
     error_of(r)
     # The status listener only answers GET /status.
     assert httpx.get(f"http://127.0.0.1:{gw.status_port}/v1/models", timeout=5).status_code == 404
+
+
+def test_health_checks_follow_a_reload(gateway, stubs):
+    """The process's health checker reads the configuration the filter publishes: an instance
+    added by an edit gets checked, with no restart."""
+    a, b = stubs("a", "b")
+    checks = {"health-check": {"interval": 200, "timeout": 150}}
+    gw = gateway(chat_config(instance("m", a), **checks))
+    gw.watch()
+    wait_for(lambda: any(r.path == "/v1/models" for r in a.requests), 5, "a is checked")
+    gw.write_config(chat_config(instance("m", a), instance("m", b), **checks))
+    wait_for(lambda: any(r.path == "/v1/models" for r in b.requests), 5, "the added instance is checked")

@@ -13,6 +13,9 @@ use serde_json::{json, Value};
 /// (its plugin configuration, verbatim): the health checker and the status page read it, so
 /// they follow every reload without a configuration of their own.
 pub const CONFIG_KEY: &str = "jairouter/config";
+/// Its version (`config_version`), written after it: what the health checker polls each tick,
+/// so it copies the configuration out of shared data only when it changed.
+pub const CONFIG_VERSION_KEY: &str = "jairouter/config-version";
 
 /// The configuration's version as the status page and logs name it: a fingerprint of its bytes.
 pub fn config_version(bytes: &[u8]) -> String {

@@ -18,7 +18,7 @@ use crate::request::{
     RequestHead, Routed, TokenClaims, TokenReservation,
 };
 use crate::scan::ScanOutcome;
-use crate::status::{config_version, status_json, CONFIG_KEY};
+use crate::status::{config_version, status_json, CONFIG_KEY, CONFIG_VERSION_KEY};
 use crate::store::{ensure_counter, SharedStore, StoreError};
 use crate::usage::{Usage, UsageScanner};
 use proxy_wasm::hostcalls;
@@ -95,8 +95,8 @@ const STATUS_ROOT_ID: &str = "jairouter-status";
 #[derive(Default)]
 struct HealthRun {
     checker: Option<Checker>,
-    /// The CAS of the published configuration the checker was built from.
-    config_cas: Option<u32>,
+    /// The version of the published configuration the checker was built from.
+    config_version: Option<Vec<u8>>,
     pending: HashMap<u32, usize>,
 }
 
@@ -240,12 +240,12 @@ impl Root {
         let Some(run) = self.health.as_mut() else {
             return;
         };
-        let (bytes, cas) = HostStore.get(CONFIG_KEY);
-        if cas.is_none() || cas == run.config_cas {
+        let (version, _) = HostStore.get(CONFIG_VERSION_KEY);
+        if version.is_none() || version == run.config_version {
             return;
         }
-        run.config_cas = cas;
-        let Some(bytes) = bytes else {
+        run.config_version = version;
+        let (Some(bytes), _) = HostStore.get(CONFIG_KEY) else {
             return;
         };
         let config = match RouterConfig::from_json(&bytes) {
@@ -363,6 +363,7 @@ impl RootContext for Root {
                         let _ = HostStore.set(&key, &[], None);
                     }
                     let _ = HostStore.set(CONFIG_KEY, &bytes, None);
+                    let _ = HostStore.set(CONFIG_VERSION_KEY, version.as_bytes(), None);
                 }
                 let _ = hostcalls::set_tick_period(MEMORY_REPORT_PERIOD);
                 let instances = config.instances().count();
@@ -579,10 +580,12 @@ impl HttpContext for Request {
             .flatten();
         let keys = &self.config.api_keys;
         let token = self.config.gateway.jwt.as_ref().and_then(verified_claims);
+        // Without API keys nothing reads the credential headers: no lookups.
+        let credential = |name: &str| keys.enabled().then(|| headers.get(name)).flatten();
         let authenticated = authenticate(
             &self.config,
-            headers.get("authorization"),
-            headers.get(keys.header_name()),
+            credential("authorization"),
+            credential(keys.header_name()),
             self.client.as_deref(),
             now,
             token,
