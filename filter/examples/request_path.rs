@@ -8,7 +8,7 @@
 )]
 
 use jairouter_filter::config::RouterConfig;
-use jairouter_filter::request::{on_request_headers, BodyStep, HeadDecision, Host, RequestHead};
+use jairouter_filter::request::{on_request_headers, BodyStep, HeadDecision, RouteInputs, RequestHead};
 use jairouter_filter::store::MemoryStore;
 use jairouter_filter::usage::UsageScanner;
 use serde_json::json;
@@ -48,10 +48,10 @@ fn main() {
         let n = 200_000u32;
         let start = Instant::now();
         for i in 0..n {
-            let host = Host {
+            let host = RouteInputs {
                 store: &store,
                 random: u64::from(i),
-                now_ns: 1_000_000_000 + u64::from(i) * 1000,
+                clock: &move || 1_000_000_000 + u64::from(i) * 1000,
                 client: None,
                 api_key: None,
                 caller: None,
@@ -79,7 +79,7 @@ fn main() {
                 usage.feed(response.as_bytes());
                 let used = usage.usage().charge(tokens.prompt_estimate);
                 cfg.limits
-                    .settle_tokens(&store, &tokens.grants, used, host.now_ns);
+                    .settle_tokens(&store, &tokens.grants, used, host.now_ns());
             }
         }
         let per = start.elapsed().as_nanos() as f64 / f64::from(n);

@@ -8,7 +8,7 @@
 
 use crate::config::reader::{error, join, kind, show, ConfigError, Fields};
 use crate::endpoint::ServiceType;
-use crate::request::LocalReply;
+use crate::reply::{ClientError, LocalReply};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -396,39 +396,31 @@ fn pairs_keys(bytes: &[u8]) -> Option<Vec<String>> {
 }
 
 impl AuthError {
-    pub fn status(&self) -> u16 {
+    /// The catalogue's entry for it (status, OpenAI type and code).
+    pub fn error(&self) -> ClientError {
         match self {
-            AuthError::MissingKey { .. }
-            | AuthError::InvalidKey
-            | AuthError::InvalidToken
-            | AuthError::DisabledKey { .. }
-            | AuthError::ExpiredKey { .. } => 401,
-            AuthError::AddressNotAllowed { .. }
-            | AuthError::ServiceNotPermitted { .. }
-            | AuthError::ModelNotPermitted { .. } => 403,
+            AuthError::MissingKey { .. } => ClientError::MissingApiKey,
+            AuthError::InvalidKey | AuthError::DisabledKey { .. } => ClientError::InvalidApiKey,
+            AuthError::InvalidToken => ClientError::InvalidToken,
+            AuthError::ExpiredKey { .. } => ClientError::ExpiredApiKey,
+            AuthError::AddressNotAllowed { .. } => ClientError::AddressNotAllowed,
+            AuthError::ServiceNotPermitted { .. } => ClientError::ServiceNotPermitted,
+            AuthError::ModelNotPermitted { .. } => ClientError::ModelNotPermitted,
         }
+    }
+
+    pub fn status(&self) -> u16 {
+        u16::try_from(self.error().status()).unwrap_or(500)
     }
 
     /// The OpenAI error `code`.
     pub fn code(&self) -> &'static str {
-        match self {
-            AuthError::MissingKey { .. } => "missing_api_key",
-            AuthError::InvalidKey | AuthError::DisabledKey { .. } => "invalid_api_key",
-            AuthError::InvalidToken => "invalid_token",
-            AuthError::ExpiredKey { .. } => "expired_api_key",
-            AuthError::AddressNotAllowed { .. } => "ip_not_allowed",
-            AuthError::ServiceNotPermitted { .. } => "service_not_permitted",
-            AuthError::ModelNotPermitted { .. } => "model_not_permitted",
-        }
+        self.error().code()
     }
 
     /// The OpenAI error `type`.
     pub fn error_type(&self) -> &'static str {
-        if self.status() == 401 {
-            "authentication_error"
-        } else {
-            "permission_error"
-        }
+        self.error().shape().1
     }
 
     /// The message for the client: names the key by its id, never shows the key.
@@ -471,18 +463,7 @@ impl AuthError {
 
     /// The OpenAI-shaped error reply, with `WWW-Authenticate: Bearer` on a 401.
     pub fn reply(&self) -> LocalReply {
-        let mut reply = LocalReply::error(
-            u32::from(self.status()),
-            self.error_type(),
-            self.code(),
-            &self.message(),
-        );
-        if self.status() == 401 {
-            reply
-                .headers
-                .push(("www-authenticate", "Bearer".to_string()));
-        }
-        reply
+        LocalReply::error(self.error(), &self.message())
     }
 }
 

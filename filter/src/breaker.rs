@@ -269,6 +269,13 @@ pub fn admit(
     decision.unwrap_or(Admission::Closed { clean: true })
 }
 
+/// Whether counting `outcome` for a request admitted as `admission` can change the breaker: a
+/// success or a neutral end after a clean admission cannot, so it needs no shared-data access
+/// at all (a failure another worker counted meanwhile is reset by the next unclean success).
+pub fn record_changes(admission: Admission, outcome: Outcome) -> bool {
+    admission != (Admission::Closed { clean: true }) || outcome == Outcome::Failure
+}
+
 /// Counts the end of a request admitted as `admission`; returns the state change, if any.
 pub fn record(
     store: &dyn SharedStore,
@@ -278,7 +285,7 @@ pub fn record(
     outcome: Outcome,
     now_ns: u64,
 ) -> Option<(State, State)> {
-    if admission == (Admission::Closed { clean: true }) && outcome != Outcome::Failure {
+    if !record_changes(admission, outcome) {
         return None;
     }
     transact(store, key, |value| {

@@ -3,7 +3,11 @@
 //! id); it writes its verdicts into each instance's state in shared data, where every worker's
 //! admission reads them (`breaker::admit`). Unknown is healthy.
 
+use crate::breaker;
 use crate::config::{HealthCheckPolicy, RouterConfig};
+use crate::status::{config_version, CONFIG_KEY, CONFIG_VERSION_KEY};
+use crate::store::SharedStore;
+use std::collections::HashMap;
 
 /// One instance to check.
 #[derive(Debug, Clone)]
@@ -114,6 +118,113 @@ impl Checker {
             }
         }
         None
+    }
+}
+
+/// The process's health checker as it runs: it checks what the routing filter last published
+/// (`CONFIG_KEY`), so it follows every reload, and knows which answer belongs to which target.
+#[derive(Default)]
+pub struct HealthRun {
+    checker: Option<Checker>,
+    /// The version of the published configuration the checker was built from.
+    config_version: Option<Vec<u8>>,
+    /// Checks on their way, by the host's call token.
+    pending: HashMap<u32, usize>,
+}
+
+impl HealthRun {
+    /// Rebuilds the checker when the routing filter has published another configuration (one
+    /// small read a tick otherwise); returns how often to tick (ms) when it rebuilt.
+    pub fn follow(&mut self, store: &dyn SharedStore) -> Option<u64> {
+        let (version, _) = store.get(CONFIG_VERSION_KEY);
+        if version.is_none() || version == self.config_version {
+            return None;
+        }
+        self.config_version = version;
+        let (Some(bytes), _) = store.get(CONFIG_KEY) else {
+            return None;
+        };
+        let config = match RouterConfig::from_json(&bytes) {
+            Ok(config) => config,
+            Err(e) => {
+                log::error!("health checks: published configuration unreadable: {e}");
+                return None;
+            }
+        };
+        let checker = Checker::new(&config);
+        if self.checker.is_none() {
+            // A (re)started checker knows nothing yet, and unknown is healthy. A checker
+            // rebuilt by a reload keeps what it knew: unchanged instances keep their state keys.
+            for target in checker.targets() {
+                breaker::set_unhealthy(store, &target.state_key, false);
+            }
+        }
+        log::info!(
+            "health checks: {} instances (configuration {})",
+            checker.targets().len(),
+            config_version(&bytes)
+        );
+        let tick_ms = checker.tick_ms();
+        self.checker = Some(checker);
+        // Answers still on their way belong to the old target list.
+        self.pending.clear();
+        Some(tick_ms)
+    }
+
+    /// The checks due now, by target index (each is in flight until `answered` or `not_sent`).
+    pub fn due(&mut self, now_ns: u64) -> Vec<usize> {
+        self.checker
+            .as_mut()
+            .map(|c| c.due(now_ns))
+            .unwrap_or_default()
+    }
+
+    pub fn target(&self, at: usize) -> Option<&Target> {
+        self.checker.as_ref()?.targets().get(at)
+    }
+
+    /// The host took the check of target `at` and will answer under `token`.
+    pub fn sent(&mut self, token: u32, at: usize) {
+        self.pending.insert(token, at);
+    }
+
+    /// The answer to the check sent under `token`: its status, or `None` when Envoy gave up
+    /// (timeout, reset, no connection).
+    pub fn answered(&mut self, token: u32, status: Option<u32>, store: &dyn SharedStore) {
+        if let Some(at) = self.pending.remove(&token) {
+            self.record(at, status, store);
+        }
+    }
+
+    /// The host refused to send the check: it counts as failed.
+    pub fn not_sent(&mut self, at: usize, store: &dyn SharedStore) {
+        self.record(at, None, store);
+    }
+
+    /// Counts a check's result and writes a change of verdict where every worker reads it.
+    fn record(&mut self, at: usize, status: Option<u32>, store: &dyn SharedStore) {
+        let Some(checker) = self.checker.as_mut() else {
+            return;
+        };
+        let verdict = checker.result(at, status);
+        let Some(target) = checker.targets().get(at) else {
+            return;
+        };
+        match verdict {
+            Some(Verdict::MarkedDown) => {
+                log::warn!(
+                    "instance {} marked down by health checks (last: {})",
+                    target.instance_id,
+                    status.map_or("no answer".to_string(), |s| format!("status {s}"))
+                );
+                breaker::set_unhealthy(store, &target.state_key, true);
+            }
+            Some(Verdict::MarkedUp) => {
+                log::warn!("instance {} healthy again", target.instance_id);
+                breaker::set_unhealthy(store, &target.state_key, false);
+            }
+            None => {}
+        }
     }
 }
 

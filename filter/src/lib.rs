@@ -1,17 +1,25 @@
 //! JAiRouter for Envoy: model routing for the OpenAI API as a proxy-wasm filter.
 //!
-//! Everything but `wasm` is plain Rust with no host calls, so it is tested natively and under
-//! wasm32; `wasm` binds it to proxy-wasm contexts.
+//! Layers, each importing only those before it: `config` (what users write, validated) →
+//! the compiled plan every request shares → `request` (the routing decision) and `exchange`
+//! (one request from routing to its log line), reaching Envoy only through `host::Host` →
+//! `wasm`, the thin proxy-wasm binding. Everything but `wasm` is plain Rust, tested natively
+//! and under wasm32. See ARCHITECTURE.md.
+#![deny(unsafe_code)]
 
 pub mod auth;
 pub mod balance;
 pub mod breaker;
 pub mod config;
 pub mod endpoint;
+pub mod exchange;
 pub mod headers;
 pub mod health;
+pub mod host;
+pub mod install;
 pub mod limit;
 pub mod metrics;
+pub mod reply;
 pub mod request;
 pub mod scan;
 pub mod status;

@@ -12,6 +12,7 @@ use crate::config::{
 use crate::endpoint::{classify, Endpoint, Route, ServiceType};
 use crate::limit::bucket::Verdict;
 use crate::limit::{openai_duration, retry_after_secs, Grant, Phase, Refusal, Subject, Unit};
+use crate::reply::{ClientError, LocalReply, DEFAULT_RETRY_AFTER_SECS};
 use crate::scan::json::JsonModelScanner;
 use crate::scan::multipart::{boundary_from_content_type, MultipartModelScanner};
 use crate::scan::ScanOutcome;
@@ -22,51 +23,6 @@ const MAX_PART_HEADER_BYTES: usize = 16 * 1024;
 
 /// Instances tried when instance-level limits refuse.
 const MAX_INSTANCE_TRIES: usize = 3;
-
-/// A response the filter sends itself, always an OpenAI-shaped error or a model list.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LocalReply {
-    pub status: u32,
-    pub headers: Vec<(&'static str, String)>,
-    pub body: String,
-    /// The service the request was for, once known (a metrics label).
-    pub service: Option<ServiceType>,
-    /// The rate limit that refused it (index into `Limits::list`), for a 429 of ours.
-    pub limited_by: Option<usize>,
-    /// Why no instance took it, when that is the answer (for the access log).
-    pub reason: Option<&'static str>,
-}
-
-impl LocalReply {
-    fn json(status: u32, body: String) -> LocalReply {
-        LocalReply {
-            status,
-            headers: vec![("content-type", "application/json".to_string())],
-            body,
-            service: None,
-            limited_by: None,
-            reason: None,
-        }
-    }
-
-    /// `{"error":{"message","type","code"}}`, as the OpenAI API and its SDKs expect.
-    pub fn error(status: u32, kind: &str, code: &str, message: &str) -> LocalReply {
-        let body = serde_json::json!({
-            "error": {"message": message, "type": kind, "param": null, "code": code}
-        });
-        LocalReply::json(status, body.to_string())
-    }
-
-    fn because(mut self, reason: &'static str) -> LocalReply {
-        self.reason = Some(reason);
-        self
-    }
-
-    fn with_header(mut self, name: &'static str, value: &str) -> LocalReply {
-        self.headers.push((name, value.to_string()));
-        self
-    }
-}
 
 /// The request line and the headers the decision needs.
 #[derive(Clone, Copy)]
@@ -138,10 +94,12 @@ pub enum HeadDecision {
 
 /// The choices that depend on the host and the caller: shared data, randomness, the clock,
 /// the client.
-pub struct Host<'a> {
+pub struct RouteInputs<'a> {
     pub store: &'a dyn SharedStore,
     pub random: u64,
-    pub now_ns: u64,
+    /// The time in ns, asked only by a decision that needs it (the binding caches it per
+    /// callback: a request answered or held without it never reads the clock).
+    pub clock: &'a dyn Fn() -> u64,
     /// Envoy's view of the client address, without the port (ip-hash, consistent-hash).
     pub client: Option<&'a str>,
     /// The API key the request authenticated with (`authenticate`), by index: its quotas.
@@ -218,7 +176,7 @@ pub fn authenticate(
 }
 
 /// Refuses a request its caller may not make (403).
-fn permitted(host: &Host<'_>, kind: ServiceType, model: Option<&str>) -> Result<(), LocalReply> {
+fn permitted(host: &RouteInputs<'_>, kind: ServiceType, model: Option<&str>) -> Result<(), LocalReply> {
     let Some(key) = host.caller else {
         return Ok(());
     };
@@ -229,11 +187,15 @@ fn permitted(host: &Host<'_>, kind: ServiceType, model: Option<&str>) -> Result<
     })
 }
 
-impl Host<'_> {
+impl RouteInputs<'_> {
+    pub fn now_ns(&self) -> u64 {
+        (self.clock)()
+    }
+
     fn pick_input<'k>(&'k self, hash_key: Option<&'k str>) -> PickInput<'k> {
         PickInput {
             random: self.random,
-            now_ns: self.now_ns,
+            now_ns: self.now_ns(),
             client: self.client,
             hash_key,
         }
@@ -243,7 +205,7 @@ impl Host<'_> {
 pub fn on_request_headers(
     cfg: &RouterConfig,
     head: &RequestHead<'_>,
-    host: &Host<'_>,
+    host: &RouteInputs<'_>,
 ) -> HeadDecision {
     let (route, model_id) = classify(head.path);
     let endpoint = match route {
@@ -260,9 +222,7 @@ pub fn on_request_headers(
         }
         Route::Unknown => {
             return HeadDecision::Reply(LocalReply::error(
-                404,
-                "invalid_request_error",
-                "unknown_url",
+                ClientError::UnknownUrl,
                 &format!(
                     "Unknown request URL: {} {}. This gateway serves the OpenAI API under /v1/ and /api/v1/.",
                     head.method,
@@ -335,9 +295,7 @@ pub fn on_request_headers(
             }
             None => {
                 return HeadDecision::Reply(LocalReply::error(
-                    400,
-                    "invalid_request_error",
-                    "invalid_multipart",
+                    ClientError::InvalidMultipart,
                     "multipart/form-data request without a valid boundary",
                 ))
             }
@@ -449,7 +407,7 @@ impl BodyScan {
         buffered: u64,
         end_of_stream: bool,
         cfg: &RouterConfig,
-        host: &Host<'_>,
+        host: &RouteInputs<'_>,
     ) -> BodyStep {
         let held = match &self.scanner {
             Scanner::Json(s) => s.model().map(str::to_string),
@@ -504,12 +462,11 @@ impl BodyScan {
     }
 
     fn invalid(&self, reason: &str) -> LocalReply {
-        let code = match self.scanner {
-            Scanner::Json(_) => "invalid_json",
-            Scanner::Multipart(_) => "invalid_multipart",
+        let error = match self.scanner {
+            Scanner::Json(_) => ClientError::InvalidJson,
+            Scanner::Multipart(_) => ClientError::InvalidMultipart,
         };
-        let message = format!("Invalid request body: {reason}");
-        LocalReply::error(400, "invalid_request_error", code, &message)
+        LocalReply::error(error, &format!("Invalid request body: {reason}"))
     }
 }
 
@@ -519,7 +476,7 @@ pub fn route_model(
     endpoint: Endpoint,
     model: &str,
     query: &str,
-    host: &Host<'_>,
+    host: &RouteInputs<'_>,
     extras: &Extras<'_>,
 ) -> Result<Routed, LocalReply> {
     permitted(host, endpoint.service(), Some(model))?;
@@ -551,7 +508,7 @@ fn route_to_instance(
     endpoint: Endpoint,
     model: &str,
     query: &str,
-    host: &Host<'_>,
+    host: &RouteInputs<'_>,
     extras: &Extras<'_>,
 ) -> Result<Routed, LocalReply> {
     let kind = endpoint.service();
@@ -563,13 +520,10 @@ fn route_to_instance(
         .get(model)
         .ok_or_else(|| unknown_model(cfg, endpoint, model))?;
     let no_instance = || {
-        LocalReply::error(
-            503,
-            "server_error",
-            "no_available_instance",
+        LocalReply::no_instance(
             &format!("The model `{model}` has no active instance right now."),
+            DEFAULT_RETRY_AFTER_SECS,
         )
-        .with_header("retry-after", "5")
         .because("no active instance")
     };
     let limits = &cfg.limits;
@@ -590,7 +544,7 @@ fn route_to_instance(
         None => 0,
     };
     let mut admitted = limits
-        .acquire(host.store, &subject, Phase::BeforePick, host.now_ns, tokens)
+        .acquire(host.store, &subject, Phase::BeforePick, host.now_ns(), tokens)
         .map_err(|refusal| too_many_requests(cfg, &refusal))?;
     let Some(first) = pick_instance(service, pool, host.store, &host.pick_input(extras.hash_key))
     else {
@@ -625,7 +579,7 @@ fn route_to_instance(
                 host.store,
                 &instance.state_key,
                 instance.breaker.as_ref(),
-                host.now_ns,
+                host.now_ns(),
             )
         });
         match breaker {
@@ -650,7 +604,7 @@ fn route_to_instance(
         }
         limit_tries += 1;
         subject.instance = Some((at, &instance.id));
-        match limits.acquire(host.store, &subject, Phase::AfterPick, host.now_ns, tokens) {
+        match limits.acquire(host.store, &subject, Phase::AfterPick, host.now_ns(), tokens) {
             Ok(more) => {
                 admitted.merge(more);
                 chosen = Some((at, instance, breaker));
@@ -668,7 +622,7 @@ fn route_to_instance(
             (Some(refusal), _) => too_many_requests(cfg, &refusal),
             (None, _) if cooling_until.is_some() => backends_limited(
                 model,
-                cooling_until.unwrap_or(0).saturating_sub(host.now_ns),
+                cooling_until.unwrap_or(0).saturating_sub(host.now_ns()),
             ),
             (None, Some(open_ns)) => all_breakers_open(model, open_ns),
             (None, None) if unhealthy => none_healthy(model),
@@ -711,15 +665,12 @@ fn route_to_instance(
 /// first of them lets a trial request through, at the latest.
 fn all_breakers_open(model: &str, open_ns: u64) -> LocalReply {
     let secs = open_ns.div_ceil(1_000_000_000).max(1);
-    LocalReply::error(
-        503,
-        "server_error",
-        "no_available_instance",
+    LocalReply::no_instance(
         &format!(
             "Every instance of the model `{model}` is failing (circuit breakers open); try again later."
         ),
+        secs,
     )
-    .with_header("retry-after", &secs.to_string())
     .because("every circuit breaker open")
 }
 
@@ -728,9 +679,7 @@ fn all_breakers_open(model: &str, open_ns: u64) -> LocalReply {
 fn backends_limited(model: &str, wait_ns: u64) -> LocalReply {
     let secs = wait_ns.div_ceil(1_000_000_000).max(1);
     LocalReply::error(
-        429,
-        "rate_limit_error",
-        "rate_limit_exceeded",
+        ClientError::RateLimited,
         &format!("The backends of the model `{model}` are rate limiting; try again in {secs} s."),
     )
     .with_header("retry-after", &secs.to_string())
@@ -739,18 +688,15 @@ fn backends_limited(model: &str, wait_ns: u64) -> LocalReply {
 
 /// 503 when the health checker has every instance of the model down.
 fn none_healthy(model: &str) -> LocalReply {
-    LocalReply::error(
-        503,
-        "server_error",
-        "no_available_instance",
+    LocalReply::no_instance(
         &format!("No instance of the model `{model}` is healthy right now; try again later."),
+        DEFAULT_RETRY_AFTER_SECS,
     )
-    .with_header("retry-after", "5")
     .because("no healthy instance")
 }
 
 /// A breaker admission that will not be used (a half-open trial must free its place).
-fn release_breaker(host: &Host<'_>, instance: &Instance, admission: Option<Admission>) {
+fn release_breaker(host: &RouteInputs<'_>, instance: &Instance, admission: Option<Admission>) {
     if let (Some(policy), Some(admission)) = (&instance.breaker, admission) {
         breaker::record(
             host.store,
@@ -758,7 +704,7 @@ fn release_breaker(host: &Host<'_>, instance: &Instance, admission: Option<Admis
             policy,
             admission,
             Outcome::Neutral,
-            host.now_ns,
+            host.now_ns(),
         );
     }
 }
@@ -794,12 +740,7 @@ fn rate_limit_headers(
 /// 429 with an OpenAI `rate_limit_error` naming the limit, and when to come back.
 fn too_many_requests(cfg: &RouterConfig, refusal: &Refusal) -> LocalReply {
     let Some(limit) = cfg.limits.list.get(refusal.limit) else {
-        return LocalReply::error(
-            429,
-            "rate_limit_error",
-            "rate_limit_exceeded",
-            "Rate limit reached.",
-        );
+        return LocalReply::error(ClientError::RateLimited, "Rate limit reached.");
     };
     let retry = retry_after_secs(refusal.verdict.retry_after_ns);
     let limited_by = Some(refusal.limit);
@@ -822,7 +763,7 @@ fn too_many_requests(cfg: &RouterConfig, refusal: &Refusal) -> LocalReply {
         limit.scope.name(),
         refusal.label,
     );
-    let mut reply = LocalReply::error(429, "rate_limit_error", "rate_limit_exceeded", &message)
+    let mut reply = LocalReply::error(ClientError::RateLimited, &message)
         .with_header("retry-after", &retry.to_string())
         .with_header("x-jairouter-limit", &limit.name);
     reply.limited_by = limited_by;
@@ -854,9 +795,7 @@ fn retrieve_model(cfg: &RouterConfig, id: &str, caller: Option<&ApiKey>) -> Loca
         }
     }
     LocalReply::error(
-        404,
-        "invalid_request_error",
-        "model_not_found",
+        ClientError::ModelNotFound,
         &format!("The model `{id}` does not exist."),
     )
 }
@@ -875,9 +814,7 @@ fn unknown_model(cfg: &RouterConfig, endpoint: Endpoint, model: &str) -> LocalRe
         })
         .unwrap_or_default();
     LocalReply::error(
-        404,
-        "invalid_request_error",
-        "model_not_found",
+        ClientError::ModelNotFound,
         &format!(
             "The model `{model}` does not exist for the `{}` service.{elsewhere}",
             endpoint.service().key()
@@ -887,9 +824,7 @@ fn unknown_model(cfg: &RouterConfig, endpoint: Endpoint, model: &str) -> LocalRe
 
 fn service_missing(_cfg: &RouterConfig, endpoint: Endpoint) -> LocalReply {
     LocalReply::error(
-        404,
-        "invalid_request_error",
-        "service_not_configured",
+        ClientError::ServiceNotConfigured,
         &format!(
             "This gateway has no `{}` service configured, so /v1/{} is not available.",
             endpoint.service().key(),
@@ -900,18 +835,14 @@ fn service_missing(_cfg: &RouterConfig, endpoint: Endpoint) -> LocalReply {
 
 fn missing_model() -> LocalReply {
     LocalReply::error(
-        400,
-        "invalid_request_error",
-        "missing_model",
+        ClientError::MissingModel,
         "You must provide a model parameter.",
     )
 }
 
 fn too_large(limit: u64) -> LocalReply {
     LocalReply::error(
-        413,
-        "invalid_request_error",
-        "request_too_large",
+ClientError::RequestTooLarge,
         &format!(
             "The model was not found within the first {limit} bytes of the body. Put `model` first, \
              or name it in the x-jairouter-model header."
@@ -921,9 +852,7 @@ fn too_large(limit: u64) -> LocalReply {
 
 fn method_not_allowed(head: &RequestHead<'_>, allow: &str) -> LocalReply {
     LocalReply::error(
-        405,
-        "invalid_request_error",
-        "method_not_allowed",
+        ClientError::MethodNotAllowed,
         &format!("{} is not allowed here; use {allow}.", head.method),
     )
     .with_header("allow", allow)

@@ -6,6 +6,7 @@ use crate::balance::load::{in_flight, latency};
 use crate::breaker::{Breaker, State};
 use crate::config::{BaseUrl, RouterConfig};
 use crate::limit::Unit;
+use crate::metrics::stat_name;
 use crate::store::SharedStore;
 use serde_json::{json, Value};
 
@@ -111,6 +112,45 @@ fn base_url(url: &BaseUrl) -> String {
         url.host.clone()
     };
     format!("{scheme}://{host}:{}{}", url.port, url.prefix)
+}
+
+/// The status page's answer: what the routing filter published, with the shared state now.
+pub fn status_page(store: &dyn SharedStore, now_ns: u64) -> (u32, String) {
+    let (Some(bytes), _) = store.get(CONFIG_KEY) else {
+        return (503, r#"{"error":"no configuration loaded yet"}"#.to_string());
+    };
+    match RouterConfig::from_json(&bytes) {
+        Ok(config) => (
+            200,
+            status_json(&config, &config_version(&bytes), store, now_ns),
+        ),
+        Err(e) => (503, json!({"error": e.to_string()}).to_string()),
+    }
+}
+
+/// Each instance's breaker state and health as gauge values (read from shared data, so every
+/// VM reports the same), by stat name.
+pub fn instance_gauges(config: &RouterConfig, store: &dyn SharedStore) -> Vec<(String, u64)> {
+    let mut gauges = Vec::new();
+    for service in config.services() {
+        for instance in &service.instances {
+            let state = Breaker::decode(store.get(&instance.state_key).0.as_deref());
+            let labels = [
+                ("service", service.kind.key()),
+                ("model", instance.name.as_str()),
+                ("instance", instance.id.as_str()),
+            ];
+            gauges.push((
+                stat_name("jairouter_circuit_breaker_state", &labels),
+                state.state.gauge(),
+            ));
+            gauges.push((
+                stat_name("jairouter_backend_health", &labels),
+                u64::from(!state.unhealthy),
+            ));
+        }
+    }
+    gauges
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! that reads `max_tokens`, rate limits, fallbacks, multipart services).
 #![no_main]
 use jairouter_filter::config::RouterConfig;
-use jairouter_filter::request::{on_request_headers, BodyStep, HeadDecision, Host, RequestHead};
+use jairouter_filter::request::{on_request_headers, BodyStep, HeadDecision, RouteInputs, RequestHead};
 use jairouter_filter::scan::ScanOutcome;
 use jairouter_filter::store::MemoryStore;
 use jairouter_fuzz::{chunks, split_line, split_seed};
@@ -72,10 +72,10 @@ fuzz_target!(|data: &[u8]| {
         content_length: Some(body.len() as u64),
     };
     let store = MemoryStore::default();
-    let host = Host {
+    let host = RouteInputs {
         store: &store,
         random: u64::from(seed).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        now_ns: 1_000_000_000 + u64::from(seed),
+        clock: &move || 1_000_000_000 + u64::from(seed),
         client: Some("10.0.0.1"),
         api_key: None,
         caller: None,

@@ -44,10 +44,10 @@ fn decide(cfg: &RouterConfig, h: &RequestHead<'_>) -> HeadDecision {
     on_request_headers(
         cfg,
         h,
-        &Host {
+        &RouteInputs {
             store: &store,
             random: 7,
-            now_ns: 1,
+            clock: &move || 1,
             client: None,
             api_key: None,
             caller: None,
@@ -72,10 +72,10 @@ fn error_code(r: &LocalReply) -> String {
 /// Feeds a whole body the way the binding does, in small windows.
 fn scan_body(cfg: &RouterConfig, path: &str, content_type: &str, body: &[u8]) -> BodyStep {
     let store = MemoryStore::default();
-    let host = Host {
+    let host = RouteInputs {
         store: &store,
         random: 7,
-        now_ns: 1,
+        clock: &move || 1,
         client: None,
         api_key: None,
         caller: None,
@@ -278,10 +278,10 @@ fn body_over_the_limit_is_413() {
     let mut v = json!({"gateway": {"max-body-bytes": 1024}, "services": {"chat": {"instances": [{"name": "m", "base-url": "http://a:1"}]}}});
     let cfg = RouterConfig::from_value(&v).unwrap();
     let store = MemoryStore::default();
-    let host = Host {
+    let host = RouteInputs {
         store: &store,
         random: 0,
-        now_ns: 1,
+        clock: &move || 1,
         client: None,
         api_key: None,
         caller: None,
@@ -374,10 +374,10 @@ fn header_hash_takes_its_key_from_the_header_or_the_body_field() {
             header: &header,
             ..head("POST", "/v1/chat/completions")
         };
-        let host = Host {
+        let host = RouteInputs {
             store: &store,
             random,
-            now_ns: 1,
+            clock: &move || 1,
             client: None,
             api_key: None,
             caller: None,
@@ -408,10 +408,10 @@ fn header_hash_takes_its_key_from_the_header_or_the_body_field() {
 }
 
 fn route_with(cfg: &RouterConfig, store: &MemoryStore, now_ns: u64) -> Result<Routed, LocalReply> {
-    let host = Host {
+    let host = RouteInputs {
         store,
         random: 0,
-        now_ns,
+        clock: &move || now_ns,
         client: None,
         api_key: None,
         caller: None,
@@ -484,10 +484,10 @@ fn fallback_models_stand_in_in_order_only_when_the_body_can_be_rewritten() {
     }))
     .unwrap();
     let store = MemoryStore::default();
-    let host = Host {
+    let host = RouteInputs {
         store: &store,
         random: 0,
-        now_ns: 1,
+        clock: &move || 1,
         client: None,
         api_key: None,
         caller: None,
@@ -548,10 +548,10 @@ fn api_keys_authenticate_then_authorize() {
     assert_eq!(caller, Caller::Key(0));
 
     let store = MemoryStore::default();
-    let host = Host {
+    let host = RouteInputs {
         store: &store,
         random: 1,
-        now_ns: now,
+        clock: &move || now,
         client: None,
         api_key: caller.key_index(),
         caller: caller.grants(&cfg),

@@ -1,0 +1,230 @@
+//! What an exchange tells when it is over: its access-log summary and its metrics, counted in
+//! the VM's `Metrics` (handed to Envoy once a tick, never per request).
+
+use super::{Clock, Exchange};
+use crate::breaker::Outcome;
+use crate::config::Strategy;
+use crate::metrics::{status_class, DURATION_BUCKETS, TOKEN_TIME_BUCKETS};
+use crate::request::{Caller, Routed};
+use crate::usage::Usage;
+
+fn seconds(ns: u64) -> f64 {
+    ns as f64 / 1e9
+}
+
+impl Exchange {
+    /// The access log's `jairouter` object: what the gateway decided, never a credential.
+    pub(super) fn log_summary(&self, usage: Option<Usage>) -> String {
+        let m = &self.measure;
+        let mut summary = serde_json::Map::new();
+        let mut put = |key: &str, value: serde_json::Value| {
+            summary.insert(key.to_string(), value);
+        };
+        put("service", m.service.into());
+        // A stand-in's name when a fallback served, with the model asked for beside it.
+        let model = self
+            .served_model
+            .as_deref()
+            .or((!m.model.is_empty()).then_some(m.model.as_str()));
+        put("model", model.into());
+        if self.served_model.is_some() {
+            put("fallback_for", self.requested_model.as_deref().into());
+        }
+        put("instance", self.served_by.as_deref().into());
+        put("status", self.status.into());
+        // The key's id (never the key), or the token's subject.
+        match &self.caller {
+            Caller::Anyone => {}
+            Caller::Key(_) => {
+                let id = self.caller.grants(&self.plan).map(|k| k.id.as_str());
+                put("api_key", id.into());
+            }
+            Caller::Token(grants) => put("subject", grants.id.as_str().into()),
+        }
+        if let Some(usage) = usage {
+            put("prompt_tokens", usage.prompt_tokens.into());
+            let completion = usage
+                .completion_tokens
+                .unwrap_or(usage.estimated_completion);
+            put("completion_tokens", completion.into());
+        }
+        if let Some(decision) = &m.decision {
+            put("decision", decision.as_str().into());
+        }
+        serde_json::Value::Object(summary).to_string()
+    }
+
+    /// `jairouter_rate_limit_events_total`: one per limit that decided on the request.
+    pub(super) fn count_limit_event(&self, limit: usize, result: &str) {
+        let (Some(limit), Ok(mut metrics)) = (
+            self.plan.limits.list.get(limit),
+            self.metrics.try_borrow_mut(),
+        ) else {
+            return;
+        };
+        metrics.add(
+            "jairouter_rate_limit_events_total",
+            &[
+                ("service", self.measure.service.unwrap_or("none")),
+                ("algorithm", limit.params.algorithm.name()),
+                ("scope", limit.scope.name()),
+                ("result", result),
+            ],
+            1,
+        );
+    }
+
+    /// The routing decision's metrics: the limits it passed, the instance's in-flight count
+    /// (this VM's), the balancer's selection.
+    pub(super) fn count_routing(
+        &self,
+        routed: &Routed,
+        instance: &str,
+        strategy: Option<Strategy>,
+    ) {
+        for limit in &routed.limits_passed {
+            self.count_limit_event(*limit, "allowed");
+        }
+        let Ok(mut metrics) = self.metrics.try_borrow_mut() else {
+            return;
+        };
+        metrics.begin(instance);
+        let strategy = strategy.map_or("random", |s| s.metric_label());
+        metrics.add(
+            "jairouter_loadbalancer_selections_total",
+            &[
+                ("service", routed.service.key()),
+                ("strategy", strategy),
+                ("instance", instance),
+            ],
+            1,
+        );
+    }
+
+    /// `jairouter_circuit_breaker_events_total`: the outcome, and a state change if any.
+    pub(super) fn count_breaker_events(&self, instance: &str, outcome: Outcome, changed: bool) {
+        let Ok(mut metrics) = self.metrics.try_borrow_mut() else {
+            return;
+        };
+        let service = self.measure.service.unwrap_or("none");
+        let event = match outcome {
+            Outcome::Success => Some("success"),
+            Outcome::Failure => Some("failure"),
+            Outcome::Neutral => None,
+        };
+        let events = event.into_iter().chain(changed.then_some("state_change"));
+        for event in events {
+            metrics.add(
+                "jairouter_circuit_breaker_events_total",
+                &[
+                    ("service", service),
+                    ("instance", instance),
+                    ("event", event),
+                ],
+                1,
+            );
+        }
+    }
+
+    /// The request's metrics, counted in the VM once Envoy logs the stream.
+    pub(super) fn record_metrics(&mut self, clock: &Clock<'_>) {
+        let usage = self.final_usage();
+        let Ok(mut metrics) = self.metrics.try_borrow_mut() else {
+            return;
+        };
+        if let Some(instance) = &self.served_by {
+            metrics.end(instance);
+        }
+        let m = &self.measure;
+        // When the response's end was timed already, the log (right after it) reuses it.
+        let now = match m.ended_ns {
+            0 => clock.now(),
+            ended => ended,
+        };
+        let started = if m.started_ns == 0 { now } else { m.started_ns };
+        let service = m.service.unwrap_or("none");
+        let method = if m.streamed {
+            "STREAM"
+        } else {
+            m.method.as_str()
+        };
+        let status = status_class(self.status);
+        metrics.add(
+            "jairouter_requests_total",
+            &[("service", service), ("method", method), ("status", status)],
+            1,
+        );
+        metrics.observe(
+            "jairouter_request_duration_seconds",
+            &[("service", service), ("method", method)],
+            seconds(now.saturating_sub(started)),
+            &DURATION_BUCKETS,
+        );
+        let by_service = [("service", service)];
+        metrics.add(
+            "jairouter_request_size_bytes_sum",
+            &by_service,
+            m.request_bytes,
+        );
+        metrics.add("jairouter_request_size_bytes_count", &by_service, 1);
+        metrics.add(
+            "jairouter_response_size_bytes_sum",
+            &by_service,
+            m.response_bytes,
+        );
+        metrics.add("jairouter_response_size_bytes_count", &by_service, 1);
+        let Some(instance) = &self.served_by else {
+            return;
+        };
+        metrics.add(
+            "jairouter_backend_calls_total",
+            &[
+                ("service", service),
+                ("instance", instance),
+                ("status", status),
+            ],
+            1,
+        );
+        metrics.observe(
+            "jairouter_backend_call_duration_seconds",
+            &[("service", service), ("instance", instance)],
+            seconds(now.saturating_sub(m.routed_ns)),
+            &DURATION_BUCKETS,
+        );
+        let Some(usage) = usage else {
+            return;
+        };
+        let by_model = [("service", service), ("model", m.model.as_str())];
+        let prompt = usage
+            .prompt_tokens
+            .unwrap_or_else(|| m.request_bytes.div_ceil(4));
+        let completion = usage
+            .completion_tokens
+            .unwrap_or(usage.estimated_completion);
+        for (kind, tokens) in [("prompt", prompt), ("completion", completion)] {
+            metrics.add(
+                "jairouter_tokens_total",
+                &[by_model[0], by_model[1], ("kind", kind)],
+                tokens,
+            );
+        }
+        // Streams: how long the first token took, and each one after it.
+        if m.streamed && m.first_byte_ns > 0 {
+            metrics.observe(
+                "jairouter_time_to_first_token_seconds",
+                &by_model,
+                seconds(m.first_byte_ns.saturating_sub(m.routed_ns)),
+                &TOKEN_TIME_BUCKETS,
+            );
+            if completion > 1 {
+                let streaming = m.last_byte_ns.saturating_sub(m.first_byte_ns);
+                metrics.observe(
+                    "jairouter_time_per_output_token_seconds",
+                    &by_model,
+                    seconds(streaming) / (completion - 1) as f64,
+                    &TOKEN_TIME_BUCKETS,
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,522 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+//! The exchange against `TestHost`: what it does to a request and a response, and how many host
+//! calls each request shape costs. The counts are pinned: a change that adds a host call to the
+//! request path fails here and must say why (each costs ~1–2 µs under V8).
+
+use super::*;
+use crate::breaker::{Breaker, State};
+use crate::store::SharedStore;
+use crate::host::{Call, TestHost};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
+const CHAT: &[u8] = br#"{"model":"llama","messages":[{"role":"user","content":"Hello"}]}"#;
+
+/// The demo's shape: two weighted replicas, round-robin, breakers on (the default), retries 2.
+fn plan(extra: Value) -> Rc<RouterConfig> {
+    let mut config = json!({"services": {"chat": {"instances": [
+        {"name": "llama", "base-url": "http://a:1", "path": "/v1/chat/completions", "weight": 2},
+        {"name": "llama", "base-url": "http://b:1", "path": "/v1/chat/completions"}
+    ]}}});
+    if let (Some(config), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
+        for (key, value) in extra {
+            config.insert(key.clone(), value.clone());
+        }
+    }
+    let bytes = config.to_string().into_bytes();
+    let plan = RouterConfig::from_json(&bytes).unwrap_or_else(|e| panic!("{e}"));
+    Rc::new(plan)
+}
+
+struct Run {
+    host: TestHost,
+    exchange: Exchange,
+    metrics: Rc<RefCell<Metrics>>,
+}
+
+impl Run {
+    fn new(plan: Rc<RouterConfig>) -> Run {
+        let host = TestHost::default();
+        host.now.set(1_000_000_000);
+        crate::install::install(&plan, b"{}", &host.store);
+        let metrics: Rc<RefCell<Metrics>> = Rc::default();
+        let rng = Rc::new(RefCell::new(Rng::new(7)));
+        let exchange = Exchange::new(plan, rng, Rc::clone(&metrics));
+        Run {
+            host,
+            exchange,
+            metrics,
+        }
+    }
+
+    /// The next request on the same host (shared data, clock) and VM.
+    fn next_request(&mut self) {
+        let plan = Rc::clone(&self.exchange.plan);
+        let rng = Rc::clone(&self.exchange.rng);
+        self.exchange = Exchange::new(plan, rng, Rc::clone(&self.metrics));
+        self.host.replies.borrow_mut().clear();
+    }
+
+    fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) {
+        let mut all = vec![
+            (":method".to_string(), method.to_string()),
+            (":path".to_string(), path.to_string()),
+            (":authority".to_string(), "gateway".to_string()),
+        ];
+        all.extend(headers.iter().map(|(n, v)| (n.to_string(), v.to_string())));
+        if !body.is_empty() {
+            all.push(("content-type".into(), "application/json".into()));
+            all.push(("content-length".into(), body.len().to_string()));
+        }
+        *self.host.request_headers.borrow_mut() = all;
+        *self.host.request_body.borrow_mut() = body.to_vec();
+    }
+
+    /// Headers then body, as Envoy calls a filter that holds the headers.
+    fn send(&mut self) -> Flow {
+        let body = self.host.request_body.borrow().len();
+        let flow = self.exchange.on_request_headers(&self.host, body == 0);
+        if flow == Flow::Pause && body > 0 && self.host.replies.borrow().is_empty() {
+            return self.exchange.on_request_body(&self.host, body, true);
+        }
+        flow
+    }
+
+    /// A response from the instance: its head, then each chunk, the last one ending it.
+    fn respond(&mut self, status: u32, headers: &[(&str, &str)], chunks: &[&[u8]]) {
+        let mut all = vec![(":status".to_string(), status.to_string())];
+        all.extend(headers.iter().map(|(n, v)| (n.to_string(), v.to_string())));
+        *self.host.response_headers.borrow_mut() = all;
+        self.exchange
+            .on_response_headers(&self.host, chunks.is_empty());
+        for (n, chunk) in chunks.iter().enumerate() {
+            *self.host.response_chunk.borrow_mut() = chunk.to_vec();
+            self.host.now.set(self.host.now.get() + 1_000_000);
+            self.exchange
+                .on_response_body(&self.host, chunk.len(), n + 1 == chunks.len());
+        }
+    }
+
+    fn log(&mut self) {
+        self.host.now.set(self.host.now.get() + 1_000_000);
+        self.exchange.on_log(&self.host);
+    }
+
+    fn calls(&self) -> HashMap<Call, usize> {
+        self.host.take_calls().into_iter().collect()
+    }
+
+    fn summary(&self) -> Value {
+        let text = self.host.property_text(&[LOG_SUMMARY_PROPERTY]);
+        serde_json::from_str(&text.unwrap_or_default()).unwrap_or_default()
+    }
+
+    fn counters(&self) -> HashMap<String, u64> {
+        self.metrics.borrow_mut().drain().into_iter().collect()
+    }
+
+    fn breaker(&self, instance: usize) -> Breaker {
+        let plan = &self.exchange.plan;
+        let key = plan
+            .instances()
+            .nth(instance)
+            .map(|i| i.state_key.clone())
+            .unwrap_or_default();
+        Breaker::decode(self.host.store.get(&key).0.as_deref())
+    }
+}
+
+fn ok_json() -> Vec<u8> {
+    br#"{"id":"x","choices":[{"message":{"content":"Hi there"}}],"usage":{"prompt_tokens":9,"completion_tokens":3,"total_tokens":12}}"#.to_vec()
+}
+
+/// Runs one whole chat request; returns the host calls of each phase and in all.
+fn whole_request(run: &mut Run, headers: &[(&str, &str)]) -> (Vec<usize>, usize) {
+    run.request("POST", "/v1/chat/completions", headers, CHAT);
+    run.host.take_calls();
+    let body = run.host.request_body.borrow().len();
+    run.exchange.on_request_headers(&run.host, false);
+    let head = run.host.total_calls();
+    run.host.take_calls();
+    if run.host.replies.borrow().is_empty() && run.exchange.scan.is_some() {
+        run.exchange.on_request_body(&run.host, body, true);
+    }
+    let body_calls = run.host.total_calls();
+    run.host.take_calls();
+    let answer = ok_json();
+    run.respond(200, &[("content-type", "application/json")], &[&answer]);
+    let response = run.host.total_calls();
+    run.host.take_calls();
+    run.log();
+    let log = run.host.total_calls();
+    run.host.take_calls();
+    let phases = vec![head, body_calls, response, log];
+    let total = phases.iter().sum();
+    (phases, total)
+}
+
+#[test]
+fn a_body_routed_round_robin_chat_request_takes_twelve_host_calls() {
+    let mut run = Run::new(plan(json!({})));
+    let (phases, total) = whole_request(&mut run, &[]);
+    // Headers: every header in one call. Body: one read, the clock, the rotation (read and
+    // compare-and-swap), the instance's state, the routing header. Response head: one read,
+    // the instance header. Body: the usage read, the log summary. Log: the clock.
+    assert_eq!(phases, [1, 6, 4, 1], "per phase");
+    assert_eq!(total, 12);
+    assert_eq!(
+        run.host.request_header(crate::config::ROUTING_HEADER).as_deref(),
+        Some("jairouter-chat-0")
+    );
+    assert_eq!(run.host.response_header("x-jairouter-instance").as_deref(), Some("chat-0"));
+}
+
+#[test]
+fn the_same_request_pins_each_kind_of_call() {
+    let mut run = Run::new(plan(json!({})));
+    run.request("POST", "/v1/chat/completions", &[], CHAT);
+    run.host.take_calls();
+    run.send();
+    let answer = ok_json();
+    run.respond(200, &[("content-type", "application/json")], &[&answer]);
+    run.log();
+    let calls = run.calls();
+    let expected: HashMap<Call, usize> = [
+        (Call::RequestHeaders, 1),
+        (Call::RequestBody, 1),
+        (Call::Clock, 2),
+        (Call::SharedGet, 2),
+        (Call::SharedSet, 1),
+        (Call::SetRequestHeader, 1),
+        (Call::ResponseHeaders, 1),
+        (Call::SetResponseHeader, 1),
+        (Call::ResponseBody, 1),
+        (Call::SetProperty, 1),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(calls, expected);
+}
+
+#[test]
+fn without_the_instance_header_and_with_its_breaker_off_it_is_ten() {
+    let mut run = Run::new(plan(json!({
+        "gateway": {"instance-header": false},
+        "circuit-breaker": {"enabled": false}
+    })));
+    let (_, total) = whole_request(&mut run, &[]);
+    assert_eq!(total, 10);
+}
+
+#[test]
+fn a_header_routed_request_does_not_wait_for_its_body() {
+    let mut run = Run::new(plan(json!({})));
+    run.request("POST", "/v1/chat/completions", &[("x-jairouter-model", "llama")], CHAT);
+    run.host.take_calls();
+    assert_eq!(run.exchange.on_request_headers(&run.host, false), Flow::Continue);
+    // Headers, clock, rotation (2), instance state, routing header.
+    assert_eq!(run.host.total_calls(), 6);
+    run.host.take_calls();
+    // Envoy still calls the body callback: it costs nothing.
+    run.exchange.on_request_body(&run.host, CHAT.len(), true);
+    assert_eq!(run.host.total_calls(), 0);
+}
+
+#[test]
+fn a_rate_limit_costs_one_read_and_one_write_more() {
+    let mut run = Run::new(plan(json!({
+        "rate-limit": {"enabled": true, "capacity": 100, "rate": 10, "scope": "service"}
+    })));
+    let (phases, total) = whole_request(&mut run, &[]);
+    // Response: + the three x-ratelimit-* headers of the tightest limit.
+    assert_eq!(phases, [1, 8, 7, 1]);
+    assert_eq!(total, 17);
+    // Its state goes back to the client.
+    assert!(run.host.response_header("x-ratelimit-limit-requests").is_some());
+}
+
+#[test]
+fn a_token_budget_reserves_at_admission_and_settles_from_usage() {
+    let mut run = Run::new(plan(json!({"token-limit": {"tokens-per-minute": 100000}})));
+    let (phases, total) = whole_request(&mut run, &[]);
+    // Body: + the budget's read and write. Response: + three x-ratelimit headers, the clock
+    // and the settlement's read and write at the end of the body; the log reuses that time.
+    assert_eq!(phases, [1, 8, 10, 0]);
+    assert_eq!(total, 19);
+    let summary = run.summary();
+    assert_eq!(summary["prompt_tokens"], 9);
+    assert_eq!(summary["completion_tokens"], 3);
+}
+
+#[test]
+fn a_stream_reads_each_chunk_once_and_the_clock_twice() {
+    let mut run = Run::new(plan(json!({})));
+    run.request("POST", "/v1/chat/completions", &[], CHAT);
+    run.send();
+    run.host.take_calls();
+    let chunks: Vec<Vec<u8>> = (0..8)
+        .map(|n| format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"w{n} \"}}}}]}}\n\n").into_bytes())
+        .chain([b"data: [DONE]\n\n".to_vec()])
+        .collect();
+    let chunks: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+    run.respond(200, &[("content-type", "text/event-stream")], &chunks);
+    let calls = run.calls();
+    assert_eq!(calls.get(&Call::ResponseBody), Some(&9), "one read per chunk");
+    assert_eq!(calls.get(&Call::Clock), Some(&2), "first and last byte");
+    run.log();
+    assert_eq!(run.host.total_calls(), 0, "the log reuses the stream's end");
+    let counters = run.counters();
+    let ttft = counters
+        .keys()
+        .any(|k| k.starts_with("jairouter_time_to_first_token_seconds_count"));
+    assert!(ttft, "time to first token observed: {counters:?}");
+}
+
+#[test]
+fn api_keys_read_the_clock_and_remove_the_credential() {
+    let hash = crate::auth::hash_key(b"0123456789abcdef", "sk-test-123456");
+    let model = json!({"services": {"chat": {"instances": [
+        {"name": "llama", "base-url": "http://a:1", "path": "/v1/chat/completions"}
+    ]}}});
+    let document = json!({
+        "model": model,
+        "jairouter": {"security": {"api-key": {"keys": [{"key-id": "team", "key-hash": hash, "permissions": ["chat"]}]}}}
+    });
+    let plan = RouterConfig::from_value(&document).unwrap_or_else(|e| panic!("{e}"));
+    let mut run = Run::new(Rc::new(plan));
+    let (phases, _) = whole_request(&mut run, &[("authorization", "Bearer sk-test-123456")]);
+    // Headers: one read, the clock (expiry), the credential removed.
+    assert_eq!(phases[0], 3);
+    assert_eq!(run.host.request_header("authorization"), None);
+    assert_eq!(run.summary()["api_key"], "team");
+}
+
+#[test]
+fn client_routing_headers_are_removed_before_anything_else() {
+    let mut run = Run::new(plan(json!({})));
+    run.request(
+        "GET",
+        "/v1/nowhere",
+        &[("x-jairouter-cluster", "evil"), ("x-envoy-original-dst-host", "10.0.0.1:80")],
+        b"",
+    );
+    run.send();
+    assert_eq!(run.host.request_header("x-jairouter-cluster"), None);
+    assert_eq!(run.host.request_header("x-envoy-original-dst-host"), None);
+    let replies = run.host.replies.borrow();
+    assert_eq!(replies.first().map(|r| r.0), Some(404));
+}
+
+#[test]
+fn a_local_reply_is_logged_and_counted() {
+    let mut run = Run::new(plan(json!({})));
+    run.request("POST", "/v1/chat/completions", &[], br#"{"model":"nope"}"#);
+    assert_eq!(run.send(), Flow::Pause);
+    let reply = run.host.replies.borrow().first().cloned();
+    assert_eq!(reply.map(|r| r.0), Some(404));
+    run.log();
+    assert_eq!(run.summary()["status"], 404);
+    assert_eq!(run.summary()["service"], "chat");
+    let counters = run.counters();
+    assert_eq!(
+        counters.get("jairouter_requests_total.service=chat;.method=POST;.status=4xx;"),
+        Some(&1),
+        "{counters:?}"
+    );
+}
+
+#[test]
+fn the_log_summary_names_what_served_and_what_it_used() {
+    let mut run = Run::new(plan(json!({})));
+    whole_request(&mut run, &[]);
+    let summary = run.summary();
+    assert_eq!(summary["service"], "chat");
+    assert_eq!(summary["model"], "llama");
+    assert_eq!(summary["instance"], "chat-0");
+    assert_eq!(summary["status"], 200);
+    assert_eq!(summary["prompt_tokens"], 9);
+    assert!(summary.get("api_key").is_none());
+}
+
+#[test]
+fn metrics_count_the_request_its_backend_call_and_its_tokens() {
+    let mut run = Run::new(plan(json!({})));
+    whole_request(&mut run, &[]);
+    let counters = run.counters();
+    let get = |name: &str| counters.get(name).copied();
+    assert_eq!(get("jairouter_requests_total.service=chat;.method=POST;.status=2xx;"), Some(1));
+    assert_eq!(
+        get("jairouter_backend_calls_total.service=chat;.instance=chat-0;.status=2xx;"),
+        Some(1)
+    );
+    assert_eq!(get("jairouter_tokens_total.service=chat;.model=llama;.kind=prompt;"), Some(9));
+    assert_eq!(get("jairouter_tokens_total.service=chat;.model=llama;.kind=completion;"), Some(3));
+    assert_eq!(
+        get("jairouter_loadbalancer_selections_total.service=chat;.strategy=round_robin;.instance=chat-0;"),
+        Some(1),
+        "{counters:?}"
+    );
+    assert_eq!(
+        get("jairouter_circuit_breaker_events_total.service=chat;.instance=chat-0;.event=success;"),
+        Some(1)
+    );
+}
+
+#[test]
+fn five_server_errors_open_the_breaker_and_a_client_error_does_not_count() {
+    let mut run = Run::new(plan(json!({"circuit-breaker": {"failure-threshold": 5}})));
+    let mut failed = 0;
+    for round in 0..12 {
+        run.next_request();
+        run.host.now.set(1_000_000_000 + round);
+        run.request("POST", "/v1/chat/completions", &[], CHAT);
+        run.send();
+        if run.exchange.served_by.as_deref() == Some("chat-0") {
+            // A client error first: neither success nor failure.
+            let status = if round == 0 { 404 } else { 503 };
+            failed += usize::from(status == 503);
+            run.respond(status, &[("content-type", "application/json")], &[b"{}"]);
+        } else {
+            let answer = ok_json();
+            run.respond(200, &[("content-type", "application/json")], &[&answer]);
+        }
+        run.log();
+        if run.breaker(0).state == State::Open {
+            break;
+        }
+    }
+    assert_eq!(run.breaker(0).state, State::Open, "chat-0 failed 5 times in a row");
+    assert_eq!(failed, 5);
+    assert_eq!(run.breaker(1).state, State::Closed);
+}
+
+#[test]
+fn an_answer_after_a_retry_counts_against_the_chosen_instance() {
+    let mut run = Run::new(plan(json!({})));
+    run.request("POST", "/v1/chat/completions", &[], CHAT);
+    run.send();
+    let answer = ok_json();
+    run.respond(
+        200,
+        &[("content-type", "application/json"), ("x-envoy-attempt-count", "2")],
+        &[&answer],
+    );
+    assert_eq!(run.breaker(0).failures, 1);
+}
+
+#[test]
+fn a_429_with_retry_after_pauses_its_instance() {
+    let mut run = Run::new(plan(json!({})));
+    run.host
+        .properties
+        .borrow_mut()
+        .insert("response.code_details".into(), b"via_upstream".to_vec());
+    run.request("POST", "/v1/chat/completions", &[], CHAT);
+    run.send();
+    run.respond(
+        429,
+        &[("content-type", "application/json"), ("retry-after", "30")],
+        &[b"{}"],
+    );
+    let paused_until = run.breaker(0).cooldown_until_ns;
+    assert_eq!(paused_until, 1_000_000_000 + 30_000_000_000);
+    // Envoy's own 429 (the global rate limit's) pauses nothing.
+    let mut envoys = Run::new(plan(json!({})));
+    envoys.request("POST", "/v1/chat/completions", &[], CHAT);
+    envoys.send();
+    envoys.respond(429, &[("retry-after", "30")], &[b"{}"]);
+    assert_eq!(envoys.breaker(0).cooldown_until_ns, 0);
+}
+
+#[test]
+fn a_stream_broken_midway_is_the_instances_failure_unless_the_client_left() {
+    for (details, failures) in [("upstream_reset_after_response_started", 1), ("downstream_remote_disconnect", 0)] {
+        let mut run = Run::new(plan(json!({})));
+        run.host
+            .properties
+            .borrow_mut()
+            .insert("response.code_details".into(), details.as_bytes().to_vec());
+        run.request("POST", "/v1/chat/completions", &[], CHAT);
+        run.send();
+        *run.host.response_headers.borrow_mut() = vec![
+            (":status".into(), "200".into()),
+            ("content-type".into(), "text/event-stream".into()),
+        ];
+        run.exchange.on_response_headers(&run.host, false);
+        run.log();
+        assert_eq!(run.breaker(0).failures, failures, "{details}");
+    }
+}
+
+#[test]
+fn a_fallback_rewrites_the_model_and_the_length() {
+    let mut run = Run::new(plan(json!({
+        "fallback": {"models": {"gone": ["llama"]}},
+        "services": {"chat": {"instances": [
+            {"name": "llama", "base-url": "http://a:1"},
+            {"name": "gone", "base-url": "http://g:1", "status": "down"}
+        ]}}
+    })));
+    let body = br#"{"model":"gone","messages":[]}"#;
+    run.request("POST", "/v1/chat/completions", &[], body);
+    assert_eq!(run.send(), Flow::Continue);
+    let rewritten = run.host.request_body.borrow().clone();
+    assert_eq!(rewritten, br#"{"model":"llama","messages":[]}"#.to_vec());
+    assert_eq!(
+        run.host.request_header("content-length"),
+        Some(rewritten.len().to_string())
+    );
+    let answer = ok_json();
+    run.respond(200, &[("content-type", "application/json")], &[&answer]);
+    assert_eq!(run.host.response_header("x-jairouter-model").as_deref(), Some("llama"));
+    assert_eq!(run.summary()["fallback_for"], "gone");
+}
+
+#[test]
+fn rewrite_model_refuses_a_span_outside_the_body() {
+    assert!(rewrite_model(b"{}", (5, 9), "m").is_err());
+    assert!(rewrite_model(b"{\"model\":\"a\"}", (9, 8), "m").is_err());
+    assert_eq!(
+        rewrite_model(br#"{"model":"a"}"#, (9, 12), "b\"c").ok(),
+        Some(br#"{"model":"b\"c"}"#.to_vec())
+    );
+}
+
+#[test]
+fn least_connections_gives_its_count_back_exactly_once() {
+    let mut run = Run::new(plan(json!({"load-balance": {"type": "least-connections"}})));
+    run.request("POST", "/v1/chat/completions", &[], CHAT);
+    run.send();
+    let key = run
+        .exchange
+        .plan
+        .instances()
+        .next()
+        .map(|i| i.in_flight_key.clone())
+        .unwrap_or_default();
+    let count = |host: &TestHost| crate::balance::load::in_flight(&host.store, &key);
+    let total: u64 = run
+        .exchange
+        .plan
+        .instances()
+        .map(|i| crate::balance::load::in_flight(&run.host.store, &i.in_flight_key))
+        .sum();
+    assert_eq!(total, 1);
+    run.log();
+    run.exchange.on_drop(&run.host);
+    assert_eq!(count(&run.host), 0);
+    let total: u64 = run
+        .exchange
+        .plan
+        .instances()
+        .map(|i| crate::balance::load::in_flight(&run.host.store, &i.in_flight_key))
+        .sum();
+    assert_eq!(total, 0);
+}
