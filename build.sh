@@ -105,7 +105,8 @@ ensure_prometheus() {
 }
 
 # Benchmarks and soaks (never part of `test`):
-#   ./build.sh bench [--rounds N --seconds S ...]   the comparison table (writes the README)
+#   ./build.sh bench [--rounds N --seconds S --no-pin --no-litellm --no-portkey]
+#                                                    the comparison table (writes the README)
 #   ./build.sh bench soak-clients [--clients N]      distinct clients vs per-client limits
 #   ./build.sh bench hostcalls                        what each kind of host call costs (README)
 ensure_wrk() {

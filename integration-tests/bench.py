@@ -1,4 +1,4 @@
-"""./build.sh bench: what the filter costs, beside plain Envoy and LiteLLM, in one run.
+"""./build.sh bench: what the filter costs, beside plain Envoy, Envoy doing the same jobs, LiteLLM and Portkey, in one run.
 
 Variants, all in front of the same fast backend (jairouter-bench-backend) on loopback:
   direct    the backend alone (the floor)
