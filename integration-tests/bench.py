@@ -543,12 +543,21 @@ def main() -> int:
         variants.append(Portkey())
     elif not args.no_portkey:
         notes.append("Portkey's gateway could not be installed here; it has no rows.")
-    results: dict[str, dict[str, list[Run]]] = {w.name: {v.name: [] for v in variants} for w in WORKLOADS}
     peak: dict[str, int] = {}
     try:
-        for v in variants:
-            v.start(backend_port, workdir)
-        print(f"bench: {len(variants)} variants, {args.rounds} rounds x {args.seconds:g}s per workload", flush=True)
+        for v in list(variants):
+            try:
+                v.start(backend_port, workdir)
+            except (RuntimeError, httpx.HTTPError, ValueError, KeyError) as e:
+                # A peer that does not start or answers wrongly is left out; a variant of ours stops the run.
+                if not isinstance(v, (LiteLLM, Portkey)):
+                    raise
+                v.stop()
+                variants.remove(v)
+                notes.append(f"{v.name} was left out: {e}")
+                print(f"bench: {notes[-1]}", flush=True)
+        results: dict[str, dict[str, list[Run]]] = {w.name: {v.name: [] for v in variants} for w in WORKLOADS}
+        print(f"bench: {len(variants)} variants, {args.rounds} round(s) x {args.seconds:g}s per workload", flush=True)
         for round_no in range(args.rounds):
             for workload in WORKLOADS:
                 order = variants[round_no % len(variants):] + variants[: round_no % len(variants)]
