@@ -525,11 +525,14 @@ def main() -> int:
         return report_only(args)
 
     global PIN
+    cpus = sorted(os.sched_getaffinity(0))
     if args.no_pin:
         PIN = None
-    elif len(os.sched_getaffinity(0)) < 2 or not shutil.which("taskset"):
+    elif len(cpus) < 2 or not shutil.which("taskset"):
         print("bench: fewer than 2 CPUs or no taskset here; not pinning", flush=True)
         PIN = None
+    else:
+        PIN = {"proxy": str(cpus[0]), "load": str(cpus[1])}
     workdir = Path(tempfile.mkdtemp(prefix="jairouter-bench-"))
     backend, backend_port = start_backend()
     variants: list[Variant] = [Direct(backend, backend_port), PlainEnvoy(), NoopWasm(), EnvoySameJobs(), JAiRouter(),
@@ -659,7 +662,7 @@ OVER_SAME_JOBS = ("jairouter", "jairouter-no-keys")
 def build_report(results, streaming, peak, vm_before, vm_after, soak_runs, variants, args, notes,
                  date: str | None = None, where: str | None = None) -> str:
     names = [v.name for v in variants]
-    how = ("every proxy pinned to CPU 0, wrk and the backend to CPU 1 (`taskset -c`)" if args.pinned
+    how = ("every proxy pinned to one CPU, wrk and the backend to another (`taskset -c`)" if args.pinned
            else "not pinned to CPUs")
     lines = [
         f"Measured {date or time.strftime('%Y-%m-%d')} on {where or machine()} with `./build.sh bench` "
