@@ -592,7 +592,7 @@ def main() -> int:
             v.stop()
         os.killpg(backend.pid, signal.SIGTERM)
 
-    args.pinned = PIN is not None
+    args.pinned = PIN
     report = build_report(results, streaming, peak, vm_before, vm_after, soak_runs, variants, args, notes)
     print(report)
     OUT.mkdir(exist_ok=True)
@@ -617,7 +617,7 @@ def report_only(args) -> int:
     args.rounds = len(next(iter(results.values()))["envoy"])
     args.seconds = saved.get("seconds", 5)
     # Results from before pinning was recorded were not pinned.
-    args.pinned = saved.get("pinned", False)
+    args.pinned = saved.get("pinned")
     report = build_report(results, streaming, saved["peak_rss"], saved["vm_memory_before"], saved["vm_memory_after"],
                           saved.get("soak", [0, 0]), variants, args, saved.get("notes", []), saved["date"], saved["machine"])
     if not args.no_readme:
@@ -662,7 +662,8 @@ OVER_SAME_JOBS = ("jairouter", "jairouter-no-keys")
 def build_report(results, streaming, peak, vm_before, vm_after, soak_runs, variants, args, notes,
                  date: str | None = None, where: str | None = None) -> str:
     names = [v.name for v in variants]
-    how = ("every proxy pinned to one CPU, wrk and the backend to another (`taskset -c`)" if args.pinned
+    pin = args.pinned
+    how = (f"every proxy pinned to CPU {pin['proxy']}, wrk and the backend to CPU {pin['load']} (`taskset -c`)" if pin
            else "not pinned to CPUs")
     lines = [
         f"Measured {date or time.strftime('%Y-%m-%d')} on {where or machine()} with `./build.sh bench` "
