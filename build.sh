@@ -105,7 +105,8 @@ ensure_prometheus() {
 }
 
 # Benchmarks and soaks (never part of `test`):
-#   ./build.sh bench [--rounds N --seconds S ...]   the comparison table (writes the README)
+#   ./build.sh bench [--rounds N --seconds S --no-pin --no-litellm --no-portkey]
+#                                                    the comparison table (writes the README)
 #   ./build.sh bench soak-clients [--clients N]      distinct clients vs per-client limits
 #   ./build.sh bench hostcalls                        what each kind of host call costs (README)
 ensure_wrk() {
@@ -130,6 +131,34 @@ ensure_litellm() {
   fi
 }
 
+# Portkey's open-source gateway (Node) in a directory of its own, for the same comparison; the
+# bench runs without it if npm is missing or the install fails. @hono/node-server is held at
+# 1.13.8: with the newer ones npm picks, Portkey 1.15.2 answers streamed and embeddings
+# requests with "Something went wrong" (TypeError: immutable, Portkey-AI/gateway#1389).
+PORTKEY_VERSION=1.15.2
+ensure_portkey() {
+  local dir="$ROOT/.bench-node"
+  local manifest='{"private": true,
+ "dependencies": {"@portkey-ai/gateway": "'"$PORTKEY_VERSION"'"},
+ "overrides": {"@hono/node-server": "1.13.8"}}'
+  if [[ -f "$dir/.installed" && "$(cat "$dir/.installed")" == "$manifest" ]]; then return; fi
+  if ! command -v npm >/dev/null || ! command -v node >/dev/null; then
+    log "npm or node missing: benchmarking without Portkey's gateway"
+    return
+  fi
+  log "installing Portkey's gateway $PORTKEY_VERSION (npm) for the comparison"
+  mkdir -p "$dir"
+  printf '%s\n' "$manifest" > "$dir/package.json"
+  # --ignore-scripts: its one install script, patch-package, has no patches to apply in the
+  # published package (and fails on a clean install when its own dependencies are not hoisted yet).
+  if npm install --prefix "$dir" --ignore-scripts --no-audit --no-fund --loglevel=error >/dev/null; then
+    printf '%s' "$manifest" > "$dir/.installed"
+  else
+    log "Portkey's gateway could not be installed; benchmarking without it"
+    rm -rf "$dir/node_modules"
+  fi
+}
+
 cmd_bench() {
   build
   local scenario="${1:-}"
@@ -147,7 +176,8 @@ cmd_bench() {
       "$VENV/bin/python" -u integration-tests/bench_hostcalls.py "$@" ;;
     *)
       ensure_litellm
-      log "bench: direct, plain Envoy, wasm no-op, Envoy with our filter, LiteLLM"
+      ensure_portkey
+      log "bench: direct, plain Envoy, wasm no-op, Envoy doing our jobs, our filter (demo, no keys, lean), LiteLLM, Portkey"
       "$VENV/bin/python" -u integration-tests/bench.py "$@" ;;
   esac
 }

@@ -14,12 +14,12 @@ import argparse
 import os
 import signal
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from bench import BACKEND, PROBE_WASM, WORKLOADS, PlainEnvoy, machine, run_wrk, write_readme
+import bench
+from bench import PROBE_WASM, WORKLOADS, PlainEnvoy, machine, run_wrk, start_backend, write_readme
 
 # (steps, calls per request, what it is)
 PROBES = [
@@ -52,10 +52,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=4)
     parser.add_argument("--no-readme", action="store_true")
+    parser.add_argument("--no-pin", action="store_true", help="leave CPUs to the scheduler (default: as ./build.sh bench)")
     args = parser.parse_args()
+    if args.no_pin or len(os.sched_getaffinity(0)) < 2:
+        bench.PIN = None
     workdir = Path(tempfile.mkdtemp(prefix="jairouter-hostcalls-"))
-    backend = subprocess.Popen([str(BACKEND)], stdout=subprocess.PIPE, text=True, start_new_session=True)
-    backend_port = int(backend.stdout.readline().split()[1])
+    backend, backend_port = start_backend()
     variants = [PlainEnvoy(), Probe("")] + [Probe(steps) for steps, _, _ in PROBES]
     cpu: dict[str, list[float]] = {v.name: [] for v in variants}
     workload = WORKLOADS[0]
@@ -79,7 +81,8 @@ def main() -> int:
     base = med["pause"]
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} on {machine()} with `./build.sh bench hostcalls` "
-        f"({args.rounds} rounds of {args.seconds} s, the 1 KB chat workload, one Envoy worker; medians). "
+        f"({args.rounds} rounds of {args.seconds} s, the 1 KB chat workload, one Envoy worker"
+        f"{', Envoy pinned to CPU 0, wrk and the backend to CPU 1' if bench.PIN else ''}; medians). "
         "Proxy CPU per request includes the kernel's share of the loopback traffic, which grows a "
         "little with any added latency, so small differences are within noise (about ±1 µs).",
         "",
