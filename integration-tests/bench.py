@@ -299,6 +299,8 @@ class JAiRouter(PlainEnvoy):
     instance_header = True
     # Renderer flags beyond the addresses (the lean profile turns the access log off).
     render_flags: list[str] = []
+    # The filter it runs (`--baseline-wasm` adds the same gateway with an earlier build).
+    wasm: Path = WASM
 
     def configuration(self, backend_port: int) -> dict:
         instance = lambda i: {"name": MODEL, "base-url": f"http://127.0.0.1:{backend_port}"}
@@ -321,7 +323,7 @@ class JAiRouter(PlainEnvoy):
         app = workdir / f"{self.name}.yml"
         app.write_text(yaml.safe_dump(self.configuration(backend_port)))
         path = workdir / f"{self.name}.json"
-        subprocess.run([str(RENDER), "bootstrap", str(app), "--wasm", str(WASM), "--port", str(port),
+        subprocess.run([str(RENDER), "bootstrap", str(app), "--wasm", str(self.wasm), "--port", str(port),
                         "--listen-address", "127.0.0.1", "--admin-port", str(admin), "--status-port", "none",
                         *self.render_flags, "--out", str(path)], check=True)
         self.adapt(path)
@@ -343,6 +345,16 @@ class JAiRouter(PlainEnvoy):
     def vm_memory(self) -> dict[str, int]:
         text = httpx.get(self.admin + "/stats/prometheus", timeout=10).text
         return {m.group(1): int(m.group(2)) for m in re.finditer(r'jairouter_vm_memory_bytes\{vm="([^"]+)"\} (\d+)', text)}
+
+
+class JAiRouterBaseline(JAiRouter):
+    """The same gateway with an earlier build of the filter (`--baseline-wasm`): a change's
+    cost measured against what it changed, paired in the same run."""
+    name = "jairouter-baseline"
+
+    def __init__(self, wasm: Path):
+        super().__init__()
+        self.wasm = wasm
 
 
 class JAiRouterWithoutKeys(JAiRouter):
@@ -519,6 +531,8 @@ def main() -> int:
     parser.add_argument("--no-pin", action="store_true",
                         help="leave CPUs to the scheduler (default: proxies on CPU 0, wrk and the backend on CPU 1)")
     parser.add_argument("--no-readme", action="store_true")
+    parser.add_argument("--baseline-wasm", type=Path,
+                        help="also run the demo gateway with this earlier filter build (paired comparison)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from results.json")
     args = parser.parse_args()
     if args.report_only:
@@ -537,6 +551,8 @@ def main() -> int:
     backend, backend_port = start_backend()
     variants: list[Variant] = [Direct(backend, backend_port), PlainEnvoy(), NoopWasm(), EnvoySameJobs(), JAiRouter(),
                                JAiRouterWithoutKeys(), JAiRouterLean()]
+    if args.baseline_wasm:
+        variants.insert(5, JAiRouterBaseline(args.baseline_wasm.resolve()))
     notes = []
     if not args.no_litellm and LITELLM.exists():
         variants.append(LiteLLM())

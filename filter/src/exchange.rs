@@ -130,10 +130,10 @@ struct LoadReport {
 
 /// The response head, read in one host call.
 struct ResponseHead {
+    headers: HeaderPairs,
     status: Option<u32>,
     content_type: String,
     attempts: Option<u32>,
-    retry_after: Option<String>,
 }
 
 impl ResponseHead {
@@ -144,7 +144,27 @@ impl ResponseHead {
             status: number(":status"),
             content_type: headers.get("content-type").unwrap_or_default().to_string(),
             attempts: number("x-envoy-attempt-count"),
-            retry_after: headers.get("retry-after").map(str::to_string),
+            headers,
+        }
+    }
+
+    /// Adds `additions` to the response (replacing headers of the same names): one call each
+    /// for one header, else one call for the whole map, when it was read whole.
+    fn add(&self, host: &dyn Host, additions: &[(&str, &str)]) {
+        match additions {
+            [] => {}
+            [(name, value)] => host.set_response_header(name, value),
+            _ if !self.headers.is_complete() => {
+                for (name, value) in additions {
+                    host.set_response_header(name, value);
+                }
+            }
+            _ => {
+                let replaced = |n: &str| additions.iter().any(|(a, _)| a.eq_ignore_ascii_case(n));
+                let kept = self.headers.iter().filter(|(n, _)| !replaced(n));
+                let all: Vec<(&str, &str)> = kept.chain(additions.iter().copied()).collect();
+                host.replace_response_headers(&all);
+            }
         }
     }
 }
@@ -259,14 +279,7 @@ impl Exchange {
         };
         let plan = Rc::clone(&self.plan);
         let now = || clock.now();
-        let inputs = RouteInputs {
-            store: host,
-            random,
-            clock: &now,
-            client: self.client.as_deref().map(client_ip),
-            api_key: self.caller.key_index(),
-            caller: self.caller.grants(&plan),
-        };
+        let inputs = self.route_inputs(host, &plan, random, &now);
         let decision = on_request_headers(&plan, &head, &inputs);
         let flow = match decision {
             HeadDecision::Reply(reply) => self.reply(host, &clock, &reply),
@@ -278,6 +291,24 @@ impl Exchange {
         };
         self.mark_start(&clock);
         flow
+    }
+
+    /// What the routing decision may ask of the host and the caller.
+    fn route_inputs<'a>(
+        &'a self,
+        host: &'a dyn Host,
+        plan: &'a RouterConfig,
+        random: u64,
+        clock: &'a dyn Fn() -> u64,
+    ) -> RouteInputs<'a> {
+        RouteInputs {
+            store: host,
+            random,
+            clock,
+            client: self.client.as_deref().map(client_ip),
+            api_key: self.caller.key_index(),
+            caller: self.caller.grants(plan),
+        }
     }
 
     /// Who calls: a verified token's claims, or the API key the request presents. The client's
@@ -345,14 +376,7 @@ impl Exchange {
         self.measure.request_bytes = self.measure.request_bytes.max(buffered);
         let plan = Rc::clone(&self.plan);
         let now = || clock.now();
-        let inputs = RouteInputs {
-            store: host,
-            random,
-            clock: &now,
-            client: self.client.as_deref().map(client_ip),
-            api_key: self.caller.key_index(),
-            caller: self.caller.grants(&plan),
-        };
+        let inputs = self.route_inputs(host, &plan, random, &now);
         let step = scan.decide(outcome, buffered, end_of_stream, &plan, &inputs);
         let flow = match step {
             BodyStep::NeedMore => {
@@ -402,7 +426,7 @@ impl Exchange {
         }
         // The instance asks for a pause: out of rotation for as long as it says (capped).
         if self.status == Some(429) && !self.retried && answered_by_upstream(host) {
-            let secs = head.retry_after.as_deref().and_then(retry_after_secs);
+            let secs = head.headers.get("retry-after").and_then(retry_after_secs);
             if let (Some(ticket), Some(secs)) = (&self.breaker, secs) {
                 let until = clock.now().saturating_add(secs.saturating_mul(1_000_000_000));
                 breaker::cool_down(host, &ticket.key, until);
@@ -414,9 +438,6 @@ impl Exchange {
             _ if end_of_stream => self.count_breaker(host, &clock, Outcome::Success),
             _ => {}
         }
-        for (name, value) in &self.response_headers {
-            host.set_response_header(name, value);
-        }
         self.measure.streamed = head.content_type.contains("event-stream");
         // Token budgets settle from the usage an OpenAI answer (JSON or SSE) reports, and the
         // token metrics count it: read it from every answer of an instance.
@@ -425,14 +446,21 @@ impl Exchange {
         {
             self.usage = Some(UsageScanner::new());
         }
+        // The rate-limit state the request met, the stand-in model, the instance that served.
+        let mut additions: Vec<(&str, &str)> = self
+            .response_headers
+            .iter()
+            .map(|(name, value)| (*name, value.as_str()))
+            .collect();
         if let Some(model) = &self.served_model {
-            host.set_response_header(MODEL_HEADER, model);
+            additions.push((MODEL_HEADER, model));
         }
-        if self.plan.gateway.instance_header {
-            if let Some(id) = &self.served_by {
-                host.set_response_header(INSTANCE_HEADER, id);
+        if let Some(id) = self.served_by.as_deref() {
+            if self.plan.gateway.instance_header {
+                additions.push((INSTANCE_HEADER, id));
             }
         }
+        head.add(host, &additions);
         Flow::Continue
     }
 

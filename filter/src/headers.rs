@@ -10,14 +10,17 @@
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct HeaderPairs {
     pairs: Vec<(String, String)>,
+    /// Every entry Envoy sent was read (none skipped as non-UTF-8 or malformed): only then may
+    /// the map be written back whole.
+    complete: bool,
 }
 
 impl HeaderPairs {
     pub fn parse(bytes: &[u8]) -> HeaderPairs {
         let mut pairs = Vec::new();
-        let count = read_u32(bytes, 0).unwrap_or(0);
+        let declared = read_u32(bytes, 0).unwrap_or(0);
         // Each header takes at least 10 bytes (two lengths, two NULs): a count beyond that is a lie.
-        let count = count.min(bytes.len() / 10);
+        let count = declared.min(bytes.len() / 10);
         let mut data = 4usize.saturating_add(count.saturating_mul(8));
         for n in 0..count {
             let at = 4 + n * 8;
@@ -36,7 +39,18 @@ impl HeaderPairs {
                 pairs.push((name.to_string(), value.to_string()));
             }
         }
-        HeaderPairs { pairs }
+        // Nothing read at all (the host call failed) is not a map to write back.
+        let complete = bytes.len() >= 4 && pairs.len() == declared;
+        HeaderPairs { pairs, complete }
+    }
+
+    /// Every header read, in Envoy's order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.pairs.iter().map(|(n, v)| (n.as_str(), v.as_str()))
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.complete
     }
 
     /// The first value of a header, by name in any case.
@@ -88,6 +102,17 @@ pub fn encode(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_map_is_complete_only_when_no_entry_was_skipped() {
+        let good = HeaderPairs::parse(&encode(&[(b"a", b"1"), (b"b", b"2")]));
+        assert!(good.is_complete());
+        assert_eq!(good.iter().collect::<Vec<_>>(), [("a", "1"), ("b", "2")]);
+        let skipped = HeaderPairs::parse(&encode(&[(b"a", b"1"), (b"b", b"\xff")]));
+        assert!(!skipped.is_complete());
+        assert_eq!(skipped.get("a"), Some("1"));
+        assert!(HeaderPairs::default().iter().next().is_none());
+    }
 
     fn serialize(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
         encode(pairs)

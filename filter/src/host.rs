@@ -19,6 +19,8 @@ pub trait Host: SharedStore {
     /// Every response header, in one call.
     fn response_headers(&self) -> HeaderPairs;
     fn set_response_header(&self, name: &str, value: &str);
+    /// Replaces every response header at once (one call where several would be set).
+    fn replace_response_headers(&self, headers: &[(&str, &str)]);
     /// `len` bytes of the buffered request body from `start` (fewer at its end).
     fn request_body(&self, start: usize, len: usize) -> Option<Vec<u8>>;
     /// Replaces the first `len` buffered bytes of the request body; false when Envoy refused.
@@ -42,6 +44,7 @@ pub enum Call {
     RemoveRequestHeader,
     ResponseHeaders,
     SetResponseHeader,
+    ReplaceResponseHeaders,
     RequestBody,
     ReplaceRequestBody,
     ResponseBody,
@@ -166,6 +169,14 @@ impl Host for TestHost {
     fn set_response_header(&self, name: &str, value: &str) {
         self.count(Call::SetResponseHeader);
         set(&self.response_headers, name, value);
+    }
+
+    fn replace_response_headers(&self, headers: &[(&str, &str)]) {
+        self.count(Call::ReplaceResponseHeaders);
+        *self.response_headers.borrow_mut() = headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect();
     }
 
     fn request_body(&self, start: usize, len: usize) -> Option<Vec<u8>> {

@@ -393,6 +393,10 @@ impl Host for WasmHost {
         let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
     }
 
+    fn replace_response_headers(&self, headers: &[(&str, &str)]) {
+        let _ = hostcalls::set_map(MapType::HttpResponseHeaders, headers.to_vec());
+    }
+
     fn request_body(&self, start: usize, len: usize) -> Option<Vec<u8>> {
         hostcalls::get_buffer(BufferType::HttpRequestBody, start, len)
             .ok()

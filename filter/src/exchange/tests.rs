@@ -235,21 +235,24 @@ fn a_rate_limit_costs_one_read_and_one_write_more() {
         "rate-limit": {"enabled": true, "capacity": 100, "rate": 10, "scope": "service"}
     })));
     let (phases, total) = whole_request(&mut run, &[]);
-    // Response: + the three x-ratelimit-* headers of the tightest limit.
-    assert_eq!(phases, [1, 8, 7, 1]);
-    assert_eq!(total, 17);
-    // Its state goes back to the client.
+    // Response: the three x-ratelimit-* headers and the instance header in one call.
+    assert_eq!(phases, [1, 8, 4, 1]);
+    assert_eq!(total, 14);
+    // Its state goes back to the client, beside what the instance sent.
     assert!(run.host.response_header("x-ratelimit-limit-requests").is_some());
+    assert_eq!(run.host.response_header("x-jairouter-instance").as_deref(), Some("chat-0"));
+    assert_eq!(run.host.response_header("content-type").as_deref(), Some("application/json"));
+    assert_eq!(run.host.response_header(":status").as_deref(), Some("200"));
 }
 
 #[test]
 fn a_token_budget_reserves_at_admission_and_settles_from_usage() {
     let mut run = Run::new(plan(json!({"token-limit": {"tokens-per-minute": 100000}})));
     let (phases, total) = whole_request(&mut run, &[]);
-    // Body: + the budget's read and write. Response: + three x-ratelimit headers, the clock
-    // and the settlement's read and write at the end of the body; the log reuses that time.
-    assert_eq!(phases, [1, 8, 10, 0]);
-    assert_eq!(total, 19);
+    // Body: + the budget's read and write. Response: the headers in one call, + the clock and
+    // the settlement's read and write at the end of the body; the log reuses that time.
+    assert_eq!(phases, [1, 8, 7, 0]);
+    assert_eq!(total, 16);
     let summary = run.summary();
     assert_eq!(summary["prompt_tokens"], 9);
     assert_eq!(summary["completion_tokens"], 3);
@@ -494,29 +497,15 @@ fn least_connections_gives_its_count_back_exactly_once() {
     let mut run = Run::new(plan(json!({"load-balance": {"type": "least-connections"}})));
     run.request("POST", "/v1/chat/completions", &[], CHAT);
     run.send();
-    let key = run
-        .exchange
-        .plan
-        .instances()
-        .next()
-        .map(|i| i.in_flight_key.clone())
-        .unwrap_or_default();
-    let count = |host: &TestHost| crate::balance::load::in_flight(&host.store, &key);
-    let total: u64 = run
-        .exchange
-        .plan
-        .instances()
-        .map(|i| crate::balance::load::in_flight(&run.host.store, &i.in_flight_key))
-        .sum();
-    assert_eq!(total, 1);
+    let in_flight = |run: &Run| -> Vec<u64> {
+        let plan = &run.exchange.plan;
+        let count = |i: &crate::config::Instance| {
+            crate::balance::load::in_flight(&run.host.store, &i.in_flight_key)
+        };
+        plan.instances().map(count).collect()
+    };
+    assert_eq!(in_flight(&run).iter().sum::<u64>(), 1);
     run.log();
     run.exchange.on_drop(&run.host);
-    assert_eq!(count(&run.host), 0);
-    let total: u64 = run
-        .exchange
-        .plan
-        .instances()
-        .map(|i| crate::balance::load::in_flight(&run.host.store, &i.in_flight_key))
-        .sum();
-    assert_eq!(total, 0);
+    assert_eq!(in_flight(&run), [0, 0], "given back once, by on_log; the drop adds nothing");
 }
