@@ -322,7 +322,6 @@ pub fn is_unhealthy(store: &dyn SharedStore, key: &str) -> bool {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use crate::store::MemoryStore;

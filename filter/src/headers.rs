@@ -85,7 +85,6 @@ pub fn encode(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

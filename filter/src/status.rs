@@ -115,7 +115,6 @@ fn base_url(url: &BaseUrl) -> String {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
     use super::*;
     use crate::store::MemoryStore;
     #[cfg(target_arch = "wasm32")]

@@ -96,7 +96,6 @@ pub fn latency(store: &dyn SharedStore, key: &str) -> LatencyEstimate {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
     use super::*;
     use crate::store::MemoryStore;
     #[cfg(target_arch = "wasm32")]

@@ -220,7 +220,6 @@ impl Rng {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
     use super::load::{begin_request, record_latency};
     use super::*;
     use crate::config::RouterConfig;

@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 use super::*;
 use serde_json::json;
 #[cfg(target_arch = "wasm32")]

@@ -390,7 +390,6 @@ fn admit_window(params: &Params, state: Option<&[u8]>, now_ns: u64) -> (Option<V
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
     use super::*;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
