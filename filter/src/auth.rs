@@ -8,6 +8,7 @@
 
 use crate::config::reader::{error, join, kind, show, ConfigError, Fields};
 use crate::endpoint::ServiceType;
+use crate::headers::HeaderPairs;
 use crate::request::LocalReply;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -350,8 +351,8 @@ impl ApiKey {
 /// (a u32 count, a pair of u32 lengths per item, then each item and an empty value, each
 /// NUL-terminated). Anything else gives nothing.
 pub fn claim_values(bytes: &[u8]) -> Vec<String> {
-    if let Some(items) = pairs_keys(bytes) {
-        return items;
+    if let Some(list) = HeaderPairs::parse_exact(bytes) {
+        return list.names().map(str::to_string).collect();
     }
     std::str::from_utf8(bytes)
         .ok()
@@ -363,36 +364,6 @@ pub fn claim_values(bytes: &[u8]) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// The keys of a pairs-encoded map, only if `bytes` is exactly one (a string claim that merely
-/// starts like one is not).
-fn pairs_keys(bytes: &[u8]) -> Option<Vec<String>> {
-    let word = |at: usize| -> Option<usize> {
-        let b: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
-        usize::try_from(u32::from_le_bytes(b)).ok()
-    };
-    let count = word(0)?;
-    if count > bytes.len() / 10 {
-        return None;
-    }
-    let mut data = 4 + count * 8;
-    let mut items = Vec::with_capacity(count);
-    for n in 0..count {
-        let (key_len, value_len) = (word(4 + n * 8)?, word(8 + n * 8)?);
-        let key = bytes.get(data..data.checked_add(key_len)?)?;
-        data = data.checked_add(key_len)?;
-        if bytes.get(data) != Some(&0) {
-            return None;
-        }
-        data = data.checked_add(1)?.checked_add(value_len)?;
-        if bytes.get(data) != Some(&0) {
-            return None;
-        }
-        data += 1;
-        items.push(std::str::from_utf8(key).ok()?.to_string());
-    }
-    (data == bytes.len()).then_some(items)
 }
 
 impl AuthError {

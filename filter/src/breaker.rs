@@ -8,6 +8,7 @@
 //! A closed breaker costs a request one shared-data read at admission, and nothing when the
 //! request succeeds on a breaker that had no failures.
 
+use crate::bytes::{u32_le, u64_le};
 use crate::store::{transact, SharedStore};
 
 /// What a breaker needs from the configuration (the most specific `circuit-breaker` block:
@@ -90,18 +91,8 @@ impl Breaker {
         let Some(bytes) = bytes.filter(|b| b.len() == ENCODED_LEN) else {
             return Breaker::CLOSED;
         };
-        let u32_at = |at: usize| {
-            bytes
-                .get(at..at + 4)
-                .and_then(|b| <[u8; 4]>::try_from(b).ok())
-                .map_or(0, u32::from_le_bytes)
-        };
-        let u64_at = |at: usize| {
-            bytes
-                .get(at..at + 8)
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map_or(0, u64::from_le_bytes)
-        };
+        let u32_at = |at: usize| u32_le(bytes, at).unwrap_or(0);
+        let u64_at = |at: usize| u64_le(bytes, at).unwrap_or(0);
         let state = match bytes.first() {
             Some(1) => State::Open,
             Some(2) => State::HalfOpen,

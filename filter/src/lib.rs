@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod balance;
 pub mod breaker;
+pub mod bytes;
 pub mod config;
 pub mod endpoint;
 pub mod headers;

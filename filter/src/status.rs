@@ -19,7 +19,7 @@ pub const CONFIG_VERSION_KEY: &str = "jairouter/config-version";
 
 /// The configuration's version as the status page and logs name it: a fingerprint of its bytes.
 pub fn config_version(bytes: &[u8]) -> String {
-    format!("{:016x}", crate::balance::ring::hash64(bytes))
+    format!("{:016x}", crate::bytes::hash64(bytes))
 }
 
 pub fn status_json(

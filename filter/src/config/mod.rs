@@ -11,7 +11,8 @@ pub use policy::{
 pub use reader::ConfigError;
 
 use crate::auth::ApiKeys;
-use crate::balance::ring::{hash64, HashRing};
+use crate::balance::ring::HashRing;
+use crate::bytes::hash64;
 use crate::balance::smooth_sequence;
 use crate::breaker::BreakerPolicy;
 use crate::endpoint::{Endpoint, ServiceType};

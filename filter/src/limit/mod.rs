@@ -12,7 +12,7 @@
 pub mod bucket;
 
 use crate::auth::ApiKey;
-use crate::balance::ring::hash64;
+use crate::bytes::{hash64, u64_le};
 use crate::config::{RateLimitPolicy, Scope, Service, TokenLimitPolicy};
 use crate::endpoint::ServiceType;
 use crate::store::{transact, SharedStore};
@@ -622,11 +622,7 @@ impl Limits {
 
 /// A client slot: the owner's fingerprint (0: free), then its bucket.
 fn split_slot(state: Option<&[u8]>) -> (u64, Option<&[u8]>) {
-    let owner = state
-        .and_then(|s| s.get(..8))
-        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-        .map(u64::from_le_bytes)
-        .unwrap_or(0);
+    let owner = state.and_then(|s| u64_le(s, 0)).unwrap_or(0);
     (owner, state.and_then(|s| s.get(8..)))
 }
 
