@@ -9,6 +9,7 @@
 //! request succeeds on a breaker that had no failures.
 
 use crate::bytes::{u32_le, u64_le};
+use crate::config::CircuitBreakerPolicy;
 use crate::store::{transact, SharedStore};
 
 /// What a breaker needs from the configuration (the most specific `circuit-breaker` block:
@@ -18,6 +19,17 @@ pub struct BreakerPolicy {
     pub failure_threshold: u32,
     pub timeout_ns: u64,
     pub success_threshold: u32,
+}
+
+impl BreakerPolicy {
+    /// What the breaker of an instance runs on, when its block enables one.
+    pub fn compile(block: &CircuitBreakerPolicy) -> Option<BreakerPolicy> {
+        block.enabled.then(|| BreakerPolicy {
+            failure_threshold: u32::try_from(block.failure_threshold).unwrap_or(u32::MAX),
+            timeout_ns: block.timeout_ms.saturating_mul(1_000_000),
+            success_threshold: u32::try_from(block.success_threshold).unwrap_or(u32::MAX),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

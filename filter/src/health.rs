@@ -3,7 +3,8 @@
 //! id); it writes its verdicts into each instance's state in shared data, where every worker's
 //! admission reads them (`breaker::admit`). Unknown is healthy.
 
-use crate::config::{HealthCheckPolicy, RouterConfig};
+use crate::config::HealthCheckPolicy;
+use crate::plan::Plan;
 
 /// One instance to check.
 #[derive(Debug, Clone)]
@@ -44,7 +45,7 @@ pub enum Verdict {
 }
 
 impl Checker {
-    pub fn new(config: &RouterConfig) -> Checker {
+    pub fn new(config: &Plan) -> Checker {
         let targets: Vec<Target> = config
             .instances()
             .filter_map(|instance| {
@@ -123,7 +124,7 @@ mod tests {
     use serde_json::json;
 
     fn checker() -> Checker {
-        let cfg = RouterConfig::from_value(&json!({
+        let cfg = Plan::from_value(&json!({
             "health-check": {"interval": 1000, "unhealthy-threshold": 2, "healthy-threshold": 2},
             "services": {"chat": {"instances": [
                 {"name": "a", "base-url": "http://a:1/ollama", "headers": {"authorization": "Bearer k"}},

@@ -4,30 +4,18 @@
 
 use crate::balance::load::{in_flight, latency};
 use crate::breaker::{Breaker, State};
-use crate::config::{BaseUrl, RouterConfig};
+use crate::config::BaseUrl;
 use crate::limit::Unit;
+use crate::plan::Plan;
 use crate::store::SharedStore;
 use serde_json::{json, Value};
-
-/// The shared-data key under which the routing filter publishes the configuration it loaded
-/// (its plugin configuration, verbatim): the health checker and the status page read it, so
-/// they follow every reload without a configuration of their own.
-pub const CONFIG_KEY: &str = "jairouter/config";
-/// Its version (`config_version`), written after it: what the health checker polls each tick,
-/// so it copies the configuration out of shared data only when it changed.
-pub const CONFIG_VERSION_KEY: &str = "jairouter/config-version";
 
 /// The configuration's version as the status page and logs name it: a fingerprint of its bytes.
 pub fn config_version(bytes: &[u8]) -> String {
     format!("{:016x}", crate::bytes::hash64(bytes))
 }
 
-pub fn status_json(
-    config: &RouterConfig,
-    version: &str,
-    store: &dyn SharedStore,
-    now_ns: u64,
-) -> String {
+pub fn status_json(config: &Plan, version: &str, store: &dyn SharedStore, now_ns: u64) -> String {
     let services: Vec<Value> = config
         .services()
         .map(|service| {
@@ -67,10 +55,9 @@ pub fn status_json(
             })
         })
         .collect();
-    let configured: Vec<_> = config.services().collect();
     let limits: Vec<Value> = config
         .limits
-        .levels(store, &configured, now_ns)
+        .levels(store, now_ns)
         .into_iter()
         .filter_map(|level| {
             let limit = config.limits.list.get(level.limit)?;
@@ -122,7 +109,7 @@ mod tests {
 
     #[test]
     fn shows_instances_breakers_and_buckets() {
-        let config = RouterConfig::from_value(&json!({
+        let config = Plan::from_value(&json!({
             "rate-limit": {"enabled": true, "algorithm": "token-bucket", "capacity": 10, "rate": 1, "scope": "service"},
             "circuit-breaker": {"failure-threshold": 1, "timeout": 60000},
             "services": {"chat": {"instances": [
@@ -133,7 +120,7 @@ mod tests {
         .unwrap();
         let store = MemoryStore::default();
         let services: Vec<_> = config.services().collect();
-        for (key, initial) in config.limits.initial_keys(&services) {
+        for (key, initial) in config.limits.initial_keys() {
             store.set(&key, &initial, None).unwrap();
         }
         let second = &services[0].instances[1];

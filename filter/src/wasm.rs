@@ -7,18 +7,20 @@ use crate::balance::load::{begin_request, end_request, record_latency, LatencyEs
 use crate::balance::Rng;
 use crate::breaker::{self, Admission, Breaker, BreakerPolicy, Outcome};
 use crate::config::{
-    JwtOptions, RouterConfig, Strategy, INSTANCE_HEADER, JWT_PAYLOAD_KEY, MODEL_HEADER,
-    ROUTING_HEADER, SERVICE_DESCRIPTOR_HEADER,
+    JwtOptions, Strategy, INSTANCE_HEADER, JWT_PAYLOAD_KEY, MODEL_HEADER, ROUTING_HEADER,
+    SERVICE_DESCRIPTOR_HEADER,
 };
 use crate::headers::HeaderPairs;
 use crate::health::{Checker, Verdict};
 use crate::metrics::{stat_name, status_class, Metrics, DURATION_BUCKETS, TOKEN_TIME_BUCKETS};
+use crate::plan::Plan;
 use crate::request::{
     authenticate, client_ip, on_request_headers, BodyStep, Caller, HeadDecision, Host, LocalReply,
     RequestHead, Routed, TokenClaims, TokenReservation,
 };
 use crate::scan::ScanOutcome;
-use crate::status::{config_version, status_json, CONFIG_KEY, CONFIG_VERSION_KEY};
+use crate::shared_keys::{CONFIG_KEY, CONFIG_VERSION_KEY};
+use crate::status::{config_version, status_json};
 use crate::store::{ensure_counter, SharedStore, StoreError};
 use crate::usage::{Usage, UsageScanner};
 use proxy_wasm::hostcalls;
@@ -63,7 +65,7 @@ proxy_wasm::main! {{
 }}
 
 struct Root {
-    config: Option<Rc<RouterConfig>>,
+    config: Option<Rc<Plan>>,
     rng: Rc<RefCell<Rng>>,
     /// This VM's linear memory gauge (`jairouter_vm_memory_bytes{vm=...}`), set every tick.
     memory_gauge: Option<u32>,
@@ -248,7 +250,7 @@ impl Root {
         let (Some(bytes), _) = HostStore.get(CONFIG_KEY) else {
             return;
         };
-        let config = match RouterConfig::from_json(&bytes) {
+        let config = match Plan::from_json(&bytes) {
             Ok(config) => config,
             Err(e) => {
                 log::error!("health checks: published configuration unreadable: {e}");
@@ -351,14 +353,14 @@ impl RootContext for Root {
             }
         };
         let version = config_version(&bytes);
-        match RouterConfig::from_json(&bytes) {
+        match Plan::from_json(&bytes) {
             Ok(config) => {
                 prepare_shared_keys(&config);
                 let previous = HostStore.get(CONFIG_KEY).0;
                 if previous.as_deref() != Some(bytes.as_slice()) {
                     // The first VM to load a new configuration empties what the last one used
                     // and this one does not, then publishes it.
-                    let previous = previous.and_then(|b| RouterConfig::from_json(&b).ok());
+                    let previous = previous.and_then(|b| Plan::from_json(&b).ok());
                     for key in previous.map(|p| config.stale_keys(&p)).unwrap_or_default() {
                         let _ = HostStore.set(&key, &[], None);
                     }
@@ -450,7 +452,7 @@ fn status_page() -> (u32, String) {
             r#"{"error":"no configuration loaded yet"}"#.to_string(),
         );
     };
-    match RouterConfig::from_json(&bytes) {
+    match Plan::from_json(&bytes) {
         Ok(config) => (
             200,
             status_json(&config, &config_version(&bytes), &HostStore, now_ns()),
@@ -460,7 +462,7 @@ fn status_page() -> (u32, String) {
 }
 
 struct Request {
-    config: Rc<RouterConfig>,
+    config: Rc<Plan>,
     rng: Rc<RefCell<Rng>>,
     scan: Option<Box<crate::request::BodyScan>>,
     /// The request's `:path` as the client sent it (rewritten only when the instance needs it).
@@ -1231,7 +1233,7 @@ impl Request {
 /// Creates every shared-data key the configuration uses, before traffic races on it (Envoy
 /// ignores CAS on a key that does not exist). Keys that exist keep their state: a reload keeps
 /// the buckets, breakers and load of everything it did not change.
-fn prepare_shared_keys(config: &RouterConfig) {
+fn prepare_shared_keys(config: &Plan) {
     for service in config.services() {
         for pool in service.models.values() {
             ensure_counter(&HostStore, &pool.counter_key);
@@ -1243,8 +1245,7 @@ fn prepare_shared_keys(config: &RouterConfig) {
             }
         }
     }
-    let services: Vec<_> = config.services().collect();
-    for (key, initial) in config.limits.initial_keys(&services) {
+    for (key, initial) in config.limits.initial_keys() {
         if unset(&key) {
             let _ = HostStore.set(&key, &initial, None);
         }
