@@ -7,8 +7,10 @@
     clippy::indexing_slicing
 )]
 
-use jairouter_filter::config::RouterConfig;
-use jairouter_filter::request::{on_request_headers, BodyStep, HeadDecision, RouteInputs, RequestHead};
+use jairouter_filter::plan::Plan;
+use jairouter_filter::request::{
+    on_request_headers, BodyStep, HeadDecision, RequestHead, RouteInputs,
+};
 use jairouter_filter::store::MemoryStore;
 use jairouter_filter::usage::UsageScanner;
 use serde_json::json;
@@ -38,10 +40,9 @@ fn main() {
     );
     let response = r#"{"id":"x","choices":[{"message":{"content":"Hello from the bench backend."}}],"usage":{"prompt_tokens":10,"completion_tokens":7}}"#;
     for (name, config) in configs {
-        let cfg = RouterConfig::from_value(&config).unwrap();
+        let cfg = Plan::from_value(&config).unwrap();
         let store = MemoryStore::default();
-        let services: Vec<_> = cfg.services().collect();
-        for (key, initial) in cfg.limits.initial_keys(&services) {
+        for (key, initial) in cfg.limits.initial_keys() {
             use jairouter_filter::store::SharedStore;
             store.set(&key, &initial, None).unwrap();
         }

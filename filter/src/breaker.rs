@@ -8,6 +8,8 @@
 //! A closed breaker costs a request one shared-data read at admission, and nothing when the
 //! request succeeds on a breaker that had no failures.
 
+use crate::bytes::{u32_le, u64_le};
+use crate::config::CircuitBreakerPolicy;
 use crate::store::{transact, SharedStore};
 
 /// What a breaker needs from the configuration (the most specific `circuit-breaker` block:
@@ -17,6 +19,17 @@ pub struct BreakerPolicy {
     pub failure_threshold: u32,
     pub timeout_ns: u64,
     pub success_threshold: u32,
+}
+
+impl BreakerPolicy {
+    /// What the breaker of an instance runs on, when its block enables one.
+    pub fn compile(block: &CircuitBreakerPolicy) -> Option<BreakerPolicy> {
+        block.enabled.then(|| BreakerPolicy {
+            failure_threshold: u32::try_from(block.failure_threshold).unwrap_or(u32::MAX),
+            timeout_ns: block.timeout_ms.saturating_mul(1_000_000),
+            success_threshold: u32::try_from(block.success_threshold).unwrap_or(u32::MAX),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,18 +103,8 @@ impl Breaker {
         let Some(bytes) = bytes.filter(|b| b.len() == ENCODED_LEN) else {
             return Breaker::CLOSED;
         };
-        let u32_at = |at: usize| {
-            bytes
-                .get(at..at + 4)
-                .and_then(|b| <[u8; 4]>::try_from(b).ok())
-                .map_or(0, u32::from_le_bytes)
-        };
-        let u64_at = |at: usize| {
-            bytes
-                .get(at..at + 8)
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map_or(0, u64::from_le_bytes)
-        };
+        let u32_at = |at: usize| u32_le(bytes, at).unwrap_or(0);
+        let u64_at = |at: usize| u64_le(bytes, at).unwrap_or(0);
         let state = match bytes.first() {
             Some(1) => State::Open,
             Some(2) => State::HalfOpen,
@@ -329,7 +332,6 @@ pub fn is_unhealthy(store: &dyn SharedStore, key: &str) -> bool {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use crate::store::MemoryStore;

@@ -17,16 +17,18 @@ use crate::balance::load::{begin_request, end_request, record_latency};
 use crate::balance::Rng;
 use crate::breaker::{self, Admission, BreakerPolicy, Outcome};
 use crate::config::{
-    RouterConfig, Strategy, INSTANCE_HEADER, JWT_PAYLOAD_KEY, MODEL_HEADER, ROUTING_HEADER,
+    Strategy, INSTANCE_HEADER, JWT_PAYLOAD_KEY, MODEL_HEADER, ROUTING_HEADER,
     SERVICE_DESCRIPTOR_HEADER,
 };
+use crate::encoding::client_ip;
 use crate::headers::HeaderPairs;
 use crate::host::Host;
 use crate::metrics::Metrics;
+use crate::plan::Plan;
 use crate::reply::{LocalReply, DEFAULT_RETRY_AFTER_SECS};
 use crate::request::{
-    authenticate, client_ip, on_request_headers, BodyScan, BodyStep, Caller, HeadDecision,
-    RequestHead, RouteInputs, Routed, TokenClaims, TokenReservation,
+    authenticate, on_request_headers, BodyScan, BodyStep, Caller, HeadDecision, RequestHead,
+    RouteInputs, Routed, TokenClaims, TokenReservation,
 };
 use crate::scan::ScanOutcome;
 use crate::usage::{Usage, UsageScanner};
@@ -170,7 +172,7 @@ impl ResponseHead {
 }
 
 pub struct Exchange {
-    plan: Rc<RouterConfig>,
+    plan: Rc<Plan>,
     rng: Rc<RefCell<Rng>>,
     metrics: Rc<RefCell<Metrics>>,
     scan: Option<Box<BodyScan>>,
@@ -207,11 +209,7 @@ pub struct Exchange {
 }
 
 impl Exchange {
-    pub fn new(
-        plan: Rc<RouterConfig>,
-        rng: Rc<RefCell<Rng>>,
-        metrics: Rc<RefCell<Metrics>>,
-    ) -> Exchange {
+    pub fn new(plan: Rc<Plan>, rng: Rc<RefCell<Rng>>, metrics: Rc<RefCell<Metrics>>) -> Exchange {
         Exchange {
             plan,
             rng,
@@ -297,7 +295,7 @@ impl Exchange {
     fn route_inputs<'a>(
         &'a self,
         host: &'a dyn Host,
-        plan: &'a RouterConfig,
+        plan: &'a Plan,
         random: u64,
         clock: &'a dyn Fn() -> u64,
     ) -> RouteInputs<'a> {
@@ -387,7 +385,8 @@ impl Exchange {
             BodyStep::Route(routed) => {
                 if routed.fallback_from.is_some() {
                     self.requested_model.clone_from(&routed.fallback_from);
-                    if let Err(why) = self.ask_for(host, &routed.model, scan.model_span(), body_size)
+                    if let Err(why) =
+                        self.ask_for(host, &routed.model, scan.model_span(), body_size)
                     {
                         log::warn!("fallback to {} not taken: {why}", routed.model);
                         let reply = LocalReply::no_instance(
@@ -428,7 +427,9 @@ impl Exchange {
         if self.status == Some(429) && !self.retried && answered_by_upstream(host) {
             let secs = head.headers.get("retry-after").and_then(retry_after_secs);
             if let (Some(ticket), Some(secs)) = (&self.breaker, secs) {
-                let until = clock.now().saturating_add(secs.saturating_mul(1_000_000_000));
+                let until = clock
+                    .now()
+                    .saturating_add(secs.saturating_mul(1_000_000_000));
                 breaker::cool_down(host, &ticket.key, until);
             }
         }
@@ -441,8 +442,7 @@ impl Exchange {
         self.measure.streamed = head.content_type.contains("event-stream");
         // Token budgets settle from the usage an OpenAI answer (JSON or SSE) reports, and the
         // token metrics count it: read it from every answer of an instance.
-        if self.served_by.is_some()
-            && (head.content_type.contains("json") || self.measure.streamed)
+        if self.served_by.is_some() && (head.content_type.contains("json") || self.measure.streamed)
         {
             self.usage = Some(UsageScanner::new());
         }

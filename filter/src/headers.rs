@@ -10,38 +10,23 @@
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct HeaderPairs {
     pairs: Vec<(String, String)>,
-    /// Every entry Envoy sent was read (none skipped as non-UTF-8 or malformed): only then may
-    /// the map be written back whole.
+    /// `bytes` was exactly a well-formed map, every entry read (none skipped as non-UTF-8):
+    /// only then may the map be written back whole.
     complete: bool,
 }
 
 impl HeaderPairs {
     pub fn parse(bytes: &[u8]) -> HeaderPairs {
-        let mut pairs = Vec::new();
-        let declared = read_u32(bytes, 0).unwrap_or(0);
-        // Each header takes at least 10 bytes (two lengths, two NULs): a count beyond that is a lie.
-        let count = declared.min(bytes.len() / 10);
-        let mut data = 4usize.saturating_add(count.saturating_mul(8));
-        for n in 0..count {
-            let at = 4 + n * 8;
-            let (Some(name_len), Some(value_len)) = (read_u32(bytes, at), read_u32(bytes, at + 4))
-            else {
-                break;
-            };
-            let Some((name, after)) = take(bytes, data, name_len) else {
-                break;
-            };
-            let Some((value, after)) = take(bytes, after, value_len) else {
-                break;
-            };
-            data = after;
-            if let (Ok(name), Ok(value)) = (std::str::from_utf8(name), std::str::from_utf8(value)) {
-                pairs.push((name.to_string(), value.to_string()));
-            }
-        }
-        // Nothing read at all (the host call failed) is not a map to write back.
-        let complete = bytes.len() >= 4 && pairs.len() == declared;
-        HeaderPairs { pairs, complete }
+        decode(bytes)
+    }
+
+    /// The map only if `bytes` is exactly one, well formed: every entry in bounds, UTF-8 and
+    /// NUL-terminated, nothing after the last. (Envoy hands a JWT claim that is a list in this
+    /// layout, and one that is a string as its bytes: a string that merely starts like a map
+    /// must stay a string.)
+    pub fn parse_exact(bytes: &[u8]) -> Option<HeaderPairs> {
+        let pairs = decode(bytes);
+        pairs.complete.then_some(pairs)
     }
 
     /// Every header read, in Envoy's order.
@@ -51,6 +36,11 @@ impl HeaderPairs {
 
     pub fn is_complete(&self) -> bool {
         self.complete
+    }
+
+    /// The names, in order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.pairs.iter().map(|(name, _)| name.as_str())
     }
 
     /// The first value of a header, by name in any case.
@@ -66,16 +56,52 @@ impl HeaderPairs {
     }
 }
 
-fn read_u32(bytes: &[u8], at: usize) -> Option<usize> {
-    let raw: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
-    usize::try_from(u32::from_le_bytes(raw)).ok()
+/// The pairs that could be read, and whether `bytes` was exactly a well-formed map.
+fn decode(bytes: &[u8]) -> HeaderPairs {
+    let mut pairs = Vec::new();
+    let Some(declared) = read_u32(bytes, 0) else {
+        return HeaderPairs::default();
+    };
+    // Each header takes at least 10 bytes (two lengths, two NULs): a count beyond that is a lie.
+    let count = declared.min(bytes.len() / 10);
+    let mut exact = count == declared;
+    let mut data = 4usize.saturating_add(count.saturating_mul(8));
+    for n in 0..count {
+        let at = 4 + n * 8;
+        let (Some(name_len), Some(value_len)) = (read_u32(bytes, at), read_u32(bytes, at + 4))
+        else {
+            exact = false;
+            break;
+        };
+        let Some((name, after, name_ended)) = take(bytes, data, name_len) else {
+            exact = false;
+            break;
+        };
+        let Some((value, after, value_ended)) = take(bytes, after, value_len) else {
+            exact = false;
+            break;
+        };
+        exact &= name_ended && value_ended;
+        data = after;
+        if let (Ok(name), Ok(value)) = (std::str::from_utf8(name), std::str::from_utf8(value)) {
+            pairs.push((name.to_string(), value.to_string()));
+        } else {
+            exact = false;
+        }
+    }
+    let complete = exact && data == bytes.len();
+    HeaderPairs { pairs, complete }
 }
 
-/// `len` bytes at `at`, and where the next field starts (past the NUL).
-fn take(bytes: &[u8], at: usize, len: usize) -> Option<(&[u8], usize)> {
+fn read_u32(bytes: &[u8], at: usize) -> Option<usize> {
+    usize::try_from(crate::bytes::u32_le(bytes, at)?).ok()
+}
+
+/// `len` bytes at `at`, where the next field starts (past the NUL), and whether the NUL is there.
+fn take(bytes: &[u8], at: usize, len: usize) -> Option<(&[u8], usize, bool)> {
     let end = at.checked_add(len)?;
     let field = bytes.get(at..end)?;
-    Some((field, end.checked_add(1)?))
+    Some((field, end.checked_add(1)?, bytes.get(end) == Some(&0)))
 }
 
 /// The layout `parse` reads, from name-value pairs (for tests and fuzzing; Envoy writes it).
@@ -99,7 +125,6 @@ pub fn encode(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 
@@ -111,7 +136,7 @@ mod tests {
         let skipped = HeaderPairs::parse(&encode(&[(b"a", b"1"), (b"b", b"\xff")]));
         assert!(!skipped.is_complete());
         assert_eq!(skipped.get("a"), Some("1"));
-        assert!(HeaderPairs::default().iter().next().is_none());
+        assert!(!HeaderPairs::parse(&[]).is_complete());
     }
 
     fn serialize(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
@@ -141,6 +166,20 @@ mod tests {
         let headers = HeaderPairs::parse(&bytes);
         assert_eq!(headers.get("x-bad"), None);
         assert_eq!(headers.get("x-good"), Some("yes"));
+    }
+
+    #[test]
+    fn an_exact_map_is_all_of_the_bytes() {
+        let bytes = serialize(&[(b"chat", b""), (b"embedding", b"")]);
+        let list = HeaderPairs::parse_exact(&bytes).unwrap();
+        assert_eq!(list.names().collect::<Vec<_>>(), ["chat", "embedding"]);
+        assert_eq!(HeaderPairs::parse_exact(&bytes[..bytes.len() - 1]), None);
+        assert_eq!(HeaderPairs::parse_exact(&[&bytes[..], b"x"].concat()), None);
+        let mut unterminated = bytes.clone();
+        let last = unterminated.len() - 1;
+        unterminated[last] = b'x';
+        assert_eq!(HeaderPairs::parse_exact(&unterminated), None);
+        assert_eq!(HeaderPairs::parse_exact(b"chat embedding"), None);
     }
 
     #[test]

@@ -4,8 +4,10 @@
 //! admission reads them (`breaker::admit`). Unknown is healthy.
 
 use crate::breaker;
-use crate::config::{HealthCheckPolicy, RouterConfig};
-use crate::status::{config_version, CONFIG_KEY, CONFIG_VERSION_KEY};
+use crate::config::HealthCheckPolicy;
+use crate::plan::Plan;
+use crate::shared_keys::{CONFIG_KEY, CONFIG_VERSION_KEY};
+use crate::status::config_version;
 use crate::store::SharedStore;
 use std::collections::HashMap;
 
@@ -48,7 +50,7 @@ pub enum Verdict {
 }
 
 impl Checker {
-    pub fn new(config: &RouterConfig) -> Checker {
+    pub fn new(config: &Plan) -> Checker {
         let targets: Vec<Target> = config
             .instances()
             .filter_map(|instance| {
@@ -144,7 +146,7 @@ impl HealthRun {
         let (Some(bytes), _) = store.get(CONFIG_KEY) else {
             return None;
         };
-        let config = match RouterConfig::from_json(&bytes) {
+        let config = match Plan::from_json(&bytes) {
             Ok(config) => config,
             Err(e) => {
                 log::error!("health checks: published configuration unreadable: {e}");
@@ -229,13 +231,12 @@ impl HealthRun {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use serde_json::json;
 
     fn checker() -> Checker {
-        let cfg = RouterConfig::from_value(&json!({
+        let cfg = Plan::from_value(&json!({
             "health-check": {"interval": 1000, "unhealthy-threshold": 2, "healthy-threshold": 2},
             "services": {"chat": {"instances": [
                 {"name": "a", "base-url": "http://a:1/ollama", "headers": {"authorization": "Bearer k"}},

@@ -5,19 +5,20 @@
 
 use crate::balance::load::LatencyEstimate;
 use crate::breaker::{self, Breaker};
-use crate::config::RouterConfig;
-use crate::status::{config_version, CONFIG_KEY, CONFIG_VERSION_KEY};
+use crate::plan::Plan;
+use crate::shared_keys::{CONFIG_KEY, CONFIG_VERSION_KEY};
+use crate::status::config_version;
 use crate::store::{ensure_counter, SharedStore};
 
 /// Installs `config` (parsed from `bytes`, the plugin configuration): called by every VM that
 /// loads it; only the first to load a new configuration finds work beyond the key checks.
-pub fn install(config: &RouterConfig, bytes: &[u8], store: &dyn SharedStore) {
+pub fn install(config: &Plan, bytes: &[u8], store: &dyn SharedStore) {
     prepare_shared_keys(config, store);
     let previous = store.get(CONFIG_KEY).0;
     if previous.as_deref() == Some(bytes) {
         return;
     }
-    let previous = previous.and_then(|b| RouterConfig::from_json(&b).ok());
+    let previous = previous.and_then(|b| Plan::from_json(&b).ok());
     for key in previous.map(|p| config.stale_keys(&p)).unwrap_or_default() {
         let _ = store.set(&key, &[], None);
     }
@@ -28,7 +29,7 @@ pub fn install(config: &RouterConfig, bytes: &[u8], store: &dyn SharedStore) {
 /// Creates every shared-data key the configuration uses, before traffic races on it (Envoy
 /// ignores CAS on a key that does not exist). Keys that exist keep their state: a reload keeps
 /// the buckets, breakers and load of everything it did not change.
-fn prepare_shared_keys(config: &RouterConfig, store: &dyn SharedStore) {
+fn prepare_shared_keys(config: &Plan, store: &dyn SharedStore) {
     for service in config.services() {
         for pool in service.models.values() {
             ensure_counter(store, &pool.counter_key);
@@ -40,8 +41,7 @@ fn prepare_shared_keys(config: &RouterConfig, store: &dyn SharedStore) {
             }
         }
     }
-    let services: Vec<_> = config.services().collect();
-    for (key, initial) in config.limits.initial_keys(&services) {
+    for (key, initial) in config.limits.initial_keys() {
         if unset(store, &key) {
             let _ = store.set(&key, &initial, None);
         }
@@ -64,7 +64,6 @@ fn unset(store: &dyn SharedStore, key: &str) -> bool {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use crate::store::MemoryStore;
@@ -72,10 +71,13 @@ mod tests {
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
-    fn config(instances: serde_json::Value) -> (RouterConfig, Vec<u8>) {
+    fn config(instances: serde_json::Value) -> (Plan, Vec<u8>) {
         let value = json!({"services": {"chat": {"instances": instances}}});
         let bytes = value.to_string().into_bytes();
-        (RouterConfig::from_json(&bytes).unwrap_or_else(|e| panic!("{e}")), bytes)
+        (
+            Plan::from_json(&bytes).unwrap_or_else(|e| panic!("{e}")),
+            bytes,
+        )
     }
 
     #[test]
@@ -83,8 +85,15 @@ mod tests {
         let store = MemoryStore::default();
         let (cfg, bytes) = config(json!([{"name": "m", "base-url": "http://a:1"}]));
         install(&cfg, &bytes, &store);
-        let instance = cfg.instances().next().unwrap_or_else(|| panic!("an instance"));
-        for key in [&instance.state_key, &instance.in_flight_key, &instance.latency_key] {
+        let instance = cfg
+            .instances()
+            .next()
+            .unwrap_or_else(|| panic!("an instance"));
+        for key in [
+            &instance.state_key,
+            &instance.in_flight_key,
+            &instance.latency_key,
+        ] {
             assert!(!unset(&store, key), "{key} not created");
         }
         assert_eq!(store.get(CONFIG_KEY).0.as_deref(), Some(bytes.as_slice()));
@@ -100,16 +109,30 @@ mod tests {
             {"name": "m", "base-url": "http://b:1"}
         ]));
         install(&old, &old_bytes, &store);
-        let kept = old.instances().next().map(|i| i.state_key.clone()).unwrap_or_default();
-        let gone = old.instances().nth(1).map(|i| i.state_key.clone()).unwrap_or_default();
+        let kept = old
+            .instances()
+            .next()
+            .map(|i| i.state_key.clone())
+            .unwrap_or_default();
+        let gone = old
+            .instances()
+            .nth(1)
+            .map(|i| i.state_key.clone())
+            .unwrap_or_default();
         breaker::set_unhealthy(&store, &kept, true);
         let (new, new_bytes) = config(json!([
             {"name": "m", "base-url": "http://a:1", "health-check": {"enabled": true}}
         ]));
         install(&new, &new_bytes, &store);
-        assert!(breaker::is_unhealthy(&store, &kept), "state of an unchanged instance kept");
+        assert!(
+            breaker::is_unhealthy(&store, &kept),
+            "state of an unchanged instance kept"
+        );
         assert!(unset(&store, &gone), "the removed instance's state emptied");
-        assert_eq!(store.get(CONFIG_KEY).0.as_deref(), Some(new_bytes.as_slice()));
+        assert_eq!(
+            store.get(CONFIG_KEY).0.as_deref(),
+            Some(new_bytes.as_slice())
+        );
     }
 
     #[test]
@@ -117,7 +140,11 @@ mod tests {
         let store = MemoryStore::default();
         let (cfg, bytes) = config(json!([{"name": "m", "base-url": "http://a:1"}]));
         install(&cfg, &bytes, &store);
-        let key = cfg.instances().next().map(|i| i.state_key.clone()).unwrap_or_default();
+        let key = cfg
+            .instances()
+            .next()
+            .map(|i| i.state_key.clone())
+            .unwrap_or_default();
         breaker::set_unhealthy(&store, &key, true);
         let (unchecked, bytes) = config(json!([
             {"name": "m", "base-url": "http://a:1", "health-check": {"enabled": false}}

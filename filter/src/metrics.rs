@@ -197,7 +197,6 @@ pub fn status_class(status: Option<u32>) -> &'static str {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

@@ -131,7 +131,6 @@ impl LocalReply {
 pub const DEFAULT_RETRY_AFTER_SECS: u64 = 5;
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     #[cfg(target_arch = "wasm32")]
@@ -158,7 +157,10 @@ mod tests {
             .any(|(n, v)| *n == "www-authenticate" && v == "Bearer"));
         let forbidden = LocalReply::error(ClientError::ModelNotPermitted, "no");
         assert_eq!(forbidden.status, 403);
-        assert!(!forbidden.headers.iter().any(|(n, _)| *n == "www-authenticate"));
+        assert!(!forbidden
+            .headers
+            .iter()
+            .any(|(n, _)| *n == "www-authenticate"));
     }
 
     #[test]

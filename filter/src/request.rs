@@ -5,13 +5,11 @@
 use crate::auth::{ApiKey, AuthError};
 use crate::balance::{pick_instance, PickInput};
 use crate::breaker::{self, Admission, Outcome};
-use crate::config::{
-    model_object, models_list_json_where, Algorithm, Instance, RouterConfig, Strategy,
-    MAX_MODEL_NAME_BYTES,
-};
+use crate::config::{Algorithm, Strategy, MAX_MODEL_NAME_BYTES};
 use crate::endpoint::{classify, Endpoint, Route, ServiceType};
 use crate::limit::bucket::Verdict;
 use crate::limit::{openai_duration, retry_after_secs, Grant, Phase, Refusal, Subject, Unit};
+use crate::plan::{model_object, models_list_json_where, Instance, Plan};
 use crate::reply::{ClientError, LocalReply, DEFAULT_RETRY_AFTER_SECS};
 use crate::scan::json::JsonModelScanner;
 use crate::scan::multipart::{boundary_from_content_type, MultipartModelScanner};
@@ -128,7 +126,7 @@ impl Caller {
     }
 
     /// What the caller may use (`None`: anything).
-    pub fn grants<'a>(&'a self, cfg: &'a RouterConfig) -> Option<&'a ApiKey> {
+    pub fn grants<'a>(&'a self, cfg: &'a Plan) -> Option<&'a ApiKey> {
         match self {
             Caller::Anyone => None,
             Caller::Key(at) => cfg.api_keys.keys().get(*at),
@@ -149,7 +147,7 @@ pub struct TokenClaims {
 /// API key the request presents (`Authorization: Bearer` or the configured header). Refusals
 /// are 401, or 403 for a key used from an address it is not allowed from.
 pub fn authenticate(
-    cfg: &RouterConfig,
+    cfg: &Plan,
     authorization: Option<&str>,
     api_key_header: Option<&str>,
     client: Option<&str>,
@@ -176,7 +174,11 @@ pub fn authenticate(
 }
 
 /// Refuses a request its caller may not make (403).
-fn permitted(host: &RouteInputs<'_>, kind: ServiceType, model: Option<&str>) -> Result<(), LocalReply> {
+fn permitted(
+    host: &RouteInputs<'_>,
+    kind: ServiceType,
+    model: Option<&str>,
+) -> Result<(), LocalReply> {
     let Some(key) = host.caller else {
         return Ok(());
     };
@@ -203,7 +205,7 @@ impl RouteInputs<'_> {
 }
 
 pub fn on_request_headers(
-    cfg: &RouterConfig,
+    cfg: &Plan,
     head: &RequestHead<'_>,
     host: &RouteInputs<'_>,
 ) -> HeadDecision {
@@ -327,18 +329,6 @@ pub fn on_request_headers(
     }))
 }
 
-/// The IP of an Envoy address property ("10.0.0.1:5678", "[::1]:5678"), without the port.
-pub fn client_ip(address: &str) -> &str {
-    if let Some(rest) = address.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or(rest);
-    }
-    match address.split_once(':') {
-        // One colon: IPv4 with a port. More: a bare IPv6 address.
-        Some((ip, port)) if !port.contains(':') => ip,
-        _ => address,
-    }
-}
-
 fn is_multipart(content_type: &str) -> bool {
     content_type
         .trim_start()
@@ -406,7 +396,7 @@ impl BodyScan {
         outcome: ScanOutcome,
         buffered: u64,
         end_of_stream: bool,
-        cfg: &RouterConfig,
+        cfg: &Plan,
         host: &RouteInputs<'_>,
     ) -> BodyStep {
         let held = match &self.scanner {
@@ -472,7 +462,7 @@ impl BodyScan {
 
 /// Finds the model's pool in the endpoint's service and picks an instance.
 pub fn route_model(
-    cfg: &RouterConfig,
+    cfg: &Plan,
     endpoint: Endpoint,
     model: &str,
     query: &str,
@@ -504,7 +494,7 @@ pub fn route_model(
 }
 
 fn route_to_instance(
-    cfg: &RouterConfig,
+    cfg: &Plan,
     endpoint: Endpoint,
     model: &str,
     query: &str,
@@ -544,10 +534,15 @@ fn route_to_instance(
         None => 0,
     };
     let mut admitted = limits
-        .acquire(host.store, &subject, Phase::BeforePick, host.now_ns(), tokens)
+        .acquire(
+            host.store,
+            &subject,
+            Phase::BeforePick,
+            host.now_ns(),
+            tokens,
+        )
         .map_err(|refusal| too_many_requests(cfg, &refusal))?;
-    let Some(first) = pick_instance(service, pool, host.store, &host.pick_input(extras.hash_key))
-    else {
+    let Some(first) = pick_instance(pool, host.store, &host.pick_input(extras.hash_key)) else {
         limits.release(host.store, &admitted.grants);
         return Err(no_instance());
     };
@@ -604,7 +599,13 @@ fn route_to_instance(
         }
         limit_tries += 1;
         subject.instance = Some((at, &instance.id));
-        match limits.acquire(host.store, &subject, Phase::AfterPick, host.now_ns(), tokens) {
+        match limits.acquire(
+            host.store,
+            &subject,
+            Phase::AfterPick,
+            host.now_ns(),
+            tokens,
+        ) {
             Ok(more) => {
                 admitted.merge(more);
                 chosen = Some((at, instance, breaker));
@@ -710,11 +711,7 @@ fn release_breaker(host: &RouteInputs<'_>, instance: &Instance, admission: Optio
 }
 
 /// The OpenAI rate-limit headers for the tightest limit a request met.
-fn rate_limit_headers(
-    cfg: &RouterConfig,
-    limit: usize,
-    verdict: &Verdict,
-) -> Vec<(&'static str, String)> {
+fn rate_limit_headers(cfg: &Plan, limit: usize, verdict: &Verdict) -> Vec<(&'static str, String)> {
     let Some(limit) = cfg.limits.list.get(limit) else {
         return Vec::new();
     };
@@ -738,7 +735,7 @@ fn rate_limit_headers(
 }
 
 /// 429 with an OpenAI `rate_limit_error` naming the limit, and when to come back.
-fn too_many_requests(cfg: &RouterConfig, refusal: &Refusal) -> LocalReply {
+fn too_many_requests(cfg: &Plan, refusal: &Refusal) -> LocalReply {
     let Some(limit) = cfg.limits.list.get(refusal.limit) else {
         return LocalReply::error(ClientError::RateLimited, "Rate limit reached.");
     };
@@ -775,7 +772,7 @@ fn too_many_requests(cfg: &RouterConfig, refusal: &Refusal) -> LocalReply {
 
 /// The model list, as far as the caller may use it (a key limited to some services or models
 /// does not learn the others' names).
-fn list_models(cfg: &RouterConfig, caller: Option<&ApiKey>) -> LocalReply {
+fn list_models(cfg: &Plan, caller: Option<&ApiKey>) -> LocalReply {
     match caller.filter(|c| !c.is_admin()) {
         None => LocalReply::json(200, cfg.models_json.clone()),
         Some(caller) => LocalReply::json(
@@ -787,7 +784,7 @@ fn list_models(cfg: &RouterConfig, caller: Option<&ApiKey>) -> LocalReply {
     }
 }
 
-fn retrieve_model(cfg: &RouterConfig, id: &str, caller: Option<&ApiKey>) -> LocalReply {
+fn retrieve_model(cfg: &Plan, id: &str, caller: Option<&ApiKey>) -> LocalReply {
     let permitted = |kind| caller.is_none_or(|c| c.permits(kind, Some(id)).is_ok());
     for service in cfg.services() {
         if service.models.contains_key(id) && permitted(service.kind) {
@@ -800,7 +797,7 @@ fn retrieve_model(cfg: &RouterConfig, id: &str, caller: Option<&ApiKey>) -> Loca
     )
 }
 
-fn unknown_model(cfg: &RouterConfig, endpoint: Endpoint, model: &str) -> LocalReply {
+fn unknown_model(cfg: &Plan, endpoint: Endpoint, model: &str) -> LocalReply {
     // Point a client that used the wrong endpoint to the right one.
     let elsewhere = cfg
         .services()
@@ -822,7 +819,7 @@ fn unknown_model(cfg: &RouterConfig, endpoint: Endpoint, model: &str) -> LocalRe
     )
 }
 
-fn service_missing(_cfg: &RouterConfig, endpoint: Endpoint) -> LocalReply {
+fn service_missing(_cfg: &Plan, endpoint: Endpoint) -> LocalReply {
     LocalReply::error(
         ClientError::ServiceNotConfigured,
         &format!(

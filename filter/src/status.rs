@@ -4,31 +4,20 @@
 
 use crate::balance::load::{in_flight, latency};
 use crate::breaker::{Breaker, State};
-use crate::config::{BaseUrl, RouterConfig};
+use crate::config::BaseUrl;
 use crate::limit::Unit;
 use crate::metrics::stat_name;
+use crate::plan::Plan;
+use crate::shared_keys::CONFIG_KEY;
 use crate::store::SharedStore;
 use serde_json::{json, Value};
 
-/// The shared-data key under which the routing filter publishes the configuration it loaded
-/// (its plugin configuration, verbatim): the health checker and the status page read it, so
-/// they follow every reload without a configuration of their own.
-pub const CONFIG_KEY: &str = "jairouter/config";
-/// Its version (`config_version`), written after it: what the health checker polls each tick,
-/// so it copies the configuration out of shared data only when it changed.
-pub const CONFIG_VERSION_KEY: &str = "jairouter/config-version";
-
 /// The configuration's version as the status page and logs name it: a fingerprint of its bytes.
 pub fn config_version(bytes: &[u8]) -> String {
-    format!("{:016x}", crate::balance::ring::hash64(bytes))
+    format!("{:016x}", crate::bytes::hash64(bytes))
 }
 
-pub fn status_json(
-    config: &RouterConfig,
-    version: &str,
-    store: &dyn SharedStore,
-    now_ns: u64,
-) -> String {
+pub fn status_json(config: &Plan, version: &str, store: &dyn SharedStore, now_ns: u64) -> String {
     let services: Vec<Value> = config
         .services()
         .map(|service| {
@@ -68,10 +57,9 @@ pub fn status_json(
             })
         })
         .collect();
-    let configured: Vec<_> = config.services().collect();
     let limits: Vec<Value> = config
         .limits
-        .levels(store, &configured, now_ns)
+        .levels(store, now_ns)
         .into_iter()
         .filter_map(|level| {
             let limit = config.limits.list.get(level.limit)?;
@@ -117,9 +105,12 @@ fn base_url(url: &BaseUrl) -> String {
 /// The status page's answer: what the routing filter published, with the shared state now.
 pub fn status_page(store: &dyn SharedStore, now_ns: u64) -> (u32, String) {
     let (Some(bytes), _) = store.get(CONFIG_KEY) else {
-        return (503, r#"{"error":"no configuration loaded yet"}"#.to_string());
+        return (
+            503,
+            r#"{"error":"no configuration loaded yet"}"#.to_string(),
+        );
     };
-    match RouterConfig::from_json(&bytes) {
+    match Plan::from_json(&bytes) {
         Ok(config) => (
             200,
             status_json(&config, &config_version(&bytes), store, now_ns),
@@ -130,7 +121,7 @@ pub fn status_page(store: &dyn SharedStore, now_ns: u64) -> (u32, String) {
 
 /// Each instance's breaker state and health as gauge values (read from shared data, so every
 /// VM reports the same), by stat name.
-pub fn instance_gauges(config: &RouterConfig, store: &dyn SharedStore) -> Vec<(String, u64)> {
+pub fn instance_gauges(config: &Plan, store: &dyn SharedStore) -> Vec<(String, u64)> {
     let mut gauges = Vec::new();
     for service in config.services() {
         for instance in &service.instances {
@@ -155,7 +146,6 @@ pub fn instance_gauges(config: &RouterConfig, store: &dyn SharedStore) -> Vec<(S
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
     use super::*;
     use crate::store::MemoryStore;
     #[cfg(target_arch = "wasm32")]
@@ -163,7 +153,7 @@ mod tests {
 
     #[test]
     fn shows_instances_breakers_and_buckets() {
-        let config = RouterConfig::from_value(&json!({
+        let config = Plan::from_value(&json!({
             "rate-limit": {"enabled": true, "algorithm": "token-bucket", "capacity": 10, "rate": 1, "scope": "service"},
             "circuit-breaker": {"failure-threshold": 1, "timeout": 60000},
             "services": {"chat": {"instances": [
@@ -174,7 +164,7 @@ mod tests {
         .unwrap();
         let store = MemoryStore::default();
         let services: Vec<_> = config.services().collect();
-        for (key, initial) in config.limits.initial_keys(&services) {
+        for (key, initial) in config.limits.initial_keys() {
             store.set(&key, &initial, None).unwrap();
         }
         let second = &services[0].instances[1];

@@ -5,13 +5,13 @@
 //! SDK's trait helpers unwrap them, and a non-UTF-8 header from a client would panic the VM.
 
 use crate::balance::Rng;
-use crate::config::RouterConfig;
 use crate::exchange::{Exchange, Flow};
 use crate::headers::HeaderPairs;
 use crate::health::HealthRun;
 use crate::host::Host;
 use crate::install::install;
 use crate::metrics::{stat_name, Metrics};
+use crate::plan::Plan;
 use crate::status::{config_version, instance_gauges, status_page};
 use crate::store::{SharedStore, StoreError};
 use proxy_wasm::hostcalls;
@@ -64,7 +64,7 @@ enum Concern {
 /// The routing filter: the compiled configuration every request shares, and what this VM's
 /// requests count between ticks.
 struct Router {
-    plan: Rc<RouterConfig>,
+    plan: Rc<Plan>,
     rng: Rc<RefCell<Rng>>,
     metrics: Rc<RefCell<Metrics>>,
 }
@@ -73,10 +73,11 @@ impl Context for Root {
     fn on_http_call_response(&mut self, token: u32, _: usize, _: usize, _: usize) {
         if let Concern::Health(run) = &mut self.concern {
             // No headers at all: Envoy gave up (timeout, reset).
-            let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
-                .ok()
-                .flatten()
-                .and_then(|b| std::str::from_utf8(&b).ok()?.parse().ok());
+            let status =
+                hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
+                    .ok()
+                    .flatten()
+                    .and_then(|b| std::str::from_utf8(&b).ok()?.parse().ok());
             run.answered(token, status, &WasmHost);
         }
     }
@@ -99,12 +100,13 @@ impl RootContext for Root {
             }
             _ => {}
         }
-        let Ok(Some(bytes)) = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size) else {
+        let Ok(Some(bytes)) = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size)
+        else {
             log::error!("no plugin configuration given");
             return false;
         };
         let version = config_version(&bytes);
-        match RouterConfig::from_json(&bytes) {
+        match Plan::from_json(&bytes) {
             Ok(plan) => {
                 install(&plan, &bytes, &WasmHost);
                 let _ = hostcalls::set_tick_period(REPORT_PERIOD);
@@ -177,11 +179,8 @@ impl RootContext for Root {
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         match &self.concern {
             Concern::Router(r) => {
-                let exchange = Exchange::new(
-                    Rc::clone(&r.plan),
-                    Rc::clone(&r.rng),
-                    Rc::clone(&r.metrics),
-                );
+                let exchange =
+                    Exchange::new(Rc::clone(&r.plan), Rc::clone(&r.rng), Rc::clone(&r.metrics));
                 Some(Box::new(Request(exchange)))
             }
             Concern::Status => Some(Box::new(StatusPage)),

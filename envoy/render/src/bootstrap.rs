@@ -4,10 +4,11 @@
 //! per configured instance.
 
 use jairouter_filter::config::{
-    BaseUrl, GlobalRateLimit, Instance, Jwks, JwtOptions, RouterConfig, Service, JWT_PAYLOAD_KEY,
-    MODEL_HEADER, ROUTING_HEADER, SERVICE_DESCRIPTOR_HEADER,
+    BaseUrl, GlobalRateLimit, Jwks, JwtOptions, JWT_PAYLOAD_KEY, MODEL_HEADER, ROUTING_HEADER,
+    SERVICE_DESCRIPTOR_HEADER,
 };
 use jairouter_filter::metrics::TAGS;
+use jairouter_filter::plan::{Instance, Plan, Service};
 use serde_json::{json, Value};
 
 pub struct Options {
@@ -40,7 +41,7 @@ pub const LIVE_CLUSTERS: &str = "clusters/clusters.json";
 /// past the connection buffer limit Envoy answers 413 itself, with a body that is not ours.
 const BUFFER_HEADROOM: u64 = 2 * 1024 * 1024;
 
-pub fn render(config: &RouterConfig, model_json: &Value, opts: &Options) -> Value {
+pub fn render(config: &Plan, model_json: &Value, opts: &Options) -> Value {
     let buffer_limit = config
         .gateway
         .max_body_bytes
@@ -101,7 +102,7 @@ pub fn render(config: &RouterConfig, model_json: &Value, opts: &Options) -> Valu
 }
 
 /// The clusters of every configured instance.
-pub fn instance_clusters(config: &RouterConfig, opts: &Options) -> Vec<Value> {
+pub fn instance_clusters(config: &Plan, opts: &Options) -> Vec<Value> {
     config
         .services()
         .flat_map(|service| {
@@ -323,7 +324,7 @@ fn socket(address: &str, port: u16) -> Value {
     json!({"socket_address": {"address": address, "port_value": port}})
 }
 
-fn http_connection_manager(config: &RouterConfig, model_json: &Value, opts: &Options) -> Value {
+fn http_connection_manager(config: &Plan, model_json: &Value, opts: &Options) -> Value {
     let global = config.gateway.global_rate_limit.as_ref();
     let wasm = match &opts.live_dir {
         Some(dir) => json!({

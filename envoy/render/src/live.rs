@@ -11,7 +11,7 @@
 //! same path a configuration pushed by Istio or Envoy Gateway takes.
 
 use crate::bootstrap::{self, Options, LIVE_CLUSTERS, LIVE_FILTER};
-use jairouter_filter::config::RouterConfig;
+use jairouter_filter::plan::Plan;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -51,7 +51,7 @@ impl Live {
     /// Writes both files at once: for a gateway that is not serving yet.
     pub fn publish_initial(
         &mut self,
-        router: &RouterConfig,
+        router: &Plan,
         model: &Value,
         opts: &Options,
     ) -> Result<(), String> {
@@ -63,7 +63,7 @@ impl Live {
     /// Moves a serving gateway to a new configuration without dropping a request.
     pub fn apply(
         &mut self,
-        router: &RouterConfig,
+        router: &Plan,
         model: &Value,
         opts: &Options,
         settle: Duration,
@@ -176,7 +176,7 @@ pub fn watch(
 /// A configuration file as read: the filter's JSON, and the filter's verdict on it.
 pub struct Loaded {
     pub model: Value,
-    pub router: Result<RouterConfig, String>,
+    pub router: Result<Plan, String>,
 }
 
 fn sorted(mut clusters: Vec<Value>) -> Vec<Value> {
@@ -250,19 +250,15 @@ mod tests {
         };
         let mut live = Live::open(&d).unwrap();
         let first = model(&["a", "b"]);
-        live.publish_initial(
-            &RouterConfig::from_value(&first).unwrap(),
-            &first,
-            &opts(&d),
-        )
-        .unwrap();
+        live.publish_initial(&Plan::from_value(&first).unwrap(), &first, &opts(&d))
+            .unwrap();
         assert_eq!(names(&dir), ["jairouter-a", "jairouter-b"]);
 
         // Reopened (a restarted watcher) it knows what Envoy has.
         let mut live = Live::open(&d).unwrap();
         let second = model(&["b", "c"]);
         live.apply(
-            &RouterConfig::from_value(&second).unwrap(),
+            &Plan::from_value(&second).unwrap(),
             &second,
             &opts(&d),
             Duration::ZERO,

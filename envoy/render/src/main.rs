@@ -39,7 +39,7 @@ mod bootstrap;
 mod live;
 mod mesh;
 
-use jairouter_filter::config::RouterConfig;
+use jairouter_filter::plan::Plan;
 use std::collections::HashMap;
 use std::process::ExitCode;
 
@@ -69,7 +69,7 @@ fn run(args: &[String]) -> Result<(), String> {
     let flags = parse_flags(flags)?;
     let app = app_config::load_files(file, flags.get("api-keys").map(String::as_str))?;
     let filter_config = app.filter_config();
-    let router = RouterConfig::from_value(&filter_config).map_err(|e| format!("{file}: {e}"))?;
+    let router = Plan::from_value(&filter_config).map_err(|e| format!("{file}: {e}"))?;
     match command.as_str() {
         "check" => {
             let instances = router.instances().count();
@@ -188,7 +188,7 @@ fn watch_command(rest: &[String]) -> Result<(), String> {
     files.extend(keys_file.clone());
     let load = |file: &str| -> Result<live::Loaded, String> {
         let model = app_config::load_files(file, keys_file.as_deref())?.filter_config();
-        let router = RouterConfig::from_value(&model).map_err(|e| e.to_string());
+        let router = Plan::from_value(&model).map_err(|e| e.to_string());
         Ok(live::Loaded { model, router })
     };
     live::watch(
@@ -220,7 +220,7 @@ fn hash_key_command(rest: &[String]) -> Result<(), String> {
         return Err(format!("hash-key: unknown flag --{unknown}\n{USAGE}"));
     }
     let salt = match flags.get("salt") {
-        Some(text) => jairouter_filter::auth::base64_decode(text.trim())
+        Some(text) => jairouter_filter::encoding::base64_decode(text.trim())
             .ok_or_else(|| format!("--salt: not Base64 ({text})"))?,
         None => random_salt()?,
     };
@@ -232,7 +232,8 @@ fn hash_key_command(rest: &[String]) -> Result<(), String> {
 
 /// The `key-hash` line for `input` (one key, as read from stdin).
 fn key_hash(input: &str, salt: &[u8]) -> Result<String, String> {
-    use jairouter_filter::auth::{hash_key, MIN_SALT_BYTES};
+    use jairouter_filter::auth::hash_key;
+    use jairouter_filter::config::MIN_SALT_BYTES;
     let key = input.strip_suffix('\n').unwrap_or(input);
     let key = key.strip_suffix('\r').unwrap_or(key);
     if key.is_empty() {
@@ -267,7 +268,8 @@ fn random_salt() -> Result<Vec<u8>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use jairouter_filter::auth::{base64_decode, presented_key, ApiKeys};
+    use jairouter_filter::auth::{presented_key, ApiKeys};
+    use jairouter_filter::encoding::base64_decode;
 
     fn authenticates(line: &str, key: &str) -> bool {
         let section = serde_json::json!({

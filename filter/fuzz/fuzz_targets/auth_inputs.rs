@@ -1,7 +1,8 @@
 //! What API-key authentication reads from outside: JWT claims as Envoy hands them, Base64,
 //! timestamps, and the api-key section of the configuration.
 #![no_main]
-use jairouter_filter::auth::{base64_decode, base64_encode, claim_values, parse_time, ApiKeys};
+use jairouter_filter::auth::{claim_values, ApiKeys};
+use jairouter_filter::encoding::{base64_decode, base64_encode, parse_time};
 use jairouter_fuzz::split_seed;
 use libfuzzer_sys::fuzz_target;
 

@@ -3,8 +3,8 @@
 //! configuration with every body-reading feature on (header-hash on a body field, a token budget
 //! that reads `max_tokens`, rate limits, fallbacks, multipart services).
 #![no_main]
-use jairouter_filter::config::RouterConfig;
-use jairouter_filter::request::{on_request_headers, BodyStep, HeadDecision, RouteInputs, RequestHead};
+use jairouter_filter::plan::Plan;
+use jairouter_filter::request::{on_request_headers, BodyStep, HeadDecision, RequestHead, RouteInputs};
 use jairouter_filter::scan::ScanOutcome;
 use jairouter_filter::store::MemoryStore;
 use jairouter_fuzz::{chunks, split_line, split_seed};
@@ -35,9 +35,9 @@ const CONFIG: &str = r#"{
   }
 }"#;
 
-fn config() -> &'static RouterConfig {
-    static CFG: OnceLock<RouterConfig> = OnceLock::new();
-    CFG.get_or_init(|| match RouterConfig::from_json(CONFIG.as_bytes()) {
+fn config() -> &'static Plan {
+    static CFG: OnceLock<Plan> = OnceLock::new();
+    CFG.get_or_init(|| match Plan::from_json(CONFIG.as_bytes()) {
         Ok(cfg) => cfg,
         Err(e) => panic!("the fuzz configuration is refused: {e:?}"),
     })

@@ -1,11 +1,12 @@
 //! The filter's plugin configuration as any bytes: an error or a valid configuration, never a
 //! panic; and a configuration accepted keeps the documented bounds.
 #![no_main]
-use jairouter_filter::config::{RouterConfig, MAX_INSTANCES, MAX_WEIGHT};
+use jairouter_filter::config::{MAX_INSTANCES, MAX_WEIGHT};
+use jairouter_filter::plan::Plan;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(cfg) = RouterConfig::from_json(data) else {
+    let Ok(cfg) = Plan::from_json(data) else {
         return;
     };
     let mut total = 0;

@@ -2,6 +2,7 @@
 //! every Envoy worker sees the same numbers: the requests in flight, and a peak-sensitive,
 //! time-decaying average of the time to first byte.
 
+use crate::bytes::u64_le;
 use crate::store::{add_saturating, read_u64, update, SharedStore};
 
 /// Requests in flight to an instance: up when a request is sent, down when it ends however it
@@ -30,13 +31,7 @@ impl LatencyEstimate {
 
     fn decode(bytes: Option<&[u8]>) -> LatencyEstimate {
         let bytes = bytes.unwrap_or_default();
-        let word = |at: usize| {
-            bytes
-                .get(at..at + 8)
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map(u64::from_le_bytes)
-                .unwrap_or(0)
-        };
+        let word = |at: usize| u64_le(bytes, at).unwrap_or(0);
         LatencyEstimate {
             estimate_ns: word(0),
             updated_ns: word(8),
@@ -96,7 +91,6 @@ pub fn latency(store: &dyn SharedStore, key: &str) -> LatencyEstimate {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
     use super::*;
     use crate::store::MemoryStore;
     #[cfg(target_arch = "wasm32")]

@@ -5,9 +5,99 @@
 pub mod load;
 pub mod ring;
 
-use crate::config::{ModelPool, Service, Strategy};
+use crate::config::{LoadBalance, Strategy};
+use crate::endpoint::ServiceType;
+use crate::shared_keys::round_robin_counter;
 use crate::store::{fetch_increment, SharedStore};
 use load::{in_flight, latency};
+use ring::HashRing;
+
+/// The instances that serve one model name within a service, compiled for picking: everything
+/// a pick reads is here, so it needs nothing else of the plan.
+#[derive(Debug)]
+pub struct Pool {
+    pub model: String,
+    /// Indices into the service's instances of the routable ones (status active, weight > 0).
+    pub routable: Vec<usize>,
+    /// Smooth weighted round-robin order over `routable` (positions into it).
+    pub rotation: Vec<u16>,
+    /// Cumulative weights over `routable`, for weighted random.
+    pub cumulative: Vec<u64>,
+    /// The shared-data key of this pool's round-robin counter.
+    pub counter_key: String,
+    /// The consistent-hash ring over `routable` (hash strategies only; empty otherwise).
+    pub ring: HashRing,
+    strategy: Strategy,
+    latency_decay_ns: u64,
+    /// Per routable instance, what least-connections and least-latency read.
+    loads: Vec<Load>,
+}
+
+#[derive(Debug)]
+struct Load {
+    weight: u64,
+    in_flight_key: String,
+    latency_key: String,
+}
+
+/// One instance of the model, as the pool is compiled from it.
+#[derive(Debug, Clone, Copy)]
+pub struct Member<'a> {
+    /// Its index in the service's instances.
+    pub index: usize,
+    pub id: &'a str,
+    pub weight: u64,
+    pub active: bool,
+    pub in_flight_key: &'a str,
+    pub latency_key: &'a str,
+}
+
+impl Pool {
+    /// The pool of `model` over `members` (every instance serving it, in order), balanced by
+    /// the service's `load-balance` block.
+    pub fn compile(
+        kind: ServiceType,
+        model: &str,
+        load_balance: &LoadBalance,
+        members: &[Member<'_>],
+    ) -> Pool {
+        let routable: Vec<&Member<'_>> = members
+            .iter()
+            .filter(|m| m.active && m.weight > 0)
+            .collect();
+        let weights: Vec<u64> = routable.iter().map(|m| m.weight).collect();
+        let mut cumulative = Vec::with_capacity(weights.len());
+        let mut sum = 0u64;
+        for w in &weights {
+            sum = sum.saturating_add(*w);
+            cumulative.push(sum);
+        }
+        let ring = if load_balance.strategy.hashes() {
+            let points: Vec<(&str, u64)> = routable.iter().map(|m| (m.id, m.weight)).collect();
+            HashRing::build(&points, load_balance.virtual_nodes)
+        } else {
+            HashRing::default()
+        };
+        Pool {
+            model: model.to_string(),
+            rotation: smooth_sequence(&weights),
+            cumulative,
+            counter_key: round_robin_counter(kind, model),
+            ring,
+            strategy: load_balance.strategy,
+            latency_decay_ns: load_balance.latency_decay_ms.saturating_mul(1_000_000),
+            loads: routable
+                .iter()
+                .map(|m| Load {
+                    weight: m.weight,
+                    in_flight_key: m.in_flight_key.to_string(),
+                    latency_key: m.latency_key.to_string(),
+                })
+                .collect(),
+            routable: routable.iter().map(|m| m.index).collect(),
+        }
+    }
+}
 
 /// Rotations longer than this are scaled down; they only need to keep the weights' proportions.
 const MAX_ROTATION: u64 = 4096;
@@ -75,22 +165,17 @@ const MAX_COMPARED: usize = 8;
 /// least-latency treats any estimate below this as this.
 const MIN_LATENCY_NS: f64 = 1_000_000.0;
 
-/// Picks one of the pool's routable instances; returns its index in the service's instance list,
+/// Picks one of the pool's routable instances; returns its index in the service's instances,
 /// or `None` when the model has no routable instance.
 ///
 /// A hash strategy without its key (no client address, no session header) and a failing shared
 /// store fall back to weighted random: the request is served, the weights are kept.
-pub fn pick_instance(
-    service: &Service,
-    pool: &ModelPool,
-    store: &dyn SharedStore,
-    input: &PickInput<'_>,
-) -> Option<usize> {
+pub fn pick_instance(pool: &Pool, store: &dyn SharedStore, input: &PickInput<'_>) -> Option<usize> {
     if pool.routable.is_empty() {
         return None;
     }
     let random = || weighted_random(&pool.cumulative, input.random);
-    let position = match service.load_balance.strategy {
+    let position = match pool.strategy {
         Strategy::Random => random(),
         Strategy::RoundRobin => match fetch_increment(store, &pool.counter_key) {
             Some(ticket) => rotation_slot(&pool.rotation, ticket),
@@ -104,9 +189,7 @@ pub fn pick_instance(
             .hash_key
             .and_then(|k| pool.ring.lookup(k))
             .or_else(random),
-        Strategy::LeastConnections | Strategy::LeastLatency => {
-            least_cost(service, pool, store, input)
-        }
+        Strategy::LeastConnections | Strategy::LeastLatency => least_cost(pool, store, input),
     };
     pool.routable.get(position?).copied()
 }
@@ -114,12 +197,7 @@ pub fn pick_instance(
 /// least-connections: in-flight requests per unit of weight. least-latency: the decayed
 /// latency estimate times (in-flight + 1) per unit of weight (peak-EWMA's cost). The lowest
 /// cost wins; ties (idle instances, untried ones) go by weighted random.
-fn least_cost(
-    service: &Service,
-    pool: &ModelPool,
-    store: &dyn SharedStore,
-    input: &PickInput<'_>,
-) -> Option<usize> {
+fn least_cost(pool: &Pool, store: &dyn SharedStore, input: &PickInput<'_>) -> Option<usize> {
     let candidates: Vec<usize> = if pool.routable.len() <= MAX_COMPARED {
         (0..pool.routable.len()).collect()
     } else {
@@ -127,28 +205,20 @@ fn least_cost(
         let second = weighted_random(&pool.cumulative, input.random.rotate_left(32) ^ 0x5bd1_e995)?;
         vec![first, second]
     };
-    let decay_ns = service
-        .load_balance
-        .latency_decay_ms
-        .saturating_mul(1_000_000);
     let mut best: Vec<usize> = Vec::new();
     let mut best_cost = f64::INFINITY;
     for position in candidates {
-        let Some(instance) = pool
-            .routable
-            .get(position)
-            .and_then(|i| service.instances.get(*i))
-        else {
+        let Some(load) = pool.loads.get(position) else {
             continue;
         };
-        let busy = in_flight(store, &instance.in_flight_key) as f64;
-        let weight = instance.weight.max(1) as f64;
-        let cost = match service.load_balance.strategy {
+        let busy = in_flight(store, &load.in_flight_key) as f64;
+        let weight = load.weight.max(1) as f64;
+        let cost = match pool.strategy {
             Strategy::LeastLatency => {
                 // The floor keeps an untried (or long idle) instance from looking free while
                 // requests pile onto it before its first answer.
-                let estimate = latency(store, &instance.latency_key)
-                    .decayed(input.now_ns, decay_ns)
+                let estimate = latency(store, &load.latency_key)
+                    .decayed(input.now_ns, pool.latency_decay_ns)
                     .max(MIN_LATENCY_NS);
                 estimate * (busy + 1.0) / weight
             }
@@ -169,11 +239,7 @@ fn least_cost(
             let mut cumulative = Vec::with_capacity(tied.len());
             let mut sum = 0u64;
             for position in tied {
-                let weight = pool
-                    .routable
-                    .get(*position)
-                    .and_then(|i| service.instances.get(*i))
-                    .map_or(0, |i| i.weight);
+                let weight = pool.loads.get(*position).map_or(0, |l| l.weight);
                 sum = sum.saturating_add(weight);
                 cumulative.push(sum);
             }
@@ -220,11 +286,10 @@ impl Rng {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
     use super::load::{begin_request, record_latency};
     use super::*;
-    use crate::config::RouterConfig;
     use crate::endpoint::ServiceType;
+    use crate::plan::Plan;
     use crate::store::MemoryStore;
     use serde_json::{json, Value};
     #[cfg(target_arch = "wasm32")]
@@ -233,7 +298,7 @@ mod tests {
     const MS: u64 = 1_000_000;
 
     /// One chat model "m" over instances a, b, c, ... with these weights.
-    fn config(load_balance: Value, weights: &[u64]) -> RouterConfig {
+    fn config(load_balance: Value, weights: &[u64]) -> Plan {
         let instances: Vec<Value> = weights
             .iter()
             .enumerate()
@@ -242,16 +307,16 @@ mod tests {
                 json!({"name": "m", "base-url": format!("http://{id}:1"), "weight": w, "instance-id": id})
             })
             .collect();
-        RouterConfig::from_value(&json!({
+        Plan::from_value(&json!({
             "load-balance": load_balance,
             "services": {"chat": {"instances": instances}}
         }))
         .unwrap()
     }
 
-    fn pick(cfg: &RouterConfig, store: &MemoryStore, input: PickInput<'_>) -> Option<usize> {
+    fn pick(cfg: &Plan, store: &MemoryStore, input: PickInput<'_>) -> Option<usize> {
         let service = cfg.service(ServiceType::Chat).unwrap();
-        pick_instance(service, &service.models["m"], store, &input)
+        pick_instance(&service.models["m"], store, &input)
     }
 
     fn with_random(random: u64) -> PickInput<'static> {
@@ -261,7 +326,7 @@ mod tests {
         }
     }
 
-    fn key(cfg: &RouterConfig, at: usize) -> (String, String) {
+    fn key(cfg: &Plan, at: usize) -> (String, String) {
         let i = &cfg.service(ServiceType::Chat).unwrap().instances[at];
         (i.in_flight_key.clone(), i.latency_key.clone())
     }

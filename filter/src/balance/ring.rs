@@ -3,6 +3,8 @@
 //! search. Points are placed by instance id, so adding or removing an instance moves only the
 //! keys on its own arcs (about 1/N of them).
 
+use crate::bytes::hash64;
+
 /// Rings larger than this are thinned proportionally: more points buy no better spread.
 const MAX_POINTS: u64 = 65_536;
 
@@ -63,23 +65,8 @@ impl HashRing {
     }
 }
 
-/// FNV-1a, then a splitmix64 finish so that similar keys ("10.0.0.1", "10.0.0.2") land far apart.
-pub fn hash64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h ^= h >> 30;
-    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    h ^= h >> 27;
-    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
-    h ^ (h >> 31)
-}
-
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
     use super::*;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;

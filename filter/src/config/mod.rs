@@ -1,24 +1,24 @@
-//! The router configuration: JAiRouter's `model:` section, validated once and compiled into an
-//! immutable structure that every request shares, so the request path only looks things up.
+//! The configuration as users write it: JAiRouter's `model:` section (and the original's
+//! `jairouter.security.api-key`), read and validated once, every refusal naming its key path.
+//! Data only: `plan` compiles it into what requests run on.
 
+mod api_keys;
 mod policy;
 pub(crate) mod reader;
 
+pub use api_keys::{
+    ApiKeyEntry, ApiKeySection, ADMIN_PERMISSION, DEFAULT_HEADER_NAME, MAX_QUOTA, MIN_SALT_BYTES,
+};
 pub use policy::{
     Algorithm, CircuitBreakerPolicy, FallbackPolicy, HealthCheckPolicy, LoadBalance,
     RateLimitPolicy, Scope, Strategy, TokenLimitPolicy, MAX_WINDOW_REQUESTS,
 };
 pub use reader::ConfigError;
 
-use crate::auth::ApiKeys;
-use crate::balance::ring::{hash64, HashRing};
-use crate::balance::smooth_sequence;
-use crate::breaker::BreakerPolicy;
 use crate::endpoint::{Endpoint, ServiceType};
-use crate::limit::Limits;
 use reader::{error, Fields, Result};
 use serde_json::Value;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// Upper bounds that keep a hostile or mistaken configuration from exhausting the VM.
 pub const MAX_INSTANCES: usize = 10_000;
@@ -38,30 +38,23 @@ pub const JWT_PAYLOAD_KEY: &str = "jwt_payload";
 /// Response header naming the instance that served.
 pub const INSTANCE_HEADER: &str = "x-jairouter-instance";
 
-#[derive(Debug)]
-pub struct RouterConfig {
+/// The whole configuration, as read.
+#[derive(Debug, Clone)]
+pub struct Config {
     /// Indexed by `ServiceType::index()`; `None` when the service is not configured.
-    services: [Option<Service>; 7],
+    pub services: [Option<ServiceConfig>; 7],
     pub load_balance: LoadBalance,
     pub rate_limit: Option<RateLimitPolicy>,
     pub token_limit: Option<TokenLimitPolicy>,
     pub circuit_breaker: Option<CircuitBreakerPolicy>,
     pub fallback: Option<FallbackPolicy>,
     pub gateway: GatewayOptions,
-    /// The `GET /v1/models` answer, built once.
-    pub models_json: String,
-    /// Every enabled rate limit, compiled.
-    pub limits: Limits,
-    /// Whether anything keys on the client address (hash strategies, per-client limits): the
-    /// binding asks Envoy for it only then.
-    pub uses_client_address: bool,
-    /// `retries`: further attempts on another instance of the model (Envoy's retry policy on
-    /// the route; services that differ say so per request).
+    /// `retries`: further attempts on another instance of the model.
     pub retries: u64,
     /// `request-timeout` in ms (0: none): the whole exchange, streamed answers included.
     pub request_timeout_ms: u64,
-    /// `jairouter.security.api-key`: who may call, and their quotas (off when absent).
-    pub api_keys: ApiKeys,
+    /// `jairouter.security.api-key` (off when absent).
+    pub api_keys: ApiKeySection,
 }
 
 /// Retries when none are configured: a failed attempt gets two more, on other instances.
@@ -123,16 +116,18 @@ pub struct GlobalRateLimit {
 /// Descriptor headers for Envoy's rate-limit filter (removed before the request goes upstream).
 pub const SERVICE_DESCRIPTOR_HEADER: &str = "x-jairouter-service";
 
-#[derive(Debug)]
-pub struct Service {
+/// One service (`model.services.<type>`), with what it inherits from the global blocks resolved.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
     pub kind: ServiceType,
     pub load_balance: LoadBalance,
     pub rate_limit: Option<RateLimitPolicy>,
     pub token_limit: Option<TokenLimitPolicy>,
     pub circuit_breaker: Option<CircuitBreakerPolicy>,
     pub fallback: Option<FallbackPolicy>,
-    pub instances: Vec<Instance>,
-    pub models: HashMap<String, ModelPool>,
+    pub instances: Vec<InstanceConfig>,
+    /// The model names its instances serve, each once, in the order they first appear.
+    pub models: Vec<String>,
     /// Retries for this service's requests (its own `retries`, else the global; 0 for uploads
     /// unless `retry-uploads`).
     pub retries: u64,
@@ -141,24 +136,9 @@ pub struct Service {
     pub fallbacks: HashMap<String, Vec<String>>,
 }
 
-/// The instances that serve one model name within a service.
-#[derive(Debug)]
-pub struct ModelPool {
-    pub model: String,
-    /// Indices into `Service::instances` of the routable ones (status active, weight > 0).
-    pub routable: Vec<usize>,
-    /// Smooth weighted round-robin order over `routable` (positions into it).
-    pub rotation: Vec<u16>,
-    /// Cumulative weights over `routable`, for weighted random.
-    pub cumulative: Vec<u64>,
-    /// The shared-data key of this pool's round-robin counter.
-    pub counter_key: String,
-    /// The consistent-hash ring over `routable` (hash strategies only; empty otherwise).
-    pub ring: HashRing,
-}
-
+/// One entry of a service's `instances`, with the policy blocks in force for it.
 #[derive(Debug, Clone)]
-pub struct Instance {
+pub struct InstanceConfig {
     /// `instance-id`, or `<service>-<index>` when none is given; named in `x-jairouter-instance`.
     pub id: String,
     /// The Envoy cluster that reaches this instance.
@@ -174,25 +154,8 @@ pub struct Instance {
     pub rate_limit: Option<RateLimitPolicy>,
     /// The `circuit-breaker` block in force here (instance, else service, else global).
     pub circuit_breaker: Option<CircuitBreakerPolicy>,
-    /// This instance's breaker, when one is enabled for it.
-    pub breaker: Option<BreakerPolicy>,
     /// Checked by the process's health checker, when enabled for it.
     pub health_check: Option<HealthCheckPolicy>,
-    /// Shared-data key of its state: breaker and health (`breaker::Breaker`).
-    pub state_key: String,
-    /// Shared-data key of the requests in flight to this instance (least-connections, least-latency).
-    pub in_flight_key: String,
-    /// Shared-data key of this instance's latency estimate (least-latency).
-    pub latency_key: String,
-}
-
-impl Instance {
-    pub fn upstream_path(&self, endpoint: Endpoint) -> Option<&str> {
-        self.paths
-            .iter()
-            .find(|(e, _)| *e == endpoint)
-            .map(|(_, p)| p.as_str())
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -265,59 +228,24 @@ impl BaseUrl {
     }
 }
 
-impl RouterConfig {
-    pub fn service(&self, kind: ServiceType) -> Option<&Service> {
+impl Config {
+    pub fn service(&self, kind: ServiceType) -> Option<&ServiceConfig> {
         self.services.get(kind.index()).and_then(Option::as_ref)
     }
 
-    pub fn services(&self) -> impl Iterator<Item = &Service> {
+    pub fn services(&self) -> impl Iterator<Item = &ServiceConfig> {
         self.services.iter().flatten()
     }
 
-    /// Every instance of every service, for the renderer's clusters.
-    pub fn instances(&self) -> impl Iterator<Item = &Instance> {
-        self.services().flat_map(|s| s.instances.iter())
-    }
-
-    /// Every shared-data key this configuration uses (buckets, counters, instance state).
-    pub fn shared_keys(&self) -> Vec<String> {
-        let services: Vec<&Service> = self.services().collect();
-        let mut keys: Vec<String> = self
-            .limits
-            .initial_keys(&services)
-            .into_iter()
-            .map(|(key, _)| key)
-            .collect();
-        for service in &services {
-            keys.extend(service.models.values().map(|p| p.counter_key.clone()));
-            for i in &service.instances {
-                keys.extend([&i.state_key, &i.in_flight_key, &i.latency_key].map(String::clone));
-            }
-        }
-        keys
-    }
-
-    /// The keys `previous` used that this configuration does not: shared data has no delete,
-    /// so a reload empties them (a per-client table may hold megabytes) instead of keeping
-    /// them for good.
-    pub fn stale_keys(&self, previous: &RouterConfig) -> Vec<String> {
-        let current: std::collections::HashSet<String> = self.shared_keys().into_iter().collect();
-        previous
-            .shared_keys()
-            .into_iter()
-            .filter(|k| !current.contains(k))
-            .collect()
-    }
-
-    /// Parses the filter's plugin configuration: the JSON form of JAiRouter's `model:` section,
+    /// Reads the filter's plugin configuration: the JSON form of JAiRouter's `model:` section,
     /// or an object holding it under `model` beside the original's `jairouter.security.api-key`.
-    pub fn from_json(bytes: &[u8]) -> std::result::Result<RouterConfig, ConfigError> {
+    pub fn from_json(bytes: &[u8]) -> std::result::Result<Config, ConfigError> {
         let value: Value = serde_json::from_slice(bytes)
             .map_err(|e| error("configuration", format!("is not valid JSON: {e}")))?;
         Self::from_value(&value)
     }
 
-    pub fn from_value(value: &Value) -> std::result::Result<RouterConfig, ConfigError> {
+    pub fn from_value(value: &Value) -> std::result::Result<Config, ConfigError> {
         let (model, api_keys) = match value.get("model") {
             Some(inner) if value.get("services").is_none() => {
                 let section = value
@@ -325,18 +253,18 @@ impl RouterConfig {
                     .and_then(|j| j.get("security"))
                     .and_then(|s| s.get("api-key").or_else(|| s.get("apiKey")));
                 let api_keys = match section {
-                    Some(v) => ApiKeys::parse("jairouter.security.api-key", v)?,
-                    None => ApiKeys::default(),
+                    Some(v) => ApiKeySection::parse("jairouter.security.api-key", v)?,
+                    None => ApiKeySection::default(),
                 };
                 (inner, api_keys)
             }
-            _ => (value, ApiKeys::default()),
+            _ => (value, ApiKeySection::default()),
         };
         parse_model(model, api_keys)
     }
 }
 
-fn parse_model(value: &Value, api_keys: ApiKeys) -> Result<RouterConfig> {
+fn parse_model(value: &Value, api_keys: ApiKeySection) -> Result<Config> {
     let mut f = Fields::new("model", value)?;
     f.string("adapter")?; // adapters translate request bodies in the original; ours pass them unchanged
     let load_balance = match f.take("load-balance") {
@@ -368,7 +296,7 @@ fn parse_model(value: &Value, api_keys: ApiKeys) -> Result<RouterConfig> {
     let services_value = f.take("services");
     f.finish()?;
 
-    let mut services: [Option<Service>; 7] = Default::default();
+    let mut services: [Option<ServiceConfig>; 7] = Default::default();
     let mut total_instances = 0usize;
     let mut clusters: HashMap<String, String> = HashMap::new();
     if let Some(services_value) = services_value {
@@ -416,44 +344,7 @@ fn parse_model(value: &Value, api_keys: ApiKeys) -> Result<RouterConfig> {
             *slot = Some(service);
         }
     }
-    let models_json = models_list_json(services.iter().flatten());
-    let configured: Vec<&Service> = services.iter().flatten().collect();
-    let limits = Limits::compile(
-        rate_limit.as_ref(),
-        token_limit.as_ref(),
-        &configured,
-        api_keys.keys(),
-    );
-    let mut table_bytes = 0u64;
-    for limit in limits.list.iter().filter(|l| l.scope == Scope::Client) {
-        let slot = 8 + limit.params.initial_state().len() as u64;
-        table_bytes = table_bytes.saturating_add(limit.max_clients.saturating_mul(slot));
-        if table_bytes > MAX_CLIENT_TABLE_BYTES {
-            return Err(error(
-                &format!(
-                    "{}.max-clients",
-                    limit.name.trim_end_matches(" (per client)")
-                ),
-                format!(
-                    "per-client rate-limit tables would take {table_bytes} bytes of shared data \
-                     (at most {MAX_CLIENT_TABLE_BYTES}); lower max-clients or the window"
-                ),
-            ));
-        }
-    }
-    let uses_client_address = api_keys.uses_client_address()
-        || limits.list.iter().any(|l| l.scope == Scope::Client)
-        || services.iter().flatten().any(|s| {
-            matches!(
-                s.load_balance.strategy,
-                Strategy::IpHash | Strategy::ConsistentHash
-            )
-        });
-    Ok(RouterConfig {
-        api_keys,
-        uses_client_address,
-        retries,
-        request_timeout_ms,
+    Ok(Config {
         services,
         load_balance,
         rate_limit,
@@ -461,8 +352,9 @@ fn parse_model(value: &Value, api_keys: ApiKeys) -> Result<RouterConfig> {
         circuit_breaker,
         fallback,
         gateway,
-        models_json,
-        limits,
+        retries,
+        request_timeout_ms,
+        api_keys,
     })
 }
 
@@ -470,7 +362,7 @@ fn parse_model(value: &Value, api_keys: ApiKeys) -> Result<RouterConfig> {
 /// same service (it gets the same request).
 fn fallback_models(
     policy: Option<&FallbackPolicy>,
-    models: &HashMap<String, ModelPool>,
+    models: &HashSet<&str>,
     kind: ServiceType,
 ) -> Result<HashMap<String, Vec<String>>> {
     let mut out = HashMap::new();
@@ -478,10 +370,10 @@ fn fallback_models(
         return Ok(out);
     };
     for (model, stand_ins) in &policy.models {
-        if !models.contains_key(model) {
+        if !models.contains(model.as_str()) {
             continue;
         }
-        if let Some(missing) = stand_ins.iter().find(|m| !models.contains_key(*m)) {
+        if let Some(missing) = stand_ins.iter().find(|m| !models.contains(m.as_str())) {
             return Err(error(
                 &reader::join(&policy.models_path, model),
                 format!("`{missing}` is not a model of the {} service", kind.key()),
@@ -667,7 +559,7 @@ fn parse_service(
     global_lb: &LoadBalance,
     global: Inherited<'_>,
     clusters: &mut HashMap<String, String>,
-) -> Result<Service> {
+) -> Result<ServiceConfig> {
     let mut f = Fields::new(path, value)?;
     f.string("adapter")?;
     let load_balance = match f.take("load-balance") {
@@ -724,54 +616,16 @@ fn parse_service(
         instances.push(instance);
     }
 
-    let mut names: Vec<&str> = Vec::new();
+    // Linear in the instances: a configuration of thousands of models loads in milliseconds.
+    let mut models: Vec<String> = Vec::new();
+    let mut seen: HashSet<&str> = HashSet::with_capacity(instances.len());
     for instance in &instances {
-        if !names.contains(&instance.name.as_str()) {
-            names.push(&instance.name);
+        if seen.insert(&instance.name) {
+            models.push(instance.name.clone());
         }
     }
-    let mut models = HashMap::with_capacity(names.len());
-    for name in names {
-        let routable: Vec<usize> = instances
-            .iter()
-            .enumerate()
-            .filter(|(_, i)| i.name == name && i.active && i.weight > 0)
-            .map(|(at, _)| at)
-            .collect();
-        let weights: Vec<u64> = routable
-            .iter()
-            .filter_map(|at| instances.get(*at).map(|i| i.weight))
-            .collect();
-        let mut cumulative = Vec::with_capacity(weights.len());
-        let mut sum = 0u64;
-        for w in &weights {
-            sum = sum.saturating_add(*w);
-            cumulative.push(sum);
-        }
-        let ring = if load_balance.strategy.hashes() {
-            let members: Vec<(&str, u64)> = routable
-                .iter()
-                .filter_map(|at| instances.get(*at).map(|i| (i.id.as_str(), i.weight)))
-                .collect();
-            HashRing::build(&members, load_balance.virtual_nodes)
-        } else {
-            HashRing::default()
-        };
-        models.insert(
-            name.to_string(),
-            ModelPool {
-                model: name.to_string(),
-                rotation: smooth_sequence(&weights),
-                cumulative,
-                routable,
-                counter_key: format!("jairouter/rr/{}/{}", kind.key(), name),
-                ring,
-            },
-        );
-    }
-
-    let fallbacks = fallback_models(fallback.as_ref().or(global.fallback), &models, kind)?;
-    Ok(Service {
+    let fallbacks = fallback_models(fallback.as_ref().or(global.fallback), &seen, kind)?;
+    Ok(ServiceConfig {
         kind,
         load_balance,
         rate_limit,
@@ -791,7 +645,7 @@ fn parse_instance(
     index: usize,
     value: &Value,
     service: Inherited<'_>,
-) -> Result<Instance> {
+) -> Result<InstanceConfig> {
     let mut f = Fields::new(path, value)?;
     let name = f
         .string("name")?
@@ -854,26 +708,8 @@ fn parse_instance(
             )
         })
         .collect();
-    // Shared state (breaker, health, load) follows the instance across reloads while its id and
-    // address stay the same, and starts afresh when either changes: an id given by position
-    // (`chat-1`) may name another backend after an edit.
-    let address = format!(
-        "{}|{}|{}|{}|{}",
-        kind.key(),
-        base_url.tls,
-        base_url.host,
-        base_url.port,
-        base_url.prefix
-    );
-    let state = format!("{id}/{:08x}", hash64(address.as_bytes()) & 0xffff_ffff);
-    Ok(Instance {
+    Ok(InstanceConfig {
         cluster: cluster_name(&id),
-        in_flight_key: format!("jairouter/inflight/{state}"),
-        latency_key: format!("jairouter/latency/{state}"),
-        state_key: format!("jairouter/instance/{state}"),
-        breaker: circuit_breaker
-            .as_ref()
-            .and_then(CircuitBreakerPolicy::breaker),
         health_check,
         id,
         name,
@@ -934,40 +770,3 @@ fn parse_headers(path: &str, value: &Value) -> Result<Vec<(String, String)>> {
     }
     Ok(headers)
 }
-
-fn models_list_json<'a>(services: impl Iterator<Item = &'a Service>) -> String {
-    models_list_json_where(services, |_, _| true)
-}
-
-/// The OpenAI model list of the models `shown(service, model)` lets through.
-pub fn models_list_json_where<'a>(
-    services: impl Iterator<Item = &'a Service>,
-    shown: impl Fn(ServiceType, &str) -> bool,
-) -> String {
-    let mut seen: Vec<&str> = Vec::new();
-    let mut data = Vec::new();
-    for service in services {
-        for instance in &service.instances {
-            if seen.contains(&instance.name.as_str()) || !shown(service.kind, &instance.name) {
-                continue;
-            }
-            seen.push(&instance.name);
-            data.push(model_object(&instance.name, service.kind));
-        }
-    }
-    serde_json::json!({"object": "list", "data": data}).to_string()
-}
-
-/// One entry of the OpenAI model list (`owned_by` names the gateway, as the original does).
-pub fn model_object(name: &str, kind: ServiceType) -> Value {
-    serde_json::json!({
-        "id": name,
-        "object": "model",
-        "created": 0,
-        "owned_by": "jairouter",
-        "service_type": kind.key(),
-    })
-}
-
-#[cfg(test)]
-mod tests;

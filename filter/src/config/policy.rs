@@ -382,15 +382,6 @@ impl CircuitBreakerPolicy {
         f.finish()?;
         Ok(policy)
     }
-
-    /// What the breaker of an instance runs on, when it has one.
-    pub fn breaker(&self) -> Option<crate::breaker::BreakerPolicy> {
-        self.enabled.then(|| crate::breaker::BreakerPolicy {
-            failure_threshold: u32::try_from(self.failure_threshold).unwrap_or(u32::MAX),
-            timeout_ns: self.timeout_ms.saturating_mul(1_000_000),
-            success_threshold: u32::try_from(self.success_threshold).unwrap_or(u32::MAX),
-        })
-    }
 }
 
 /// `health-check` (ours; the original only opens a TCP connection every 30 s): an HTTP GET

@@ -183,7 +183,6 @@ pub fn show(value: &Value) -> String {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
     use super::*;
     use serde_json::json;
     #[cfg(target_arch = "wasm32")]

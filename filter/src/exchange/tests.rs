@@ -1,17 +1,11 @@
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    clippy::panic
-)]
 //! The exchange against `TestHost`: what it does to a request and a response, and how many host
 //! calls each request shape costs. The counts are pinned: a change that adds a host call to the
 //! request path fails here and must say why (each costs ~1–2 µs under V8).
 
 use super::*;
 use crate::breaker::{Breaker, State};
-use crate::store::SharedStore;
 use crate::host::{Call, TestHost};
+use crate::store::SharedStore;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 #[cfg(target_arch = "wasm32")]
@@ -20,7 +14,7 @@ use wasm_bindgen_test::wasm_bindgen_test as test;
 const CHAT: &[u8] = br#"{"model":"llama","messages":[{"role":"user","content":"Hello"}]}"#;
 
 /// The demo's shape: two weighted replicas, round-robin, breakers on (the default), retries 2.
-fn plan(extra: Value) -> Rc<RouterConfig> {
+fn plan(extra: Value) -> Rc<Plan> {
     let mut config = json!({"services": {"chat": {"instances": [
         {"name": "llama", "base-url": "http://a:1", "path": "/v1/chat/completions", "weight": 2},
         {"name": "llama", "base-url": "http://b:1", "path": "/v1/chat/completions"}
@@ -31,7 +25,7 @@ fn plan(extra: Value) -> Rc<RouterConfig> {
         }
     }
     let bytes = config.to_string().into_bytes();
-    let plan = RouterConfig::from_json(&bytes).unwrap_or_else(|e| panic!("{e}"));
+    let plan = Plan::from_json(&bytes).unwrap_or_else(|e| panic!("{e}"));
     Rc::new(plan)
 }
 
@@ -42,7 +36,7 @@ struct Run {
 }
 
 impl Run {
-    fn new(plan: Rc<RouterConfig>) -> Run {
+    fn new(plan: Rc<Plan>) -> Run {
         let host = TestHost::default();
         host.now.set(1_000_000_000);
         crate::install::install(&plan, b"{}", &host.store);
@@ -172,10 +166,15 @@ fn a_body_routed_round_robin_chat_request_takes_twelve_host_calls() {
     assert_eq!(phases, [1, 6, 4, 1], "per phase");
     assert_eq!(total, 12);
     assert_eq!(
-        run.host.request_header(crate::config::ROUTING_HEADER).as_deref(),
+        run.host
+            .request_header(crate::config::ROUTING_HEADER)
+            .as_deref(),
         Some("jairouter-chat-0")
     );
-    assert_eq!(run.host.response_header("x-jairouter-instance").as_deref(), Some("chat-0"));
+    assert_eq!(
+        run.host.response_header("x-jairouter-instance").as_deref(),
+        Some("chat-0")
+    );
 }
 
 #[test]
@@ -218,9 +217,17 @@ fn without_the_instance_header_and_with_its_breaker_off_it_is_ten() {
 #[test]
 fn a_header_routed_request_does_not_wait_for_its_body() {
     let mut run = Run::new(plan(json!({})));
-    run.request("POST", "/v1/chat/completions", &[("x-jairouter-model", "llama")], CHAT);
+    run.request(
+        "POST",
+        "/v1/chat/completions",
+        &[("x-jairouter-model", "llama")],
+        CHAT,
+    );
     run.host.take_calls();
-    assert_eq!(run.exchange.on_request_headers(&run.host, false), Flow::Continue);
+    assert_eq!(
+        run.exchange.on_request_headers(&run.host, false),
+        Flow::Continue
+    );
     // Headers, clock, rotation (2), instance state, routing header.
     assert_eq!(run.host.total_calls(), 6);
     run.host.take_calls();
@@ -239,9 +246,18 @@ fn a_rate_limit_costs_one_read_and_one_write_more() {
     assert_eq!(phases, [1, 8, 4, 1]);
     assert_eq!(total, 14);
     // Its state goes back to the client, beside what the instance sent.
-    assert!(run.host.response_header("x-ratelimit-limit-requests").is_some());
-    assert_eq!(run.host.response_header("x-jairouter-instance").as_deref(), Some("chat-0"));
-    assert_eq!(run.host.response_header("content-type").as_deref(), Some("application/json"));
+    assert!(run
+        .host
+        .response_header("x-ratelimit-limit-requests")
+        .is_some());
+    assert_eq!(
+        run.host.response_header("x-jairouter-instance").as_deref(),
+        Some("chat-0")
+    );
+    assert_eq!(
+        run.host.response_header("content-type").as_deref(),
+        Some("application/json")
+    );
     assert_eq!(run.host.response_header(":status").as_deref(), Some("200"));
 }
 
@@ -265,13 +281,20 @@ fn a_stream_reads_each_chunk_once_and_the_clock_twice() {
     run.send();
     run.host.take_calls();
     let chunks: Vec<Vec<u8>> = (0..8)
-        .map(|n| format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"w{n} \"}}}}]}}\n\n").into_bytes())
+        .map(|n| {
+            format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"w{n} \"}}}}]}}\n\n")
+                .into_bytes()
+        })
         .chain([b"data: [DONE]\n\n".to_vec()])
         .collect();
     let chunks: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
     run.respond(200, &[("content-type", "text/event-stream")], &chunks);
     let calls = run.calls();
-    assert_eq!(calls.get(&Call::ResponseBody), Some(&9), "one read per chunk");
+    assert_eq!(
+        calls.get(&Call::ResponseBody),
+        Some(&9),
+        "one read per chunk"
+    );
     assert_eq!(calls.get(&Call::Clock), Some(&2), "first and last byte");
     run.log();
     assert_eq!(run.host.total_calls(), 0, "the log reuses the stream's end");
@@ -292,7 +315,7 @@ fn api_keys_read_the_clock_and_remove_the_credential() {
         "model": model,
         "jairouter": {"security": {"api-key": {"keys": [{"key-id": "team", "key-hash": hash, "permissions": ["chat"]}]}}}
     });
-    let plan = RouterConfig::from_value(&document).unwrap_or_else(|e| panic!("{e}"));
+    let plan = Plan::from_value(&document).unwrap_or_else(|e| panic!("{e}"));
     let mut run = Run::new(Rc::new(plan));
     let (phases, _) = whole_request(&mut run, &[("authorization", "Bearer sk-test-123456")]);
     // Headers: one read, the clock (expiry), the credential removed.
@@ -307,7 +330,10 @@ fn client_routing_headers_are_removed_before_anything_else() {
     run.request(
         "GET",
         "/v1/nowhere",
-        &[("x-jairouter-cluster", "evil"), ("x-envoy-original-dst-host", "10.0.0.1:80")],
+        &[
+            ("x-jairouter-cluster", "evil"),
+            ("x-envoy-original-dst-host", "10.0.0.1:80"),
+        ],
         b"",
     );
     run.send();
@@ -354,13 +380,22 @@ fn metrics_count_the_request_its_backend_call_and_its_tokens() {
     whole_request(&mut run, &[]);
     let counters = run.counters();
     let get = |name: &str| counters.get(name).copied();
-    assert_eq!(get("jairouter_requests_total.service=chat;.method=POST;.status=2xx;"), Some(1));
+    assert_eq!(
+        get("jairouter_requests_total.service=chat;.method=POST;.status=2xx;"),
+        Some(1)
+    );
     assert_eq!(
         get("jairouter_backend_calls_total.service=chat;.instance=chat-0;.status=2xx;"),
         Some(1)
     );
-    assert_eq!(get("jairouter_tokens_total.service=chat;.model=llama;.kind=prompt;"), Some(9));
-    assert_eq!(get("jairouter_tokens_total.service=chat;.model=llama;.kind=completion;"), Some(3));
+    assert_eq!(
+        get("jairouter_tokens_total.service=chat;.model=llama;.kind=prompt;"),
+        Some(9)
+    );
+    assert_eq!(
+        get("jairouter_tokens_total.service=chat;.model=llama;.kind=completion;"),
+        Some(3)
+    );
     assert_eq!(
         get("jairouter_loadbalancer_selections_total.service=chat;.strategy=round_robin;.instance=chat-0;"),
         Some(1),
@@ -395,7 +430,11 @@ fn five_server_errors_open_the_breaker_and_a_client_error_does_not_count() {
             break;
         }
     }
-    assert_eq!(run.breaker(0).state, State::Open, "chat-0 failed 5 times in a row");
+    assert_eq!(
+        run.breaker(0).state,
+        State::Open,
+        "chat-0 failed 5 times in a row"
+    );
     assert_eq!(failed, 5);
     assert_eq!(run.breaker(1).state, State::Closed);
 }
@@ -408,7 +447,10 @@ fn an_answer_after_a_retry_counts_against_the_chosen_instance() {
     let answer = ok_json();
     run.respond(
         200,
-        &[("content-type", "application/json"), ("x-envoy-attempt-count", "2")],
+        &[
+            ("content-type", "application/json"),
+            ("x-envoy-attempt-count", "2"),
+        ],
         &[&answer],
     );
     assert_eq!(run.breaker(0).failures, 1);
@@ -440,7 +482,10 @@ fn a_429_with_retry_after_pauses_its_instance() {
 
 #[test]
 fn a_stream_broken_midway_is_the_instances_failure_unless_the_client_left() {
-    for (details, failures) in [("upstream_reset_after_response_started", 1), ("downstream_remote_disconnect", 0)] {
+    for (details, failures) in [
+        ("upstream_reset_after_response_started", 1),
+        ("downstream_remote_disconnect", 0),
+    ] {
         let mut run = Run::new(plan(json!({})));
         run.host
             .properties
@@ -478,7 +523,10 @@ fn a_fallback_rewrites_the_model_and_the_length() {
     );
     let answer = ok_json();
     run.respond(200, &[("content-type", "application/json")], &[&answer]);
-    assert_eq!(run.host.response_header("x-jairouter-model").as_deref(), Some("llama"));
+    assert_eq!(
+        run.host.response_header("x-jairouter-model").as_deref(),
+        Some("llama")
+    );
     assert_eq!(run.summary()["fallback_for"], "gone");
 }
 
@@ -499,7 +547,7 @@ fn least_connections_gives_its_count_back_exactly_once() {
     run.send();
     let in_flight = |run: &Run| -> Vec<u64> {
         let plan = &run.exchange.plan;
-        let count = |i: &crate::config::Instance| {
+        let count = |i: &crate::plan::Instance| {
             crate::balance::load::in_flight(&run.host.store, &i.in_flight_key)
         };
         plan.instances().map(count).collect()
@@ -507,5 +555,9 @@ fn least_connections_gives_its_count_back_exactly_once() {
     assert_eq!(in_flight(&run).iter().sum::<u64>(), 1);
     run.log();
     run.exchange.on_drop(&run.host);
-    assert_eq!(in_flight(&run), [0, 0], "given back once, by on_log; the drop adds nothing");
+    assert_eq!(
+        in_flight(&run),
+        [0, 0],
+        "given back once, by on_log; the drop adds nothing"
+    );
 }

@@ -3,6 +3,7 @@
 //! to write back. The caller writes with compare-and-swap, so concurrent workers never admit
 //! more than the bucket holds.
 
+use crate::bytes::u64_le;
 use crate::config::{Algorithm, RateLimitPolicy};
 
 /// Tokens are counted in millionths, so slow refill rates lose nothing to rounding. Signed: a
@@ -190,10 +191,7 @@ struct Bucket {
 
 impl Bucket {
     fn decode(params: &Params, state: Option<&[u8]>) -> Bucket {
-        let word = |at: usize| -> Option<u64> {
-            let bytes = state?.get(at..at + 8)?;
-            Some(u64::from_le_bytes(<[u8; 8]>::try_from(bytes).ok()?))
-        };
+        let word = |at: usize| u64_le(state?, at);
         match (word(0), word(8), word(16)) {
             (Some(tokens), Some(last_ns), Some(start_ns)) => Bucket {
                 // Stored as the bits of an i64.
@@ -329,7 +327,7 @@ impl Window {
             .get(8..)
             .unwrap_or_default()
             .chunks_exact(8)
-            .filter_map(|c| <[u8; 8]>::try_from(c).ok().map(u64::from_le_bytes))
+            .filter_map(|c| u64_le(c, 0))
             .collect();
         if stamps.len() != slots {
             return Window {
@@ -338,9 +336,7 @@ impl Window {
             };
         }
         let head = state
-            .and_then(|s| s.get(..8))
-            .and_then(|b| <[u8; 8]>::try_from(b).ok())
-            .map(u64::from_le_bytes)
+            .and_then(|s| u64_le(s, 0))
             .and_then(|h| usize::try_from(h).ok())
             .filter(|h| *h < slots)
             .unwrap_or(0);
@@ -390,7 +386,6 @@ fn admit_window(params: &Params, state: Option<&[u8]>, now_ns: u64) -> (Option<V
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
     use super::*;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;

@@ -11,10 +11,10 @@
 
 pub mod bucket;
 
-use crate::auth::ApiKey;
-use crate::balance::ring::hash64;
-use crate::config::{RateLimitPolicy, Scope, Service, TokenLimitPolicy};
+use crate::bytes::{hash64, u64_le};
+use crate::config::{ApiKeyEntry, RateLimitPolicy, Scope, ServiceConfig, TokenLimitPolicy};
 use crate::endpoint::ServiceType;
+use crate::shared_keys::LimitKeys;
 use crate::store::{transact, SharedStore};
 use bucket::{admit_cost, is_idle, refund, settle, Params, Verdict};
 
@@ -49,8 +49,9 @@ pub enum Covers {
 pub struct Limit {
     /// Where it is configured, as a client and an operator read it in the 429.
     pub name: String,
-    /// Shared-data key prefix; changes with the numbers, so a reload never reads foreign state.
-    prefix: String,
+    /// Its buckets' shared-data keys; they change with the numbers, so a reload never reads
+    /// foreign state.
+    keys: LimitKeys,
     pub covers: Covers,
     pub scope: Scope,
     pub params: Params,
@@ -92,7 +93,7 @@ impl Limit {
         let fingerprint = hash64(format!("{name}|{scope:?}|{params:?}|{max_clients}").as_bytes());
         Limit {
             name,
-            prefix: format!("jairouter/rl/{fingerprint:016x}"),
+            keys: LimitKeys::new(fingerprint),
             covers,
             scope,
             params,
@@ -138,11 +139,11 @@ impl Limit {
     }
 
     fn fixed_key(&self, label: &str) -> String {
-        format!("{}/{label}", self.prefix)
+        self.keys.bucket(label)
     }
 
     fn client_slot(&self, slot: u64) -> String {
-        format!("{}/c/{slot}", self.prefix)
+        self.keys.client_slot(slot)
     }
 }
 
@@ -239,6 +240,9 @@ pub struct Level {
 #[derive(Debug, Default)]
 pub struct Limits {
     pub list: Vec<Limit>,
+    /// Every bucket but per-client ones, known once the limits are: the limit (index into
+    /// `list`), the bucket's label and its key.
+    fixed: Vec<(usize, String, String)>,
 }
 
 /// Which limits to draw from: those that need no instance, or those that do.
@@ -254,8 +258,8 @@ impl Limits {
     pub fn compile(
         global: Option<&RateLimitPolicy>,
         global_tokens: Option<&TokenLimitPolicy>,
-        services: &[&Service],
-        api_keys: &[ApiKey],
+        services: &[&ServiceConfig],
+        api_keys: &[ApiKeyEntry],
     ) -> Limits {
         let mut list = Vec::new();
         // API-key quotas first: a key over its quota is refused before it draws on shared limits.
@@ -357,7 +361,8 @@ impl Limits {
                 }
             }
         }
-        Limits { list }
+        let fixed = fixed_buckets(&list, services);
+        Limits { list, fixed }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -382,7 +387,7 @@ impl Limits {
 
     /// Every bucket key with its initial state, to create before traffic (Envoy ignores CAS on
     /// a key that does not exist, so creating them on first use would race).
-    pub fn initial_keys(&self, services: &[&Service]) -> Vec<(String, Vec<u8>)> {
+    pub fn initial_keys(&self) -> Vec<(String, Vec<u8>)> {
         let mut keys = Vec::new();
         for limit in self.list.iter().filter(|l| l.scope == Scope::Client) {
             let slot_state = [&[0u8; 8][..], &limit.params.initial_state()].concat();
@@ -390,88 +395,31 @@ impl Limits {
                 keys.push((limit.client_slot(slot), slot_state.clone()));
             }
         }
-        for (index, _, key) in self.fixed_buckets(services) {
-            if let Some(limit) = self.list.get(index) {
-                keys.push((key, limit.params.initial_state()));
+        for (index, _, key) in &self.fixed {
+            if let Some(limit) = self.list.get(*index) {
+                keys.push((key.clone(), limit.params.initial_state()));
             }
         }
         keys
     }
 
-    /// Every bucket but per-client ones: the limit (index), the bucket's label and its key.
-    fn fixed_buckets(&self, services: &[&Service]) -> Vec<(usize, String, String)> {
-        let mut buckets = Vec::new();
-        for (index, limit) in self.list.iter().enumerate() {
-            if limit.scope == Scope::Client {
-                continue;
-            }
-            if let Covers::ApiKey(_) = limit.covers {
-                let label = "all".to_string();
-                buckets.push((index, label.clone(), limit.fixed_key(&label)));
-                continue;
-            }
-            for service in services {
-                let covered = match limit.covers {
-                    Covers::All => true,
-                    Covers::Service(kind) | Covers::Instance(kind, _) => kind == service.kind,
-                    Covers::ApiKey(_) => false,
-                };
-                if !covered {
-                    continue;
-                }
-                let labels: Vec<String> = match limit.scope {
-                    Scope::Global => vec!["all".to_string()],
-                    Scope::Service => vec![service.kind.key().to_string()],
-                    Scope::Model => service
-                        .models
-                        .keys()
-                        .map(|m| format!("{}/{m}", service.kind.key()))
-                        .collect(),
-                    Scope::Instance => service
-                        .instances
-                        .iter()
-                        .enumerate()
-                        .filter(|(at, _)| match limit.covers {
-                            Covers::Instance(_, only) => *at == only,
-                            _ => true,
-                        })
-                        .map(|(_, i)| i.id.clone())
-                        .collect(),
-                    Scope::Client => Vec::new(),
-                };
-                for label in labels {
-                    let key = limit.fixed_key(&label);
-                    buckets.push((index, label, key));
-                }
-            }
-        }
-        buckets.sort_by(|a, b| a.2.cmp(&b.2));
-        buckets.dedup_by(|a, b| a.2 == b.2);
-        buckets
-    }
-
     /// What every bucket would admit right now, read without drawing (the status page).
     /// Per-client tables are not walked: they may hold many thousands of slots.
-    pub fn levels(
-        &self,
-        store: &dyn SharedStore,
-        services: &[&Service],
-        now_ns: u64,
-    ) -> Vec<Level> {
-        self.fixed_buckets(services)
-            .into_iter()
+    pub fn levels(&self, store: &dyn SharedStore, now_ns: u64) -> Vec<Level> {
+        self.fixed
+            .iter()
             .filter_map(|(index, bucket, key)| {
-                let limit = self.list.get(index)?;
+                let limit = self.list.get(*index)?;
                 let (_, verdict) =
-                    admit_cost(&limit.params, store.get(&key).0.as_deref(), now_ns, 1);
+                    admit_cost(&limit.params, store.get(key).0.as_deref(), now_ns, 1);
                 let available = if verdict.admitted {
                     verdict.remaining.saturating_add(1)
                 } else {
                     0
                 };
                 Some(Level {
-                    limit: index,
-                    bucket,
+                    limit: *index,
+                    bucket: bucket.clone(),
                     available,
                     capacity: limit.params.limit(),
                 })
@@ -620,13 +568,61 @@ impl Limits {
     }
 }
 
+/// Every bucket but per-client ones: the limit (index), the bucket's label and its key.
+fn fixed_buckets(list: &[Limit], services: &[&ServiceConfig]) -> Vec<(usize, String, String)> {
+    let mut buckets = Vec::new();
+    for (index, limit) in list.iter().enumerate() {
+        if limit.scope == Scope::Client {
+            continue;
+        }
+        if let Covers::ApiKey(_) = limit.covers {
+            let label = "all".to_string();
+            buckets.push((index, label.clone(), limit.fixed_key(&label)));
+            continue;
+        }
+        for service in services {
+            let covered = match limit.covers {
+                Covers::All => true,
+                Covers::Service(kind) | Covers::Instance(kind, _) => kind == service.kind,
+                Covers::ApiKey(_) => false,
+            };
+            if !covered {
+                continue;
+            }
+            let labels: Vec<String> = match limit.scope {
+                Scope::Global => vec!["all".to_string()],
+                Scope::Service => vec![service.kind.key().to_string()],
+                Scope::Model => service
+                    .models
+                    .iter()
+                    .map(|m| format!("{}/{m}", service.kind.key()))
+                    .collect(),
+                Scope::Instance => service
+                    .instances
+                    .iter()
+                    .enumerate()
+                    .filter(|(at, _)| match limit.covers {
+                        Covers::Instance(_, only) => *at == only,
+                        _ => true,
+                    })
+                    .map(|(_, i)| i.id.clone())
+                    .collect(),
+                Scope::Client => Vec::new(),
+            };
+            for label in labels {
+                let key = limit.fixed_key(&label);
+                buckets.push((index, label, key));
+            }
+        }
+    }
+    buckets.sort_by(|a, b| a.2.cmp(&b.2));
+    buckets.dedup_by(|a, b| a.2 == b.2);
+    buckets
+}
+
 /// A client slot: the owner's fingerprint (0: free), then its bucket.
 fn split_slot(state: Option<&[u8]>) -> (u64, Option<&[u8]>) {
-    let owner = state
-        .and_then(|s| s.get(..8))
-        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-        .map(u64::from_le_bytes)
-        .unwrap_or(0);
+    let owner = state.and_then(|s| u64_le(s, 0)).unwrap_or(0);
     (owner, state.and_then(|s| s.get(8..)))
 }
 

@@ -1,6 +1,5 @@
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 use super::*;
-use crate::config::RouterConfig;
+use crate::plan::Plan;
 use crate::store::MemoryStore;
 use serde_json::{json, Value};
 #[cfg(target_arch = "wasm32")]
@@ -8,15 +7,14 @@ use wasm_bindgen_test::wasm_bindgen_test as test;
 
 const T0: u64 = 1_000_000_000_000;
 
-fn config(v: Value) -> RouterConfig {
-    RouterConfig::from_value(&v).unwrap()
+fn config(v: Value) -> Plan {
+    Plan::from_value(&v).unwrap()
 }
 
 /// A store holding every key the configuration creates at configure time.
-fn store_for(cfg: &RouterConfig) -> MemoryStore {
+fn store_for(cfg: &Plan) -> MemoryStore {
     let store = MemoryStore::default();
-    let services: Vec<&Service> = cfg.services().collect();
-    for (key, initial) in cfg.limits.initial_keys(&services) {
+    for (key, initial) in cfg.limits.initial_keys() {
         store.set(&key, &initial, None).unwrap();
     }
     store
@@ -160,7 +158,7 @@ fn clients_get_buckets_of_their_own_in_a_fixed_table() {
 
 #[test]
 fn oversized_client_tables_are_refused() {
-    let err = RouterConfig::from_value(&json!({
+    let err = Plan::from_value(&json!({
         "rate-limit": {"enabled": true, "algorithm": "sliding-window", "rate": 1000, "window": 10,
                        "scope": "client-ip", "max-clients": 100000},
         "services": {"chat": {"instances": [{"name": "m", "base-url": "http://a:1"}]}}

@@ -1,17 +1,12 @@
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    clippy::panic
-)]
 use super::*;
+use crate::encoding::client_ip;
 use crate::store::MemoryStore;
 use serde_json::{json, Value};
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
 
-fn config() -> RouterConfig {
-    RouterConfig::from_value(&json!({"services": {
+fn config() -> Plan {
+    Plan::from_value(&json!({"services": {
         "chat": {"instances": [
             {"name": "llama", "base-url": "http://a:1/ollama", "path": "/v1/chat/completions"},
             {"name": "llama", "base-url": "http://b:1", "status": "down"},
@@ -39,7 +34,7 @@ fn no_header(_: &str) -> Option<String> {
     None
 }
 
-fn decide(cfg: &RouterConfig, h: &RequestHead<'_>) -> HeadDecision {
+fn decide(cfg: &Plan, h: &RequestHead<'_>) -> HeadDecision {
     let store = MemoryStore::default();
     on_request_headers(
         cfg,
@@ -70,7 +65,7 @@ fn error_code(r: &LocalReply) -> String {
 }
 
 /// Feeds a whole body the way the binding does, in small windows.
-fn scan_body(cfg: &RouterConfig, path: &str, content_type: &str, body: &[u8]) -> BodyStep {
+fn scan_body(cfg: &Plan, path: &str, content_type: &str, body: &[u8]) -> BodyStep {
     let store = MemoryStore::default();
     let host = RouteInputs {
         store: &store,
@@ -276,7 +271,7 @@ fn wrong_endpoint_hint() {
 #[test]
 fn body_over_the_limit_is_413() {
     let mut v = json!({"gateway": {"max-body-bytes": 1024}, "services": {"chat": {"instances": [{"name": "m", "base-url": "http://a:1"}]}}});
-    let cfg = RouterConfig::from_value(&v).unwrap();
+    let cfg = Plan::from_value(&v).unwrap();
     let store = MemoryStore::default();
     let host = RouteInputs {
         store: &store,
@@ -302,7 +297,7 @@ fn body_over_the_limit_is_413() {
         (413, "request_too_large")
     );
     v["gateway"]["max-body-bytes"] = json!(4096);
-    let cfg = RouterConfig::from_value(&v).unwrap();
+    let cfg = Plan::from_value(&v).unwrap();
     assert!(matches!(
         scan_body(
             &cfg,
@@ -355,7 +350,7 @@ fn client_ip_drops_the_port() {
 
 #[test]
 fn header_hash_takes_its_key_from_the_header_or_the_body_field() {
-    let cfg = RouterConfig::from_value(&json!({
+    let cfg = Plan::from_value(&json!({
         "load-balance": {"type": "header-hash", "hash-header": "x-session-id", "hash-field": "user"},
         "services": {"chat": {"instances": [
             {"name": "m", "base-url": "http://a:1"}, {"name": "m", "base-url": "http://b:1"},
@@ -407,7 +402,7 @@ fn header_hash_takes_its_key_from_the_header_or_the_body_field() {
     }
 }
 
-fn route_with(cfg: &RouterConfig, store: &MemoryStore, now_ns: u64) -> Result<Routed, LocalReply> {
+fn route_with(cfg: &Plan, store: &MemoryStore, now_ns: u64) -> Result<Routed, LocalReply> {
     let host = RouteInputs {
         store,
         random: 0,
@@ -428,7 +423,7 @@ fn route_with(cfg: &RouterConfig, store: &MemoryStore, now_ns: u64) -> Result<Ro
 
 #[test]
 fn open_breakers_are_passed_over_and_all_open_is_503_with_retry_after() {
-    let cfg = RouterConfig::from_value(&json!({
+    let cfg = Plan::from_value(&json!({
         "load-balance": {"type": "round-robin"},
         "circuit-breaker": {"failure-threshold": 1, "timeout": 10_000},
         "services": {"chat": {"instances": [
@@ -473,7 +468,7 @@ fn open_breakers_are_passed_over_and_all_open_is_503_with_retry_after() {
 
 #[test]
 fn fallback_models_stand_in_in_order_only_when_the_body_can_be_rewritten() {
-    let cfg = RouterConfig::from_value(&json!({
+    let cfg = Plan::from_value(&json!({
         "fallback": {"models": {"llama": ["gone", "qwen", "mistral"]}},
         "services": {"chat": {"instances": [
             {"name": "llama", "base-url": "http://a:1", "status": "down"},
@@ -520,7 +515,7 @@ fn fallback_models_stand_in_in_order_only_when_the_body_can_be_rewritten() {
 #[test]
 fn api_keys_authenticate_then_authorize() {
     let hash = |key: &str| crate::auth::hash_key(b"saltsaltsalt", key);
-    let cfg = RouterConfig::from_value(&json!({
+    let cfg = Plan::from_value(&json!({
         "model": {"services": {
             "chat": {"instances": [
                 {"name": "llama", "base-url": "http://a:1"},

@@ -6,6 +6,7 @@
 //! our business, and the backend judges it.
 
 use super::ScanOutcome;
+use crate::bytes::u64_le;
 
 /// Deeper nesting than this is refused: nobody sends it legitimately, and it bounds the stack.
 pub const MAX_DEPTH: usize = 128;
@@ -722,10 +723,9 @@ fn plain_string_bytes(bytes: &[u8]) -> usize {
     let mut words = bytes.chunks_exact(8);
     let mut plain = 0;
     for word in words.by_ref() {
-        let Ok(word) = <[u8; 8]>::try_from(word) else {
+        let Some(v) = u64_le(word, 0) else {
             break;
         };
-        let v = u64::from_le_bytes(word);
         let special = zero_byte(v ^ ONES.wrapping_mul(u64::from(b'"')))
             | zero_byte(v ^ ONES.wrapping_mul(u64::from(b'\\')))
             | below(v, 0x20);
@@ -744,12 +744,6 @@ fn plain_string_bytes(bytes: &[u8]) -> usize {
 
 #[cfg(test)]
 mod tests {
-    #![allow(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::indexing_slicing,
-        clippy::panic
-    )]
     use super::*;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;

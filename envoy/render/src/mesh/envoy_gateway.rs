@@ -16,9 +16,9 @@ use super::{
     Flags, Names, Place, Wasm, WasmSource, RETRIABLE_STATUS, RETRY_ON, UNROUTED_BODY,
 };
 use jairouter_filter::config::{
-    HealthCheckPolicy, Instance, RouterConfig, Service, MODEL_HEADER, ROUTING_HEADER,
-    SERVICE_DESCRIPTOR_HEADER,
+    HealthCheckPolicy, MODEL_HEADER, ROUTING_HEADER, SERVICE_DESCRIPTOR_HEADER,
 };
+use jairouter_filter::plan::{Instance, Plan, Service};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
@@ -114,7 +114,7 @@ enum Target {
 }
 
 pub fn render(
-    router: &RouterConfig,
+    router: &Plan,
     filter_config: &Value,
     opts: &Options,
 ) -> Result<Vec<Document>, String> {
@@ -365,7 +365,7 @@ fn instance_rule(
     instance: &Instance,
     target: &Target,
     route_namespace: &str,
-    router: &RouterConfig,
+    router: &Plan,
 ) -> Value {
     let url = &instance.base_url;
     let backend_ref = match target {
@@ -729,7 +729,7 @@ model:
         let policy = of_kind(&docs, "EnvoyExtensionPolicy")[0];
         let wasm = &policy["spec"]["wasm"][0];
         assert_eq!(wasm["config"], filter_config);
-        RouterConfig::from_value(&wasm["config"]).unwrap();
+        Plan::from_value(&wasm["config"]).unwrap();
         assert_eq!(wasm["failOpen"], false);
         assert_eq!(
             wasm["code"],

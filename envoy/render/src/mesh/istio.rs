@@ -21,8 +21,9 @@ use super::{
 };
 use crate::bootstrap;
 use jairouter_filter::config::{
-    CircuitBreakerPolicy, RouterConfig, MODEL_HEADER, ROUTING_HEADER, SERVICE_DESCRIPTOR_HEADER,
+    CircuitBreakerPolicy, MODEL_HEADER, ROUTING_HEADER, SERVICE_DESCRIPTOR_HEADER,
 };
+use jairouter_filter::plan::Plan;
 use serde_json::{json, Value};
 
 /// The name of every object we render, and of the wasm filter (its ECDS resource and the key of
@@ -173,7 +174,7 @@ impl Options {
 }
 
 pub fn render(
-    router: &RouterConfig,
+    router: &Plan,
     filter_config: &Value,
     opts: &Options,
 ) -> Result<Vec<Document>, String> {
@@ -403,7 +404,7 @@ client-supplied one) and the route sends the request to its host and port. The f
 :path (base-url prefix included), so there is no path rewrite; the authority becomes the backend's
 host. Our headers never reach a backend. The last route answers what the filter did not route.";
 
-fn virtual_service(router: &RouterConfig, opts: &Options) -> Document {
+fn virtual_service(router: &Plan, opts: &Options) -> Document {
     let mut http: Vec<Value> = instances_with_service(router)
         .into_iter()
         .map(|(service, instance)| {
@@ -830,7 +831,7 @@ services:
         let wasm = &ecds["patch"]["value"]["typed_config"];
         let parsed = filter_config_of(wasm);
         assert_eq!(parsed, filter_config);
-        RouterConfig::from_value(&parsed).unwrap();
+        Plan::from_value(&parsed).unwrap();
         assert_eq!(wasm["config"]["allow_on_headers_stop_iteration"], true);
         assert_eq!(wasm["config"]["vm_config"]["vm_id"], "jairouter");
         assert_eq!(
@@ -876,7 +877,7 @@ services:
         assert!(of_kind(&docs, "EnvoyFilter").is_empty());
         let plugin = of_kind(&docs, "WasmPlugin")[0];
         assert_eq!(plugin["spec"]["pluginConfig"], filter_config);
-        RouterConfig::from_value(&plugin["spec"]["pluginConfig"]).unwrap();
+        Plan::from_value(&plugin["spec"]["pluginConfig"]).unwrap();
         assert_eq!(plugin["spec"]["phase"], "STATS");
         assert_eq!(plugin["spec"]["match"], json!([{"mode": "CLIENT"}]));
         assert_eq!(

@@ -12,7 +12,7 @@ mod envoy_gateway;
 mod istio;
 
 use crate::app_config;
-use jairouter_filter::config::{Instance, RouterConfig, Service};
+use jairouter_filter::plan::{Instance, Plan, Service};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
 
@@ -72,14 +72,14 @@ jairouter-render envoy-gateway FILE [--api-keys KEYS] --wasm-url URL [--wasm-sha
 --gateway [NS/]NAME [--host H ...] [--xds-listener NAME]";
 
 /// The filter's configuration (what `plugin-config` prints) and what it compiles to.
-fn load(file: &str, api_keys: Option<&str>) -> Result<(Value, RouterConfig), String> {
+fn load(file: &str, api_keys: Option<&str>) -> Result<(Value, Plan), String> {
     let filter_config = app_config::load_files(file, api_keys)?.filter_config();
-    let router = RouterConfig::from_value(&filter_config).map_err(|e| format!("{file}: {e}"))?;
+    let router = Plan::from_value(&filter_config).map_err(|e| format!("{file}: {e}"))?;
     Ok((filter_config, router))
 }
 
 /// Settings that need filters of the standalone bootstrap beside ours, which a mesh does not get.
-fn unsupported_in_mesh(router: &RouterConfig) -> Vec<&'static str> {
+fn unsupported_in_mesh(router: &Plan) -> Vec<&'static str> {
     let mut notes = Vec::new();
     if router.gateway.jwt.is_some() {
         notes.push(
@@ -279,7 +279,7 @@ impl Backend<'_> {
 }
 
 /// The configuration's backends, one per host (in host order), each with its instances.
-pub fn backends<'a>(router: &'a RouterConfig, namespace: &str) -> Result<Vec<Backend<'a>>, String> {
+pub fn backends<'a>(router: &'a Plan, namespace: &str) -> Result<Vec<Backend<'a>>, String> {
     let mut by_key: BTreeMap<String, Backend<'a>> = BTreeMap::new();
     for instance in router.instances() {
         let url = &instance.base_url;
@@ -306,7 +306,7 @@ pub fn backends<'a>(router: &'a RouterConfig, namespace: &str) -> Result<Vec<Bac
 }
 
 /// Each instance with the service it belongs to (for its retries), in configuration order.
-pub fn instances_with_service(router: &RouterConfig) -> Vec<(&Service, &Instance)> {
+pub fn instances_with_service(router: &Plan) -> Vec<(&Service, &Instance)> {
     router
         .services()
         .flat_map(|s| s.instances.iter().map(move |i| (s, i)))
@@ -453,10 +453,10 @@ pub mod tests {
     use super::*;
 
     /// The filter's configuration and its compiled form, from YAML.
-    pub fn config(yaml: &str) -> (Value, RouterConfig) {
+    pub fn config(yaml: &str) -> (Value, Plan) {
         let app = app_config::load(yaml, &HashMap::new()).unwrap();
         let value = app.filter_config();
-        let router = RouterConfig::from_value(&value).unwrap();
+        let router = Plan::from_value(&value).unwrap();
         (value, router)
     }
 

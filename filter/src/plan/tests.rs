@@ -1,11 +1,11 @@
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 use super::*;
+use crate::config::MAX_INSTANCES;
 use serde_json::json;
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
 
 fn refused(v: Value) -> String {
-    RouterConfig::from_value(&v).unwrap_err().to_string()
+    Plan::from_value(&v).unwrap_err().to_string()
 }
 
 /// The `model:` section of the seed guide's ConfigMap, as the renderer turns it into JSON.
@@ -22,7 +22,7 @@ fn seed_model() -> Value {
 
 #[test]
 fn seed_configmap_loads() {
-    let cfg = RouterConfig::from_value(&seed_model()).unwrap();
+    let cfg = Plan::from_value(&seed_model()).unwrap();
     let chat = cfg.service(ServiceType::Chat).unwrap();
     let i = &chat.instances[0];
     assert_eq!(i.id, "chat-0");
@@ -43,7 +43,7 @@ fn seed_configmap_loads() {
 
 #[test]
 fn wrapped_in_model_key_also_loads() {
-    let cfg = RouterConfig::from_value(&json!({"model": seed_model()})).unwrap();
+    let cfg = Plan::from_value(&json!({"model": seed_model()})).unwrap();
     assert!(cfg.service(ServiceType::Chat).is_some());
 }
 
@@ -74,7 +74,7 @@ fn original_services_yml_loads() {
                         "headers": {"Authorization": "Bearer x"}, "status": "ACTIVE"}]}
         }
     });
-    let cfg = RouterConfig::from_value(&v).unwrap();
+    let cfg = Plan::from_value(&v).unwrap();
     let chat = cfg.service(ServiceType::Chat).unwrap();
     assert_eq!(chat.load_balance.strategy, Strategy::LeastConnections);
     assert_eq!(
@@ -142,7 +142,7 @@ fn refusals_name_the_key() {
 
     assert!(refused(json!({"services": []})).starts_with("model.services: must be a mapping"));
     assert!(refused(json!([1])).starts_with("model: must be a mapping"));
-    assert!(RouterConfig::from_json(b"{not json")
+    assert!(Plan::from_json(b"{not json")
         .unwrap_err()
         .to_string()
         .starts_with("configuration: is not valid JSON"));
@@ -165,7 +165,7 @@ fn inactive_and_zero_weight_instances_are_not_routable() {
         {"name": "m", "base-url": "http://c:1", "weight": 3},
         {"name": "n", "base-url": "http://c:1", "status": "INACTIVE"}
     ]}}});
-    let cfg = RouterConfig::from_value(&v).unwrap();
+    let cfg = Plan::from_value(&v).unwrap();
     let chat = cfg.service(ServiceType::Chat).unwrap();
     assert_eq!(chat.models["m"].routable, vec![2]);
     assert!(chat.models["n"].routable.is_empty());
@@ -202,7 +202,7 @@ fn base_urls() {
 fn gateway_options() {
     let mut v = seed_model();
     v["gateway"] = json!({"max-body-bytes": 2048, "instance-header": false});
-    let cfg = RouterConfig::from_value(&v).unwrap();
+    let cfg = Plan::from_value(&v).unwrap();
     assert_eq!(cfg.gateway.max_body_bytes, 2048);
     assert!(!cfg.gateway.instance_header);
     let mut v = seed_model();
@@ -212,7 +212,7 @@ fn gateway_options() {
 
 #[test]
 fn models_list_is_openai_shaped() {
-    let cfg = RouterConfig::from_value(&seed_model()).unwrap();
+    let cfg = Plan::from_value(&seed_model()).unwrap();
     let list: Value = serde_json::from_str(&cfg.models_json).unwrap();
     assert_eq!(list["object"], "list");
     assert_eq!(list["data"][0]["id"], "llama3.2:3b");
@@ -261,7 +261,7 @@ fn limits_are_checked_key_by_key() {
 
 #[test]
 fn breaker_blocks_inherit_from_the_enclosing_block() {
-    let cfg = RouterConfig::from_value(&json!({
+    let cfg = Plan::from_value(&json!({
         "circuit-breaker": {"failureThreshold": 10, "timeout": 5000},
         "services": {
             "chat": {
@@ -296,7 +296,7 @@ fn breaker_blocks_inherit_from_the_enclosing_block() {
         (10, 2)
     );
 
-    let none = RouterConfig::from_value(&json!({"services": {"chat": {"instances": [
+    let none = Plan::from_value(&json!({"services": {"chat": {"instances": [
         {"name": "a", "base-url": "http://a:1"}]}}}))
     .unwrap();
     let default = none.service(ServiceType::Chat).unwrap().instances[0]
@@ -310,14 +310,14 @@ fn breaker_blocks_inherit_from_the_enclosing_block() {
         ),
         (5, 60_000_000_000, 2)
     );
-    let off = RouterConfig::from_value(&json!({"circuit-breaker": {"enabled": false},
+    let off = Plan::from_value(&json!({"circuit-breaker": {"enabled": false},
         "services": {"chat": {"instances": [{"name": "a", "base-url": "http://a:1"}]}}}))
     .unwrap();
     assert_eq!(
         off.service(ServiceType::Chat).unwrap().instances[0].breaker,
         None
     );
-    let bad = RouterConfig::from_value(&json!({"services": {"chat": {"instances": [
+    let bad = Plan::from_value(&json!({"services": {"chat": {"instances": [
         {"name": "a", "base-url": "http://a:1", "circuit-breaker": {"timeout": 0}}]}}}))
     .unwrap_err();
     assert!(
@@ -338,7 +338,7 @@ fn instance_state_keys_follow_id_and_address() {
         ]}}})
     };
     let keys = |v: Value| -> Vec<String> {
-        let cfg = RouterConfig::from_value(&v).unwrap();
+        let cfg = Plan::from_value(&v).unwrap();
         cfg.instances().map(|i| i.state_key.clone()).collect()
     };
     let before = keys(two("http://a:1", "http://b:1"));
@@ -364,7 +364,7 @@ fn stale_keys_are_what_a_reload_dropped() {
         if second {
             instances.push(json!({"name": "m", "base-url": "http://b:1"}));
         }
-        RouterConfig::from_value(&json!({
+        Plan::from_value(&json!({
             "rate-limit": {"enabled": true, "capacity": capacity, "rate": 1, "scope": "client-ip",
                            "max-clients": 4},
             "services": {"chat": {"instances": instances}}

@@ -1,0 +1,316 @@
+//! The plan: the configuration compiled once into the immutable structure every request shares
+//! (by `Rc`), so the request path only looks things up. Each mechanism compiles its own part:
+//! `balance::Pool` the rotation, ring and weights of a model, `limit::Limits` the rate limits
+//! and their buckets, `breaker::BreakerPolicy` an instance's breaker, `auth::ApiKeys` the key
+//! table; `shared_keys` names the state they keep.
+
+use crate::auth::ApiKeys;
+use crate::balance::{Member, Pool};
+use crate::breaker::BreakerPolicy;
+use crate::config::reader::error;
+use crate::config::{
+    BaseUrl, CircuitBreakerPolicy, Config, ConfigError, FallbackPolicy, GatewayOptions,
+    HealthCheckPolicy, InstanceConfig, LoadBalance, RateLimitPolicy, Scope, ServiceConfig,
+    Strategy, TokenLimitPolicy, MAX_CLIENT_TABLE_BYTES,
+};
+use crate::endpoint::{Endpoint, ServiceType};
+use crate::limit::Limits;
+use crate::shared_keys::InstanceKeys;
+use serde_json::Value;
+use std::collections::{HashMap, HashSet};
+
+#[derive(Debug)]
+pub struct Plan {
+    /// Indexed by `ServiceType::index()`; `None` when the service is not configured.
+    services: [Option<Service>; 7],
+    pub load_balance: LoadBalance,
+    pub rate_limit: Option<RateLimitPolicy>,
+    pub token_limit: Option<TokenLimitPolicy>,
+    pub circuit_breaker: Option<CircuitBreakerPolicy>,
+    pub fallback: Option<FallbackPolicy>,
+    pub gateway: GatewayOptions,
+    /// The `GET /v1/models` answer, built once.
+    pub models_json: String,
+    /// Every enabled rate limit, compiled.
+    pub limits: Limits,
+    /// Whether anything keys on the client address (hash strategies, per-client limits): the
+    /// binding asks Envoy for it only then.
+    pub uses_client_address: bool,
+    /// `retries`: further attempts on another instance of the model (Envoy's retry policy on
+    /// the route; services that differ say so per request).
+    pub retries: u64,
+    /// `request-timeout` in ms (0: none): the whole exchange, streamed answers included.
+    pub request_timeout_ms: u64,
+    /// `jairouter.security.api-key`: who may call, and their quotas (off when absent).
+    pub api_keys: ApiKeys,
+}
+
+#[derive(Debug)]
+pub struct Service {
+    pub kind: ServiceType,
+    pub load_balance: LoadBalance,
+    pub rate_limit: Option<RateLimitPolicy>,
+    pub token_limit: Option<TokenLimitPolicy>,
+    pub circuit_breaker: Option<CircuitBreakerPolicy>,
+    pub fallback: Option<FallbackPolicy>,
+    pub instances: Vec<Instance>,
+    pub models: HashMap<String, Pool>,
+    /// Retries for this service's requests (its own `retries`, else the global; 0 for uploads
+    /// unless `retry-uploads`).
+    pub retries: u64,
+    /// Models that stand in for a model none of whose instances can take a request, in order
+    /// (the service's `fallback.models`, else the global one, for models of this service).
+    pub fallbacks: HashMap<String, Vec<String>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Instance {
+    /// `instance-id`, or `<service>-<index>` when none is given; named in `x-jairouter-instance`.
+    pub id: String,
+    /// The Envoy cluster that reaches this instance.
+    pub cluster: String,
+    pub name: String,
+    pub base_url: BaseUrl,
+    pub weight: u64,
+    pub active: bool,
+    /// Upstream path per endpoint of the service (base-url prefix included).
+    pub paths: Vec<(Endpoint, String)>,
+    /// Headers sent upstream on every request to this instance (e.g. the backend's credentials).
+    pub headers: Vec<(String, String)>,
+    pub rate_limit: Option<RateLimitPolicy>,
+    /// The `circuit-breaker` block in force here (instance, else service, else global).
+    pub circuit_breaker: Option<CircuitBreakerPolicy>,
+    /// This instance's breaker, when one is enabled for it.
+    pub breaker: Option<BreakerPolicy>,
+    /// Checked by the process's health checker, when enabled for it.
+    pub health_check: Option<HealthCheckPolicy>,
+    /// Shared-data key of its state: breaker and health (`breaker::Breaker`).
+    pub state_key: String,
+    /// Shared-data key of the requests in flight to this instance (least-connections, least-latency).
+    pub in_flight_key: String,
+    /// Shared-data key of this instance's latency estimate (least-latency).
+    pub latency_key: String,
+}
+
+impl Instance {
+    fn compile(kind: ServiceType, instance: InstanceConfig) -> Instance {
+        let keys = InstanceKeys::new(kind, &instance.id, &instance.base_url);
+        Instance {
+            breaker: instance
+                .circuit_breaker
+                .as_ref()
+                .and_then(BreakerPolicy::compile),
+            state_key: keys.state,
+            in_flight_key: keys.in_flight,
+            latency_key: keys.latency,
+            id: instance.id,
+            cluster: instance.cluster,
+            name: instance.name,
+            base_url: instance.base_url,
+            weight: instance.weight,
+            active: instance.active,
+            paths: instance.paths,
+            headers: instance.headers,
+            rate_limit: instance.rate_limit,
+            circuit_breaker: instance.circuit_breaker,
+            health_check: instance.health_check,
+        }
+    }
+
+    pub fn upstream_path(&self, endpoint: Endpoint) -> Option<&str> {
+        self.paths
+            .iter()
+            .find(|(e, _)| *e == endpoint)
+            .map(|(_, p)| p.as_str())
+    }
+
+    fn member(&self, index: usize) -> Member<'_> {
+        Member {
+            index,
+            id: &self.id,
+            weight: self.weight,
+            active: self.active,
+            in_flight_key: &self.in_flight_key,
+            latency_key: &self.latency_key,
+        }
+    }
+}
+
+impl Service {
+    fn compile(service: ServiceConfig) -> Service {
+        let kind = service.kind;
+        let instances: Vec<Instance> = service
+            .instances
+            .into_iter()
+            .map(|i| Instance::compile(kind, i))
+            .collect();
+        // One pass groups the instances by model (a model's members keep their order): linear
+        // in the instances however many models they serve.
+        let mut members: HashMap<&str, Vec<Member<'_>>> =
+            HashMap::with_capacity(service.models.len());
+        for (index, instance) in instances.iter().enumerate() {
+            members
+                .entry(instance.name.as_str())
+                .or_default()
+                .push(instance.member(index));
+        }
+        let models = members
+            .iter()
+            .map(|(model, members)| {
+                let pool = Pool::compile(kind, model, &service.load_balance, members);
+                (model.to_string(), pool)
+            })
+            .collect();
+        Service {
+            kind,
+            load_balance: service.load_balance,
+            rate_limit: service.rate_limit,
+            token_limit: service.token_limit,
+            circuit_breaker: service.circuit_breaker,
+            fallback: service.fallback,
+            instances,
+            models,
+            retries: service.retries,
+            fallbacks: service.fallbacks,
+        }
+    }
+}
+
+impl Plan {
+    /// Reads the filter's plugin configuration (see `Config::from_json`) and compiles it: the one
+    /// entry of the binding and the renderer. Errors name the key path.
+    pub fn from_json(bytes: &[u8]) -> Result<Plan, ConfigError> {
+        Plan::compile(Config::from_json(bytes)?)
+    }
+
+    pub fn from_value(value: &Value) -> Result<Plan, ConfigError> {
+        Plan::compile(Config::from_value(value)?)
+    }
+
+    pub fn compile(config: Config) -> Result<Plan, ConfigError> {
+        let configured: Vec<&ServiceConfig> = config.services().collect();
+        let limits = Limits::compile(
+            config.rate_limit.as_ref(),
+            config.token_limit.as_ref(),
+            &configured,
+            &config.api_keys.keys,
+        );
+        let mut table_bytes = 0u64;
+        for limit in limits.list.iter().filter(|l| l.scope == Scope::Client) {
+            let slot = 8 + limit.params.initial_state().len() as u64;
+            table_bytes = table_bytes.saturating_add(limit.max_clients.saturating_mul(slot));
+            if table_bytes > MAX_CLIENT_TABLE_BYTES {
+                return Err(error(
+                    &format!(
+                        "{}.max-clients",
+                        limit.name.trim_end_matches(" (per client)")
+                    ),
+                    format!(
+                        "per-client rate-limit tables would take {table_bytes} bytes of shared data \
+                         (at most {MAX_CLIENT_TABLE_BYTES}); lower max-clients or the window"
+                    ),
+                ));
+            }
+        }
+        let api_keys = ApiKeys::compile(&config.api_keys);
+        let uses_client_address = api_keys.uses_client_address()
+            || limits.list.iter().any(|l| l.scope == Scope::Client)
+            || configured.iter().any(|s| {
+                matches!(
+                    s.load_balance.strategy,
+                    Strategy::IpHash | Strategy::ConsistentHash
+                )
+            });
+        let services = config.services.map(|s| s.map(Service::compile));
+        let models_json = models_list_json_where(services.iter().flatten(), |_, _| true);
+        Ok(Plan {
+            services,
+            load_balance: config.load_balance,
+            rate_limit: config.rate_limit,
+            token_limit: config.token_limit,
+            circuit_breaker: config.circuit_breaker,
+            fallback: config.fallback,
+            gateway: config.gateway,
+            models_json,
+            limits,
+            uses_client_address,
+            retries: config.retries,
+            request_timeout_ms: config.request_timeout_ms,
+            api_keys,
+        })
+    }
+
+    pub fn service(&self, kind: ServiceType) -> Option<&Service> {
+        self.services.get(kind.index()).and_then(Option::as_ref)
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &Service> {
+        self.services.iter().flatten()
+    }
+
+    /// Every instance of every service, for the renderer's clusters.
+    pub fn instances(&self) -> impl Iterator<Item = &Instance> {
+        self.services().flat_map(|s| s.instances.iter())
+    }
+
+    /// Every shared-data key this plan uses (buckets, counters, instance state).
+    pub fn shared_keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .limits
+            .initial_keys()
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect();
+        for service in self.services() {
+            keys.extend(service.models.values().map(|p| p.counter_key.clone()));
+            for i in &service.instances {
+                keys.extend([&i.state_key, &i.in_flight_key, &i.latency_key].map(String::clone));
+            }
+        }
+        keys
+    }
+
+    /// The keys `previous` used that this plan does not: shared data has no delete, so a reload
+    /// empties them (a per-client table may hold megabytes) instead of keeping them for good.
+    pub fn stale_keys(&self, previous: &Plan) -> Vec<String> {
+        let current: HashSet<String> = self.shared_keys().into_iter().collect();
+        previous
+            .shared_keys()
+            .into_iter()
+            .filter(|k| !current.contains(k))
+            .collect()
+    }
+}
+
+/// The OpenAI model list of the models `shown(service, model)` lets through, each once.
+pub fn models_list_json_where<'a>(
+    services: impl Iterator<Item = &'a Service>,
+    shown: impl Fn(ServiceType, &str) -> bool,
+) -> String {
+    let mut seen: HashSet<&str> = HashSet::new();
+    let mut data = Vec::new();
+    for service in services {
+        for instance in &service.instances {
+            if seen.contains(instance.name.as_str()) || !shown(service.kind, &instance.name) {
+                continue;
+            }
+            seen.insert(&instance.name);
+            data.push(model_object(&instance.name, service.kind));
+        }
+    }
+    serde_json::json!({"object": "list", "data": data}).to_string()
+}
+
+/// One entry of the OpenAI model list (`owned_by` names the gateway, as the original does).
+pub fn model_object(name: &str, kind: ServiceType) -> Value {
+    serde_json::json!({
+        "id": name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "jairouter",
+        "service_type": kind.key(),
+    })
+}
+
+#[cfg(test)]
+mod tests;

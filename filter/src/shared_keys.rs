@@ -1,0 +1,107 @@
+//! Every name the filter gives a value in Envoy's shared data. A live reload keeps the state of
+//! whatever keeps its key, so these names are the compatibility contract between versions:
+//! changing one resets that state (counters, buckets, breakers) on upgrade.
+
+use crate::bytes::hash64;
+use crate::config::BaseUrl;
+use crate::endpoint::ServiceType;
+
+/// The routing filter's plugin configuration, verbatim: the health checker and the status page
+/// read it, so they follow every reload without a configuration of their own.
+pub const CONFIG_KEY: &str = "jairouter/config";
+/// Its version (`status::config_version`), written after it: what the health checker polls each
+/// tick, so it copies the configuration out of shared data only when it changed.
+pub const CONFIG_VERSION_KEY: &str = "jairouter/config-version";
+
+/// The round-robin ticket counter of one model's pool.
+pub fn round_robin_counter(kind: ServiceType, model: &str) -> String {
+    format!("jairouter/rr/{}/{model}", kind.key())
+}
+
+/// The state one instance keeps in shared data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceKeys {
+    /// Breaker and health (`breaker::Breaker`).
+    pub state: String,
+    /// Requests in flight to it (least-connections, least-latency).
+    pub in_flight: String,
+    /// Its latency estimate (least-latency).
+    pub latency: String,
+}
+
+impl InstanceKeys {
+    /// Shared state (breaker, health, load) follows the instance across reloads while its id and
+    /// address stay the same, and starts afresh when either changes: an id given by position
+    /// (`chat-1`) may name another backend after an edit.
+    pub fn new(kind: ServiceType, id: &str, base_url: &BaseUrl) -> InstanceKeys {
+        let address = format!(
+            "{}|{}|{}|{}|{}",
+            kind.key(),
+            base_url.tls,
+            base_url.host,
+            base_url.port,
+            base_url.prefix
+        );
+        let state = format!("{id}/{:08x}", hash64(address.as_bytes()) & 0xffff_ffff);
+        InstanceKeys {
+            in_flight: format!("jairouter/inflight/{state}"),
+            latency: format!("jairouter/latency/{state}"),
+            state: format!("jairouter/instance/{state}"),
+        }
+    }
+}
+
+/// The keys of one rate limit's buckets, under a prefix that changes with the limit's numbers
+/// (its `fingerprint`), so a reload never reads a bucket of other numbers as its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitKeys {
+    prefix: String,
+}
+
+impl LimitKeys {
+    pub fn new(fingerprint: u64) -> LimitKeys {
+        LimitKeys {
+            prefix: format!("jairouter/rl/{fingerprint:016x}"),
+        }
+    }
+
+    /// A bucket shared by what `label` names (`all`, a service, a model, an instance).
+    pub fn bucket(&self, label: &str) -> String {
+        format!("{}/{label}", self.prefix)
+    }
+
+    /// One slot of the per-client table.
+    pub fn client_slot(&self, slot: u64) -> String {
+        format!("{}/c/{slot}", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    /// The names as released: a change here loses state on every live reload of an upgrade.
+    #[test]
+    fn names_do_not_change() {
+        assert_eq!(CONFIG_KEY, "jairouter/config");
+        assert_eq!(CONFIG_VERSION_KEY, "jairouter/config-version");
+        assert_eq!(
+            round_robin_counter(ServiceType::Chat, "llama3"),
+            "jairouter/rr/chat/llama3"
+        );
+        let url = BaseUrl::parse("u", "http://ollama:11434").unwrap();
+        let keys = InstanceKeys::new(ServiceType::Chat, "chat-0", &url);
+        let state = keys
+            .state
+            .strip_prefix("jairouter/instance/chat-0/")
+            .unwrap();
+        assert_eq!(state.len(), 8);
+        assert_eq!(keys.in_flight, format!("jairouter/inflight/chat-0/{state}"));
+        assert_eq!(keys.latency, format!("jairouter/latency/chat-0/{state}"));
+        let limit = LimitKeys::new(0xab);
+        assert_eq!(limit.bucket("all"), "jairouter/rl/00000000000000ab/all");
+        assert_eq!(limit.client_slot(3), "jairouter/rl/00000000000000ab/c/3");
+    }
+}
