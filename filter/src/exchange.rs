@@ -16,9 +16,10 @@ use crate::auth::claim_values;
 use crate::balance::load::{begin_request, end_request, record_latency};
 use crate::balance::Rng;
 use crate::breaker::{self, Admission, BreakerPolicy, Outcome};
-use crate::config::{
-    Strategy, INSTANCE_HEADER, JWT_PAYLOAD_KEY, MODEL_HEADER, ROUTING_HEADER,
-    SERVICE_DESCRIPTOR_HEADER,
+use crate::config::Strategy;
+use crate::contract::{
+    INSTANCE_HEADER, JWT_PAYLOAD_KEY, LOG_SUMMARY_PROPERTY, MODEL_HEADER, ORIGINAL_DST_HEADER,
+    ROUTING_HEADER, SERVICE_DESCRIPTOR_HEADER,
 };
 use crate::encoding::client_ip;
 use crate::headers::HeaderPairs;
@@ -42,10 +43,7 @@ pub const BODY_WINDOW: usize = 16 * 1024;
 const FAILURE_LATENCY_NS: u64 = 1_000_000_000;
 
 /// Routing headers a client must never choose: ours, and the one ORIGINAL_DST clusters honour.
-pub const CLIENT_ROUTING_HEADERS: [&str; 2] = [ROUTING_HEADER, "x-envoy-original-dst-host"];
-
-/// The filter state the access log prints as `jairouter` (Envoy's `wasm.jairouter`).
-pub const LOG_SUMMARY_PROPERTY: &str = "jairouter";
+pub const CLIENT_ROUTING_HEADERS: [&str; 2] = [ROUTING_HEADER, ORIGINAL_DST_HEADER];
 
 /// What the binding does after a callback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,6 +12,7 @@ pub mod balance;
 pub mod breaker;
 pub mod bytes;
 pub mod config;
+pub mod contract;
 pub mod encoding;
 pub mod endpoint;
 pub mod exchange;

@@ -5,6 +5,7 @@
 //! SDK's trait helpers unwrap them, and a non-UTF-8 header from a client would panic the VM.
 
 use crate::balance::Rng;
+use crate::contract::{HEALTH_ROOT_ID, STATUS_ROOT_ID};
 use crate::exchange::{Exchange, Flow};
 use crate::headers::HeaderPairs;
 use crate::health::HealthRun;
@@ -21,13 +22,6 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
-
-/// The root id of the process's health checker (a singleton WasmService the renderer adds
-/// beside the HTTP filter, with the same VM id so they share data).
-const HEALTH_ROOT_ID: &str = "jairouter-health";
-
-/// The root id of the status page's filter (on the admin-side listener, same VM id).
-const STATUS_ROOT_ID: &str = "jairouter-status";
 
 /// How often each VM hands its metrics to Envoy and reports its linear memory.
 const REPORT_PERIOD: Duration = Duration::from_secs(1);

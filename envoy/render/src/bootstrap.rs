@@ -3,9 +3,10 @@
 //! the router, a route that sends each request to the cluster the filter named, and one cluster
 //! per configured instance.
 
-use jairouter_filter::config::{
-    BaseUrl, GlobalRateLimit, Jwks, JwtOptions, JWT_PAYLOAD_KEY, MODEL_HEADER, ROUTING_HEADER,
-    SERVICE_DESCRIPTOR_HEADER,
+use jairouter_filter::config::{BaseUrl, GlobalRateLimit, Jwks, JwtOptions};
+use jairouter_filter::contract::{
+    HEALTH_ROOT_ID, JWT_PAYLOAD_KEY, LOG_SUMMARY_FILTER_STATE, MODEL_HEADER, ROUTER_ROOT_ID,
+    ROUTING_HEADER, SERVICE_DESCRIPTOR_HEADER, STATUS_ROOT_ID, VM_ID,
 };
 use jairouter_filter::metrics::TAGS;
 use jairouter_filter::plan::{Instance, Plan, Service};
@@ -222,10 +223,10 @@ fn admin_cluster(address: &str, port: u16) -> Value {
 /// is ours under the status root id, answering `GET /status` from shared data.
 fn status_listener(address: &str, port: u16, wasm_path: &str) -> Value {
     let mut config = plugin_config(&json!({}), wasm_path);
-    config["name"] = json!("jairouter-status");
-    config["root_id"] = json!("jairouter-status");
+    config["name"] = json!(STATUS_ROOT_ID);
+    config["root_id"] = json!(STATUS_ROOT_ID);
     json!({
-        "name": "jairouter-status",
+        "name": STATUS_ROOT_ID,
         "address": socket(address, port),
         "filter_chains": [{"filters": [{
             "name": "envoy.filters.network.http_connection_manager",
@@ -282,7 +283,7 @@ fn access_log(path: &str) -> Value {
                 "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
                 "request_id": "%REQ(X-REQUEST-ID)%",
                 "client": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
-                "jairouter": "%FILTER_STATE(wasm.jairouter:PLAIN)%"
+                "jairouter": format!("%FILTER_STATE({LOG_SUMMARY_FILTER_STATE}:PLAIN)%")
             }}
         }
     })
@@ -304,8 +305,8 @@ fn stats_tags() -> Value {
 fn health_checker(wasm_path: &str) -> Value {
     // It checks what the routing filter publishes in shared data, so it follows reloads.
     let mut config = plugin_config(&json!({}), wasm_path);
-    config["name"] = json!("jairouter-health");
-    config["root_id"] = json!("jairouter-health");
+    config["name"] = json!(HEALTH_ROOT_ID);
+    config["root_id"] = json!(HEALTH_ROOT_ID);
     if let Some(plugin) = config.as_object_mut() {
         plugin.remove("allow_on_headers_stop_iteration");
         plugin.remove("failure_policy");
@@ -506,10 +507,10 @@ fn rate_limit_cluster(service: &BaseUrl) -> Value {
 /// one per process.
 pub fn plugin_config(model_json: &Value, wasm_path: &str) -> Value {
     json!({
-        "name": "jairouter",
-        "root_id": "jairouter",
+        "name": ROUTER_ROOT_ID,
+        "root_id": ROUTER_ROOT_ID,
         "vm_config": {
-            "vm_id": "jairouter",
+            "vm_id": VM_ID,
             "runtime": "envoy.wasm.runtime.v8",
             "code": {"local": {"filename": wasm_path}}
         },

@@ -26,18 +26,6 @@ pub const MAX_WEIGHT: u64 = 1_000_000;
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
 pub const MAX_MODEL_NAME_BYTES: usize = 1024;
 
-/// The header that names the Envoy cluster chosen by the filter; the bootstrap's route reads it
-/// (`cluster_header`). A client-supplied value is always removed.
-pub const ROUTING_HEADER: &str = "x-jairouter-cluster";
-/// A client may name the model in this header instead of the body (required for nothing; it saves
-/// the body scan, e.g. for large uploads).
-pub const MODEL_HEADER: &str = "x-jairouter-model";
-/// Where Envoy's jwt_authn puts a verified token's payload in the request's metadata
-/// (`payload_in_metadata`), for the filter to read its claims.
-pub const JWT_PAYLOAD_KEY: &str = "jwt_payload";
-/// Response header naming the instance that served.
-pub const INSTANCE_HEADER: &str = "x-jairouter-instance";
-
 /// The whole configuration, as read.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -112,9 +100,6 @@ pub struct GlobalRateLimit {
     pub failure_mode_deny: bool,
     pub timeout_ms: u64,
 }
-
-/// Descriptor headers for Envoy's rate-limit filter (removed before the request goes upstream).
-pub const SERVICE_DESCRIPTOR_HEADER: &str = "x-jairouter-service";
 
 /// One service (`model.services.<type>`), with what it inherits from the global blocks resolved.
 #[derive(Debug, Clone)]

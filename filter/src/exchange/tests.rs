@@ -167,7 +167,7 @@ fn a_body_routed_round_robin_chat_request_takes_twelve_host_calls() {
     assert_eq!(total, 12);
     assert_eq!(
         run.host
-            .request_header(crate::config::ROUTING_HEADER)
+            .request_header(crate::contract::ROUTING_HEADER)
             .as_deref(),
         Some("jairouter-chat-0")
     );

@@ -15,9 +15,8 @@ use super::{
     backends, gateway_api_duration, instances_with_service, metadata, place, Backend, Document,
     Flags, Names, Place, Wasm, WasmSource, RETRIABLE_STATUS, RETRY_ON, UNROUTED_BODY,
 };
-use jairouter_filter::config::{
-    HealthCheckPolicy, MODEL_HEADER, ROUTING_HEADER, SERVICE_DESCRIPTOR_HEADER,
-};
+use jairouter_filter::config::HealthCheckPolicy;
+use jairouter_filter::contract::{MODEL_HEADER, ROUTING_HEADER, SERVICE_DESCRIPTOR_HEADER};
 use jairouter_filter::plan::{Instance, Plan, Service};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;

@@ -20,9 +20,8 @@ use super::{
     Names, Place, Wasm, WasmSource, RETRIABLE_STATUS, RETRY_ON, UNROUTED_BODY,
 };
 use crate::bootstrap;
-use jairouter_filter::config::{
-    CircuitBreakerPolicy, MODEL_HEADER, ROUTING_HEADER, SERVICE_DESCRIPTOR_HEADER,
-};
+use jairouter_filter::config::CircuitBreakerPolicy;
+use jairouter_filter::contract::{MODEL_HEADER, ROUTING_HEADER, SERVICE_DESCRIPTOR_HEADER};
 use jairouter_filter::plan::Plan;
 use serde_json::{json, Value};
 

@@ -1,0 +1,48 @@
+//! Names the filter, Envoy's bootstrap (rendered by `jairouter-render`), the mesh manifests and
+//! the test harness must agree on. Each is defined here once; the renderer imports them, so a
+//! rename cannot leave a bootstrap pointing at a header or a root id the filter no longer uses.
+
+/// The header that names the Envoy cluster chosen by the filter; the bootstrap's route reads it
+/// (`cluster_header`). A client-supplied value is always removed.
+pub const ROUTING_HEADER: &str = "x-jairouter-cluster";
+/// The header ORIGINAL_DST clusters honour: removed from every client request too.
+pub const ORIGINAL_DST_HEADER: &str = "x-envoy-original-dst-host";
+/// A client may name the model in this header instead of the body (required for nothing; it saves
+/// the body scan, e.g. for large uploads).
+pub const MODEL_HEADER: &str = "x-jairouter-model";
+/// Response header naming the instance that served.
+pub const INSTANCE_HEADER: &str = "x-jairouter-instance";
+/// Descriptor headers for Envoy's rate-limit filter (removed before the request goes upstream).
+pub const SERVICE_DESCRIPTOR_HEADER: &str = "x-jairouter-service";
+/// Where Envoy's jwt_authn puts a verified token's payload in the request's metadata
+/// (`payload_in_metadata`), for the filter to read its claims.
+pub const JWT_PAYLOAD_KEY: &str = "jwt_payload";
+
+/// The VM id every JAiRouter plugin of a process shares (so they share data).
+pub const VM_ID: &str = "jairouter";
+/// The routing filter's root id.
+pub const ROUTER_ROOT_ID: &str = "jairouter";
+/// The process's health checker (a singleton WasmService beside the HTTP filter).
+pub const HEALTH_ROOT_ID: &str = "jairouter-health";
+/// The status page's filter (on the admin-side listener).
+pub const STATUS_ROOT_ID: &str = "jairouter-status";
+
+/// The filter state the filter writes its access-log summary to; Envoy's access log reads it
+/// as `%FILTER_STATE(wasm.jairouter:PLAIN)%` (proxy-wasm prefixes `wasm.`).
+pub const LOG_SUMMARY_PROPERTY: &str = "jairouter";
+pub const LOG_SUMMARY_FILTER_STATE: &str = "wasm.jairouter";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    #[test]
+    fn the_access_log_reads_what_the_filter_writes() {
+        assert_eq!(
+            LOG_SUMMARY_FILTER_STATE,
+            format!("wasm.{LOG_SUMMARY_PROPERTY}")
+        );
+    }
+}
