@@ -234,6 +234,12 @@ fn a_header_routed_request_does_not_wait_for_its_body() {
     // Envoy still calls the body callback: it costs nothing.
     run.exchange.on_request_body(&run.host, CHAT.len(), true);
     assert_eq!(run.host.total_calls(), 0);
+    let answer = ok_json();
+    run.respond(200, &[("content-type", "application/json")], &[&answer]);
+    run.log();
+    // Then the response head's read and the instance header, the usage read and the log
+    // summary, the log's clock: 11 in all.
+    assert_eq!(run.host.total_calls(), 5);
 }
 
 #[test]
@@ -296,6 +302,8 @@ fn a_stream_reads_each_chunk_once_and_the_clock_twice() {
         "one read per chunk"
     );
     assert_eq!(calls.get(&Call::Clock), Some(&2), "first and last byte");
+    // The head's read, the instance header, 9 reads, 2 clocks, the log summary.
+    assert_eq!(calls.values().sum::<usize>(), 14);
     run.log();
     assert_eq!(run.host.total_calls(), 0, "the log reuses the stream's end");
     let counters = run.counters();
