@@ -569,3 +569,35 @@ fn least_connections_gives_its_count_back_exactly_once() {
         "given back once, by on_log; the drop adds nothing"
     );
 }
+
+#[test]
+fn the_benchmarks_demo_shape_is_counted_too() {
+    // `./build.sh bench`'s `jairouter`: a request limit, a token budget, and an API key with
+    // request and token quotas, on top of the round-robin chat request.
+    let hash = crate::auth::hash_key(b"0123456789abcdef", "sk-bench-123456");
+    let never = json!({"enabled": true, "capacity": 1_000_000_000u64, "rate": 1_000_000_000u64,
+                       "scope": "model"});
+    let document = json!({
+        "model": {
+            "rate-limit": never,
+            "token-limit": {"tokens-per-minute": 1_000_000_000_000u64, "scope": "model"},
+            "services": {"chat": {"instances": [
+                {"name": "llama", "base-url": "http://a:1", "path": "/v1/chat/completions"},
+                {"name": "llama", "base-url": "http://b:1", "path": "/v1/chat/completions"}
+            ]}}
+        },
+        "jairouter": {"security": {"api-key": {"keys": [{
+            "key-id": "bench", "key-hash": hash, "permissions": ["admin"],
+            "rate-limit-per-minute": 1_000_000_000_000u64,
+            "tokens-per-minute": 1_000_000_000_000u64
+        }]}}}
+    });
+    let plan = Plan::from_value(&document).unwrap_or_else(|e| panic!("{e}"));
+    let mut run = Run::new(Rc::new(plan));
+    let (phases, total) = whole_request(&mut run, &[("authorization", "Bearer sk-bench-123456")]);
+    // Headers: read, clock, credential removed. Body: read, clock, rotation (2), state, four
+    // limits drawn (read and write each), routing header. Response: head, headers in one call,
+    // usage, clock, two budgets settled (read and write each), log summary.
+    assert_eq!(phases, [3, 14, 9, 0]);
+    assert_eq!(total, 26);
+}
