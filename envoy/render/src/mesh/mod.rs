@@ -13,7 +13,7 @@ mod istio;
 
 use crate::app_config;
 use crate::flags::Args;
-use jairouter_filter::config::{Instance, RouterConfig, Service};
+use jairouter_filter::config::{EdgeLimits, Instance, RouterConfig, Service};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
 
@@ -84,6 +84,13 @@ fn unsupported_in_mesh(router: &RouterConfig) -> Vec<&'static str> {
         notes.push(
             "gateway.global-rate-limit is a bootstrap filter: in a mesh use the mesh's global \
              rate limiting (limits in the filter stay per proxy pod)",
+        );
+    }
+    if router.gateway.edge != EdgeLimits::DEFAULT {
+        notes.push(
+            "gateway.max-connections and the gateway's timeouts and header limits are \
+             settings of the standalone bootstrap's listener, which the mesh owns: set them on \
+             the mesh's gateway or proxy configuration",
         );
     }
     notes
@@ -532,6 +539,25 @@ services:
         assert_eq!(gateway_api_duration(2_500), "2s500ms");
         assert_eq!(gateway_api_duration(86_400_000), "24h");
         assert_eq!(gateway_api_duration(5_430_250), "1h30m30s250ms");
+    }
+
+    #[test]
+    fn edge_limits_are_noted_as_the_mesh_s_business() {
+        let yaml = |gateway: &str| {
+            format!(
+                "model:\n  gateway: {gateway}\n  services:\n    chat:\n      instances:\n        - {{name: m, base-url: \"http://h:1\"}}\n"
+            )
+        };
+        let (_, plain) = config(&yaml("{instance-header: true}"));
+        assert!(unsupported_in_mesh(&plain).is_empty());
+        let (_, limited) = config(&yaml("{max-connections: 10}"));
+        let notes = unsupported_in_mesh(&limited);
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.starts_with("gateway.max-connections")),
+            "{notes:?}"
+        );
     }
 
     #[test]
