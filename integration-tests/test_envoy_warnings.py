@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from harness import ENVOY, ROOT, WASM, render
+from harness import ENVOY, ROOT, WASM, instance, render
 
 DEMO = ROOT / "envoy" / "demo" / "application.yml"
 
@@ -122,3 +122,29 @@ def test_a_real_start_warns_about_nothing_we_configure(tmp_path, case):
         envoy.terminate()
         envoy.wait(timeout=10)
     assert complaints(log.read_text()) == []
+
+
+def test_retries_still_keep_a_copy_of_bodies_up_to_1_mib(stubs, gateway):
+    """`request_body_buffer_limit` does what the deprecated field did: bodies up to 1 MiB are
+    retried on another instance, larger ones go through once (Envoy holds no copy of them)."""
+    bad, good = stubs("bad", "good")
+    gw = gateway({"model": {"load-balance": {"type": "round-robin"}, "retries": 1,
+                            "circuit-breaker": {"enabled": False},
+                            "services": {"chat": {"instances": [instance("m", bad), instance("m", good)]}}}})
+    bad.fail_status = 500
+
+    def attempts(size: int) -> list[tuple[int, str]]:
+        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * size}]})
+        out = []
+        for _ in range(4):
+            with httpx.Client(timeout=30) as client:
+                r = client.post(gw.url + "/v1/chat/completions", content=body,
+                                headers={"content-type": "application/json"})
+            out.append((r.status_code, r.headers.get("x-envoy-attempt-count", "1")))
+        return out
+
+    small = attempts(512 * 1024)
+    assert all(status == 200 for status, _ in small), small
+    assert ("2" in {count for _, count in small}), small  # some were retried, and succeeded
+    large = attempts(2 * 1024 * 1024)
+    assert sorted(large) == [(200, "1"), (200, "1"), (500, "1"), (500, "1")], large
