@@ -64,13 +64,14 @@ class Gateway:
 
     def render_bootstrap(self) -> Path:
         out = self.workdir / "envoy.json"
-        result = render(
-            self.config_path, "bootstrap", "--wasm", str(WASM), "--port", "0",
-            "--admin-port", "0", "--listen-address", "127.0.0.1", "--out", str(out),
-            "--access-log", str(self.access_log_path), "--status-port", "0",
-            *(["--live-dir", str(self.live_dir)] if self.live_dir else []),
-            *self._keys_flags(), *self.render_flags, env=self.env,
-        )
+        flags = {"--wasm": str(WASM), "--port": "0", "--admin-port": "0", "--listen-address": "127.0.0.1",
+                 "--out": str(out), "--access-log": str(self.access_log_path), "--status-port": "0"}
+        if self.live_dir:
+            flags["--live-dir"] = str(self.live_dir)
+        # A test's render_flags replace these defaults (the renderer refuses a flag given twice).
+        extra = list(self._keys_flags()) + list(self.render_flags)
+        flags.update(zip(extra[0::2], extra[1::2]))
+        result = render(self.config_path, "bootstrap", *[x for pair in flags.items() for x in pair], env=self.env)
         if result.returncode != 0:
             raise RuntimeError(f"renderer refused the configuration: {result.stderr}")
         return out

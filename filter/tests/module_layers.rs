@@ -330,7 +330,10 @@ fn only_a_thin_binding_calls_proxy_wasm() {
         total += lines;
     }
     println!("files calling proxy-wasm: {}", binding.join(", "));
-    assert!(!binding.is_empty(), "the binding was not found: is the check still looking?");
+    assert!(
+        !binding.is_empty(),
+        "the binding was not found: is the check still looking?"
+    );
     assert!(
         total <= MAX_BINDING_LINES,
         "{total} lines of non-test code call proxy-wasm (at most {MAX_BINDING_LINES}): {}",

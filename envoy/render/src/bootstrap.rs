@@ -3,7 +3,7 @@
 //! the router, a route that sends each request to the cluster the filter named, and one cluster
 //! per configured instance.
 
-use jairouter_filter::config::{BaseUrl, GlobalRateLimit, Jwks, JwtOptions};
+use jairouter_filter::config::{BaseUrl, EdgeLimits, GlobalRateLimit, Jwks, JwtOptions};
 use jairouter_filter::contract::{
     HEALTH_ROOT_ID, JWT_PAYLOAD_KEY, LOG_SUMMARY_FILTER_STATE, MODEL_HEADER, ROUTER_ROOT_ID,
     ROUTING_HEADER, SERVICE_DESCRIPTOR_HEADER, STATUS_ROOT_ID, VM_ID,
@@ -60,7 +60,7 @@ pub fn render(config: &Plan, model_json: &Value, opts: &Options) -> Value {
         "per_connection_buffer_limit_bytes": buffer_limit,
         "filter_chains": [{"filters": [{
             "name": "envoy.filters.network.http_connection_manager",
-            "typed_config": http_connection_manager(config, model_json, opts)
+            "typed_config": http_connection_manager(config, model_json, opts, buffer_limit)
         }]}]
     })];
     if let Some(port) = opts.status_port {
@@ -74,9 +74,12 @@ pub fn render(config: &Plan, model_json: &Value, opts: &Options) -> Value {
         "node": {"id": "jairouter", "cluster": "jairouter"},
         // The filter's metrics carry labels in their names (`<name>.<tag>=<value>;`).
         "stats_config": {"stats_tags": stats_tags()},
+        // Clients filling `gateway.max-connections` must not lock the operator out.
         "admin": {
-            "address": socket(&opts.admin_address, opts.admin_port)
+            "address": socket(&opts.admin_address, opts.admin_port),
+            "ignore_global_conn_limit": true
         },
+        "overload_manager": overload_manager(&config.gateway.edge),
         "static_resources": {
             "listeners": listeners,
             "clusters": static_clusters
@@ -100,6 +103,25 @@ pub fn render(config: &Plan, model_json: &Value, opts: &Options) -> Value {
         }
     }
     bootstrap
+}
+
+/// `gateway.max-connections`: Envoy's global limit on downstream connections (its edge
+/// guidance, and it warns at start without one). Only the API listener counts: the status page,
+/// probes and metrics listeners opt out, so a flood of clients does not fail a pod's readiness
+/// or hide it from Prometheus.
+fn overload_manager(edge: &EdgeLimits) -> Value {
+    json!({"resource_monitors": [{
+        "name": "envoy.resource_monitors.global_downstream_max_connections",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+            "max_active_downstream_connections": edge.max_connections
+        }
+    }]})
+}
+
+/// Envoy durations are strings of seconds: `ms` as `S.mmms`.
+fn duration(ms: u64) -> String {
+    format!("{}.{:03}s", ms / 1000, ms % 1000)
 }
 
 /// The clusters of every configured instance.
@@ -165,6 +187,7 @@ fn metrics_listener(address: &str, port: u16) -> Value {
     json!({
         "name": "jairouter-metrics",
         "address": socket(address, port),
+        "ignore_global_conn_limit": true,
         "filter_chains": [{"filters": [{
             "name": "envoy.filters.network.http_connection_manager",
             "typed_config": {
@@ -228,6 +251,7 @@ fn status_listener(address: &str, port: u16, wasm_path: &str) -> Value {
     json!({
         "name": STATUS_ROOT_ID,
         "address": socket(address, port),
+        "ignore_global_conn_limit": true,
         "filter_chains": [{"filters": [{
             "name": "envoy.filters.network.http_connection_manager",
             "typed_config": {
@@ -325,8 +349,14 @@ fn socket(address: &str, port: u16) -> Value {
     json!({"socket_address": {"address": address, "port_value": port}})
 }
 
-fn http_connection_manager(config: &Plan, model_json: &Value, opts: &Options) -> Value {
+fn http_connection_manager(
+    config: &Plan,
+    model_json: &Value,
+    opts: &Options,
+    buffer_limit: u64,
+) -> Value {
     let global = config.gateway.global_rate_limit.as_ref();
+    let edge = &config.gateway.edge;
     let wasm = match &opts.live_dir {
         Some(dir) => json!({
             "name": "jairouter",
@@ -356,7 +386,7 @@ fn http_connection_manager(config: &Plan, model_json: &Value, opts: &Options) ->
             "auto_host_rewrite": true,
             // Generations run for minutes: no limit unless `request-timeout` sets one; the
             // stream idle timeout guards hangs.
-            "timeout": format!("{}.{:03}s", config.request_timeout_ms / 1000, config.request_timeout_ms % 1000)
+            "timeout": duration(config.request_timeout_ms)
         },
         // Ours, not the backend's: the routing header and the rate-limit descriptors.
         "request_headers_to_remove": [ROUTING_HEADER, SERVICE_DESCRIPTOR_HEADER, MODEL_HEADER]
@@ -371,7 +401,10 @@ fn http_connection_manager(config: &Plan, model_json: &Value, opts: &Options) ->
     // Live: a reload may give a service retries; the route must already have the policy.
     if opts.live_dir.is_some() || config.services().any(|s| s.retries > 0) {
         routed["route"]["retry_policy"] = retry_policy(config.retries);
-        routed["per_request_buffer_limit_bytes"] = json!(RETRY_BUFFER_BYTES);
+        // `per_request_buffer_limit_bytes` until Envoy 1.40 deprecated it. This one only ever
+        // raises a stream's buffer limit, so below the connection's it caps just the copy kept
+        // for retries; the filter may still buffer up to `max-body-bytes` looking for the model.
+        routed["request_body_buffer_limit"] = json!(RETRY_BUFFER_BYTES);
     }
     let mut hcm = json!({
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -382,6 +415,21 @@ fn http_connection_manager(config: &Plan, model_json: &Value, opts: &Options) ->
         "use_remote_address": true,
         "xff_num_trusted_hops": config.gateway.trusted_hops,
         "access_log": access_logs,
+        // Envoy's edge settings (`gateway.*`, see EdgeLimits): slow or idle clients give their
+        // resources back. A 0 turns a timeout off ("0s" is off for Envoy too).
+        "request_headers_timeout": duration(edge.request_headers_timeout_ms),
+        "stream_idle_timeout": duration(edge.stream_idle_timeout_ms),
+        "common_http_protocol_options": {"idle_timeout": duration(edge.idle_timeout_ms)},
+        "max_request_headers_kb": edge.max_request_headers_kb,
+        // HTTP/2 clients (h2c): a bounded number of streams a connection, and windows as large
+        // as the listener's buffer limit, since an HTTP/2 stream's window is its buffer limit:
+        // with Envoy's 64 KiB edge advice a 3 MiB prompt whose model comes last got no answer
+        // (Envoy's own default, 256 MiB, let one stream buffer far past `max-body-bytes`).
+        "http2_protocol_options": {
+            "max_concurrent_streams": edge.http2_max_concurrent_streams,
+            "initial_stream_window_size": buffer_limit,
+            "initial_connection_window_size": buffer_limit
+        },
         "route_config": {
             "name": "jairouter",
             "virtual_hosts": [{
@@ -420,8 +468,6 @@ fn http_connection_manager(config: &Plan, model_json: &Value, opts: &Options) ->
     hcm
 }
 
-/// Descriptors for the rate-limit service: per service, per service and model, per service and
-/// client address (Envoy's view of it, honouring trusted hops).
 /// Envoy keeps a copy of a request's body for retries up to this; larger bodies are not
 /// retried (keeping a 4 MB prompt cost ~500 µs of CPU a request in `./build.sh bench`).
 const RETRY_BUFFER_BYTES: u64 = 1024 * 1024;
@@ -455,6 +501,8 @@ fn retry_policy(retries: u64) -> Value {
     })
 }
 
+/// Descriptors for the rate-limit service: per service, per service and model, per service and
+/// client address (Envoy's view of it, honouring trusted hops).
 fn rate_limit_actions() -> Value {
     let service = json!({"request_headers": {"header_name": SERVICE_DESCRIPTOR_HEADER, "descriptor_key": "service"}});
     let model =
@@ -473,7 +521,7 @@ fn rate_limit_filter(global: &GlobalRateLimit) -> Value {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
             "domain": global.domain,
             "failure_mode_deny": global.failure_mode_deny,
-            "timeout": format!("{}.{:03}s", global.timeout_ms / 1000, global.timeout_ms % 1000),
+            "timeout": duration(global.timeout_ms),
             "rate_limit_service": {
                 "grpc_service": {"envoy_grpc": {"cluster_name": RATE_LIMIT_CLUSTER}},
                 "transport_api_version": "V3"

@@ -2,6 +2,8 @@
 //!
 //!   Every command that reads FILE also takes --api-keys KEYS: a second file holding only
 //!   `jairouter.security.api-key` (the Kubernetes Secret), for keys kept out of the ConfigMap.
+//!   A flag the command does not take, a flag without its value and a flag given twice (only
+//!   --selector and --host repeat) are refused with exit status 2 (see `flags`).
 //!
 //!   jairouter-render check FILE
 //!       Validates a JAiRouter application.yml with the filter's own code; exit 1 with a message
@@ -17,7 +19,8 @@
 //!       listen address (for Kubernetes; the admin stays private). With
 //!       --live-dir the filter's configuration and the clusters are files in DIR that Envoy
 //!       watches (written now, and by `watch`).
-//!   jairouter-render watch FILE --wasm PATH --live-dir DIR [--interval-ms N] [--settle-ms N]
+//!   jairouter-render watch FILE --wasm PATH --live-dir DIR [--ca-file PATH] [--interval-ms N]
+//!       [--settle-ms N]
 //!       Follows FILE (and KEYS) and applies every change to a running gateway through DIR, in an order
 //!       that drops no request; a refused change leaves the last good configuration serving.
 //!   jairouter-render istio FILE --wasm-url URL [--wasm-sha256 HEX] [--namespace NS]
@@ -36,41 +39,155 @@
 
 mod app_config;
 mod bootstrap;
+mod flags;
 mod live;
 mod mesh;
 
+use flags::{once, Args, Command, UsageError};
 use jairouter_filter::plan::Plan;
-use std::collections::HashMap;
 use std::process::ExitCode;
+
+const CHECK: Command = Command {
+    name: "check",
+    operands: &["FILE"],
+    flags: &[once("api-keys")],
+    usage: "FILE [--api-keys KEYS]",
+};
+
+const PLUGIN_CONFIG: Command = Command {
+    name: "plugin-config",
+    operands: &["FILE"],
+    flags: &[once("api-keys")],
+    usage: "FILE [--api-keys KEYS]",
+};
+
+const BOOTSTRAP: Command = Command {
+    name: "bootstrap",
+    operands: &["FILE"],
+    flags: &[
+        once("api-keys"),
+        once("wasm"),
+        once("port"),
+        once("admin-port"),
+        once("listen-address"),
+        once("admin-address"),
+        once("ca-file"),
+        once("access-log"),
+        once("status-port"),
+        once("metrics-port"),
+        once("live-dir"),
+        once("out"),
+    ],
+    usage: "FILE [--api-keys KEYS] --wasm PATH [--port N] [--admin-port N] [--listen-address A] \
+[--admin-address A] [--ca-file PATH] [--access-log PATH] [--status-port N|none] [--metrics-port N] \
+[--live-dir DIR] [--out FILE]",
+};
+
+/// The watcher writes the filter's configuration (`--wasm`) and the clusters (`--ca-file` for
+/// https backends) the way `bootstrap` did, so it takes those of bootstrap's flags.
+const WATCH: Command = Command {
+    name: "watch",
+    operands: &["FILE"],
+    flags: &[
+        once("api-keys"),
+        once("wasm"),
+        once("live-dir"),
+        once("ca-file"),
+        once("interval-ms"),
+        once("settle-ms"),
+    ],
+    usage: "FILE [--api-keys KEYS] --wasm PATH --live-dir DIR [--ca-file PATH] [--interval-ms N] \
+[--settle-ms N]",
+};
+
+const HASH_KEY: Command = Command {
+    name: "hash-key",
+    operands: &[],
+    flags: &[once("salt")],
+    usage: "[--salt BASE64] < KEY",
+};
+
+/// Every command, in the order the usage lists them.
+const COMMANDS: [&Command; 7] = [
+    &CHECK,
+    &PLUGIN_CONFIG,
+    &BOOTSTRAP,
+    &WATCH,
+    &mesh::ISTIO,
+    &mesh::ENVOY_GATEWAY,
+    &HASH_KEY,
+];
+
+fn usage() -> String {
+    let lines: Vec<String> = COMMANDS.iter().map(|c| c.usage_line()).collect();
+    lines.join("\n")
+}
+
+/// Why a run failed: a command line that does not fit (exit 2, as shells and getopt do), or
+/// the work itself (exit 1: a refused configuration, an unreadable file).
+enum Failure {
+    Usage(String),
+    Failed(String),
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Failure {
+        Failure::Failed(message)
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(message: &str) -> Failure {
+        Failure::Failed(message.to_string())
+    }
+}
+
+impl From<UsageError> for Failure {
+    fn from(error: UsageError) -> Failure {
+        Failure::Usage(error.0)
+    }
+}
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
+        Err(Failure::Usage(message)) => {
+            eprintln!("jairouter-render: {message}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Failed(message)) => {
             eprintln!("jairouter-render: {message}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn run(args: &[String]) -> Result<(), String> {
-    let (command, rest) = args.split_first().ok_or(USAGE)?;
-    if command == "watch" {
-        return watch_command(rest);
+fn run(args: &[String]) -> Result<(), Failure> {
+    let Some((name, rest)) = args.split_first() else {
+        return Err(Failure::Usage(format!("no command\n{}", usage())));
+    };
+    if matches!(name.as_str(), "help" | "--help" | "-h") {
+        println!("{}", usage());
+        return Ok(());
     }
-    if command == "hash-key" {
-        return hash_key_command(rest);
+    let command = COMMANDS
+        .iter()
+        .find(|c| c.name == name)
+        .ok_or_else(|| Failure::Usage(format!("unknown command {name}\n{}", usage())))?;
+    // Every command's line is checked before it does anything.
+    let flags = command.parse(rest)?;
+    match command.name {
+        "watch" => return Ok(watch_command(&flags)?),
+        "hash-key" => return Ok(hash_key_command(&flags)?),
+        "istio" | "envoy-gateway" => return Ok(mesh::command(command.name, &flags, args)?),
+        _ => {}
     }
-    if command == "istio" || command == "envoy-gateway" {
-        return mesh::command(args);
-    }
-    let (file, flags) = rest.split_first().ok_or(USAGE)?;
-    let flags = parse_flags(flags)?;
-    let app = app_config::load_files(file, flags.get("api-keys").map(String::as_str))?;
+    let file = flags.operand(0);
+    let app = app_config::load_files(file, flags.one("api-keys"))?;
     let filter_config = app.filter_config();
     let router = Plan::from_value(&filter_config).map_err(|e| format!("{file}: {e}"))?;
-    match command.as_str() {
+    match command.name {
         "check" => {
             let instances = router.instances().count();
             let models: usize = router.services().map(|s| s.models.len()).sum();
@@ -81,8 +198,7 @@ fn run(args: &[String]) -> Result<(), String> {
             println!("{filter_config}");
             Ok(())
         }
-        "bootstrap" => {
-            let get = |name: &str| flags.get(name).cloned();
+        _ => {
             let opts = options(&flags, app.server_port)?;
             if opts.live_dir.is_some() {
                 live::Live::open(opts.live_dir.as_deref().unwrap_or("."))?.publish_initial(
@@ -93,34 +209,22 @@ fn run(args: &[String]) -> Result<(), String> {
             }
             let rendered = bootstrap::render(&router, &filter_config, &opts);
             let text = serde_json::to_string_pretty(&rendered).map_err(|e| e.to_string())?;
-            match get("out") {
-                Some(out) => std::fs::write(&out, text + "\n").map_err(|e| format!("{out}: {e}")),
+            match flags.one("out") {
+                Some(out) => {
+                    Ok(std::fs::write(out, text + "\n").map_err(|e| format!("{out}: {e}"))?)
+                }
                 None => {
                     println!("{text}");
                     Ok(())
                 }
             }
         }
-        _ => Err(USAGE.to_string()),
     }
 }
 
-const USAGE: &str = "usage: jairouter-render (check|plugin-config|bootstrap) FILE [--api-keys KEYS] [--wasm PATH] \
-[--port N] [--admin-port N] [--listen-address A] [--admin-address A] [--ca-file PATH] \
-[--access-log PATH] [--status-port N|none] [--metrics-port N] [--live-dir DIR] [--out FILE]\n       \
-jairouter-render watch FILE [--api-keys KEYS] --wasm PATH --live-dir DIR [--interval-ms N] [--settle-ms N]\n       \
-jairouter-render istio FILE --wasm-url URL [--namespace NS] [--mode gateway|sidecar] [--gateway NS/NAME] \
-[--selector KEY=VALUE ...] [--host H ...] [--proxy-namespace NS] [--install envoyfilter|wasmplugin] [--wasm-sha256 HEX]\n       \
-jairouter-render envoy-gateway FILE --wasm-url URL --gateway [NS/]NAME [--namespace NS] [--host H ...] \
-[--xds-listener NAME] [--wasm-sha256 HEX]\n       \
-jairouter-render hash-key [--salt BASE64] < KEY";
-
 /// The bootstrap's settings from the command line (`server_port`: the file's `server.port`).
-fn options(
-    flags: &HashMap<String, String>,
-    server_port: Option<u16>,
-) -> Result<bootstrap::Options, String> {
-    let get = |name: &str| flags.get(name).cloned();
+fn options(flags: &Args, server_port: Option<u16>) -> Result<bootstrap::Options, String> {
+    let get = |name: &str| flags.one(name).map(str::to_string);
     let port_flag = |name: &str, default: u16| -> Result<u16, String> {
         match get(name) {
             None => Ok(default),
@@ -165,16 +269,15 @@ fn options(
 }
 
 /// `watch FILE --wasm PATH --live-dir DIR [--interval-ms N] [--settle-ms N]`
-fn watch_command(rest: &[String]) -> Result<(), String> {
-    let (file, flags) = rest.split_first().ok_or(USAGE)?;
-    let flags = parse_flags(flags)?;
-    if !flags.contains_key("live-dir") {
+fn watch_command(flags: &Args) -> Result<(), String> {
+    let file = flags.operand(0);
+    if flags.one("live-dir").is_none() {
         return Err(
             "watch needs --live-dir DIR (the directory the bootstrap's Envoy watches)".into(),
         );
     }
     let millis = |name: &str, default: u64| -> Result<std::time::Duration, String> {
-        let ms = match flags.get(name) {
+        let ms = match flags.one(name) {
             None => default,
             Some(v) => v
                 .parse()
@@ -182,9 +285,9 @@ fn watch_command(rest: &[String]) -> Result<(), String> {
         };
         Ok(std::time::Duration::from_millis(ms))
     };
-    let opts = options(&flags, None)?;
-    let keys_file = flags.get("api-keys").cloned();
-    let mut files = vec![file.clone()];
+    let opts = options(flags, None)?;
+    let keys_file = flags.one("api-keys").map(str::to_string);
+    let mut files = vec![file.to_string()];
     files.extend(keys_file.clone());
     let load = |file: &str| -> Result<live::Loaded, String> {
         let model = app_config::load_files(file, keys_file.as_deref())?.filter_config();
@@ -200,26 +303,9 @@ fn watch_command(rest: &[String]) -> Result<(), String> {
     )
 }
 
-fn parse_flags(flags: &[String]) -> Result<HashMap<String, String>, String> {
-    let mut out = HashMap::new();
-    let mut it = flags.iter();
-    while let Some(flag) = it.next() {
-        let name = flag
-            .strip_prefix("--")
-            .ok_or_else(|| format!("unexpected argument {flag}\n{USAGE}"))?;
-        let value = it.next().ok_or_else(|| format!("--{name} needs a value"))?;
-        out.insert(name.to_string(), value.clone());
-    }
-    Ok(out)
-}
-
 /// `hash-key [--salt BASE64]`: the `key-hash` of the key on stdin.
-fn hash_key_command(rest: &[String]) -> Result<(), String> {
-    let flags = parse_flags(rest)?;
-    if let Some(unknown) = flags.keys().find(|name| name.as_str() != "salt") {
-        return Err(format!("hash-key: unknown flag --{unknown}\n{USAGE}"));
-    }
-    let salt = match flags.get("salt") {
+fn hash_key_command(flags: &Args) -> Result<(), String> {
+    let salt = match flags.one("salt") {
         Some(text) => jairouter_filter::encoding::base64_decode(text.trim())
             .ok_or_else(|| format!("--salt: not Base64 ({text})"))?,
         None => random_salt()?,

@@ -65,6 +65,82 @@ pub struct GatewayOptions {
     /// `gateway.jwt`: Envoy's jwt_authn verifies tokens of an identity provider in front of the
     /// filter, which reads the verified claims for permissions.
     pub jwt: Option<JwtOptions>,
+    /// `gateway.max-connections`, the timeouts and header limits Envoy enforces at the edge.
+    pub edge: EdgeLimits,
+}
+
+/// What Envoy enforces on clients before the filter sees a request (rendered into the
+/// bootstrap; the filter does not read them). Times in ms, 0 turning a timeout off. The defaults
+/// never cut a slow model: the stream idle timeout matches the OpenAI SDK's own 10 minutes, and
+/// only a connection without any request in flight counts as idle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EdgeLimits {
+    /// Connections open at once over every listener that serves the API (Envoy's
+    /// `global_downstream_max_connections`); past it new ones are closed at accept.
+    pub max_connections: u64,
+    /// From a request's first byte to the end of its headers (slowloris).
+    pub request_headers_timeout_ms: u64,
+    /// A request or response without a byte in either direction this long is reset.
+    pub stream_idle_timeout_ms: u64,
+    /// A connection with no request in flight this long is closed.
+    pub idle_timeout_ms: u64,
+    /// Request headers larger than this get 431.
+    pub max_request_headers_kb: u64,
+    /// Requests at once on one HTTP/2 connection.
+    pub http2_max_concurrent_streams: u64,
+}
+
+// A model may think in silence for minutes: a default below 5 minutes would cut it.
+const _: () = assert!(EdgeLimits::DEFAULT.stream_idle_timeout_ms >= 300_000);
+
+impl EdgeLimits {
+    pub const DEFAULT: EdgeLimits = EdgeLimits {
+        max_connections: 50_000,
+        request_headers_timeout_ms: 10_000,
+        stream_idle_timeout_ms: 600_000,
+        idle_timeout_ms: 3_600_000,
+        max_request_headers_kb: 60,
+        http2_max_concurrent_streams: 100,
+    };
+
+    /// Its keys, flat in the `gateway` block.
+    fn take(f: &mut Fields<'_>) -> Result<EdgeLimits> {
+        let d = EdgeLimits::DEFAULT;
+        let timeout = |f: &mut Fields<'_>, key: &str, default: u64| -> Result<u64> {
+            let ms = f.integer(key, default, 0, 86_400_000)?;
+            // Envoy's timers are ms; a few ms would be a typo for seconds, and cut every request.
+            if ms > 0 && ms < 100 {
+                return Err(error(
+                    &f.child(key),
+                    format!("is in ms: {ms} ms would cut every request (0 turns it off)"),
+                ));
+            }
+            Ok(ms)
+        };
+        Ok(EdgeLimits {
+            max_connections: f.integer("max-connections", d.max_connections, 1, 10_000_000)?,
+            request_headers_timeout_ms: timeout(
+                f,
+                "request-headers-timeout",
+                d.request_headers_timeout_ms,
+            )?,
+            stream_idle_timeout_ms: timeout(f, "stream-idle-timeout", d.stream_idle_timeout_ms)?,
+            idle_timeout_ms: timeout(f, "idle-timeout", d.idle_timeout_ms)?,
+            // Envoy's own bounds for max_request_headers_kb.
+            max_request_headers_kb: f.integer(
+                "max-request-headers-kb",
+                d.max_request_headers_kb,
+                1,
+                8192,
+            )?,
+            http2_max_concurrent_streams: f.integer(
+                "http2-max-concurrent-streams",
+                d.http2_max_concurrent_streams,
+                1,
+                2_147_483_647,
+            )?,
+        })
+    }
 }
 
 /// `gateway.jwt`: who issues the tokens, where their keys are, and which claims grant what.
@@ -275,6 +351,7 @@ fn parse_model(value: &Value, api_keys: ApiKeySection) -> Result<Config> {
             trusted_hops: 0,
             global_rate_limit: None,
             jwt: None,
+            edge: EdgeLimits::DEFAULT,
         },
     };
     let services_path = f.child("services");
@@ -426,6 +503,7 @@ fn parse_gateway(path: &str, value: &Value) -> Result<GatewayOptions> {
         Some(v) => parse_jwt(&f.child("jwt"), v)?,
         None => None,
     };
+    let edge = EdgeLimits::take(&mut f)?;
     f.finish()?;
     Ok(GatewayOptions {
         max_body_bytes,
@@ -433,6 +511,7 @@ fn parse_gateway(path: &str, value: &Value) -> Result<GatewayOptions> {
         trusted_hops: u32::try_from(trusted_hops).unwrap_or(0),
         global_rate_limit,
         jwt,
+        edge,
     })
 }
 

@@ -1,4 +1,5 @@
 use super::*;
+use crate::config::EdgeLimits;
 use crate::config::MAX_INSTANCES;
 use serde_json::json;
 #[cfg(target_arch = "wasm32")]
@@ -208,6 +209,76 @@ fn gateway_options() {
     let mut v = seed_model();
     v["gateway"] = json!({"max-body-bytes": 1});
     assert!(refused(v).starts_with("model.gateway.max-body-bytes:"));
+}
+
+#[test]
+fn edge_limits() {
+    let cfg = Plan::from_value(&seed_model()).unwrap();
+    assert_eq!(cfg.gateway.edge, EdgeLimits::DEFAULT);
+    let mut v = seed_model();
+    v["gateway"] = json!({"instance-header": true});
+    assert_eq!(
+        Plan::from_value(&v).unwrap().gateway.edge,
+        EdgeLimits::DEFAULT
+    );
+
+    let mut v = seed_model();
+    v["gateway"] = json!({
+        "max-connections": 5, "requestHeadersTimeout": "2000", "stream-idle-timeout": 0,
+        "idle-timeout": 30000, "max-request-headers-kb": 96, "http2-max-concurrent-streams": 10
+    });
+    let edge = Plan::from_value(&v).unwrap().gateway.edge;
+    assert_eq!(
+        edge,
+        EdgeLimits {
+            max_connections: 5,
+            request_headers_timeout_ms: 2000,
+            stream_idle_timeout_ms: 0,
+            idle_timeout_ms: 30000,
+            max_request_headers_kb: 96,
+            http2_max_concurrent_streams: 10,
+        }
+    );
+
+    for (gateway, message) in [
+        (
+            json!({"max-connections": 0}),
+            "model.gateway.max-connections: must be a whole number from 1 to 10000000 (got 0)",
+        ),
+        (
+            json!({"max-connections": -1}),
+            "model.gateway.max-connections: must be a whole number",
+        ),
+        (
+            json!({"stream-idle-timeout": 30}),
+            "model.gateway.stream-idle-timeout: is in ms: 30 ms would cut every request",
+        ),
+        (
+            json!({"request-headers-timeout": "10s"}),
+            "model.gateway.request-headers-timeout: must be a whole number from 0 to 86400000",
+        ),
+        (
+            json!({"idle-timeout": 86_400_001u64}),
+            "model.gateway.idle-timeout: must be a whole number",
+        ),
+        (
+            json!({"max-request-headers-kb": 8193}),
+            "model.gateway.max-request-headers-kb: must be a whole number from 1 to 8192",
+        ),
+        (
+            json!({"http2-max-concurrent-streams": 0}),
+            "model.gateway.http2-max-concurrent-streams: must be a whole number from 1",
+        ),
+        (
+            json!({"max-conections": 5}),
+            "model.gateway.max-conections: unknown key",
+        ),
+    ] {
+        let mut v = seed_model();
+        v["gateway"] = gateway;
+        let got = refused(v);
+        assert!(got.starts_with(message), "{got}");
+    }
 }
 
 #[test]

@@ -13,13 +13,31 @@
 
 use super::{
     backends, gateway_api_duration, instances_with_service, metadata, place, Backend, Document,
-    Flags, Names, Place, Wasm, WasmSource, RETRIABLE_STATUS, RETRY_ON, UNROUTED_BODY,
+    Names, Place, Wasm, WasmSource, RETRIABLE_STATUS, RETRY_ON, UNROUTED_BODY,
 };
+use crate::flags::{once, repeated, Args, Command};
 use jairouter_filter::config::HealthCheckPolicy;
 use jairouter_filter::contract::{MODEL_HEADER, ROUTING_HEADER, SERVICE_DESCRIPTOR_HEADER};
 use jairouter_filter::plan::{Instance, Plan, Service};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
+
+/// `jairouter-render envoy-gateway`: what it takes (`--host` may repeat).
+pub const COMMAND: Command = Command {
+    name: "envoy-gateway",
+    operands: &["FILE"],
+    flags: &[
+        once("api-keys"),
+        once("wasm-url"),
+        once("wasm-sha256"),
+        once("namespace"),
+        once("gateway"),
+        repeated("host"),
+        once("xds-listener"),
+    ],
+    usage: "FILE [--api-keys KEYS] --wasm-url URL [--wasm-sha256 HEX] [--namespace NS] \
+--gateway [NS/]NAME [--host H ...] [--xds-listener NAME]",
+};
 
 const NAME: &str = "jairouter";
 const EG_GROUP: &str = "gateway.envoyproxy.io";
@@ -46,19 +64,7 @@ pub struct Options {
 }
 
 impl Options {
-    pub fn from_flags(flags: &Flags) -> Result<Options, String> {
-        flags.refuse_other_than(
-            "envoy-gateway",
-            &[
-                "api-keys",
-                "wasm-url",
-                "wasm-sha256",
-                "namespace",
-                "gateway",
-                "host",
-                "xds-listener",
-            ],
-        )?;
+    pub fn from_flags(flags: &Args) -> Result<Options, String> {
         let namespace = flags.one("namespace").unwrap_or("default").to_string();
         let gateway = flags
             .one("gateway")
@@ -569,7 +575,7 @@ model:
             all.extend(["--wasm-url", "oci://registry.example/jairouter:1"]);
         }
         all.extend_from_slice(args);
-        let opts = Options::from_flags(&flags(&all)).unwrap();
+        let opts = Options::from_flags(&flags(&COMMAND, &all).unwrap()).unwrap();
         let documents = render(&router, &filter_config, &opts).unwrap();
         (filter_config, parse(&documents))
     }
@@ -795,7 +801,7 @@ model:
 
     #[test]
     fn options_are_checked() {
-        let opts = |args: &[&str]| Options::from_flags(&flags(args));
+        let opts = |args: &[&str]| flags(&COMMAND, args).and_then(|f| Options::from_flags(&f));
         assert!(opts(&["--wasm-url", "oci://r/i"])
             .err()
             .unwrap()

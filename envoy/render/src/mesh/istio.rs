@@ -16,14 +16,36 @@
 //! later: older control planes and proxies predate the field (Envoy 1.35).
 
 use super::{
-    backends, instances_with_service, metadata, place, proto_duration, Backend, Document, Flags,
-    Names, Place, Wasm, WasmSource, RETRIABLE_STATUS, RETRY_ON, UNROUTED_BODY,
+    backends, instances_with_service, metadata, place, proto_duration, Backend, Document, Names,
+    Place, Wasm, WasmSource, RETRIABLE_STATUS, RETRY_ON, UNROUTED_BODY,
 };
 use crate::bootstrap;
+use crate::flags::{once, repeated, Args, Command};
 use jairouter_filter::config::CircuitBreakerPolicy;
 use jairouter_filter::contract::{MODEL_HEADER, ROUTING_HEADER, SERVICE_DESCRIPTOR_HEADER};
 use jairouter_filter::plan::Plan;
 use serde_json::{json, Value};
+
+/// `jairouter-render istio`: what it takes (`--selector` and `--host` may repeat).
+pub const COMMAND: Command = Command {
+    name: "istio",
+    operands: &["FILE"],
+    flags: &[
+        once("api-keys"),
+        once("wasm-url"),
+        once("wasm-sha256"),
+        once("namespace"),
+        once("mode"),
+        once("gateway"),
+        repeated("selector"),
+        repeated("host"),
+        once("proxy-namespace"),
+        once("install"),
+    ],
+    usage: "FILE [--api-keys KEYS] --wasm-url URL [--wasm-sha256 HEX] [--namespace NS] \
+[--mode gateway|sidecar] [--gateway NS/NAME] [--selector KEY=VALUE ...] [--host H ...] \
+[--proxy-namespace NS] [--install envoyfilter|wasmplugin]",
+};
 
 /// The name of every object we render, and of the wasm filter (its ECDS resource and the key of
 /// the per-virtual-host switch that turns it on).
@@ -65,22 +87,7 @@ pub struct Options {
 }
 
 impl Options {
-    pub fn from_flags(flags: &Flags) -> Result<Options, String> {
-        flags.refuse_other_than(
-            "istio",
-            &[
-                "api-keys",
-                "wasm-url",
-                "wasm-sha256",
-                "namespace",
-                "mode",
-                "gateway",
-                "selector",
-                "host",
-                "proxy-namespace",
-                "install",
-            ],
-        )?;
+    pub fn from_flags(flags: &Args) -> Result<Options, String> {
         let namespace = flags.one("namespace").unwrap_or("default").to_string();
         let mode = match flags.one("mode").unwrap_or("gateway") {
             "gateway" => Mode::Gateway,
@@ -598,7 +605,7 @@ model:
             "llm",
         ];
         all.extend_from_slice(args);
-        let opts = Options::from_flags(&flags(&all)).unwrap();
+        let opts = Options::from_flags(&flags(&COMMAND, &all).unwrap()).unwrap();
         let documents = render(&router, &filter_config, &opts).unwrap();
         (filter_config, parse(&documents))
     }
@@ -775,8 +782,10 @@ services:
 "#,
         );
         let backends = backends(&router, "x").unwrap();
-        let opts =
-            Options::from_flags(&flags(&["--wasm-url", "oci://r/i", "--gateway", "g"])).unwrap();
+        let opts = Options::from_flags(
+            &flags(&COMMAND, &["--wasm-url", "oci://r/i", "--gateway", "g"]).unwrap(),
+        )
+        .unwrap();
         let rule = destination_rule(&backends[0], &opts, &mut Names::default()).value;
         let ports = &rule["spec"]["trafficPolicy"]["portLevelSettings"];
         assert_eq!(ports[0]["port"]["number"], 443);
@@ -791,8 +800,10 @@ services:
     fn an_https_service_in_the_cluster_gets_tls_but_no_service_entry() {
         let (filter_config, router) =
             config("services:\n  chat:\n    instances:\n      - {name: m, base-url: \"https://vllm.models.svc:8443\"}\n");
-        let opts =
-            Options::from_flags(&flags(&["--wasm-url", "oci://r/i", "--gateway", "g"])).unwrap();
+        let opts = Options::from_flags(
+            &flags(&COMMAND, &["--wasm-url", "oci://r/i", "--gateway", "g"]).unwrap(),
+        )
+        .unwrap();
         let docs = parse(&render(&router, &filter_config, &opts).unwrap());
         assert!(of_kind(&docs, "ServiceEntry").is_empty());
         let rule = of_kind(&docs, "DestinationRule")[0];
@@ -920,7 +931,7 @@ services:
 
     #[test]
     fn options_are_checked() {
-        let opts = |args: &[&str]| Options::from_flags(&flags(args));
+        let opts = |args: &[&str]| flags(&COMMAND, args).and_then(|f| Options::from_flags(&f));
         assert!(opts(&["--wasm-url", "oci://r/i"])
             .err()
             .unwrap()

@@ -12,6 +12,8 @@ mod envoy_gateway;
 mod istio;
 
 use crate::app_config;
+use crate::flags::Args;
+use jairouter_filter::config::EdgeLimits;
 use jairouter_filter::plan::{Instance, Plan, Service};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
@@ -37,39 +39,30 @@ pub fn metadata(name: &str, namespace: &str) -> Value {
     json!({"name": name, "namespace": namespace, "labels": labels()})
 }
 
-/// `jairouter-render istio|envoy-gateway FILE [flags]` (`args` starts with the command).
-pub fn command(args: &[String]) -> Result<(), String> {
-    let (command, rest) = args.split_first().ok_or("no command")?;
-    let (file, flags) = rest
-        .split_first()
-        .ok_or_else(|| format!("{command} needs FILE\n{USAGE}"))?;
-    let flags = Flags::parse(flags)?;
-    let (filter_config, router) = load(file, flags.one("api-keys"))?;
+/// `jairouter-render istio|envoy-gateway FILE [flags]`: `args` as parsed by the command's
+/// grammar (`istio::COMMAND`, `envoy_gateway::COMMAND`), `line` the whole command line (named in
+/// the rendered YAML's header).
+pub fn command(command: &str, args: &Args, line: &[String]) -> Result<(), String> {
+    let file = args.operand(0);
+    let (filter_config, router) = load(file, args.one("api-keys"))?;
     for note in unsupported_in_mesh(&router) {
         eprintln!("jairouter-render: note: {note}");
     }
-    let documents = match command.as_str() {
-        "istio" => istio::render(
-            &router,
-            &filter_config,
-            &istio::Options::from_flags(&flags)?,
-        )?,
+    let documents = match command {
+        "istio" => istio::render(&router, &filter_config, &istio::Options::from_flags(args)?)?,
         "envoy-gateway" => envoy_gateway::render(
             &router,
             &filter_config,
-            &envoy_gateway::Options::from_flags(&flags)?,
+            &envoy_gateway::Options::from_flags(args)?,
         )?,
-        _ => return Err(USAGE.to_string()),
+        other => return Err(format!("{other}: not a mesh command")),
     };
-    print!("{}", to_yaml(&command_line(args), &documents)?);
+    print!("{}", to_yaml(&command_line(line), &documents)?);
     Ok(())
 }
 
-pub const USAGE: &str = "usage: jairouter-render istio FILE [--api-keys KEYS] --wasm-url URL [--wasm-sha256 HEX] \
-[--namespace NS] [--mode gateway|sidecar] [--gateway NS/NAME] [--selector KEY=VALUE ...] [--host H ...] \
-[--proxy-namespace NS] [--install envoyfilter|wasmplugin]\n       \
-jairouter-render envoy-gateway FILE [--api-keys KEYS] --wasm-url URL [--wasm-sha256 HEX] [--namespace NS] \
---gateway [NS/]NAME [--host H ...] [--xds-listener NAME]";
+pub use envoy_gateway::COMMAND as ENVOY_GATEWAY;
+pub use istio::COMMAND as ISTIO;
 
 /// The filter's configuration (what `plugin-config` prints) and what it compiles to.
 fn load(file: &str, api_keys: Option<&str>) -> Result<(Value, Plan), String> {
@@ -94,59 +87,14 @@ fn unsupported_in_mesh(router: &Plan) -> Vec<&'static str> {
              rate limiting (limits in the filter stay per proxy pod)",
         );
     }
+    if router.gateway.edge != EdgeLimits::DEFAULT {
+        notes.push(
+            "gateway.max-connections and the gateway's timeouts and header limits are \
+             settings of the standalone bootstrap's listener, which the mesh owns: set them on \
+             the mesh's gateway or proxy configuration",
+        );
+    }
     notes
-}
-
-/// Command-line flags; `--selector` and `--host` may repeat.
-pub struct Flags {
-    values: Vec<(String, String)>,
-}
-
-const REPEATABLE: [&str; 2] = ["selector", "host"];
-
-impl Flags {
-    pub fn parse(args: &[String]) -> Result<Flags, String> {
-        let mut values: Vec<(String, String)> = Vec::new();
-        let mut it = args.iter();
-        while let Some(flag) = it.next() {
-            let name = flag
-                .strip_prefix("--")
-                .ok_or_else(|| format!("unexpected argument {flag}\n{USAGE}"))?;
-            let value = it.next().ok_or_else(|| format!("--{name} needs a value"))?;
-            if !REPEATABLE.contains(&name) && values.iter().any(|(n, _)| n == name) {
-                return Err(format!("--{name} is given twice"));
-            }
-            values.push((name.to_string(), value.clone()));
-        }
-        Ok(Flags { values })
-    }
-
-    pub fn one(&self, name: &str) -> Option<&str> {
-        self.values
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    pub fn all(&self, name: &str) -> Vec<&str> {
-        self.values
-            .iter()
-            .filter(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-            .collect()
-    }
-
-    /// Flags the command does not take (unknown ones included).
-    pub fn refuse_other_than(&self, command: &str, accepted: &[&str]) -> Result<(), String> {
-        match self
-            .values
-            .iter()
-            .find(|(n, _)| !accepted.contains(&n.as_str()))
-        {
-            Some((name, _)) => Err(format!("{command} does not take --{name}\n{USAGE}")),
-            None => Ok(()),
-        }
-    }
 }
 
 /// Where the filter's .wasm comes from.
@@ -167,7 +115,7 @@ pub struct Wasm {
 }
 
 impl Wasm {
-    pub fn from_flags(flags: &Flags) -> Result<Wasm, String> {
+    pub fn from_flags(flags: &Args) -> Result<Wasm, String> {
         let url = flags
             .one("wasm-url")
             .ok_or("--wasm-url URL is required (oci://..., https://... or file://...)")?;
@@ -451,6 +399,7 @@ fn command_line(args: &[String]) -> String {
 #[cfg(test)]
 pub mod tests {
     use super::*;
+    use crate::flags::Command;
 
     /// The filter's configuration and its compiled form, from YAML.
     pub fn config(yaml: &str) -> (Value, Plan) {
@@ -460,9 +409,13 @@ pub mod tests {
         (value, router)
     }
 
-    pub fn flags(args: &[&str]) -> Flags {
-        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        Flags::parse(&args).unwrap()
+    /// `args` after `FILE`, read by `command`'s grammar.
+    pub fn flags(command: &Command, args: &[&str]) -> Result<Args, String> {
+        let line: Vec<String> = std::iter::once("app.yml")
+            .chain(args.iter().copied())
+            .map(str::to_string)
+            .collect();
+        command.parse(&line).map_err(|e| e.0)
     }
 
     /// Every document of a rendering, parsed back.
@@ -590,22 +543,38 @@ services:
     }
 
     #[test]
-    fn flags_repeat_only_where_allowed() {
-        let f = flags(&["--host", "a", "--host", "b", "--namespace", "x"]);
+    fn edge_limits_are_noted_as_the_mesh_s_business() {
+        let yaml = |gateway: &str| {
+            format!(
+                "model:\n  gateway: {gateway}\n  services:\n    chat:\n      instances:\n        - {{name: m, base-url: \"http://h:1\"}}\n"
+            )
+        };
+        let (_, plain) = config(&yaml("{instance-header: true}"));
+        assert!(unsupported_in_mesh(&plain).is_empty());
+        let (_, limited) = config(&yaml("{max-connections: 10}"));
+        let notes = unsupported_in_mesh(&limited);
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.starts_with("gateway.max-connections")),
+            "{notes:?}"
+        );
+    }
+
+    #[test]
+    fn each_mesh_command_takes_only_its_flags() {
+        let f = flags(&ISTIO, &["--host", "a", "--host", "b", "--namespace", "x"]).unwrap();
         assert_eq!(f.all("host"), ["a", "b"]);
         assert_eq!(f.one("namespace"), Some("x"));
-        let twice: Vec<String> = ["--namespace", "a", "--namespace", "b"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        assert!(Flags::parse(&twice).is_err());
-        let unknown = flags(&["--nope", "a"]);
-        assert!(unknown.refuse_other_than("istio", &["host"]).is_err());
+        assert!(flags(&ISTIO, &["--namespace", "a", "--namespace", "b"]).is_err());
+        assert!(flags(&ISTIO, &["--xds-listener", "x"]).is_err());
+        assert!(flags(&ENVOY_GATEWAY, &["--mode", "sidecar"]).is_err());
+        assert!(flags(&ENVOY_GATEWAY, &["--xds-listener", "x"]).is_ok());
     }
 
     #[test]
     fn wasm_sources() {
-        let wasm = |url: &str| Wasm::from_flags(&flags(&["--wasm-url", url]));
+        let wasm = |url: &str| Wasm::from_flags(&flags(&ISTIO, &["--wasm-url", url]).unwrap());
         assert_eq!(
             wasm("oci://ghcr.io/x/y:1").unwrap().source,
             WasmSource::Oci("oci://ghcr.io/x/y:1".into())
@@ -615,10 +584,9 @@ services:
             WasmSource::File("/opt/f.wasm".into())
         );
         assert!(wasm("ghcr.io/x/y:1").is_err());
-        assert!(Wasm::from_flags(&flags(&[])).is_err());
-        assert!(
-            Wasm::from_flags(&flags(&["--wasm-url", "oci://a/b", "--wasm-sha256", "AB"])).is_err()
-        );
+        assert!(Wasm::from_flags(&flags(&ISTIO, &[]).unwrap()).is_err());
+        let bad_sha = flags(&ISTIO, &["--wasm-url", "oci://a/b", "--wasm-sha256", "AB"]).unwrap();
+        assert!(Wasm::from_flags(&bad_sha).is_err());
     }
 
     #[test]
