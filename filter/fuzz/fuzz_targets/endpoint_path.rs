@@ -1,7 +1,7 @@
 //! Paths, query strings, service keys and client addresses as any text.
 #![no_main]
 use jairouter_filter::endpoint::{classify, Endpoint, Route, ServiceType};
-use jairouter_filter::request::client_ip;
+use jairouter_filter::encoding::client_ip;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
