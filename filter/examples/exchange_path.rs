@@ -64,5 +64,7 @@ fn main() {
         }
     }
     let per = start.elapsed() / n;
-    println!("whole exchange (round-robin chat, breakers, metrics, log summary): {per:?} per request");
+    println!(
+        "whole exchange (round-robin chat, breakers, metrics, log summary): {per:?} per request"
+    );
 }

@@ -29,6 +29,7 @@ pub mod scan;
 pub mod shared_keys;
 pub mod status;
 pub mod store;
+pub mod translate;
 pub mod usage;
 
 #[cfg(all(target_arch = "wasm32", not(test)))]

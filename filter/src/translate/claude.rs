@@ -1,0 +1,1 @@
+//! placeholder: the claude protocol (being written).

@@ -1,0 +1,1 @@
+//! placeholder: the gemini protocol (being written).

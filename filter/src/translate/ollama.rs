@@ -1,0 +1,1 @@
+//! placeholder: the ollama protocol (being written).
