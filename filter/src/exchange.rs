@@ -11,12 +11,13 @@
 mod report;
 #[cfg(test)]
 mod tests;
+mod translation;
 
 use crate::auth::claim_values;
 use crate::balance::load::{begin_request, end_request, record_latency};
 use crate::balance::Rng;
 use crate::breaker::{self, Admission, BreakerPolicy, Outcome};
-use crate::config::Strategy;
+use crate::config::{Protocol, Strategy};
 use crate::contract::{
     INSTANCE_HEADER, JWT_PAYLOAD_KEY, LOG_SUMMARY_PROPERTY, MODEL_HEADER, ORIGINAL_DST_HEADER,
     ROUTING_HEADER, SERVICE_DESCRIPTOR_HEADER,
@@ -35,6 +36,7 @@ use crate::scan::ScanOutcome;
 use crate::usage::{Usage, UsageScanner};
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
+use translation::{Hold, Pending, Translation};
 
 /// Body bytes are copied into the VM in windows of this size, and only until the model is known.
 pub const BODY_WINDOW: usize = 16 * 1024;
@@ -148,19 +150,26 @@ impl ResponseHead {
         }
     }
 
-    /// Adds `additions` to the response (replacing headers of the same names): one call each
-    /// for one header, else one call for the whole map, when it was read whole.
-    fn add(&self, host: &dyn Host, additions: &[(&str, &str)]) {
-        match additions {
-            [] => {}
-            [(name, value)] => host.set_response_header(name, value),
+    /// Adds `additions` to the response (replacing headers of the same names) and drops
+    /// `removals`: one call for one header, else one call for the whole map, when it was read
+    /// whole.
+    fn add(&self, host: &dyn Host, additions: &[(&str, &str)], removals: &[&str]) {
+        match (additions, removals) {
+            ([], []) => {}
+            ([(name, value)], []) => host.set_response_header(name, value),
             _ if !self.headers.is_complete() => {
                 for (name, value) in additions {
                     host.set_response_header(name, value);
                 }
+                for name in removals {
+                    host.remove_response_header(name);
+                }
             }
             _ => {
-                let replaced = |n: &str| additions.iter().any(|(a, _)| a.eq_ignore_ascii_case(n));
+                let replaced = |n: &str| {
+                    additions.iter().any(|(a, _)| a.eq_ignore_ascii_case(n))
+                        || removals.iter().any(|r| r.eq_ignore_ascii_case(n))
+                };
                 let kept = self.headers.iter().filter(|(n, _)| !replaced(n));
                 let all: Vec<(&str, &str)> = kept.chain(additions.iter().copied()).collect();
                 host.replace_response_headers(&all);
@@ -203,7 +212,24 @@ pub struct Exchange {
     client: Option<String>,
     /// Who the request authenticated as.
     caller: Caller,
+    /// Client headers a translating adapter must not forward (its backend would misread them).
+    client_sent: ClientSent,
+    /// A request routed to a translating instance, until its body is whole.
+    pending: Option<Pending>,
+    /// The answer's translation, once the request was translated (or its errors need it).
+    translation: Option<Translation>,
+    /// The head of an answer held whole for its translation.
+    held: Option<ResponseHead>,
     measure: Measure,
+}
+
+/// What the client sent that a translated request drops.
+#[derive(Default, Clone, Copy)]
+struct ClientSent {
+    /// Its own credential (not the backend's): kept for OpenAI backends when no API keys are on.
+    authorization: bool,
+    /// A compressed answer could not be translated.
+    accept_encoding: bool,
 }
 
 impl Exchange {
@@ -228,6 +254,10 @@ impl Exchange {
             requested_model: None,
             client: None,
             caller: Caller::Anyone,
+            client_sent: ClientSent::default(),
+            pending: None,
+            translation: None,
+            held: None,
             measure: Measure::default(),
         }
     }
@@ -269,6 +299,11 @@ impl Exchange {
             None
         };
         let authenticated = self.authenticate(host, &clock, &headers);
+        let credentials_removed = self.plan.api_keys.enabled() || self.plan.gateway.jwt.is_some();
+        self.client_sent = ClientSent {
+            authorization: !credentials_removed && headers.contains("authorization"),
+            accept_encoding: headers.contains("accept-encoding"),
+        };
         self.caller = match authenticated {
             Ok(caller) => caller,
             Err(reply) => return self.reply(host, &clock, &reply),
@@ -279,7 +314,10 @@ impl Exchange {
         let decision = on_request_headers(&plan, &head, &inputs);
         let flow = match decision {
             HeadDecision::Reply(reply) => self.reply(host, &clock, &reply),
-            HeadDecision::Route(routed) => self.apply(host, &clock, &routed),
+            HeadDecision::Route(routed) => {
+                let flow = self.apply(host, &clock, &routed);
+                self.after_routing(host, &clock, flow, 0, end_of_stream)
+            }
             HeadDecision::ScanBody(scan) => {
                 self.scan = Some(scan);
                 Flow::Pause
@@ -352,6 +390,10 @@ impl Exchange {
     ) -> Flow {
         let random = self.next_random();
         let Some(mut scan) = self.scan.take() else {
+            if self.pending.is_some() {
+                let clock = Clock::new(host);
+                return self.after_routing(host, &clock, Flow::Continue, body_size, end_of_stream);
+            }
             return Flow::Continue;
         };
         let clock = Clock::new(host);
@@ -394,11 +436,69 @@ impl Exchange {
                         return self.reply(host, &clock, &reply);
                     }
                 }
-                self.apply(host, &clock, &routed)
+                let flow = self.apply(host, &clock, &routed);
+                self.after_routing(host, &clock, flow, body_size, end_of_stream)
             }
         };
         self.mark_start(&clock);
         flow
+    }
+
+    /// A request routed to a translating instance waits for its whole body, then is rewritten.
+    fn after_routing(
+        &mut self,
+        host: &dyn Host,
+        clock: &Clock<'_>,
+        flow: Flow,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Flow {
+        if flow != Flow::Continue || self.pending.is_none() {
+            return flow;
+        }
+        if !end_of_stream {
+            return Flow::Pause;
+        }
+        self.translate_request(host, clock, body_size)
+    }
+
+    /// Rewrites the whole buffered request for the instance's protocol (body, length, path),
+    /// or answers the client when it cannot be said in that protocol.
+    fn translate_request(&mut self, host: &dyn Host, clock: &Clock<'_>, body_size: usize) -> Flow {
+        let Some(pending) = self.pending.take() else {
+            return Flow::Continue;
+        };
+        let body = match body_size {
+            0 => Vec::new(),
+            _ => host.request_body(0, body_size).unwrap_or_default(),
+        };
+        let created = clock.now() / 1_000_000_000;
+        let translated = Translation::request(&pending, &body, created).and_then(|(t, out)| {
+            if host.replace_request_body(body.len(), &out.body) {
+                Ok((t, out))
+            } else {
+                Err(LocalReply::no_instance(
+                    "Envoy refused the translated request.",
+                    DEFAULT_RETRY_AFTER_SECS,
+                ))
+            }
+        });
+        match translated {
+            Ok((translation, outbound)) => {
+                host.set_request_header("content-length", &outbound.body.len().to_string());
+                host.set_request_header(":path", &outbound.path);
+                self.translation = Some(translation);
+                Flow::Continue
+            }
+            Err(reply) => {
+                // The instance never saw the request: no breaker outcome, no latency sample.
+                self.count_breaker(host, clock, Outcome::Neutral);
+                if let Some(load) = self.load.as_mut() {
+                    load.measured = true;
+                }
+                self.reply(host, clock, &reply)
+            }
+        }
     }
 
     pub fn on_response_headers(&mut self, host: &dyn Host, end_of_stream: bool) -> Flow {
@@ -437,14 +537,40 @@ impl Exchange {
             _ if end_of_stream => self.count_breaker(host, &clock, Outcome::Success),
             _ => {}
         }
-        self.measure.streamed = head.content_type.contains("event-stream");
+        let status = head.status.unwrap_or(0);
+        let hold = match self.translation.as_mut() {
+            Some(translation) => translation.on_head(status, end_of_stream),
+            None => Hold::Pass,
+        };
+        self.measure.streamed = head.content_type.contains("event-stream") || hold == Hold::Stream;
         // Token budgets settle from the usage an OpenAI answer (JSON or SSE) reports, and the
-        // token metrics count it: read it from every answer of an instance.
-        if self.served_by.is_some() && (head.content_type.contains("json") || self.measure.streamed)
+        // token metrics count it: read it from every answer of an instance (a translated one
+        // once it is OpenAI's).
+        let translated_success = hold != Hold::Pass && (200..300).contains(&status);
+        if self.served_by.is_some()
+            && (head.content_type.contains("json") || self.measure.streamed || translated_success)
         {
             self.usage = Some(UsageScanner::new());
         }
-        // The rate-limit state the request met, the stand-in model, the instance that served.
+        if hold == Hold::Whole {
+            // Its head goes out with the rewritten body (status, type and length change).
+            self.held = Some(head);
+            return Flow::Pause;
+        }
+        let mut additions = self.response_additions();
+        let removals: &[&str] = if hold == Hold::Stream {
+            additions.push(("content-type", "text/event-stream"));
+            additions.push(("cache-control", "no-cache"));
+            &["content-length"]
+        } else {
+            &[]
+        };
+        head.add(host, &additions, removals);
+        Flow::Continue
+    }
+
+    /// The rate-limit state the request met, the stand-in model, the instance that served.
+    fn response_additions(&self) -> Vec<(&str, &str)> {
         let mut additions: Vec<(&str, &str)> = self
             .response_headers
             .iter()
@@ -458,8 +584,64 @@ impl Exchange {
                 additions.push((INSTANCE_HEADER, id));
             }
         }
-        head.add(host, &additions);
-        Flow::Continue
+        additions
+    }
+
+    /// A translated stream's chunk, rewritten in place.
+    fn translate_chunk(&mut self, host: &dyn Host, clock: &Clock<'_>, body_size: usize, end: bool) {
+        let Some(translation) = self.translation.as_mut() else {
+            return;
+        };
+        let chunk = match body_size {
+            0 => Vec::new(),
+            _ => host.response_body(body_size).unwrap_or_default(),
+        };
+        let (out, broken) = match translation.chunk(&chunk, end) {
+            Ok(out) => (out, false),
+            Err(out) => (out, true),
+        };
+        if out != chunk {
+            host.replace_response_body(body_size, &out);
+        }
+        if let Some(scanner) = self.usage.as_mut() {
+            scanner.feed(&out);
+        }
+        if broken {
+            self.count_breaker(host, clock, Outcome::Failure);
+        }
+    }
+
+    /// A held answer, whole now: rewritten, with its head.
+    fn translate_whole(&mut self, host: &dyn Host, clock: &Clock<'_>, body_size: usize) {
+        let (Some(translation), Some(head)) = (self.translation.as_ref(), self.held.take()) else {
+            return;
+        };
+        let body = match body_size {
+            0 => Vec::new(),
+            _ => host.response_body(body_size).unwrap_or_default(),
+        };
+        let answer = translation.whole(head.status.unwrap_or(0), &body);
+        host.replace_response_body(body_size, &answer.body);
+        let status = answer.status.to_string();
+        let length = answer.body.len().to_string();
+        let mut additions = self.response_additions();
+        additions.extend([
+            (":status", status.as_str()),
+            ("content-type", "application/json"),
+            ("content-length", length.as_str()),
+        ]);
+        head.add(host, &additions, &[]);
+        if (200..300).contains(&answer.status) {
+            if let Some(scanner) = self.usage.as_mut() {
+                scanner.feed(&answer.body);
+            }
+        } else {
+            self.usage = None;
+        }
+        if answer.malformed {
+            self.count_breaker(host, clock, Outcome::Failure);
+        }
+        self.status = Some(answer.status);
     }
 
     /// Reads the response for its usage as it passes, without holding it back.
@@ -483,7 +665,14 @@ impl Exchange {
                 self.measure.last_byte_ns = clock.now();
             }
         }
-        if let Some(scanner) = self.usage.as_mut() {
+        if self.held.is_some() {
+            if !end_of_stream {
+                return Flow::Pause;
+            }
+            self.translate_whole(host, &clock, body_size);
+        } else if self.translation.as_ref().is_some_and(Translation::streams) {
+            self.translate_chunk(host, &clock, body_size, end_of_stream);
+        } else if let Some(scanner) = self.usage.as_mut() {
             if let Some(bytes) = host.response_body(body_size) {
                 scanner.feed(&bytes);
             }
@@ -682,11 +871,31 @@ impl Exchange {
             let reply = LocalReply::no_instance("the chosen instance is gone", 1);
             return self.reply(host, clock, &reply);
         };
-        if routed.path != self.path {
+        let translates = instance.adapter.protocol != Protocol::OpenAi;
+        // A translated request's path is set with its body.
+        if routed.path != self.path && !translates {
             host.set_request_header(":path", &routed.path);
         }
         for (name, value) in &instance.headers {
             host.set_request_header(name, value);
+        }
+        if translates {
+            if self.client_sent.accept_encoding {
+                host.remove_request_header("accept-encoding");
+            }
+            let own_credential = instance.headers.iter().any(|(n, _)| n == "authorization");
+            if self.client_sent.authorization && !own_credential {
+                host.remove_request_header("authorization");
+            }
+            self.pending = Some(Pending {
+                protocol: instance.adapter.protocol,
+                endpoint: routed.endpoint,
+                model: routed.model.clone(),
+                prefix: instance.base_url.prefix.clone(),
+                path_given: instance.path_given.clone(),
+            });
+        } else if instance.adapter.rewrites_errors {
+            self.translation = Some(Translation::errors_only(routed.endpoint));
         }
         host.set_request_header(ROUTING_HEADER, &instance.cluster);
         // Envoy's global rate-limit filter reads these as descriptors (the route removes them

@@ -19,6 +19,7 @@ pub trait Host: SharedStore {
     /// Every response header, in one call.
     fn response_headers(&self) -> HeaderPairs;
     fn set_response_header(&self, name: &str, value: &str);
+    fn remove_response_header(&self, name: &str);
     /// Replaces every response header at once (one call where several would be set).
     fn replace_response_headers(&self, headers: &[(&str, &str)]);
     /// `len` bytes of the buffered request body from `start` (fewer at its end).
@@ -27,6 +28,8 @@ pub trait Host: SharedStore {
     fn replace_request_body(&self, len: usize, body: &[u8]) -> bool;
     /// The response body chunk Envoy holds now.
     fn response_body(&self, len: usize) -> Option<Vec<u8>>;
+    /// Replaces the first `len` bytes of that chunk (a translated answer); false when refused.
+    fn replace_response_body(&self, len: usize, body: &[u8]) -> bool;
     /// An Envoy attribute (`source.address`, `response.code_details`, metadata...).
     fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
     /// Filter state (the access log's `jairouter` summary).
@@ -44,10 +47,12 @@ pub enum Call {
     RemoveRequestHeader,
     ResponseHeaders,
     SetResponseHeader,
+    RemoveResponseHeader,
     ReplaceResponseHeaders,
     RequestBody,
     ReplaceRequestBody,
     ResponseBody,
+    ReplaceResponseBody,
     Property,
     SetProperty,
     SendReply,
@@ -171,6 +176,13 @@ impl Host for TestHost {
         set(&self.response_headers, name, value);
     }
 
+    fn remove_response_header(&self, name: &str) {
+        self.count(Call::RemoveResponseHeader);
+        self.response_headers
+            .borrow_mut()
+            .retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+    }
+
     fn replace_response_headers(&self, headers: &[(&str, &str)]) {
         self.count(Call::ReplaceResponseHeaders);
         *self.response_headers.borrow_mut() = headers
@@ -198,6 +210,14 @@ impl Host for TestHost {
         self.count(Call::ResponseBody);
         let chunk = self.response_chunk.borrow();
         chunk.get(..len.min(chunk.len())).map(<[u8]>::to_vec)
+    }
+
+    fn replace_response_body(&self, len: usize, replacement: &[u8]) -> bool {
+        self.count(Call::ReplaceResponseBody);
+        let mut chunk = self.response_chunk.borrow_mut();
+        let rest = chunk.get(len..).map(<[u8]>::to_vec).unwrap_or_default();
+        *chunk = [replacement, rest.as_slice()].concat();
+        true
     }
 
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {

@@ -68,6 +68,7 @@ pub struct TokenReservation {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Routed {
     pub service: ServiceType,
+    pub endpoint: Endpoint,
     pub model: String,
     pub instance: usize,
     pub path: String,
@@ -644,6 +645,7 @@ fn route_to_instance(
     Ok(Routed {
         limits_passed,
         service: kind,
+        endpoint,
         model: model.to_string(),
         instance: at,
         path,
@@ -798,6 +800,18 @@ fn retrieve_model(cfg: &Plan, id: &str, caller: Option<&ApiKey>) -> LocalReply {
 }
 
 fn unknown_model(cfg: &Plan, endpoint: Endpoint, model: &str) -> LocalReply {
+    let adapter = cfg
+        .service(endpoint.service())
+        .and_then(|s| s.unsupported.get(model));
+    if let Some(adapter) = adapter {
+        return LocalReply::error(
+            ClientError::NotSupportedByAdapter,
+            &format!(
+                "The model `{model}` is served through adapter `{adapter}`, which does not support the `{}` service.",
+                endpoint.service().key()
+            ),
+        );
+    }
     // Point a client that used the wrong endpoint to the right one.
     let elsewhere = cfg
         .services()

@@ -386,6 +386,10 @@ impl Host for WasmHost {
         let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
     }
 
+    fn remove_response_header(&self, name: &str) {
+        let _ = hostcalls::remove_map_value(MapType::HttpResponseHeaders, name);
+    }
+
     fn replace_response_headers(&self, headers: &[(&str, &str)]) {
         let _ = hostcalls::set_map(MapType::HttpResponseHeaders, headers.to_vec());
     }
@@ -404,6 +408,10 @@ impl Host for WasmHost {
         hostcalls::get_buffer(BufferType::HttpResponseBody, 0, len)
             .ok()
             .flatten()
+    }
+
+    fn replace_response_body(&self, len: usize, body: &[u8]) -> bool {
+        hostcalls::set_buffer(BufferType::HttpResponseBody, 0, len, body).is_ok()
     }
 
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {

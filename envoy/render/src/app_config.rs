@@ -91,7 +91,9 @@ pub fn load(text: &str, env: &HashMap<String, String>) -> Result<AppConfig, Stri
         }
         if model.is_none() {
             model = match value.get("model") {
-                Some(m) => Some(m.clone()),
+                // The original keeps `adapter-definitions` at the top level; the filter reads
+                // them beside the services.
+                Some(m) => Some(with_adapter_definitions(m.clone(), &value)),
                 // A file holding just the model: content.
                 None if value.get("services").is_some() => Some(value),
                 None => None,
@@ -104,6 +106,16 @@ pub fn load(text: &str, env: &HashMap<String, String>) -> Result<AppConfig, Stri
         api_keys,
         server_port,
     })
+}
+
+fn with_adapter_definitions(mut model: Value, document: &Value) -> Value {
+    if let (Some(definitions), Some(map)) =
+        (document.get("adapter-definitions"), model.as_object_mut())
+    {
+        map.entry("adapter-definitions")
+            .or_insert_with(|| definitions.clone());
+    }
+    model
 }
 
 fn port_of(value: &Value) -> Result<Option<u16>, String> {

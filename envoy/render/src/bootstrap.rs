@@ -595,6 +595,9 @@ fn failover_peers<'a>(service: &'a Service, instance: &Instance) -> Vec<&'a Inst
                 && peer.base_url.tls == instance.base_url.tls
                 && (!peer.base_url.tls || peer.base_url.host == instance.base_url.host)
                 && peer.headers == instance.headers
+                // A translated request is shaped for its instance's protocol and path.
+                && peer.adapter == instance.adapter
+                && peer.path_given == instance.path_given
         })
         .collect()
 }

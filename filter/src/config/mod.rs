@@ -2,10 +2,12 @@
 //! `jairouter.security.api-key`), read and validated once, every refusal naming its key path.
 //! Data only: `plan` compiles it into what requests run on.
 
+mod adapter;
 mod api_keys;
 mod policy;
 pub(crate) mod reader;
 
+pub use adapter::{Adapter, AdapterTable, Protocol, ANTHROPIC_VERSION};
 pub use api_keys::{
     ApiKeyEntry, ApiKeySection, ADMIN_PERMISSION, DEFAULT_HEADER_NAME, MAX_QUOTA, MIN_SALT_BYTES,
 };
@@ -217,6 +219,10 @@ pub struct InstanceConfig {
     pub circuit_breaker: Option<CircuitBreakerPolicy>,
     /// Checked by the process's health checker, when enabled for it.
     pub health_check: Option<HealthCheckPolicy>,
+    /// What the instance speaks (`adapter`: the instance's, else its service's, else global).
+    pub adapter: Adapter,
+    /// `path` as the configuration gave it (a native path for a translating adapter).
+    pub path_given: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -327,7 +333,14 @@ impl Config {
 
 fn parse_model(value: &Value, api_keys: ApiKeySection) -> Result<Config> {
     let mut f = Fields::new("model", value)?;
-    f.string("adapter")?; // adapters translate request bodies in the original; ours pass them unchanged
+    let adapters = match f.take("adapter-definitions") {
+        Some(v) => AdapterTable::parse(&f.child("adapter-definitions"), v)?,
+        None => AdapterTable::default(),
+    };
+    let adapter = match f.string("adapter")? {
+        Some(name) => adapters.resolve(&f.child("adapter"), name)?,
+        None => Adapter::normal(),
+    };
     let load_balance = match f.take("load-balance") {
         Some(v) => LoadBalance::parse(&f.child("load-balance"), v, None)?,
         None => LoadBalance::default(),
@@ -393,6 +406,8 @@ fn parse_model(value: &Value, api_keys: ApiKeySection) -> Result<Config> {
                     retries,
                     retry_uploads,
                     fallback: fallback.as_ref(),
+                    adapters: &adapters,
+                    adapter: &adapter,
                 },
                 &mut clusters,
             )?;
@@ -454,6 +469,9 @@ struct Inherited<'a> {
     retries: u64,
     retry_uploads: bool,
     fallback: Option<&'a FallbackPolicy>,
+    adapters: &'a AdapterTable,
+    /// The adapter of instances that name none (the service's, else the global one).
+    adapter: &'a Adapter,
 }
 
 fn take_health_check(
@@ -625,7 +643,10 @@ fn parse_service(
     clusters: &mut HashMap<String, String>,
 ) -> Result<ServiceConfig> {
     let mut f = Fields::new(path, value)?;
-    f.string("adapter")?;
+    let adapter = match f.string("adapter")? {
+        Some(name) => global.adapters.resolve(&f.child("adapter"), name)?,
+        None => global.adapter.clone(),
+    };
     let load_balance = match f.take("load-balance") {
         Some(v) => LoadBalance::parse(&f.child("load-balance"), v, Some(global_lb))?,
         None => global_lb.clone(),
@@ -665,6 +686,7 @@ fn parse_service(
         let inherited = Inherited {
             breaker: circuit_breaker.as_ref(),
             health_check: health_check.as_ref(),
+            adapter: &adapter,
             ..global
         };
         let instance = parse_instance(&ipath, kind, index, item, inherited)?;
@@ -727,7 +749,8 @@ fn parse_instance(
         .string("base-url")?
         .ok_or_else(|| error(&base_url_path, "is required (e.g. http://ollama:11434)"))?;
     let base_url = BaseUrl::parse(&base_url_path, base_url_text.trim())?;
-    let instance_path = match f.string("path")? {
+    let path_given = f.string("path")?.map(str::to_string);
+    let instance_path = match path_given.as_deref() {
         Some(p) if p.starts_with('/') && !p.contains(['?', '#', ' ']) => p.to_string(),
         Some(p) => {
             return Err(error(
@@ -756,8 +779,17 @@ fn parse_instance(
     let health_check = take_health_check(&mut f, service.health_check)?
         .or_else(|| service.health_check.cloned())
         .filter(|h| h.enabled);
-    // Bookkeeping fields of the original (database ids, adapter names): accepted, not needed.
-    f.string("adapter")?;
+    let mut adapter = match f.string("adapter")? {
+        Some(name) => service.adapters.resolve(&f.child("adapter"), name)?,
+        None => service.adapter.clone(),
+    };
+    // An Ollama reached at its OpenAI-compatible `/v1` keeps the passthrough.
+    let openai_path = path_given.as_deref().is_some_and(|p| p.starts_with("/v1/"))
+        || base_url.prefix.ends_with("/v1");
+    if adapter.protocol == Protocol::Ollama && openai_path {
+        adapter.protocol = Protocol::OpenAi;
+    }
+    // Bookkeeping fields of the original (database ids): accepted, not needed.
     f.take("id");
     f.boolean("healthy", true)?;
     f.finish()?;
@@ -784,6 +816,8 @@ fn parse_instance(
         headers,
         rate_limit,
         circuit_breaker,
+        adapter,
+        path_given,
     })
 }
 

@@ -9,7 +9,7 @@ use crate::balance::{Member, Pool};
 use crate::breaker::BreakerPolicy;
 use crate::config::reader::error;
 use crate::config::{
-    BaseUrl, CircuitBreakerPolicy, Config, ConfigError, FallbackPolicy, GatewayOptions,
+    Adapter, BaseUrl, CircuitBreakerPolicy, Config, ConfigError, FallbackPolicy, GatewayOptions,
     HealthCheckPolicy, InstanceConfig, LoadBalance, RateLimitPolicy, Scope, ServiceConfig,
     Strategy, TokenLimitPolicy, MAX_CLIENT_TABLE_BYTES,
 };
@@ -61,6 +61,8 @@ pub struct Service {
     /// Models that stand in for a model none of whose instances can take a request, in order
     /// (the service's `fallback.models`, else the global one, for models of this service).
     pub fallbacks: HashMap<String, Vec<String>>,
+    /// Models whose instances' adapters cannot serve this service, with the adapter's name.
+    pub unsupported: HashMap<String, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -75,8 +77,13 @@ pub struct Instance {
     pub active: bool,
     /// Upstream path per endpoint of the service (base-url prefix included).
     pub paths: Vec<(Endpoint, String)>,
-    /// Headers sent upstream on every request to this instance (e.g. the backend's credentials).
+    /// Headers sent upstream on every request to this instance (e.g. the backend's credentials),
+    /// its adapter's first (the instance's own win).
     pub headers: Vec<(String, String)>,
+    /// What the instance speaks and serves.
+    pub adapter: Adapter,
+    /// `path` as the configuration gave it.
+    pub path_given: Option<String>,
     pub rate_limit: Option<RateLimitPolicy>,
     /// The `circuit-breaker` block in force here (instance, else service, else global).
     pub circuit_breaker: Option<CircuitBreakerPolicy>,
@@ -110,7 +117,9 @@ impl Instance {
             weight: instance.weight,
             active: instance.active,
             paths: instance.paths,
-            headers: instance.headers,
+            headers: with_adapter_headers(&instance.adapter, instance.headers),
+            adapter: instance.adapter,
+            path_given: instance.path_given,
             rate_limit: instance.rate_limit,
             circuit_breaker: instance.circuit_breaker,
             health_check: instance.health_check,
@@ -136,6 +145,18 @@ impl Instance {
     }
 }
 
+/// The adapter's headers the instance does not set itself, then the instance's.
+fn with_adapter_headers(adapter: &Adapter, own: Vec<(String, String)>) -> Vec<(String, String)> {
+    let mut headers: Vec<(String, String)> = adapter
+        .headers
+        .iter()
+        .filter(|(name, _)| !own.iter().any(|(n, _)| n == name))
+        .cloned()
+        .collect();
+    headers.extend(own);
+    headers
+}
+
 impl Service {
     fn compile(service: ServiceConfig) -> Service {
         let kind = service.kind;
@@ -148,12 +169,27 @@ impl Service {
         // in the instances however many models they serve.
         let mut members: HashMap<&str, Vec<Member<'_>>> =
             HashMap::with_capacity(service.models.len());
+        // An instance whose adapter cannot serve the service takes none of its requests; a
+        // model left with no other instance answers 501 (`unsupported`).
+        let mut unsupported = HashMap::new();
         for (index, instance) in instances.iter().enumerate() {
+            if !instance.adapter.serves(kind) {
+                log::warn!(
+                    "instance {} ({}) takes no {} requests: adapter {} does not serve them",
+                    instance.id,
+                    instance.name,
+                    kind.key(),
+                    instance.adapter.name
+                );
+                unsupported.insert(instance.name.clone(), instance.adapter.name.clone());
+                continue;
+            }
             members
                 .entry(instance.name.as_str())
                 .or_default()
                 .push(instance.member(index));
         }
+        unsupported.retain(|model, _| !members.contains_key(model.as_str()));
         let models = members
             .iter()
             .map(|(model, members)| {
@@ -172,6 +208,7 @@ impl Service {
             models,
             retries: service.retries,
             fallbacks: service.fallbacks,
+            unsupported,
         }
     }
 }

@@ -454,3 +454,81 @@ fn stale_keys_are_what_a_reload_dropped() {
         .iter()
         .any(|k| k.starts_with("jairouter/instance/chat-0/")));
 }
+
+#[test]
+fn adapters_resolve_from_instance_service_or_global_and_typos_name_their_key() {
+    let cfg = Plan::from_value(&json!({
+        "adapter": "vllm",
+        "adapter-definitions": {"deepseek": {"type": "openai-compatible",
+            "auth": {"api-key": "sk-d"}, "additional-headers": {"x-team": "a"}}},
+        "services": {
+            "chat": {"adapter": "Claude", "instances": [
+                {"name": "claude-x", "base-url": "https://api.anthropic.com",
+                 "headers": {"x-api-key": "sk-ant"}},
+                {"name": "qwen", "base-url": "http://o:11434", "adapter": "ollama"},
+                {"name": "qwen-v1", "base-url": "http://o:11434", "adapter": "ollama",
+                 "path": "/v1/chat/completions"},
+                {"name": "ds", "base-url": "https://api.deepseek.com", "adapter": "deepseek"}
+            ]},
+            "embedding": {"instances": [{"name": "e", "base-url": "http://e:1"}]}
+        }
+    }))
+    .unwrap();
+    let chat = cfg.service(ServiceType::Chat).unwrap();
+    let protocol = |i: usize| chat.instances[i].adapter.protocol;
+    assert_eq!(protocol(0), crate::config::Protocol::Anthropic);
+    assert_eq!(protocol(1), crate::config::Protocol::Ollama);
+    // An Ollama at its OpenAI-compatible path keeps the passthrough.
+    assert_eq!(protocol(2), crate::config::Protocol::OpenAi);
+    // The adapter's headers come first, the instance's own after.
+    assert_eq!(
+        chat.instances[0].headers,
+        vec![
+            ("anthropic-version".to_string(), "2023-06-01".to_string()),
+            ("x-api-key".to_string(), "sk-ant".to_string())
+        ]
+    );
+    assert!(chat.instances[3]
+        .headers
+        .contains(&("authorization".to_string(), "Bearer sk-d".to_string())));
+    let embedding = cfg.service(ServiceType::Embedding).unwrap();
+    assert_eq!(embedding.instances[0].adapter.name, "vllm");
+
+    for (v, key) in [
+        (json!({"adapter": "olama", "services": {}}), "model.adapter"),
+        (
+            json!({"services": {"chat": {"adapter": "x", "instances": []}}}),
+            "model.services.chat.adapter",
+        ),
+        (
+            json!({"services": {"chat": {"instances": [
+                {"name": "a", "base-url": "http://a:1", "adapter": "nope"}]}}}),
+            "model.services.chat.instances[0].adapter",
+        ),
+    ] {
+        let why = refused(v);
+        assert!(
+            why.contains(key) && why.contains("unknown adapter"),
+            "{why}"
+        );
+    }
+}
+
+#[test]
+fn an_adapter_that_cannot_serve_the_service_leaves_its_model_to_a_501() {
+    let cfg = Plan::from_value(&json!({"services": {"embedding": {"instances": [
+        {"name": "claude-e", "base-url": "http://a:1", "adapter": "claude"},
+        {"name": "mixed", "base-url": "http://a:1", "adapter": "claude"},
+        {"name": "mixed", "base-url": "http://b:1"}
+    ]}}}))
+    .unwrap();
+    let embedding = cfg.service(ServiceType::Embedding).unwrap();
+    assert!(!embedding.models.contains_key("claude-e"));
+    assert_eq!(
+        embedding.unsupported.get("claude-e").map(String::as_str),
+        Some("claude")
+    );
+    // A model with a capable instance is served by it alone.
+    assert_eq!(embedding.models["mixed"].routable, vec![2]);
+    assert!(!embedding.unsupported.contains_key("mixed"));
+}

@@ -600,3 +600,19 @@ fn api_keys_authenticate_then_authorize() {
     let anyone = authenticate(&config(), None, None, None, now, None).unwrap();
     assert_eq!(anyone, Caller::Anyone);
 }
+
+#[test]
+fn a_model_only_an_incapable_adapter_serves_is_501() {
+    let cfg = Plan::from_value(
+        &serde_json::json!({"services": {"embedding": {"instances": [
+            {"name": "claude-e", "base-url": "http://a:1", "adapter": "claude"}
+        ]}}}),
+    )
+    .unwrap();
+    let body = br#"{"model":"claude-e","input":"x"}"#;
+    let BodyStep::Reply(r) = scan_body(&cfg, "/v1/embeddings", "application/json", body) else {
+        panic!("expected a reply")
+    };
+    assert_eq!(r.status, 501);
+    assert_eq!(error_code(&r), "not_supported_by_adapter");
+}

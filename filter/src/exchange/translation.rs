@@ -1,0 +1,414 @@
+//! An exchange with an instance whose adapter translates: the request rewritten whole for the
+//! instance's protocol (`translate/`), and the answer rewritten back, whole or chunk by chunk.
+//! Pure: the exchange reads and writes the bytes; this decides what they become.
+
+use crate::config::Protocol;
+use crate::endpoint::Endpoint;
+use crate::reply::{ClientError, LocalReply};
+use crate::translate::{
+    claude, gemini, ollama, openai, parse_request, Malformed, Refusal, ReplyContext,
+    StreamTranslator,
+};
+use serde_json::Value;
+
+/// What a request needs translated once its body is whole (known when it is routed).
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub protocol: Protocol,
+    pub endpoint: Endpoint,
+    /// The model asked of the instance (its `name`).
+    pub model: String,
+    /// The instance's base-url path prefix and its `path` as configured.
+    pub prefix: String,
+    pub path_given: Option<String>,
+}
+
+/// The translated request.
+pub struct Outbound {
+    pub path: String,
+    pub body: Vec<u8>,
+}
+
+/// How the answer passes, decided at its head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// Unchanged (a passthrough instance's success).
+    Pass,
+    /// Translated chunk by chunk as it streams.
+    Stream,
+    /// Held until it is whole, then rewritten with its head (status, type, length).
+    Whole,
+}
+
+/// The answer of a translated exchange.
+pub struct Translation {
+    protocol: Protocol,
+    endpoint: Endpoint,
+    reply: ReplyContext,
+    stream: bool,
+    /// GPUStack's `{status_code, detail}` errors become OpenAI errors.
+    rewrites_errors: bool,
+    translator: Option<Box<dyn StreamTranslator>>,
+    /// The stream broke (malformed output): the rest of it is dropped.
+    broken: bool,
+}
+
+impl Translation {
+    /// A passthrough instance whose error bodies need rewriting (`adapter: gpustack`).
+    pub fn errors_only(endpoint: Endpoint) -> Translation {
+        Translation {
+            protocol: Protocol::OpenAi,
+            endpoint,
+            reply: ReplyContext {
+                model: String::new(),
+                created: 0,
+                include_usage: false,
+            },
+            stream: false,
+            rewrites_errors: true,
+            translator: None,
+            broken: false,
+        }
+    }
+
+    /// Translates a whole request body for its instance's protocol; a refusal is the client's
+    /// answer (400 for a body that is not a valid request, 501 for what the protocol lacks).
+    pub fn request(
+        pending: &Pending,
+        body: &[u8],
+        created: u64,
+    ) -> Result<(Translation, Outbound), LocalReply> {
+        let request = parse_request(body).map_err(|r| refused(pending, r))?;
+        let stream = openai::is_stream(&request);
+        let model = pending.model.as_str();
+        let translated: Result<Value, Refusal> = match (pending.protocol, pending.endpoint) {
+            (Protocol::Anthropic, Endpoint::ChatCompletions) => {
+                claude::chat_request(&request, model)
+            }
+            (Protocol::Gemini, Endpoint::ChatCompletions) => gemini::chat_request(&request, model),
+            (Protocol::Gemini, Endpoint::Embeddings) => gemini::embed_request(&request, model),
+            (Protocol::Ollama, Endpoint::ChatCompletions) => ollama::chat_request(&request, model),
+            (Protocol::Ollama, Endpoint::Embeddings) => ollama::embed_request(&request, model),
+            (protocol, endpoint) => Err(Refusal::Unsupported(format!(
+                "/v1/{} is not translated for {} backends",
+                endpoint.suffix(),
+                protocol_name(protocol)
+            ))),
+        };
+        let body = translated
+            .map_err(|r| refused(pending, r))?
+            .to_string()
+            .into_bytes();
+        let stream = stream && pending.endpoint == Endpoint::ChatCompletions;
+        let path = upstream_path(pending, stream);
+        let reply = ReplyContext {
+            model: pending.model.clone(),
+            created,
+            include_usage: openai::wants_usage(&request),
+        };
+        let translation = Translation {
+            protocol: pending.protocol,
+            endpoint: pending.endpoint,
+            reply,
+            stream,
+            rewrites_errors: false,
+            translator: None,
+            broken: false,
+        };
+        Ok((translation, Outbound { path, body }))
+    }
+
+    /// How the answer with this status passes. A response that ends at its head passes as it is
+    /// (there is no body to rewrite).
+    pub fn on_head(&mut self, status: u32, end_of_stream: bool) -> Hold {
+        let success = (200..300).contains(&status);
+        if end_of_stream
+            || (self.protocol == Protocol::OpenAi && (success || !self.rewrites_errors))
+        {
+            return Hold::Pass;
+        }
+        if success && self.stream {
+            self.translator = Some(self.stream_translator());
+            return Hold::Stream;
+        }
+        Hold::Whole
+    }
+
+    /// Whether the answer is a translated stream.
+    pub fn streams(&self) -> bool {
+        self.translator.is_some()
+    }
+
+    /// Translates one chunk of a stream (and, at its end, what the end implies). `Err` carries
+    /// the output with the error event that ends a stream gone bad.
+    pub fn chunk(&mut self, chunk: &[u8], end_of_stream: bool) -> Result<Vec<u8>, Vec<u8>> {
+        let mut out = Vec::with_capacity(chunk.len().saturating_mul(2));
+        if self.broken {
+            return Ok(out);
+        }
+        let Some(translator) = self.translator.as_mut() else {
+            return Ok(chunk.to_vec());
+        };
+        let mut result = translator.feed(chunk, &mut out);
+        if result.is_ok() && end_of_stream {
+            result = translator.finish(&mut out);
+        }
+        match result {
+            Ok(()) => Ok(out),
+            Err(Malformed(why)) => {
+                self.broken = true;
+                openai::stream_error(
+                    &mut out,
+                    &format!("The backend's stream is malformed: {why}"),
+                );
+                openai::sse_done(&mut out);
+                Err(out)
+            }
+        }
+    }
+
+    /// A whole answer rewritten: its status and OpenAI body. A success that is not what the
+    /// protocol promises is a 502; a backend's error keeps its status, in OpenAI's shape.
+    pub fn whole(&self, status: u32, body: &[u8]) -> Answer {
+        if !(200..300).contains(&status) {
+            return Answer {
+                status,
+                body: self.error(status, body),
+                malformed: false,
+            };
+        }
+        let translated = match (self.protocol, self.endpoint) {
+            (Protocol::Anthropic, _) => claude::chat_response(body, &self.reply),
+            (Protocol::Gemini, Endpoint::Embeddings) => gemini::embed_response(body, &self.reply),
+            (Protocol::Gemini, _) => gemini::chat_response(body, &self.reply),
+            (Protocol::Ollama, Endpoint::Embeddings) => ollama::embed_response(body, &self.reply),
+            (Protocol::Ollama, _) => ollama::chat_response(body, &self.reply),
+            (Protocol::OpenAi, _) => Ok(body.to_vec()),
+        };
+        match translated {
+            Ok(body) => Answer {
+                status,
+                body,
+                malformed: false,
+            },
+            Err(Malformed(why)) => Answer {
+                status: 502,
+                body: openai::error_body(
+                    502,
+                    &format!("The backend's answer is malformed: {why}"),
+                    Some(ClientError::BadBackendOutput.code()),
+                ),
+                malformed: true,
+            },
+        }
+    }
+
+    /// A backend's error body as an OpenAI error with the same status.
+    fn error(&self, status: u32, body: &[u8]) -> Vec<u8> {
+        let message = match self.protocol {
+            Protocol::Anthropic => claude::error_message(body),
+            Protocol::Gemini => gemini::error_message(body),
+            Protocol::Ollama => ollama::error_message(body),
+            Protocol::OpenAi => gpustack_message(body).or_else(|| openai_message(body)),
+        };
+        let message = message.unwrap_or_else(|| {
+            let text = String::from_utf8_lossy(body);
+            let text: String = text.trim().chars().take(200).collect();
+            if text.is_empty() {
+                format!("The backend answered {status}.")
+            } else {
+                format!("The backend answered {status}: {text}")
+            }
+        });
+        openai::error_body(status, &message, None)
+    }
+
+    fn stream_translator(&self) -> Box<dyn StreamTranslator> {
+        let reply = self.reply.clone();
+        match self.protocol {
+            Protocol::Gemini => Box::new(gemini::ChatStream::new(reply)),
+            Protocol::Ollama => Box::new(ollama::ChatStream::new(reply)),
+            Protocol::Anthropic | Protocol::OpenAi => Box::new(claude::ChatStream::new(reply)),
+        }
+    }
+}
+
+/// A rewritten answer.
+pub struct Answer {
+    pub status: u32,
+    pub body: Vec<u8>,
+    /// The backend's success was not what its protocol promises (it counts as its failure).
+    pub malformed: bool,
+}
+
+/// Where the translated request goes on the instance.
+fn upstream_path(pending: &Pending, stream: bool) -> String {
+    let prefix = pending.prefix.as_str();
+    let given = pending.path_given.as_deref();
+    match pending.protocol {
+        Protocol::Anthropic => match given {
+            Some(path) if path.ends_with("/messages") => format!("{prefix}{path}"),
+            _ if prefix.ends_with("/v1") => format!("{prefix}/messages"),
+            _ => format!("{prefix}/v1/messages"),
+        },
+        Protocol::Gemini => {
+            let version = if prefix.ends_with("/v1beta") || prefix.ends_with("/v1") {
+                ""
+            } else {
+                "/v1beta"
+            };
+            let model = pending
+                .model
+                .strip_prefix("models/")
+                .unwrap_or(&pending.model);
+            let method = match (pending.endpoint, stream) {
+                (Endpoint::Embeddings, _) => "batchEmbedContents",
+                (_, true) => "streamGenerateContent?alt=sse",
+                (_, false) => "generateContent",
+            };
+            format!("{prefix}{version}/models/{model}:{method}")
+        }
+        Protocol::Ollama => match pending.endpoint {
+            Endpoint::Embeddings => format!("{prefix}/api/embed"),
+            _ => format!("{prefix}/api/chat"),
+        },
+        Protocol::OpenAi => format!("{prefix}/v1/{}", pending.endpoint.suffix()),
+    }
+}
+
+fn protocol_name(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::OpenAi => "OpenAI",
+        Protocol::Anthropic => "Anthropic",
+        Protocol::Gemini => "Gemini",
+        Protocol::Ollama => "Ollama",
+    }
+}
+
+fn refused(pending: &Pending, refusal: Refusal) -> LocalReply {
+    match refusal {
+        Refusal::Invalid(why) => LocalReply::error(ClientError::InvalidJson, &why),
+        Refusal::Unsupported(why) => LocalReply::error(
+            ClientError::NotSupportedByAdapter,
+            &format!(
+                "{why} (the model `{}` is served by a {} backend)",
+                pending.model,
+                protocol_name(pending.protocol)
+            ),
+        ),
+    }
+}
+
+/// GPUStack's error shape: `{"status_code": 404, "detail": "..."}`.
+fn gpustack_message(body: &[u8]) -> Option<String> {
+    let value: Value = serde_json::from_slice(body).ok()?;
+    value.get("status_code")?;
+    match value.get("detail")? {
+        Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
+fn openai_message(body: &[u8]) -> Option<String> {
+    let value: Value = serde_json::from_slice(body).ok()?;
+    value
+        .get("error")?
+        .get("message")?
+        .as_str()
+        .map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    fn pending(protocol: Protocol, endpoint: Endpoint, prefix: &str) -> Pending {
+        Pending {
+            protocol,
+            endpoint,
+            model: "m-1".into(),
+            prefix: prefix.into(),
+            path_given: None,
+        }
+    }
+
+    #[test]
+    fn each_protocol_has_its_native_path() {
+        let chat = Endpoint::ChatCompletions;
+        assert_eq!(
+            upstream_path(&pending(Protocol::Anthropic, chat, ""), false),
+            "/v1/messages"
+        );
+        assert_eq!(
+            upstream_path(&pending(Protocol::Anthropic, chat, "/x/v1"), true),
+            "/x/v1/messages"
+        );
+        assert_eq!(
+            upstream_path(&pending(Protocol::Gemini, chat, ""), true),
+            "/v1beta/models/m-1:streamGenerateContent?alt=sse"
+        );
+        assert_eq!(
+            upstream_path(
+                &pending(Protocol::Gemini, Endpoint::Embeddings, "/v1beta"),
+                false
+            ),
+            "/v1beta/models/m-1:batchEmbedContents"
+        );
+        assert_eq!(
+            upstream_path(&pending(Protocol::Ollama, chat, "/o"), true),
+            "/o/api/chat"
+        );
+        assert_eq!(
+            upstream_path(&pending(Protocol::Ollama, Endpoint::Embeddings, ""), false),
+            "/api/embed"
+        );
+    }
+
+    #[test]
+    fn refusals_are_400_for_bad_bodies_and_501_for_what_the_protocol_lacks() {
+        let p = pending(Protocol::Anthropic, Endpoint::ChatCompletions, "");
+        let bad = Translation::request(&p, b"{not json", 1)
+            .err()
+            .map(|r| r.status);
+        assert_eq!(bad, Some(400));
+        let legacy = pending(Protocol::Anthropic, Endpoint::Completions, "");
+        let lacking = Translation::request(&legacy, br#"{"model":"m","prompt":"x"}"#, 1)
+            .err()
+            .map(|r| r.status);
+        assert_eq!(lacking, Some(501));
+    }
+
+    #[test]
+    fn gpustack_errors_become_openai_errors_with_their_status() {
+        let mut t = Translation::errors_only(Endpoint::ChatCompletions);
+        assert_eq!(t.on_head(200, false), Hold::Pass);
+        assert_eq!(t.on_head(404, false), Hold::Whole);
+        let answer = t.whole(404, br#"{"status_code":404,"detail":"model not loaded"}"#);
+        assert_eq!(answer.status, 404);
+        let body: Value = serde_json::from_slice(&answer.body).unwrap();
+        assert_eq!(body["error"]["message"], "model not loaded");
+        assert_eq!(body["error"]["type"], "not_found_error");
+    }
+
+    #[test]
+    fn a_backend_error_keeps_its_status_and_malformed_success_is_502() {
+        let p = pending(Protocol::Ollama, Endpoint::ChatCompletions, "");
+        let (mut t, out) = Translation::request(
+            &p,
+            br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+            1,
+        )
+        .ok()
+        .unwrap();
+        assert_eq!(out.path, "/api/chat");
+        assert_eq!(t.on_head(500, false), Hold::Whole);
+        let answer = t.whole(500, br#"{"error":"out of memory"}"#);
+        assert_eq!(answer.status, 500);
+        let body: Value = serde_json::from_slice(&answer.body).unwrap();
+        assert_eq!(body["error"]["message"], "out of memory");
+        let bad = t.whole(200, b"<html>");
+        assert_eq!((bad.status, bad.malformed), (502, true));
+    }
+}
