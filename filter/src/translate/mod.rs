@@ -9,10 +9,14 @@
 //! `chat.completion`), `ChatStream` (the vendor's stream to OpenAI chunks), `error_message` (the
 //! message of a vendor error body), and for the protocols with embeddings `embed_request` /
 //! `embed_response`.
+//!
+//! `messages` is the other way round: a client speaking Anthropic Messages (Claude Code, the
+//! Anthropic SDKs) in front of an OpenAI-compatible backend.
 
 pub mod claude;
 pub mod frames;
 pub mod gemini;
+pub mod messages;
 pub mod ollama;
 pub mod openai;
 
