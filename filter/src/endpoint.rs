@@ -92,10 +92,14 @@ pub enum Endpoint {
     Translations,
     ImageGenerations,
     ImageEdits,
+    /// Anthropic's Messages API (`/v1/messages`), for Claude Code and the Anthropic SDKs.
+    Messages,
+    /// `/v1/messages/count_tokens`.
+    CountTokens,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 9] = [
+    pub const ALL: [Endpoint; 11] = [
         Endpoint::ChatCompletions,
         Endpoint::Completions,
         Endpoint::Embeddings,
@@ -105,6 +109,8 @@ impl Endpoint {
         Endpoint::Translations,
         Endpoint::ImageGenerations,
         Endpoint::ImageEdits,
+        Endpoint::Messages,
+        Endpoint::CountTokens,
     ];
 
     /// The path below `/v1/`.
@@ -119,12 +125,22 @@ impl Endpoint {
             Endpoint::Translations => "audio/translations",
             Endpoint::ImageGenerations => "images/generations",
             Endpoint::ImageEdits => "images/edits",
+            Endpoint::Messages => "messages",
+            Endpoint::CountTokens => "messages/count_tokens",
         }
+    }
+
+    /// Anthropic's endpoints: their errors are in Anthropic's shape.
+    pub fn is_anthropic(self) -> bool {
+        matches!(self, Endpoint::Messages | Endpoint::CountTokens)
     }
 
     pub fn service(self) -> ServiceType {
         match self {
-            Endpoint::ChatCompletions | Endpoint::Completions => ServiceType::Chat,
+            Endpoint::ChatCompletions
+            | Endpoint::Completions
+            | Endpoint::Messages
+            | Endpoint::CountTokens => ServiceType::Chat,
             Endpoint::Embeddings => ServiceType::Embedding,
             Endpoint::Rerank => ServiceType::Rerank,
             Endpoint::Speech => ServiceType::Tts,

@@ -17,12 +17,13 @@ use crate::auth::claim_values;
 use crate::balance::load::{begin_request, end_request, record_latency};
 use crate::balance::Rng;
 use crate::breaker::{self, Admission, BreakerPolicy, Outcome};
-use crate::config::{Protocol, Strategy};
+use crate::config::Strategy;
 use crate::contract::{
     INSTANCE_HEADER, JWT_PAYLOAD_KEY, LOG_SUMMARY_PROPERTY, MODEL_HEADER, ORIGINAL_DST_HEADER,
     ROUTING_HEADER, SERVICE_DESCRIPTOR_HEADER,
 };
 use crate::encoding::client_ip;
+use crate::endpoint::{classify, Endpoint, Route};
 use crate::headers::HeaderPairs;
 use crate::host::Host;
 use crate::metrics::Metrics;
@@ -33,6 +34,7 @@ use crate::request::{
     RouteInputs, Routed, TokenClaims, TokenReservation,
 };
 use crate::scan::ScanOutcome;
+use crate::translate::messages;
 use crate::usage::{Usage, UsageScanner};
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -214,6 +216,8 @@ pub struct Exchange {
     caller: Caller,
     /// Client headers a translating adapter must not forward (its backend would misread them).
     client_sent: ClientSent,
+    /// The request came to one of Anthropic's endpoints (its errors are in Anthropic's shape).
+    anthropic: bool,
     /// A request routed to a translating instance, until its body is whole.
     pending: Option<Pending>,
     /// The answer's translation, once the request was translated (or its errors need it).
@@ -228,6 +232,7 @@ pub struct Exchange {
 struct ClientSent {
     /// Its own credential (not the backend's): kept for OpenAI backends when no API keys are on.
     authorization: bool,
+    x_api_key: bool,
     /// A compressed answer could not be translated.
     accept_encoding: bool,
 }
@@ -255,6 +260,7 @@ impl Exchange {
             client: None,
             caller: Caller::Anyone,
             client_sent: ClientSent::default(),
+            anthropic: false,
             pending: None,
             translation: None,
             held: None,
@@ -275,6 +281,7 @@ impl Exchange {
             .get(":path")
             .unwrap_or_default()
             .clone_into(&mut self.path);
+        self.anthropic = matches!(classify(&self.path).0, Route::Model(e) if e.is_anthropic());
         let lookup = |name: &str| headers.get(name).map(str::to_string);
         let head = RequestHead {
             method: headers.get(":method").unwrap_or_default(),
@@ -302,6 +309,7 @@ impl Exchange {
         let credentials_removed = self.plan.api_keys.enabled() || self.plan.gateway.jwt.is_some();
         self.client_sent = ClientSent {
             authorization: !credentials_removed && headers.contains("authorization"),
+            x_api_key: !credentials_removed && headers.contains("x-api-key"),
             accept_encoding: headers.contains("accept-encoding"),
         };
         self.caller = match authenticated {
@@ -596,6 +604,7 @@ impl Exchange {
             0 => Vec::new(),
             _ => host.response_body(body_size).unwrap_or_default(),
         };
+        let usage_before = translation.usage_before();
         let (out, broken) = match translation.chunk(&chunk, end) {
             Ok(out) => (out, false),
             Err(out) => (out, true),
@@ -604,7 +613,7 @@ impl Exchange {
             host.replace_response_body(body_size, &out);
         }
         if let Some(scanner) = self.usage.as_mut() {
-            scanner.feed(&out);
+            scanner.feed(if usage_before { &chunk } else { &out });
         }
         if broken {
             self.count_breaker(host, clock, Outcome::Failure);
@@ -633,7 +642,12 @@ impl Exchange {
         head.add(host, &additions, &[]);
         if (200..300).contains(&answer.status) {
             if let Some(scanner) = self.usage.as_mut() {
-                scanner.feed(&answer.body);
+                let openai = if translation.usage_before() {
+                    &body
+                } else {
+                    &answer.body
+                };
+                scanner.feed(openai);
             }
         } else {
             self.usage = None;
@@ -781,7 +795,16 @@ impl Exchange {
             .iter()
             .map(|(name, value)| (*name, value.as_str()))
             .collect();
-        host.send_reply(reply.status, &headers, reply.body.as_bytes());
+        // Anthropic's endpoints answer their clients' SDKs in Anthropic's error shape.
+        let anthropic_error;
+        let body = if self.anthropic && reply.status >= 400 {
+            let message = messages::openai_error_message(reply.body.as_bytes()).unwrap_or_default();
+            anthropic_error = messages::error_body(reply.status, &message);
+            anthropic_error.as_slice()
+        } else {
+            reply.body.as_bytes()
+        };
+        host.send_reply(reply.status, &headers, body);
         Flow::Pause
     }
 
@@ -871,7 +894,7 @@ impl Exchange {
             let reply = LocalReply::no_instance("the chosen instance is gone", 1);
             return self.reply(host, clock, &reply);
         };
-        let translates = instance.adapter.protocol != Protocol::OpenAi;
+        let translates = translation::translates(routed.endpoint, instance.adapter.protocol);
         // A translated request's path is set with its body.
         if routed.path != self.path && !translates {
             host.set_request_header(":path", &routed.path);
@@ -883,9 +906,14 @@ impl Exchange {
             if self.client_sent.accept_encoding {
                 host.remove_request_header("accept-encoding");
             }
-            let own_credential = instance.headers.iter().any(|(n, _)| n == "authorization");
-            if self.client_sent.authorization && !own_credential {
-                host.remove_request_header("authorization");
+            // The client's own credentials mean nothing to a backend of another protocol.
+            for (sent, name) in [
+                (self.client_sent.authorization, "authorization"),
+                (self.client_sent.x_api_key, "x-api-key"),
+            ] {
+                if sent && !instance.headers.iter().any(|(n, _)| n == name) {
+                    host.remove_request_header(name);
+                }
             }
             self.pending = Some(Pending {
                 protocol: instance.adapter.protocol,
@@ -893,6 +921,10 @@ impl Exchange {
                 model: routed.model.clone(),
                 prefix: instance.base_url.prefix.clone(),
                 path_given: instance.path_given.clone(),
+                chat_path: instance
+                    .upstream_path(Endpoint::ChatCompletions)
+                    .unwrap_or("/v1/chat/completions")
+                    .to_string(),
             });
         } else if instance.adapter.rewrites_errors {
             self.translation = Some(Translation::errors_only(routed.endpoint));

@@ -197,21 +197,22 @@ impl Definition {
         let mut f = Fields::new(path, value)?;
         let kind = f.string("type")?.unwrap_or("openai-compatible");
         let parent = f.string("parent")?.map(|p| p.trim().to_ascii_lowercase());
-        let (protocol, parent) =
-            match kind.trim().to_ascii_lowercase().as_str() {
-                "openai-compatible" => (Protocol::OpenAi, None),
-                "ollama-compatible" => (Protocol::Ollama, None),
-                "extend" => match parent {
-                    Some(p) if !p.is_empty() => (Protocol::OpenAi, Some(p)),
-                    _ => return Err(error(&f.child("parent"), "is required for type: extend")),
-                },
-                other => return Err(error(
+        let (protocol, parent) = match kind.trim().to_ascii_lowercase().as_str() {
+            "openai-compatible" => (Protocol::OpenAi, None),
+            "ollama-compatible" => (Protocol::Ollama, None),
+            "extend" => match parent {
+                Some(p) if !p.is_empty() => (Protocol::OpenAi, Some(p)),
+                _ => return Err(error(&f.child("parent"), "is required for type: extend")),
+            },
+            other => {
+                return Err(error(
                     &f.child("type"),
                     format!(
                         "must be openai-compatible, ollama-compatible or extend (got {other:?})"
                     ),
-                )),
-            };
+                ))
+            }
+        };
         let capabilities = match f.take("capabilities") {
             None => None,
             Some(v) => Some(parse_capabilities(&f.child("capabilities"), v)?),

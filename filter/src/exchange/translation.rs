@@ -6,7 +6,7 @@ use crate::config::Protocol;
 use crate::endpoint::Endpoint;
 use crate::reply::{ClientError, LocalReply};
 use crate::translate::{
-    claude, gemini, ollama, openai, parse_request, Malformed, Refusal, ReplyContext,
+    claude, gemini, messages, ollama, openai, parse_request, Malformed, Refusal, ReplyContext,
     StreamTranslator,
 };
 use serde_json::Value;
@@ -21,6 +21,8 @@ pub struct Pending {
     /// The instance's base-url path prefix and its `path` as configured.
     pub prefix: String,
     pub path_given: Option<String>,
+    /// The instance's chat completions path (where a Messages request goes, translated).
+    pub chat_path: String,
 }
 
 /// The translated request.
@@ -53,6 +55,16 @@ pub struct Translation {
     broken: bool,
 }
 
+/// Whether a request on `endpoint` to a `protocol` instance is translated (Anthropic's
+/// endpoints pass through to Anthropic backends, OpenAI's to OpenAI ones).
+pub fn translates(endpoint: Endpoint, protocol: Protocol) -> bool {
+    if endpoint.is_anthropic() {
+        protocol != Protocol::Anthropic
+    } else {
+        protocol != Protocol::OpenAi
+    }
+}
+
 impl Translation {
     /// A passthrough instance whose error bodies need rewriting (`adapter: gpustack`).
     pub fn errors_only(endpoint: Endpoint) -> Translation {
@@ -71,8 +83,9 @@ impl Translation {
         }
     }
 
-    /// Translates a whole request body for its instance's protocol; a refusal is the client's
-    /// answer (400 for a body that is not a valid request, 501 for what the protocol lacks).
+    /// Translates a whole request body for its instance's protocol. `Err` is the client's answer
+    /// from the gateway: a refusal (400 for a body that is not a valid request, 501 for what the
+    /// protocol lacks), or a `count_tokens` estimate for a backend that cannot count.
     pub fn request(
         pending: &Pending,
         body: &[u8],
@@ -81,7 +94,12 @@ impl Translation {
         let request = parse_request(body).map_err(|r| refused(pending, r))?;
         let stream = openai::is_stream(&request);
         let model = pending.model.as_str();
+        if pending.endpoint == Endpoint::CountTokens {
+            let count = serde_json::json!({"input_tokens": messages::count_tokens(&request)});
+            return Err(LocalReply::json(200, count.to_string()));
+        }
         let translated: Result<Value, Refusal> = match (pending.protocol, pending.endpoint) {
+            (Protocol::OpenAi, Endpoint::Messages) => messages::to_chat_request(&request, model),
             (Protocol::Anthropic, Endpoint::ChatCompletions) => {
                 claude::chat_request(&request, model)
             }
@@ -99,7 +117,11 @@ impl Translation {
             .map_err(|r| refused(pending, r))?
             .to_string()
             .into_bytes();
-        let stream = stream && pending.endpoint == Endpoint::ChatCompletions;
+        let stream = stream
+            && matches!(
+                pending.endpoint,
+                Endpoint::ChatCompletions | Endpoint::Messages
+            );
         let path = upstream_path(pending, stream);
         let reply = ReplyContext {
             model: pending.model.clone(),
@@ -134,6 +156,13 @@ impl Translation {
         Hold::Whole
     }
 
+    /// Whether the usage scanner reads the answer before its translation rather than after: it
+    /// reads OpenAI's and Anthropic's usage keys, so an Anthropic answer's own counts are exact
+    /// even when the client asked no usage chunk; Gemini's and Ollama's are read once OpenAI's.
+    pub fn usage_before(&self) -> bool {
+        self.endpoint == Endpoint::Messages || self.protocol == Protocol::Anthropic
+    }
+
     /// Whether the answer is a translated stream.
     pub fn streams(&self) -> bool {
         self.translator.is_some()
@@ -157,11 +186,13 @@ impl Translation {
             Ok(()) => Ok(out),
             Err(Malformed(why)) => {
                 self.broken = true;
-                openai::stream_error(
-                    &mut out,
-                    &format!("The backend's stream is malformed: {why}"),
-                );
-                openai::sse_done(&mut out);
+                let why = format!("The backend's stream is malformed: {why}");
+                if self.endpoint == Endpoint::Messages {
+                    messages::stream_error(&mut out, 502, &why);
+                } else {
+                    openai::stream_error(&mut out, &why);
+                    openai::sse_done(&mut out);
+                }
                 Err(out)
             }
         }
@@ -178,6 +209,7 @@ impl Translation {
             };
         }
         let translated = match (self.protocol, self.endpoint) {
+            (_, Endpoint::Messages) => messages::from_chat_response(body, &self.reply),
             (Protocol::Anthropic, _) => claude::chat_response(body, &self.reply),
             (Protocol::Gemini, Endpoint::Embeddings) => gemini::embed_response(body, &self.reply),
             (Protocol::Gemini, _) => gemini::chat_response(body, &self.reply),
@@ -191,21 +223,26 @@ impl Translation {
                 body,
                 malformed: false,
             },
-            Err(Malformed(why)) => Answer {
-                status: 502,
-                body: openai::error_body(
-                    502,
-                    &format!("The backend's answer is malformed: {why}"),
-                    Some(ClientError::BadBackendOutput.code()),
-                ),
-                malformed: true,
-            },
+            Err(Malformed(why)) => {
+                let why = format!("The backend's answer is malformed: {why}");
+                let body = if self.endpoint == Endpoint::Messages {
+                    messages::error_body(502, &why)
+                } else {
+                    openai::error_body(502, &why, Some(ClientError::BadBackendOutput.code()))
+                };
+                Answer {
+                    status: 502,
+                    body,
+                    malformed: true,
+                }
+            }
         }
     }
 
-    /// A backend's error body as an OpenAI error with the same status.
+    /// A backend's error body in the client's protocol, with the same status.
     fn error(&self, status: u32, body: &[u8]) -> Vec<u8> {
         let message = match self.protocol {
+            _ if self.endpoint == Endpoint::Messages => messages::openai_error_message(body),
             Protocol::Anthropic => claude::error_message(body),
             Protocol::Gemini => gemini::error_message(body),
             Protocol::Ollama => ollama::error_message(body),
@@ -220,12 +257,18 @@ impl Translation {
                 format!("The backend answered {status}: {text}")
             }
         });
+        if self.endpoint == Endpoint::Messages {
+            return messages::error_body(status, &message);
+        }
         openai::error_body(status, &message, None)
     }
 
     fn stream_translator(&self) -> Box<dyn StreamTranslator> {
         let reply = self.reply.clone();
         match self.protocol {
+            _ if self.endpoint == Endpoint::Messages => {
+                Box::new(messages::MessageStream::new(reply))
+            }
             Protocol::Gemini => Box::new(gemini::ChatStream::new(reply)),
             Protocol::Ollama => Box::new(ollama::ChatStream::new(reply)),
             Protocol::Anthropic | Protocol::OpenAi => Box::new(claude::ChatStream::new(reply)),
@@ -245,6 +288,9 @@ pub struct Answer {
 fn upstream_path(pending: &Pending, stream: bool) -> String {
     let prefix = pending.prefix.as_str();
     let given = pending.path_given.as_deref();
+    if pending.endpoint == Endpoint::Messages {
+        return pending.chat_path.clone();
+    }
     match pending.protocol {
         Protocol::Anthropic => match given {
             Some(path) if path.ends_with("/messages") => format!("{prefix}{path}"),
@@ -331,6 +377,7 @@ mod tests {
             model: "m-1".into(),
             prefix: prefix.into(),
             path_given: None,
+            chat_path: format!("{prefix}/v1/chat/completions"),
         }
     }
 
