@@ -160,6 +160,48 @@ fn on_line(
     Ok(())
 }
 
+/// Test support for the stream translators: the output (or the error) of `stream` fed whole,
+/// which must be the same cut at every offset and fed a byte at a time.
+#[cfg(test)]
+pub fn same_under_any_chunking<T: super::StreamTranslator>(
+    new: impl Fn() -> T,
+    stream: &[u8],
+) -> Result<Vec<u8>, Malformed> {
+    let run = |pieces: &[&[u8]]| {
+        let mut translator = new();
+        let mut out = Vec::new();
+        for piece in pieces {
+            translator.feed(piece, &mut out)?;
+        }
+        translator.finish(&mut out).map(|()| out)
+    };
+    let whole = run(&[stream]);
+    for split in 0..=stream.len() {
+        let (a, b) = stream.split_at(split);
+        assert_eq!(run(&[a, b]), whole, "cut at byte {split}");
+    }
+    let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+    assert_eq!(run(&bytes), whole, "fed a byte at a time");
+    whole
+}
+
+/// Test support: the `data:` payloads of an OpenAI stream, JSON parsed (`[DONE]` as a string).
+#[cfg(test)]
+pub fn sse_payloads(out: &[u8]) -> Vec<serde_json::Value> {
+    let text = std::str::from_utf8(out).unwrap();
+    assert!(
+        text.is_empty() || text.ends_with("\n\n"),
+        "unterminated event: {text}"
+    );
+    text.split("\n\n")
+        .filter(|event| !event.is_empty())
+        .map(|event| {
+            let data = event.strip_prefix("data: ").unwrap();
+            serde_json::from_str(data).unwrap_or_else(|_| serde_json::Value::from(data))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

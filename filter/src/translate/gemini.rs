@@ -1,32 +1,1195 @@
-//! placeholder until the protocol's translator lands.
-use super::{Malformed, Refusal, ReplyContext, StreamTranslator};
-use serde_json::{Map, Value};
-pub fn chat_request(_: &Map<String, Value>, _: &str) -> Result<Value, Refusal> {
-    Err(Refusal::Unsupported("x".into()))
+//! OpenAI ↔ the Gemini API (generativelanguage.googleapis.com, v1beta): chat completions as
+//! `generateContent` / `streamGenerateContent?alt=sse`, embeddings as `batchEmbedContents`.
+//!
+//! Gemini names the assistant `model`, keeps system text apart (`systemInstruction`), wants
+//! turns of alternating roles, and answers tool calls by function name rather than by id: the
+//! names come from the assistant tool calls earlier in the same request. Its stream is SSE with
+//! one `GenerateContentResponse` per event and no end marker, so only a `finishReason` tells a
+//! finished stream from a cut one.
+
+use super::frames::{Event, SseEvents};
+use super::openai::{self, TokenUsage};
+use super::{parse_answer, Malformed, Refusal, ReplyContext, StreamTranslator};
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+
+/// Gemini 3 refuses a replayed function call without the `thoughtSignature` it was answered
+/// with, which OpenAI clients do not keep; this value is the one Google documents for function
+/// calls that did not come from the model as they stand.
+const NO_THOUGHT_SIGNATURE: &str = "skip_thought_signature_validator";
+
+/// OpenAI chat request → GenerateContentRequest body (the caller builds the URL
+/// `/v1beta/models/{model}:generateContent` or `:streamGenerateContent?alt=sse`).
+pub fn chat_request(request: &Map<String, Value>) -> Result<Value, Refusal> {
+    let messages = request
+        .get("messages")
+        .and_then(Value::as_array)
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| Refusal::Invalid("`messages` must be a non-empty list".into()))?;
+    let mut system: Vec<Value> = Vec::new();
+    let mut turns: Vec<(&str, Vec<Value>)> = Vec::new();
+    // Tool results name their call by id, Gemini by function name.
+    let mut tool_names: HashMap<String, String> = HashMap::new();
+    for message in messages {
+        let role = message
+            .get("role")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Refusal::Invalid("every message needs a `role`".into()))?;
+        let (role, parts) = match role {
+            "system" | "developer" => {
+                let text = openai::content_text(message.get("content").unwrap_or(&Value::Null));
+                if !text.is_empty() {
+                    system.push(json!({"text": text}));
+                }
+                continue;
+            }
+            "user" => ("user", user_parts(message.get("content"))?),
+            "assistant" => ("model", assistant_parts(message, &mut tool_names)?),
+            "tool" => ("user", vec![tool_result(message, &tool_names)?]),
+            other => return Err(Refusal::Invalid(format!("unknown message role `{other}`"))),
+        };
+        if parts.is_empty() {
+            continue;
+        }
+        match turns.last_mut() {
+            Some((last, earlier)) if *last == role => earlier.extend(parts),
+            _ => turns.push((role, parts)),
+        }
+    }
+    let contents: Vec<Value> = turns
+        .into_iter()
+        .map(|(role, parts)| json!({"role": role, "parts": parts}))
+        .collect();
+    let mut body = Map::new();
+    body.insert("contents".into(), Value::Array(contents));
+    if !system.is_empty() {
+        body.insert("systemInstruction".into(), json!({"parts": system}));
+    }
+    let config = generation_config(request)?;
+    if !config.is_empty() {
+        body.insert("generationConfig".into(), Value::Object(config));
+    }
+    if let Some(declarations) = function_declarations(request.get("tools"))? {
+        body.insert(
+            "tools".into(),
+            json!([{"functionDeclarations": declarations}]),
+        );
+    }
+    if let Some(mode) = calling_config(request.get("tool_choice"))? {
+        body.insert("toolConfig".into(), json!({"functionCallingConfig": mode}));
+    }
+    Ok(Value::Object(body))
 }
-pub fn embed_request(_: &Map<String, Value>, _: &str) -> Result<Value, Refusal> {
-    Err(Refusal::Unsupported("x".into()))
+
+fn user_parts(content: Option<&Value>) -> Result<Vec<Value>, Refusal> {
+    match content {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(text)) if text.is_empty() => Ok(Vec::new()),
+        Some(Value::String(text)) => Ok(vec![json!({"text": text})]),
+        Some(Value::Array(parts)) => {
+            let mut out = Vec::new();
+            for part in parts {
+                match part.get("type").and_then(Value::as_str) {
+                    Some("text") => {
+                        let text = part.get("text").and_then(Value::as_str).unwrap_or_default();
+                        if !text.is_empty() {
+                            out.push(json!({"text": text}));
+                        }
+                    }
+                    Some("image_url") => {
+                        let (media, data) = openai::inline_image(part)?;
+                        out.push(json!({"inlineData": {"mimeType": media, "data": data}}));
+                    }
+                    Some(other) => {
+                        return Err(Refusal::Unsupported(format!(
+                            "content parts of type `{other}`"
+                        )))
+                    }
+                    None => return Err(Refusal::Invalid("a content part needs a `type`".into())),
+                }
+            }
+            Ok(out)
+        }
+        Some(_) => Err(Refusal::Invalid(
+            "message `content` must be a string or a list of parts".into(),
+        )),
+    }
 }
-pub fn chat_response(_: &[u8], _: &ReplyContext) -> Result<Vec<u8>, Malformed> {
-    Err(Malformed::new("x"))
+
+fn assistant_parts(
+    message: &Value,
+    tool_names: &mut HashMap<String, String>,
+) -> Result<Vec<Value>, Refusal> {
+    let mut parts = Vec::new();
+    let text = openai::content_text(message.get("content").unwrap_or(&Value::Null));
+    if !text.is_empty() {
+        parts.push(json!({"text": text}));
+    }
+    let calls = match message.get("tool_calls") {
+        None | Some(Value::Null) => &[][..],
+        Some(Value::Array(calls)) => calls.as_slice(),
+        Some(_) => return Err(Refusal::Invalid("`tool_calls` must be a list".into())),
+    };
+    for (i, call) in calls.iter().enumerate() {
+        let (id, name, args) = openai::assistant_tool_call(call)?;
+        let mut part = json!({"functionCall": {"name": name, "args": args}});
+        if i == 0 {
+            // Gemini 3 checks the first call of a step only (parallel calls share it).
+            if let Some(part) = part.as_object_mut() {
+                part.insert("thoughtSignature".into(), NO_THOUGHT_SIGNATURE.into());
+            }
+        }
+        parts.push(part);
+        tool_names.insert(id, name);
+    }
+    Ok(parts)
 }
-pub fn embed_response(_: &[u8], _: &ReplyContext) -> Result<Vec<u8>, Malformed> {
-    Err(Malformed::new("x"))
+
+fn tool_result(message: &Value, tool_names: &HashMap<String, String>) -> Result<Value, Refusal> {
+    let id = message
+        .get("tool_call_id")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let name = tool_names.get(id).ok_or_else(|| {
+        Refusal::Invalid(format!(
+            "the tool message for `{id}` answers no earlier assistant tool call"
+        ))
+    })?;
+    let text = openai::content_text(message.get("content").unwrap_or(&Value::Null));
+    Ok(json!({"functionResponse": {"name": name, "response": {"content": text}}}))
 }
-pub fn error_message(_: &[u8]) -> Option<String> {
-    None
+
+fn generation_config(request: &Map<String, Value>) -> Result<Map<String, Value>, Refusal> {
+    let mut config = Map::new();
+    for (from, to) in [
+        ("temperature", "temperature"),
+        ("top_p", "topP"),
+        ("top_k", "topK"),
+        ("seed", "seed"),
+        ("presence_penalty", "presencePenalty"),
+        ("frequency_penalty", "frequencyPenalty"),
+    ] {
+        if let Some(value) = openai::number(request, from)? {
+            config.insert(to.into(), value);
+        }
+    }
+    if let Some(limit) = openai::max_tokens(request)? {
+        config.insert("maxOutputTokens".into(), limit);
+    }
+    let stop = openai::stop_list(request.get("stop"));
+    if !stop.is_empty() {
+        config.insert("stopSequences".into(), json!(stop));
+    }
+    if let Some(n) = openai::number(request, "n")? {
+        if n.as_u64() != Some(1) && openai::is_stream(request) {
+            // The stream translator follows one candidate.
+            return Err(Refusal::Unsupported(
+                "`n` other than 1 when streaming".into(),
+            ));
+        }
+        config.insert("candidateCount".into(), n);
+    }
+    if let Some(format) = request.get("response_format").filter(|f| !f.is_null()) {
+        match format.get("type").and_then(Value::as_str) {
+            Some("text") => {}
+            Some("json_object") => {
+                config.insert("responseMimeType".into(), "application/json".into());
+            }
+            Some("json_schema") => {
+                let schema = format
+                    .get("json_schema")
+                    .and_then(|s| s.get("schema"))
+                    .ok_or_else(|| {
+                        Refusal::Invalid("`response_format.json_schema.schema` is missing".into())
+                    })?;
+                config.insert("responseMimeType".into(), "application/json".into());
+                config.insert("responseJsonSchema".into(), schema.clone());
+            }
+            _ => {
+                return Err(Refusal::Invalid(
+                    "`response_format.type` must be text, json_object or json_schema".into(),
+                ))
+            }
+        }
+    }
+    Ok(config)
 }
-pub struct ChatStream;
+
+fn function_declarations(tools: Option<&Value>) -> Result<Option<Vec<Value>>, Refusal> {
+    let tools = match tools {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(tools)) if tools.is_empty() => return Ok(None),
+        Some(Value::Array(tools)) => tools,
+        Some(_) => return Err(Refusal::Invalid("`tools` must be a list".into())),
+    };
+    let mut declarations = Vec::new();
+    for tool in tools {
+        match tool.get("type").and_then(Value::as_str) {
+            Some("function") => {}
+            Some(other) => return Err(Refusal::Unsupported(format!("tools of type `{other}`"))),
+            None => return Err(Refusal::Invalid("a tool needs a `type`".into())),
+        }
+        let function = tool.get("function").unwrap_or(&Value::Null);
+        let name = function
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Refusal::Invalid("a function tool needs a `name`".into()))?;
+        let mut declaration = Map::new();
+        declaration.insert("name".into(), name.into());
+        if let Some(description) = function.get("description").and_then(Value::as_str) {
+            declaration.insert("description".into(), description.into());
+        }
+        // `parametersJsonSchema` takes JSON Schema as OpenAI tools write it; `parameters` takes
+        // an OpenAPI subset that refuses fields such as `additionalProperties`.
+        if let Some(parameters) = function.get("parameters").filter(|p| !p.is_null()) {
+            declaration.insert("parametersJsonSchema".into(), parameters.clone());
+        }
+        declarations.push(Value::Object(declaration));
+    }
+    Ok(Some(declarations))
+}
+
+fn calling_config(choice: Option<&Value>) -> Result<Option<Value>, Refusal> {
+    let config = match choice {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(mode)) => match mode.as_str() {
+            "auto" => json!({"mode": "AUTO"}),
+            "none" => json!({"mode": "NONE"}),
+            "required" => json!({"mode": "ANY"}),
+            _ => {
+                return Err(Refusal::Invalid(
+                    "`tool_choice` must be auto, none, required or a function".into(),
+                ))
+            }
+        },
+        Some(choice) => {
+            let name = choice
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+                .ok_or_else(|| Refusal::Invalid("`tool_choice.function.name` is missing".into()))?;
+            json!({"mode": "ANY", "allowedFunctionNames": [name]})
+        }
+    };
+    Ok(Some(config))
+}
+
+/// GenerateContentResponse → OpenAI `chat.completion`, one choice per candidate.
+pub fn chat_response(body: &[u8], reply: &ReplyContext) -> Result<Vec<u8>, Malformed> {
+    let answer = parse_answer(body)?;
+    let id = completion_id(&answer);
+    let usage = answer.get("usageMetadata").map(usage_of);
+    let candidates = match answer.get("candidates") {
+        Some(Value::Array(candidates)) if !candidates.is_empty() => candidates,
+        _ if blocked(&answer) => {
+            let message = json!({"role": "assistant", "content": null});
+            let completion = openai::chat_completion(
+                &id,
+                reply.created,
+                &reply.model,
+                message,
+                Some("content_filter"),
+                usage,
+            );
+            return Ok(completion.to_string().into_bytes());
+        }
+        _ => return Err(Malformed::new("the backend's answer has no candidates")),
+    };
+    let mut choices = Vec::with_capacity(candidates.len());
+    for candidate in candidates {
+        choices.push(choice_of(candidate)?);
+    }
+    let mut choices = choices.into_iter();
+    let Some((message, finish)) = choices.next() else {
+        return Err(Malformed::new("the backend's answer has no candidates"));
+    };
+    let mut completion = openai::chat_completion(
+        &id,
+        reply.created,
+        &reply.model,
+        message,
+        Some(finish),
+        usage,
+    );
+    if let Some(list) = completion.get_mut("choices").and_then(Value::as_array_mut) {
+        for (index, (message, finish)) in choices.enumerate() {
+            list.push(json!({
+                "index": index.saturating_add(1),
+                "message": message,
+                "logprobs": null,
+                "finish_reason": finish,
+            }));
+        }
+    }
+    Ok(completion.to_string().into_bytes())
+}
+
+fn choice_of(candidate: &Value) -> Result<(Value, &'static str), Malformed> {
+    let mut text = String::new();
+    let mut calls = Vec::new();
+    for piece in pieces(candidate)? {
+        match piece {
+            Piece::Text(t) => text.push_str(t),
+            Piece::Call { name, arguments } => calls.push(json!({
+                "id": format!("call_{}", calls.len()),
+                "type": "function",
+                "function": {"name": name, "arguments": arguments},
+            })),
+        }
+    }
+    let finish = finish_reason(
+        candidate.get("finishReason").and_then(Value::as_str),
+        !calls.is_empty(),
+    );
+    let content = if text.is_empty() && (!calls.is_empty() || finish == "content_filter") {
+        Value::Null
+    } else {
+        Value::String(text)
+    };
+    let mut message = json!({"role": "assistant", "content": content});
+    if let (false, Some(map)) = (calls.is_empty(), message.as_object_mut()) {
+        map.insert("tool_calls".into(), Value::Array(calls));
+    }
+    Ok((message, finish))
+}
+
+/// What a candidate's parts say, in order: text (thoughts left out) and function calls.
+enum Piece<'a> {
+    Text(&'a str),
+    Call { name: &'a str, arguments: String },
+}
+
+fn pieces(candidate: &Value) -> Result<Vec<Piece<'_>>, Malformed> {
+    if !candidate.is_object() {
+        return Err(Malformed::new(
+            "the backend's answer has a candidate that is not an object",
+        ));
+    }
+    let parts = match candidate.get("content").and_then(|c| c.get("parts")) {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(parts)) => parts,
+        Some(_) => {
+            return Err(Malformed::new(
+                "the backend's answer has `parts` that are not a list",
+            ))
+        }
+    };
+    let mut out = Vec::new();
+    for part in parts {
+        if part.get("thought").and_then(Value::as_bool) == Some(true) {
+            continue;
+        }
+        if let Some(text) = part.get("text").and_then(Value::as_str) {
+            if !text.is_empty() {
+                out.push(Piece::Text(text));
+            }
+        } else if let Some(call) = part.get("functionCall") {
+            let name = call.get("name").and_then(Value::as_str).ok_or_else(|| {
+                Malformed::new("the backend's answer has a function call without a name")
+            })?;
+            let arguments = match call.get("args") {
+                None | Some(Value::Null) => "{}".to_string(),
+                Some(args) => args.to_string(),
+            };
+            out.push(Piece::Call { name, arguments });
+        }
+    }
+    Ok(out)
+}
+
+fn finish_reason(reason: Option<&str>, tool_calls: bool) -> &'static str {
+    match reason {
+        Some("MAX_TOKENS") => "length",
+        Some(
+            "SAFETY" | "RECITATION" | "BLOCKLIST" | "PROHIBITED_CONTENT" | "SPII" | "IMAGE_SAFETY",
+        ) => "content_filter",
+        _ if tool_calls => "tool_calls",
+        _ => "stop",
+    }
+}
+
+fn blocked(answer: &Map<String, Value>) -> bool {
+    answer
+        .get("promptFeedback")
+        .and_then(|f| f.get("blockReason"))
+        .is_some_and(|r| !r.is_null())
+}
+
+fn completion_id(answer: &Map<String, Value>) -> String {
+    match answer.get("responseId").and_then(Value::as_str) {
+        Some(id) if !id.is_empty() => format!("chatcmpl-{id}"),
+        _ => "chatcmpl-gemini".into(),
+    }
+}
+
+fn count(meta: &Value, key: &str) -> u64 {
+    meta.get(key).and_then(Value::as_u64).unwrap_or(0)
+}
+
+/// Thinking is billed as output, as OpenAI counts reasoning tokens into completion tokens.
+fn usage_of(meta: &Value) -> TokenUsage {
+    TokenUsage {
+        prompt: count(meta, "promptTokenCount"),
+        completion: count(meta, "candidatesTokenCount")
+            .saturating_add(count(meta, "thoughtsTokenCount")),
+    }
+}
+
+/// `streamGenerateContent?alt=sse` → OpenAI chunks, following the first candidate.
+pub struct ChatStream {
+    events: SseEvents,
+    state: StreamState,
+}
+
+struct StreamState {
+    reply: ReplyContext,
+    id: String,
+    /// A response came (the role chunk is out).
+    started: bool,
+    /// The finish chunk is out; later responses only update the usage.
+    finished: bool,
+    /// An error event and `[DONE]` are out; the rest of the stream is ignored.
+    failed: bool,
+    tool_calls: usize,
+    usage: TokenUsage,
+}
+
 impl ChatStream {
-    pub fn new(_: ReplyContext) -> ChatStream {
-        ChatStream
+    pub fn new(reply: ReplyContext) -> ChatStream {
+        ChatStream {
+            events: SseEvents::new(),
+            state: StreamState {
+                reply,
+                id: "chatcmpl-gemini".into(),
+                started: false,
+                finished: false,
+                failed: false,
+                tool_calls: 0,
+                usage: TokenUsage::default(),
+            },
+        }
     }
 }
+
 impl StreamTranslator for ChatStream {
-    fn feed(&mut self, _: &[u8], _: &mut Vec<u8>) -> Result<(), Malformed> {
+    fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), Malformed> {
+        let Self { events, state } = self;
+        events.feed(chunk, &mut |event| state.on_event(event, out))
+    }
+
+    fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), Malformed> {
+        let Self { events, state } = self;
+        events.finish(&mut |event| state.on_event(event, out))?;
+        if state.failed {
+            return Ok(());
+        }
+        if !state.started || !state.finished {
+            return Err(Malformed::new("the backend's stream ended early"));
+        }
+        if state.reply.include_usage {
+            let usage = openai::usage_chunk(
+                &state.id,
+                state.reply.created,
+                &state.reply.model,
+                state.usage,
+            );
+            openai::sse_data(out, &usage);
+        }
+        openai::sse_done(out);
         Ok(())
     }
-    fn finish(&mut self, _: &mut Vec<u8>) -> Result<(), Malformed> {
+}
+
+impl StreamState {
+    fn on_event(&mut self, event: &Event, out: &mut Vec<u8>) -> Result<(), Malformed> {
+        if self.failed {
+            return Ok(());
+        }
+        let data = event.data.trim_ascii();
+        if data.is_empty() || data == b"[DONE]" {
+            return Ok(());
+        }
+        let response: Map<String, Value> = match serde_json::from_slice(data) {
+            Ok(Value::Object(map)) => map,
+            _ => {
+                return Err(Malformed::new(
+                    "the backend's stream has an event that is not a JSON object",
+                ))
+            }
+        };
+        if let Some(error) = response.get("error") {
+            let message = error
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("the backend reported an error");
+            openai::stream_error(out, message);
+            openai::sse_done(out);
+            self.failed = true;
+            return Ok(());
+        }
+        if !self.started {
+            self.id = completion_id(&response);
+            self.started = true;
+            self.emit(out, json!({"role": "assistant", "content": ""}), None);
+        }
+        if let Some(meta) = response.get("usageMetadata") {
+            // Some events carry usageMetadata without counts.
+            if meta.get("promptTokenCount").is_some() || meta.get("candidatesTokenCount").is_some()
+            {
+                self.usage = usage_of(meta);
+            }
+        }
+        if self.finished {
+            return Ok(());
+        }
+        let candidate = match response.get("candidates") {
+            Some(Value::Array(candidates)) => candidates.first(),
+            _ => None,
+        };
+        let Some(candidate) = candidate else {
+            if blocked(&response) {
+                self.finish_with(out, "content_filter");
+            }
+            return Ok(());
+        };
+        for piece in pieces(candidate)? {
+            let delta = match piece {
+                Piece::Text(text) => json!({"content": text}),
+                Piece::Call { name, arguments } => {
+                    let index = self.tool_calls;
+                    self.tool_calls = index.saturating_add(1);
+                    json!({"tool_calls": [{
+                        "index": index,
+                        "id": format!("call_{index}"),
+                        "type": "function",
+                        "function": {"name": name, "arguments": arguments},
+                    }]})
+                }
+            };
+            self.emit(out, delta, None);
+        }
+        if let Some(reason) = candidate.get("finishReason").and_then(Value::as_str) {
+            self.finish_with(out, finish_reason(Some(reason), self.tool_calls > 0));
+        }
         Ok(())
+    }
+
+    fn emit(&self, out: &mut Vec<u8>, delta: Value, finish: Option<&str>) {
+        let chunk = openai::chunk(
+            &self.id,
+            self.reply.created,
+            &self.reply.model,
+            delta,
+            finish,
+        );
+        openai::sse_data(out, &chunk);
+    }
+
+    fn finish_with(&mut self, out: &mut Vec<u8>, reason: &str) {
+        self.emit(out, json!({}), Some(reason));
+        self.finished = true;
+    }
+}
+
+/// OpenAI embeddings request → BatchEmbedContentsRequest
+/// (`requests:[{model:"models/<model>", content:{parts:[{text}]}}]`, `dimensions` →
+/// `outputDimensionality`), for `/v1beta/models/{model}:batchEmbedContents`.
+pub fn embed_request(request: &Map<String, Value>, model: &str) -> Result<Value, Refusal> {
+    let inputs = openai::embedding_inputs(request)?;
+    let dimensions = openai::number(request, "dimensions")?;
+    let model = if model.starts_with("models/") {
+        model.to_string()
+    } else {
+        format!("models/{model}")
+    };
+    let requests: Vec<Value> = inputs
+        .into_iter()
+        .map(|text| {
+            let mut one = json!({"model": model, "content": {"parts": [{"text": text}]}});
+            if let (Some(dimensions), Some(map)) = (&dimensions, one.as_object_mut()) {
+                map.insert("outputDimensionality".into(), dimensions.clone());
+            }
+            one
+        })
+        .collect();
+    Ok(json!({"requests": requests}))
+}
+
+/// BatchEmbedContentsResponse `{embeddings:[{values}]}` → OpenAI embedding list. Gemini reports
+/// no token counts for embeddings, so the usage is 0.
+pub fn embed_response(body: &[u8], reply: &ReplyContext) -> Result<Vec<u8>, Malformed> {
+    let answer = parse_answer(body)?;
+    let embeddings = answer
+        .get("embeddings")
+        .and_then(Value::as_array)
+        .ok_or_else(|| Malformed::new("the backend's answer has no embeddings"))?;
+    let mut vectors = Vec::with_capacity(embeddings.len());
+    for embedding in embeddings {
+        match embedding.get("values") {
+            Some(values @ Value::Array(_)) => vectors.push(values.clone()),
+            _ => {
+                return Err(Malformed::new(
+                    "the backend's answer has an embedding without values",
+                ))
+            }
+        }
+    }
+    Ok(openai::embedding_list(&reply.model, vectors, 0)
+        .to_string()
+        .into_bytes())
+}
+
+/// Gemini error body `{"error":{"code","message","status"}}` (or a list of one, as Gemini
+/// answers some streamed requests) → its message.
+pub fn error_message(body: &[u8]) -> Option<String> {
+    let value: Value = serde_json::from_slice(body).ok()?;
+    let value = match &value {
+        Value::Array(items) => items.first()?,
+        other => other,
+    };
+    value
+        .get("error")?
+        .get("message")?
+        .as_str()
+        .map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    use crate::translate::frames::{same_under_any_chunking, sse_payloads};
+    use crate::translate::parse_request;
+
+    fn request(value: Value) -> Map<String, Value> {
+        parse_request(value.to_string().as_bytes()).unwrap()
+    }
+
+    fn reply(include_usage: bool) -> ReplyContext {
+        ReplyContext {
+            model: "gemini-2.5-flash".into(),
+            created: 1_700_000_000,
+            include_usage,
+        }
+    }
+
+    fn completion(body: Value) -> Value {
+        let out = chat_response(body.to_string().as_bytes(), &reply(false)).unwrap();
+        serde_json::from_slice(&out).unwrap()
+    }
+
+    #[test]
+    fn a_chat_request_becomes_contents_a_system_instruction_and_a_generation_config() {
+        let body = chat_request(&request(json!({
+            "model": "gemini-2.5-flash",
+            "messages": [
+                {"role": "system", "content": "You are a cat."},
+                {"role": "developer", "content": [{"type": "text", "text": "Your name is Neko."}]},
+                {"role": "user", "content": "Hello there"},
+                {"role": "assistant", "content": "Great to meet you. What would you like to know?"},
+                {"role": "user", "content": [
+                    {"type": "text", "text": "What is in this picture?"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}}
+                ]},
+                {"role": "user", "content": "Answer briefly."}
+            ],
+            "temperature": 1.0,
+            "top_p": 0.8,
+            "top_k": 10,
+            "max_tokens": 100,
+            "max_completion_tokens": 800,
+            "stop": "Title",
+            "n": 1,
+            "seed": 42,
+            "presence_penalty": 0.5,
+            "frequency_penalty": -0.5,
+            "response_format": {"type": "json_object"},
+            "stream": true,
+            "stream_options": {"include_usage": true},
+            "user": "ignored"
+        })))
+        .unwrap();
+        assert_eq!(
+            body,
+            json!({
+                "systemInstruction": {"parts": [{"text": "You are a cat."}, {"text": "Your name is Neko."}]},
+                "contents": [
+                    {"role": "user", "parts": [{"text": "Hello there"}]},
+                    {"role": "model", "parts": [{"text": "Great to meet you. What would you like to know?"}]},
+                    {"role": "user", "parts": [
+                        {"text": "What is in this picture?"},
+                        {"inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgo="}},
+                        {"text": "Answer briefly."}
+                    ]}
+                ],
+                "generationConfig": {
+                    "temperature": 1.0,
+                    "topP": 0.8,
+                    "topK": 10,
+                    "maxOutputTokens": 800,
+                    "stopSequences": ["Title"],
+                    "candidateCount": 1,
+                    "seed": 42,
+                    "presencePenalty": 0.5,
+                    "frequencyPenalty": -0.5,
+                    "responseMimeType": "application/json"
+                }
+            })
+        );
+        let body = chat_request(&request(json!({
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 100,
+            "stop": ["a", "b"],
+            "n": 2
+        })))
+        .unwrap();
+        assert_eq!(
+            body["generationConfig"],
+            json!({"maxOutputTokens": 100, "stopSequences": ["a", "b"], "candidateCount": 2})
+        );
+        assert!(body.get("systemInstruction").is_none());
+    }
+
+    #[test]
+    fn tools_calls_and_results_become_function_declarations_calls_and_responses() {
+        let body = chat_request(&request(json!({
+            "messages": [
+                {"role": "user", "content": "What's the weather in Boston and Paris?"},
+                {"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": "{\"location\":\"Boston\"}"}},
+                    {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": "{\"location\":\"Paris\"}"}}
+                ]},
+                {"role": "tool", "tool_call_id": "call_b", "content": "14:00"},
+                {"role": "tool", "tool_call_id": "call_a", "content": [{"type": "text", "text": "22C, sunny"}]},
+                {"role": "assistant", "content": "Boston: 22C. Paris: 14:00."}
+            ],
+            "tools": [
+                {"type": "function", "function": {
+                    "name": "get_weather",
+                    "description": "Get the current weather in a given location",
+                    "parameters": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"], "additionalProperties": false},
+                    "strict": true
+                }},
+                {"type": "function", "function": {"name": "get_time"}}
+            ],
+            "tool_choice": "required"
+        })))
+        .unwrap();
+        assert_eq!(
+            body,
+            json!({
+                "contents": [
+                    {"role": "user", "parts": [{"text": "What's the weather in Boston and Paris?"}]},
+                    {"role": "model", "parts": [
+                        {"functionCall": {"name": "get_weather", "args": {"location": "Boston"}},
+                         "thoughtSignature": "skip_thought_signature_validator"},
+                        {"functionCall": {"name": "get_time", "args": {"location": "Paris"}}}
+                    ]},
+                    {"role": "user", "parts": [
+                        {"functionResponse": {"name": "get_time", "response": {"content": "14:00"}}},
+                        {"functionResponse": {"name": "get_weather", "response": {"content": "22C, sunny"}}}
+                    ]},
+                    {"role": "model", "parts": [{"text": "Boston: 22C. Paris: 14:00."}]}
+                ],
+                "tools": [{"functionDeclarations": [
+                    {"name": "get_weather", "description": "Get the current weather in a given location",
+                     "parametersJsonSchema": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"], "additionalProperties": false}},
+                    {"name": "get_time"}
+                ]}],
+                "toolConfig": {"functionCallingConfig": {"mode": "ANY"}}
+            })
+        );
+        let choice = |choice: Value| {
+            chat_request(&request(
+                json!({"messages": [{"role": "user", "content": "x"}], "tool_choice": choice}),
+            ))
+            .unwrap()["toolConfig"]["functionCallingConfig"]
+                .clone()
+        };
+        assert_eq!(choice(json!("auto")), json!({"mode": "AUTO"}));
+        assert_eq!(choice(json!("none")), json!({"mode": "NONE"}));
+        assert_eq!(
+            choice(json!({"type": "function", "function": {"name": "get_weather"}})),
+            json!({"mode": "ANY", "allowedFunctionNames": ["get_weather"]})
+        );
+    }
+
+    #[test]
+    fn a_json_schema_response_format_becomes_a_response_json_schema() {
+        let schema = json!({"type": "object", "properties": {"age": {"type": "integer"}}});
+        let body = chat_request(&request(json!({
+            "messages": [{"role": "user", "content": "x"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": true}}
+        })))
+        .unwrap();
+        assert_eq!(
+            body["generationConfig"],
+            json!({"responseMimeType": "application/json", "responseJsonSchema": schema})
+        );
+    }
+
+    #[test]
+    fn requests_gemini_cannot_take_are_refused() {
+        let refusal = |value: Value| chat_request(&request(value)).unwrap_err();
+        let user = |content: Value| json!({"messages": [{"role": "user", "content": content}]});
+        assert!(matches!(
+            refusal(user(
+                json!([{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}])
+            )),
+            Refusal::Unsupported(_)
+        ));
+        assert!(matches!(
+            refusal(user(
+                json!([{"type": "input_audio", "input_audio": {"data": "AA==", "format": "wav"}}])
+            )),
+            Refusal::Unsupported(_)
+        ));
+        assert!(matches!(
+            refusal(
+                json!({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "custom", "custom": {"name": "x"}}]})
+            ),
+            Refusal::Unsupported(_)
+        ));
+        assert!(matches!(
+            refusal(
+                json!({"messages": [{"role": "user", "content": "x"}], "n": 2, "stream": true})
+            ),
+            Refusal::Unsupported(_)
+        ));
+        for invalid in [
+            json!({}),
+            json!({"messages": []}),
+            json!({"messages": [{"content": "x"}]}),
+            json!({"messages": [{"role": "robot", "content": "x"}]}),
+            json!({"messages": [{"role": "tool", "tool_call_id": "nobody", "content": "x"}]}),
+            json!({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{not json"}}]}]}),
+            json!({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}),
+            json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "yaml"}}),
+            json!({"messages": [{"role": "user", "content": "x"}], "tool_choice": "sometimes"}),
+            user(json!(42)),
+            user(json!([{"type": "image_url", "image_url": {"url": "data:image/png,notbase64"}}])),
+        ] {
+            assert!(
+                matches!(refusal(invalid.clone()), Refusal::Invalid(_)),
+                "{invalid}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_text_answer_becomes_a_chat_completion() {
+        // The generateContent reference's text answer, with a thinking model's usage.
+        let out = completion(json!({
+            "candidates": [{
+                "content": {"parts": [
+                    {"text": "thinking it over", "thought": true},
+                    {"text": "AI learns patterns "},
+                    {"text": "from data."}
+                ], "role": "model"},
+                "finishReason": "STOP",
+                "index": 0,
+                "safetyRatings": [{"category": "HARM_CATEGORY_HARASSMENT", "probability": "NEGLIGIBLE"}]
+            }],
+            "usageMetadata": {"promptTokenCount": 8, "candidatesTokenCount": 11, "thoughtsTokenCount": 20, "totalTokenCount": 39},
+            "modelVersion": "gemini-2.5-flash",
+            "responseId": "mAitaLmkHPPlz7IPvtfUqQ4"
+        }));
+        assert_eq!(
+            out,
+            json!({
+                "id": "chatcmpl-mAitaLmkHPPlz7IPvtfUqQ4",
+                "object": "chat.completion",
+                "created": 1_700_000_000,
+                "model": "gemini-2.5-flash",
+                "choices": [{
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "AI learns patterns from data."},
+                    "logprobs": null,
+                    "finish_reason": "stop"
+                }],
+                "usage": {"prompt_tokens": 8, "completion_tokens": 31, "total_tokens": 39}
+            })
+        );
+    }
+
+    #[test]
+    fn function_calls_become_tool_calls() {
+        let out = completion(json!({
+            "candidates": [{
+                "content": {"role": "model", "parts": [
+                    {"functionCall": {"name": "find_theaters", "args": {"location": "Mountain View, CA", "movie": "Barbie"}},
+                     "thoughtSignature": "c2ln"},
+                    {"functionCall": {"name": "enable_lights", "args": {}}}
+                ]},
+                "finishReason": "STOP"
+            }],
+            "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 7}
+        }));
+        assert_eq!(out["id"], "chatcmpl-gemini");
+        assert_eq!(out["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(
+            out["choices"][0]["message"],
+            json!({
+                "role": "assistant",
+                "content": null,
+                "tool_calls": [
+                    {"id": "call_0", "type": "function", "function": {"name": "find_theaters", "arguments": "{\"location\":\"Mountain View, CA\",\"movie\":\"Barbie\"}"}},
+                    {"id": "call_1", "type": "function", "function": {"name": "enable_lights", "arguments": "{}"}}
+                ]
+            })
+        );
+    }
+
+    #[test]
+    fn finish_reasons_map_to_openai_ones() {
+        for (gemini, openai) in [
+            ("STOP", "stop"),
+            ("MAX_TOKENS", "length"),
+            ("SAFETY", "content_filter"),
+            ("RECITATION", "content_filter"),
+            ("BLOCKLIST", "content_filter"),
+            ("PROHIBITED_CONTENT", "content_filter"),
+            ("SPII", "content_filter"),
+            ("OTHER", "stop"),
+            ("MALFORMED_FUNCTION_CALL", "stop"),
+            ("FINISH_REASON_UNSPECIFIED", "stop"),
+        ] {
+            let out = completion(json!({"candidates": [{
+                "content": {"role": "model", "parts": [{"text": "x"}]},
+                "finishReason": gemini
+            }]}));
+            assert_eq!(out["choices"][0]["finish_reason"], openai, "{gemini}");
+            assert!(out.get("usage").is_none());
+        }
+        // A candidate stopped for safety may have no content at all.
+        let out = completion(json!({"candidates": [{"finishReason": "SAFETY", "index": 0}]}));
+        assert_eq!(out["choices"][0]["message"]["content"], Value::Null);
+    }
+
+    #[test]
+    fn a_blocked_prompt_is_a_content_filtered_completion() {
+        let out = completion(json!({
+            "promptFeedback": {"blockReason": "SAFETY", "safetyRatings": [{"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH"}]},
+            "usageMetadata": {"promptTokenCount": 8, "totalTokenCount": 8}
+        }));
+        assert_eq!(out["choices"][0]["finish_reason"], "content_filter");
+        assert_eq!(
+            out["choices"][0]["message"],
+            json!({"role": "assistant", "content": null})
+        );
+        assert_eq!(out["usage"]["prompt_tokens"], 8);
+    }
+
+    #[test]
+    fn several_candidates_become_several_choices() {
+        let out = completion(json!({"candidates": [
+            {"content": {"role": "model", "parts": [{"text": "one"}]}, "finishReason": "STOP", "index": 0},
+            {"content": {"role": "model", "parts": [{"text": "two"}]}, "finishReason": "MAX_TOKENS", "index": 1}
+        ]}));
+        let choices = out["choices"].as_array().unwrap();
+        assert_eq!(choices.len(), 2);
+        assert_eq!(choices[1]["index"], 1);
+        assert_eq!(choices[1]["message"]["content"], "two");
+        assert_eq!(choices[1]["finish_reason"], "length");
+    }
+
+    #[test]
+    fn malformed_answers_are_malformed() {
+        for body in [
+            &b"not json"[..],
+            b"[1]",
+            b"{}",
+            b"{\"candidates\":[]}",
+            b"{\"candidates\":[7]}",
+            b"{\"candidates\":[{\"content\":{\"parts\":{}}}]}",
+            b"{\"candidates\":[{\"content\":{\"parts\":[{\"functionCall\":{\"args\":{}}}]}}]}",
+        ] {
+            assert!(
+                chat_response(body, &reply(false)).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    const STREAM: &str = concat!(
+        "data: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \"Hello!\"}],\"role\": \"model\"},\"index\": 0}],",
+        "\"usageMetadata\": {\"trafficType\": \"ON_DEMAND\"},\"modelVersion\": \"gemini-2.5-flash\",\"responseId\": \"tTCwacuEBMvnitYP06qsgQY\"}\r\n\r\n",
+        "data: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \" How can I help 你好 today\"}],\"role\": \"model\"},\"index\": 0}],",
+        "\"usageMetadata\": {\"trafficType\": \"ON_DEMAND\"},\"responseId\": \"tTCwacuEBMvnitYP06qsgQY\"}\r\n\r\n",
+        "data: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \"?\"},{\"text\": \"\",\"thoughtSignature\": \"AY89a18i\"}],\"role\": \"model\"},\"finishReason\": \"STOP\",\"index\": 0}],",
+        "\"usageMetadata\": {\"promptTokenCount\": 1,\"candidatesTokenCount\": 9,\"thoughtsTokenCount\": 2,\"totalTokenCount\": 12},\"responseId\": \"tTCwacuEBMvnitYP06qsgQY\"}\r\n\r\n",
+    );
+
+    fn stream(include_usage: bool, body: &str) -> Result<Vec<Value>, Malformed> {
+        same_under_any_chunking(|| ChatStream::new(reply(include_usage)), body.as_bytes())
+            .map(|out| sse_payloads(&out))
+    }
+
+    fn chunk(delta: Value, finish: Value) -> Value {
+        json!({
+            "id": "chatcmpl-tTCwacuEBMvnitYP06qsgQY",
+            "object": "chat.completion.chunk",
+            "created": 1_700_000_000,
+            "model": "gemini-2.5-flash",
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]
+        })
+    }
+
+    #[test]
+    fn a_stream_becomes_openai_chunks_however_it_is_cut() {
+        let expected = vec![
+            chunk(json!({"role": "assistant", "content": ""}), Value::Null),
+            chunk(json!({"content": "Hello!"}), Value::Null),
+            chunk(
+                json!({"content": " How can I help 你好 today"}),
+                Value::Null,
+            ),
+            chunk(json!({"content": "?"}), Value::Null),
+            chunk(json!({}), json!("stop")),
+        ];
+        let mut with_done = expected.clone();
+        with_done.push(json!("[DONE]"));
+        assert_eq!(stream(false, STREAM).unwrap(), with_done);
+        let mut with_usage = expected;
+        with_usage.push(json!({
+            "id": "chatcmpl-tTCwacuEBMvnitYP06qsgQY",
+            "object": "chat.completion.chunk",
+            "created": 1_700_000_000,
+            "model": "gemini-2.5-flash",
+            "choices": [],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 11, "total_tokens": 12}
+        }));
+        with_usage.push(json!("[DONE]"));
+        assert_eq!(stream(true, STREAM).unwrap(), with_usage);
+        // LF line endings, and a last event the stream ends on without a blank line.
+        let lf = STREAM.replace("\r\n", "\n");
+        assert_eq!(
+            stream(false, lf.trim_end()).unwrap(),
+            stream(false, STREAM).unwrap()
+        );
+    }
+
+    #[test]
+    fn streamed_function_calls_become_tool_call_deltas() {
+        let body = concat!(
+            "data: {\"candidates\":[{\"content\":{\"role\":\"model\",\"parts\":[{\"functionCall\":{\"name\":\"get_weather\",\"args\":{\"city\":\"Tokyo\"}},\"thoughtSignature\":\"c2ln\"}]}}]}\n\n",
+            "data: {\"candidates\":[{\"content\":{\"role\":\"model\",\"parts\":[{\"functionCall\":{\"name\":\"get_time\"}}]},\"finishReason\":\"STOP\"}],\"usageMetadata\":{\"promptTokenCount\":20,\"candidatesTokenCount\":6}}\n\n",
+        );
+        let out = stream(true, body).unwrap();
+        assert_eq!(out.len(), 6);
+        assert_eq!(out[0]["id"], "chatcmpl-gemini");
+        assert_eq!(
+            out[1]["choices"][0]["delta"],
+            json!({"tool_calls": [{"index": 0, "id": "call_0", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{\"city\":\"Tokyo\"}"}}]})
+        );
+        assert_eq!(
+            out[2]["choices"][0]["delta"]["tool_calls"][0],
+            json!({"index": 1, "id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}})
+        );
+        assert_eq!(out[3]["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(out[4]["usage"]["total_tokens"], 26);
+        assert_eq!(out[5], json!("[DONE]"));
+    }
+
+    #[test]
+    fn an_error_in_the_stream_ends_it_with_an_error_event() {
+        let body = concat!(
+            "data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"Hi\"}]}}]}\n\n",
+            "data: {\"error\":{\"code\":503,\"message\":\"The model is overloaded.\",\"status\":\"UNAVAILABLE\"}}\n\n",
+            "data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"ignored\"}]},\"finishReason\":\"STOP\"}]}\n\n",
+            "data: not even json\n\n",
+        );
+        let out = stream(true, body).unwrap();
+        assert_eq!(out.len(), 4);
+        assert_eq!(out[1]["choices"][0]["delta"]["content"], "Hi");
+        assert_eq!(out[2]["error"]["message"], "The model is overloaded.");
+        assert_eq!(out[2]["error"]["code"], "bad_backend_output");
+        assert_eq!(out[3], json!("[DONE]"));
+    }
+
+    #[test]
+    fn a_blocked_prompt_streams_a_content_filter_finish() {
+        let body = "data: {\"promptFeedback\":{\"blockReason\":\"PROHIBITED_CONTENT\"},\"usageMetadata\":{\"promptTokenCount\":4}}\n\n";
+        let out = stream(false, body).unwrap();
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[1]["choices"][0]["finish_reason"], "content_filter");
+    }
+
+    #[test]
+    fn a_stream_without_a_finish_reason_ended_early() {
+        let early = Err(Malformed::new("the backend's stream ended early"));
+        let cut = STREAM.rsplit_once("data: ").unwrap().0;
+        assert_eq!(stream(false, cut), early);
+        assert_eq!(stream(false, ""), early);
+        assert_eq!(stream(false, ": just a comment\n\n"), early);
+    }
+
+    #[test]
+    fn malformed_events_are_malformed() {
+        for body in [
+            "data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"Hi\"}]}}]}\n\ndata: {oops\n\n",
+            "data: [1,2]\n\n",
+            "data: {\"candidates\":[{\"content\":{\"parts\":7}}]}\n\n",
+        ] {
+            assert!(stream(false, body).is_err(), "{body}");
+        }
+    }
+
+    #[test]
+    fn embeddings_go_as_a_batch_and_come_back_as_a_list() {
+        let body = embed_request(
+            &request(json!({"model": "embed", "input": ["What is the meaning of life?", "How much wood?"], "dimensions": 768})),
+            "gemini-embedding-001",
+        )
+        .unwrap();
+        assert_eq!(
+            body,
+            json!({"requests": [
+                {"model": "models/gemini-embedding-001", "content": {"parts": [{"text": "What is the meaning of life?"}]}, "outputDimensionality": 768},
+                {"model": "models/gemini-embedding-001", "content": {"parts": [{"text": "How much wood?"}]}, "outputDimensionality": 768}
+            ]})
+        );
+        let body =
+            embed_request(&request(json!({"input": "x"})), "models/text-embedding-004").unwrap();
+        assert_eq!(body["requests"][0]["model"], "models/text-embedding-004");
+        assert!(body["requests"][0].get("outputDimensionality").is_none());
+        assert!(embed_request(&request(json!({"input": [[1, 2]]})), "m").is_err());
+        let answer = json!({"embeddings": [{"values": [0.1, -0.2]}, {"values": [0.3, 0.4]}]});
+        let out: Value = serde_json::from_slice(
+            &embed_response(answer.to_string().as_bytes(), &reply(false)).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            json!({
+                "object": "list",
+                "data": [
+                    {"object": "embedding", "index": 0, "embedding": [0.1, -0.2]},
+                    {"object": "embedding", "index": 1, "embedding": [0.3, 0.4]}
+                ],
+                "model": "gemini-2.5-flash",
+                "usage": {"prompt_tokens": 0, "total_tokens": 0}
+            })
+        );
+        for bad in [&b"{}"[..], b"{\"embeddings\":[{}]}", b"nope"] {
+            assert!(embed_response(bad, &reply(false)).is_err());
+        }
+    }
+
+    #[test]
+    fn error_bodies_give_their_message() {
+        let body = br#"{"error": {"code": 400, "message": "API key not valid. Please pass a valid API key.", "status": "INVALID_ARGUMENT"}}"#;
+        assert_eq!(
+            error_message(body).as_deref(),
+            Some("API key not valid. Please pass a valid API key.")
+        );
+        let listed = br#"[{"error": {"code": 429, "message": "Resource exhausted", "status": "RESOURCE_EXHAUSTED"}}]"#;
+        assert_eq!(error_message(listed).as_deref(), Some("Resource exhausted"));
+        assert_eq!(error_message(b"{\"error\": \"plain\"}"), None);
+        assert_eq!(error_message(b"<html>"), None);
     }
 }

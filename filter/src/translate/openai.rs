@@ -1,7 +1,8 @@
 //! The OpenAI shapes the translators answer in: a chat completion, its stream chunks, an
 //! embedding list and an error, built one way for every protocol.
 
-use serde_json::{json, Value};
+use super::Refusal;
+use serde_json::{json, Map, Value};
 
 /// Token counts as OpenAI reports them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -96,6 +97,84 @@ pub fn embedding_list(model: &str, vectors: Vec<Value>, prompt_tokens: u64) -> V
     })
 }
 
+/// The texts of an embeddings request's `input`, a string or a list of strings, after refusing
+/// what no adapter's backend takes: token arrays, and encodings other than float and base64.
+pub fn embedding_inputs(request: &Map<String, Value>) -> Result<Vec<String>, Refusal> {
+    match request.get("encoding_format") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(f)) if f == "float" || f == "base64" => {}
+        Some(_) => {
+            return Err(Refusal::Invalid(
+                "`encoding_format` must be \"float\" or \"base64\"".into(),
+            ))
+        }
+    }
+    let not_text = || Refusal::Invalid("`input` must be a string or a list of strings".into());
+    match request.get("input") {
+        Some(Value::String(text)) => Ok(vec![text.clone()]),
+        Some(Value::Array(items)) if items.is_empty() => {
+            Err(Refusal::Invalid("`input` must not be empty".into()))
+        }
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|item| match item {
+                Value::String(text) => Ok(text.clone()),
+                Value::Number(_) | Value::Array(_) => Err(Refusal::Unsupported(
+                    "token arrays as embeddings `input` (this backend takes text)".into(),
+                )),
+                _ => Err(not_text()),
+            })
+            .collect(),
+        _ => Err(not_text()),
+    }
+}
+
+/// Whether the client asked for base64 vectors (the OpenAI SDKs do when their caller did not
+/// choose), which [`base64_embeddings`] makes of an embedding list.
+pub fn wants_base64(request: &Map<String, Value>) -> bool {
+    request.get("encoding_format").and_then(Value::as_str) == Some("base64")
+}
+
+/// Rewrites each float vector of an embedding list as OpenAI answers `encoding_format:
+/// "base64"`: the base64 of its little-endian f32s. The Node SDK decodes whatever comes back when
+/// it chose base64 itself, so floats sent back would read as garbage.
+pub fn base64_embeddings(list: &mut Value) {
+    let Some(data) = list.get_mut("data").and_then(Value::as_array_mut) else {
+        return;
+    };
+    for item in data {
+        let Some(item) = item.as_object_mut() else {
+            continue;
+        };
+        let Some(vector) = item.get("embedding").and_then(Value::as_array) else {
+            continue;
+        };
+        let mut bytes = Vec::with_capacity(vector.len().saturating_mul(4));
+        for x in vector {
+            bytes.extend_from_slice(&(x.as_f64().unwrap_or(0.0) as f32).to_le_bytes());
+        }
+        item.insert("embedding".into(), Value::String(base64(&bytes)));
+    }
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3).saturating_mul(4));
+    for group in bytes.chunks(3) {
+        let byte = |i: usize| u32::from(group.get(i).copied().unwrap_or(0));
+        let n = byte(0) << 16 | byte(1) << 8 | byte(2);
+        for (i, shift) in [18u32, 12, 6, 0].into_iter().enumerate() {
+            if i <= group.len() {
+                let sextet = ((n >> shift) & 63) as usize;
+                out.push(char::from(ALPHABET.get(sextet).copied().unwrap_or(b'A')));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 /// Appends `data: <json>` and the blank line that ends an event.
 pub fn sse_data(out: &mut Vec<u8>, value: &Value) {
     out.extend_from_slice(b"data: ");
@@ -169,6 +248,74 @@ pub fn stop_list(stop: Option<&Value>) -> Vec<String> {
     }
 }
 
+/// A numeric field of the request (`null` counts as absent).
+pub fn number(request: &Map<String, Value>, key: &str) -> Result<Option<Value>, Refusal> {
+    match request.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(value @ Value::Number(_)) => Ok(Some(value.clone())),
+        Some(_) => Err(Refusal::Invalid(format!("`{key}` must be a number"))),
+    }
+}
+
+/// The completion's token limit: `max_completion_tokens`, or the older `max_tokens`.
+pub fn max_tokens(request: &Map<String, Value>) -> Result<Option<Value>, Refusal> {
+    match number(request, "max_completion_tokens")? {
+        Some(limit) => Ok(Some(limit)),
+        None => number(request, "max_tokens"),
+    }
+}
+
+/// The media type and base64 payload of an `image_url` content part. Only data URLs: the
+/// backends behind adapters take images inline, and the filter fetches nothing.
+pub fn inline_image(part: &Value) -> Result<(&str, &str), Refusal> {
+    let image = part.get("image_url");
+    let url = image
+        .and_then(|i| i.get("url"))
+        .or(image)
+        .and_then(Value::as_str)
+        .ok_or_else(|| Refusal::Invalid("an `image_url` part needs a `url`".into()))?;
+    if url.starts_with("data:") {
+        return data_url(url).ok_or_else(|| {
+            Refusal::Invalid("an image data URL must be `data:<type>;base64,<data>`".into())
+        });
+    }
+    Err(Refusal::Unsupported(
+        "image URLs other than data: URLs (this backend takes images inline only)".into(),
+    ))
+}
+
+/// One `tool_calls` entry of an assistant message: its id (empty when it has none), function
+/// name and parsed arguments (an empty string counts as no arguments).
+pub fn assistant_tool_call(call: &Value) -> Result<(String, String, Map<String, Value>), Refusal> {
+    let invalid = |why: &str| Refusal::Invalid(format!("an assistant tool call {why}"));
+    if let Some(kind) = call.get("type").and_then(Value::as_str) {
+        if kind != "function" {
+            return Err(Refusal::Unsupported(format!(
+                "assistant tool calls of type `{kind}`"
+            )));
+        }
+    }
+    let function = call
+        .get("function")
+        .ok_or_else(|| invalid("needs a `function`"))?;
+    let name = function
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid("needs a function `name`"))?;
+    let arguments = match function.get("arguments") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::String(text)) if text.trim().is_empty() => Map::new(),
+        Some(Value::String(text)) => match serde_json::from_str(text) {
+            Ok(Value::Object(map)) => map,
+            _ => return Err(invalid("has `arguments` that are not a JSON object")),
+        },
+        Some(Value::Object(map)) => map.clone(),
+        Some(_) => return Err(invalid("has `arguments` that are not a JSON object")),
+    };
+    let id = call.get("id").and_then(Value::as_str).unwrap_or_default();
+    Ok((id.to_string(), name.to_string(), arguments))
+}
+
 /// Whether the client asked for a final usage chunk.
 pub fn wants_usage(request: &serde_json::Map<String, Value>) -> bool {
     request
@@ -217,5 +364,67 @@ mod tests {
             Some(("image/png", "AAAA"))
         );
         assert_eq!(stop_list(Some(&json!("x"))), vec!["x".to_string()]);
+    }
+
+    #[test]
+    fn base64_vectors_are_little_endian_f32s() {
+        let mut list = embedding_list("m", vec![json!([1.0, 2.0]), json!([1.0])], 3);
+        base64_embeddings(&mut list);
+        assert_eq!(list["data"][0]["embedding"], "AACAPwAAAEA=");
+        assert_eq!(list["data"][1]["embedding"], "AACAPw==");
+        assert_eq!(base64(b"ab"), "YWI=");
+        assert_eq!(base64(b"abc"), "YWJj");
+        assert_eq!(base64(b""), "");
+    }
+
+    #[test]
+    fn request_readers_refuse_what_no_backend_takes() {
+        let req = |v: Value| v.as_object().unwrap().clone();
+        assert_eq!(
+            embedding_inputs(&req(
+                json!({"input": ["a", "b"], "encoding_format": "base64"})
+            )),
+            Ok(vec!["a".to_string(), "b".to_string()])
+        );
+        assert!(wants_base64(&req(json!({"encoding_format": "base64"}))));
+        assert!(matches!(
+            embedding_inputs(&req(json!({"input": [[1, 2]]}))),
+            Err(Refusal::Unsupported(_))
+        ));
+        for bad in [
+            json!({"input": []}),
+            json!({}),
+            json!({"input": "a", "encoding_format": "x"}),
+        ] {
+            assert!(matches!(
+                embedding_inputs(&req(bad)),
+                Err(Refusal::Invalid(_))
+            ));
+        }
+        assert_eq!(
+            max_tokens(&req(json!({"max_tokens": 5, "max_completion_tokens": 7}))),
+            Ok(Some(json!(7)))
+        );
+        assert_eq!(
+            max_tokens(&req(json!({"max_tokens": 5}))),
+            Ok(Some(json!(5)))
+        );
+        assert!(number(&req(json!({"n": "2"})), "n").is_err());
+        assert!(matches!(
+            inline_image(&json!({"image_url": {"url": "https://x/y.png"}})),
+            Err(Refusal::Unsupported(_))
+        ));
+        assert_eq!(
+            inline_image(&json!({"image_url": "data:image/png;base64,AAAA"})),
+            Ok(("image/png", "AAAA"))
+        );
+        let (id, name, args) = assistant_tool_call(
+            &json!({"id": "c1", "type": "function", "function": {"name": "f", "arguments": ""}}),
+        )
+        .unwrap();
+        assert_eq!((id.as_str(), name.as_str(), args.len()), ("c1", "f", 0));
+        assert!(
+            assistant_tool_call(&json!({"function": {"name": "f", "arguments": "[1]"}})).is_err()
+        );
     }
 }
