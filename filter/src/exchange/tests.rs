@@ -601,3 +601,285 @@ fn the_benchmarks_demo_shape_is_counted_too() {
     assert_eq!(phases, [3, 14, 9, 0]);
     assert_eq!(total, 26);
 }
+
+// Translated exchanges (adapters) and Anthropic's ingress.
+
+/// One Ollama instance on its native API and one OpenAI instance.
+fn adapter_plan() -> Rc<Plan> {
+    let config = json!({"services": {"chat": {"instances": [
+        {"name": "qwen", "base-url": "http://ollama:11434", "adapter": "ollama"},
+        {"name": "gpt", "base-url": "http://vllm:8000"}
+    ]}}});
+    Rc::new(Plan::from_json(config.to_string().as_bytes()).unwrap_or_else(|e| panic!("{e}")))
+}
+
+const QWEN: &[u8] =
+    br#"{"model":"qwen","max_tokens":7,"messages":[{"role":"user","content":"Hello"}]}"#;
+
+impl Run {
+    /// A response Envoy buffers while the filter holds it: each body callback sees all so far.
+    fn respond_buffered(
+        &mut self,
+        status: u32,
+        headers: &[(&str, &str)],
+        chunks: &[&[u8]],
+    ) -> Flow {
+        let mut all = vec![(":status".to_string(), status.to_string())];
+        all.extend(headers.iter().map(|(n, v)| (n.to_string(), v.to_string())));
+        *self.host.response_headers.borrow_mut() = all;
+        let mut flow = self
+            .exchange
+            .on_response_headers(&self.host, chunks.is_empty());
+        let mut buffered = Vec::new();
+        for (n, chunk) in chunks.iter().enumerate() {
+            buffered.extend_from_slice(chunk);
+            *self.host.response_chunk.borrow_mut() = buffered.clone();
+            flow =
+                self.exchange
+                    .on_response_body(&self.host, buffered.len(), n + 1 == chunks.len());
+        }
+        flow
+    }
+
+    /// What the client receives of a streamed answer: every chunk as the filter rewrote it.
+    fn respond_streamed(&mut self, headers: &[(&str, &str)], chunks: &[&[u8]]) -> Vec<u8> {
+        let mut all = vec![(":status".to_string(), "200".to_string())];
+        all.extend(headers.iter().map(|(n, v)| (n.to_string(), v.to_string())));
+        *self.host.response_headers.borrow_mut() = all;
+        self.exchange.on_response_headers(&self.host, false);
+        let mut seen = Vec::new();
+        for (n, chunk) in chunks.iter().enumerate() {
+            *self.host.response_chunk.borrow_mut() = chunk.to_vec();
+            self.exchange
+                .on_response_body(&self.host, chunk.len(), n + 1 == chunks.len());
+            seen.extend_from_slice(&self.host.response_chunk.borrow());
+        }
+        seen
+    }
+
+    fn response_body_json(&self) -> Value {
+        serde_json::from_slice(&self.host.response_chunk.borrow()).unwrap_or_default()
+    }
+}
+
+#[test]
+fn an_ollama_request_is_rewritten_for_api_chat_once_its_body_is_whole() {
+    let mut run = Run::new(adapter_plan());
+    run.request(
+        "POST",
+        "/v1/chat/completions",
+        &[("accept-encoding", "gzip")],
+        QWEN,
+    );
+    // The model is found in the body's first bytes; the rest is still coming.
+    assert_eq!(
+        run.exchange.on_request_headers(&run.host, false),
+        Flow::Pause
+    );
+    assert_eq!(
+        run.exchange.on_request_body(&run.host, 20, false),
+        Flow::Pause
+    );
+    assert_eq!(
+        run.exchange.on_request_body(&run.host, QWEN.len(), true),
+        Flow::Continue
+    );
+    assert_eq!(
+        run.host.request_header(":path").as_deref(),
+        Some("/api/chat")
+    );
+    assert_eq!(run.host.request_header("accept-encoding"), None);
+    let sent: Value = serde_json::from_slice(&run.host.request_body.borrow()).unwrap();
+    assert_eq!(sent["stream"], false);
+    assert_eq!(sent["options"]["num_predict"], 7);
+    assert_eq!(
+        run.host.request_header("content-length"),
+        Some(run.host.request_body.borrow().len().to_string())
+    );
+    // The answer is held whole, then goes out as OpenAI's, with its head rewritten.
+    let native = br#"{"model":"qwen","created_at":"2024-01-01T00:00:00Z","message":{"role":"assistant","content":"Hi!"},"done":true,"done_reason":"stop","prompt_eval_count":5,"eval_count":2}"#;
+    let (a, b) = native.split_at(40);
+    let held = run.respond_buffered(
+        200,
+        &[
+            ("content-type", "application/json"),
+            ("content-length", "180"),
+        ],
+        &[a, b],
+    );
+    assert_eq!(held, Flow::Continue);
+    let answer = run.response_body_json();
+    assert_eq!(answer["object"], "chat.completion");
+    assert_eq!(answer["choices"][0]["message"]["content"], "Hi!");
+    assert_eq!(answer["usage"]["total_tokens"], 7);
+    assert_eq!(
+        run.host.response_header("content-length"),
+        Some(run.host.response_chunk.borrow().len().to_string())
+    );
+    assert_eq!(
+        run.host.response_header("x-jairouter-instance").as_deref(),
+        Some("chat-0")
+    );
+    run.log();
+    assert_eq!(run.summary()["prompt_tokens"], 5);
+}
+
+#[test]
+fn a_translated_request_costs_its_reads_and_writes_and_no_more() {
+    let mut run = Run::new(adapter_plan());
+    run.request("POST", "/v1/chat/completions", &[], QWEN);
+    run.host.take_calls();
+    run.send();
+    let native = br#"{"message":{"role":"assistant","content":"Hi!"},"done":true,"done_reason":"stop","prompt_eval_count":5,"eval_count":2}"#;
+    run.respond_buffered(200, &[("content-type", "application/json")], &[native]);
+    run.log();
+    let calls = run.calls();
+    // Over the passthrough's: the whole body read and replaced with its length and path; the
+    // answer read whole, replaced, its head written in one call.
+    assert_eq!(calls.get(&Call::RequestBody), Some(&2));
+    assert_eq!(calls.get(&Call::ReplaceRequestBody), Some(&1));
+    assert_eq!(calls.get(&Call::ResponseBody), Some(&1));
+    assert_eq!(calls.get(&Call::ReplaceResponseBody), Some(&1));
+    assert_eq!(calls.get(&Call::ReplaceResponseHeaders), Some(&1));
+    assert_eq!(run.host.total_calls(), 0);
+    let total: usize = calls.values().sum();
+    assert_eq!(total, 17, "{calls:?}");
+}
+
+#[test]
+fn an_ollama_stream_becomes_openai_chunks_as_it_passes() {
+    let mut run = Run::new(adapter_plan());
+    let body = br#"{"model":"qwen","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"Hi"}]}"#;
+    run.request("POST", "/v1/chat/completions", &[], body);
+    run.send();
+    let ndjson = concat!(
+        r#"{"message":{"role":"assistant","content":"Hel"},"done":false}"#,
+        "\n",
+        r#"{"message":{"role":"assistant","content":"lo"},"done":false}"#,
+        "\n",
+        r#"{"message":{"role":"assistant","content":""},"done":true,"done_reason":"stop","prompt_eval_count":4,"eval_count":2}"#,
+        "\n"
+    );
+    let pieces: Vec<&[u8]> = ndjson.as_bytes().chunks(17).collect();
+    let seen = run.respond_streamed(&[("content-type", "application/x-ndjson")], &pieces);
+    let text = String::from_utf8(seen).unwrap();
+    assert!(
+        text.contains(r#""content":"Hel""#) && text.ends_with("data: [DONE]\n\n"),
+        "{text}"
+    );
+    assert_eq!(
+        run.host.response_header("content-type").as_deref(),
+        Some("text/event-stream")
+    );
+    run.log();
+    assert_eq!(run.summary()["completion_tokens"], 2);
+}
+
+#[test]
+fn a_translated_backend_error_keeps_its_status_and_bad_output_is_502_against_the_breaker() {
+    let mut run = Run::new(adapter_plan());
+    run.request("POST", "/v1/chat/completions", &[], QWEN);
+    run.send();
+    run.respond_buffered(
+        404,
+        &[("content-type", "application/json")],
+        &[br#"{"error":"model 'qwen' not found"}"#],
+    );
+    assert_eq!(run.host.response_header(":status").as_deref(), Some("404"));
+    assert_eq!(
+        run.response_body_json()["error"]["message"],
+        "model 'qwen' not found"
+    );
+    run.log();
+
+    run.next_request();
+    run.request("POST", "/v1/chat/completions", &[], QWEN);
+    run.send();
+    run.respond_buffered(
+        200,
+        &[("content-type", "text/html")],
+        &[b"<html>oops</html>"],
+    );
+    assert_eq!(run.host.response_header(":status").as_deref(), Some("502"));
+    assert_eq!(
+        run.response_body_json()["error"]["code"],
+        "bad_backend_output"
+    );
+    run.log();
+    assert_eq!(run.breaker(0).failures, 1);
+}
+
+#[test]
+fn a_body_the_protocol_cannot_carry_is_refused_before_the_instance_sees_it() {
+    let mut run = Run::new(adapter_plan());
+    run.request(
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        br#"{"model":"qwen","messages":"#,
+    );
+    run.send();
+    let replies = run.host.replies.borrow().clone();
+    assert_eq!(replies.first().map(|r| r.0), Some(400));
+    drop(replies);
+    run.log();
+    assert_eq!(run.breaker(0).failures, 0);
+}
+
+#[test]
+fn messages_to_an_openai_backend_are_chat_completions_and_come_back_as_a_message() {
+    let mut run = Run::new(adapter_plan());
+    let body = br#"{"model":"gpt","max_tokens":64,"system":"Be brief.","messages":[{"role":"user","content":"Hi"}]}"#;
+    run.request(
+        "POST",
+        "/v1/messages",
+        &[
+            ("x-api-key", "sk-client"),
+            ("anthropic-version", "2023-06-01"),
+        ],
+        body,
+    );
+    run.send();
+    assert_eq!(
+        run.host.request_header(":path").as_deref(),
+        Some("/v1/chat/completions")
+    );
+    // The client's credential is not the backend's.
+    assert_eq!(run.host.request_header("x-api-key"), None);
+    let sent: Value = serde_json::from_slice(&run.host.request_body.borrow()).unwrap();
+    assert_eq!(sent["messages"][0]["role"], "system");
+    run.respond_buffered(200, &[("content-type", "application/json")], &[&ok_json()]);
+    let message = run.response_body_json();
+    assert_eq!(message["type"], "message");
+    assert_eq!(message["content"][0]["text"], "Hi there");
+    assert_eq!(message["usage"]["input_tokens"], 9);
+    run.log();
+    assert_eq!(run.summary()["completion_tokens"], 3);
+}
+
+#[test]
+fn the_gateways_own_errors_on_messages_are_anthropic_shaped_and_count_tokens_is_answered_here() {
+    let mut run = Run::new(adapter_plan());
+    run.request(
+        "POST",
+        "/v1/messages",
+        &[],
+        br#"{"model":"nope","max_tokens":5,"messages":[]}"#,
+    );
+    run.send();
+    let (status, _, body) = run.host.replies.borrow().first().cloned().unwrap();
+    assert_eq!(status, 404);
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["type"], "error");
+    assert_eq!(body["error"]["type"], "not_found_error");
+
+    run.next_request();
+    let count =
+        br#"{"model":"gpt","messages":[{"role":"user","content":"How many tokens is this?"}]}"#;
+    run.request("POST", "/v1/messages/count_tokens", &[], count);
+    run.send();
+    let (status, _, body) = run.host.replies.borrow().first().cloned().unwrap();
+    assert_eq!(status, 200);
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert!(body["input_tokens"].as_u64().unwrap() > 0, "{body}");
+}

@@ -103,7 +103,7 @@ impl Translation {
             (Protocol::Anthropic, Endpoint::ChatCompletions) => {
                 claude::chat_request(&request, model)
             }
-            (Protocol::Gemini, Endpoint::ChatCompletions) => gemini::chat_request(&request, model),
+            (Protocol::Gemini, Endpoint::ChatCompletions) => gemini::chat_request(&request),
             (Protocol::Gemini, Endpoint::Embeddings) => gemini::embed_request(&request, model),
             (Protocol::Ollama, Endpoint::ChatCompletions) => ollama::chat_request(&request, model),
             (Protocol::Ollama, Endpoint::Embeddings) => ollama::embed_request(&request, model),
@@ -144,9 +144,8 @@ impl Translation {
     /// (there is no body to rewrite).
     pub fn on_head(&mut self, status: u32, end_of_stream: bool) -> Hold {
         let success = (200..300).contains(&status);
-        if end_of_stream
-            || (self.protocol == Protocol::OpenAi && (success || !self.rewrites_errors))
-        {
+        // A passthrough instance's answer is rewritten only when it is a GPUStack error.
+        if end_of_stream || (self.rewrites_errors && success) {
             return Hold::Pass;
         }
         if success && self.stream {
