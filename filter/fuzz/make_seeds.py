@@ -193,6 +193,66 @@ PATHS = ["/v1/chat/completions", "/api/v1/embeddings?x=1&y=%00", "/v1/models", "
          "10.0.0.1:5678", "speech-to-text", "/" + "a/" * 300, "/v1/chat/completions?" + "q=" * 200]
 
 
+MESSAGES_REQUESTS = {
+    "plain": {"model": "claude-sonnet-4-5", "max_tokens": 1024, "messages": [{"role": "user", "content": "Hello"}]},
+    "claude-code": {
+        "model": "claude-sonnet-4-5", "max_tokens": 32000, "stream": True, "metadata": {"user_id": "u-1"},
+        "system": [{"type": "text", "text": "You are Claude Code."},
+                   {"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+        "tools": [{"name": "Bash", "description": "Run a command", "input_schema": {
+            "type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]}}],
+        "tool_choice": {"type": "auto", "disable_parallel_tool_use": True},
+        "messages": [
+            {"role": "user", "content": "List files"},
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "ls", "signature": "s"},
+                {"type": "text", "text": "Running ls."},
+                {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {"command": "ls"}}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "a b"}],
+                 "is_error": False},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},
+                {"type": "text", "text": "And now?", "cache_control": {"type": "ephemeral"}}]}],
+        "stop_sequences": ["END"], "temperature": 0.2, "top_k": 5},
+    "server-tool": {"max_tokens": 1, "messages": [{"role": "user", "content": "x"}],
+                    "tools": [{"type": "web_search_20250305", "name": "web_search"}]},
+    "no-max-tokens": {"messages": [{"role": "user", "content": "x"}]},
+}
+CHAT_ANSWERS = {
+    "text": {"id": "chatcmpl-1", "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}},
+    "tools": {"id": "chatcmpl-2", "choices": [{"index": 0, "message": {"role": "assistant", "content": None,
+        "tool_calls": [{"id": "call_1", "type": "function",
+                        "function": {"name": "f", "arguments": "{\"a\": 1}"}}]}, "finish_reason": "tool_calls"}]},
+}
+
+
+def chunk(delta, finish=None):
+    return json.dumps({"id": "chatcmpl-3", "object": "chat.completion.chunk",
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+
+CHAT_STREAMS = {
+    "text": "".join("data: %s\n\n" % c for c in [
+        chunk({"role": "assistant", "content": ""}), chunk({"content": "Hel"}), chunk({"content": "lo"}),
+        chunk({}, "stop"),
+        json.dumps({"id": "chatcmpl-3", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}})])
+        + "data: [DONE]\n\n",
+    "tools": "".join("data: %s\n\n" % c for c in [
+        chunk({"content": "Let me see."}),
+        chunk({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                               "function": {"name": "f", "arguments": ""}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": "{\"a\""}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]}),
+        chunk({"tool_calls": [{"index": 1, "id": "call_2", "function": {"name": "g", "arguments": "{}"}}]}),
+        chunk({}, "tool_calls")]) + "data: [DONE]\n\n",
+    "error": "data: %s\n\ndata: %s\n\n" % (chunk({"content": "x"}),
+                                           json.dumps({"error": {"message": "overloaded", "code": 503}})),
+    "early": "data: %s\n\n" % chunk({"content": "x"}),
+}
+
+
 def main():
     for name, body in JSON_BODIES.items():
         for seed in (0, 7, 255):
@@ -221,6 +281,16 @@ def main():
         for i in range(40):
             ops += bytes([i % 8]) + struct.pack("<Q", 10 ** 8 * (i % 5))
         write("rate_bucket", str(kind), ops)
+    for name, body in MESSAGES_REQUESTS.items():
+        write("messages_translate", "request-" + name, b"\x00" + json.dumps(body).encode())
+        write("messages_translate", "count-" + name, b"\x03" + json.dumps(body).encode())
+    for name, body in CHAT_ANSWERS.items():
+        write("messages_translate", "answer-" + name, b"\x01" + json.dumps(body).encode())
+    for name, body in CHAT_STREAMS.items():
+        for seed in (0, 5, 255):
+            write("messages_translate", "stream-%s-%d" % (name, seed), bytes([2, seed]) + body.encode())
+    write("messages_translate", "error-message", b"\x04" + USAGE["error"].encode())
+    write("messages_translate", "error-status", b"\x05\x00\x00\x02\x11Overloaded")
     requests = [
         (b"POST /v1/chat/completions?stream=true", b"application/json", b"", b"", chat(user="u-7").encode()),
         (b"POST /api/v1/chat/completions", b"application/json", b"", b"sess-1", chat(max_tokens=5).encode()),
