@@ -219,7 +219,8 @@ impl UsageScanner {
     }
 }
 
-fn is_cjk(c: u32) -> bool {
+/// The characters estimated at two a token (the rest at four), as the original counts.
+pub fn is_cjk(c: u32) -> bool {
     matches!(c,
         0x3040..=0x30FF      // kana
         | 0x3400..=0x4DBF    // CJK extension A

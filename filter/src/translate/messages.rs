@@ -596,7 +596,7 @@ impl CharCount {
 
     fn text(&mut self, s: &str) {
         for c in s.chars() {
-            if is_cjk(u32::from(c)) {
+            if crate::usage::is_cjk(u32::from(c)) {
                 self.cjk = self.cjk.saturating_add(1);
             } else {
                 self.other = self.other.saturating_add(1);
@@ -607,17 +607,6 @@ impl CharCount {
     fn tokens(&self) -> u64 {
         self.cjk.div_ceil(2).saturating_add(self.other.div_ceil(4))
     }
-}
-
-/// The ranges `usage` counts as CJK (two characters a token rather than four).
-fn is_cjk(c: u32) -> bool {
-    matches!(c,
-        0x3040..=0x30FF
-        | 0x3400..=0x4DBF
-        | 0x4E00..=0x9FFF
-        | 0xAC00..=0xD7AF
-        | 0xF900..=0xFAFF
-        | 0x20000..=0x2FFFF)
 }
 
 /// What kind the open content block is.
