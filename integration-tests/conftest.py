@@ -13,7 +13,10 @@ from harness import ENVOY, RENDER, WASM, Gateway  # noqa: E402
 from stub_backend import StubServer  # noqa: E402
 
 
-def pytest_sessionstart(session):
+def pytest_collection_finish(session):
+    # A test module that needs no Envoy (the stubs' own tests) says NEEDS_BUILD = False.
+    if not any(getattr(getattr(item, "module", None), "NEEDS_BUILD", True) for item in session.items):
+        return
     missing = [str(p) for p in (ENVOY, RENDER, WASM) if not p.exists()]
     if missing:
         pytest.exit(f"build first (./build.sh build); missing: {', '.join(missing)}", returncode=2)
@@ -21,11 +24,12 @@ def pytest_sessionstart(session):
 
 @pytest.fixture
 def stubs():
-    """stubs("a", "b") starts one stub backend per name; all stop after the test."""
+    """stubs("a", "b") starts one stub backend per name; all stop after the test. `kind` picks
+    another protocol (vendor_stubs.py), with its own options: stubs("c", kind=AnthropicStub, api_key=...)."""
     started: list[StubServer] = []
 
-    def start(*names: str) -> list[StubServer]:
-        servers = [StubServer(name).start() for name in names]
+    def start(*names: str, kind: type[StubServer] = StubServer, **options) -> list[StubServer]:
+        servers = [kind(name, **options).start() for name in names]
         started.extend(servers)
         return servers
 

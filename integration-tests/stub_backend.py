@@ -57,7 +57,7 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, stub: "StubServer", address: tuple[str, int]):
         self.stub = stub
-        super().__init__(address, _Handler)
+        super().__init__(address, stub.handler)
 
 
 def _error(message: str, kind: str, code: str) -> dict:
@@ -109,16 +109,29 @@ def _multipart_fields(content_type: str, body: bytes) -> dict[str, bytes] | None
     return fields
 
 
-def _usage(headers: dict[str, str], request: dict, body: bytes) -> dict:
-    """The `usage` to report: chosen by x-stub-usage, else derived from the request."""
+def token_counts(headers: dict[str, str], body: bytes, completion: int) -> tuple[int, int] | None:
+    """(prompt, completion) tokens to report: "P,C" from x-stub-usage, None for "none", else body
+    bytes / 4 and `completion`."""
     spec = headers.get("x-stub-usage", "")
     if spec == "none":
-        return {}
+        return None
     if spec:
         prompt, completion = (int(x) for x in spec.split(","))
-    else:
-        prompt = len(body) // 4
-        completion = int(request.get("max_tokens") or request.get("max_completion_tokens") or 3)
+        return prompt, completion
+    return len(body) // 4, completion
+
+
+def stream_chunks(headers: dict[str, str]) -> int:
+    """How many content pieces a stream carries: x-stub-chunks, default 5."""
+    return int(headers.get("x-stub-chunks", "5"))
+
+
+def _usage(headers: dict[str, str], request: dict, body: bytes) -> dict:
+    """The `usage` to report: chosen by x-stub-usage, else derived from the request."""
+    counts = token_counts(headers, body, int(request.get("max_tokens") or request.get("max_completion_tokens") or 3))
+    if counts is None:
+        return {}
+    prompt, completion = counts
     return {"usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
 
 
@@ -191,9 +204,19 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(delay)
         status = stub._take_failure() or (int(headers["x-stub-status"]) if "x-stub-status" in headers else None)
         if status:
-            self._json(status, _error("stub failure requested", "stub_error", "stub_failure"))
+            self._fail(status)
             return
+        self._route(stub, path, headers, body)
 
+    def _fail(self, status: int) -> None:
+        """The answer to fail_next() and x-stub-status, in this protocol's error shape."""
+        self._json(status, _error("stub failure requested", "stub_error", "stub_failure"))
+
+    def _bad_json(self) -> None:
+        """The answer to a body that is not a JSON object, in this protocol's error shape."""
+        self._json(400, _error("malformed JSON body", "invalid_request_error", "invalid_json"))
+
+    def _route(self, stub: "StubServer", path: str, headers: dict[str, str], body: bytes) -> None:
         content_type = headers.get("content-type", "")
         if path.endswith("/chat/completions") or path.endswith("/completions"):
             request = self._parse_json(body)
@@ -272,42 +295,56 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             value = None
         if not isinstance(value, dict):
-            self._json(400, _error("malformed JSON body", "invalid_request_error", "invalid_json"))
+            self._bad_json()
             return None
         return value
 
     def _stream(self, stub: "StubServer", request: dict, chat: bool, headers: dict[str, str], usage: dict) -> None:
-        """SSE, one HTTP chunk per event, flushed, so a client can time the gaps."""
-        chunks = int(headers.get("x-stub-chunks", "5"))
-        gap = float(headers.get("x-stub-chunk-delay-ms", "0")) / 1000
-        self.send_response(200)
-        self.send_header("content-type", "text/event-stream")
-        self.send_header("cache-control", "no-cache")
-        self.send_header("transfer-encoding", "chunked")
-        self.send_header("x-stub-instance", stub.name)
-        self.end_headers()
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def event(payload: Any) -> None:
-            data = b"data: " + (payload if isinstance(payload, bytes) else json.dumps(payload).encode()) + b"\n\n"
+        def event(payload: Any) -> bytes:
+            return b"data: " + (payload if isinstance(payload, bytes) else json.dumps(payload).encode()) + b"\n\n"
+
+        def chunk(i: int) -> bytes:
+            choice = {"index": 0, "delta": {"content": f"tok{i} "}} if chat else {"index": 0, "text": f"tok{i} "}
+            return event({"id": "stub-stream", "object": obj, "created": int(time.time()),
+                          "model": request.get("model"), "choices": [choice]})
+
+        tail = [event({"id": "stub-stream", "object": obj, "created": int(time.time()), "model": request.get("model"),
+                       "choices": [], **usage})] if usage else []
+        self._write_stream(headers, "text/event-stream", [], [chunk(i) for i in range(stream_chunks(headers))],
+                           tail + [event(b"[DONE]")])
+
+    def _write_stream(self, headers: dict[str, str], content_type: str, head: list[bytes], pieces: list[bytes],
+                      tail: list[bytes]) -> None:
+        """A 200 stream, one HTTP chunk per event, flushed, so a client can time the gaps: `head`, then
+        `pieces` x-stub-chunk-delay-ms apart (cut after x-stub-break-after of them), then `tail`."""
+        gap = float(headers.get("x-stub-chunk-delay-ms", "0")) / 1000
+        break_after = int(headers.get("x-stub-break-after", "-1"))
+        self.send_response(200)
+        self.send_header("content-type", content_type)
+        if content_type == "text/event-stream":
+            self.send_header("cache-control", "no-cache")
+        self.send_header("transfer-encoding", "chunked")
+        self.send_header("x-stub-instance", self.server.stub.name)
+        self.end_headers()
+
+        def write(data: bytes) -> None:
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()
 
-        break_after = int(headers.get("x-stub-break-after", "-1"))
-        for i in range(chunks):
+        for data in head:
+            write(data)
+        for i, data in enumerate(pieces):
             if i == break_after:
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
             if i and gap:
                 time.sleep(gap)
-            choice = {"index": 0, "delta": {"content": f"tok{i} "}} if chat else {"index": 0, "text": f"tok{i} "}
-            event({"id": "stub-stream", "object": obj, "created": int(time.time()), "model": request.get("model"),
-                   "choices": [choice]})
-        if usage:
-            event({"id": "stub-stream", "object": obj, "created": int(time.time()), "model": request.get("model"),
-                   "choices": [], **usage})
-        event(b"[DONE]")
+            write(data)
+        for data in tail:
+            write(data)
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
@@ -328,6 +365,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 class StubServer:
     """One backend instance on 127.0.0.1; `start()` returns it serving."""
+
+    # The request handler: a subclass serves another protocol (see vendor_stubs.py).
+    handler: type[BaseHTTPRequestHandler] = _Handler
 
     def __init__(self, name: str, host: str = "127.0.0.1", port: int = 0):
         self.name = name
@@ -405,16 +445,20 @@ class StubServer:
             self.in_flight -= 1
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str], doc: str | None = None, protocols: dict[str, type[StubServer]] | None = None) -> int:
+    """The CLI; with `protocols`, `--protocol NAME` picks the stub class every instance runs."""
+    parser = argparse.ArgumentParser(description=doc or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--instance", action="append", required=True, metavar="NAME[:PORT]")
     parser.add_argument("--host", default="127.0.0.1")
+    if protocols:
+        parser.add_argument("--protocol", required=True, choices=sorted(protocols))
     args = parser.parse_args(argv)
+    make = protocols[args.protocol] if protocols else StubServer
     servers = []
     for spec in args.instance:
         name, _, port = spec.partition(":")
         try:
-            servers.append(StubServer(name, args.host, int(port or 0)).start())
+            servers.append(make(name, args.host, int(port or 0)).start())
         except (OSError, ValueError) as e:
             print(f"stub {spec}: {e}", file=sys.stderr)
             for server in servers:
