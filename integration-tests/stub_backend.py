@@ -121,6 +121,27 @@ def token_counts(headers: dict[str, str], body: bytes, completion: int) -> tuple
     return len(body) // 4, completion
 
 
+def _tool_call(request: dict) -> dict | None:
+    """With `tools` and no tool result yet: a call of the first tool, "stub-KEY" for each property."""
+    tools = request.get("tools") or []
+    messages = request.get("messages") or []
+    if not tools or any(m.get("role") == "tool" for m in messages if isinstance(m, dict)):
+        return None
+    function = tools[0].get("function", {})
+    properties = (function.get("parameters") or {}).get("properties") or {}
+    arguments = json.dumps({key: f"stub-{key}" for key in properties})
+    return {"id": "call_stub_0", "type": "function", "function": {"name": function.get("name"), "arguments": arguments}}
+
+
+def _tool_reply(request: dict) -> str | None:
+    """After a tool result: "tool said: CONTENT", so a test can check the round trip."""
+    results = [m for m in request.get("messages") or [] if isinstance(m, dict) and m.get("role") == "tool"]
+    if not results:
+        return None
+    content = results[-1].get("content")
+    return "tool said: " + (content if isinstance(content, str) else json.dumps(content))
+
+
 def stream_chunks(headers: dict[str, str]) -> int:
     """How many content pieces a stream carries: x-stub-chunks, default 5."""
     return int(headers.get("x-stub-chunks", "5"))
@@ -224,13 +245,24 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             chat = path.endswith("/chat/completions")
             usage = _usage(headers, request, body)
+            call = _tool_call(request) if chat else None
+            reply = _tool_reply(request) if chat else None
             if request.get("stream") is True:
-                self._stream(stub, request, chat, headers, usage)
+                self._stream(stub, request, chat, headers, usage, call, reply)
+            elif chat and call:
+                self._json(200, {
+                    "id": "chatcmpl-stub", "object": "chat.completion", "created": int(time.time()),
+                    "model": request.get("model"),
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+                                 "finish_reason": "tool_calls"}],
+                    **usage,
+                })
             elif chat:
                 self._json(200, {
                     "id": "chatcmpl-stub", "object": "chat.completion", "created": int(time.time()),
                     "model": request.get("model"),
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": f"hello from {stub.name}"},
+                    "choices": [{"index": 0, "message": {"role": "assistant",
+                                                         "content": reply or f"hello from {stub.name}"},
                                  "finish_reason": "stop"}],
                     **usage,
                 })
@@ -299,7 +331,8 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         return value
 
-    def _stream(self, stub: "StubServer", request: dict, chat: bool, headers: dict[str, str], usage: dict) -> None:
+    def _stream(self, stub: "StubServer", request: dict, chat: bool, headers: dict[str, str], usage: dict,
+                call: dict | None = None, reply: str | None = None) -> None:
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def event(payload: Any) -> bytes:
@@ -310,8 +343,30 @@ class _Handler(BaseHTTPRequestHandler):
             return event({"id": "stub-stream", "object": obj, "created": int(time.time()),
                           "model": request.get("model"), "choices": [choice]})
 
+        def frame(delta: dict, finish: str | None = None) -> bytes:
+            return event({"id": "stub-stream", "object": obj, "created": int(time.time()),
+                          "model": request.get("model"),
+                          "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
         tail = [event({"id": "stub-stream", "object": obj, "created": int(time.time()), "model": request.get("model"),
                        "choices": [], **usage})] if usage else []
+        if call:
+            # OpenAI's tool-call deltas: id and name first, then the arguments in pieces.
+            args = call["function"]["arguments"]
+            half = len(args) // 2
+            first = {"index": 0, "id": call["id"], "type": "function",
+                     "function": {"name": call["function"]["name"], "arguments": ""}}
+            pieces = [frame({"role": "assistant", "content": None, "tool_calls": [first]})] + [
+                frame({"tool_calls": [{"index": 0, "function": {"arguments": part}}]})
+                for part in (args[:half], args[half:])]
+            self._write_stream(headers, "text/event-stream", [], pieces,
+                               [frame({}, "tool_calls")] + tail + [event(b"[DONE]")])
+            return
+        if reply:
+            pieces = [frame({"content": reply[i:i + 8]}) for i in range(0, len(reply), 8)]
+            self._write_stream(headers, "text/event-stream", [], pieces,
+                               [frame({}, "stop")] + tail + [event(b"[DONE]")])
+            return
         self._write_stream(headers, "text/event-stream", [], [chunk(i) for i in range(stream_chunks(headers))],
                            tail + [event(b"[DONE]")])
 

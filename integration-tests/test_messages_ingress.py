@@ -110,3 +110,61 @@ def test_both_prefixes_and_a_body_that_is_not_a_message(vllm):
     r = httpx.post(gw.url + "/api/v1/messages", json={"model": "qwen", "max_tokens": 5})
     assert r.status_code == 400
     assert r.json()["type"] == "error" and r.json()["error"]["type"] == "invalid_request_error"
+
+
+WEATHER = {"name": "get_weather", "description": "The weather in a city",
+           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+def test_a_tool_use_round_trip_through_an_openai_backend(vllm):
+    gw, backend = vllm
+    c = client(gw)
+    asked = [{"role": "user", "content": "Weather in Paris?"}]
+    first = c.messages.create(model="qwen", max_tokens=64, tools=[WEATHER], messages=asked)
+    assert first.stop_reason == "tool_use"
+    (use,) = [b for b in first.content if b.type == "tool_use"]
+    assert use.name == "get_weather" and use.input == {"city": "stub-city"}
+    sent = backend.requests[-1].json()
+    assert sent["tools"][0]["function"]["name"] == "get_weather"
+    # Claude Code's next turn: the assistant's tool_use, then the user's tool_result.
+    follow = asked + [{"role": "assistant", "content": [b.model_dump() for b in first.content]},
+                      {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "18C"}]}]
+    second = c.messages.create(model="qwen", max_tokens=64, tools=[WEATHER], messages=follow)
+    assert second.content[0].text == "tool said: 18C"
+    sent = backend.requests[-1].json()
+    assert sent["messages"][-1] == {"role": "tool", "tool_call_id": use.id, "content": "18C"}
+    assert sent["messages"][-2]["tool_calls"][0]["id"] == use.id
+
+
+def test_a_streamed_tool_use_arrives_as_input_json_deltas(vllm):
+    gw, _ = vllm
+    with client(gw).messages.stream(model="qwen", max_tokens=64, tools=[WEATHER],
+                                    messages=[{"role": "user", "content": "Weather?"}]) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_message()
+    assert "input_json" in kinds and kinds[-1] == "message_stop"
+    assert final.stop_reason == "tool_use"
+    (use,) = [b for b in final.content if b.type == "tool_use"]
+    assert use.input == {"city": "stub-city"}
+
+
+def test_messages_pass_through_to_an_anthropic_backend_untouched(stubs, gateway):
+    from vendor_stubs import AnthropicStub
+
+    (claude,) = stubs("claude", kind=AnthropicStub, api_key="sk-ant-backend")
+    gw = gateway({"model": {"retries": 0, "services": {"chat": {"instances": [
+        instance("claude-sonnet", claude, adapter="claude", headers={"x-api-key": "sk-ant-backend"})]}}}})
+    system = [{"type": "text", "text": "You are terse.", "cache_control": {"type": "ephemeral"}}]
+    c = client(gw, api_key="sk-client-own", default_headers={"anthropic-beta": "prompt-caching-2024-07-31"})
+    message = c.messages.create(model="claude-sonnet", max_tokens=32, system=system,
+                                messages=[{"role": "user", "content": "Hi"}])
+    assert message.content[0].text == "hello from claude"
+    received = claude.requests[-1]
+    assert received.path == "/v1/messages"
+    # cache_control and beta features survive: the body is the client's, byte for byte.
+    assert received.json()["system"] == system
+    assert received.headers["anthropic-beta"] == "prompt-caching-2024-07-31"
+    assert received.headers["x-api-key"] == "sk-ant-backend"
+    with c.messages.stream(model="claude-sonnet", max_tokens=32,
+                           messages=[{"role": "user", "content": "Hi"}]) as stream:
+        assert "".join(stream.text_stream) == "tok0 tok1 tok2 tok3 tok4 "
