@@ -253,6 +253,46 @@ CHAT_STREAMS = {
 }
 
 
+def sse(*events):
+    return "".join("event: %s\ndata: %s\n\n" % (e["type"], json.dumps(e)) for e in events)
+
+
+CLAUDE_START = {"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+                                                     "content": [], "usage": {"input_tokens": 25, "output_tokens": 1}}}
+CLAUDE_TAIL = [{"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 15}},
+               {"type": "message_stop"}]
+# Inputs of claude_translate: a mode byte, then an OpenAI request, a Message or an event stream.
+CLAUDE = {
+    "request": chat(stream=True, max_tokens=64, user="u-1", stop=["x"], temperature=0.2, tools=[
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, parallel_tool_calls=False),
+    "tool-round-trip": json.dumps({"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "hi"},
+                                     {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                                     {"type": "image_url", "image_url": {"url": "https://x/a.png"}}]},
+        {"role": "assistant", "content": "ok", "tool_calls": [
+            {"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]},
+        {"role": "tool", "tool_call_id": "t1", "content": "1"}, {"role": "user", "content": "and?"}]}),
+    "message": json.dumps({"id": "msg_1", "type": "message", "role": "assistant", "stop_reason": "tool_use",
+                           "content": [{"type": "thinking", "thinking": "hm"}, {"type": "text", "text": "Hi"},
+                                       {"type": "tool_use", "id": "t", "name": "f", "input": {"a": [1]}}],
+                           "usage": {"input_tokens": 5, "cache_read_input_tokens": 2, "output_tokens": 3}}),
+    "error": json.dumps({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+    "stream-text": sse(CLAUDE_START, {"type": "content_block_start", "index": 0,
+                                      "content_block": {"type": "text", "text": ""}}, {"type": "ping"},
+                       {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hello"}},
+                       {"type": "content_block_stop", "index": 0}, *CLAUDE_TAIL),
+    "stream-tool": sse(CLAUDE_START, {"type": "content_block_start", "index": 0, "content_block": {
+        "type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": "{\"lo"}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": "c\": 1}"}},
+        {"type": "content_block_stop", "index": 0}, *CLAUDE_TAIL),
+    "stream-error": sse(CLAUDE_START, {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+    "stream-early-end": sse(CLAUDE_START, {"type": "content_block_delta", "index": 0,
+                                           "delta": {"type": "text_delta", "text": "cut"}}),
+}
+
+
 def main():
     for name, body in JSON_BODIES.items():
         for seed in (0, 7, 255):
@@ -307,6 +347,10 @@ def main():
         for seed in (0, 9, 255):
             write("request_decision", "%d-%d" % (i, seed),
                   bytes([seed]) + b"\n".join([line, ct, model, session, body]))
+
+    for name, body in CLAUDE.items():
+        for mode in (0, 1, 6, 255):
+            write("claude_translate", "%s-%d" % (name, mode), bytes([mode]) + body.encode())
 
 
 if __name__ == "__main__":
