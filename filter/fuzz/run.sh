@@ -63,7 +63,7 @@ rm -f logs/*.result
 
 dict_of() {
   case "$1" in
-    json_model|request_decision) echo "-dict=dict/json.dict" ;;
+    json_model|request_decision|gemini_translate|ollama_translate) echo "-dict=dict/json.dict" ;;
     router_config) echo "-dict=dict/config.dict" ;;
   esac
 }
