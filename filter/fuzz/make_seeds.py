@@ -347,6 +347,69 @@ def main():
         for seed in (0, 9, 255):
             write("request_decision", "%d-%d" % (i, seed),
                   bytes([seed]) + b"\n".join([line, ct, model, session, body]))
+    write_translate_seeds()
+
+
+GEMINI_SSE = "".join("data: %s\r\n\r\n" % json.dumps(e) for e in [
+    {"candidates": [{"content": {"role": "model", "parts": [{"text": "Hel"}]}, "index": 0}],
+     "usageMetadata": {"trafficType": "ON_DEMAND"}, "responseId": "r-1"},
+    {"candidates": [{"content": {"role": "model", "parts": [
+        {"functionCall": {"name": "get_weather", "args": {"city": "Tokyo"}}, "thoughtSignature": "c2ln"}]}}]},
+    {"candidates": [{"content": {"role": "model", "parts": [{"text": "lo \u4f60\u597d", "thought": False}]},
+                     "finishReason": "STOP"}],
+     "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 4, "thoughtsTokenCount": 5}},
+])
+GEMINI = {
+    # function index (see fuzz_targets/gemini_translate.rs), input
+    "chat": (0, chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+                     tool_choice="required", response_format={"type": "json_object"}, max_tokens=9, stop="x",
+                     messages=[{"role": "system", "content": "s"},
+                               {"role": "user", "content": [{"type": "text", "text": "hi"},
+                                                            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]},
+                               {"role": "assistant", "content": None, "tool_calls": [
+                                   {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]},
+                               {"role": "tool", "tool_call_id": "c1", "content": "ok"}])),
+    "embed": (1, JSON_BODIES["embeddings"]),
+    "answer": (2, json.dumps({"candidates": [{"content": {"role": "model", "parts": [
+        {"text": "hi"}, {"functionCall": {"name": "f", "args": {"a": [1]}}}]}, "finishReason": "MAX_TOKENS"}],
+        "usageMetadata": {"promptTokenCount": 1, "candidatesTokenCount": 2}, "responseId": "x"})),
+    "blocked": (2, json.dumps({"promptFeedback": {"blockReason": "SAFETY"}})),
+    "vectors": (3, json.dumps({"embeddings": [{"values": [0.1, -2e-3]}, {"values": []}]})),
+    "error": (4, json.dumps({"error": {"code": 400, "message": "bad", "status": "INVALID_ARGUMENT"}})),
+    "stream": (5, GEMINI_SSE),
+    "stream-error": (5, GEMINI_SSE.replace('{"candidates": [{"content": {"role": "model", "parts": [{"functionCall"',
+                                           '{"error": {"message": "overloaded"}, "x": [{"content": {"role": "model", "parts": [{"functionCall"', 1)),
+    "stream-cut": (5, GEMINI_SSE[:len(GEMINI_SSE) // 2]),
+}
+OLLAMA_NDJSON = "".join(json.dumps(e) + "\n" for e in [
+    {"model": "llama3.2", "message": {"role": "assistant", "content": "The"}, "done": False},
+    {"message": {"role": "assistant", "content": "", "thinking": "hm",
+                 "tool_calls": [{"function": {"name": "f", "arguments": {"a": 1}}}]}, "done": False},
+    {"message": {"role": "assistant", "content": "!"}, "done": True, "done_reason": "length",
+     "prompt_eval_count": 26, "eval_count": 282},
+])
+OLLAMA = {
+    "chat": (0, GEMINI["chat"][1]),
+    "chat-schema": (0, chat(stream=True, response_format={"type": "json_schema", "json_schema": {"schema": {"type": "object"}}})),
+    "embed": (1, json.dumps({"input": "x", "dimensions": 8, "encoding_format": "base64"})),
+    "answer": (2, json.dumps({"message": {"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "f", "arguments": {"city": "Tokyo"}}}]}, "done_reason": "stop", "done": True,
+        "prompt_eval_count": 169, "eval_count": 18})),
+    "vectors": (3, json.dumps({"embeddings": [[0.01, -0.2], [0.3, 0.4]], "prompt_eval_count": 8})),
+    "error": (4, json.dumps({"error": "model not found"})),
+    "stream": (5, OLLAMA_NDJSON),
+    "stream-crlf": (5, OLLAMA_NDJSON.replace("\n", "\r\n")),
+    "stream-error": (5, OLLAMA_NDJSON.replace('{"message": {"role": "assistant", "content": "", "thinking"',
+                                              '{"error": "boom"}\n{"message": {"role": "assistant", "content": "", "thinking"', 1)),
+    "stream-cut": (5, OLLAMA_NDJSON[:-40]),
+}
+
+
+def write_translate_seeds():
+    for target, seeds in (("gemini_translate", GEMINI), ("ollama_translate", OLLAMA)):
+        for name, (which, body) in seeds.items():
+            for seed in (0, 5, 255):
+                write(target, "%s-%d" % (name, seed), bytes([which, seed]) + body.encode())
 
     for name, body in CLAUDE.items():
         for mode in (0, 1, 6, 255):

@@ -39,3 +39,49 @@ pub fn split_line(data: &[u8]) -> (&[u8], &[u8]) {
         None => (data, &[]),
     }
 }
+
+use jairouter_filter::translate::{Malformed, StreamTranslator};
+
+/// Feeds a stream translator `pieces` and finishes it: all it wrote, or its error.
+pub fn translate_stream<T: StreamTranslator>(
+    mut translator: T,
+    pieces: &[&[u8]],
+) -> Result<Vec<u8>, Malformed> {
+    let mut out = Vec::new();
+    for piece in pieces {
+        translator.feed(piece, &mut out)?;
+    }
+    translator.finish(&mut out)?;
+    Ok(out)
+}
+
+/// Checks a translated stream whole and cut by `seed`: the same output however it is cut, and
+/// that output OpenAI's SSE (`data: <JSON object>` events, `data: [DONE]` last).
+pub fn check_stream<T: StreamTranslator>(new: impl Fn() -> T, body: &[u8], seed: u8) {
+    let whole = translate_stream(new(), &[body]);
+    let cut = translate_stream(new(), &chunks(body, seed));
+    assert_eq!(whole, cut, "chunking changed the translation");
+    let Ok(out) = whole else { return };
+    let text = std::str::from_utf8(&out).expect("the translation is UTF-8");
+    let events: Vec<&str> = text.split_terminator("\n\n").collect();
+    assert!(
+        text.is_empty() || text.ends_with("\n\n"),
+        "an unterminated event"
+    );
+    for (i, event) in events.iter().enumerate() {
+        let data = event
+            .strip_prefix("data: ")
+            .expect("every event is one data line");
+        if data == "[DONE]" {
+            assert_eq!(i + 1, events.len(), "[DONE] is the last event");
+        } else {
+            let value: serde_json::Value = serde_json::from_str(data).expect("each event is JSON");
+            assert!(value.is_object(), "each event is a JSON object");
+        }
+    }
+    assert_eq!(
+        events.last(),
+        Some(&"data: [DONE]"),
+        "a finished stream ends with [DONE]"
+    );
+}
