@@ -53,6 +53,8 @@ pub struct Translation {
     translator: Option<Box<dyn StreamTranslator>>,
     /// The stream broke (malformed output): the rest of it is dropped.
     broken: bool,
+    /// The client asked for base64 embeddings (the OpenAI SDKs' default).
+    base64: bool,
 }
 
 /// Whether a request on `endpoint` to a `protocol` instance is translated (Anthropic's
@@ -80,6 +82,7 @@ impl Translation {
             rewrites_errors: true,
             translator: None,
             broken: false,
+            base64: false,
         }
     }
 
@@ -136,6 +139,7 @@ impl Translation {
             rewrites_errors: false,
             translator: None,
             broken: false,
+            base64: openai::wants_base64(&request),
         };
         Ok((translation, Outbound { path, body }))
     }
@@ -215,6 +219,12 @@ impl Translation {
             (Protocol::Ollama, Endpoint::Embeddings) => ollama::embed_response(body, &self.reply),
             (Protocol::Ollama, _) => ollama::chat_response(body, &self.reply),
             (Protocol::OpenAi, _) => Ok(body.to_vec()),
+        };
+        let translated = match translated {
+            Ok(body) if self.base64 && self.endpoint == Endpoint::Embeddings => {
+                base64_vectors(&body)
+            }
+            other => other,
         };
         match translated {
             Ok(body) => Answer {
@@ -342,6 +352,14 @@ fn refused(pending: &Pending, refusal: Refusal) -> LocalReply {
             ),
         ),
     }
+}
+
+/// An OpenAI embedding list with its vectors as base64 floats, as `encoding_format: base64` asks.
+fn base64_vectors(list: &[u8]) -> Result<Vec<u8>, Malformed> {
+    let mut list: Value = serde_json::from_slice(list)
+        .map_err(|_| Malformed::new("the embedding list is not JSON"))?;
+    openai::base64_embeddings(&mut list);
+    Ok(list.to_string().into_bytes())
 }
 
 /// GPUStack's error shape: `{"status_code": 404, "detail": "..."}`.

@@ -29,6 +29,12 @@ impl Lines {
             let (line, after) = rest.split_at(at);
             rest = after.get(1..).unwrap_or_default();
             if self.partial.is_empty() {
+                // The same bound whether the line came in one chunk or several.
+                if line.len() > MAX_LINE {
+                    return Err(Malformed::new(
+                        "the backend's stream has a line longer than 1 MiB",
+                    ));
+                }
                 each(trim_cr(line))?;
             } else {
                 self.grow(line)?;
