@@ -228,3 +228,82 @@ def test_a_fallback_crosses_adapters(stubs, gateway):
     assert r.headers["x-jairouter-model"] == "qwen"
     assert r.parse().choices[0].message.content == "hello from ollama"
     assert ollama.requests[-1].json()["model"] == "qwen" and claude.requests == []
+
+
+def test_retries_go_to_a_peer_of_the_same_adapter_with_the_translated_request(stubs, gateway):
+    first, second = stubs("c1", "c2", kind=AnthropicStub)
+    (vllm,) = stubs("vllm")
+    gw = gateway({"model": {"retries": 1, "load-balance": {"type": "round-robin"}, "services": {"chat": {
+        "instances": [instance("claude-sonnet", s, adapter="claude", headers={"x-api-key": "sk-ant-test"})
+                      for s in (first, second)]
+        # Same model, another protocol: never a failover peer of the Anthropic ones.
+        + [instance("claude-sonnet", vllm, weight=0)]}}}})
+    first.fail_status = 500
+    # Round-robin sends one of the two to the failing instance; its retry goes to the peer.
+    for _ in range(2):
+        r = client(gw).chat.completions.create(model="claude-sonnet", messages=HI)
+        assert r.choices[0].message.content == "hello from c2"
+    assert (len(first.requests), len(second.requests)) == (1, 2)
+    assert vllm.requests == []
+    # Every attempt carried the Messages body.
+    assert all(q.json()["messages"] == HI for q in first.requests + second.requests)
+
+
+def test_token_metrics_and_time_to_first_token_count_translated_streams(vendors):
+    from test_metrics import scrape, value
+
+    gw, *_ = vendors
+    for model in ("claude-sonnet", "gemini-flash", "qwen"):
+        list(client(gw).chat.completions.create(
+            model=model, messages=HI, stream=True,
+            extra_headers={"x-stub-usage": "10,5", "x-stub-chunks": "3", "x-stub-chunk-delay-ms": "20"}))
+    time.sleep(1.5)
+    s = scrape(gw)
+    for model in ("claude-sonnet", "gemini-flash", "qwen"):
+        tokens = lambda kind: value(s, "jairouter_tokens_total", service="chat", model=model, kind=kind)
+        assert (tokens("prompt"), tokens("completion")) == (10, 5), model
+        assert value(s, "jairouter_time_to_first_token_seconds_count", service="chat", model=model) == 1, model
+
+
+def test_adapter_definitions_name_a_protocol_credentials_and_capabilities(stubs, gateway):
+    (ollama,) = stubs("ollama", kind=OllamaStub)
+    (vllm,) = stubs("vllm")
+    gw = gateway({
+        "adapter-definitions": {
+            "my-ollama": {"type": "ollama-compatible", "capabilities": {"chat": True},
+                          "additional-headers": {"x-team": "search"}},
+            "deepseek": {"type": "openai-compatible",
+                         "auth": {"header-name": "Authorization", "header-prefix": "Bearer ", "api-key": "sk-ds"}},
+        },
+        "model": {"retries": 0, "services": {
+            "chat": {"instances": [instance("qwen", ollama, adapter="my-ollama"),
+                                   instance("ds", vllm, adapter="DeepSeek")]},
+            "embedding": {"instances": [instance("qwen-embed", ollama, adapter="my-ollama")]}}}})
+    c = client(gw)
+    assert c.chat.completions.create(model="qwen", messages=HI).choices[0].message.content == "hello from ollama"
+    assert ollama.requests[-1].path == "/api/chat" and ollama.requests[-1].headers["x-team"] == "search"
+    c.chat.completions.create(model="ds", messages=HI)
+    assert vllm.requests[-1].headers["authorization"] == "Bearer sk-ds"
+    with pytest.raises(openai.APIStatusError) as lacking:
+        c.embeddings.create(model="qwen-embed", input="x")
+    assert lacking.value.status_code == 501
+
+
+def test_a_reload_changes_an_instances_adapter_live(stubs, gateway):
+    from test_live_config import wait_for
+
+    (ollama,) = stubs("ollama", kind=OllamaStub)
+    config = lambda adapter: {"model": {"retries": 0, "services": {"chat": {"instances": [
+        instance("qwen", ollama, adapter=adapter)]}}}}
+    gw = gateway(config("normal"))
+    gw.watch()
+    wait_for(lambda: "applied configuration" in gw.watch_log(), 10, "the watcher started")
+    ask = lambda: httpx.post(gw.url + "/v1/chat/completions", json={"model": "qwen", "messages": HI}, timeout=10)
+    assert ask().status_code == 404  # OpenAI's path on a native Ollama
+    gw.write_config(config("ollama"))
+    wait_for(lambda: ask().status_code == 200, 10, "the reload took the adapter")
+    assert ollama.requests[-1].path == "/api/chat"
+    # A reload naming an unknown adapter is refused; the last good one keeps serving.
+    gw.write_config(config("olama"))
+    wait_for(lambda: "unknown adapter" in gw.watch_log(), 10, "the refusal")
+    assert ask().status_code == 200

@@ -614,6 +614,14 @@ impl Exchange {
         }
         if let Some(scanner) = self.usage.as_mut() {
             scanner.feed(if usage_before { &chunk } else { &out });
+            // The backend's own counts, when the client asked no usage chunk to carry them.
+            if let Some(usage) = end.then(|| translation.stream_usage()).flatten() {
+                let counts = format!(
+                    r#"{{"usage":{{"prompt_tokens":{},"completion_tokens":{}}}}}"#,
+                    usage.prompt, usage.completion
+                );
+                scanner.feed(counts.as_bytes());
+            }
         }
         if broken {
             self.count_breaker(host, clock, Outcome::Failure);

@@ -749,7 +749,8 @@ fn a_translated_request_costs_its_reads_and_writes_and_no_more() {
 #[test]
 fn an_ollama_stream_becomes_openai_chunks_as_it_passes() {
     let mut run = Run::new(adapter_plan());
-    let body = br#"{"model":"qwen","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"Hi"}]}"#;
+    // No usage chunk asked: the backend's counts still settle the budgets and the metrics.
+    let body = br#"{"model":"qwen","stream":true,"messages":[{"role":"user","content":"Hi"}]}"#;
     run.request("POST", "/v1/chat/completions", &[], body);
     run.send();
     let ndjson = concat!(
@@ -771,7 +772,9 @@ fn an_ollama_stream_becomes_openai_chunks_as_it_passes() {
         run.host.response_header("content-type").as_deref(),
         Some("text/event-stream")
     );
+    assert!(!text.contains("usage"), "{text}");
     run.log();
+    assert_eq!(run.summary()["prompt_tokens"], 4);
     assert_eq!(run.summary()["completion_tokens"], 2);
 }
 

@@ -166,6 +166,11 @@ impl Translation {
         self.endpoint == Endpoint::Messages || self.protocol == Protocol::Anthropic
     }
 
+    /// The counts a translated stream's backend reported (whether or not the client asked).
+    pub fn stream_usage(&self) -> Option<openai::TokenUsage> {
+        self.translator.as_ref().and_then(|t| t.usage())
+    }
+
     /// Whether the answer is a translated stream.
     pub fn streams(&self) -> bool {
         self.translator.is_some()

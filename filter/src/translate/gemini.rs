@@ -498,6 +498,10 @@ impl StreamTranslator for ChatStream {
         openai::sse_done(out);
         Ok(())
     }
+
+    fn usage(&self) -> Option<TokenUsage> {
+        self.state.started.then_some(self.state.usage)
+    }
 }
 
 impl StreamState {

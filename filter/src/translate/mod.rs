@@ -59,6 +59,11 @@ pub struct ReplyContext {
 pub trait StreamTranslator {
     fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), Malformed>;
     fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), Malformed>;
+    /// The counts the backend reported so far, whether or not the client asked for them (token
+    /// budgets and metrics settle from them).
+    fn usage(&self) -> Option<openai::TokenUsage> {
+        None
+    }
 }
 
 /// The parsed JSON object of a request body.

@@ -309,6 +309,8 @@ struct StreamState {
     /// The `done` line or an error was translated, `[DONE]` is out; the rest is ignored.
     ended: bool,
     tool_calls: usize,
+    /// What the `done` line counted.
+    usage: Option<TokenUsage>,
 }
 
 impl ChatStream {
@@ -320,6 +322,7 @@ impl ChatStream {
                 started: false,
                 ended: false,
                 tool_calls: 0,
+                usage: None,
             },
         }
     }
@@ -339,6 +342,10 @@ impl StreamTranslator for ChatStream {
         } else {
             Err(Malformed::new("the backend's stream ended early"))
         }
+    }
+
+    fn usage(&self) -> Option<TokenUsage> {
+        self.state.usage
     }
 }
 
@@ -387,6 +394,7 @@ impl StreamState {
         if object.get("done").and_then(Value::as_bool) == Some(true) {
             let finish = finish_reason(&object, self.tool_calls > 0);
             self.emit(out, json!({}), Some(finish));
+            self.usage = Some(usage_of(&object));
             if self.reply.include_usage {
                 let usage = openai::usage_chunk(
                     ID,
