@@ -260,7 +260,9 @@ impl Translation {
             Protocol::Anthropic => claude::error_message(body),
             Protocol::Gemini => gemini::error_message(body),
             Protocol::Ollama => ollama::error_message(body),
-            Protocol::OpenAi => gpustack_message(body).or_else(|| openai_message(body)),
+            Protocol::OpenAi => {
+                gpustack_message(body).or_else(|| messages::openai_error_message(body))
+            }
         };
         let message = message.unwrap_or_else(|| {
             let text = String::from_utf8_lossy(body);
@@ -375,15 +377,6 @@ fn gpustack_message(body: &[u8]) -> Option<String> {
         Value::String(s) => Some(s.clone()),
         other => Some(other.to_string()),
     }
-}
-
-fn openai_message(body: &[u8]) -> Option<String> {
-    let value: Value = serde_json::from_slice(body).ok()?;
-    value
-        .get("error")?
-        .get("message")?
-        .as_str()
-        .map(str::to_string)
 }
 
 #[cfg(test)]
