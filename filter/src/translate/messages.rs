@@ -653,7 +653,8 @@ impl MessageStream {
         }
     }
 
-    /// An `event: ping`, to keep a client's connection alive while a slow backend thinks.
+    /// An `event: ping`, as Anthropic sends one after `message_start`. (Pings while a slow backend
+    /// thinks would need a timer per stream, which proxy-wasm does not give a filter.)
     pub fn ping(&mut self, out: &mut Vec<u8>) {
         if !self.ended {
             emit(out, "ping", &json!({"type": "ping"}));
@@ -754,6 +755,8 @@ impl MessageStream {
                 },
             }),
         );
+        // Anthropic's streams carry a ping early on; clients expect (and skip) it.
+        self.ping(out);
     }
 
     fn open_block(&mut self, block: Block, content_block: Value, out: &mut Vec<u8>) {
@@ -1385,9 +1388,32 @@ mod tests {
         whole
     }
 
-    /// The events of an Anthropic stream, each checked to be `event: <name>\ndata: <json>`
-    /// with the name its `type` says.
+    /// The events of an Anthropic stream but its pings (one follows `message_start`: see
+    /// `a_ping_follows_message_start`), each checked to be `event: <name>\ndata: <json>` with the
+    /// name its `type` says.
     fn events(out: &[u8]) -> Vec<(String, Value)> {
+        let mut all = all_events(out);
+        all.retain(|(name, _)| name != "ping");
+        all
+    }
+
+    #[test]
+    fn a_ping_follows_message_start() {
+        let mut stream = MessageStream::new(ReplyContext {
+            model: "m".into(),
+            created: 1,
+            include_usage: false,
+        });
+        let mut out = Vec::new();
+        let chunk = r#"data: {"id":"c","choices":[{"index":0,"delta":{"content":"Hi"}}]}"#;
+        stream
+            .feed(format!("{chunk}\n\n").as_bytes(), &mut out)
+            .unwrap();
+        let names: Vec<String> = all_events(&out).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names[..3], ["message_start", "ping", "content_block_start"]);
+    }
+
+    fn all_events(out: &[u8]) -> Vec<(String, Value)> {
         let text = std::str::from_utf8(out).unwrap();
         assert!(text.is_empty() || text.ends_with("\n\n"), "{text}");
         text.split_terminator("\n\n")
