@@ -54,13 +54,15 @@ def test_requests_durations_sizes_backend_calls_and_selections_are_counted(stubs
         assert c.post("/v1/chat/completions", content=stream, headers=JSON).status_code == 200
     time.sleep(1.5)  # each worker hands its counts to Envoy once a second
     s = scrape(gw)
-    assert value(s, "jairouter_requests_total", service="chat", method="POST", status="2xx") == 6
-    assert value(s, "jairouter_requests_total", service="chat", method="STREAM", status="2xx") == 1
-    assert value(s, "jairouter_requests_total", service="chat", method="POST", status="4xx") == 2
-    # The 404s were for the chat endpoint: they count under its service too.
-    assert value(s, "jairouter_request_duration_seconds_count", service="chat", method="POST") == 8
-    assert value(s, "jairouter_request_duration_seconds_bucket", service="chat", method="POST", le="+Inf") == 8
-    assert value(s, "jairouter_request_duration_seconds_bucket", service="chat", method="POST", le="10") == 8
+    assert value(s, "jairouter_requests_total", service="chat", method="POST", model="llama", status="2xx") == 6
+    assert value(s, "jairouter_requests_total", service="chat", method="STREAM", model="llama", status="2xx") == 1
+    # The 404s were for the chat endpoint: they count under its service too, and under no model.
+    assert value(s, "jairouter_requests_total", service="chat", method="POST", model="unknown", status="4xx") == 2
+    duration = lambda suffix, model, **le: value(s, f"jairouter_request_duration_seconds_{suffix}",
+                                                  service="chat", method="POST", model=model, **le)
+    assert (duration("count", "llama"), duration("count", "unknown")) == (6, 2)
+    assert duration("bucket", "llama", le="+Inf") == 6 and duration("bucket", "unknown", le="+Inf") == 2
+    assert duration("bucket", "llama", le="10") == 6
     unknown = len(json_body({"model": "nope"}))
     assert value(s, "jairouter_request_size_bytes_sum", service="chat") == 6 * len(chat) + len(stream) + 2 * unknown
     assert value(s, "jairouter_request_size_bytes_count", service="chat") == 9
@@ -110,7 +112,8 @@ def test_rate_limit_events_count_each_decision(stubs, gateway):
     event = lambda result: value(s, "jairouter_rate_limit_events_total", service="chat",
                                  algorithm="token-bucket", scope="model", result=result)
     assert (event("allowed"), event("rejected")) == (3, 3)
-    assert value(s, "jairouter_requests_total", service="chat", method="POST", status="4xx") == 3
+    # Refused for their model: counted under it.
+    assert value(s, "jairouter_requests_total", service="chat", method="POST", model="llama", status="4xx") == 3
 
 
 def test_tokens_and_stream_timings_per_model(stubs, gateway):
@@ -133,6 +136,95 @@ def test_tokens_and_stream_timings_per_model(stubs, gateway):
     assert value(s, "jairouter_time_per_output_token_seconds_count", service="chat", model="llama") == 2
     # Only streams are timed per token; the JSON answer is not.
     assert value(s, "jairouter_time_per_output_token_seconds_bucket", service="chat", model="llama", le="+Inf") == 2
+
+
+def test_per_model_and_genai_series_after_a_mixed_load(stubs, gateway):
+    """Two chat models (one behind Anthropic's API), an embedding model, 5xx from a backend, an
+    unknown model, streams: the per-model request series and the GenAI conventions' series count
+    each exactly, with the stubs' reported usage and each endpoint's operation and instance's
+    provider."""
+    from vendor_stubs import AnthropicStub
+
+    (vllm,) = stubs("vllm")
+    (claude,) = stubs("claude", kind=AnthropicStub, api_key="sk-ant-backend")
+    gw = gateway({"model": {"retries": 0, "circuit-breaker": {"enabled": False}, "services": {
+        "chat": {"instances": [
+            instance("llama", vllm),
+            instance("claude-sonnet", claude, adapter="claude", headers={"x-api-key": "sk-ant-backend"})]},
+        "embedding": {"instances": [instance("embed", vllm)]}}}})
+    chat = lambda model, **extra: json_body({"model": model, "messages": [{"role": "user", "content": "hi"}], **extra})
+    with httpx.Client(base_url=gw.url, timeout=10) as c:
+        for _ in range(4):
+            r = c.post("/v1/chat/completions", content=chat("llama"), headers={**JSON, "x-stub-usage": "7,3"})
+            assert r.status_code == 200
+        for _ in range(2):
+            r = c.post("/v1/chat/completions", content=chat("llama"), headers={**JSON, "x-stub-status": "503"})
+            assert r.status_code == 503
+        for _ in range(3):
+            r = c.post("/v1/chat/completions", content=chat("claude-sonnet", stream=True),
+                       headers={**JSON, "x-stub-usage": "10,5", "x-stub-chunks": "3", "x-stub-chunk-delay-ms": "20"})
+            assert r.status_code == 200 and "[DONE]" in r.text
+        r = c.post("/v1/messages", content=chat("claude-sonnet", max_tokens=16),
+                   headers={**JSON, "anthropic-version": "2023-06-01", "x-stub-usage": "6,2"})
+        assert r.status_code == 200 and r.json()["type"] == "message"
+        for _ in range(2):
+            assert c.post("/v1/chat/completions", content=chat("nope"), headers=JSON).status_code == 404
+        r = c.post("/v1/embeddings", content=json_body({"model": "embed", "input": ["a", "b"]}), headers=JSON)
+        assert r.status_code == 200
+    time.sleep(1.5)
+    s = scrape(gw)
+
+    requests = lambda service, method, model, status: value(
+        s, "jairouter_requests_total", service=service, method=method, model=model, status=status)
+    assert requests("chat", "POST", "llama", "2xx") == 4
+    assert requests("chat", "POST", "llama", "5xx") == 2
+    assert requests("chat", "STREAM", "claude-sonnet", "2xx") == 3
+    assert requests("chat", "POST", "claude-sonnet", "2xx") == 1
+    assert requests("chat", "POST", "unknown", "4xx") == 2
+    assert requests("embedding", "POST", "embed", "2xx") == 1
+    counted = sum(v for (name, _), v in s.items() if name == "jairouter_requests_total")
+    assert counted == 13, counted
+    duration = lambda method, model: value(s, "jairouter_request_duration_seconds_count",
+                                           service="chat", method=method, model=model)
+    assert [duration("POST", "llama"), duration("STREAM", "claude-sonnet"), duration("POST", "unknown")] == [6, 3, 2]
+    assert value(s, "jairouter_request_duration_seconds_bucket", service="chat", method="POST",
+                 model="llama", le="+Inf") == 6
+
+    # The GenAI series: Envoy exports gen_ai.server.request.duration as gen_ai_server_request_duration_*
+    # and the attributes as gen_ai_* labels; only requests that reached an instance are operations.
+    llama = {"gen_ai_request_model": "llama", "gen_ai_operation_name": "chat", "gen_ai_provider_name": "openai"}
+    sonnet = {"gen_ai_request_model": "claude-sonnet", "gen_ai_operation_name": "chat",
+              "gen_ai_provider_name": "anthropic"}
+    embed = {"gen_ai_request_model": "embed", "gen_ai_operation_name": "embeddings", "gen_ai_provider_name": "openai"}
+    genai = lambda name, **labels: value(s, name, **labels)
+    assert genai("gen_ai_server_request_duration_count", **llama) == 4
+    assert genai("gen_ai_server_request_duration_count", **llama, error_type="503") == 2
+    assert genai("gen_ai_server_request_duration_bucket", **llama, error_type="503", le="+Inf") == 2
+    assert genai("gen_ai_server_request_duration_count", **sonnet) == 4
+    assert genai("gen_ai_server_request_duration_count", **embed) == 1
+    assert genai("gen_ai_server_request_duration_sum", **embed) is not None
+    operations = sum(v for (name, _), v in s.items() if name == "gen_ai_server_request_duration_count")
+    assert operations == 11, "the unknown model's 404s are no GenAI operation"
+
+    usage = lambda suffix, labels, token_type: genai(f"gen_ai_client_token_usage_{suffix}", **labels,
+                                                     gen_ai_token_type=token_type)
+    assert (usage("sum", llama, "input"), usage("sum", llama, "output")) == (4 * 7, 4 * 3)
+    assert (usage("count", llama, "input"), usage("count", llama, "output")) == (4, 4)
+    assert (usage("sum", sonnet, "input"), usage("sum", sonnet, "output")) == (3 * 10 + 6, 3 * 5 + 2)
+    assert usage("count", sonnet, "output") == 4
+    assert genai("gen_ai_client_token_usage_bucket", **sonnet, gen_ai_token_type="input", le="16") == 4
+    assert genai("gen_ai_client_token_usage_bucket", **sonnet, gen_ai_token_type="output", le="1") == 0
+    # The embeddings answer reports its input only.
+    assert (usage("sum", embed, "input"), usage("count", embed, "output")) == (2, None)
+
+    for name in ("gen_ai_server_time_to_first_token", "gen_ai_server_time_per_output_token"):
+        assert genai(f"{name}_count", **sonnet) == 3, name
+        assert genai(f"{name}_bucket", **sonnet, le="+Inf") == 3, name
+        assert not [k for k in s if k[0] == f"{name}_count" and ("gen_ai_request_model", "llama") in k[1]]
+    assert value(s, "jairouter_time_to_first_token_seconds_count", service="chat", model="claude-sonnet") == 3
+    # No series of the GenAI families carries the original's `model` label.
+    stray = [k for k in s if k[0].startswith("gen_ai_") and any(label == "model" for label, _ in k[1])]
+    assert not stray, stray
 
 
 def test_in_flight_requests_per_instance(stubs, gateway):
@@ -158,8 +250,8 @@ def test_in_flight_requests_per_instance(stubs, gateway):
 
 
 def test_dashboard_and_alerts_query_only_exported_series(stubs, gateway):
-    """Every jairouter_* series the Grafana dashboard and the PrometheusRule alerts read is in a
-    real Envoy's scrape after mixed traffic (failures, limits, streams)."""
+    """Every jairouter_* and gen_ai_* series the Grafana dashboard and the PrometheusRule alerts
+    read is in a real Envoy's scrape after mixed traffic (failures, limits, streams)."""
     import json as jsonlib
     from pathlib import Path
     import yaml
@@ -169,8 +261,13 @@ def test_dashboard_and_alerts_query_only_exported_series(stubs, gateway):
     rules = yaml.safe_load((monitoring / "prometheus-rule.yaml").read_text())
     queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     queries += [r["expr"] for g in rules["spec"]["groups"] for r in g["rules"]]
-    wanted = {name for q in queries for name in re.findall(r"\b(jairouter_[a-z_]+)", q)}
-    assert len(wanted) >= 15, wanted
+    # Label names (`by (...)`, matchers) are not series: gen_ai_request_model is a label.
+    labels = {label for q in queries for group in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", q)
+              for label in re.findall(r"\w+", group)}
+    labels |= {label for q in queries for label in re.findall(r"(\w+)\s*(?:=~|!~|!=|=)\s*\"", q)}
+    wanted = {name for q in queries for name in re.findall(r"\b((?:jairouter|gen_ai)_[a-z_]+)", q)} - labels
+    assert len(wanted) >= 19, wanted
+    assert {"gen_ai_client_token_usage_bucket", "gen_ai_server_request_duration_bucket"} <= wanted, wanted
 
     gw = mixed_gateway(stubs, gateway, capacity=6)
     stream = json_body({"model": "llama", "stream": True, "messages": []})
@@ -271,3 +368,45 @@ def test_dashboard_and_alert_queries_run_on_a_real_prometheus(stubs, gateway, tm
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_the_per_model_error_alert_fires_for_the_failing_model_only(tmp_path):
+    """promtool's rule unit test: of four chat models over 20 minutes, the one with 20% 5xx fires
+    JAiRouterModelHighErrorRate; one at 3%, one failing half of too few requests to tell, and the
+    `unknown` label (requests for no configured model) do not."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+    import yaml
+
+    promtool = shutil.which("promtool")
+    assert promtool, "./build.sh test installs Prometheus"
+    monitoring = Path(__file__).resolve().parents[1] / "k8s" / "monitoring"
+    rules = yaml.safe_load((monitoring / "prometheus-rule.yaml").read_text())
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump(rules["spec"]))
+    series = lambda model, status, per_minute: {
+        "series": f'jairouter_requests_total{{service="chat",method="POST",model="{model}",status="{status}"}}',
+        "values": f"0+{per_minute}x20"}
+    alert = {"alertname": "JAiRouterModelHighErrorRate"}
+    (tmp_path / "tests.yml").write_text(yaml.safe_dump({
+        "rule_files": ["rules.yml"],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [
+                series("llama", "2xx", 24), series("llama", "5xx", 6),      # 20%
+                series("qwen", "2xx", 29), series("qwen", "5xx", 1),        # 3%
+                series("tiny", "2xx", 1), series("tiny", "5xx", 1),         # 50% of 2 a minute
+                series("unknown", "4xx", 30), series("unknown", "5xx", 30),
+            ],
+            "alert_rule_test": [
+                {**alert, "eval_time": "3m", "exp_alerts": []},  # not for 5 minutes yet
+                {**alert, "eval_time": "15m", "exp_alerts": [{
+                    "exp_labels": {"severity": "warning", "service": "chat", "model": "llama"},
+                    "exp_annotations": {"summary": "More than 10% of requests for model llama (chat) fail with 5xx"},
+                }]},
+            ],
+        }],
+    }))
+    result = subprocess.run([promtool, "test", "rules", "tests.yml"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -150,6 +150,23 @@ impl Endpoint {
         }
     }
 
+    /// `gen_ai.operation.name` (OpenTelemetry's GenAI conventions): their well-known value where
+    /// one applies (Anthropic's Messages API is a chat too), else a name of our own.
+    pub fn gen_ai_operation(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions | Endpoint::Messages => "chat",
+            Endpoint::Completions => "text_completion",
+            Endpoint::Embeddings => "embeddings",
+            Endpoint::Rerank => "rerank",
+            Endpoint::Speech => "text_to_speech",
+            Endpoint::Transcriptions => "transcription",
+            Endpoint::Translations => "translation",
+            Endpoint::ImageGenerations => "image_generation",
+            Endpoint::ImageEdits => "image_edit",
+            Endpoint::CountTokens => "count_tokens",
+        }
+    }
+
     /// The upstream path for this endpoint on an instance whose configured `path` serves the
     /// service's primary endpoint: `/v1/chat/completions` → `/v1/completions`. A `path` that does
     /// not end in the primary suffix gets the standard `/v1/<suffix>` for the other endpoints.

@@ -17,7 +17,7 @@ use crate::auth::claim_values;
 use crate::balance::load::{begin_request, end_request, record_latency};
 use crate::balance::Rng;
 use crate::breaker::{self, Admission, BreakerPolicy, Outcome};
-use crate::config::Strategy;
+use crate::config::{Protocol, Strategy};
 use crate::contract::{
     INSTANCE_HEADER, JWT_PAYLOAD_KEY, LOG_SUMMARY_PROPERTY, MODEL_HEADER, ORIGINAL_DST_HEADER,
     ROUTING_HEADER, SERVICE_DESCRIPTOR_HEADER,
@@ -98,8 +98,13 @@ struct Measure {
     streamed: bool,
     request_bytes: u64,
     response_bytes: u64,
-    /// The model that served (a label of the token metrics).
+    /// The model that served, or the configured one a refused request asked for (a label of
+    /// the request and token metrics: configured names only).
     model: String,
+    /// The endpoint and the instance's protocol, once routed (the GenAI metrics' operation and
+    /// provider).
+    endpoint: Option<Endpoint>,
+    protocol: Option<Protocol>,
     /// When the first and the last bytes of a streamed response passed.
     first_byte_ns: u64,
     last_byte_ns: u64,
@@ -789,6 +794,9 @@ impl Exchange {
         if let Some(service) = reply.service {
             self.measure.service = Some(service.key());
         }
+        if let Some(model) = &reply.model {
+            self.measure.model.clone_from(model);
+        }
         if let Some(limit) = reply.limited_by {
             self.count_limit_event(limit, "rejected");
             let name = self.plan.limits.list.get(limit).map(|l| l.name.clone());
@@ -958,6 +966,8 @@ impl Exchange {
         self.measure.routed_ns = clock.now();
         self.measure.service = Some(routed.service.key());
         self.measure.model.clone_from(&routed.model);
+        self.measure.endpoint = Some(routed.endpoint);
+        self.measure.protocol = Some(instance.adapter.protocol);
         let strategy = service.map(|s| &s.load_balance);
         self.count_routing(routed, &instance.id, strategy.map(|lb| lb.strategy));
         self.response_headers.clone_from(&routed.headers);

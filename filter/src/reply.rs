@@ -83,6 +83,9 @@ pub struct LocalReply {
     pub body: String,
     /// The service the request was for, once known (a metrics label).
     pub service: Option<ServiceType>,
+    /// The configured model it asked for, when it named one (a metrics label: never a name the
+    /// configuration does not have).
+    pub model: Option<String>,
     /// The rate limit that refused it (index into `Limits::list`), for a 429 of ours.
     pub limited_by: Option<usize>,
     /// Why no instance took it, when that is the answer (for the access log).
@@ -96,6 +99,7 @@ impl LocalReply {
             headers: vec![("content-type", "application/json".to_string())],
             body,
             service: None,
+            model: None,
             limited_by: None,
             reason: None,
         }

@@ -470,12 +470,20 @@ pub fn route_model(
     host: &RouteInputs<'_>,
     extras: &Extras<'_>,
 ) -> Result<Routed, LocalReply> {
-    permitted(host, endpoint.service(), Some(model))?;
-    let mut reply = match route_to_instance(cfg, endpoint, model, query, host, extras) {
-        Ok(routed) => return Ok(routed),
-        Err(reply) => reply,
+    let kind = endpoint.service();
+    let refused = |mut reply: LocalReply| {
+        reply.service = Some(kind);
+        reply.model = cfg
+            .service(kind)
+            .and_then(|s| s.models.get_key_value(model))
+            .map(|(name, _)| name.clone());
+        reply
     };
-    reply.service = Some(endpoint.service());
+    permitted(host, kind, Some(model)).map_err(refused)?;
+    let reply = match route_to_instance(cfg, endpoint, model, query, host, extras) {
+        Ok(routed) => return Ok(routed),
+        Err(reply) => refused(reply),
+    };
     if reply.limited_by.is_some() {
         return Err(reply);
     }

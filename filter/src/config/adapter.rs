@@ -22,6 +22,17 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// `gen_ai.provider.name` (OpenTelemetry's GenAI conventions) of an instance speaking this
+    /// protocol: their well-known values (`gcp.gemini` is Google's Gemini API); Ollama has none.
+    pub fn gen_ai_provider(self) -> &'static str {
+        match self {
+            Protocol::OpenAi => "openai",
+            Protocol::Anthropic => "anthropic",
+            Protocol::Gemini => "gcp.gemini",
+            Protocol::Ollama => "ollama",
+        }
+    }
+
     /// The service types the gateway translates for this protocol.
     pub fn services(self) -> &'static [ServiceType] {
         match self {

@@ -3,8 +3,10 @@
 
 use super::{Clock, Exchange};
 use crate::breaker::Outcome;
+use crate::config::Protocol;
 use crate::config::Strategy;
-use crate::metrics::{status_class, DURATION_BUCKETS, TOKEN_TIME_BUCKETS};
+use crate::endpoint::Endpoint;
+use crate::metrics::{BackendCall, Finished, Tokens, UNKNOWN_MODEL};
 use crate::request::{Caller, Routed};
 use crate::usage::Usage;
 
@@ -126,7 +128,8 @@ impl Exchange {
         }
     }
 
-    /// The request's metrics, counted in the VM once Envoy logs the stream.
+    /// The request's metrics, counted in the VM once Envoy logs the stream: one lookup for
+    /// every request family (see `Metrics::finish`).
     pub(super) fn record_metrics(&mut self, clock: &Clock<'_>) {
         let usage = self.final_usage();
         let Ok(mut metrics) = self.metrics.try_borrow_mut() else {
@@ -142,89 +145,53 @@ impl Exchange {
             ended => ended,
         };
         let started = if m.started_ns == 0 { now } else { m.started_ns };
-        let service = m.service.unwrap_or("none");
         let method = if m.streamed {
             "STREAM"
         } else {
             m.method.as_str()
         };
-        let status = status_class(self.status);
-        metrics.add(
-            "jairouter_requests_total",
-            &[("service", service), ("method", method), ("status", status)],
-            1,
-        );
-        metrics.observe(
-            "jairouter_request_duration_seconds",
-            &[("service", service), ("method", method)],
-            seconds(now.saturating_sub(started)),
-            &DURATION_BUCKETS,
-        );
-        let by_service = [("service", service)];
-        metrics.add(
-            "jairouter_request_size_bytes_sum",
-            &by_service,
-            m.request_bytes,
-        );
-        metrics.add("jairouter_request_size_bytes_count", &by_service, 1);
-        metrics.add(
-            "jairouter_response_size_bytes_sum",
-            &by_service,
-            m.response_bytes,
-        );
-        metrics.add("jairouter_response_size_bytes_count", &by_service, 1);
-        let Some(instance) = &self.served_by else {
-            return;
-        };
-        metrics.add(
-            "jairouter_backend_calls_total",
-            &[
-                ("service", service),
-                ("instance", instance),
-                ("status", status),
-            ],
-            1,
-        );
-        metrics.observe(
-            "jairouter_backend_call_duration_seconds",
-            &[("service", service), ("instance", instance)],
-            seconds(now.saturating_sub(m.routed_ns)),
-            &DURATION_BUCKETS,
-        );
-        let Some(usage) = usage else {
-            return;
-        };
-        let by_model = [("service", service), ("model", m.model.as_str())];
-        let prompt = usage
-            .prompt_tokens
-            .unwrap_or_else(|| m.request_bytes.div_ceil(4));
-        let completion = usage
-            .completion_tokens
-            .unwrap_or(usage.estimated_completion);
-        for (kind, tokens) in [("prompt", prompt), ("completion", completion)] {
-            metrics.add(
-                "jairouter_tokens_total",
-                &[by_model[0], by_model[1], ("kind", kind)],
-                tokens,
-            );
-        }
-        // Streams: how long the first token took, and each one after it.
-        if m.streamed && m.first_byte_ns > 0 {
-            metrics.observe(
-                "jairouter_time_to_first_token_seconds",
-                &by_model,
-                seconds(m.first_byte_ns.saturating_sub(m.routed_ns)),
-                &TOKEN_TIME_BUCKETS,
-            );
-            if completion > 1 {
+        let backend = self.served_by.as_deref().map(|instance| {
+            let tokens = usage.map(|usage| Tokens {
+                input: usage
+                    .prompt_tokens
+                    .unwrap_or_else(|| m.request_bytes.div_ceil(4)),
+                output: usage
+                    .completion_tokens
+                    .unwrap_or(usage.estimated_completion),
+                input_reported: usage.prompt_tokens.is_some(),
+                output_reported: usage.completion_tokens.is_some(),
+            });
+            // Streams: how long the first token took, and each one after it.
+            let first_byte = (m.streamed && m.first_byte_ns > 0 && tokens.is_some())
+                .then(|| m.first_byte_ns.saturating_sub(m.routed_ns));
+            let completion = tokens.map_or(0, |t| t.output);
+            let per_output_token = first_byte.filter(|_| completion > 1).map(|_| {
                 let streaming = m.last_byte_ns.saturating_sub(m.first_byte_ns);
-                metrics.observe(
-                    "jairouter_time_per_output_token_seconds",
-                    &by_model,
-                    seconds(streaming) / (completion - 1) as f64,
-                    &TOKEN_TIME_BUCKETS,
-                );
+                seconds(streaming) / (completion - 1) as f64
+            });
+            BackendCall {
+                instance,
+                operation: m.endpoint.map_or("", Endpoint::gen_ai_operation),
+                provider: m.protocol.map_or("", Protocol::gen_ai_provider),
+                seconds: seconds(now.saturating_sub(m.routed_ns)),
+                tokens,
+                first_token: first_byte.map(seconds),
+                per_output_token,
             }
-        }
+        });
+        metrics.finish(&Finished {
+            service: m.service.unwrap_or("none"),
+            method,
+            model: if m.model.is_empty() {
+                UNKNOWN_MODEL
+            } else {
+                m.model.as_str()
+            },
+            status: self.status,
+            seconds: seconds(now.saturating_sub(started)),
+            request_bytes: m.request_bytes,
+            response_bytes: m.response_bytes,
+            backend,
+        });
     }
 }

@@ -363,7 +363,8 @@ fn a_local_reply_is_logged_and_counted() {
     assert_eq!(run.summary()["service"], "chat");
     let counters = run.counters();
     assert_eq!(
-        counters.get("jairouter_requests_total.service=chat;.method=POST;.status=4xx;"),
+        counters
+            .get("jairouter_requests_total.service=chat;.method=POST;.model=unknown;.status=4xx;"),
         Some(&1),
         "{counters:?}"
     );
@@ -389,7 +390,7 @@ fn metrics_count_the_request_its_backend_call_and_its_tokens() {
     let counters = run.counters();
     let get = |name: &str| counters.get(name).copied();
     assert_eq!(
-        get("jairouter_requests_total.service=chat;.method=POST;.status=2xx;"),
+        get("jairouter_requests_total.service=chat;.method=POST;.model=llama;.status=2xx;"),
         Some(1)
     );
     assert_eq!(
@@ -885,4 +886,113 @@ fn the_gateways_own_errors_on_messages_are_anthropic_shaped_and_count_tokens_is_
     assert_eq!(status, 200);
     let body: Value = serde_json::from_str(&body).unwrap();
     assert!(body["input_tokens"].as_u64().unwrap() > 0, "{body}");
+}
+
+// Per-model and GenAI metrics.
+
+#[test]
+fn request_metrics_name_only_configured_models() {
+    let mut run = Run::new(plan(json!({
+        "rate-limit": {"enabled": true, "capacity": 1, "rate": 1, "scope": "model"}
+    })));
+    whole_request(&mut run, &[]);
+    // Refused for its model: counted under it.
+    run.next_request();
+    run.request("POST", "/v1/chat/completions", &[], CHAT);
+    run.send();
+    assert_eq!(run.host.replies.borrow().first().map(|r| r.0), Some(429));
+    run.log();
+    // A model no configuration names, and no model at all: `unknown`.
+    for body in [&br#"{"model":"made-up"}"#[..], br#"{"messages":[]}"#] {
+        run.next_request();
+        run.request("POST", "/v1/chat/completions", &[], body);
+        run.send();
+        run.log();
+    }
+    let counters = run.counters();
+    let requests = |service: &str, model: &str, status: &str| {
+        let name = format!(
+            "jairouter_requests_total.service={service};.method=POST;.model={model};.status={status};"
+        );
+        counters.get(&name).copied()
+    };
+    assert_eq!(requests("chat", "llama", "2xx"), Some(1));
+    assert_eq!(requests("chat", "llama", "4xx"), Some(1));
+    assert_eq!(requests("chat", "unknown", "4xx"), Some(1), "{counters:?}");
+    // Without a model the service is not known either.
+    assert_eq!(requests("none", "unknown", "4xx"), Some(1));
+    assert!(counters.keys().all(|k| !k.contains("made-up")));
+    let duration = "jairouter_request_duration_seconds_count.service=chat;.method=POST;";
+    assert_eq!(counters.get(&format!("{duration}.model=llama;")), Some(&2));
+    assert_eq!(
+        counters.get(&format!("{duration}.model=unknown;")),
+        Some(&1)
+    );
+    // Only the served request was a GenAI operation.
+    let genai = "gen_ai.server.request.duration_count.gen_ai_request_model=llama;\
+                 .gen_ai_operation_name=chat;.gen_ai_provider_name=openai;";
+    assert_eq!(counters.get(genai), Some(&1), "{counters:?}");
+    let counted: u64 = counters
+        .iter()
+        .filter(|(k, _)| k.starts_with("gen_ai.server.request.duration_count"))
+        .map(|(_, v)| *v)
+        .sum();
+    assert_eq!(counted, 1);
+}
+
+#[test]
+fn genai_series_carry_the_endpoints_operation_and_the_instances_provider() {
+    let mut run = Run::new(adapter_plan());
+    // Chat to Ollama's native API (translated), then Anthropic's Messages API to an OpenAI one.
+    run.request("POST", "/v1/chat/completions", &[], QWEN);
+    run.send();
+    let native = br#"{"message":{"role":"assistant","content":"Hi!"},"done":true,"done_reason":"stop","prompt_eval_count":5,"eval_count":2}"#;
+    run.respond_buffered(200, &[("content-type", "application/json")], &[native]);
+    run.log();
+    run.next_request();
+    let body = br#"{"model":"gpt","max_tokens":64,"messages":[{"role":"user","content":"Hi"}]}"#;
+    run.request("POST", "/v1/messages", &[], body);
+    run.send();
+    run.respond_buffered(200, &[("content-type", "application/json")], &[&ok_json()]);
+    run.log();
+    let counters = run.counters();
+    let usage = |model: &str, provider: &str, token_type: &str| {
+        let name = format!(
+            "gen_ai.client.token.usage_sum.gen_ai_request_model={model};.gen_ai_operation_name=chat;\
+             .gen_ai_provider_name={provider};.gen_ai_token_type={token_type};"
+        );
+        counters.get(&name).copied()
+    };
+    assert_eq!(usage("qwen", "ollama", "input"), Some(5), "{counters:?}");
+    assert_eq!(usage("qwen", "ollama", "output"), Some(2));
+    assert_eq!(usage("gpt", "openai", "input"), Some(9));
+    assert_eq!(usage("gpt", "openai", "output"), Some(3));
+}
+
+#[test]
+fn each_endpoint_has_its_genai_operation_and_each_protocol_its_provider() {
+    use crate::config::Protocol;
+    let operations: Vec<&str> = [
+        Endpoint::ChatCompletions,
+        Endpoint::Messages,
+        Endpoint::Completions,
+        Endpoint::Embeddings,
+    ]
+    .into_iter()
+    .map(Endpoint::gen_ai_operation)
+    .collect();
+    assert_eq!(
+        operations,
+        ["chat", "chat", "text_completion", "embeddings"]
+    );
+    let providers: Vec<&str> = [
+        Protocol::OpenAi,
+        Protocol::Anthropic,
+        Protocol::Gemini,
+        Protocol::Ollama,
+    ]
+    .into_iter()
+    .map(Protocol::gen_ai_provider)
+    .collect();
+    assert_eq!(providers, ["openai", "anthropic", "gcp.gemini", "ollama"]);
 }
