@@ -12,6 +12,8 @@ use jairouter_filter::metrics::TAGS;
 use jairouter_filter::plan::{Instance, Plan, Service};
 use serde_json::{json, Value};
 
+use crate::tracing;
+
 pub struct Options {
     pub listen_address: String,
     pub port: u16,
@@ -53,6 +55,9 @@ pub fn render(config: &Plan, model_json: &Value, opts: &Options) -> Value {
     }
     if let Some(Jwks::Remote { url, .. }) = config.gateway.jwt.as_ref().map(|j| &j.jwks) {
         static_clusters.push(jwks_cluster(url, &opts.ca_file));
+    }
+    if let Some(tracing) = &config.tracing {
+        static_clusters.push(tracing::collector_cluster(tracing, &opts.ca_file));
     }
     let mut listeners = vec![json!({
         "name": "jairouter",
@@ -120,7 +125,7 @@ fn overload_manager(edge: &EdgeLimits) -> Value {
 }
 
 /// Envoy durations are strings of seconds: `ms` as `S.mmms`.
-fn duration(ms: u64) -> String {
+pub(crate) fn duration(ms: u64) -> String {
     format!("{}.{:03}s", ms / 1000, ms % 1000)
 }
 
@@ -345,7 +350,7 @@ fn health_checker(wasm_path: &str) -> Value {
     })
 }
 
-fn socket(address: &str, port: u16) -> Value {
+pub(crate) fn socket(address: &str, port: u16) -> Value {
     json!({"socket_address": {"address": address, "port_value": port}})
 }
 
@@ -453,6 +458,9 @@ fn http_connection_manager(
         },
         "http_filters": filters
     });
+    if let Some(tracing) = &config.tracing {
+        hcm["tracing"] = tracing::connection_manager_tracing(tracing);
+    }
     if global.is_some() {
         // The rate-limit filter's own 429 gets the OpenAI error body ours have.
         hcm["local_reply_config"] = json!({"mappers": [{
@@ -644,7 +652,7 @@ fn cluster(instance: &Instance, peers: &[&Instance], opts: &Options) -> Value {
 }
 
 /// TLS to a backend, checking its certificate against the CA bundle and its name.
-fn tls_socket(url: &BaseUrl, ca_file: &str) -> Value {
+pub(crate) fn tls_socket(url: &BaseUrl, ca_file: &str) -> Value {
     json!({
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
