@@ -54,7 +54,7 @@ def traced(tmp_path):
     """traced(config) starts a gateway whose tracer flushes every FLUSH_MS."""
     running: list[Gateway] = []
 
-    def start(cfg: dict, **options) -> Gateway:
+    def start(cfg: dict | str, **options) -> Gateway:
         gw = Gateway(tmp_path / f"gw{len(running)}", cfg, **options)
         bootstrap = gw.render_bootstrap()
         rendered = json.loads(bootstrap.read_text())
@@ -232,3 +232,32 @@ def test_the_tracing_keys_are_refused_with_their_path(tmp_path):
         result = render(path, "check")
         assert result.returncode == 1, name
         assert expected in result.stderr, (name, result.stderr)
+
+
+def test_the_charts_tracing_values_become_the_section_and_never_a_second_one(stubs, traced, receiver):
+    from k8s_tools import HelmError, helm_template
+    from harness import ROOT
+
+    chart = ROOT / "k8s" / "helm" / "jairouter"
+    (a,) = stubs("a")
+    application = f'model:\n  services:\n    chat:\n      instances:\n        - {{name: llama, base-url: "{a.url}"}}\n'
+    values = {"config": {"application.yml": application},
+              "tracing": {"enabled": True, "endpoint": f"http://{receiver.http_address}",
+                          "protocol": "http/protobuf", "serviceName": "chart", "samplingRatio": 1.0}}
+    docs = helm_template(chart, values=values)
+    [configmap] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "jairouter-config"]
+    gw = traced(configmap["data"]["application.yml"])
+    trace_id, _, header = traceparent()
+    r = httpx.post(gw.url + "/v1/chat/completions", content=json_body({"model": "llama", "messages": []}),
+                   headers={**JSON, "traceparent": header}, timeout=10)
+    assert r.status_code == 200
+    [span] = receiver.wait_for(lambda s: s.trace_id == trace_id)
+    assert (span.transport, span.resource["service.name"]) == ("http", "chart")
+    # A section in config.application.yml as well would be two answers: the release fails.
+    values["config"]["application.yml"] = application + "jairouter:\n  tracing: {enabled: true}\n"
+    with pytest.raises(HelmError, match="has a jairouter.tracing section of its own"):
+        helm_template(chart, values=values)
+    values["config"]["application.yml"] = application
+    del values["tracing"]["endpoint"]
+    with pytest.raises(HelmError, match="tracing.endpoint"):
+        helm_template(chart, values=values)
