@@ -350,7 +350,7 @@ fn health_checker(wasm_path: &str) -> Value {
     })
 }
 
-pub(crate) fn socket(address: &str, port: u16) -> Value {
+fn socket(address: &str, port: u16) -> Value {
     json!({"socket_address": {"address": address, "port_value": port}})
 }
 
@@ -652,7 +652,7 @@ fn cluster(instance: &Instance, peers: &[&Instance], opts: &Options) -> Value {
 }
 
 /// TLS to a backend, checking its certificate against the CA bundle and its name.
-pub(crate) fn tls_socket(url: &BaseUrl, ca_file: &str) -> Value {
+fn tls_socket(url: &BaseUrl, ca_file: &str) -> Value {
     json!({
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
@@ -717,13 +717,19 @@ fn jwt_filter(jwt: &JwtOptions) -> Value {
 
 /// The identity provider's key endpoint, for `jwks-uri`.
 fn jwks_cluster(url: &BaseUrl, ca_file: &str) -> Value {
+    service_cluster(JWKS_CLUSTER, url, ca_file)
+}
+
+/// A cluster of one service the gateway calls (by name, or at its address), over TLS checked
+/// against the CA bundle for https.
+pub(crate) fn service_cluster(name: &str, url: &BaseUrl, ca_file: &str) -> Value {
     let mut cluster = json!({
-        "name": JWKS_CLUSTER,
+        "name": name,
         "type": if url.host_is_ip() { "STATIC" } else { "STRICT_DNS" },
         "connect_timeout": "5s",
         "dns_lookup_family": "V4_PREFERRED",
         "load_assignment": {
-            "cluster_name": JWKS_CLUSTER,
+            "cluster_name": name,
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket(&url.host, url.port)}}]}]
         }
     });

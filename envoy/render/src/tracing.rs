@@ -5,7 +5,7 @@
 //! the span (model, service, instance, tokens, the access log's summary) comes from the filter
 //! state it writes, read by custom tags when Envoy finishes the span.
 
-use crate::bootstrap::{duration, socket, tls_socket};
+use crate::bootstrap::{duration, service_cluster};
 use jairouter_filter::config::{OtlpProtocol, TracingOptions};
 use jairouter_filter::contract::{LOG_SUMMARY_FILTER_STATE, SPAN_ATTRIBUTES, SPAN_SUMMARY};
 use serde_json::{json, Value};
@@ -93,30 +93,17 @@ fn provider(tracing: &TracingOptions) -> Value {
 
 /// The collector: HTTP/2 for OTLP/gRPC, TLS (checked against the CA bundle) for https.
 pub fn collector_cluster(tracing: &TracingOptions, ca_file: &str) -> Value {
-    let url = &tracing.exporter.collector;
     let protocol = match tracing.exporter.protocol {
         OtlpProtocol::Grpc => json!({"http2_protocol_options": {}}),
         OtlpProtocol::HttpProtobuf => json!({"http_protocol_options": {}}),
     };
-    let mut cluster = json!({
-        "name": COLLECTOR_CLUSTER,
-        "type": if url.host_is_ip() { "STATIC" } else { "STRICT_DNS" },
-        "connect_timeout": "5s",
-        "dns_lookup_family": "V4_PREFERRED",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": protocol
-            }
-        },
-        "load_assignment": {
-            "cluster_name": COLLECTOR_CLUSTER,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket(&url.host, url.port)}}]}]
+    let mut cluster = service_cluster(COLLECTOR_CLUSTER, &tracing.exporter.collector, ca_file);
+    cluster["typed_extension_protocol_options"] = json!({
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": protocol
         }
     });
-    if url.tls {
-        cluster["transport_socket"] = tls_socket(url, ca_file);
-    }
     cluster
 }
 

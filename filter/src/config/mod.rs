@@ -848,6 +848,19 @@ fn cluster_name(id: &str) -> String {
     format!("jairouter-{safe}")
 }
 
+/// A string, or a number or boolean YAML wrote unquoted, as text.
+fn scalar_text(path: &str, value: &Value) -> Result<String> {
+    match value {
+        Value::String(s) => Ok(s.clone()),
+        Value::Number(n) => Ok(n.to_string()),
+        Value::Bool(b) => Ok(b.to_string()),
+        other => Err(error(
+            path,
+            format!("must be a string (got {})", reader::kind(other)),
+        )),
+    }
+}
+
 fn parse_headers(path: &str, value: &Value) -> Result<Vec<(String, String)>> {
     let map = value
         .as_object()
@@ -862,17 +875,7 @@ fn parse_headers(path: &str, value: &Value) -> Result<Vec<(String, String)>> {
         if !token_ok {
             return Err(error(&hpath, "is not a valid header name"));
         }
-        let text = match v {
-            Value::String(s) => s.clone(),
-            Value::Number(n) => n.to_string(),
-            Value::Bool(b) => b.to_string(),
-            other => {
-                return Err(error(
-                    &hpath,
-                    format!("must be a string (got {})", reader::kind(other)),
-                ))
-            }
-        };
+        let text = scalar_text(&hpath, v)?;
         if text.contains(['\r', '\n', '\0']) {
             return Err(error(&hpath, "must not contain line breaks"));
         }

@@ -8,8 +8,8 @@
 //! requests are traced in a way Envoy cannot (per-path, per-service and rule-based sampling)
 //! are refused when they ask for anything.
 
-use super::reader::{self, error, kind, show, Fields, Result};
-use super::{parse_headers, BaseUrl};
+use super::reader::{self, error, show, Fields, Result};
+use super::{parse_headers, scalar_text, BaseUrl};
 use serde_json::Value;
 
 /// How spans travel to the collector.
@@ -142,17 +142,7 @@ fn open_telemetry(path: &str, value: &Value, resource: &mut Vec<(String, String)
                 .ok_or_else(|| error(&apath, "must be a mapping of attribute name to value"))?;
             for (name, v) in map {
                 let vpath = reader::join(&apath, name);
-                let value = match v {
-                    Value::String(s) => s.clone(),
-                    Value::Number(n) => n.to_string(),
-                    Value::Bool(b) => b.to_string(),
-                    other => {
-                        return Err(error(
-                            &vpath,
-                            format!("must be a string (got {})", kind(other)),
-                        ))
-                    }
-                };
+                let value = scalar_text(&vpath, v)?;
                 if name.trim().is_empty() {
                     return Err(error(&vpath, "an attribute needs a name"));
                 }
