@@ -5,7 +5,8 @@ removes it; the edge settings Envoy asks for (a limit on downstream connections)
 internet-facing gateway needs. Every shape of bootstrap the repository renders is checked: the
 demo (`./build.sh up`), live (`--live-dir`, as the Helm chart and the image run it) and static,
 and one with every feature that adds Envoy configuration (jwt_authn, the global rate-limit
-service, retries, health checks, TLS to a backend, the probes-and-metrics listener). `--mode
+service, retries, health checks, TLS to a backend, the probes-and-metrics listener, the
+OpenTelemetry tracer over gRPC; over HTTP and TLS in a case of its own). `--mode
 validate` reports deprecated fields; some warnings (the connection limit) only come at a real
 start, so each is also started, on ephemeral loopback ports, until it is ready.
 """
@@ -47,6 +48,25 @@ model:
     embedding:
       instances:
         - {name: e, base-url: "https://127.0.0.1:11/v1"}
+jairouter:
+  tracing:
+    enabled: true
+    service-version: "1.0"
+    sampling: {ratio: 0.5}
+    exporter: {type: otlp, otlp: {endpoint: "http://127.0.0.1:12", headers: {x-scope: test}}}
+"""
+
+# The other way to the collector: OTLP/HTTP over TLS.
+TRACING_HTTP = """\
+model:
+  services:
+    chat:
+      instances:
+        - {name: m, base-url: "http://127.0.0.1:9"}
+jairouter:
+  tracing:
+    enabled: true
+    exporter: {otlp: {endpoint: "https://127.0.0.1:13", protocol: http/protobuf}}
 """
 
 CASES = {
@@ -54,6 +74,8 @@ CASES = {
     "demo-live": (DEMO, True, ()),
     "every-feature-static": (EVERY_FEATURE, False, ("--metrics-port", "0")),
     "every-feature-live": (EVERY_FEATURE, True, ("--metrics-port", "0")),
+    "tracing-http-static": (TRACING_HTTP, False, ()),
+    "tracing-http-live": (TRACING_HTTP, True, ()),
 }
 
 # What Envoy must never say about our configuration: nothing at warning level or above (a

@@ -21,6 +21,7 @@ import yaml
 
 from harness import ENVOY, RENDER, ROOT, WASM, json_body, wait_until_ready
 from k8s_tools import helm_lint, helm_template, validate
+from otlp_receiver import OtlpReceiver
 from test_configuration import free_port
 
 CHART = ROOT / "k8s" / "helm" / "jairouter"
@@ -154,8 +155,14 @@ def test_the_rendered_pod_serves_drains_and_reloads(stubs, tmp_path):
     application = application.replace("http://ollama:11434", ollama.url)
     application = application.replace("https://api.openai.example.com", hosted.url)
     values = tmp_path / "values.yaml"
-    values.write_text(yaml.safe_dump({"config": {"application.yml": application}}))
+    # The chart's tracing values, to a collector on loopback.
+    receiver = OtlpReceiver().start()
+    values.write_text(yaml.safe_dump({"config": {"application.yml": application},
+                                      "tracing": {"endpoint": f"http://{receiver.grpc_address}"}}))
     docs = helm_template(CHART, [FULL, values])
+    # Edits below start from the ConfigMap the chart rendered (with its tracing section).
+    [configmap] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "jairouter-config"]
+    application = configmap["data"]["application.yml"]
     [secret] = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == "jairouter-credentials"]
     env = {**os.environ, **secret["stringData"]}
     pod = Pod(docs, tmp_path / "pod", env)
@@ -191,6 +198,11 @@ def test_the_rendered_pod_serves_drains_and_reloads(stubs, tmp_path):
                        headers={"content-type": "application/json", "authorization": f"Bearer {TEAM_KEY}"})
         assert r.status_code == 200 and hosted.requests[-1].headers["authorization"] == "Bearer sk-backend-example"
         assert "envoy_server_live" in httpx.get(f"{pod.url('9090')}/stats/prometheus", timeout=5).text
+        # The pod's requests are spans at the collector (sampled at the values' 20%: some of many).
+        for _ in range(20):
+            assert chat(pod.url("8080"), TEAM_KEY).status_code == 200
+        spans = receiver.wait_for(lambda s: s.attributes.get("jairouter.service") == "chat", timeout=10)
+        assert spans and spans[0].resource["service.name"] == "jairouter", receiver.spans
         # A ConfigMap edit (the kubelet's symlink swap) applies live: the model moves to `other`.
         pod.write_configmap({"application.yml": application.replace(ollama.url, other.url)})
         deadline = time.monotonic() + 10
@@ -205,3 +217,4 @@ def test_the_rendered_pod_serves_drains_and_reloads(stubs, tmp_path):
         assert chat(pod.url("8080"), TEAM_KEY).status_code == 200
     finally:
         pod.stop()
+        receiver.stop()

@@ -32,6 +32,31 @@ pub const STATUS_ROOT_ID: &str = "jairouter-status";
 pub const LOG_SUMMARY_PROPERTY: &str = "jairouter";
 pub const LOG_SUMMARY_FILTER_STATE: &str = "wasm.jairouter";
 
+/// With tracing on (`jairouter.tracing`), what the filter knows of a request goes on its span:
+/// each attribute is a filter state of its own (`wasm.<name>`), written once when the request's
+/// story is known, and the bootstrap's tracing custom tags read it into the span under the same
+/// name (`%FILTER_STATE(wasm.<name>:PLAIN)%`). Names follow OpenTelemetry's GenAI conventions
+/// where they have one.
+pub const SPAN_SERVICE: &str = "jairouter.service";
+pub const SPAN_INSTANCE: &str = "jairouter.instance";
+/// The model the client asked for.
+pub const SPAN_REQUEST_MODEL: &str = "gen_ai.request.model";
+/// The model that answered, when a fallback stood in for the one asked for.
+pub const SPAN_RESPONSE_MODEL: &str = "gen_ai.response.model";
+pub const SPAN_INPUT_TOKENS: &str = "gen_ai.usage.input_tokens";
+pub const SPAN_OUTPUT_TOKENS: &str = "gen_ai.usage.output_tokens";
+pub const SPAN_ATTRIBUTES: [&str; 6] = [
+    SPAN_SERVICE,
+    SPAN_INSTANCE,
+    SPAN_REQUEST_MODEL,
+    SPAN_RESPONSE_MODEL,
+    SPAN_INPUT_TOKENS,
+    SPAN_OUTPUT_TOKENS,
+];
+/// The span attribute that carries the access log's summary (read from its filter state: it
+/// costs the filter nothing more).
+pub const SPAN_SUMMARY: &str = "jairouter.summary";
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,6 +11,7 @@
 mod report;
 #[cfg(test)]
 mod tests;
+mod trace;
 mod translation;
 
 use crate::auth::claim_values;
@@ -825,7 +826,7 @@ impl Exchange {
     }
 
     /// The filter's part of the access log line, once the request's story is known: one host
-    /// call (`wasm.jairouter` filter state).
+    /// call (`wasm.jairouter` filter state); with tracing on, the span's attributes too.
     fn write_log_summary(&mut self, host: &dyn Host) {
         if self.measure.logged {
             return;
@@ -834,6 +835,9 @@ impl Exchange {
         let usage = self.final_usage();
         let summary = self.log_summary(usage);
         host.set_property(&[LOG_SUMMARY_PROPERTY], summary.as_bytes());
+        if self.plan.tracing.is_some() {
+            self.write_span_attributes(host, usage);
+        }
     }
 
     /// Rewrites the body's `model` to the fallback that stands in for it, so the backend is

@@ -1,6 +1,7 @@
 //! Reading a JAiRouter `application.yml`: its `model:` section (or a file that is just that
 //! section), its API keys (`jairouter.security.api-key`, possibly from a second file: the
-//! Kubernetes Secret), `server.port`, and Spring's `${VAR:default}` placeholders.
+//! Kubernetes Secret), its tracing (`jairouter.tracing`), `server.port`, and Spring's
+//! `${VAR:default}` placeholders.
 
 use serde_json::Value;
 use std::collections::HashMap;
@@ -13,19 +14,25 @@ pub struct AppConfig {
     pub api_keys: Option<Value>,
     /// `server.port`, when the file gives one.
     pub server_port: Option<u16>,
+    /// `jairouter.tracing`, when the file has it (the filter reads it: see `filter_config`).
+    pub tracing: Option<Value>,
 }
 
 impl AppConfig {
     /// What the filter is configured with: the `model:` section alone, or beside the API keys
-    /// under the original's names when there are any.
+    /// and the tracing section under the original's names when there are any.
     pub fn filter_config(&self) -> Value {
-        match &self.api_keys {
-            None => self.model.clone(),
-            Some(keys) => serde_json::json!({
-                "model": self.model,
-                "jairouter": {"security": {"api-key": keys}}
-            }),
+        if self.api_keys.is_none() && self.tracing.is_none() {
+            return self.model.clone();
         }
+        let mut jairouter = serde_json::Map::new();
+        if let Some(keys) = &self.api_keys {
+            jairouter.insert("security".into(), serde_json::json!({"api-key": keys}));
+        }
+        if let Some(tracing) = &self.tracing {
+            jairouter.insert("tracing".into(), tracing.clone());
+        }
+        serde_json::json!({"model": self.model, "jairouter": jairouter})
     }
 
     /// Takes the API keys from a second file (`--api-keys`), which holds only them.
@@ -78,6 +85,7 @@ pub fn load(text: &str, env: &HashMap<String, String>) -> Result<AppConfig, Stri
     let mut model: Option<Value> = None;
     let mut api_keys: Option<Value> = None;
     let mut server_port = None;
+    let mut tracing: Option<Value> = None;
     // Spring files may hold several YAML documents; the first that has each part wins.
     for document in serde_yaml::Deserializer::from_str(text) {
         let value: Value = serde::Deserialize::deserialize(document)
@@ -88,6 +96,13 @@ pub fn load(text: &str, env: &HashMap<String, String>) -> Result<AppConfig, Stri
         }
         if api_keys.is_none() {
             api_keys = api_key_section(&value);
+        }
+        if tracing.is_none() {
+            tracing = value
+                .get("jairouter")
+                .and_then(|j| j.get("tracing"))
+                .filter(|t| !t.is_null())
+                .cloned();
         }
         if model.is_none() {
             model = match value.get("model") {
@@ -105,6 +120,7 @@ pub fn load(text: &str, env: &HashMap<String, String>) -> Result<AppConfig, Stri
         model,
         api_keys,
         server_port,
+        tracing,
     })
 }
 
@@ -212,6 +228,20 @@ management:
         let i = &cfg.model["services"]["chat"]["instances"][0];
         assert_eq!(i["base-url"], "http://h:1234");
         assert_eq!(i["headers"]["Authorization"], "Bearer s3cret");
+    }
+
+    #[test]
+    fn the_tracing_section_goes_to_the_filter_beside_the_model() {
+        let text = "model:\n  services: {}\njairouter:\n  tracing:\n    enabled: true\n    \
+                    service-name: ${SVC:gw}\n";
+        let cfg = load(text, &env()).unwrap();
+        let filter = cfg.filter_config();
+        assert_eq!(filter["jairouter"]["tracing"]["service-name"], "gw");
+        assert_eq!(filter["model"]["services"], serde_json::json!({}));
+        assert!(filter["jairouter"].get("security").is_none());
+        // Without it (nor API keys), the model section alone, as before.
+        let cfg = load("model:\n  services: {}\njairouter: {}\n", &env()).unwrap();
+        assert_eq!(cfg.filter_config(), serde_json::json!({"services": {}}));
     }
 
     #[test]

@@ -12,6 +12,8 @@ use jairouter_filter::metrics::TAGS;
 use jairouter_filter::plan::{Instance, Plan, Service};
 use serde_json::{json, Value};
 
+use crate::tracing;
+
 pub struct Options {
     pub listen_address: String,
     pub port: u16,
@@ -53,6 +55,9 @@ pub fn render(config: &Plan, model_json: &Value, opts: &Options) -> Value {
     }
     if let Some(Jwks::Remote { url, .. }) = config.gateway.jwt.as_ref().map(|j| &j.jwks) {
         static_clusters.push(jwks_cluster(url, &opts.ca_file));
+    }
+    if let Some(tracing) = &config.tracing {
+        static_clusters.push(tracing::collector_cluster(tracing, &opts.ca_file));
     }
     let mut listeners = vec![json!({
         "name": "jairouter",
@@ -120,7 +125,7 @@ fn overload_manager(edge: &EdgeLimits) -> Value {
 }
 
 /// Envoy durations are strings of seconds: `ms` as `S.mmms`.
-fn duration(ms: u64) -> String {
+pub(crate) fn duration(ms: u64) -> String {
     format!("{}.{:03}s", ms / 1000, ms % 1000)
 }
 
@@ -453,6 +458,9 @@ fn http_connection_manager(
         },
         "http_filters": filters
     });
+    if let Some(tracing) = &config.tracing {
+        hcm["tracing"] = tracing::connection_manager_tracing(tracing);
+    }
     if global.is_some() {
         // The rate-limit filter's own 429 gets the OpenAI error body ours have.
         hcm["local_reply_config"] = json!({"mappers": [{
@@ -709,13 +717,19 @@ fn jwt_filter(jwt: &JwtOptions) -> Value {
 
 /// The identity provider's key endpoint, for `jwks-uri`.
 fn jwks_cluster(url: &BaseUrl, ca_file: &str) -> Value {
+    service_cluster(JWKS_CLUSTER, url, ca_file)
+}
+
+/// A cluster of one service the gateway calls (by name, or at its address), over TLS checked
+/// against the CA bundle for https.
+pub(crate) fn service_cluster(name: &str, url: &BaseUrl, ca_file: &str) -> Value {
     let mut cluster = json!({
-        "name": JWKS_CLUSTER,
+        "name": name,
         "type": if url.host_is_ip() { "STATIC" } else { "STRICT_DNS" },
         "connect_timeout": "5s",
         "dns_lookup_family": "V4_PREFERRED",
         "load_assignment": {
-            "cluster_name": JWKS_CLUSTER,
+            "cluster_name": name,
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket(&url.host, url.port)}}]}]
         }
     });

@@ -159,7 +159,7 @@ pub fn watch(
                     match &running_bootstrap {
                         None => running_bootstrap = Some(bootstrap),
                         Some(running) if *running != bootstrap => println!(
-                            "jairouter-render: {file}: some changed settings (gateway, retries, \
+                            "jairouter-render: {file}: some changed settings (gateway, retries, tracing, \
                              request-timeout) take effect only when Envoy restarts"
                         ),
                         Some(_) => {}

@@ -42,6 +42,7 @@ mod bootstrap;
 mod flags;
 mod live;
 mod mesh;
+mod tracing;
 
 use flags::{once, Args, Command, UsageError};
 use jairouter_filter::plan::Plan;

@@ -6,6 +6,7 @@ mod adapter;
 mod api_keys;
 mod policy;
 pub(crate) mod reader;
+mod tracing;
 
 pub use adapter::{Adapter, AdapterTable, Protocol, ANTHROPIC_VERSION};
 pub use api_keys::{
@@ -16,6 +17,7 @@ pub use policy::{
     RateLimitPolicy, Scope, Strategy, TokenLimitPolicy, MAX_WINDOW_REQUESTS,
 };
 pub use reader::ConfigError;
+pub use tracing::{OtlpExporter, OtlpProtocol, TracingOptions, OTLP_HTTP_PATH};
 
 use crate::endpoint::{Endpoint, ServiceType};
 use reader::{error, Fields, Result};
@@ -45,6 +47,8 @@ pub struct Config {
     pub request_timeout_ms: u64,
     /// `jairouter.security.api-key` (off when absent).
     pub api_keys: ApiKeySection,
+    /// `jairouter.tracing` (off when absent or not enabled).
+    pub tracing: Option<TracingOptions>,
 }
 
 /// Retries when none are configured: a failed attempt gets two more, on other instances.
@@ -305,7 +309,8 @@ impl Config {
     }
 
     /// Reads the filter's plugin configuration: the JSON form of JAiRouter's `model:` section,
-    /// or an object holding it under `model` beside the original's `jairouter.security.api-key`.
+    /// or an object holding it under `model` beside the original's `jairouter.security.api-key`
+    /// and `jairouter.tracing`.
     pub fn from_json(bytes: &[u8]) -> std::result::Result<Config, ConfigError> {
         let value: Value = serde_json::from_slice(bytes)
             .map_err(|e| error("configuration", format!("is not valid JSON: {e}")))?;
@@ -313,21 +318,27 @@ impl Config {
     }
 
     pub fn from_value(value: &Value) -> std::result::Result<Config, ConfigError> {
-        let (model, api_keys) = match value.get("model") {
+        let (model, api_keys, tracing) = match value.get("model") {
             Some(inner) if value.get("services").is_none() => {
-                let section = value
-                    .get("jairouter")
+                let jairouter = value.get("jairouter");
+                let section = jairouter
                     .and_then(|j| j.get("security"))
                     .and_then(|s| s.get("api-key").or_else(|| s.get("apiKey")));
                 let api_keys = match section {
                     Some(v) => ApiKeySection::parse("jairouter.security.api-key", v)?,
                     None => ApiKeySection::default(),
                 };
-                (inner, api_keys)
+                let tracing = match jairouter.and_then(|j| j.get("tracing")) {
+                    Some(v) if !v.is_null() => TracingOptions::parse("jairouter.tracing", v)?,
+                    _ => None,
+                };
+                (inner, api_keys, tracing)
             }
-            _ => (value, ApiKeySection::default()),
+            _ => (value, ApiKeySection::default(), None),
         };
-        parse_model(model, api_keys)
+        let mut config = parse_model(model, api_keys)?;
+        config.tracing = tracing;
+        Ok(config)
     }
 }
 
@@ -432,6 +443,7 @@ fn parse_model(value: &Value, api_keys: ApiKeySection) -> Result<Config> {
         retries,
         request_timeout_ms,
         api_keys,
+        tracing: None,
     })
 }
 
@@ -836,6 +848,19 @@ fn cluster_name(id: &str) -> String {
     format!("jairouter-{safe}")
 }
 
+/// A string, or a number or boolean YAML wrote unquoted, as text.
+fn scalar_text(path: &str, value: &Value) -> Result<String> {
+    match value {
+        Value::String(s) => Ok(s.clone()),
+        Value::Number(n) => Ok(n.to_string()),
+        Value::Bool(b) => Ok(b.to_string()),
+        other => Err(error(
+            path,
+            format!("must be a string (got {})", reader::kind(other)),
+        )),
+    }
+}
+
 fn parse_headers(path: &str, value: &Value) -> Result<Vec<(String, String)>> {
     let map = value
         .as_object()
@@ -850,17 +875,7 @@ fn parse_headers(path: &str, value: &Value) -> Result<Vec<(String, String)>> {
         if !token_ok {
             return Err(error(&hpath, "is not a valid header name"));
         }
-        let text = match v {
-            Value::String(s) => s.clone(),
-            Value::Number(n) => n.to_string(),
-            Value::Bool(b) => b.to_string(),
-            other => {
-                return Err(error(
-                    &hpath,
-                    format!("must be a string (got {})", reader::kind(other)),
-                ))
-            }
-        };
+        let text = scalar_text(&hpath, v)?;
         if text.contains(['\r', '\n', '\0']) {
             return Err(error(&hpath, "must not contain line breaks"));
         }

@@ -4,6 +4,10 @@
 
 use super::*;
 use crate::breaker::{Breaker, State};
+use crate::contract::{
+    SPAN_ATTRIBUTES, SPAN_INPUT_TOKENS, SPAN_INSTANCE, SPAN_OUTPUT_TOKENS, SPAN_REQUEST_MODEL,
+    SPAN_RESPONSE_MODEL, SPAN_SERVICE,
+};
 use crate::host::{Call, TestHost};
 use crate::store::SharedStore;
 use serde_json::{json, Value};
@@ -212,6 +216,87 @@ fn without_the_instance_header_and_with_its_breaker_off_it_is_ten() {
     })));
     let (_, total) = whole_request(&mut run, &[]);
     assert_eq!(total, 10);
+}
+
+/// The demo's shape with `jairouter.tracing` on (the renderer's wrapped form).
+fn traced_plan() -> Rc<Plan> {
+    traced(json!({"services": {"chat": {"instances": [
+        {"name": "llama", "base-url": "http://a:1", "path": "/v1/chat/completions", "weight": 2},
+        {"name": "llama", "base-url": "http://b:1", "path": "/v1/chat/completions"}
+    ]}}}))
+}
+
+fn traced(model: Value) -> Rc<Plan> {
+    let config = json!({"model": model, "jairouter": {"tracing": {
+        "enabled": true, "exporter": {"otlp": {"endpoint": "http://collector:4317"}}
+    }}});
+    Rc::new(Plan::from_value(&config).unwrap_or_else(|e| panic!("{e}")))
+}
+
+#[test]
+fn with_tracing_on_the_span_attributes_cost_one_write_each() {
+    let mut run = Run::new(traced_plan());
+    let (phases, total) = whole_request(&mut run, &[]);
+    // The twelve of the untraced request, and five writes where the log summary is written:
+    // service, model, instance, input and output tokens (no fallback served: no response model).
+    assert_eq!(phases, [1, 6, 9, 1], "per phase");
+    assert_eq!(total, 17);
+    let attribute = |name: &str| run.host.property_text(&[name]);
+    assert_eq!(attribute(SPAN_SERVICE).as_deref(), Some("chat"));
+    assert_eq!(attribute(SPAN_REQUEST_MODEL).as_deref(), Some("llama"));
+    assert_eq!(attribute(SPAN_INSTANCE).as_deref(), Some("chat-0"));
+    assert_eq!(attribute(SPAN_INPUT_TOKENS).as_deref(), Some("9"));
+    assert_eq!(attribute(SPAN_OUTPUT_TOKENS).as_deref(), Some("3"));
+    assert_eq!(attribute(SPAN_RESPONSE_MODEL), None);
+    assert_eq!(run.summary()["model"], "llama");
+}
+
+#[test]
+fn without_tracing_no_span_attribute_is_written() {
+    let mut run = Run::new(plan(json!({})));
+    whole_request(&mut run, &[]);
+    for name in SPAN_ATTRIBUTES {
+        assert_eq!(run.host.property_text(&[name]), None, "{name}");
+    }
+}
+
+#[test]
+fn a_traced_refusal_carries_what_was_known() {
+    let mut run = Run::new(traced_plan());
+    run.request("POST", "/v1/chat/completions", &[], br#"{"model":"nope"}"#);
+    run.send();
+    run.log();
+    assert_eq!(run.host.replies.borrow().first().map(|r| r.0), Some(404));
+    assert_eq!(
+        run.host.property_text(&[SPAN_SERVICE]).as_deref(),
+        Some("chat")
+    );
+    for name in [SPAN_INSTANCE, SPAN_INPUT_TOKENS, SPAN_OUTPUT_TOKENS] {
+        assert_eq!(run.host.property_text(&[name]), None, "{name}");
+    }
+}
+
+#[test]
+fn a_traced_fallback_names_both_models() {
+    let mut run = Run::new(traced(json!({
+        "fallback": {"models": {"gone": ["llama"]}},
+        "services": {"chat": {"instances": [
+            {"name": "llama", "base-url": "http://a:1"},
+            {"name": "gone", "base-url": "http://g:1", "status": "down"}
+        ]}}
+    })));
+    run.request(
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        br#"{"model":"gone","messages":[]}"#,
+    );
+    assert_eq!(run.send(), Flow::Continue);
+    let answer = ok_json();
+    run.respond(200, &[("content-type", "application/json")], &[&answer]);
+    let attribute = |name: &str| run.host.property_text(&[name]);
+    assert_eq!(attribute(SPAN_REQUEST_MODEL).as_deref(), Some("gone"));
+    assert_eq!(attribute(SPAN_RESPONSE_MODEL).as_deref(), Some("llama"));
 }
 
 #[test]

@@ -11,7 +11,7 @@ use crate::config::reader::error;
 use crate::config::{
     Adapter, BaseUrl, CircuitBreakerPolicy, Config, ConfigError, FallbackPolicy, GatewayOptions,
     HealthCheckPolicy, InstanceConfig, LoadBalance, RateLimitPolicy, Scope, ServiceConfig,
-    Strategy, TokenLimitPolicy, MAX_CLIENT_TABLE_BYTES,
+    Strategy, TokenLimitPolicy, TracingOptions, MAX_CLIENT_TABLE_BYTES,
 };
 use crate::endpoint::{Endpoint, ServiceType};
 use crate::limit::Limits;
@@ -43,6 +43,9 @@ pub struct Plan {
     pub request_timeout_ms: u64,
     /// `jairouter.security.api-key`: who may call, and their quotas (off when absent).
     pub api_keys: ApiKeys,
+    /// `jairouter.tracing`: Envoy traces requests (the renderer's part) and each request's span
+    /// gets the filter's attributes (one filter-state write each, only then).
+    pub tracing: Option<TracingOptions>,
 }
 
 #[derive(Debug)]
@@ -274,6 +277,7 @@ impl Plan {
             retries: config.retries,
             request_timeout_ms: config.request_timeout_ms,
             api_keys,
+            tracing: config.tracing,
         })
     }
 

@@ -95,3 +95,38 @@ envFrom:
 - name: run
   mountPath: /var/run/jairouter
 {{- end }}
+
+{{/*
+  The application.yml the pods read: config.application.yml, and with tracing.enabled a second
+  YAML document holding the original's jairouter.tracing section built from the tracing values
+  (the renderer reads each part from the first document that has it).
+*/}}
+{{- define "jairouter.applicationYml" -}}
+{{- $app := index .Values.config "application.yml" -}}
+{{- $t := .Values.tracing -}}
+{{- if not $t.enabled }}
+{{- $app }}
+{{- else }}
+{{- if dig "jairouter" "tracing" "" (fromYaml $app) }}
+{{- fail "tracing.enabled: config.application.yml has a jairouter.tracing section of its own; keep one of them" }}
+{{- end }}
+{{- $app | trimSuffix "\n" }}
+---
+# From the chart's tracing values.
+jairouter:
+  tracing:
+    enabled: true
+    service-name: {{ $t.serviceName | quote }}
+    sampling:
+      ratio: {{ $t.samplingRatio }}
+    exporter:
+      type: otlp
+      otlp:
+        endpoint: {{ required "tracing.endpoint: the collector's OTLP endpoint, e.g. http://otel-collector.observability:4317" $t.endpoint | quote }}
+        protocol: {{ $t.protocol | quote }}
+        {{- with $t.headers }}
+        headers:
+          {{- toYaml . | nindent 10 }}
+        {{- end }}
+{{- end }}
+{{- end }}
