@@ -286,34 +286,3 @@ def test_a_stream_without_usage_is_charged_its_estimate(stubs, gateway):
     # 80 chunks of "tokN " carry 470 characters: 118 tokens estimated for the completion, plus
     # the prompt estimate (~25), instead of the 10 reserved for it; 100 tokens a second refill.
     assert 120 <= used <= 145, (used, reserved)
-
-
-def test_global_mode_sends_descriptors_to_the_rate_limit_service(stubs, gateway):
-    from fake_ratelimit import OVER_LIMIT, FakeRateLimitService
-
-    rls = FakeRateLimitService().start()
-    try:
-        [stub] = stubs("a")
-        gw = gateway({"model": {
-            "gateway": {"global-rate-limit": {"address": f"127.0.0.1:{rls.port}", "domain": "jairouter",
-                                              "timeout-ms": 1000}},
-            "services": chat_service([stub])}})
-        with httpx.Client(timeout=10) as c:
-            # A client cannot choose its descriptors: the filter writes them.
-            ok = c.post(gw.url + CHAT, content=body(), headers={**JSON, "x-jairouter-service": "embedding"})
-            assert ok.status_code == 200
-            domain, descriptors = rls.calls[-1]
-            assert domain == "jairouter"
-            assert descriptors == [{"service": "chat"}, {"service": "chat", "model": "llama"},
-                                   {"service": "chat", "remote_address": "127.0.0.1"}]
-            # The descriptor headers are ours, not the backend's.
-            received = stub.requests[-1].headers
-            assert "x-jairouter-service" not in received and "x-jairouter-model" not in received
-
-            rls.answer = OVER_LIMIT
-            limited = c.post(gw.url + CHAT, content=body(), headers=JSON)
-        assert limited.status_code == 429
-        assert error_of(limited)["type"] == "rate_limit_error"
-        assert len(stub.requests) == 1
-    finally:
-        rls.stop()

@@ -51,7 +51,12 @@ fn main() {
     for i in 0..n {
         host.now.set(1_000_000_000 + u64::from(i) * 1000);
         *host.response_headers.borrow_mut() = response_head.clone();
-        let mut exchange = Exchange::new(Rc::clone(&plan), Rc::clone(&rng), Rc::clone(&metrics));
+        let mut exchange = Exchange::new(
+            Rc::clone(&plan),
+            Rc::clone(&rng),
+            Rc::clone(&metrics),
+            Rc::default(),
+        );
         exchange.on_request_headers(&host, false);
         exchange.on_request_body(&host, body.len(), true);
         exchange.on_response_headers(&host, false);

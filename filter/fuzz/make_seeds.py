@@ -294,6 +294,7 @@ CLAUDE = {
 
 
 def main():
+    write_rls_seeds()
     for name, body in JSON_BODIES.items():
         for seed in (0, 7, 255):
             write("json_model", "%s-%d" % (name, seed), bytes([seed]) + body.encode())
@@ -414,6 +415,37 @@ def write_translate_seeds():
     for name, body in CLAUDE.items():
         for mode in (0, 1, 6, 255):
             write("claude_translate", "%s-%d" % (name, mode), bytes([mode]) + body.encode())
+
+
+def varint(n):
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def field(number, value):
+    """A protobuf field: an int as a varint, bytes length-prefixed."""
+    if isinstance(value, int):
+        return varint(number << 3) + varint(value)
+    return varint(number << 3 | 2) + varint(len(value)) + value
+
+
+def write_rls_seeds():
+    def status(code, remaining, seconds, nanos=0):
+        return field(1, code) + field(2, field(1, 60) + field(2, 2)) + field(3, remaining) + \
+            field(4, field(1, seconds) + field(2, nanos))
+    answers = {
+        "ok": field(1, 1) + field(2, status(1, 59, 1)),
+        "over": field(1, 2) + field(2, status(1, 3, 0, 500)) + field(2, status(2, 0, 2, 250000000)),
+        "headers": field(1, 2) + field(3, field(1, b"x-a") + field(2, b"1")) + field(2, status(2, 0, 1)),
+        "terse": field(1, 2),
+        "empty": b"",
+    }
+    for name, data in answers.items():
+        write("rls_answer", name, data)
 
 
 if __name__ == "__main__":

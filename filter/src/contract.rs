@@ -12,8 +12,9 @@ pub const ORIGINAL_DST_HEADER: &str = "x-envoy-original-dst-host";
 pub const MODEL_HEADER: &str = "x-jairouter-model";
 /// Response header naming the instance that served.
 pub const INSTANCE_HEADER: &str = "x-jairouter-instance";
-/// Descriptor headers for Envoy's rate-limit filter (removed before the request goes upstream).
-pub const SERVICE_DESCRIPTOR_HEADER: &str = "x-jairouter-service";
+/// The cluster of the rate-limit service the filter asks for limits across replicas
+/// (`gateway.global-rate-limit`; the renderer adds it, HTTP/2).
+pub const RATE_LIMIT_CLUSTER: &str = "jairouter-ratelimit";
 /// Where Envoy's jwt_authn puts a verified token's payload in the request's metadata
 /// (`payload_in_metadata`), for the filter to read its claims.
 pub const JWT_PAYLOAD_KEY: &str = "jwt_payload";

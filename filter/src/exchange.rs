@@ -9,6 +9,7 @@
 //! that read them.
 
 mod report;
+mod shared_limits;
 #[cfg(test)]
 mod tests;
 mod trace;
@@ -21,12 +22,14 @@ use crate::breaker::{self, Admission, BreakerPolicy, Outcome};
 use crate::config::{Protocol, Strategy};
 use crate::contract::{
     INSTANCE_HEADER, JWT_PAYLOAD_KEY, LOG_SUMMARY_PROPERTY, MODEL_HEADER, ORIGINAL_DST_HEADER,
-    ROUTING_HEADER, SERVICE_DESCRIPTOR_HEADER,
+    ROUTING_HEADER,
 };
 use crate::encoding::client_ip;
 use crate::endpoint::{classify, Endpoint, Route};
 use crate::headers::HeaderPairs;
 use crate::host::Host;
+use crate::limit::global::ServiceLink;
+use crate::limit::rls::Descriptor;
 use crate::metrics::Metrics;
 use crate::plan::Plan;
 use crate::reply::{LocalReply, DEFAULT_RETRY_AFTER_SECS};
@@ -37,6 +40,7 @@ use crate::request::{
 use crate::scan::ScanOutcome;
 use crate::translate::messages;
 use crate::usage::{Usage, UsageScanner};
+pub use shared_limits::CALLS_METRIC as GLOBAL_CALLS_METRIC;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use translation::{Hold, Pending, Translation};
@@ -230,6 +234,12 @@ pub struct Exchange {
     translation: Option<Translation>,
     /// The head of an answer held whole for its translation.
     held: Option<ResponseHead>,
+    /// A routed request waiting for the limits across replicas to admit it.
+    check: Option<Box<shared_limits::Check>>,
+    /// The shared token budgets it drew from, settled when the response ends.
+    shared_tokens: Vec<(usize, Descriptor)>,
+    /// This VM's link to the rate-limit service (settlements to send, its outage state).
+    link: Rc<RefCell<ServiceLink>>,
     measure: Measure,
 }
 
@@ -244,7 +254,12 @@ struct ClientSent {
 }
 
 impl Exchange {
-    pub fn new(plan: Rc<Plan>, rng: Rc<RefCell<Rng>>, metrics: Rc<RefCell<Metrics>>) -> Exchange {
+    pub fn new(
+        plan: Rc<Plan>,
+        rng: Rc<RefCell<Rng>>,
+        metrics: Rc<RefCell<Metrics>>,
+        link: Rc<RefCell<ServiceLink>>,
+    ) -> Exchange {
         Exchange {
             plan,
             rng,
@@ -270,6 +285,9 @@ impl Exchange {
             pending: None,
             translation: None,
             held: None,
+            check: None,
+            shared_tokens: Vec::new(),
+            link,
             measure: Measure::default(),
         }
     }
@@ -328,10 +346,7 @@ impl Exchange {
         let decision = on_request_headers(&plan, &head, &inputs);
         let flow = match decision {
             HeadDecision::Reply(reply) => self.reply(host, &clock, &reply),
-            HeadDecision::Route(routed) => {
-                let flow = self.apply(host, &clock, &routed);
-                self.after_routing(host, &clock, flow, 0, end_of_stream)
-            }
+            HeadDecision::Route(routed) => self.route(host, &clock, routed, 0, end_of_stream),
             HeadDecision::ScanBody(scan) => {
                 self.scan = Some(scan);
                 Flow::Pause
@@ -402,6 +417,12 @@ impl Exchange {
         body_size: usize,
         end_of_stream: bool,
     ) -> Flow {
+        if let Some(check) = self.check.as_mut() {
+            // Still waiting for the limits across replicas: Envoy buffers what comes.
+            check.body_size = body_size;
+            check.end_of_stream = end_of_stream;
+            return Flow::Pause;
+        }
         let random = self.next_random();
         let Some(mut scan) = self.scan.take() else {
             if self.pending.is_some() {
@@ -450,8 +471,7 @@ impl Exchange {
                         return self.reply(host, &clock, &reply);
                     }
                 }
-                let flow = self.apply(host, &clock, &routed);
-                self.after_routing(host, &clock, flow, body_size, end_of_stream)
+                self.route(host, &clock, routed, body_size, end_of_stream)
             }
         };
         self.mark_start(&clock);
@@ -778,6 +798,7 @@ impl Exchange {
         self.plan
             .limits
             .settle_tokens(host, &reservation.grants, used, clock.now());
+        self.settle_shared_tokens(used);
     }
 
     /// What the response reported (or its text let estimate), once it is over.
@@ -950,12 +971,6 @@ impl Exchange {
             self.translation = Some(Translation::errors_only(routed.endpoint));
         }
         host.set_request_header(ROUTING_HEADER, &instance.cluster);
-        // Envoy's global rate-limit filter reads these as descriptors (the route removes them
-        // before the request goes upstream). Set by us, whatever the client sent.
-        if plan.gateway.global_rate_limit.is_some() {
-            host.set_request_header(SERVICE_DESCRIPTOR_HEADER, routed.service.key());
-            host.set_request_header(MODEL_HEADER, &routed.model);
-        }
         // The route's retry policy carries the global `retries`; a service that differs (or an
         // upload, not retried unless configured) says so here. Envoy strips this header from
         // clients' requests; ours is set after that.

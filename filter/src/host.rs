@@ -36,7 +36,24 @@ pub trait Host: SharedStore {
     fn set_property(&self, path: &[&str], value: &[u8]);
     /// Answers the client from the filter.
     fn send_reply(&self, status: u32, headers: &[(&str, &str)], body: &[u8]);
+    /// A unary gRPC call through an Envoy cluster; its token, or `None` when Envoy refused it
+    /// (no such cluster). The answer comes to the exchange's `on_grpc_answer`.
+    fn dispatch_grpc(
+        &self,
+        cluster: &str,
+        service: &str,
+        method: &str,
+        message: &[u8],
+        timeout_ms: u64,
+    ) -> Option<u32>;
+    /// The message of the gRPC answer being delivered.
+    fn grpc_answer(&self, len: usize) -> Option<Vec<u8>>;
+    /// Lets a request held by the filter go on (after an answer it waited for).
+    fn resume_request(&self);
 }
+
+/// A gRPC call as `TestHost` saw it: cluster, service, method, message.
+pub type SentGrpc = (String, String, String, Vec<u8>);
 
 /// The kinds of host call, as `TestHost` counts them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -58,6 +75,9 @@ pub enum Call {
     SendReply,
     SharedGet,
     SharedSet,
+    DispatchGrpc,
+    GrpcAnswer,
+    ResumeRequest,
 }
 
 /// A local reply as `TestHost` saw it: status, headers, body.
@@ -76,6 +96,13 @@ pub struct TestHost {
     pub response_chunk: RefCell<Vec<u8>>,
     pub properties: RefCell<HashMap<String, Vec<u8>>>,
     pub replies: RefCell<Vec<SentReply>>,
+    /// gRPC calls dispatched, in order (the token of the n-th is n + 1).
+    pub grpc_calls: RefCell<Vec<SentGrpc>>,
+    /// The message `grpc_answer` hands out.
+    pub grpc_answer: RefCell<Vec<u8>>,
+    /// `dispatch_grpc` refuses (Envoy knows no such cluster).
+    pub grpc_refused: Cell<bool>,
+    pub resumed: Cell<usize>,
     calls: RefCell<HashMap<Call, usize>>,
 }
 
@@ -240,5 +267,38 @@ impl Host for TestHost {
             .collect();
         let body = String::from_utf8_lossy(body).into_owned();
         self.replies.borrow_mut().push((status, headers, body));
+    }
+
+    fn dispatch_grpc(
+        &self,
+        cluster: &str,
+        service: &str,
+        method: &str,
+        message: &[u8],
+        _timeout_ms: u64,
+    ) -> Option<u32> {
+        self.count(Call::DispatchGrpc);
+        if self.grpc_refused.get() {
+            return None;
+        }
+        let mut calls = self.grpc_calls.borrow_mut();
+        calls.push((
+            cluster.into(),
+            service.into(),
+            method.into(),
+            message.to_vec(),
+        ));
+        u32::try_from(calls.len()).ok()
+    }
+
+    fn grpc_answer(&self, len: usize) -> Option<Vec<u8>> {
+        self.count(Call::GrpcAnswer);
+        let answer = self.grpc_answer.borrow();
+        answer.get(..len.min(answer.len())).map(<[u8]>::to_vec)
+    }
+
+    fn resume_request(&self) {
+        self.count(Call::ResumeRequest);
+        self.resumed.set(self.resumed.get() + 1);
     }
 }

@@ -30,6 +30,8 @@ pub enum ClientError {
     RateLimited,
     /// No instance can take the request (down, breakers open, unhealthy, weight 0).
     NoAvailableInstance,
+    /// The limits across replicas could not be checked and `failure-mode-deny` is set.
+    RateLimitUnavailable,
     /// The model's adapter cannot serve the endpoint, or cannot express what the request asks.
     NotSupportedByAdapter,
     /// A translated backend answered what its protocol does not allow.
@@ -61,6 +63,7 @@ impl ClientError {
             ModelNotPermitted => (403, PERMISSION, "model_not_permitted"),
             RateLimited => (429, "rate_limit_error", "rate_limit_exceeded"),
             NoAvailableInstance => (503, "server_error", "no_available_instance"),
+            RateLimitUnavailable => (503, "server_error", "rate_limit_service_unavailable"),
             NotSupportedByAdapter => (501, INVALID, "not_supported_by_adapter"),
             BadBackendOutput => (502, "api_error", "bad_backend_output"),
         }

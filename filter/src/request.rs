@@ -83,6 +83,8 @@ pub struct Routed {
     pub fallback_from: Option<String>,
     /// The rate limits that let it through (indices into `Limits::list`; a metrics label).
     pub limits_passed: Vec<usize>,
+    /// The admissions it holds, to give back if the limits across replicas refuse it.
+    pub grants: Vec<Grant>,
 }
 
 pub enum HeadDecision {
@@ -650,6 +652,7 @@ fn route_to_instance(
         format!("{path}?{query}")
     };
     let limits_passed = admitted.grants.iter().map(Grant::limit).collect();
+    let holds_tokens = admitted.holds_tokens();
     Ok(Routed {
         limits_passed,
         service: kind,
@@ -662,11 +665,12 @@ fn route_to_instance(
             .flatten()
             .flat_map(|(limit, verdict)| rate_limit_headers(cfg, limit, &verdict))
             .collect(),
-        tokens: admitted.holds_tokens().then(|| TokenReservation {
+        tokens: holds_tokens.then(|| TokenReservation {
             reserved: tokens,
             prompt_estimate: extras.body_bytes.unwrap_or(0).div_ceil(4),
-            grants: admitted.grants,
+            grants: admitted.grants.clone(),
         }),
+        grants: admitted.grants,
         breaker,
         fallback_from: None,
     })
@@ -720,8 +724,33 @@ fn release_breaker(host: &RouteInputs<'_>, instance: &Instance, admission: Optio
     }
 }
 
+/// Gives back what a routed request holds (its limits' admissions, a half-open trial's
+/// place), when it is refused after all (by the limits across replicas).
+pub fn release_routed(cfg: &Plan, store: &dyn SharedStore, routed: &Routed, now_ns: u64) {
+    cfg.limits.release(store, &routed.grants);
+    let instance = cfg
+        .service(routed.service)
+        .and_then(|s| s.instances.get(routed.instance));
+    if let (Some(instance), Some(admission)) = (instance, routed.breaker) {
+        if let Some(policy) = &instance.breaker {
+            breaker::record(
+                store,
+                &instance.state_key,
+                policy,
+                admission,
+                Outcome::Neutral,
+                now_ns,
+            );
+        }
+    }
+}
+
 /// The OpenAI rate-limit headers for the tightest limit a request met.
-fn rate_limit_headers(cfg: &Plan, limit: usize, verdict: &Verdict) -> Vec<(&'static str, String)> {
+pub fn rate_limit_headers(
+    cfg: &Plan,
+    limit: usize,
+    verdict: &Verdict,
+) -> Vec<(&'static str, String)> {
     let Some(limit) = cfg.limits.list.get(limit) else {
         return Vec::new();
     };
@@ -745,7 +774,7 @@ fn rate_limit_headers(cfg: &Plan, limit: usize, verdict: &Verdict) -> Vec<(&'sta
 }
 
 /// 429 with an OpenAI `rate_limit_error` naming the limit, and when to come back.
-fn too_many_requests(cfg: &Plan, refusal: &Refusal) -> LocalReply {
+pub fn too_many_requests(cfg: &Plan, refusal: &Refusal) -> LocalReply {
     let Some(limit) = cfg.limits.list.get(refusal.limit) else {
         return LocalReply::error(ClientError::RateLimited, "Rate limit reached.");
     };

@@ -5,12 +5,17 @@
 //! SDK's trait helpers unwrap them, and a non-UTF-8 header from a client would panic the VM.
 
 use crate::balance::Rng;
+use crate::config::TokenSettlement;
+use crate::contract::RATE_LIMIT_CLUSTER;
 use crate::contract::{HEALTH_ROOT_ID, STATUS_ROOT_ID};
+use crate::exchange::GLOBAL_CALLS_METRIC;
 use crate::exchange::{Exchange, Flow};
 use crate::headers::HeaderPairs;
 use crate::health::HealthRun;
 use crate::host::Host;
 use crate::install::install;
+use crate::limit::global::{ServiceLink, Transition};
+use crate::limit::rls::{self, Settlement};
 use crate::metrics::{stat_name, Metrics};
 use crate::plan::Plan;
 use crate::status::{config_version, instance_gauges, status_page};
@@ -25,6 +30,10 @@ use std::time::{Duration, UNIX_EPOCH};
 
 /// How often each VM hands its metrics to Envoy and reports its linear memory.
 const REPORT_PERIOD: Duration = Duration::from_secs(1);
+/// How often a VM sends its token settlements to the rate-limit service.
+const SETTLE_PERIOD: Duration = Duration::from_millis(200);
+/// Settlements per call at most.
+const SETTLE_BATCH: usize = 1024;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -61,9 +70,21 @@ struct Router {
     plan: Rc<Plan>,
     rng: Rc<RefCell<Rng>>,
     metrics: Rc<RefCell<Metrics>>,
+    /// What the VM's requests leave for the rate-limit service (limits across replicas).
+    link: Rc<RefCell<ServiceLink>>,
+    /// The settlements of the call in flight (put back if it fails).
+    settling: Option<(u32, Vec<Settlement>)>,
+    /// When the metrics were last handed to Envoy.
+    reported_ns: u64,
 }
 
 impl Context for Root {
+    fn on_grpc_call_response(&mut self, token: u32, status: u32, _size: usize) {
+        if let Concern::Router(router) = &mut self.concern {
+            router.settled(token, status);
+        }
+    }
+
     fn on_http_call_response(&mut self, token: u32, _: usize, _: usize, _: usize) {
         if let Concern::Health(run) = &mut self.concern {
             // No headers at all: Envoy gave up (timeout, reset).
@@ -103,18 +124,36 @@ impl RootContext for Root {
         match Plan::from_json(&bytes) {
             Ok(plan) => {
                 install(&plan, &bytes, &WasmHost);
-                let _ = hostcalls::set_tick_period(REPORT_PERIOD);
+                // Limits across replicas settle token budgets from the tick: more often.
+                let tick = match plan.gateway.global_rate_limit {
+                    Some(_) => SETTLE_PERIOD,
+                    None => REPORT_PERIOD,
+                };
+                let _ = hostcalls::set_tick_period(tick);
                 log::info!(
                     "configuration {version} loaded ({} instances)",
                     plan.instances().count()
                 );
                 // A reload keeps the VM's counts and random stream.
-                let (rng, metrics) = match &self.concern {
-                    Concern::Router(r) => (Rc::clone(&r.rng), Rc::clone(&r.metrics)),
-                    _ => (Rc::new(RefCell::new(Rng::new(now_ns()))), Rc::default()),
+                let (rng, metrics, link) = match &self.concern {
+                    Concern::Router(r) => {
+                        (Rc::clone(&r.rng), Rc::clone(&r.metrics), Rc::clone(&r.link))
+                    }
+                    _ => (
+                        Rc::new(RefCell::new(Rng::new(now_ns()))),
+                        Rc::default(),
+                        Rc::default(),
+                    ),
                 };
                 let plan = Rc::new(plan);
-                self.concern = Concern::Router(Router { plan, rng, metrics });
+                self.concern = Concern::Router(Router {
+                    plan,
+                    rng,
+                    metrics,
+                    link,
+                    settling: None,
+                    reported_ns: 0,
+                });
                 true
             }
             Err(e) => {
@@ -143,6 +182,14 @@ impl RootContext for Root {
                 }
             }
             Concern::Router(router) => {
+                router.settle();
+                let now = now_ns();
+                if now.saturating_sub(router.reported_ns)
+                    < REPORT_PERIOD.as_nanos() as u64 - 50_000_000
+                {
+                    return;
+                }
+                router.reported_ns = now;
                 let drained = router.metrics.try_borrow_mut().map(|mut m| m.drain());
                 for (name, delta) in drained.unwrap_or_default() {
                     self.stats.add(&name, delta);
@@ -173,8 +220,12 @@ impl RootContext for Root {
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         match &self.concern {
             Concern::Router(r) => {
-                let exchange =
-                    Exchange::new(Rc::clone(&r.plan), Rc::clone(&r.rng), Rc::clone(&r.metrics));
+                let exchange = Exchange::new(
+                    Rc::clone(&r.plan),
+                    Rc::clone(&r.rng),
+                    Rc::clone(&r.metrics),
+                    Rc::clone(&r.link),
+                );
                 Some(Box::new(Request(exchange)))
             }
             Concern::Status => Some(Box::new(StatusPage)),
@@ -228,6 +279,102 @@ fn metric_id(ids: &mut HashMap<String, u32>, kind: MetricType, name: &str) -> Op
     Some(id)
 }
 
+impl Router {
+    /// Sends the settlements the VM's requests left, one call at a time.
+    fn settle(&mut self) {
+        let Some(global) = &self.plan.gateway.global_rate_limit else {
+            return;
+        };
+        if self.settling.is_some() {
+            return;
+        }
+        let Ok(mut link) = self.link.try_borrow_mut() else {
+            return;
+        };
+        let dropped = std::mem::take(&mut link.dropped);
+        let batch = link.take(SETTLE_BATCH);
+        drop(link);
+        self.count("settle", "dropped", dropped);
+        if batch.is_empty() {
+            return;
+        }
+        let (service, method, message) = match global.token_settlement {
+            TokenSettlement::Refunds => (
+                rls::SETTLE_SERVICE,
+                rls::SETTLE_METHOD,
+                rls::encode_settle(&global.domain, &batch),
+            ),
+            // Overruns only, as hits on the standard call (any service takes them).
+            TokenSettlement::ChargesOnly => {
+                let charges: Vec<_> = batch
+                    .iter()
+                    .map(|s| rls::Descriptor {
+                        hits: u64::try_from(s.delta).unwrap_or(0),
+                        ..s.descriptor.clone()
+                    })
+                    .collect();
+                (
+                    rls::RLS_SERVICE,
+                    rls::RLS_METHOD,
+                    rls::encode_request(&global.domain, &charges),
+                )
+            }
+        };
+        let timeout = Duration::from_millis(global.timeout_ms.max(100));
+        match hostcalls::dispatch_grpc_call(
+            RATE_LIMIT_CLUSTER,
+            service,
+            method,
+            vec![],
+            Some(&message),
+            timeout,
+        ) {
+            Ok(token) => self.settling = Some((token, batch)),
+            Err(_) => self.put_back(batch),
+        }
+    }
+
+    fn settled(&mut self, token: u32, status: u32) {
+        let Some((sent, batch)) = self.settling.take() else {
+            return;
+        };
+        if sent != token {
+            self.settling = Some((sent, batch));
+            return;
+        }
+        if status == 0 {
+            self.count("settle", "ok", 1);
+            if let Ok(mut link) = self.link.try_borrow_mut() {
+                if link.outcome(true) == Some(Transition::Recovered) {
+                    log::info!("rate-limit service answers again");
+                }
+            }
+        } else {
+            self.count("settle", "unavailable", 1);
+            self.put_back(batch);
+        }
+    }
+
+    fn put_back(&mut self, batch: Vec<Settlement>) {
+        if let Ok(mut link) = self.link.try_borrow_mut() {
+            link.put_back(batch);
+            if link.outcome(false) == Some(Transition::Failed) {
+                log::warn!("rate-limit service cannot take token settlements; they wait");
+            }
+        }
+    }
+
+    fn count(&self, call: &str, outcome: &str, n: u64) {
+        if let Ok(mut metrics) = self.metrics.try_borrow_mut() {
+            metrics.add(
+                GLOBAL_CALLS_METRIC,
+                &[("call", call), ("outcome", outcome)],
+                n,
+            );
+        }
+    }
+}
+
 fn dispatch_check(target: &crate::health::Target) -> Result<u32, Status> {
     let mut headers = vec![
         (":method", "GET"),
@@ -243,7 +390,11 @@ fn dispatch_check(target: &crate::health::Target) -> Result<u32, Status> {
 /// One routed request: every callback goes to its exchange.
 struct Request(Exchange);
 
-impl Context for Request {}
+impl Context for Request {
+    fn on_grpc_call_response(&mut self, token: u32, status: u32, size: usize) {
+        self.0.on_grpc_answer(&WasmHost, token, status, size);
+    }
+}
 
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
@@ -420,6 +571,28 @@ impl Host for WasmHost {
 
     fn set_property(&self, path: &[&str], value: &[u8]) {
         let _ = hostcalls::set_property(path.to_vec(), Some(value));
+    }
+
+    fn dispatch_grpc(
+        &self,
+        cluster: &str,
+        service: &str,
+        method: &str,
+        message: &[u8],
+        timeout_ms: u64,
+    ) -> Option<u32> {
+        let timeout = Duration::from_millis(timeout_ms);
+        hostcalls::dispatch_grpc_call(cluster, service, method, vec![], Some(message), timeout).ok()
+    }
+
+    fn grpc_answer(&self, len: usize) -> Option<Vec<u8>> {
+        hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, len)
+            .ok()
+            .flatten()
+    }
+
+    fn resume_request(&self) {
+        let _ = hostcalls::resume_http_request();
     }
 
     fn send_reply(&self, status: u32, headers: &[(&str, &str)], body: &[u8]) {

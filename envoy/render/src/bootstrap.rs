@@ -3,10 +3,10 @@
 //! the router, a route that sends each request to the cluster the filter named, and one cluster
 //! per configured instance.
 
-use jairouter_filter::config::{BaseUrl, EdgeLimits, GlobalRateLimit, Jwks, JwtOptions};
+use jairouter_filter::config::{BaseUrl, EdgeLimits, Jwks, JwtOptions};
 use jairouter_filter::contract::{
-    HEALTH_ROOT_ID, JWT_PAYLOAD_KEY, LOG_SUMMARY_FILTER_STATE, MODEL_HEADER, ROUTER_ROOT_ID,
-    ROUTING_HEADER, SERVICE_DESCRIPTOR_HEADER, STATUS_ROOT_ID, VM_ID,
+    HEALTH_ROOT_ID, JWT_PAYLOAD_KEY, LOG_SUMMARY_FILTER_STATE, MODEL_HEADER, RATE_LIMIT_CLUSTER,
+    ROUTER_ROOT_ID, ROUTING_HEADER, STATUS_ROOT_ID, VM_ID,
 };
 use jairouter_filter::metrics::TAGS;
 use jairouter_filter::plan::{Instance, Plan, Service};
@@ -360,7 +360,6 @@ fn http_connection_manager(
     opts: &Options,
     buffer_limit: u64,
 ) -> Value {
-    let global = config.gateway.global_rate_limit.as_ref();
     let edge = &config.gateway.edge;
     let wasm = match &opts.live_dir {
         Some(dir) => json!({
@@ -377,9 +376,6 @@ fn http_connection_manager(
     };
     let mut filters: Vec<Value> = config.gateway.jwt.iter().map(jwt_filter).collect();
     filters.push(wasm);
-    if let Some(global) = global {
-        filters.push(rate_limit_filter(global));
-    }
     filters.push(json!({
         "name": "envoy.filters.http.router",
         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
@@ -393,12 +389,9 @@ fn http_connection_manager(
             // stream idle timeout guards hangs.
             "timeout": duration(config.request_timeout_ms)
         },
-        // Ours, not the backend's: the routing header and the rate-limit descriptors.
-        "request_headers_to_remove": [ROUTING_HEADER, SERVICE_DESCRIPTOR_HEADER, MODEL_HEADER]
+        // Ours, not the backend's: the routing header and the client's model header.
+        "request_headers_to_remove": [ROUTING_HEADER, MODEL_HEADER]
     });
-    if global.is_some() {
-        routed["route"]["rate_limits"] = rate_limit_actions();
-    }
     let access_logs: Vec<Value> = match opts.access_log.as_str() {
         "none" => Vec::new(),
         path => vec![access_log(path)],
@@ -461,18 +454,6 @@ fn http_connection_manager(
     if let Some(tracing) = &config.tracing {
         hcm["tracing"] = tracing::connection_manager_tracing(tracing);
     }
-    if global.is_some() {
-        // The rate-limit filter's own 429 gets the OpenAI error body ours have.
-        hcm["local_reply_config"] = json!({"mappers": [{
-            "filter": {"response_flag_filter": {"flags": ["RL"]}},
-            "body_format_override": {"json_format": {"error": {
-                "message": "Rate limit reached (the global rate-limit service refused). Please retry later.",
-                "type": "rate_limit_error",
-                "param": null,
-                "code": "rate_limit_exceeded"
-            }}}
-        }]});
-    }
     hcm
 }
 
@@ -509,37 +490,7 @@ fn retry_policy(retries: u64) -> Value {
     })
 }
 
-/// Descriptors for the rate-limit service: per service, per service and model, per service and
-/// client address (Envoy's view of it, honouring trusted hops).
-fn rate_limit_actions() -> Value {
-    let service = json!({"request_headers": {"header_name": SERVICE_DESCRIPTOR_HEADER, "descriptor_key": "service"}});
-    let model =
-        json!({"request_headers": {"header_name": MODEL_HEADER, "descriptor_key": "model"}});
-    json!([
-        {"actions": [service]},
-        {"actions": [service, model]},
-        {"actions": [service, {"remote_address": {}}]}
-    ])
-}
-
-fn rate_limit_filter(global: &GlobalRateLimit) -> Value {
-    json!({
-        "name": "envoy.filters.http.ratelimit",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
-            "domain": global.domain,
-            "failure_mode_deny": global.failure_mode_deny,
-            "timeout": duration(global.timeout_ms),
-            "rate_limit_service": {
-                "grpc_service": {"envoy_grpc": {"cluster_name": RATE_LIMIT_CLUSTER}},
-                "transport_api_version": "V3"
-            }
-        }
-    })
-}
-
-const RATE_LIMIT_CLUSTER: &str = "jairouter-ratelimit";
-
+/// The rate-limit service the filter asks (gRPC: HTTP/2).
 fn rate_limit_cluster(service: &BaseUrl) -> Value {
     json!({
         "name": RATE_LIMIT_CLUSTER,

@@ -171,16 +171,29 @@ pub enum Jwks {
     File(String),
 }
 
-/// `gateway.global-rate-limit`: the rendered bootstrap adds Envoy's rate-limit filter, and the
-/// filter sets the descriptor headers it reads (`x-jairouter-service`, `x-jairouter-model`).
+/// `gateway.global-rate-limit`: the limits drawn before the pick are also asked of one
+/// rate-limit service (Envoy's protocol, over gRPC), so they hold across replicas; see
+/// `limit::global` and `envoy/ratelimit/PROTOCOL.md`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GlobalRateLimit {
     /// The rate-limit service (gRPC, `host:port`).
     pub service: BaseUrl,
     pub domain: String,
-    /// Refuse requests when the service cannot be reached (default: let them through).
+    /// Refuse requests when the service cannot be reached (default: let them through, under
+    /// the local limits alone).
     pub failure_mode_deny: bool,
     pub timeout_ms: u64,
+    pub token_settlement: TokenSettlement,
+}
+
+/// `gateway.global-rate-limit.token-settlement`: how shared token budgets learn what a
+/// response really used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenSettlement {
+    /// jairouter-ratelimit's `Settle`: overruns charged (into debt), unused estimates given back.
+    Refunds,
+    /// Any rate-limit service: overruns charged with `ShouldRateLimit`, nothing given back.
+    ChargesOnly,
 }
 
 /// One service (`model.services.<type>`), with what it inherits from the global blocks resolved.
@@ -637,12 +650,24 @@ fn parse_global_rate_limit(path: &str, value: &Value) -> Result<GlobalRateLimit>
     }
     let failure_mode_deny = f.boolean("failure-mode-deny", false)?;
     let timeout_ms = f.integer("timeout-ms", 20, 1, 10_000)?;
+    let settlement_path = f.child("token-settlement");
+    let token_settlement = match f.string("token-settlement")?.map(str::trim) {
+        None | Some("refunds") => TokenSettlement::Refunds,
+        Some("charges-only") => TokenSettlement::ChargesOnly,
+        Some(other) => {
+            return Err(error(
+                &settlement_path,
+                format!("unknown {other:?} (expected refunds or charges-only)"),
+            ))
+        }
+    };
     f.finish()?;
     Ok(GlobalRateLimit {
         service,
         domain,
         failure_mode_deny,
         timeout_ms,
+        token_settlement,
     })
 }
 

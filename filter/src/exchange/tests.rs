@@ -37,6 +37,7 @@ struct Run {
     host: TestHost,
     exchange: Exchange,
     metrics: Rc<RefCell<Metrics>>,
+    link: Rc<RefCell<ServiceLink>>,
 }
 
 impl Run {
@@ -46,11 +47,13 @@ impl Run {
         crate::install::install(&plan, b"{}", &host.store);
         let metrics: Rc<RefCell<Metrics>> = Rc::default();
         let rng = Rc::new(RefCell::new(Rng::new(7)));
-        let exchange = Exchange::new(plan, rng, Rc::clone(&metrics));
+        let link: Rc<RefCell<ServiceLink>> = Rc::default();
+        let exchange = Exchange::new(plan, rng, Rc::clone(&metrics), Rc::clone(&link));
         Run {
             host,
             exchange,
             metrics,
+            link,
         }
     }
 
@@ -58,7 +61,7 @@ impl Run {
     fn next_request(&mut self) {
         let plan = Rc::clone(&self.exchange.plan);
         let rng = Rc::clone(&self.exchange.rng);
-        self.exchange = Exchange::new(plan, rng, Rc::clone(&self.metrics));
+        self.exchange = Exchange::new(plan, rng, Rc::clone(&self.metrics), Rc::clone(&self.link));
         self.host.replies.borrow_mut().clear();
     }
 
@@ -1080,4 +1083,234 @@ fn each_endpoint_has_its_genai_operation_and_each_protocol_its_provider() {
     .map(Protocol::gen_ai_provider)
     .collect();
     assert_eq!(providers, ["openai", "anthropic", "gcp.gemini", "ollama"]);
+}
+
+/// Limits across replicas: the demo's shape with a service rate limit (and `extra` merged in),
+/// shared through the rate-limit service.
+fn shared_plan(extra: Value) -> Rc<Plan> {
+    let mut config = json!({
+        "rate-limit": {"enabled": true, "algorithm": "token-bucket", "capacity": 5, "rate": 5},
+        "gateway": {"global-rate-limit": {"address": "127.0.0.1:8081"}}
+    });
+    if let (Some(config), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
+        for (key, value) in extra {
+            config.insert(key.clone(), value.clone());
+        }
+    }
+    plan(config)
+}
+
+fn shared_answer(statuses: &[(bool, u32, u64)]) -> Vec<u8> {
+    use crate::limit::rls::{encode_answer, Answer, Status};
+    encode_answer(&Answer {
+        over_limit: statuses.iter().any(|s| s.0),
+        statuses: statuses
+            .iter()
+            .map(|&(over_limit, remaining, reset_ns)| Status {
+                over_limit,
+                remaining,
+                reset_ns,
+            })
+            .collect(),
+    })
+}
+
+/// The service's answer to the call the request is waiting for.
+fn answer_check(run: &mut Run, status: u32, message: &[u8]) {
+    *run.host.grpc_answer.borrow_mut() = message.to_vec();
+    let token = run.host.grpc_calls.borrow().len() as u32;
+    run.exchange
+        .on_grpc_answer(&run.host, token, status, message.len());
+}
+
+#[test]
+fn with_limits_across_replicas_the_request_waits_for_the_service_then_goes_on() {
+    let mut local = Run::new(plan(
+        json!({"rate-limit": {"enabled": true, "algorithm": "token-bucket", "capacity": 5, "rate": 5}}),
+    ));
+    let (_, local_total) = whole_request(&mut local, &[]);
+    let mut run = Run::new(shared_plan(json!({})));
+    run.request("POST", "/v1/chat/completions", &[], CHAT);
+    run.host.take_calls();
+    assert_eq!(run.send(), Flow::Pause, "held for the service");
+    assert_eq!(
+        run.host.request_header(crate::contract::ROUTING_HEADER),
+        None
+    );
+    let calls = run.host.grpc_calls.borrow().clone();
+    assert_eq!(calls.len(), 1);
+    let (cluster, service, method, message) = &calls[0];
+    assert_eq!(cluster, "jairouter-ratelimit");
+    assert_eq!(service, "envoy.service.ratelimit.v3.RateLimitService");
+    assert_eq!(method, "ShouldRateLimit");
+    let text = String::from_utf8_lossy(message);
+    assert!(
+        text.contains("jairouter") && text.contains("model.rate-limit") && text.contains("chat")
+    );
+    answer_check(&mut run, 0, &shared_answer(&[(false, 41, 200_000_000)]));
+    assert_eq!(run.host.resumed.get(), 1);
+    assert_eq!(
+        run.host
+            .request_header(crate::contract::ROUTING_HEADER)
+            .as_deref(),
+        Some("jairouter-chat-0")
+    );
+    let answer = ok_json();
+    run.respond(200, &[("content-type", "application/json")], &[&answer]);
+    run.log();
+    // The shared bucket's state, not this replica's, tells the client what is left.
+    assert_eq!(
+        run.host
+            .response_header("x-ratelimit-remaining-requests")
+            .as_deref(),
+        Some("41")
+    );
+    let calls = run.calls();
+    let total: usize = calls.values().sum();
+    // The local request's fourteen, and the call out, its answer read, the clock of the
+    // answer's callback (the routing time), the resume.
+    assert_eq!(local_total, 14);
+    assert_eq!(calls.get(&Call::DispatchGrpc), Some(&1));
+    assert_eq!(calls.get(&Call::GrpcAnswer), Some(&1));
+    assert_eq!(calls.get(&Call::ResumeRequest), Some(&1));
+    assert_eq!(calls.get(&Call::Clock), Some(&3));
+    assert_eq!(total, local_total + 4, "{calls:?}");
+    assert_eq!(
+        run.counters()
+            .get("jairouter_global_rate_limit_calls_total.call=check;.outcome=ok;"),
+        Some(&1)
+    );
+}
+
+#[test]
+fn a_refusal_across_replicas_is_the_local_429_and_gives_the_local_admission_back() {
+    let mut run = Run::new(shared_plan(json!({})));
+    run.request("POST", "/v1/chat/completions", &[], CHAT);
+    run.send();
+    answer_check(&mut run, 0, &shared_answer(&[(true, 0, 2_500_000_000)]));
+    let replies = run.host.replies.borrow().clone();
+    assert_eq!(replies.len(), 1);
+    let (status, headers, body) = &replies[0];
+    assert_eq!(*status, 429);
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(header("retry-after").as_deref(), Some("3"));
+    assert_eq!(
+        header("x-ratelimit-remaining-requests").as_deref(),
+        Some("0")
+    );
+    assert_eq!(
+        header("x-jairouter-limit").as_deref(),
+        Some("model.rate-limit")
+    );
+    assert!(body.contains("rate_limit_exceeded"), "{body}");
+    assert_eq!(run.host.resumed.get(), 0);
+    // This replica's bucket is full again: five more go through locally.
+    let levels = run
+        .exchange
+        .plan
+        .limits
+        .levels(&run.host.store, 1_000_000_000);
+    assert_eq!(levels[0].available, 5, "{levels:?}");
+}
+
+#[test]
+fn an_unreachable_service_fails_open_under_the_local_limits_or_closed_when_told() {
+    let mut run = Run::new(shared_plan(json!({})));
+    run.request("POST", "/v1/chat/completions", &[], CHAT);
+    run.send();
+    answer_check(&mut run, 14, b"");
+    assert_eq!(run.host.resumed.get(), 1, "let through");
+    assert!(run
+        .host
+        .request_header(crate::contract::ROUTING_HEADER)
+        .is_some());
+    assert_eq!(
+        run.counters()
+            .get("jairouter_global_rate_limit_calls_total.call=check;.outcome=unavailable;"),
+        Some(&1)
+    );
+    // Envoy refusing the call (no such cluster) is the same.
+    run.next_request();
+    run.host.grpc_refused.set(true);
+    run.request("POST", "/v1/chat/completions", &[], CHAT);
+    assert_eq!(run.send(), Flow::Continue);
+
+    let mut run = Run::new(shared_plan(json!({
+        "gateway": {"global-rate-limit": {"address": "127.0.0.1:8081", "failure-mode-deny": true}}
+    })));
+    run.request("POST", "/v1/chat/completions", &[], CHAT);
+    run.send();
+    answer_check(&mut run, 4, b"");
+    let replies = run.host.replies.borrow().clone();
+    let (status, headers, body) = &replies[0];
+    assert_eq!(*status, 503);
+    assert!(body.contains("rate_limit_service_unavailable"), "{body}");
+    assert!(headers.iter().any(|(n, v)| n == "retry-after" && v == "1"));
+    let levels = run
+        .exchange
+        .plan
+        .limits
+        .levels(&run.host.store, 1_000_000_000);
+    assert_eq!(levels[0].available, 5, "given back: {levels:?}");
+}
+
+#[test]
+fn a_malformed_answer_or_one_for_another_call_is_not_believed() {
+    let mut run = Run::new(shared_plan(json!({})));
+    run.request("POST", "/v1/chat/completions", &[], CHAT);
+    run.send();
+    // Another token: not this request's call.
+    run.exchange.on_grpc_answer(&run.host, 99, 0, 0);
+    assert_eq!(run.host.resumed.get(), 0);
+    answer_check(&mut run, 0, b"\x12\x09");
+    assert_eq!(
+        run.host.resumed.get(),
+        1,
+        "unreadable: the failure mode (open)"
+    );
+}
+
+#[test]
+fn shared_token_budgets_reserve_the_estimate_and_settle_what_was_used() {
+    let mut run = Run::new(shared_plan(json!({
+        "rate-limit": {"enabled": false},
+        "token-limit": {"enabled": true, "tokens-per-minute": 6000}
+    })));
+    let body =
+        br#"{"model":"llama","max_tokens":100,"messages":[{"role":"user","content":"Hello"}]}"#;
+    run.request("POST", "/v1/chat/completions", &[], body);
+    run.send();
+    let message = run.host.grpc_calls.borrow()[0].3.clone();
+    assert!(String::from_utf8_lossy(&message).contains("model.token-limit"));
+    answer_check(&mut run, 0, &shared_answer(&[(false, 5000, 1_000_000_000)]));
+    assert_eq!(run.host.resumed.get(), 1);
+    let answer = ok_json();
+    run.respond(200, &[("content-type", "application/json")], &[&answer]);
+    run.log();
+    assert_eq!(
+        run.host
+            .response_header("x-ratelimit-remaining-tokens")
+            .as_deref(),
+        Some("5000")
+    );
+    let reserved = (body.len() as u64).div_ceil(4) + 100;
+    let settled = run.link.borrow_mut().take(10);
+    assert_eq!(settled.len(), 1);
+    assert_eq!(settled[0].descriptor.hits, reserved);
+    // The answer's usage: 9 + 3 tokens.
+    assert_eq!(settled[0].delta, 12 - reserved as i64);
+}
+
+#[test]
+fn without_global_limits_nothing_is_asked() {
+    let mut run = Run::new(plan(json!({
+        "rate-limit": {"enabled": true, "algorithm": "token-bucket", "capacity": 5, "rate": 5}
+    })));
+    whole_request(&mut run, &[]);
+    assert!(run.host.grpc_calls.borrow().is_empty());
 }

@@ -10,6 +10,8 @@
 //! slots: shared data never grows with the number of clients.
 
 pub mod bucket;
+pub mod global;
+pub mod rls;
 
 use crate::bytes::{hash64, u64_le};
 use crate::config::{ApiKeyEntry, RateLimitPolicy, Scope, ServiceConfig, TokenLimitPolicy};
@@ -243,6 +245,9 @@ pub struct Limits {
     /// Every bucket but per-client ones, known once the limits are: the limit (index into
     /// `list`), the bucket's label and its key.
     fixed: Vec<(usize, String, String)>,
+    /// Per limit (same index): its numbers as the rate-limit service is told them, when it is
+    /// shared across replicas (`gateway.global-rate-limit`; see `global`).
+    shared: Vec<Option<global::Shared>>,
 }
 
 /// Which limits to draw from: those that need no instance, or those that do.
@@ -362,7 +367,11 @@ impl Limits {
             }
         }
         let fixed = fixed_buckets(&list, services);
-        Limits { list, fixed }
+        Limits {
+            list,
+            fixed,
+            shared: Vec::new(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {

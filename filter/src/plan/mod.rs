@@ -229,12 +229,15 @@ impl Plan {
 
     pub fn compile(config: Config) -> Result<Plan, ConfigError> {
         let configured: Vec<&ServiceConfig> = config.services().collect();
-        let limits = Limits::compile(
+        let mut limits = Limits::compile(
             config.rate_limit.as_ref(),
             config.token_limit.as_ref(),
             &configured,
             &config.api_keys.keys,
         );
+        if config.gateway.global_rate_limit.is_some() {
+            limits.share_across_replicas()?;
+        }
         let mut table_bytes = 0u64;
         for limit in limits.list.iter().filter(|l| l.scope == Scope::Client) {
             let slot = 8 + limit.params.initial_state().len() as u64;

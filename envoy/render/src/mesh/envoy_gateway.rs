@@ -17,7 +17,7 @@ use super::{
 };
 use crate::flags::{once, repeated, Args, Command};
 use jairouter_filter::config::HealthCheckPolicy;
-use jairouter_filter::contract::{MODEL_HEADER, ROUTING_HEADER, SERVICE_DESCRIPTOR_HEADER};
+use jairouter_filter::contract::{MODEL_HEADER, ROUTING_HEADER};
 use jairouter_filter::plan::{Instance, Plan, Service};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -388,7 +388,7 @@ fn instance_rule(
     };
     let mut filters = vec![json!({
         "type": "RequestHeaderModifier",
-        "requestHeaderModifier": {"remove": [ROUTING_HEADER, SERVICE_DESCRIPTOR_HEADER, MODEL_HEADER]}
+        "requestHeaderModifier": {"remove": [ROUTING_HEADER, MODEL_HEADER]}
     })];
     // The backend's own name as Host (the filter already set :path, base-url prefix included).
     // A Gateway API hostname cannot hold an IPv6 address or an underscore: those keep the client's.
@@ -605,7 +605,7 @@ model:
         );
         assert_eq!(
             ollama["filters"][0]["requestHeaderModifier"]["remove"],
-            json!([ROUTING_HEADER, SERVICE_DESCRIPTOR_HEADER, MODEL_HEADER])
+            json!([ROUTING_HEADER, MODEL_HEADER])
         );
         assert_eq!(ollama["filters"][1]["urlRewrite"]["hostname"], "ollama");
         assert_eq!(ollama["timeouts"]["request"], "1m30s");

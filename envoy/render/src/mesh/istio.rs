@@ -22,7 +22,7 @@ use super::{
 use crate::bootstrap;
 use crate::flags::{once, repeated, Args, Command};
 use jairouter_filter::config::CircuitBreakerPolicy;
-use jairouter_filter::contract::{MODEL_HEADER, ROUTING_HEADER, SERVICE_DESCRIPTOR_HEADER};
+use jairouter_filter::contract::{MODEL_HEADER, ROUTING_HEADER};
 use jairouter_filter::plan::Plan;
 use serde_json::{json, Value};
 
@@ -423,7 +423,7 @@ fn virtual_service(router: &Plan, opts: &Options) -> Document {
                     "port": {"number": url.port}
                 }}],
                 "rewrite": {"authority": url.host},
-                "headers": {"request": {"remove": [ROUTING_HEADER, SERVICE_DESCRIPTOR_HEADER, MODEL_HEADER]}},
+                "headers": {"request": {"remove": [ROUTING_HEADER, MODEL_HEADER]}},
                 // Istio retries twice by default; the service's own number rules here.
                 "retries": if service.retries > 0 {
                     json!({
@@ -667,7 +667,7 @@ model:
             assert_eq!(r["rewrite"]["authority"], authority);
             assert_eq!(
                 r["headers"]["request"]["remove"],
-                json!([ROUTING_HEADER, SERVICE_DESCRIPTOR_HEADER, MODEL_HEADER])
+                json!([ROUTING_HEADER, MODEL_HEADER])
             );
             assert_eq!(r["timeout"], "300s");
             // No path rewrite: the filter set :path with the base-url prefix.

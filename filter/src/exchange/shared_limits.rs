@@ -1,0 +1,257 @@
+//! The limits across replicas, as one request meets them (`gateway.global-rate-limit`; the
+//! limits themselves are `limit::global`). Once the local limits admitted the request and an
+//! instance was picked, the filter holds it and asks the rate-limit service about the shared
+//! buckets it draws from. Admitted, it goes on as any routed request, with the shared buckets'
+//! `x-ratelimit-*` state; refused, the client gets the same 429 a local limit gives, and what the
+//! request held locally is given back. When the service does not answer within `timeout-ms`,
+//! `failure-mode-deny` decides: refuse with 503, or go on under the local limits alone.
+
+use super::{Clock, Exchange, Flow};
+use crate::config::TokenSettlement;
+use crate::contract::RATE_LIMIT_CLUSTER;
+use crate::encoding::client_ip;
+use crate::host::Host;
+use crate::limit::global::{decide, settlements, Decision, Transition};
+use crate::limit::rls::{self, Descriptor, RLS_METHOD, RLS_SERVICE};
+use crate::limit::{Subject, Unit};
+use crate::reply::{ClientError, LocalReply};
+use crate::request::{rate_limit_headers, release_routed, too_many_requests, Routed};
+use std::rc::Rc;
+
+/// Every call to the rate-limit service is counted here, by call and outcome.
+pub const CALLS_METRIC: &str = "jairouter_global_rate_limit_calls_total";
+
+/// A routed request waiting for the service's answer.
+pub struct Check {
+    token: u32,
+    routed: Routed,
+    sent: Vec<(usize, Descriptor)>,
+    /// The request body Envoy buffered meanwhile, and whether it is whole.
+    pub body_size: usize,
+    pub end_of_stream: bool,
+}
+
+impl Exchange {
+    /// Sends a routed request on: at once, or once the limits across replicas admit it.
+    pub(super) fn route(
+        &mut self,
+        host: &dyn Host,
+        clock: &Clock<'_>,
+        routed: Routed,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Flow {
+        let plan = Rc::clone(&self.plan);
+        let Some(global) = plan.gateway.global_rate_limit.as_ref() else {
+            return self.proceed(host, clock, &routed, body_size, end_of_stream);
+        };
+        let subject = Subject {
+            service: routed.service,
+            model: &routed.model,
+            client: self.client.as_deref().map(client_ip),
+            instance: None,
+            api_key: self.caller.key_index(),
+        };
+        let tokens = routed.tokens.as_ref().map_or(0, |t| t.reserved);
+        let sent = plan.limits.shared_descriptors(&subject, tokens);
+        if sent.is_empty() {
+            return self.proceed(host, clock, &routed, body_size, end_of_stream);
+        }
+        let message = rls::encode_request(&global.domain, sent.iter().map(|(_, d)| d));
+        let dispatched = host.dispatch_grpc(
+            RATE_LIMIT_CLUSTER,
+            RLS_SERVICE,
+            RLS_METHOD,
+            &message,
+            global.timeout_ms,
+        );
+        match dispatched {
+            Some(token) => {
+                self.check = Some(Box::new(Check {
+                    token,
+                    routed,
+                    sent,
+                    body_size,
+                    end_of_stream,
+                }));
+                Flow::Pause
+            }
+            None => self.unchecked(host, clock, routed, body_size, end_of_stream, "refused"),
+        }
+    }
+
+    fn proceed(
+        &mut self,
+        host: &dyn Host,
+        clock: &Clock<'_>,
+        routed: &Routed,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Flow {
+        let flow = self.apply(host, clock, routed);
+        self.after_routing(host, clock, flow, body_size, end_of_stream)
+    }
+
+    /// The service answered (`status` is gRPC's: 0 OK, 4 deadline exceeded, 14 unavailable).
+    pub fn on_grpc_answer(&mut self, host: &dyn Host, token: u32, status: u32, size: usize) {
+        // Only the answer to this request's own call.
+        let Some(check) = self.check.take_if(|c| c.token == token) else {
+            return;
+        };
+        let Check {
+            routed,
+            sent,
+            body_size,
+            end_of_stream,
+            ..
+        } = *check;
+        let clock = Clock::new(host);
+        let answer = match status {
+            0 => host
+                .grpc_answer(size)
+                .and_then(|bytes| rls::decode_answer(&bytes).ok())
+                .ok_or("answered what the filter cannot read"),
+            4 => Err("did not answer in time"),
+            14 => Err("is unavailable"),
+            _ => Err("failed the call"),
+        };
+        let plan = Rc::clone(&self.plan);
+        let flow = match answer {
+            Ok(answer) => {
+                self.note_reached(true, "");
+                match decide(&plan.limits, &sent, &answer) {
+                    Decision::Refused(refusal) => {
+                        self.count_call("check", "over_limit");
+                        release_routed(&plan, host, &routed, clock.now());
+                        let mut reply = too_many_requests(&plan, &refusal);
+                        reply.service = Some(routed.service);
+                        reply.model = Some(routed.model.clone());
+                        self.reply(host, &clock, &reply)
+                    }
+                    Decision::Admitted {
+                        tightest,
+                        tightest_tokens,
+                    } => {
+                        self.count_call("check", "ok");
+                        let mut routed = routed;
+                        for (suffix, shared) in
+                            [("-requests", tightest), ("-tokens", tightest_tokens)]
+                        {
+                            if let Some((limit, verdict)) = shared {
+                                routed.headers.retain(|(name, _)| !name.ends_with(suffix));
+                                routed
+                                    .headers
+                                    .extend(rate_limit_headers(&plan, limit, &verdict));
+                            }
+                        }
+                        self.shared_tokens = sent
+                            .into_iter()
+                            .filter(|(at, _)| {
+                                plan.limits
+                                    .list
+                                    .get(*at)
+                                    .is_some_and(|l| l.unit == Unit::Tokens)
+                            })
+                            .collect();
+                        self.proceed(host, &clock, &routed, body_size, end_of_stream)
+                    }
+                }
+            }
+            Err(why) => {
+                self.count_call("check", "unavailable");
+                self.unchecked(host, &clock, routed, body_size, end_of_stream, why)
+            }
+        };
+        if flow == Flow::Continue {
+            host.resume_request();
+        }
+    }
+
+    /// The service could not be asked: refuse (`failure-mode-deny`) or go on under the local
+    /// limits alone.
+    fn unchecked(
+        &mut self,
+        host: &dyn Host,
+        clock: &Clock<'_>,
+        routed: Routed,
+        body_size: usize,
+        end_of_stream: bool,
+        why: &str,
+    ) -> Flow {
+        self.note_reached(false, why);
+        let plan = Rc::clone(&self.plan);
+        let deny = plan
+            .gateway
+            .global_rate_limit
+            .as_ref()
+            .is_some_and(|g| g.failure_mode_deny);
+        if !deny {
+            return self.proceed(host, clock, &routed, body_size, end_of_stream);
+        }
+        release_routed(&plan, host, &routed, clock.now());
+        let mut reply = LocalReply::error(
+            ClientError::RateLimitUnavailable,
+            "The gateway's rate limits cannot be checked right now; try again shortly.",
+        )
+        .with_header("retry-after", "1")
+        .because("rate-limit service unavailable");
+        reply.service = Some(routed.service);
+        reply.model = Some(routed.model);
+        self.reply(host, clock, &reply)
+    }
+
+    /// Logs the service's outage when it starts and when it ends (not per request).
+    fn note_reached(&self, reached: bool, why: &str) {
+        let transition = self
+            .link
+            .try_borrow_mut()
+            .ok()
+            .and_then(|mut link| link.outcome(reached));
+        let deny = self
+            .plan
+            .gateway
+            .global_rate_limit
+            .as_ref()
+            .is_some_and(|g| g.failure_mode_deny);
+        match transition {
+            Some(Transition::Failed) => log::warn!(
+                "rate-limit service {why}: {} until it answers again",
+                if deny {
+                    "refusing requests (failure-mode-deny)"
+                } else {
+                    "enforcing the local limits alone"
+                }
+            ),
+            Some(Transition::Recovered) => log::info!("rate-limit service answers again"),
+            None => {}
+        }
+    }
+
+    fn count_call(&self, call: &str, outcome: &str) {
+        if let Ok(mut metrics) = self.metrics.try_borrow_mut() {
+            metrics.add(CALLS_METRIC, &[("call", call), ("outcome", outcome)], 1);
+        }
+    }
+
+    /// Hands the shared token budgets' settlements to the VM's root context, which sends them
+    /// in batches.
+    pub(super) fn settle_shared_tokens(&mut self, used: u64) {
+        if self.shared_tokens.is_empty() {
+            return;
+        }
+        let sent = std::mem::take(&mut self.shared_tokens);
+        let mut due = settlements(&self.plan.limits, &sent, used);
+        let charges_only = self
+            .plan
+            .gateway
+            .global_rate_limit
+            .as_ref()
+            .is_some_and(|g| g.token_settlement == TokenSettlement::ChargesOnly);
+        if charges_only {
+            due.retain(|s| s.delta > 0);
+        }
+        if let Ok(mut link) = self.link.try_borrow_mut() {
+            link.settle(due);
+        }
+    }
+}
