@@ -503,6 +503,16 @@ def test_the_projects_compose_file_loads():
     assert {p["target"] for p in config["services"]["gateway"]["ports"]} == {8080, 9090}
 
 
+def test_the_compose_files_global_limits_profile_adds_the_rate_limit_service_and_redis():
+    config = compose_config(ROOT / "envoy" / "docker-compose.yaml", env={"COMPOSE_PROFILES": "global-limits"})
+    assert set(config["services"]) == {"gateway", "backends", "ratelimit", "redis"}
+    ratelimit = config["services"]["ratelimit"]
+    assert ratelimit["environment"]["JAIROUTER_RATELIMIT_GRPC_LISTEN"] == "0.0.0.0:8081"
+    assert ratelimit["environment"]["JAIROUTER_RATELIMIT_REDIS_URL"] == "redis://redis:6379/0"
+    assert ratelimit["build"]["dockerfile"] == "envoy/ratelimit/Dockerfile"
+    assert config["services"]["redis"]["command"] == ["redis-server", "--save", "", "--appendonly", "no"]
+
+
 def test_compose_interpolates_and_normalises(tmp_path):
     path = write(tmp_path, {"compose.yaml": """
         services:
