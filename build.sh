@@ -3,7 +3,8 @@
 #
 #   ./build.sh up [--config FILE] [--api-keys KEYS]
 #                                   build, start the gateway (demo backends unless --config) in the
-#                                   foreground; edits of FILE (and KEYS) apply live
+#                                   foreground; edits of FILE (and KEYS) apply live; with
+#                                   gateway.global-rate-limit also jairouter-ratelimit and a Redis
 #   ./build.sh test                 every test: clippy, unit tests (native and wasm32), end-to-end through Envoy
 #   ./build.sh build                the filter (.wasm), the renderer and the Python venv with Envoy
 #   ./build.sh validate FILE [--api-keys KEYS]
@@ -23,6 +24,7 @@ VENV="$ROOT/.venv"
 WASM_TARGET=wasm32-unknown-unknown
 WASM="$ROOT/target/$WASM_TARGET/release/jairouter_filter.wasm"
 RENDER="$ROOT/target/release/jairouter-render"
+RATELIMIT="$ROOT/target/release/jairouter-ratelimit"
 ENVOY="$VENV/bin/envoy"
 # The wasm test runner must match the wasm-bindgen version in Cargo.lock.
 WASM_BINDGEN_VERSION=0.2.130
@@ -66,6 +68,10 @@ build() {
   # The probe filter: the benchmark's floor, and the tests' filter that dies on demand.
   cargo build --quiet --release --target "$WASM_TARGET" -p jairouter-filter --example hostcall_probe
   cargo build --quiet --release -p jairouter-render
+  # The rate-limit service of limits across replicas (envoy/ratelimit), once its crate is there.
+  if [[ -f "$ROOT/envoy/ratelimit/Cargo.toml" ]]; then
+    cargo build --quiet --release -p jairouter-ratelimit
+  fi
   log "filter: $WASM ($(stat -c %s "$WASM") bytes)"
 }
 
@@ -89,6 +95,7 @@ cmd_test() {
     log "fuzzing skipped: cargo-fuzz needs the nightly toolchain, which this machine lacks"
   fi
   ensure_prometheus
+  ensure_redis
   log "Kubernetes tools (Helm, Compose, schema validator) for the manifest checks"
   "$ROOT/k8s/tools/install.sh" "$VENV"
   log "end-to-end tests through a real Envoy"
@@ -102,6 +109,15 @@ ensure_prometheus() {
   log "installing Prometheus (Debian) for the monitoring test"
   if [[ $(id -u) -eq 0 ]]; then apt-get install -y -q prometheus >/dev/null
   else sudo apt-get install -y -q prometheus >/dev/null; fi
+}
+
+# A real Redis (Debian's) behind jairouter-ratelimit, for the limits across replicas (tests, and
+# `./build.sh up` with gateway.global-rate-limit).
+ensure_redis() {
+  command -v redis-server >/dev/null && return
+  log "installing Redis (Debian) for the rate-limit service"
+  if [[ $(id -u) -eq 0 ]]; then apt-get install -y -q redis-server >/dev/null
+  else sudo apt-get install -y -q redis-server >/dev/null; fi
 }
 
 # Benchmarks and soaks (never part of `test`):
@@ -238,6 +254,47 @@ cmd_up() {
     config="$ROOT/envoy/demo/application.yml"
   fi
 
+  # gateway.global-rate-limit: the rate-limit service (jairouter-ratelimit) and its Redis on
+  # loopback, on the port of the configured address.
+  local global_port="" redis_port=""
+  global_port=$("$RENDER" plugin-config "$config" "${keys_args[@]}" | python3 -c '
+import json, sys
+j = json.load(sys.stdin)
+m = j.get("model", j)
+gateway = m.get("gateway") or (j.get("jairouter") or {}).get("gateway") or {}
+g = gateway.get("global-rate-limit") or {}
+address = str(g.get("address") or "")
+host, _, port = address.rpartition(":")
+if address:
+    print(port)
+    if host not in ("127.0.0.1", "localhost", "[::1]"):
+        print(f"gateway.global-rate-limit.address is {address}: the rate-limit service starts on 127.0.0.1:{port}", file=sys.stderr)
+')
+  if [[ -n "$global_port" ]]; then
+    [[ -x "$RATELIMIT" ]] || { echo "gateway.global-rate-limit is set but $RATELIMIT is not built (envoy/ratelimit missing?)" >&2; exit 1; }
+    ensure_redis
+    redis_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    rm -rf "$run/redis"
+    mkdir -p "$run/redis"
+    log "starting Redis on 127.0.0.1:$redis_port and the rate-limit service on 127.0.0.1:$global_port"
+    redis-server --bind 127.0.0.1 --port "$redis_port" --save '' --appendonly no --dir "$run/redis" \
+      --logfile "$run/redis/redis.log" &
+    pids+=($!)
+    for _ in $(seq 100); do
+      (exec 3<>"/dev/tcp/127.0.0.1/$redis_port") 2>/dev/null && break
+      kill -0 "${pids[-1]}" 2>/dev/null || { echo "redis-server exited; see $run/redis/redis.log" >&2; exit 1; }
+      sleep 0.1
+    done
+    "$RATELIMIT" --grpc-listen "127.0.0.1:$global_port" --http-listen 127.0.0.1:0 \
+      --redis-url "redis://127.0.0.1:$redis_port" &
+    pids+=($!)
+    for _ in $(seq 100); do
+      (exec 3<>"/dev/tcp/127.0.0.1/$global_port") 2>/dev/null && break
+      kill -0 "${pids[-1]}" 2>/dev/null || { echo "jairouter-ratelimit exited; see the log above" >&2; exit 1; }
+      sleep 0.1
+    done
+  fi
+
   local port_args=()
   [[ -n "${PORT:-}" ]] && port_args+=(--port "$PORT")
   # Live: Envoy watches the filter's configuration and the clusters in $run/live, and the
@@ -269,6 +326,14 @@ Try:
   curl -s http://127.0.0.1:$port/v1/chat/completions -H 'content-type: application/json' \\
     -d '{"model": "$model", "messages": [{"role": "user", "content": "Hello"}]}'
   curl -s http://127.0.0.1:$port/v1/models
+EOF
+  if [[ -n "$global_port" ]]; then
+    cat <<EOF
+Limits across replicas: jairouter-ratelimit on 127.0.0.1:$global_port, its Redis on
+127.0.0.1:$redis_port (nothing persisted; data under $run/redis).
+EOF
+  fi
+  cat <<EOF
 Ctrl-C stops the gateway and everything it started.
 
 EOF
@@ -284,5 +349,5 @@ case "${1:-}" in
   render) shift; cmd_render "$@" ;;
   bench) shift; cmd_bench "$@" ;;
   fuzz) shift; ensure_rust; exec "$ROOT/filter/fuzz/run.sh" "$@" ;;
-  *) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

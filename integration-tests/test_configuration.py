@@ -128,7 +128,8 @@ def test_build_sh_up_serves_the_demo_and_stops_everything(tmp_path):
 
 
 def test_global_rate_limit_manifests_render_with_the_shipped_rules():
-    """k8s/ratelimit renders offline, and its rules are the ones shipped in envoy/ratelimit."""
+    """k8s/ratelimit renders offline: jairouter-ratelimit and its Redis, wired to each other, and
+    no rules file (the gateway sends each limit with the request)."""
     import shutil
 
     kubectl = shutil.which("kubectl")
@@ -137,15 +138,24 @@ def test_global_rate_limit_manifests_render_with_the_shipped_rules():
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     docs = [d for d in yaml.safe_load_all(out.stdout) if d]
-    kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ConfigMap", "Deployment", "Deployment", "Service", "Service"]
-    [config_map] = [d for d in docs if d["kind"] == "ConfigMap"]
-    shipped = (ROOT / "envoy" / "ratelimit" / "config.yaml").read_text()
-    assert config_map["data"]["config.yaml"] == shipped
-    rules = yaml.safe_load(shipped)
-    assert rules["domain"] == "jairouter"
-    keys = {d["key"] for d in rules["descriptors"][0]["descriptors"]}
-    assert keys == {"model", "remote_address"}  # the descriptors the gateway sends
+    assert sorted(f"{d['kind']}/{d['metadata']['name']}" for d in docs) == [
+        "Deployment/jairouter-ratelimit", "Deployment/jairouter-ratelimit-redis",
+        "Service/jairouter-ratelimit", "Service/jairouter-ratelimit-redis"]
+    by_name = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    [service] = by_name["Deployment", "jairouter-ratelimit"]["spec"]["template"]["spec"]["containers"]
+    assert service["image"].startswith("ghcr.io/jairouter/jairouter-ratelimit:")
+    args = service["args"]
+    assert args[args.index("--grpc-listen") + 1] == "0.0.0.0:8081"
+    assert {"name": "JAIROUTER_RATELIMIT_REDIS_URL", "value": "redis://jairouter-ratelimit-redis:6379/0"} in service["env"]
+    assert service["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    assert "volumeMounts" not in service  # no rules to mount
+    # The address the gateway is pointed at (kustomization.yaml's comment) is the Service's gRPC port.
+    ports = {p["name"]: p["port"] for p in by_name["Service", "jairouter-ratelimit"]["spec"]["ports"]}
+    assert ports == {"grpc": 8081, "http-metrics": 8080}
+    assert 'address: "jairouter-ratelimit:8081"' in (ROOT / "k8s" / "ratelimit" / "kustomization.yaml").read_text()
+    [redis] = by_name["Deployment", "jairouter-ratelimit-redis"]["spec"]["template"]["spec"]["containers"]
+    assert redis["args"] == ["--save", "", "--appendonly", "no"]
+    assert by_name["Service", "jairouter-ratelimit-redis"]["spec"]["ports"][0]["port"] == 6379
 
 
 def test_probes_and_metrics_port_for_kubernetes(tmp_path, stubs):

@@ -41,7 +41,7 @@ def test_the_tools_are_the_real_ones():
 
 def test_ratelimit_kustomization_is_valid():
     docs = kustomize(ROOT / "k8s" / "ratelimit")
-    assert {d["kind"] for d in docs} >= {"Deployment", "Service", "ConfigMap"}
+    assert {d["kind"] for d in docs} == {"Deployment", "Service"}
     assert validate(docs) == []
 
 
@@ -501,6 +501,16 @@ def test_the_projects_compose_file_loads():
     config = compose_config(ROOT / "envoy" / "docker-compose.yaml")
     assert set(config["services"]) == {"gateway", "backends"}
     assert {p["target"] for p in config["services"]["gateway"]["ports"]} == {8080, 9090}
+
+
+def test_the_compose_files_global_limits_profile_adds_the_rate_limit_service_and_redis():
+    config = compose_config(ROOT / "envoy" / "docker-compose.yaml", env={"COMPOSE_PROFILES": "global-limits"})
+    assert set(config["services"]) == {"gateway", "backends", "ratelimit", "redis"}
+    ratelimit = config["services"]["ratelimit"]
+    assert ratelimit["environment"]["JAIROUTER_RATELIMIT_GRPC_LISTEN"] == "0.0.0.0:8081"
+    assert ratelimit["environment"]["JAIROUTER_RATELIMIT_REDIS_URL"] == "redis://redis:6379/0"
+    assert ratelimit["build"]["dockerfile"] == "envoy/ratelimit/Dockerfile"
+    assert config["services"]["redis"]["command"] == ["redis-server", "--save", "", "--appendonly", "no"]
 
 
 def test_compose_interpolates_and_normalises(tmp_path):
