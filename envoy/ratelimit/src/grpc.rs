@@ -59,8 +59,9 @@ impl Status {
 pub struct Call {
     /// The `:path`, e.g. `/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit`.
     pub path: String,
-    /// The message (without the 5-byte prefix).
-    pub message: Bytes,
+    /// The message (without the 5-byte prefix), or why the body could not be read as one
+    /// (the handler answers with that status, and may count it).
+    pub message: Result<Bytes, Status>,
     /// When the client gives up (from `grpc-timeout`), if it said.
     pub deadline: Option<Instant>,
 }
@@ -270,16 +271,14 @@ async fn answer<H: Handler>(req: Request<h2::RecvStream>, handler: &H) -> Result
             None => Err(Status::invalid("truncated or missing request message")),
         }
     };
-    match tokio::time::timeout_at(read_until.into(), read).await {
-        Ok(r) => r?,
-        Err(_) => {
-            return Err(Status::new(
-                status::DEADLINE_EXCEEDED,
-                "request body not received in time",
-            ))
-        }
-    }
-    let message = buf.freeze().slice(5..);
+    let message = match tokio::time::timeout_at(read_until.into(), read).await {
+        Ok(Ok(())) => Ok(buf.freeze().slice(5..)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(Status::new(
+            status::DEADLINE_EXCEEDED,
+            "request body not received in time",
+        )),
+    };
     handler
         .call(Call {
             path,

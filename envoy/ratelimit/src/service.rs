@@ -46,7 +46,9 @@ impl Handler for Service {
         };
         let outcome = match &result {
             Ok((_, outcome)) => *outcome,
-            Err(s) if s.code == status::INVALID_ARGUMENT => Outcome::Invalid,
+            Err(s) if s.code == status::INVALID_ARGUMENT || s.code == status::UNIMPLEMENTED => {
+                Outcome::Invalid
+            }
             Err(_) => Outcome::Error,
         };
         self.metrics.call(method, outcome, start.elapsed());
@@ -98,7 +100,8 @@ impl Service {
     }
 
     async fn should_rate_limit(&self, call: &Call) -> Result<RateLimitResponse, Status> {
-        let req = RateLimitRequest::decode(&call.message).map_err(invalid)?;
+        let message = call.message.as_ref().map_err(Clone::clone)?;
+        let req = RateLimitRequest::decode(message).map_err(invalid)?;
         if req.domain.is_empty() {
             return Err(invalid("domain must not be empty"));
         }
@@ -171,7 +174,8 @@ impl Service {
     }
 
     async fn settle(&self, call: &Call) -> Result<SettleResponse, Status> {
-        let req = SettleRequest::decode(&call.message).map_err(invalid)?;
+        let message = call.message.as_ref().map_err(Clone::clone)?;
+        let req = SettleRequest::decode(message).map_err(invalid)?;
         if req.domain.is_empty() {
             return Err(invalid("domain must not be empty"));
         }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, RedisError, Script};
-use tokio::sync::OnceCell;
+use tokio::sync::watch;
 
 use crate::log;
 use crate::metrics::Metrics;
@@ -216,7 +216,10 @@ const DOWN: u8 = 2;
 
 pub struct Store {
     client: Client,
-    conn: OnceCell<ConnectionManager>,
+    /// None until the first connection; the manager reconnects by itself from then on.
+    conn: watch::Sender<Option<ConnectionManager>>,
+    /// Why the first connection has not been made yet.
+    connect_error: std::sync::Mutex<String>,
     timeout: Duration,
     should_rate_limit: Script,
     settle: Script,
@@ -229,7 +232,8 @@ impl Store {
         let client = Client::open(url).map_err(|e| format!("redis url {url:?}: {e}"))?;
         Ok(Arc::new(Store {
             client,
-            conn: OnceCell::new(),
+            conn: watch::Sender::new(None),
+            connect_error: std::sync::Mutex::new("first connection still being made".into()),
             timeout,
             should_rate_limit: Script::new(&format!("{LOAD}{SHOULD_RATE_LIMIT}")),
             settle: Script::new(&format!("{LOAD}{SETTLE}")),
@@ -257,12 +261,15 @@ impl Store {
                 match ConnectionManager::new_with_config(store.client.clone(), config.clone()).await
                 {
                     Ok(conn) => {
-                        let _ = store.conn.set(conn);
+                        store.conn.send_replace(Some(conn));
                         // The first call reports the health.
                         let _ = store.ping(store.timeout).await;
                         return;
                     }
                     Err(e) => {
+                        if let Ok(mut last) = store.connect_error.lock() {
+                            *last = e.to_string();
+                        }
                         store.observe(&Err::<(), _>(StoreError::Redis(e.to_string())), true);
                         tokio::time::sleep(Duration::from_millis(250)).await;
                     }
@@ -301,19 +308,39 @@ impl Store {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = Result<T, RedisError>>,
     {
-        let Some(conn) = self.conn.get().cloned() else {
-            let e = Err(StoreError::Redis("not connected yet".into()));
-            self.observe(&e, true);
-            return e;
+        let mut connected = self.conn.subscribe();
+        let work = async {
+            // Before the first connection, wait for it (within the same bound).
+            let conn = connected
+                .wait_for(Option::is_some)
+                .await
+                .ok()
+                .and_then(|c| c.clone());
+            match conn {
+                Some(conn) => f(conn).await.map_err(Some),
+                None => Err(None),
+            }
         };
-        let (result, outage) = match tokio::time::timeout(wait, f(conn)).await {
+        let (result, outage) = match tokio::time::timeout(wait, work).await {
             Ok(Ok(v)) => (Ok(v), false),
-            Ok(Err(e)) => {
+            Ok(Err(Some(e))) => {
                 let outage = e.is_io_error()
                     || e.is_connection_dropped()
                     || e.is_connection_refusal()
                     || e.is_timeout();
                 (Err(StoreError::Redis(e.to_string())), outage)
+            }
+            Ok(Err(None)) => (Err(StoreError::Redis("no connection".into())), true),
+            Err(_) if self.conn.borrow().is_none() => {
+                let why = self
+                    .connect_error
+                    .lock()
+                    .map(|e| e.clone())
+                    .unwrap_or_default();
+                (
+                    Err(StoreError::Redis(format!("not connected: {why}"))),
+                    true,
+                )
             }
             Err(_) => (Err(StoreError::Timeout { deadline }), !deadline),
         };
