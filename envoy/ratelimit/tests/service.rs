@@ -575,3 +575,38 @@ async fn starts_without_redis_and_stops_on_sigterm() {
         .expect("exits within 5 s of SIGTERM");
     assert!(status.success(), "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_calls_in_flight() {
+    let redis = Redis::start();
+    let mut svc = Service::start(&redis.url(), &["--redis-timeout-ms", "3000"]);
+    let c = Client::connect(svc.grpc).await;
+    let req = request(vec![desc("rps", "all", 5, unit::MINUTE, None)]);
+    assert!(c.srl(&req).await.is_ok());
+
+    // Redis busy for 0.5 s: a call is in flight when SIGTERM arrives.
+    let port = redis.port;
+    let sleeper = std::thread::spawn(move || redis_cmd(port, &["DEBUG", "SLEEP", "0.5"]));
+    std::thread::sleep(Duration::from_millis(100));
+    let in_flight = {
+        let c = c.clone();
+        let req = req.clone();
+        tokio::spawn(async move { c.srl(&req).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &svc.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let r = in_flight
+        .await
+        .unwrap()
+        .expect("the call in flight is answered");
+    assert_eq!(r.statuses[0].limit_remaining, 3);
+    let status = svc
+        .wait_exit(Duration::from_secs(5))
+        .expect("exits after the drain");
+    assert!(status.success(), "{status:?}");
+    let _ = sleeper.join();
+}
