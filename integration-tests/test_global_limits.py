@@ -47,7 +47,7 @@ class Redis:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)],
+             "--dir", str(self.workdir), "--enable-debug-command", "local"],
             stdout=(self.workdir / "redis.log").open("a"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -326,3 +326,29 @@ def test_the_service_going_away_is_the_same_failure_and_it_comes_back(stubs, gat
         time.sleep(0.5)
         codes = [r.status_code for r in split_burst(gws, 20, chat())]
     assert 5 <= codes.count(200) <= 7, codes
+
+
+def test_a_slow_redis_costs_a_request_no_more_than_the_timeout(stubs, gateway, engine):
+    [stub] = stubs("a")
+    limit = {"rate-limit": {"enabled": True, "capacity": 100, "rate": 100, "scope": "service"}}
+    cfg = config(stub, engine, **limit, gateway={"global-rate-limit": {"timeout-ms": 50}})
+    [gw] = replicas(gateway, cfg, n=1)
+    with httpx.Client(timeout=10) as c:
+        assert c.post(gw.url + CHAT, content=chat(), headers=JSON).status_code == 200
+        # Redis stops answering for two seconds (one command that sleeps).
+        sleeper = subprocess.Popen([shutil.which("redis-cli") or "redis-cli", "-p", str(engine.redis.port),
+                                    "DEBUG", "SLEEP", "2"], stdout=subprocess.DEVNULL)
+        time.sleep(0.2)
+        timings = []
+        for _ in range(5):
+            started = time.monotonic()
+            r = c.post(gw.url + CHAT, content=chat(), headers=JSON)
+            timings.append(time.monotonic() - started)
+            assert r.status_code == 200, r.text
+        sleeper.wait(timeout=10)
+    # Each waited the 50 ms the gateway allows (the stub answers in a few ms), never the 2 s.
+    assert max(timings) < 0.5, timings
+    deadline = time.monotonic() + 5
+    while calls(gw, "unavailable") < 5 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert calls(gw, "unavailable") >= 5
