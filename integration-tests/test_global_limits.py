@@ -178,6 +178,8 @@ def test_a_burst_split_across_two_replicas_admits_the_limit_once(stubs, gateway,
     deadline = time.monotonic() + 5
     while sum(calls(gw, "ok") + calls(gw, "over_limit") for gw in gws) < 120 and time.monotonic() < deadline:
         time.sleep(0.2)
+    prometheus = httpx.get(f"{gws[0].admin_url}/stats/prometheus", timeout=5).text
+    assert 'jairouter_global_rate_limit_calls_total{call="check",outcome="ok"}' in prometheus
     assert sum(calls(gw, "ok") for gw in gws) == admitted
     assert sum(calls(gw, "over_limit") for gw in gws) == 120 - admitted
     assert 'outcome="over_limit"' in engine.metrics()

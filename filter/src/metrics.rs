@@ -63,7 +63,7 @@ pub const GEN_AI_TOKEN_TYPE: &str = "gen_ai_token_type";
 pub const ERROR_TYPE: &str = "error_type";
 
 /// Labels every metric may carry (each has a stats tag in the bootstrap).
-pub const TAGS: [&str; 17] = [
+pub const TAGS: [&str; 19] = [
     "service",
     "model",
     "instance",
@@ -75,6 +75,9 @@ pub const TAGS: [&str; 17] = [
     "event",
     "kind",
     "scope",
+    // jairouter_global_rate_limit_calls_total: which call to the rate-limit service, how it went.
+    "call",
+    "outcome",
     GEN_AI_REQUEST_MODEL,
     GEN_AI_OPERATION_NAME,
     GEN_AI_PROVIDER_NAME,
