@@ -737,6 +737,7 @@ impl Exchange {
     /// Envoy logs every stream when it ends: completed, failed, or reset by either side.
     pub fn on_log(&mut self, host: &dyn Host) {
         let clock = Clock::new(host);
+        self.abandon_check(host, &clock);
         self.write_log_summary(host);
         self.record_metrics(&clock);
         self.end_load(host, &clock);
@@ -750,6 +751,7 @@ impl Exchange {
     /// A backstop for `on_log` when the context goes away: the in-flight count must never leak.
     pub fn on_drop(&mut self, host: &dyn Host) {
         let clock = Clock::new(host);
+        self.abandon_check(host, &clock);
         self.end_load(host, &clock);
         self.settle_tokens(host, &clock);
         self.count_breaker(host, &clock, Outcome::Neutral);

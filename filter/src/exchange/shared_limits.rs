@@ -167,6 +167,13 @@ impl Exchange {
         }
     }
 
+    /// The request ended (the client went away) while it waited: what it held is given back.
+    pub(super) fn abandon_check(&mut self, host: &dyn Host, clock: &Clock<'_>) {
+        if let Some(check) = self.check.take() {
+            release_routed(&self.plan, host, &check.routed, clock.now());
+        }
+    }
+
     /// The service could not be asked: refuse (`failure-mode-deny`) or go on under the local
     /// limits alone.
     fn unchecked(

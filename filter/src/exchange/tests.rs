@@ -1307,6 +1307,23 @@ fn shared_token_budgets_reserve_the_estimate_and_settle_what_was_used() {
 }
 
 #[test]
+fn a_client_gone_while_its_request_waited_gives_its_admission_back() {
+    let mut run = Run::new(shared_plan(json!({})));
+    run.request("POST", "/v1/chat/completions", &[], CHAT);
+    run.send();
+    run.log();
+    let levels = run
+        .exchange
+        .plan
+        .limits
+        .levels(&run.host.store, 1_000_000_000);
+    assert_eq!(levels[0].available, 5, "{levels:?}");
+    // Its answer, should it still come, finds nothing waiting.
+    answer_check(&mut run, 0, &shared_answer(&[(false, 1, 0)]));
+    assert_eq!(run.host.resumed.get(), 0);
+}
+
+#[test]
 fn without_global_limits_nothing_is_asked() {
     let mut run = Run::new(plan(json!({
         "rate-limit": {"enabled": true, "algorithm": "token-bucket", "capacity": 5, "rate": 5}

@@ -149,8 +149,11 @@ pub fn decide(limits: &Limits, sent: &[(usize, Descriptor)], answer: &Answer) ->
     let mut tightest = None;
     let mut tightest_tokens = None;
     for (at, (index, descriptor)) in sent.iter().enumerate() {
-        let status = answer.statuses.get(at).copied().unwrap_or_default();
-        let verdict = verdict(&status);
+        // A service that says only the overall code tells nothing per bucket.
+        let Some(status) = answer.statuses.get(at) else {
+            continue;
+        };
+        let verdict = verdict(status);
         if status.over_limit {
             return Decision::Refused(Refusal {
                 limit: *index,
