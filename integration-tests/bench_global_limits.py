@@ -165,6 +165,18 @@ class Gateway(JAiRouter):
         return {m.group(1): int(m.group(2)) for m in re.finditer(r"\.upstream_(\w+): (\d+)$", text, re.M)}
 
 
+def cpu_ticks() -> dict[str, tuple[int, int]]:
+    """(busy, total) clock ticks of each CPU so far, from /proc/stat (steal counted busy)."""
+    out = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *fields = line.split()
+        if re.fullmatch(r"cpu\d+", name):
+            values = [int(x) for x in fields[:8]]
+            idle = values[3] + values[4]
+            out[name[3:]] = (sum(values) - idle, sum(values))
+    return out
+
+
 def med(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -240,27 +252,36 @@ def main() -> int:
             for workload in work:
                 for v in order:
                     calls_before = v.calls() if v.service else {}
-                    service_before = service.cpu()
+                    service_before, ticks_before = service.cpu(), cpu_ticks()
                     run = run_wrk(v, workload, args.seconds, workdir)
-                    service_after = service.cpu()
+                    service_after, ticks_after = service.cpu(), cpu_ticks()
                     if v.service:
                         time.sleep(FLUSH)
                     calls_after = v.calls() if v.service else {}
                     calls = {k: calls_after.get(k, 0) - calls_before.get(k, 0) for k in calls_after}
                     calls = {k: n for k, n in calls.items() if n}
                     n = max(1, run.requests)
+                    # The share of Envoy's CPU that others took meanwhile: its busy time less Envoy's own.
+                    others = None
+                    if bench.PIN:
+                        cpu = bench.PIN["proxy"]
+                        busy = ticks_after[cpu][0] - ticks_before[cpu][0]
+                        total = max(1, ticks_after[cpu][1] - ticks_before[cpu][1])
+                        others = max(0.0, (busy / bench.CLK_TCK - run.cpu_us * n / 1e6) / (total / bench.CLK_TCK))
                     entry = {**run.__dict__, "round": round_no + 1,
                              "service_cpu_us": (service_after[0] - service_before[0]) / n * 1e6,
                              "redis_cpu_us": (service_after[1] - service_before[1]) / n * 1e6,
-                             "calls": calls, "loadavg": os.getloadavg()[0]}
+                             "calls": calls, "loadavg": os.getloadavg()[0], "proxy_cpu_taken_by_others": others}
                     results[workload.name][v.name].append(entry)
                     print(f"  round {round_no + 1} {workload.name:<13} {v.name:<20} {run.rps:>7.0f} req/s "
                           f"p50 {run.p50_ms:.3f} ms p99 {run.p99_ms:.3f} ms envoy {run.cpu_us:5.1f} us/req "
                           f"service {entry['service_cpu_us']:5.1f} redis {entry['redis_cpu_us']:5.1f} us/req "
-                          f"errors {run.errors}" + (f" calls {calls}" if v.service else ""), flush=True)
+                          f"errors {run.errors}" + (f" others on Envoy's CPU {others:.0%}" if others is not None else "")
+                          + (f" calls {calls}" if v.service else ""), flush=True)
+        time.sleep(FLUSH)
         for v in variants:
             if v.service:
-                clusters[v.name] = v.service_cluster()
+                clusters[v.name] = {**v.service_cluster(), "calls": v.calls()}
                 print(f"bench: {v.name} calls since start: {v.calls()}; Envoy's cluster of the service: "
                       f"{clusters[v.name]}", flush=True)
     finally:
@@ -289,13 +310,17 @@ def build_report(results, pairs, args, load_start, load_end, loads_sampled, clus
     how = (f"Envoy (one worker) pinned to CPU {pin['proxy']}; wrk, the backend, jairouter-ratelimit and Redis to "
            f"CPU {pin['load']} (`taskset -c`)" if pin else "Envoy with one worker, not pinned to CPUs")
     one_minute = [l[0] for l in loads_sampled] or [load_start[0]]
+    taken = [r["proxy_cpu_taken_by_others"] for per in results.values() for runs in per.values() for r in runs
+             if r.get("proxy_cpu_taken_by_others") is not None]
+    contention = (f" Other processes took {med(taken):.0%} (median; {min(taken):.0%}–{max(taken):.0%}) of Envoy's CPU "
+                  "during the runs (its busy time in /proc/stat less Envoy's own)." if taken else "")
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} on {machine()} with `./build.sh bench global-limits` "
         f"({args.rounds} round{'s' if args.rounds != 1 else ''} of {args.seconds} s per workload and variant, "
         f"the order reversed every other round; the 1 KB chat request, wrk -t1 at the connections shown; {how}; "
-        f"`timeout-ms: {args.timeout_ms}`, fail-open). Load average (1 min) {min(one_minute):.2f}–{max(one_minute):.2f} "
-        f"over the rounds ({load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end; the machine is shared, "
-        "so the spreads matter). Medians over rounds (min–max).",
+        f"`timeout-ms: {args.timeout_ms}`, fail-open). The machine is shared: load average (1 min) {load_start[0]:.2f} "
+        f"before the bench started, {min(one_minute):.2f}–{max(one_minute):.2f} over the rounds (the bench's own "
+        f"processes included).{contention} Medians over rounds (min–max).",
         "",
         "| Workload | Variant | req/s | p50 ms | p99 ms | Envoy CPU µs/req | service CPU µs/req | Redis CPU µs/req "
         "| checks ok / unavailable |",
@@ -332,31 +357,34 @@ def build_report(results, pairs, args, load_start, load_end, loads_sampled, clus
             summary[(workload, global_)] = (d50, d99, drps)
             lines.append(f"| {workload} | {global_} − {local} | {spread(d50, sign=True)} | {spread(d99, sign=True)} | "
                          f"{spread(drps, 1, True).replace(' (', ' % (')} | {spread(dcpu, 1, True)} |")
-    calls = {}
+    # The whole run's counts (read once more after the last flush) when there are, else the rounds' sums.
+    calls: dict[str, dict[str, int]] = {}
     for per in results.values():
         for name, runs in per.items():
             for r in runs:
                 for k, n in r["calls"].items():
                     calls.setdefault(name, {}).setdefault(k, 0)
                     calls[name][k] += n
+    for name, c in clusters.items():
+        calls[name] = c.get("calls", calls.get(name, {}))
     unavailable = sum(c.get("check/unavailable", 0) for c in calls.values())
     c1 = next((w for w in results if w.endswith(", c1")), None)
     text = []
     if c1 and (c1, "global") in summary:
         text.append(f"One request at a time ({c1}), the round trip to the rate-limit service and Redis adds "
                     f"{med(summary[(c1, 'global')][0]):.3f} ms at p50 and {med(summary[(c1, 'global')][1]):.3f} ms at p99 "
-                    "over the local limits alone.")
-    text.append("Calls the gateways counted (`" + CALLS + "`, call/outcome): "
+                    "over the local limits alone (paired medians).")
+    text.append("The gateways' count of their calls over the whole run, start-up checks included (`" + CALLS
+                + "`, call/outcome; the table's per-round reads can miss the last second's): "
                 + "; ".join(f"{name}: " + ", ".join(f"{k} {n:,}" for k, n in sorted(c.items())) for name, c in calls.items())
                 + ".")
+    if clusters:
+        text.append("Envoy's cluster of the service: " + "; ".join(
+            f"{name} {c.get('rq_total', 0):,} calls over {c.get('cx_total', 0)} HTTP/2 connection(s), "
+            f"{c.get('rq_timeout', 0)} timed out" for name, c in clusters.items()) + ".")
     text.append(f"No check timed out (outcome unavailable: 0) at `timeout-ms: {args.timeout_ms}`." if unavailable == 0 else
                 f"**{unavailable:,} checks timed out or failed** (outcome unavailable) at `timeout-ms: {args.timeout_ms}`: "
-                "those requests went on under the local limits alone (fail-open), so their latency is not the "
-                "round trip's.")
-    if clusters:
-        text.append("Envoy's cluster of the service, whole run: " + "; ".join(
-            f"{name}: {c.get('rq_total', 0):,} calls over {c.get('cx_total', 0)} HTTP/2 connection(s), "
-            f"{c.get('rq_timeout', 0)} timed out" for name, c in clusters.items()) + ".")
+                "those requests went on under the local limits alone (fail-open), so they do not carry the round trip.")
     lines += ["", " ".join(text)]
     return "\n".join(lines)
 
