@@ -83,6 +83,9 @@ cmd_test() {
   cargo clippy --quiet -p jairouter-filter --all-targets -- -D warnings
   cargo clippy --quiet -p jairouter-filter --all-targets --target "$WASM_TARGET" -- -D warnings
   cargo clippy --quiet -p jairouter-render --all-targets -- -D warnings
+  cargo clippy --quiet -p jairouter-ratelimit --all-targets -- -D warnings
+  # The rate-limit service's tests run against a redis-server of their own.
+  ensure_redis
   log "unit tests, native"
   cargo test --workspace
   log "unit tests, wasm32 (wasm-bindgen-test under node)"
@@ -96,7 +99,6 @@ cmd_test() {
     log "fuzzing skipped: cargo-fuzz needs the nightly toolchain, which this machine lacks"
   fi
   ensure_prometheus
-  ensure_redis
   log "Kubernetes tools (Helm, Compose, schema validator) for the manifest checks"
   "$ROOT/k8s/tools/install.sh" "$VENV"
   log "end-to-end tests through a real Envoy"

@@ -186,16 +186,10 @@ impl Exchange {
         why: &str,
     ) -> Flow {
         self.note_reached(false, why);
-        let plan = Rc::clone(&self.plan);
-        let deny = plan
-            .gateway
-            .global_rate_limit
-            .as_ref()
-            .is_some_and(|g| g.failure_mode_deny);
-        if !deny {
+        if !self.fails_closed() {
             return self.proceed(host, clock, &routed, body_size, end_of_stream);
         }
-        release_routed(&plan, host, &routed, clock.now());
+        release_routed(&self.plan, host, &routed, clock.now());
         let mut reply = LocalReply::error(
             ClientError::RateLimitUnavailable,
             "The gateway's rate limits cannot be checked right now; try again shortly.",
@@ -207,6 +201,15 @@ impl Exchange {
         self.reply(host, clock, &reply)
     }
 
+    /// `failure-mode-deny`: refuse what the service cannot check.
+    fn fails_closed(&self) -> bool {
+        self.plan
+            .gateway
+            .global_rate_limit
+            .as_ref()
+            .is_some_and(|g| g.failure_mode_deny)
+    }
+
     /// Logs the service's outage when it starts and when it ends (not per request).
     fn note_reached(&self, reached: bool, why: &str) {
         let transition = self
@@ -214,12 +217,7 @@ impl Exchange {
             .try_borrow_mut()
             .ok()
             .and_then(|mut link| link.outcome(reached));
-        let deny = self
-            .plan
-            .gateway
-            .global_rate_limit
-            .as_ref()
-            .is_some_and(|g| g.failure_mode_deny);
+        let deny = self.fails_closed();
         match transition {
             Some(Transition::Failed) => log::warn!(
                 "rate-limit service {why}: {} until it answers again",
