@@ -11,7 +11,8 @@
 #                                   check a JAiRouter application.yml with the filter's own code
 #   ./build.sh hash-key [--salt B64] < KEY   the key-hash of an API key, for jairouter.security.api-key
 #   ./build.sh render FILE [ARGS]   print the Envoy bootstrap for FILE (see envoy/render)
-#   ./build.sh bench [soak-clients|hostcalls] benchmarks (README table) and soaks, not part of test
+#   ./build.sh bench [soak-clients|hostcalls|global-limits]
+#                                   benchmarks (README tables) and soaks, not part of test
 #   ./build.sh fuzz [SECONDS] [TARGET...]  fuzz every parser SECONDS each (default 60), not part of test
 #
 # Environment: PORT (8080), ADMIN_PORT (9901), STATUS_PORT (9902), CONCURRENCY (2),
@@ -127,6 +128,9 @@ ensure_redis() {
 #                                                    the comparison table (writes the README)
 #   ./build.sh bench soak-clients [--clients N]      distinct clients vs per-client limits
 #   ./build.sh bench hostcalls                        what each kind of host call costs (README)
+#   ./build.sh bench global-limits [--rounds N --seconds S --no-pin --no-token-budget]
+#                                                    what gateway.global-rate-limit adds over local
+#                                                    limits (jairouter-ratelimit + Redis; README)
 ensure_wrk() {
   command -v wrk >/dev/null && return
   log "installing wrk (Debian) as the load generator"
@@ -180,7 +184,7 @@ ensure_portkey() {
 cmd_bench() {
   build
   local scenario="${1:-}"
-  case "$scenario" in soak-clients | hostcalls) shift ;; esac
+  case "$scenario" in soak-clients | hostcalls | global-limits) shift ;; esac
   if [[ "$scenario" != soak-clients ]]; then
     ensure_wrk
     cargo build --quiet --release -p jairouter-bench-backend
@@ -192,6 +196,11 @@ cmd_bench() {
     hostcalls)
       log "bench: what each kind of proxy-wasm host call costs in Envoy"
       "$VENV/bin/python" -u integration-tests/bench_hostcalls.py "$@" ;;
+    global-limits)
+      [[ -x "$RATELIMIT" ]] || { echo "$RATELIMIT is not built (envoy/ratelimit missing?)" >&2; exit 1; }
+      ensure_redis
+      log "bench: limits across replicas (jairouter-ratelimit + Redis) vs local limits, paired"
+      "$VENV/bin/python" -u integration-tests/bench_global_limits.py "$@" ;;
     *)
       ensure_litellm
       ensure_portkey
@@ -351,5 +360,5 @@ case "${1:-}" in
   render) shift; cmd_render "$@" ;;
   bench) shift; cmd_bench "$@" ;;
   fuzz) shift; ensure_rust; exec "$ROOT/filter/fuzz/run.sh" "$@" ;;
-  *) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
