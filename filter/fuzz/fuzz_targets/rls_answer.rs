@@ -15,7 +15,11 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(decode_answer(&encode_answer(&answer)), Ok(answer));
     }
     let text = String::from_utf8_lossy(data);
-    let (name, bucket) = text.split_at(text.len() / 2);
+    let mid = (0..=text.len() / 2)
+        .rev()
+        .find(|at| text.is_char_boundary(*at))
+        .unwrap_or(0);
+    let (name, bucket) = text.split_at(mid);
     let number = data.iter().fold(0u64, |n, b| n.rotate_left(8) ^ u64::from(*b));
     let descriptor = Descriptor {
         limit_name: name.to_string(),
