@@ -30,7 +30,7 @@ from harness import ENVOY, RENDER, ROOT, WASM
 EXAMPLE_DIRS = [ROOT / "k8s" / "istio", ROOT / "k8s" / "envoy-gateway"]
 EXAMPLE_CONFIG = ROOT / "k8s" / "istio" / "example-application.yml"
 HEADER = "# Rendered by: "
-ROUTING_HEADERS = ["x-jairouter-cluster", "x-jairouter-service", "x-jairouter-model"]
+ROUTING_HEADERS = ["x-jairouter-cluster", "x-jairouter-model"]
 WASM_URL = "oci://registry.example.com/jairouter-wasm:0.1.0"
 
 # The example's instances: cluster -> (the host the mesh knows, port, Kubernetes Service or None).
