@@ -15,9 +15,33 @@ use jairouter_filter::host::TestHost;
 use jairouter_filter::metrics::Metrics;
 use jairouter_filter::plan::Plan;
 use serde_json::json;
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::RefCell;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
+
+/// Counts allocations (the filter's allocator under wasm is part of its cost per request).
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
 
 fn main() {
     let instance = json!({"name": "bench", "base-url": "http://127.0.0.1:9"});
@@ -46,8 +70,12 @@ fn main() {
     *host.response_chunk.borrow_mut() = answer.to_vec();
     let rng = Rc::new(RefCell::new(Rng::new(1)));
     let metrics: Rc<RefCell<Metrics>> = Rc::default();
-    let n = 200_000u32;
+    let n: u32 = std::env::var("EXCHANGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
     let start = Instant::now();
+    let allocations_before = ALLOCATIONS.load(Ordering::Relaxed);
     for i in 0..n {
         host.now.set(1_000_000_000 + u64::from(i) * 1000);
         *host.response_headers.borrow_mut() = response_head.clone();
@@ -69,7 +97,9 @@ fn main() {
         }
     }
     let per = start.elapsed() / n;
+    let allocations = (ALLOCATIONS.load(Ordering::Relaxed) - allocations_before) / u64::from(n);
     println!(
-        "whole exchange (round-robin chat, breakers, metrics, log summary): {per:?} per request"
+        "whole exchange (round-robin chat, breakers, metrics, log summary): {per:?} and \
+         {allocations} allocations per request (test host included)"
     );
 }

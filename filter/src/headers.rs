@@ -7,15 +7,22 @@
 
 /// Headers as Envoy passed them (names in lower case). A header whose name or value is not
 /// UTF-8 is left out, as if absent; so is everything after a malformed entry.
+///
+/// Every name and value lives in one string, each header a pair of spans into it: a request's
+/// headers cost two allocations, not two per header (the OpenAI SDKs send a dozen or more).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct HeaderPairs {
-    pairs: Vec<(String, String)>,
+    text: String,
+    /// Per header: where its name starts, where its value starts (the name's end), where the
+    /// value ends.
+    spans: Vec<(usize, usize, usize)>,
     /// `bytes` was exactly a well-formed map, every entry read (none skipped as non-UTF-8):
     /// only then may the map be written back whole.
     complete: bool,
 }
 
 impl HeaderPairs {
+    /// Reads a serialized map, as far as it is well formed.
     pub fn parse(bytes: &[u8]) -> HeaderPairs {
         decode(bytes)
     }
@@ -29,9 +36,14 @@ impl HeaderPairs {
         pairs.complete.then_some(pairs)
     }
 
+    fn pair(&self, &(name, value, end): &(usize, usize, usize)) -> (&str, &str) {
+        let text = |from: usize, to: usize| self.text.get(from..to).unwrap_or_default();
+        (text(name, value), text(value, end))
+    }
+
     /// Every header read, in Envoy's order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.pairs.iter().map(|(n, v)| (n.as_str(), v.as_str()))
+        self.spans.iter().map(|span| self.pair(span))
     }
 
     pub fn is_complete(&self) -> bool {
@@ -40,25 +52,23 @@ impl HeaderPairs {
 
     /// The names, in order.
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.pairs.iter().map(|(name, _)| name.as_str())
+        self.iter().map(|(name, _)| name)
     }
 
     /// The first value of a header, by name in any case.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.pairs
-            .iter()
+        self.iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| v)
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.pairs.iter().any(|(n, _)| n.eq_ignore_ascii_case(name))
+        self.names().any(|n| n.eq_ignore_ascii_case(name))
     }
 }
 
 /// The pairs that could be read, and whether `bytes` was exactly a well-formed map.
 fn decode(bytes: &[u8]) -> HeaderPairs {
-    let mut pairs = Vec::new();
     let Some(declared) = read_u32(bytes, 0) else {
         return HeaderPairs::default();
     };
@@ -66,6 +76,9 @@ fn decode(bytes: &[u8]) -> HeaderPairs {
     let count = declared.min(bytes.len() / 10);
     let mut exact = count == declared;
     let mut data = 4usize.saturating_add(count.saturating_mul(8));
+    // The names and values are at most what follows the lengths.
+    let mut text = String::with_capacity(bytes.len().saturating_sub(data));
+    let mut spans = Vec::with_capacity(count);
     for n in 0..count {
         let at = 4 + n * 8;
         let (Some(name_len), Some(value_len)) = (read_u32(bytes, at), read_u32(bytes, at + 4))
@@ -84,13 +97,21 @@ fn decode(bytes: &[u8]) -> HeaderPairs {
         exact &= name_ended && value_ended;
         data = after;
         if let (Ok(name), Ok(value)) = (std::str::from_utf8(name), std::str::from_utf8(value)) {
-            pairs.push((name.to_string(), value.to_string()));
+            let start = text.len();
+            text.push_str(name);
+            let middle = text.len();
+            text.push_str(value);
+            spans.push((start, middle, text.len()));
         } else {
             exact = false;
         }
     }
     let complete = exact && data == bytes.len();
-    HeaderPairs { pairs, complete }
+    HeaderPairs {
+        text,
+        spans,
+        complete,
+    }
 }
 
 fn read_u32(bytes: &[u8], at: usize) -> Option<usize> {
@@ -187,11 +208,11 @@ mod tests {
         let bytes = serialize(&[(b"a", b"1"), (b"b", b"2")]);
         for cut in 0..bytes.len() {
             let headers = HeaderPairs::parse(bytes.get(..cut).unwrap_or_default());
-            assert!(headers.pairs.len() <= 2);
+            assert!(headers.spans.len() <= 2);
         }
         let mut lying = bytes.clone();
         lying.splice(0..4, u32::MAX.to_le_bytes());
-        assert!(HeaderPairs::parse(&lying).pairs.len() <= 2);
+        assert!(HeaderPairs::parse(&lying).spans.len() <= 2);
         let mut long = bytes;
         long.splice(4..8, u32::MAX.to_le_bytes());
         assert_eq!(HeaderPairs::parse(&long), HeaderPairs::default());

@@ -20,6 +20,7 @@ pub mod headers;
 pub mod health;
 pub mod host;
 pub mod install;
+pub mod json_text;
 pub mod limit;
 pub mod metrics;
 pub mod plan;

@@ -6,6 +6,7 @@ use crate::breaker::Outcome;
 use crate::config::Protocol;
 use crate::config::Strategy;
 use crate::endpoint::Endpoint;
+use crate::json_text::Object;
 use crate::metrics::{BackendCall, Finished, Tokens, UNKNOWN_MODEL};
 use crate::request::{Caller, Routed};
 use crate::usage::Usage;
@@ -18,42 +19,45 @@ impl Exchange {
     /// The access log's `jairouter` object: what the gateway decided, never a credential.
     pub(super) fn log_summary(&self, usage: Option<Usage>) -> String {
         let m = &self.measure;
-        let mut summary = serde_json::Map::new();
-        let mut put = |key: &str, value: serde_json::Value| {
-            summary.insert(key.to_string(), value);
-        };
-        put("service", m.service.into());
         // A stand-in's name when a fallback served, with the model asked for beside it.
         let model = self
             .served_model
             .as_deref()
             .or((!m.model.is_empty()).then_some(m.model.as_str()));
-        put("model", model.into());
-        if self.served_model.is_some() {
-            put("fallback_for", self.requested_model.as_deref().into());
-        }
-        put("instance", self.served_by.as_deref().into());
-        put("status", self.status.into());
+        // Members in the order of their names, as the summary has always been written.
+        let mut out = String::with_capacity(160);
+        let mut summary = Object::new(&mut out);
         // The key's id (never the key), or the token's subject.
-        match &self.caller {
-            Caller::Anyone => {}
-            Caller::Key(_) => {
-                let id = self.caller.grants(&self.plan).map(|k| k.id.as_str());
-                put("api_key", id.into());
-            }
-            Caller::Token(grants) => put("subject", grants.id.as_str().into()),
+        if let Caller::Key(_) = &self.caller {
+            let id = self.caller.grants(&self.plan).map(|k| k.id.as_str());
+            summary.string("api_key", id);
         }
         if let Some(usage) = usage {
-            put("prompt_tokens", usage.prompt_tokens.into());
             let completion = usage
                 .completion_tokens
                 .unwrap_or(usage.estimated_completion);
-            put("completion_tokens", completion.into());
+            summary.number("completion_tokens", Some(completion));
         }
         if let Some(decision) = &m.decision {
-            put("decision", decision.as_str().into());
+            summary.string("decision", Some(decision));
         }
-        serde_json::Value::Object(summary).to_string()
+        if self.served_model.is_some() {
+            summary.string("fallback_for", self.requested_model.as_deref());
+        }
+        summary
+            .string("instance", self.served_by.as_deref())
+            .string("model", model);
+        if let Some(usage) = usage {
+            summary.number("prompt_tokens", usage.prompt_tokens);
+        }
+        summary
+            .string("service", m.service)
+            .number("status", self.status.map(u64::from));
+        if let Caller::Token(grants) = &self.caller {
+            summary.string("subject", Some(&grants.id));
+        }
+        summary.end();
+        out
     }
 
     /// `jairouter_rate_limit_events_total`: one per limit that decided on the request.
