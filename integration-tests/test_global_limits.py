@@ -228,20 +228,38 @@ def reserved_for(payload: bytes, max_tokens: int) -> int:
     return -(-len(payload) // 4) + max_tokens
 
 
-def test_fifty_concurrent_requests_against_a_budget_for_ten_admit_ten_with_no_overrun(stubs, gateway, engine):
+def test_fifty_concurrent_requests_against_a_budget_for_ten_admit_ten_and_never_overrun_it(stubs, gateway, engine):
     [stub] = stubs("a")
     payload = chat(max_tokens=200)
     reserve = reserved_for(payload, 200)
     budget = 10 * reserve + reserve // 2
-    cfg = config(stub, engine, **{"token-limit": {"enabled": True, "tokens-per-minute": budget, "scope": "model"}})
+    # A check that times out fails open to the local budget (each replica's own): exactness is
+    # asked of the service, so give the first, cold burst (connections opening) time to answer.
+    cfg = config(stub, engine, **{"token-limit": {"enabled": True, "tokens-per-minute": budget, "scope": "model"}},
+                 gateway={"global-rate-limit": {"timeout-ms": 2000}})
     gws = replicas(gateway, cfg)
     # Each answer really uses what it reserved: the budget holds exactly what was admitted.
     prompt = reserve - 200
+    started = time.monotonic()
     responses = split_burst(gws, 50, payload, {"x-stub-usage": f"{prompt},200"}, threads=50)
+    elapsed = time.monotonic() - started
     admitted = [r for r in responses if r.status_code == 200]
-    assert len(admitted) == 10, [r.status_code for r in responses]
-    overrun = sum(prompt + 200 for _ in admitted) - budget
-    assert overrun <= 0
+    # The budget refills budget/60 a second while the burst runs: after ten, half a reservation is
+    # left, so a burst longer than ~2.9 s (a loaded CI machine) may rightly admit an eleventh.
+    refilled = budget * elapsed / 60
+    used = sum(prompt + 200 for _ in admitted)
+    print(f"global token burst: {len(admitted)} of 50 admitted in {elapsed:.2f}s; used {used} of "
+          f"{budget} + {refilled:.0f} refilled")
+    # Every admitted request was admitted by the service, none by a check that failed open (the
+    # counts reach Envoy within a second).
+    deadline = time.monotonic() + 5
+    while sum(calls(gw, "ok") + calls(gw, "unavailable") for gw in gws) < len(admitted) \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert sum(calls(gw, "unavailable") for gw in gws) == 0
+    assert sum(calls(gw, "ok") for gw in gws) == len(admitted)
+    assert len(admitted) >= 10, [r.status_code for r in responses]
+    assert used <= budget + refilled, [r.status_code for r in responses]
     limited = next(r for r in responses if r.status_code == 429)
     assert limited.headers["x-ratelimit-limit-tokens"] == str(budget)
 

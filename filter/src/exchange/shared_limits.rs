@@ -76,7 +76,10 @@ impl Exchange {
                 }));
                 Flow::Pause
             }
-            None => self.unchecked(host, clock, routed, body_size, end_of_stream, "refused"),
+            None => {
+                self.count_call("check", "unavailable");
+                self.unchecked(host, clock, routed, body_size, end_of_stream, "could not be called")
+            }
         }
     }
 

@@ -1245,6 +1245,12 @@ fn an_unreachable_service_fails_open_under_the_local_limits_or_closed_when_told(
     run.host.grpc_refused.set(true);
     run.request("POST", "/v1/chat/completions", &[], CHAT);
     assert_eq!(run.send(), Flow::Continue);
+    assert_eq!(
+        run.counters()
+            .get("jairouter_global_rate_limit_calls_total.call=check;.outcome=unavailable;"),
+        Some(&1),
+        "counted as the service being unavailable"
+    );
 
     let mut run = Run::new(shared_plan(json!({
         "gateway": {"global-rate-limit": {"address": "127.0.0.1:8081", "failure-mode-deny": true}}
