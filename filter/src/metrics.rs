@@ -16,8 +16,8 @@
 //! (each keeps its own buckets, the sum is the same); a request costs one lookup, however many
 //! families it feeds.
 
-use std::collections::HashMap;
-use std::fmt::Write;
+use crate::bytes::FastMap;
+use crate::json_text::push_decimal;
 
 /// Bucket bounds (seconds) for request and backend durations: LLM calls run from milliseconds
 /// (embeddings) to minutes (long generations).
@@ -105,7 +105,11 @@ fn write_stat_name(out: &mut String, name: &str, labels: &[(&str, &str)]) {
         out.push('=');
         // `;` ends a value and `.` would be read as a new tag by nothing but humans; neither
         // appears in what we label with, but a configured name might carry them.
-        out.extend(value.chars().map(|c| if c == ';' { '_' } else { c }));
+        if value.contains(';') {
+            out.extend(value.chars().map(|c| if c == ';' { '_' } else { c }));
+        } else {
+            out.push_str(value);
+        }
         out.push(';');
     }
 }
@@ -113,12 +117,12 @@ fn write_stat_name(out: &mut String, name: &str, labels: &[(&str, &str)]) {
 /// What one VM has counted since its last flush.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    counters: HashMap<String, u64>,
+    counters: FastMap<String, u64>,
     /// Finished requests, by all the labels of the families they feed (see `finish`); turned
     /// into each family's series only when drained, so a request costs one lookup.
-    requests: HashMap<String, Requests>,
+    requests: FastMap<String, Requests>,
     /// Requests of this VM now at each instance (by instance id).
-    in_flight: HashMap<String, u64>,
+    in_flight: FastMap<String, u64>,
     /// Where a key is written before its lookup: a key already counted costs no allocation.
     scratch: String,
 }
@@ -480,7 +484,7 @@ impl Requests {
 /// The counts a drain hands over, by stat name (several label sets may add to one series).
 #[derive(Default)]
 struct Drained {
-    counts: HashMap<String, u64>,
+    counts: FastMap<String, u64>,
 }
 
 impl Drained {
@@ -519,16 +523,26 @@ impl Metrics {
         key.clear();
         let backend = request.backend.as_ref();
         let status = request.status.unwrap_or(0);
-        let _ = write!(
-            key,
-            "{}\u{1f}{}\u{1f}{}\u{1f}{status}\u{1f}{}\u{1f}{}\u{1f}{}",
-            request.service,
-            request.method,
-            request.model,
+        // Written by hand: core::fmt is a tenth of a request's wasm time under V8 otherwise.
+        for (n, part) in [request.service, request.method, request.model]
+            .into_iter()
+            .enumerate()
+        {
+            if n > 0 {
+                key.push('\u{1f}');
+            }
+            key.push_str(part);
+        }
+        key.push('\u{1f}');
+        push_decimal(key, u64::from(status));
+        for part in [
             backend.map_or("", |b| b.instance),
             backend.map_or("", |b| b.operation),
             backend.map_or("", |b| b.provider),
-        );
+        ] {
+            key.push('\u{1f}');
+            key.push_str(part);
+        }
         match self.requests.get_mut(key.as_str()) {
             Some(requests) => requests.add(request),
             None => {
@@ -588,6 +602,7 @@ pub fn status_class(status: Option<u32>) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 

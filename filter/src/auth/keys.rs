@@ -6,6 +6,7 @@ use crate::config::{ApiKeyEntry, ApiKeySection, ConfigError};
 use crate::endpoint::ServiceType;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use crate::bytes::FastMap;
 use std::collections::HashMap;
 use std::net::IpAddr;
 
@@ -23,7 +24,7 @@ pub struct ApiKeys {
 #[derive(Debug, Clone)]
 pub(super) struct SaltGroup {
     salt: Vec<u8>,
-    pub(super) digests: HashMap<[u8; 32], usize>,
+    pub(super) digests: FastMap<[u8; 32], usize>,
 }
 
 /// One configured key. The key itself is never stored.
@@ -73,7 +74,7 @@ impl ApiKeys {
             let group = *salt_index.entry(&entry.salt).or_insert_with(|| {
                 salts.push(SaltGroup {
                     salt: entry.salt.clone(),
-                    digests: HashMap::new(),
+                    digests: FastMap::default(),
                 });
                 salts.len() - 1
             });

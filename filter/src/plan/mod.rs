@@ -17,6 +17,7 @@ use crate::endpoint::{Endpoint, ServiceType};
 use crate::limit::Limits;
 use crate::shared_keys::InstanceKeys;
 use serde_json::Value;
+use crate::bytes::FastMap;
 use std::collections::{HashMap, HashSet};
 
 #[derive(Debug)]
@@ -57,7 +58,7 @@ pub struct Service {
     pub circuit_breaker: Option<CircuitBreakerPolicy>,
     pub fallback: Option<FallbackPolicy>,
     pub instances: Vec<Instance>,
-    pub models: HashMap<String, Pool>,
+    pub models: FastMap<String, Pool>,
     /// Retries for this service's requests (its own `retries`, else the global; 0 for uploads
     /// unless `retry-uploads`).
     pub retries: u64,
