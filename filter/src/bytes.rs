@@ -121,8 +121,15 @@ mod tests {
         use std::hash::{BuildHasher, BuildHasherDefault};
         let build = BuildHasherDefault::<WordHasher>::default();
         let keys = [
-            "", "a", "ab", "ab\0", "abcdefgh", "abcdefgh\0", "abcdefghi",
-            "jairouter_requests_total.service=chat;", "jairouter_requests_total.service=chau;",
+            "",
+            "a",
+            "ab",
+            "ab\0",
+            "abcdefgh",
+            "abcdefgh\0",
+            "abcdefghi",
+            "jairouter_requests_total.service=chat;",
+            "jairouter_requests_total.service=chau;",
         ];
         let hashes: Vec<u64> = keys.iter().map(|k| build.hash_one(k)).collect();
         for (i, a) in hashes.iter().enumerate() {

@@ -116,7 +116,18 @@ mod tests {
 
     #[test]
     fn decimals_are_what_format_writes() {
-        for n in [0, 1, 9, 10, 99, 100, 4_294_967_295, 1_000_000_007, u64::MAX - 1, u64::MAX] {
+        for n in [
+            0,
+            1,
+            9,
+            10,
+            99,
+            100,
+            4_294_967_295,
+            1_000_000_007,
+            u64::MAX - 1,
+            u64::MAX,
+        ] {
             let mut out = String::from("x");
             push_decimal(&mut out, n);
             assert_eq!(out, format!("x{n}"));

@@ -2,11 +2,11 @@
 //! salt), whether a key may be used now and from where, and what it permits.
 
 use super::AuthError;
+use crate::bytes::FastMap;
 use crate::config::{ApiKeyEntry, ApiKeySection, ConfigError};
 use crate::endpoint::ServiceType;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use crate::bytes::FastMap;
 use std::collections::HashMap;
 use std::net::IpAddr;
 

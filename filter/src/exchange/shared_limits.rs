@@ -78,7 +78,14 @@ impl Exchange {
             }
             None => {
                 self.count_call("check", "unavailable");
-                self.unchecked(host, clock, routed, body_size, end_of_stream, "could not be called")
+                self.unchecked(
+                    host,
+                    clock,
+                    routed,
+                    body_size,
+                    end_of_stream,
+                    "could not be called",
+                )
             }
         }
     }

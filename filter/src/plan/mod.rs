@@ -7,6 +7,7 @@
 use crate::auth::ApiKeys;
 use crate::balance::{Member, Pool};
 use crate::breaker::BreakerPolicy;
+use crate::bytes::FastMap;
 use crate::config::reader::error;
 use crate::config::{
     Adapter, BaseUrl, CircuitBreakerPolicy, Config, ConfigError, FallbackPolicy, GatewayOptions,
@@ -17,7 +18,6 @@ use crate::endpoint::{Endpoint, ServiceType};
 use crate::limit::Limits;
 use crate::shared_keys::InstanceKeys;
 use serde_json::Value;
-use crate::bytes::FastMap;
 use std::collections::{HashMap, HashSet};
 
 #[derive(Debug)]
