@@ -128,9 +128,26 @@ ensure_redis() {
 #                                                    the comparison table (writes the README)
 #   ./build.sh bench soak-clients [--clients N]      distinct clients vs per-client limits
 #   ./build.sh bench hostcalls                        what each kind of host call costs (README)
+#   ./build.sh bench profile [--rounds N --seconds S --variants a,b]
+#                                                    Envoy's CPU split by where perf's samples land
+#                                                    (wasm code, host calls, rest of Envoy, kernel)
+#   ./build.sh bench wasm [--baseline-wasm F | --perf | --timing]
+#                                                    the filter's instructions a request under V8
+#                                                    (node + callgrind; paired with a baseline build)
 #   ./build.sh bench global-limits [--rounds N --seconds S --no-pin --no-token-budget]
 #                                                    what gateway.global-rate-limit adds over local
 #                                                    limits (jairouter-ratelimit + Redis; README)
+apt_install() {
+  log "installing $* (Debian)"
+  if [[ $(id -u) -eq 0 ]]; then apt-get install -y -q "$@" >/dev/null
+  else sudo apt-get install -y -q "$@" >/dev/null; fi
+}
+
+# perf for the profiles (`bench profile`, `bench wasm --perf`).
+ensure_perf() {
+  command -v perf >/dev/null || apt_install linux-perf
+}
+
 ensure_wrk() {
   command -v wrk >/dev/null && return
   log "installing wrk (Debian) as the load generator"
@@ -184,8 +201,8 @@ ensure_portkey() {
 cmd_bench() {
   build
   local scenario="${1:-}"
-  case "$scenario" in soak-clients | hostcalls | global-limits) shift ;; esac
-  if [[ "$scenario" != soak-clients ]]; then
+  case "$scenario" in soak-clients | hostcalls | global-limits | profile | wasm) shift ;; esac
+  if [[ "$scenario" != soak-clients && "$scenario" != wasm ]]; then
     ensure_wrk
     cargo build --quiet --release -p jairouter-bench-backend
   fi
@@ -196,6 +213,15 @@ cmd_bench() {
     hostcalls)
       log "bench: what each kind of proxy-wasm host call costs in Envoy"
       "$VENV/bin/python" -u integration-tests/bench_hostcalls.py "$@" ;;
+    profile)
+      ensure_perf
+      log "bench: where Envoy's CPU goes with our filter and without (perf record -g on the pinned Envoy)"
+      "$VENV/bin/python" -u integration-tests/bench_profile.py "$@" ;;
+    wasm)
+      ensure_perf
+      command -v valgrind >/dev/null || apt_install valgrind
+      log "bench: what V8 runs of the filter for one request, under node, counted by callgrind"
+      (cd integration-tests && "$VENV/bin/python" -u bench_wasm.py "$@") ;;
     global-limits)
       [[ -x "$RATELIMIT" ]] || { echo "$RATELIMIT is not built (envoy/ratelimit missing?)" >&2; exit 1; }
       ensure_redis
