@@ -11,6 +11,7 @@ Per-request control headers:
   x-stub-chunk-delay-ms  wait between SSE chunks
   x-stub-usage           "none" leaves `usage` out; "P,C" reports P prompt and C completion
                          tokens (default: body bytes / 4, and max_tokens or 3)
+  x-stub-end-delay-ms    wait between a stream's last event and its end
   x-stub-break-after     cut a stream's connection after this many SSE chunks (a backend dying
                          midway)
 
@@ -400,6 +401,9 @@ class _Handler(BaseHTTPRequestHandler):
             write(data)
         for data in tail:
             write(data)
+        # A backend that lingers after its last event: the client has its stream's end first.
+        if end_delay := float(headers.get("x-stub-end-delay-ms", "0")) / 1000:
+            time.sleep(end_delay)
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 

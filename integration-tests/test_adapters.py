@@ -265,6 +265,27 @@ def test_token_metrics_and_time_to_first_token_count_translated_streams(vendors)
         assert value(s, "jairouter_time_to_first_token_seconds_count", service="chat", model=model) == 1, model
 
 
+def test_a_translated_streams_counts_hold_when_the_client_leaves_at_done(vendors):
+    """The backend lingers after its last event; the SDK closes once it has read `[DONE]`, before
+    the backend's stream ends. The counts the backend reported still count (not the estimates).
+    (Gemini's streams have no last event of their own: `[DONE]` comes at the backend's end.)"""
+    from test_metrics import scrape, value
+
+    gw, *_ = vendors
+    for model in ("claude-sonnet", "qwen"):
+        started = time.monotonic()
+        text = "".join(c.choices[0].delta.content or "" for c in client(gw).chat.completions.create(
+            model=model, messages=HI, stream=True,
+            extra_headers={"x-stub-usage": "10,5", "x-stub-chunks": "3", "x-stub-end-delay-ms": "1500"})
+            if c.choices)
+        assert text and time.monotonic() - started < 1.2, "the client had to wait for the backend's end"
+    time.sleep(2.5)
+    s = scrape(gw)
+    for model in ("claude-sonnet", "qwen"):
+        tokens = lambda kind: value(s, "jairouter_tokens_total", service="chat", model=model, kind=kind)
+        assert (tokens("prompt"), tokens("completion")) == (10, 5), model
+
+
 def test_adapter_definitions_name_a_protocol_credentials_and_capabilities(stubs, gateway):
     (ollama,) = stubs("ollama", kind=OllamaStub)
     (vllm,) = stubs("vllm")

@@ -13,6 +13,7 @@ Per-request control headers (as stub_backend.py's):
   x-stub-chunk-delay-ms  wait between the pieces
   x-stub-usage           "P,C": report P prompt and C output tokens (default: body bytes / 4 and the
                          pieces sent); "none": leave the token counts out
+  x-stub-end-delay-ms    wait between a stream's last event and its end
   x-stub-break-after     cut a stream's connection after this many pieces
   x-stub-stream-error    (Anthropic) end the stream with an `error` event (overloaded_error) after
                          this many pieces (empty: half of them)

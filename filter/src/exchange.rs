@@ -39,6 +39,7 @@ use crate::request::{
 };
 use crate::scan::ScanOutcome;
 use crate::translate::messages;
+use crate::translate::openai::SSE_DONE;
 use crate::usage::{Usage, UsageScanner};
 pub use shared_limits::CALLS_METRIC as GLOBAL_CALLS_METRIC;
 use std::cell::{Cell, RefCell};
@@ -640,8 +641,11 @@ impl Exchange {
         }
         if let Some(scanner) = self.usage.as_mut() {
             scanner.feed(if usage_before { &chunk } else { &out });
-            // The backend's own counts, when the client asked no usage chunk to carry them.
-            if let Some(usage) = end.then(|| translation.stream_usage()).flatten() {
+            // The backend's own counts, when the client asked no usage chunk to carry them: as
+            // soon as the client has its stream's end (`[DONE]`), which can be before the
+            // backend's stream ends, since a client that has read it may close at once.
+            let ended = end || out.ends_with(SSE_DONE);
+            if let Some(usage) = ended.then(|| translation.stream_usage()).flatten() {
                 let counts = format!(
                     r#"{{"usage":{{"prompt_tokens":{},"completion_tokens":{}}}}}"#,
                     usage.prompt, usage.completion

@@ -874,6 +874,41 @@ fn an_ollama_stream_becomes_openai_chunks_as_it_passes() {
 }
 
 #[test]
+fn a_translated_streams_counts_hold_when_the_client_leaves_at_done() {
+    // The client reads `[DONE]` and closes before the backend's stream ends: Envoy logs the
+    // stream with no end of stream in the response body.
+    let mut run = Run::new(adapter_plan());
+    let body = br#"{"model":"qwen","stream":true,"messages":[{"role":"user","content":"Hi"}]}"#;
+    run.request("POST", "/v1/chat/completions", &[], body);
+    run.send();
+    *run.host.response_headers.borrow_mut() = vec![
+        (":status".to_string(), "200".to_string()),
+        (
+            "content-type".to_string(),
+            "application/x-ndjson".to_string(),
+        ),
+    ];
+    run.exchange.on_response_headers(&run.host, false);
+    let ndjson = concat!(
+        r#"{"message":{"role":"assistant","content":"Hello"},"done":false}"#,
+        "\n",
+        r#"{"message":{"role":"assistant","content":""},"done":true,"done_reason":"stop","prompt_eval_count":10,"eval_count":5}"#,
+        "\n"
+    );
+    *run.host.response_chunk.borrow_mut() = ndjson.as_bytes().to_vec();
+    run.exchange
+        .on_response_body(&run.host, ndjson.len(), false);
+    assert!(run
+        .host
+        .response_chunk
+        .borrow()
+        .ends_with(b"data: [DONE]\n\n"));
+    run.log();
+    assert_eq!(run.summary()["prompt_tokens"], 10);
+    assert_eq!(run.summary()["completion_tokens"], 5);
+}
+
+#[test]
 fn a_translated_backend_error_keeps_its_status_and_bad_output_is_502_against_the_breaker() {
     let mut run = Run::new(adapter_plan());
     run.request("POST", "/v1/chat/completions", &[], QWEN);

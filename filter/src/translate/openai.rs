@@ -184,8 +184,11 @@ pub fn sse_data(out: &mut Vec<u8>, value: &Value) {
 }
 
 /// The event that ends an OpenAI stream.
+pub const SSE_DONE: &[u8] = b"data: [DONE]\n\n";
+
+/// Writes the event that ends an OpenAI stream.
 pub fn sse_done(out: &mut Vec<u8>) {
-    out.extend_from_slice(b"data: [DONE]\n\n");
+    out.extend_from_slice(SSE_DONE);
 }
 
 /// The OpenAI error `type` for an HTTP status.
