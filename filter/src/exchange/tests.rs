@@ -710,6 +710,8 @@ fn adapter_plan() -> Rc<Plan> {
 
 const QWEN: &[u8] =
     br#"{"model":"qwen","max_tokens":7,"messages":[{"role":"user","content":"Hello"}]}"#;
+const QWEN_STREAM: &[u8] =
+    br#"{"model":"qwen","stream":true,"messages":[{"role":"user","content":"Hi"}]}"#;
 
 impl Run {
     /// A response Envoy buffers while the filter holds it: each body callback sees all so far.
@@ -845,8 +847,7 @@ fn a_translated_request_costs_its_reads_and_writes_and_no_more() {
 fn an_ollama_stream_becomes_openai_chunks_as_it_passes() {
     let mut run = Run::new(adapter_plan());
     // No usage chunk asked: the backend's counts still settle the budgets and the metrics.
-    let body = br#"{"model":"qwen","stream":true,"messages":[{"role":"user","content":"Hi"}]}"#;
-    run.request("POST", "/v1/chat/completions", &[], body);
+    run.request("POST", "/v1/chat/completions", &[], QWEN_STREAM);
     run.send();
     let ndjson = concat!(
         r#"{"message":{"role":"assistant","content":"Hel"},"done":false}"#,
@@ -878,8 +879,7 @@ fn a_translated_streams_counts_hold_when_the_client_leaves_at_done() {
     // The client reads `[DONE]` and closes before the backend's stream ends: Envoy logs the
     // stream with no end of stream in the response body.
     let mut run = Run::new(adapter_plan());
-    let body = br#"{"model":"qwen","stream":true,"messages":[{"role":"user","content":"Hi"}]}"#;
-    run.request("POST", "/v1/chat/completions", &[], body);
+    run.request("POST", "/v1/chat/completions", &[], QWEN_STREAM);
     run.send();
     *run.host.response_headers.borrow_mut() = vec![
         (":status".to_string(), "200".to_string()),
