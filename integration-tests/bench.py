@@ -332,9 +332,9 @@ class JAiRouter(PlainEnvoy):
     def adapt(self, bootstrap: Path) -> None:
         """Changes to the rendered bootstrap before Envoy starts (none: our gateway as users run it)."""
 
-    def add_api_key(self, config: dict) -> None:
+    def add_api_key(self, config: dict, key: str | None = None) -> None:
         """API keys on, as a production gateway runs: one key whose quotas never fire."""
-        key = "sk-bench-" + os.urandom(16).hex()
+        key = key or "sk-bench-" + os.urandom(16).hex()
         key_hash = subprocess.run([str(RENDER), "hash-key"], input=key, capture_output=True, text=True,
                                   check=True).stdout.strip()
         config["jairouter"] = {"security": {"api-key": {"keys": [{

@@ -40,12 +40,9 @@ KEY = "sk-bench-wasm-0123456789abcdef"
 def plugin_configuration(work: Path) -> Path:
     """The plugin configuration the renderer gives the bench's `jairouter` variant."""
     gateway = bench.JAiRouter()
+    gateway.api_keys = False
     config = gateway.configuration(backend_port=9)
-    key_hash = subprocess.run([str(bench.RENDER), "hash-key"], input=KEY, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    config["jairouter"] = {"security": {"api-key": {"keys": [{
-        "key-id": "bench", "key-hash": key_hash, "permissions": ["admin"],
-        "rate-limit-per-minute": 1_000_000_000_000, "tokens-per-minute": 1_000_000_000_000}]}}}
+    gateway.add_api_key(config, KEY)
     app = work / "app.yml"
     app.write_text(json.dumps(config))
     out = work / "bootstrap.json"
