@@ -286,3 +286,31 @@ def test_a_stream_without_usage_is_charged_its_estimate(stubs, gateway):
     # 80 chunks of "tokN " carry 470 characters: 118 tokens estimated for the completion, plus
     # the prompt estimate (~25), instead of the 10 reserved for it; 100 tokens a second refill.
     assert 120 <= used <= 145, (used, reserved)
+
+
+def test_an_unused_reservation_is_given_back_with_the_next_request_and_within_a_tick(stubs, gateway):
+    """A request that used less than it reserved owes the rest to the budget: its worker pays it
+    with the next draw from the same bucket, or at its tick (once a second)."""
+    [stub] = stubs("a")
+    body = payload(1000)
+    reserve = -(-len(body) // 4) + 1000
+    tpm = reserve + reserve // 2  # one reservation fits, two do not
+    gw = token_gateway(gateway, stub, tpm)
+    with httpx.Client(timeout=10) as c:  # one connection: one worker
+        codes = [c.post(gw.url + CHAT, content=body, headers={**JSON, "x-stub-usage": "3,2"}).status_code
+                 for _ in range(3)]
+    # Each used 5 of its reservation: only the refund paid in the next one's draw lets it in.
+    assert codes == [200, 200, 200]
+
+    def level() -> int:
+        r = httpx.get(gw.status_url, timeout=5)
+        assert r.status_code == 200, r.text
+        [bucket] = [b for b in r.json()["rate_limits"] if b["bucket"] == "chat/llama"]
+        return bucket["available"]
+
+    # The last refund is paid at the tick: the bucket is back to full less what was used (the
+    # refill, tpm/60 a second, makes up the rest). Unpaid, it would hold half a reservation.
+    deadline = time.monotonic() + 3
+    while level() < tpm - 15 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert level() >= tpm - 15, (level(), tpm)

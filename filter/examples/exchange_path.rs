@@ -12,6 +12,7 @@
 use jairouter_filter::balance::Rng;
 use jairouter_filter::exchange::Exchange;
 use jairouter_filter::host::TestHost;
+use jairouter_filter::limit::Refunds;
 use jairouter_filter::metrics::Metrics;
 use jairouter_filter::plan::Plan;
 use serde_json::json;
@@ -70,6 +71,8 @@ fn main() {
     *host.response_chunk.borrow_mut() = answer.to_vec();
     let rng = Rc::new(RefCell::new(Rng::new(1)));
     let metrics: Rc<RefCell<Metrics>> = Rc::default();
+    // Refunds owed between ticks, as a VM holds them.
+    let refunds: Rc<RefCell<Refunds>> = Rc::default();
     let n: u32 = std::env::var("EXCHANGES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -84,6 +87,7 @@ fn main() {
             Rc::clone(&rng),
             Rc::clone(&metrics),
             Rc::default(),
+            Rc::clone(&refunds),
         );
         exchange.on_request_headers(&host, false);
         exchange.on_request_body(&host, body.len(), true);
@@ -93,6 +97,8 @@ fn main() {
         exchange.on_drop(&host);
         if i % 1000 == 0 {
             metrics.borrow_mut().drain();
+            plan.limits
+                .pay_refunds(&host, &mut refunds.borrow_mut(), host.now.get());
             host.take_calls();
         }
     }

@@ -7,6 +7,7 @@
     clippy::indexing_slicing
 )]
 
+use jairouter_filter::limit::Refunds;
 use jairouter_filter::plan::Plan;
 use jairouter_filter::request::{
     on_request_headers, BodyStep, HeadDecision, RequestHead, RouteInputs,
@@ -14,6 +15,7 @@ use jairouter_filter::request::{
 use jairouter_filter::store::MemoryStore;
 use jairouter_filter::usage::UsageScanner;
 use serde_json::json;
+use std::cell::RefCell;
 use std::time::Instant;
 
 fn main() {
@@ -46,11 +48,13 @@ fn main() {
             use jairouter_filter::store::SharedStore;
             store.set(&key, &initial, None).unwrap();
         }
+        let refunds = RefCell::new(Refunds::default());
         let n = 200_000u32;
         let start = Instant::now();
         for i in 0..n {
             let host = RouteInputs {
                 store: &store,
+                refunds: &refunds,
                 random: u64::from(i),
                 clock: &move || 1_000_000_000 + u64::from(i) * 1000,
                 client: None,
@@ -79,8 +83,13 @@ fn main() {
                 let mut usage = UsageScanner::new();
                 usage.feed(response.as_bytes());
                 let used = usage.usage().charge(tokens.prompt_estimate);
-                cfg.limits
-                    .settle_tokens(&store, &tokens.grants, used, host.now_ns());
+                cfg.limits.settle_tokens(
+                    &store,
+                    Some(&mut refunds.borrow_mut()),
+                    &tokens.grants,
+                    used,
+                    host.now_ns(),
+                );
             }
         }
         let per = start.elapsed().as_nanos() as f64 / f64::from(n);

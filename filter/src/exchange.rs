@@ -30,6 +30,7 @@ use crate::headers::HeaderPairs;
 use crate::host::Host;
 use crate::limit::global::ServiceLink;
 use crate::limit::rls::Descriptor;
+use crate::limit::Refunds;
 use crate::metrics::Metrics;
 use crate::plan::Plan;
 use crate::reply::{LocalReply, DEFAULT_RETRY_AFTER_SECS};
@@ -241,6 +242,8 @@ pub struct Exchange {
     shared_tokens: Vec<(usize, Descriptor)>,
     /// This VM's link to the rate-limit service (settlements to send, its outage state).
     link: Rc<RefCell<ServiceLink>>,
+    /// The token refunds this VM owes its budgets.
+    refunds: Rc<RefCell<Refunds>>,
     measure: Measure,
 }
 
@@ -260,6 +263,7 @@ impl Exchange {
         rng: Rc<RefCell<Rng>>,
         metrics: Rc<RefCell<Metrics>>,
         link: Rc<RefCell<ServiceLink>>,
+        refunds: Rc<RefCell<Refunds>>,
     ) -> Exchange {
         Exchange {
             plan,
@@ -289,6 +293,7 @@ impl Exchange {
             check: None,
             shared_tokens: Vec::new(),
             link,
+            refunds,
             measure: Measure::default(),
         }
     }
@@ -367,6 +372,7 @@ impl Exchange {
     ) -> RouteInputs<'a> {
         RouteInputs {
             store: host,
+            refunds: &self.refunds,
             random,
             clock,
             client: self.client.as_deref().map(client_ip),
@@ -801,9 +807,16 @@ impl Exchange {
             Some(usage) => usage.charge(reservation.prompt_estimate),
             None => reservation.prompt_estimate,
         };
-        self.plan
-            .limits
-            .settle_tokens(host, &reservation.grants, used, clock.now());
+        {
+            let mut owed = self.refunds.try_borrow_mut().ok();
+            self.plan.limits.settle_tokens(
+                host,
+                owed.as_deref_mut(),
+                &reservation.grants,
+                used,
+                clock.now(),
+            );
+        }
         self.settle_shared_tokens(used);
     }
 

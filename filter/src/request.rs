@@ -8,13 +8,16 @@ use crate::breaker::{self, Admission, Outcome};
 use crate::config::{Algorithm, Strategy, MAX_MODEL_NAME_BYTES};
 use crate::endpoint::{classify, Endpoint, Route, ServiceType};
 use crate::limit::bucket::Verdict;
-use crate::limit::{openai_duration, retry_after_secs, Grant, Phase, Refusal, Subject, Unit};
+use crate::limit::{
+    openai_duration, retry_after_secs, Grant, Phase, Refunds, Refusal, Subject, Unit,
+};
 use crate::plan::{model_object, models_list_json_where, Instance, Plan};
 use crate::reply::{ClientError, LocalReply, DEFAULT_RETRY_AFTER_SECS};
 use crate::scan::json::JsonModelScanner;
 use crate::scan::multipart::{boundary_from_content_type, MultipartModelScanner};
 use crate::scan::ScanOutcome;
 use crate::store::SharedStore;
+use std::cell::RefCell;
 
 /// Part headers above this are refused (the model part's headers are a few dozen bytes).
 const MAX_PART_HEADER_BYTES: usize = 16 * 1024;
@@ -97,6 +100,8 @@ pub enum HeadDecision {
 /// the client.
 pub struct RouteInputs<'a> {
     pub store: &'a dyn SharedStore,
+    /// The token refunds this VM owes (paid with the next draw from their bucket).
+    pub refunds: &'a RefCell<Refunds>,
     pub random: u64,
     /// The time in ns, asked only by a decision that needs it (the binding caches it per
     /// callback: a request answered or held without it never reads the clock).
@@ -547,6 +552,7 @@ fn route_to_instance(
     let mut admitted = limits
         .acquire(
             host.store,
+            host.refunds,
             &subject,
             Phase::BeforePick,
             host.now_ns(),
@@ -612,6 +618,7 @@ fn route_to_instance(
         subject.instance = Some((at, &instance.id));
         match limits.acquire(
             host.store,
+            host.refunds,
             &subject,
             Phase::AfterPick,
             host.now_ns(),

@@ -16,6 +16,7 @@ use crate::host::Host;
 use crate::install::install;
 use crate::limit::global::{ServiceLink, Transition};
 use crate::limit::rls::{self, Settlement};
+use crate::limit::Refunds;
 use crate::metrics::{stat_name, Metrics};
 use crate::plan::Plan;
 use crate::status::{config_version, instance_gauges, status_page};
@@ -72,6 +73,8 @@ struct Router {
     metrics: Rc<RefCell<Metrics>>,
     /// What the VM's requests leave for the rate-limit service (limits across replicas).
     link: Rc<RefCell<ServiceLink>>,
+    /// The token refunds this VM's requests owe its budgets (paid at each tick).
+    refunds: Rc<RefCell<Refunds>>,
     /// The settlements of the call in flight (put back if it fails).
     settling: Option<(u32, Vec<Settlement>)>,
     /// When the metrics were last handed to Envoy.
@@ -134,13 +137,17 @@ impl RootContext for Root {
                     "configuration {version} loaded ({} instances)",
                     plan.instances().count()
                 );
-                // A reload keeps the VM's counts and random stream.
-                let (rng, metrics, link) = match &self.concern {
+                // A reload keeps the VM's counts and random stream; the refunds owed are paid
+                // under the plan they were drawn under.
+                let (rng, metrics, link, refunds) = match &self.concern {
                     Concern::Router(r) => {
-                        (Rc::clone(&r.rng), Rc::clone(&r.metrics), Rc::clone(&r.link))
+                        r.pay_refunds();
+                        let kept = (Rc::clone(&r.rng), Rc::clone(&r.metrics));
+                        (kept.0, kept.1, Rc::clone(&r.link), Rc::clone(&r.refunds))
                     }
                     _ => (
                         Rc::new(RefCell::new(Rng::new(now_ns()))),
+                        Rc::default(),
                         Rc::default(),
                         Rc::default(),
                     ),
@@ -151,6 +158,7 @@ impl RootContext for Root {
                     rng,
                     metrics,
                     link,
+                    refunds,
                     settling: None,
                     reported_ns: 0,
                 });
@@ -183,6 +191,7 @@ impl RootContext for Root {
             }
             Concern::Router(router) => {
                 router.settle();
+                router.pay_refunds();
                 let now = now_ns();
                 if now.saturating_sub(router.reported_ns)
                     < REPORT_PERIOD.as_nanos() as u64 - 50_000_000
@@ -225,6 +234,7 @@ impl RootContext for Root {
                     Rc::clone(&r.rng),
                     Rc::clone(&r.metrics),
                     Rc::clone(&r.link),
+                    Rc::clone(&r.refunds),
                 );
                 Some(Box::new(Request(exchange)))
             }
@@ -280,6 +290,17 @@ fn metric_id(ids: &mut HashMap<String, u32>, kind: MetricType, name: &str) -> Op
 }
 
 impl Router {
+    /// Pays the token refunds the VM owes (no host call when it owes none).
+    fn pay_refunds(&self) {
+        if let Ok(mut refunds) = self.refunds.try_borrow_mut() {
+            if !refunds.is_empty() {
+                self.plan
+                    .limits
+                    .pay_refunds(&WasmHost, &mut refunds, now_ns());
+            }
+        }
+    }
+
     /// Sends the settlements the VM's requests left, one call at a time.
     fn settle(&mut self) {
         let Some(global) = &self.plan.gateway.global_rate_limit else {

@@ -3,12 +3,14 @@
 //! configuration with every body-reading feature on (header-hash on a body field, a token budget
 //! that reads `max_tokens`, rate limits, fallbacks, multipart services).
 #![no_main]
+use jairouter_filter::limit::Refunds;
 use jairouter_filter::plan::Plan;
 use jairouter_filter::request::{on_request_headers, BodyStep, HeadDecision, RequestHead, RouteInputs};
 use jairouter_filter::scan::ScanOutcome;
 use jairouter_filter::store::MemoryStore;
 use jairouter_fuzz::{chunks, split_line, split_seed};
 use libfuzzer_sys::fuzz_target;
+use std::cell::RefCell;
 use std::sync::OnceLock;
 
 const CONFIG: &str = r#"{
@@ -72,8 +74,10 @@ fuzz_target!(|data: &[u8]| {
         content_length: Some(body.len() as u64),
     };
     let store = MemoryStore::default();
+    let refunds = RefCell::new(Refunds::default());
     let host = RouteInputs {
         store: &store,
+        refunds: &refunds,
         random: u64::from(seed).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         clock: &move || 1_000_000_000 + u64::from(seed),
         client: Some("10.0.0.1"),

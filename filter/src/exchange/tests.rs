@@ -38,6 +38,7 @@ struct Run {
     exchange: Exchange,
     metrics: Rc<RefCell<Metrics>>,
     link: Rc<RefCell<ServiceLink>>,
+    refunds: Rc<RefCell<Refunds>>,
 }
 
 impl Run {
@@ -48,12 +49,20 @@ impl Run {
         let metrics: Rc<RefCell<Metrics>> = Rc::default();
         let rng = Rc::new(RefCell::new(Rng::new(7)));
         let link: Rc<RefCell<ServiceLink>> = Rc::default();
-        let exchange = Exchange::new(plan, rng, Rc::clone(&metrics), Rc::clone(&link));
+        let refunds: Rc<RefCell<Refunds>> = Rc::default();
+        let exchange = Exchange::new(
+            plan,
+            rng,
+            Rc::clone(&metrics),
+            Rc::clone(&link),
+            Rc::clone(&refunds),
+        );
         Run {
             host,
             exchange,
             metrics,
             link,
+            refunds,
         }
     }
 
@@ -61,7 +70,13 @@ impl Run {
     fn next_request(&mut self) {
         let plan = Rc::clone(&self.exchange.plan);
         let rng = Rc::clone(&self.exchange.rng);
-        self.exchange = Exchange::new(plan, rng, Rc::clone(&self.metrics), Rc::clone(&self.link));
+        self.exchange = Exchange::new(
+            plan,
+            rng,
+            Rc::clone(&self.metrics),
+            Rc::clone(&self.link),
+            Rc::clone(&self.refunds),
+        );
         self.host.replies.borrow_mut().clear();
     }
 
@@ -365,13 +380,60 @@ fn a_rate_limit_costs_one_read_and_one_write_more() {
 fn a_token_budget_reserves_at_admission_and_settles_from_usage() {
     let mut run = Run::new(plan(json!({"token-limit": {"tokens-per-minute": 100000}})));
     let (phases, total) = whole_request(&mut run, &[]);
-    // Body: + the budget's read and write. Response: the headers in one call, + the clock and
-    // the settlement's read and write at the end of the body; the log reuses that time.
-    assert_eq!(phases, [1, 8, 7, 0]);
-    assert_eq!(total, 16);
+    // Body: + the budget's read and write. Response: the headers in one call, + the clock at
+    // the end of the body (the log reuses that time); the 12 tokens used of those reserved
+    // leave a refund owed, paid with the next draw or at the tick: no call here.
+    assert_eq!(phases, [1, 8, 5, 0]);
+    assert_eq!(total, 14);
     let summary = run.summary();
     assert_eq!(summary["prompt_tokens"], 9);
     assert_eq!(summary["completion_tokens"], 3);
+}
+
+/// What the model's token budget holds, without the refill since it was last written (a time
+/// before that write refills nothing), so the levels below are exact.
+fn budget_level(run: &Run) -> u64 {
+    let levels = run.exchange.plan.limits.levels(&run.host.store, 0);
+    levels.first().map_or(0, |l| l.available)
+}
+
+#[test]
+fn a_refund_owed_is_paid_in_the_next_draws_write_or_at_the_tick() {
+    // 100 tokens a second: what the clock adds between the writes here stays below one token.
+    let mut run = Run::new(plan(json!({"token-limit": {"tokens-per-minute": 6000}})));
+    let full = budget_level(&run);
+    let (_, total) = whole_request(&mut run, &[]);
+    assert_eq!(total, 14);
+    let reserved = CHAT.len().div_ceil(4) as u64 + 256;
+    // Settled from usage (12 tokens), the rest owed: the bucket still holds the reservation.
+    assert_eq!(budget_level(&run), full - reserved);
+    assert!(!run.refunds.borrow().is_empty());
+    // The next request draws with the same read and write, and pays the refund in it.
+    run.next_request();
+    let (phases, _) = whole_request(&mut run, &[]);
+    assert_eq!(phases, [1, 8, 5, 0]);
+    assert_eq!(budget_level(&run), full - 12 - reserved);
+    // At the tick: what the second one owes, one read and one write.
+    run.host.take_calls();
+    let plan = Rc::clone(&run.exchange.plan);
+    plan.limits
+        .pay_refunds(&run.host, &mut run.refunds.borrow_mut(), run.host.now.get());
+    assert_eq!(run.host.total_calls(), 2);
+    assert!(run.refunds.borrow().is_empty());
+    assert_eq!(budget_level(&run), full - 24);
+}
+
+#[test]
+fn a_debt_is_charged_at_once() {
+    let mut run = Run::new(plan(json!({"token-limit": {"tokens-per-minute": 6000}})));
+    let full = budget_level(&run);
+    run.request("POST", "/v1/chat/completions", &[], CHAT);
+    run.send();
+    let usage = br#"{"choices":[],"usage":{"prompt_tokens":400,"completion_tokens":600}}"#;
+    run.respond(200, &[("content-type", "application/json")], &[usage]);
+    run.log();
+    assert!(run.refunds.borrow().is_empty());
+    assert_eq!(budget_level(&run), full - 1000);
 }
 
 #[test]
@@ -692,9 +754,9 @@ fn the_benchmarks_demo_shape_is_counted_too() {
     let (phases, total) = whole_request(&mut run, &[("authorization", "Bearer sk-bench-123456")]);
     // Headers: read, clock, credential removed. Body: read, clock, rotation (2), state, four
     // limits drawn (read and write each), routing header. Response: head, headers in one call,
-    // usage, clock, two budgets settled (read and write each), log summary.
-    assert_eq!(phases, [3, 14, 9, 0]);
-    assert_eq!(total, 26);
+    // usage, clock, log summary; the two budgets' refunds are owed (paid with the next draw).
+    assert_eq!(phases, [3, 14, 5, 0]);
+    assert_eq!(total, 22);
 }
 
 // Translated exchanges (adapters) and Anthropic's ingress.

@@ -19,6 +19,7 @@ use crate::endpoint::ServiceType;
 use crate::shared_keys::LimitKeys;
 use crate::store::{transact, SharedStore};
 use bucket::{admit_cost, is_idle, refund, settle, Params, Verdict};
+use std::cell::RefCell;
 
 /// Tokens an API key's token quota reserves for a completion of unknown length (as a
 /// `token-limit` block does by default).
@@ -26,6 +27,9 @@ const KEY_COMPLETION_ESTIMATE: u64 = 256;
 
 /// How many neighbouring slots a client may take when its own holds another active client.
 const CLIENT_PROBES: u64 = 4;
+
+/// Buckets a VM may owe refunds to at once; past that a refund is paid at once.
+const MAX_OWED: usize = 64;
 
 /// What a limit counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,6 +220,59 @@ impl Admitted {
     /// Whether any token budget was drawn (the response must then be read for its usage).
     pub fn holds_tokens(&self) -> bool {
         self.tightest_tokens.is_some()
+    }
+}
+
+/// The token refunds this VM owes its budgets. A request that used fewer tokens than it reserved
+/// gives the rest back with the next draw from the same bucket on this VM (inside that draw's
+/// compare-and-swap) or at the VM's next tick, whichever comes first: a read and a write less
+/// per budget per request. Owing only keeps a budget tighter for a moment (on other workers,
+/// until the tick), never looser, so admission stays exact; a debt (more used than reserved) is
+/// charged at once. Per-client buckets are refunded at once: their slots change hands.
+#[derive(Debug, Default)]
+pub struct Refunds {
+    owed: Vec<Owed>,
+}
+
+#[derive(Debug)]
+struct Owed {
+    /// The limit (index into `Limits::list`) of the plan the tokens were drawn under.
+    limit: usize,
+    key: String,
+    tokens: u64,
+}
+
+impl Refunds {
+    /// Adds `tokens` to what is owed to the bucket; false when the table is full.
+    fn owe(&mut self, limit: usize, key: &str, tokens: u64) -> bool {
+        if let Some(owed) = self.owed.iter_mut().find(|o| o.key == key) {
+            owed.tokens = owed.tokens.saturating_add(tokens);
+            return true;
+        }
+        if self.owed.len() >= MAX_OWED {
+            return false;
+        }
+        self.owed.push(Owed {
+            limit,
+            key: key.to_string(),
+            tokens,
+        });
+        true
+    }
+
+    fn owed_to(&self, key: &str) -> u64 {
+        self.owed
+            .iter()
+            .find(|o| o.key == key)
+            .map_or(0, |o| o.tokens)
+    }
+
+    fn paid(&mut self, key: &str) {
+        self.owed.retain(|o| o.key != key);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.owed.is_empty()
     }
 }
 
@@ -437,10 +494,12 @@ impl Limits {
     }
 
     /// Draws from every limit of `phase` that covers the request: one request from request
-    /// limits, `tokens` from token budgets. On a refusal the admissions taken here are given back.
+    /// limits, `tokens` from token budgets (paying in the same write what this VM owes the
+    /// bucket). On a refusal the admissions taken here are given back.
     pub fn acquire(
         &self,
         store: &dyn SharedStore,
+        refunds: &RefCell<Refunds>,
         subject: &Subject<'_>,
         phase: Phase,
         now_ns: u64,
@@ -460,9 +519,22 @@ impl Limits {
             };
             let (key, verdict) = match key {
                 BucketKey::Fixed(key) => {
+                    let owed = match limit.unit {
+                        Unit::Tokens => refunds.borrow().owed_to(&key),
+                        Unit::Requests => 0,
+                    };
                     let verdict = transact(store, &key, |state| {
-                        admit_cost(&limit.params, state, now_ns, cost)
+                        if owed == 0 {
+                            return admit_cost(&limit.params, state, now_ns, cost);
+                        }
+                        let repaid = settle(&limit.params, state, now_ns, negative(owed));
+                        let (written, verdict) =
+                            admit_cost(&limit.params, Some(&repaid), now_ns, cost);
+                        (Some(written.unwrap_or(repaid)), verdict)
                     });
+                    if owed > 0 && verdict.is_some() {
+                        refunds.borrow_mut().paid(&key);
+                    }
                     (key, verdict)
                 }
                 BucketKey::Client(fingerprint) => {
@@ -520,8 +592,17 @@ impl Limits {
         }
     }
 
-    /// Settles the token budgets a request drew from, now that it really used `used` tokens.
-    pub fn settle_tokens(&self, store: &dyn SharedStore, grants: &[Grant], used: u64, now_ns: u64) {
+    /// Settles the token budgets a request drew from, now that it really used `used` tokens: a
+    /// debt at once, a refund owed (see `Refunds`) where the bucket is not a client's and
+    /// `refunds` can take it.
+    pub fn settle_tokens(
+        &self,
+        store: &dyn SharedStore,
+        mut refunds: Option<&mut Refunds>,
+        grants: &[Grant],
+        used: u64,
+        now_ns: u64,
+    ) {
         for grant in grants {
             let Some(limit) = self
                 .list
@@ -536,6 +617,13 @@ impl Limits {
                 continue;
             }
             let client = limit.scope == Scope::Client;
+            if delta < 0 && !client {
+                if let Some(refunds) = refunds.as_deref_mut() {
+                    if refunds.owe(grant.limit, &grant.key, delta.unsigned_abs()) {
+                        continue;
+                    }
+                }
+            }
             let _ = transact(store, &grant.key, |state| {
                 let written = if client {
                     let (fingerprint, rest) = split_slot(state);
@@ -547,6 +635,21 @@ impl Limits {
                 (Some(written), ())
             });
         }
+    }
+
+    /// Pays every refund this VM owes (its tick, or before a reload replaces the plan the
+    /// refunds were drawn under). What the store will not take stays owed.
+    pub fn pay_refunds(&self, store: &dyn SharedStore, refunds: &mut Refunds, now_ns: u64) {
+        refunds.owed.retain(|owed| {
+            let Some(limit) = self.list.get(owed.limit) else {
+                return false;
+            };
+            let paid = transact(store, &owed.key, |state| {
+                let written = settle(&limit.params, state, now_ns, negative(owed.tokens));
+                (Some(written), ())
+            });
+            paid.is_none()
+        });
     }
 
     /// The slot a client's bucket lives in: its own if it holds one, else the first free or
@@ -627,6 +730,11 @@ fn fixed_buckets(list: &[Limit], services: &[&ServiceConfig]) -> Vec<(usize, Str
     buckets.sort_by(|a, b| a.2.cmp(&b.2));
     buckets.dedup_by(|a, b| a.2 == b.2);
     buckets
+}
+
+/// `-tokens` as a settlement's delta.
+fn negative(tokens: u64) -> i64 {
+    i64::try_from(tokens).map_or(i64::MIN, |t| -t)
 }
 
 /// A client slot: the owner's fingerprint (0: free), then its bucket.

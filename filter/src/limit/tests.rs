@@ -2,6 +2,7 @@ use super::*;
 use crate::plan::Plan;
 use crate::store::MemoryStore;
 use serde_json::{json, Value};
+use std::cell::RefCell;
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
 
@@ -43,11 +44,25 @@ fn the_strictest_limit_refuses_and_the_others_get_their_admission_back() {
     let limits = &cfg.limits;
     for _ in 0..3 {
         assert!(limits
-            .acquire(&store, &subject("m", None), Phase::BeforePick, T0, 0)
+            .acquire(
+                &store,
+                &RefCell::default(),
+                &subject("m", None),
+                Phase::BeforePick,
+                T0,
+                0
+            )
             .is_ok());
     }
     let refusal = limits
-        .acquire(&store, &subject("m", None), Phase::BeforePick, T0, 0)
+        .acquire(
+            &store,
+            &RefCell::default(),
+            &subject("m", None),
+            Phase::BeforePick,
+            T0,
+            0,
+        )
         .unwrap_err();
     assert_eq!(
         limits.list[refusal.limit].name,
@@ -56,14 +71,35 @@ fn the_strictest_limit_refuses_and_the_others_get_their_admission_back() {
     assert_eq!(refusal.label, "chat/m");
     // The refused request took nothing from the global bucket: model n still gets the 2 left.
     assert!(limits
-        .acquire(&store, &subject("n", None), Phase::BeforePick, T0, 0)
+        .acquire(
+            &store,
+            &RefCell::default(),
+            &subject("n", None),
+            Phase::BeforePick,
+            T0,
+            0
+        )
         .is_ok());
     let ok = limits
-        .acquire(&store, &subject("n", None), Phase::BeforePick, T0, 0)
+        .acquire(
+            &store,
+            &RefCell::default(),
+            &subject("n", None),
+            Phase::BeforePick,
+            T0,
+            0,
+        )
         .unwrap();
     assert_eq!(ok.tightest.unwrap().1.remaining, 0);
     let refusal = limits
-        .acquire(&store, &subject("n", None), Phase::BeforePick, T0, 0)
+        .acquire(
+            &store,
+            &RefCell::default(),
+            &subject("n", None),
+            Phase::BeforePick,
+            T0,
+            0,
+        )
         .unwrap_err();
     assert_eq!(limits.list[refusal.limit].name, "model.rate-limit");
     assert!(refusal.verdict.retry_after_ns > 0 && refusal.verdict.retry_after_ns <= 1_000_000_000);
@@ -95,22 +131,24 @@ fn instance_limits_are_drawn_after_the_pick() {
     let mut s = subject("m", None);
     // Before the pick nothing applies.
     assert!(limits
-        .acquire(&store, &s, Phase::BeforePick, T0, 0)
+        .acquire(&store, &RefCell::default(), &s, Phase::BeforePick, T0, 0)
         .unwrap()
         .grants
         .is_empty());
     s.instance = Some((0, "a"));
-    assert!(limits.acquire(&store, &s, Phase::AfterPick, T0, 0).is_ok());
+    assert!(limits
+        .acquire(&store, &RefCell::default(), &s, Phase::AfterPick, T0, 0)
+        .is_ok());
     assert_eq!(
         limits
-            .acquire(&store, &s, Phase::AfterPick, T0, 0)
+            .acquire(&store, &RefCell::default(), &s, Phase::AfterPick, T0, 0)
             .unwrap_err()
             .label,
         "a"
     );
     s.instance = Some((1, "b"));
     assert!(limits
-        .acquire(&store, &s, Phase::AfterPick, T0, 0)
+        .acquire(&store, &RefCell::default(), &s, Phase::AfterPick, T0, 0)
         .unwrap()
         .grants
         .is_empty());
@@ -130,7 +168,14 @@ fn clients_get_buckets_of_their_own_in_a_fixed_table() {
         (0..5)
             .filter(|_| {
                 limits
-                    .acquire(&store, &subject("m", Some(client)), Phase::BeforePick, t, 0)
+                    .acquire(
+                        &store,
+                        &RefCell::default(),
+                        &subject("m", Some(client)),
+                        Phase::BeforePick,
+                        t,
+                        0,
+                    )
                     .is_ok()
             })
             .count()
@@ -145,7 +190,14 @@ fn clients_get_buckets_of_their_own_in_a_fixed_table() {
     assert_eq!(store.len(), keys_before);
     // No client address: the per-client limit does not apply.
     assert!(limits
-        .acquire(&store, &subject("m", None), Phase::BeforePick, T0, 0)
+        .acquire(
+            &store,
+            &RefCell::default(),
+            &subject("m", None),
+            Phase::BeforePick,
+            T0,
+            0
+        )
         .is_ok());
     // client-ip-enable adds a per-client twin to a service-wide limit.
     let cfg = config(json!({
@@ -208,8 +260,14 @@ fn api_key_quotas_are_per_key() {
         ..subject("m", None)
     };
     let draw = |key: Option<usize>, tokens: u64| {
-        cfg.limits
-            .acquire(&store, &with_key(key), Phase::BeforePick, T0, tokens)
+        cfg.limits.acquire(
+            &store,
+            &RefCell::default(),
+            &with_key(key),
+            Phase::BeforePick,
+            T0,
+            tokens,
+        )
     };
     assert!(draw(Some(0), 300).is_ok());
     assert!(draw(Some(0), 300).is_ok());
@@ -226,6 +284,7 @@ fn api_key_quotas_are_per_key() {
     // A day's quota refills over the day: a minute later, still nothing.
     let later = cfg.limits.acquire(
         &store,
+        &RefCell::default(),
         &with_key(Some(1)),
         Phase::BeforePick,
         T0 + 60_000_000_000,
@@ -236,4 +295,105 @@ fn api_key_quotas_are_per_key() {
         assert!(draw(Some(2), 0).is_ok());
         assert!(draw(None, 0).is_ok());
     }
+}
+
+#[test]
+fn a_refund_owed_rides_with_the_next_draw_and_makes_room_for_it() {
+    let cfg = config(json!({
+        "token-limit": {"tokens-per-minute": 1000, "scope": "model"},
+        "services": {"chat": {"instances": [{"name": "m", "base-url": "http://a:1"}]}}
+    }));
+    let store = store_for(&cfg);
+    let refunds = RefCell::new(Refunds::default());
+    let draw = |tokens: u64| {
+        cfg.limits.acquire(
+            &store,
+            &refunds,
+            &subject("m", None),
+            Phase::BeforePick,
+            T0,
+            tokens,
+        )
+    };
+    let first = draw(900).unwrap();
+    cfg.limits.settle_tokens(
+        &store,
+        Some(&mut refunds.borrow_mut()),
+        &first.grants,
+        100,
+        T0,
+    );
+    // 800 owed, not yet paid: the bucket holds 100.
+    assert_eq!(refunds.borrow().owed_to(&first.grants[0].key), 800);
+    // 500 fits only once the refund is in: it is paid in the same write.
+    let second = draw(500).unwrap();
+    assert!(refunds.borrow().is_empty());
+    assert_eq!(second.tightest_tokens.unwrap().1.remaining, 400);
+    // A debt is charged at once: 400 more than reserved empties the bucket.
+    cfg.limits.settle_tokens(
+        &store,
+        Some(&mut refunds.borrow_mut()),
+        &second.grants,
+        900,
+        T0,
+    );
+    assert!(refunds.borrow().is_empty());
+    assert!(draw(1).is_err());
+}
+
+#[test]
+fn a_clients_bucket_and_a_full_table_are_refunded_at_once() {
+    let cfg = config(json!({
+        "token-limit": {"tokens-per-minute": 1000, "scope": "client"},
+        "services": {"chat": {"instances": [{"name": "m", "base-url": "http://a:1"}]}}
+    }));
+    let store = store_for(&cfg);
+    let refunds = RefCell::new(Refunds::default());
+    let client = subject("m", Some("10.0.0.1"));
+    let draw = |tokens: u64| {
+        cfg.limits
+            .acquire(&store, &refunds, &client, Phase::BeforePick, T0, tokens)
+    };
+    let first = draw(900).unwrap();
+    cfg.limits.settle_tokens(
+        &store,
+        Some(&mut refunds.borrow_mut()),
+        &first.grants,
+        100,
+        T0,
+    );
+    assert!(refunds.borrow().is_empty());
+    assert!(draw(800).is_ok());
+    // A fixed bucket with the table full: paid at once as well.
+    let cfg = config(json!({
+        "token-limit": {"tokens-per-minute": 1000, "scope": "model"},
+        "services": {"chat": {"instances": [{"name": "m", "base-url": "http://a:1"}]}}
+    }));
+    let store = store_for(&cfg);
+    let mut full = Refunds::default();
+    for n in 0..MAX_OWED {
+        assert!(full.owe(0, &format!("other{n}"), 1));
+    }
+    let refunds = RefCell::new(full);
+    let first = cfg
+        .limits
+        .acquire(
+            &store,
+            &refunds,
+            &subject("m", None),
+            Phase::BeforePick,
+            T0,
+            900,
+        )
+        .unwrap();
+    cfg.limits.settle_tokens(
+        &store,
+        Some(&mut refunds.borrow_mut()),
+        &first.grants,
+        100,
+        T0,
+    );
+    assert_eq!(refunds.borrow().owed_to(&first.grants[0].key), 0);
+    let levels = cfg.limits.levels(&store, T0);
+    assert_eq!(levels[0].available, 900);
 }

@@ -2,6 +2,7 @@ use super::*;
 use crate::encoding::client_ip;
 use crate::store::MemoryStore;
 use serde_json::{json, Value};
+use std::cell::RefCell;
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
 
@@ -41,6 +42,7 @@ fn decide(cfg: &Plan, h: &RequestHead<'_>) -> HeadDecision {
         h,
         &RouteInputs {
             store: &store,
+            refunds: &RefCell::default(),
             random: 7,
             clock: &move || 1,
             client: None,
@@ -69,6 +71,7 @@ fn scan_body(cfg: &Plan, path: &str, content_type: &str, body: &[u8]) -> BodySte
     let store = MemoryStore::default();
     let host = RouteInputs {
         store: &store,
+        refunds: &RefCell::default(),
         random: 7,
         clock: &move || 1,
         client: None,
@@ -275,6 +278,7 @@ fn body_over_the_limit_is_413() {
     let store = MemoryStore::default();
     let host = RouteInputs {
         store: &store,
+        refunds: &RefCell::default(),
         random: 0,
         clock: &move || 1,
         client: None,
@@ -371,6 +375,7 @@ fn header_hash_takes_its_key_from_the_header_or_the_body_field() {
         };
         let host = RouteInputs {
             store: &store,
+            refunds: &RefCell::default(),
             random,
             clock: &move || 1,
             client: None,
@@ -405,6 +410,7 @@ fn header_hash_takes_its_key_from_the_header_or_the_body_field() {
 fn route_with(cfg: &Plan, store: &MemoryStore, now_ns: u64) -> Result<Routed, LocalReply> {
     let host = RouteInputs {
         store,
+        refunds: &RefCell::default(),
         random: 0,
         clock: &move || now_ns,
         client: None,
@@ -481,6 +487,7 @@ fn fallback_models_stand_in_in_order_only_when_the_body_can_be_rewritten() {
     let store = MemoryStore::default();
     let host = RouteInputs {
         store: &store,
+        refunds: &RefCell::default(),
         random: 0,
         clock: &move || 1,
         client: None,
@@ -545,6 +552,7 @@ fn api_keys_authenticate_then_authorize() {
     let store = MemoryStore::default();
     let host = RouteInputs {
         store: &store,
+        refunds: &RefCell::default(),
         random: 1,
         clock: &move || now,
         client: None,
