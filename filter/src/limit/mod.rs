@@ -260,15 +260,12 @@ impl Refunds {
         true
     }
 
-    fn owed_to(&self, key: &str) -> u64 {
-        self.owed
-            .iter()
-            .find(|o| o.key == key)
-            .map_or(0, |o| o.tokens)
-    }
-
-    fn paid(&mut self, key: &str) {
-        self.owed.retain(|o| o.key != key);
+    /// What is owed to the bucket, no longer owed.
+    fn take(&mut self, key: &str) -> u64 {
+        let Some(at) = self.owed.iter().position(|o| o.key == key) else {
+            return 0;
+        };
+        self.owed.swap_remove(at).tokens
     }
 
     pub fn is_empty(&self) -> bool {
@@ -519,9 +516,10 @@ impl Limits {
             };
             let (key, verdict) = match key {
                 BucketKey::Fixed(key) => {
-                    let owed = match limit.unit {
-                        Unit::Tokens => refunds.borrow().owed_to(&key),
-                        Unit::Requests => 0,
+                    // Taken out before the write, owed again if the write fails: never paid twice.
+                    let owed = match (limit.unit, refunds.try_borrow_mut()) {
+                        (Unit::Tokens, Ok(mut refunds)) => refunds.take(&key),
+                        _ => 0,
                     };
                     let verdict = transact(store, &key, |state| {
                         if owed == 0 {
@@ -532,8 +530,10 @@ impl Limits {
                             admit_cost(&limit.params, Some(&repaid), now_ns, cost);
                         (Some(written.unwrap_or(repaid)), verdict)
                     });
-                    if owed > 0 && verdict.is_some() {
-                        refunds.borrow_mut().paid(&key);
+                    if owed > 0 && verdict.is_none() {
+                        if let Ok(mut refunds) = refunds.try_borrow_mut() {
+                            refunds.owe(index, &key, owed);
+                        }
                     }
                     (key, verdict)
                 }

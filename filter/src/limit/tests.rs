@@ -324,7 +324,8 @@ fn a_refund_owed_rides_with_the_next_draw_and_makes_room_for_it() {
         T0,
     );
     // 800 owed, not yet paid: the bucket holds 100.
-    assert_eq!(refunds.borrow().owed_to(&first.grants[0].key), 800);
+    assert_eq!(refunds.borrow_mut().take(&first.grants[0].key), 800);
+    assert!(refunds.borrow_mut().owe(0, &first.grants[0].key, 800));
     // 500 fits only once the refund is in: it is paid in the same write.
     let second = draw(500).unwrap();
     assert!(refunds.borrow().is_empty());
@@ -393,7 +394,7 @@ fn a_clients_bucket_and_a_full_table_are_refunded_at_once() {
         100,
         T0,
     );
-    assert_eq!(refunds.borrow().owed_to(&first.grants[0].key), 0);
+    assert_eq!(refunds.borrow_mut().take(&first.grants[0].key), 0);
     let levels = cfg.limits.levels(&store, T0);
     assert_eq!(levels[0].available, 900);
 }
