@@ -179,6 +179,9 @@ pub struct Grant {
     at_ns: u64,
     /// What was taken: 1 request, or the reserved tokens.
     cost: u64,
+    /// Whether the draw left at least half the bucket: only then may a refund wait (see
+    /// `Refunds`).
+    roomy: bool,
 }
 
 impl Grant {
@@ -225,10 +228,12 @@ impl Admitted {
 
 /// The token refunds this VM owes its budgets. A request that used fewer tokens than it reserved
 /// gives the rest back with the next draw from the same bucket on this VM (inside that draw's
-/// compare-and-swap) or at the VM's next tick, whichever comes first: a read and a write less
-/// per budget per request. Owing only keeps a budget tighter for a moment (on other workers,
-/// until the tick), never looser, so admission stays exact; a debt (more used than reserved) is
-/// charged at once. Per-client buckets are refunded at once: their slots change hands.
+/// compare-and-swap) or at the VM's next tick (once a second), whichever comes first: a read and a
+/// write less per budget per request. Owing keeps a budget tighter for that moment on the
+/// other workers, never looser, so it only waits while its draw left at least half the bucket:
+/// near the limit, where another worker's next request could be refused for want of it, the
+/// refund is paid at once. A debt (more used than reserved) is charged at once; per-client
+/// buckets are refunded at once (their slots change hands).
 #[derive(Debug, Default)]
 pub struct Refunds {
     owed: Vec<Owed>,
@@ -561,12 +566,14 @@ impl Limits {
                     verdict,
                 });
             }
+            let roomy = verdict.remaining >= limit.params.limit() / 2;
             admitted.note(index, limit.unit, verdict);
             admitted.grants.push(Grant {
                 limit: index,
                 key,
                 at_ns: now_ns,
                 cost,
+                roomy,
             });
         }
         Ok(admitted)
@@ -593,8 +600,8 @@ impl Limits {
     }
 
     /// Settles the token budgets a request drew from, now that it really used `used` tokens: a
-    /// debt at once, a refund owed (see `Refunds`) where the bucket is not a client's and
-    /// `refunds` can take it.
+    /// debt at once, a refund owed (see `Refunds`) where the bucket is not a client's, the draw
+    /// left it roomy and `refunds` can take it.
     pub fn settle_tokens(
         &self,
         store: &dyn SharedStore,
@@ -617,7 +624,7 @@ impl Limits {
                 continue;
             }
             let client = limit.scope == Scope::Client;
-            if delta < 0 && !client {
+            if delta < 0 && !client && grant.roomy {
                 if let Some(refunds) = refunds.as_deref_mut() {
                     if refunds.owe(grant.limit, &grant.key, delta.unsigned_abs()) {
                         continue;

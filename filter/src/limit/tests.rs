@@ -297,104 +297,109 @@ fn api_key_quotas_are_per_key() {
     }
 }
 
-#[test]
-fn a_refund_owed_rides_with_the_next_draw_and_makes_room_for_it() {
-    let cfg = config(json!({
-        "token-limit": {"tokens-per-minute": 1000, "scope": "model"},
-        "services": {"chat": {"instances": [{"name": "m", "base-url": "http://a:1"}]}}
-    }));
-    let store = store_for(&cfg);
-    let refunds = RefCell::new(Refunds::default());
-    let draw = |tokens: u64| {
-        cfg.limits.acquire(
-            &store,
-            &refunds,
-            &subject("m", None),
+/// One token budget of `tpm` for model `m` (scope `scope`), its store and this VM's refunds.
+struct Budget {
+    cfg: Plan,
+    store: MemoryStore,
+    refunds: RefCell<Refunds>,
+}
+
+impl Budget {
+    fn new(tpm: u64, scope: &str) -> Budget {
+        let cfg = config(json!({
+            "token-limit": {"tokens-per-minute": tpm, "scope": scope},
+            "services": {"chat": {"instances": [{"name": "m", "base-url": "http://a:1"}]}}
+        }));
+        let store = store_for(&cfg);
+        Budget {
+            cfg,
+            store,
+            refunds: RefCell::default(),
+        }
+    }
+
+    fn draw(&self, tokens: u64) -> Result<Admitted, Refusal> {
+        let client = subject("m", Some("10.0.0.1"));
+        self.cfg.limits.acquire(
+            &self.store,
+            &self.refunds,
+            &client,
             Phase::BeforePick,
             T0,
             tokens,
         )
-    };
-    let first = draw(900).unwrap();
-    cfg.limits.settle_tokens(
-        &store,
-        Some(&mut refunds.borrow_mut()),
-        &first.grants,
-        100,
-        T0,
-    );
-    // 800 owed, not yet paid: the bucket holds 100.
-    assert_eq!(refunds.borrow_mut().take(&first.grants[0].key), 800);
-    assert!(refunds.borrow_mut().owe(0, &first.grants[0].key, 800));
-    // 500 fits only once the refund is in: it is paid in the same write.
-    let second = draw(500).unwrap();
-    assert!(refunds.borrow().is_empty());
+    }
+
+    fn settle(&self, admitted: &Admitted, used: u64) {
+        self.cfg.limits.settle_tokens(
+            &self.store,
+            Some(&mut self.refunds.borrow_mut()),
+            &admitted.grants,
+            used,
+            T0,
+        );
+    }
+
+    fn available(&self) -> u64 {
+        self.cfg.limits.levels(&self.store, T0)[0].available
+    }
+
+    fn owed(&self, admitted: &Admitted) -> u64 {
+        self.refunds.borrow_mut().take(&admitted.grants[0].key)
+    }
+}
+
+#[test]
+fn a_refund_owed_rides_with_the_next_draw_and_makes_room_for_it() {
+    let budget = Budget::new(2000, "model");
+    // 900 of 2000 leaves more than half: the refund may wait.
+    let first = budget.draw(900).unwrap();
+    budget.settle(&first, 100);
+    // 800 owed, not yet paid: the bucket holds 1100.
+    assert_eq!(budget.owed(&first), 800);
+    assert!(budget
+        .refunds
+        .borrow_mut()
+        .owe(0, &first.grants[0].key, 800));
+    assert_eq!(budget.available(), 1100);
+    // 1500 fits only once the refund is in: it is paid in the same write.
+    let second = budget.draw(1500).unwrap();
+    assert!(budget.refunds.borrow().is_empty());
     assert_eq!(second.tightest_tokens.unwrap().1.remaining, 400);
     // A debt is charged at once: 400 more than reserved empties the bucket.
-    cfg.limits.settle_tokens(
-        &store,
-        Some(&mut refunds.borrow_mut()),
-        &second.grants,
-        900,
-        T0,
-    );
-    assert!(refunds.borrow().is_empty());
-    assert!(draw(1).is_err());
+    budget.settle(&second, 1900);
+    assert!(budget.refunds.borrow().is_empty());
+    assert!(budget.draw(1).is_err());
+}
+
+#[test]
+fn a_refund_is_paid_at_once_when_its_draw_left_less_than_half_the_budget() {
+    let budget = Budget::new(1000, "model");
+    // 600 of 1000 leaves 400: another worker's next request of 600 must find the 500 unused.
+    let first = budget.draw(600).unwrap();
+    budget.settle(&first, 100);
+    assert!(budget.refunds.borrow().is_empty());
+    assert_eq!(budget.available(), 900);
+    // Exactly half left is still roomy: that refund waits.
+    let second = budget.draw(400).unwrap();
+    budget.settle(&second, 100);
+    assert_eq!(budget.owed(&second), 300);
 }
 
 #[test]
 fn a_clients_bucket_and_a_full_table_are_refunded_at_once() {
-    let cfg = config(json!({
-        "token-limit": {"tokens-per-minute": 1000, "scope": "client"},
-        "services": {"chat": {"instances": [{"name": "m", "base-url": "http://a:1"}]}}
-    }));
-    let store = store_for(&cfg);
-    let refunds = RefCell::new(Refunds::default());
-    let client = subject("m", Some("10.0.0.1"));
-    let draw = |tokens: u64| {
-        cfg.limits
-            .acquire(&store, &refunds, &client, Phase::BeforePick, T0, tokens)
-    };
-    let first = draw(900).unwrap();
-    cfg.limits.settle_tokens(
-        &store,
-        Some(&mut refunds.borrow_mut()),
-        &first.grants,
-        100,
-        T0,
-    );
-    assert!(refunds.borrow().is_empty());
-    assert!(draw(800).is_ok());
+    let budget = Budget::new(4000, "client");
+    let first = budget.draw(900).unwrap();
+    budget.settle(&first, 100);
+    assert!(budget.refunds.borrow().is_empty());
+    assert!(budget.draw(3800).is_ok());
     // A fixed bucket with the table full: paid at once as well.
-    let cfg = config(json!({
-        "token-limit": {"tokens-per-minute": 1000, "scope": "model"},
-        "services": {"chat": {"instances": [{"name": "m", "base-url": "http://a:1"}]}}
-    }));
-    let store = store_for(&cfg);
-    let mut full = Refunds::default();
+    let budget = Budget::new(4000, "model");
     for n in 0..MAX_OWED {
-        assert!(full.owe(0, &format!("other{n}"), 1));
+        assert!(budget.refunds.borrow_mut().owe(0, &format!("other{n}"), 1));
     }
-    let refunds = RefCell::new(full);
-    let first = cfg
-        .limits
-        .acquire(
-            &store,
-            &refunds,
-            &subject("m", None),
-            Phase::BeforePick,
-            T0,
-            900,
-        )
-        .unwrap();
-    cfg.limits.settle_tokens(
-        &store,
-        Some(&mut refunds.borrow_mut()),
-        &first.grants,
-        100,
-        T0,
-    );
-    assert_eq!(refunds.borrow_mut().take(&first.grants[0].key), 0);
-    let levels = cfg.limits.levels(&store, T0);
-    assert_eq!(levels[0].available, 900);
+    let first = budget.draw(900).unwrap();
+    budget.settle(&first, 100);
+    assert_eq!(budget.owed(&first), 0);
+    assert_eq!(budget.available(), 3900);
 }
