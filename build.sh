@@ -131,7 +131,7 @@ ensure_redis() {
 #   ./build.sh bench profile [--rounds N --seconds S --variants a,b]
 #                                                    Envoy's CPU split by where perf's samples land
 #                                                    (wasm code, host calls, rest of Envoy, kernel)
-#   ./build.sh bench wasm [--baseline-wasm F | --perf | --timing]
+#   ./build.sh bench wasm [--baseline-wasm F | --perf | --timing] [--workload NAME]
 #                                                    the filter's instructions a request under V8
 #                                                    (node + callgrind; paired with a baseline build)
 #   ./build.sh bench global-limits [--rounds N --seconds S --no-pin --no-token-budget]

@@ -4,7 +4,8 @@ instead of timed (these machines are too noisy to time a few microseconds).
 The filter's .wasm runs under node's V8 (TurboFan, as Envoy's) against a small proxy-wasm host in
 JavaScript (integration-tests/wasm_harness.mjs), request after request of the bench's 1 KB chat
 with the bench's demo configuration (round-robin, request and token limits, breakers, an API key
-with quotas). Modes:
+with quotas); --workload names another of the bench's workloads (its path and body, delivered
+in one body callback as a fast client's is). Modes:
 
   (default)  callgrind: instructions a request in V8's compiled code (the filter's wasm, plus the
              harness's JavaScript host, the same for every build), from the difference between a
@@ -142,11 +143,15 @@ def main() -> int:
     parser.add_argument("--perf", action="store_true")
     parser.add_argument("--timing", action="store_true")
     parser.add_argument("--thrash", type=int, default=0, help="MiB touched between requests (--timing)")
+    parser.add_argument("--workload", default="chat 1 KB", choices=[w.name for w in bench.WORKLOADS],
+                        help="one of the bench's workloads (default: chat 1 KB)")
     args = parser.parse_args()
+    (workload,) = [w for w in bench.WORKLOADS if w.name == args.workload]
+    os.environ["REQUEST_PATH"] = workload.path  # the harness's, for every run below
     work = Path(tempfile.mkdtemp(prefix="bench-wasm-"))
     config = plugin_configuration(work)
     body = work / "body.json"
-    body.write_bytes(bench.chat_body(1024))
+    body.write_bytes(workload.body)
     builds = [("this build", bench.WASM)] + ([("baseline", args.baseline_wasm)] if args.baseline_wasm else [])
     if args.perf:
         profile(config, body, args.requests * 5, work)
@@ -158,7 +163,7 @@ def main() -> int:
         return 0
     short = 1000
     print(f"callgrind, node {subprocess.run(['node', '--version'], capture_output=True, text=True).stdout.strip()}, "
-          f"{args.requests} requests beyond a run of {short} (the bench's 1 KB chat, demo configuration):")
+          f"{args.requests} requests beyond a run of {short} (the bench's {workload.name}, demo configuration):")
     print("| build | .wasm bytes | JIT instructions a request | all instructions a request | host calls a request |")
     print("|---|---|---|---|---|")
     for label, wasm in builds:

@@ -6,7 +6,7 @@
 //
 //   node wasm_harness.mjs FILTER.wasm PLUGIN_CONFIG.json REQUEST_BODY N
 //
-// Env: API_KEY (sent as a bearer token), THRASH (MiB of memory touched between two requests,
+// Env: API_KEY (sent as a bearer token), REQUEST_PATH (default /v1/chat/completions), THRASH (MiB of memory touched between two requests,
 // as Envoy's own work between callbacks evicts the filter's code and data from the caches).
 // Prints one line of JSON: requests, microseconds a request (timing is only indicative), host
 // calls a request by name, and whether the request was routed.
@@ -16,7 +16,7 @@ const [wasmPath, configPath, bodyPath, countArg] = process.argv.slice(2);
 const N = Number(countArg || 10000);
 const config = fs.readFileSync(configPath);
 const body = fs.readFileSync(bodyPath);
-const requestHeaders = [[":method", "POST"], [":path", "/v1/chat/completions"], [":authority", "127.0.0.1:8080"],
+const requestHeaders = [[":method", "POST"], [":path", process.env.REQUEST_PATH || "/v1/chat/completions"], [":authority", "127.0.0.1:8080"],
   [":scheme", "http"], ["content-type", "application/json"], ["content-length", String(body.length)],
   ["user-agent", "wrk"], ["x-forwarded-proto", "http"], ["x-request-id", "5f0c6d4e-1b2a-4c3d-9e8f-0a1b2c3d4e5f"]];
 if (process.env.API_KEY) requestHeaders.push(["authorization", "Bearer " + process.env.API_KEY]);
