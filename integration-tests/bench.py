@@ -383,6 +383,7 @@ class EnvoySameJobs(JAiRouter):
     name = "envoy-same-jobs"
     api_keys = False
     instance_header = False
+    probe_steps = "pause"
 
     def adapt(self, bootstrap):
         config = json.loads(bootstrap.read_text())
@@ -392,7 +393,8 @@ class EnvoySameJobs(JAiRouter):
         hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
         (wasm,) = [f["typed_config"]["config"] for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.wasm"]
         wasm.update({"name": "probe", "root_id": "probe",
-                     "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": "pause"}})
+                     "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                                       "value": self.probe_steps}})
         wasm["vm_config"].update({"vm_id": "probe", "code": {"local": {"filename": str(PROBE_WASM)}}})
         if not wasm.get("allow_on_headers_stop_iteration"):
             raise RuntimeError("envoy-same-jobs: the rendered filter no longer sets allow_on_headers_stop_iteration")
@@ -405,6 +407,15 @@ class EnvoySameJobs(JAiRouter):
         routed["route"]["cluster"] = "jairouter-chat-0"
         host["routes"] = [routed]
         bootstrap.write_text(json.dumps(config))
+
+
+class EnvoySameJobsLookahead(EnvoySameJobs):
+    """envoy-same-jobs whose probe also holds the body until 64 KB past the first 16 KB window
+    are buffered, reading them 16 KB at a time: the body handling of ours looking past a model
+    for `max_tokens`, without the scanning (`./build.sh bench profile` splits a large prompt's
+    cost with it)."""
+    name = "envoy-same-jobs-lookahead"
+    probe_steps = "pause,lookahead:4"
 
 
 class LiteLLM(Variant):

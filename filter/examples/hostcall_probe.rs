@@ -7,7 +7,10 @@
 //! `reply-header` (a response header), `route-cache` (the `clear_route_cache` foreign
 //! function), `time`, `shared` (a shared-data read and compare-and-swap write), `property`
 //! (`source.address`), `panic` (panics on a request carrying `x-probe-panic`: what Envoy does
-//! with a VM that died, for the gateway's failure policy test).
+//! with a VM that died, for the gateway's failure policy test), `lookahead:K` (with `pause`:
+//! hold the body until K more 16 KB windows than the first are buffered, reading each, as ours
+//! does looking past a model for `max_tokens`), `count` (a counter of body callbacks,
+//! `probe_request_body_callbacks`, in Envoy's stats).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -40,6 +43,8 @@ mod probe {
         shared: u32,
         property: u32,
         panic: bool,
+        lookahead: u32,
+        count: bool,
     }
 
     struct Root(Rc<Steps>);
@@ -66,11 +71,24 @@ mod probe {
                     "shared" => steps.shared = count,
                     "property" => steps.property = count,
                     "panic" => steps.panic = true,
+                    "lookahead" => steps.lookahead = count,
+                    "count" => steps.count = true,
                     _ => return false,
                 }
             }
             if steps.shared > 0 {
                 hostcalls::set_shared_data("probe", Some(b"0"), None).unwrap();
+            }
+            if steps.count {
+                CALLBACKS.with(|id| {
+                    id.set(
+                        hostcalls::define_metric(
+                            proxy_wasm::types::MetricType::Counter,
+                            "probe_request_body_callbacks",
+                        )
+                        .ok(),
+                    )
+                });
             }
             self.0 = Rc::new(steps);
             true
@@ -79,6 +97,7 @@ mod probe {
             Some(Box::new(Probe {
                 steps: Rc::clone(&self.0),
                 done: false,
+                read: 0,
             }))
         }
         fn get_type(&self) -> Option<ContextType> {
@@ -89,6 +108,14 @@ mod probe {
     struct Probe {
         steps: Rc<Steps>,
         done: bool,
+        /// Body bytes read so far (`lookahead`).
+        read: usize,
+    }
+
+    const WINDOW: usize = 16 * 1024;
+
+    thread_local! {
+        static CALLBACKS: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
     }
 
     impl Probe {
@@ -141,9 +168,22 @@ mod probe {
             self.request_calls();
             Action::Continue
         }
-        fn on_http_request_body(&mut self, size: usize, _: bool) -> Action {
+        fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+            if self.steps.count {
+                if let Some(id) = CALLBACKS.with(|id| id.get()) {
+                    let _ = hostcalls::increment_metric(id, 1);
+                }
+            }
             if !self.done {
-                let _ = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size.min(16 * 1024));
+                let want = (self.steps.lookahead as usize + 1) * WINDOW;
+                while self.read < size.min(want) {
+                    let n = (size.min(want) - self.read).min(WINDOW);
+                    let _ = hostcalls::get_buffer(BufferType::HttpRequestBody, self.read, n);
+                    self.read += n;
+                }
+                if self.steps.lookahead > 0 && size < want && !end_of_stream {
+                    return Action::Pause;
+                }
                 self.request_calls();
             }
             Action::Continue
