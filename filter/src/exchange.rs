@@ -47,8 +47,11 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use translation::{Hold, Pending, Translation};
 
-/// Body bytes are copied into the VM in windows of this size, and only until the model is known.
+/// Body bytes are copied into the VM in windows, and only until the model is known: the first
+/// of this size, each next as large as all read before it, up to `MAX_BODY_WINDOW` (a model
+/// near the start costs one small copy; one at the end of a large prompt, few host calls).
 pub const BODY_WINDOW: usize = 16 * 1024;
+pub const MAX_BODY_WINDOW: usize = 4 * BODY_WINDOW;
 
 /// A failed exchange (5xx, reset, timeout) counts as at least this slow for least-latency.
 const FAILURE_LATENCY_NS: u64 = 1_000_000_000;
@@ -444,7 +447,8 @@ impl Exchange {
         let readable = body_size.min(usize::try_from(scan.limit()).unwrap_or(usize::MAX));
         let mut outcome = ScanOutcome::NeedMore;
         while self.scanned < readable && outcome == ScanOutcome::NeedMore {
-            let want = (readable - self.scanned).min(BODY_WINDOW);
+            let window = self.scanned.clamp(BODY_WINDOW, MAX_BODY_WINDOW);
+            let want = (readable - self.scanned).min(scan.next_read(window));
             let chunk = match host.request_body(self.scanned, want) {
                 Some(bytes) if !bytes.is_empty() => bytes,
                 _ => break,

@@ -389,6 +389,18 @@ impl BodyScan {
         self.limit
     }
 
+    /// How much the next read of the body should take: `window` until the model is read, then
+    /// the rest of the lookahead for extra fields in one read (no point in smaller ones).
+    pub fn next_read(&self, window: usize) -> usize {
+        match &self.scanner {
+            Scanner::Json(s) => s
+                .lookahead_left()
+                .filter(|&left| left > 0)
+                .unwrap_or(window),
+            Scanner::Multipart(_) => window,
+        }
+    }
+
     /// Feeds the next bytes; stops being interesting as soon as the outcome is not `NeedMore`.
     pub fn feed(&mut self, chunk: &[u8]) -> ScanOutcome {
         match &mut self.scanner {

@@ -390,6 +390,41 @@ fn a_token_budget_reserves_at_admission_and_settles_from_usage() {
     assert_eq!(summary["completion_tokens"], 3);
 }
 
+#[test]
+fn a_large_prompt_after_the_model_is_read_in_two_windows_for_max_tokens() {
+    let mut run = Run::new(plan(
+        json!({"token-limit": {"tokens-per-minute": 100000000}}),
+    ));
+    let content = "x".repeat(4 * 1024 * 1024);
+    let body =
+        format!(r#"{{"model":"llama","messages":[{{"role":"user","content":"{content}"}}]}}"#);
+    run.request("POST", "/v1/chat/completions", &[], body.as_bytes());
+    run.host.take_calls();
+    assert_eq!(run.send(), Flow::Continue);
+    // The first window finds the model; the 64 KB sought past that window for `max_tokens`
+    // come in one more read (not four), and nothing of the prompt beyond them.
+    let calls = run.calls();
+    assert_eq!(calls.get(&Call::RequestBody), Some(&2));
+    assert_eq!(
+        run.exchange.scanned,
+        BODY_WINDOW + crate::scan::json::FIELD_LOOKAHEAD
+    );
+}
+
+#[test]
+fn a_large_prompt_before_the_model_is_read_in_growing_windows() {
+    let mut run = Run::new(plan(json!({})));
+    let content = "x".repeat(200 * 1024);
+    let body =
+        format!(r#"{{"messages":[{{"role":"user","content":"{content}"}}],"model":"llama"}}"#);
+    run.request("POST", "/v1/chat/completions", &[], body.as_bytes());
+    run.host.take_calls();
+    assert_eq!(run.send(), Flow::Continue);
+    // 16 + 16 + 32 + 64 + 64 KB, then the last bytes and the model: 6 reads, not 13.
+    assert_eq!(run.calls().get(&Call::RequestBody), Some(&6));
+    assert_eq!(run.exchange.scanned, body.len());
+}
+
 /// What the model's token budget holds, without the refill since it was last written (a time
 /// before that write refills nothing), so the levels below are exact.
 fn budget_level(run: &Run) -> u64 {

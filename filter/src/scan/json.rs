@@ -189,8 +189,9 @@ impl JsonModelScanner {
         self.model.as_deref()
     }
 
-    /// Bytes still to read for extra fields after the model (`None` before the model).
-    fn lookahead_left(&self) -> Option<usize> {
+    /// Bytes still to read for extra fields after the model (`None` before the model): what
+    /// the next read may take at once.
+    pub fn lookahead_left(&self) -> Option<usize> {
         let seen_at = self.model_seen_at?;
         Some(FIELD_LOOKAHEAD.saturating_sub(self.consumed.saturating_sub(seen_at)))
     }
