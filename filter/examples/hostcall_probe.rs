@@ -44,7 +44,8 @@ mod probe {
         property: u32,
         panic: bool,
         lookahead: u32,
-        count: bool,
+        /// The body-callback counter's metric id (`count`).
+        callbacks: Option<u32>,
     }
 
     struct Root(Rc<Steps>);
@@ -72,23 +73,18 @@ mod probe {
                     "property" => steps.property = count,
                     "panic" => steps.panic = true,
                     "lookahead" => steps.lookahead = count,
-                    "count" => steps.count = true,
+                    "count" => {
+                        steps.callbacks = hostcalls::define_metric(
+                            proxy_wasm::types::MetricType::Counter,
+                            "probe_request_body_callbacks",
+                        )
+                        .ok()
+                    }
                     _ => return false,
                 }
             }
             if steps.shared > 0 {
                 hostcalls::set_shared_data("probe", Some(b"0"), None).unwrap();
-            }
-            if steps.count {
-                CALLBACKS.with(|id| {
-                    id.set(
-                        hostcalls::define_metric(
-                            proxy_wasm::types::MetricType::Counter,
-                            "probe_request_body_callbacks",
-                        )
-                        .ok(),
-                    )
-                });
             }
             self.0 = Rc::new(steps);
             true
@@ -113,10 +109,6 @@ mod probe {
     }
 
     const WINDOW: usize = 16 * 1024;
-
-    thread_local! {
-        static CALLBACKS: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
-    }
 
     impl Probe {
         fn request_calls(&mut self) {
@@ -169,10 +161,8 @@ mod probe {
             Action::Continue
         }
         fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
-            if self.steps.count {
-                if let Some(id) = CALLBACKS.with(|id| id.get()) {
-                    let _ = hostcalls::increment_metric(id, 1);
-                }
+            if let Some(id) = self.steps.callbacks {
+                let _ = hostcalls::increment_metric(id, 1);
             }
             if !self.done {
                 let want = (self.steps.lookahead as usize + 1) * WINDOW;

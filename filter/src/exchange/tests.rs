@@ -395,7 +395,7 @@ fn a_large_prompt_after_the_model_is_read_in_two_windows_for_max_tokens() {
     let mut run = Run::new(plan(
         json!({"token-limit": {"tokens-per-minute": 100000000}}),
     ));
-    let content = "x".repeat(4 * 1024 * 1024);
+    let content = "x".repeat(1024 * 1024);
     let body =
         format!(r#"{{"model":"llama","messages":[{{"role":"user","content":"{content}"}}]}}"#);
     run.request("POST", "/v1/chat/completions", &[], body.as_bytes());
