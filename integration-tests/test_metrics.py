@@ -69,11 +69,13 @@ def test_requests_durations_sizes_backend_calls_and_selections_are_counted(stubs
     assert value(s, "jairouter_response_size_bytes_count", service="chat") == 9
     assert value(s, "jairouter_response_size_bytes_sum", service="chat") > 9 * 50
     calls = {i: value(s, "jairouter_backend_calls_total", service="chat", instance=i, status="2xx") for i in ("chat-0", "chat-1")}
-    assert calls == {"chat-0": 4, "chat-1": 3}, calls
-    assert value(s, "jairouter_backend_call_duration_seconds_count", service="chat", instance="chat-0") == 4
+    # One connection, one worker: its rotation alternates from wherever it stood, 4 and 3.
+    assert sorted(calls.values()) == [3, 4], calls
+    first = max(calls, key=calls.get)
+    assert value(s, "jairouter_backend_call_duration_seconds_count", service="chat", instance=first) == 4
     picks = {i: value(s, "jairouter_loadbalancer_selections_total", service="chat", strategy="round_robin", instance=i)
              for i in ("chat-0", "chat-1")}
-    assert picks == {"chat-0": 4, "chat-1": 3}, picks
+    assert picks == calls, picks
 
 
 def test_breaker_events_and_state_and_health_gauges(stubs, gateway):

@@ -9,15 +9,11 @@
     clippy::indexing_slicing
 )]
 
-use jairouter_filter::balance::Rng;
-use jairouter_filter::exchange::Exchange;
+use jairouter_filter::exchange::{Exchange, Worker};
 use jairouter_filter::host::TestHost;
-use jairouter_filter::limit::Refunds;
-use jairouter_filter::metrics::Metrics;
 use jairouter_filter::plan::Plan;
 use serde_json::json;
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -69,10 +65,8 @@ fn main() {
         ("content-type".to_string(), "application/json".to_string()),
     ];
     *host.response_chunk.borrow_mut() = answer.to_vec();
-    let rng = Rc::new(RefCell::new(Rng::new(1)));
-    let metrics: Rc<RefCell<Metrics>> = Rc::default();
-    // Refunds owed between ticks, as a VM holds them.
-    let refunds: Rc<RefCell<Refunds>> = Rc::default();
+    // Counts, refunds owed between ticks and rotations, as a VM holds them.
+    let worker = Rc::new(Worker::new(1));
     let n: u32 = std::env::var("EXCHANGES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -82,13 +76,7 @@ fn main() {
     for i in 0..n {
         host.now.set(1_000_000_000 + u64::from(i) * 1000);
         *host.response_headers.borrow_mut() = response_head.clone();
-        let mut exchange = Exchange::new(
-            Rc::clone(&plan),
-            Rc::clone(&rng),
-            Rc::clone(&metrics),
-            Rc::default(),
-            Rc::clone(&refunds),
-        );
+        let mut exchange = Exchange::new(Rc::clone(&plan), Rc::clone(&worker));
         exchange.on_request_headers(&host, false);
         exchange.on_request_body(&host, body.len(), true);
         exchange.on_response_headers(&host, false);
@@ -96,9 +84,9 @@ fn main() {
         exchange.on_log(&host);
         exchange.on_drop(&host);
         if i % 1000 == 0 {
-            metrics.borrow_mut().drain();
+            worker.metrics.borrow_mut().drain();
             plan.limits
-                .pay_refunds(&host, &mut refunds.borrow_mut(), host.now.get());
+                .pay_refunds(&host, &mut worker.refunds.borrow_mut(), host.now.get());
             host.take_calls();
         }
     }

@@ -49,12 +49,14 @@ fn main() {
             store.set(&key, &initial, None).unwrap();
         }
         let refunds = RefCell::new(Refunds::default());
+        let rotations = RefCell::default();
         let n = 200_000u32;
         let start = Instant::now();
         for i in 0..n {
             let host = RouteInputs {
                 store: &store,
                 refunds: &refunds,
+                rotations: &rotations,
                 random: u64::from(i),
                 clock: &move || 1_000_000_000 + u64::from(i) * 1000,
                 client: None,

@@ -17,7 +17,7 @@ mod translation;
 
 use crate::auth::claim_values;
 use crate::balance::load::{begin_request, end_request, record_latency};
-use crate::balance::Rng;
+use crate::balance::{Rng, Rotations};
 use crate::breaker::{self, Admission, BreakerPolicy, Outcome};
 use crate::config::{Protocol, Strategy};
 use crate::contract::{
@@ -195,10 +195,35 @@ impl ResponseHead {
     }
 }
 
+/// What one VM (one Envoy worker) keeps across its requests: every exchange it runs shares it,
+/// and a reload keeps it.
+pub struct Worker {
+    pub rng: RefCell<Rng>,
+    /// The VM's counts between two hand-overs to Envoy.
+    pub metrics: RefCell<Metrics>,
+    /// What the VM's requests leave for the rate-limit service (limits across replicas).
+    pub link: RefCell<ServiceLink>,
+    /// The token refunds the VM's requests owe their budgets.
+    pub refunds: RefCell<Refunds>,
+    /// Where the VM's round-robin rotations stand.
+    pub rotations: RefCell<Rotations>,
+}
+
+impl Worker {
+    pub fn new(seed: u64) -> Worker {
+        Worker {
+            rng: RefCell::new(Rng::new(seed)),
+            metrics: RefCell::default(),
+            link: RefCell::default(),
+            refunds: RefCell::default(),
+            rotations: RefCell::default(),
+        }
+    }
+}
+
 pub struct Exchange {
     plan: Rc<Plan>,
-    rng: Rc<RefCell<Rng>>,
-    metrics: Rc<RefCell<Metrics>>,
+    worker: Rc<Worker>,
     scan: Option<Box<BodyScan>>,
     /// The request's `:path` as the client sent it (rewritten only when the instance needs it).
     path: String,
@@ -243,10 +268,6 @@ pub struct Exchange {
     check: Option<Box<shared_limits::Check>>,
     /// The shared token budgets it drew from, settled when the response ends.
     shared_tokens: Vec<(usize, Descriptor)>,
-    /// This VM's link to the rate-limit service (settlements to send, its outage state).
-    link: Rc<RefCell<ServiceLink>>,
-    /// The token refunds this VM owes its budgets.
-    refunds: Rc<RefCell<Refunds>>,
     measure: Measure,
 }
 
@@ -261,17 +282,10 @@ struct ClientSent {
 }
 
 impl Exchange {
-    pub fn new(
-        plan: Rc<Plan>,
-        rng: Rc<RefCell<Rng>>,
-        metrics: Rc<RefCell<Metrics>>,
-        link: Rc<RefCell<ServiceLink>>,
-        refunds: Rc<RefCell<Refunds>>,
-    ) -> Exchange {
+    pub fn new(plan: Rc<Plan>, worker: Rc<Worker>) -> Exchange {
         Exchange {
             plan,
-            rng,
-            metrics,
+            worker,
             scan: None,
             path: String::new(),
             scanned: 0,
@@ -295,8 +309,6 @@ impl Exchange {
             held: None,
             check: None,
             shared_tokens: Vec::new(),
-            link,
-            refunds,
             measure: Measure::default(),
         }
     }
@@ -375,7 +387,8 @@ impl Exchange {
     ) -> RouteInputs<'a> {
         RouteInputs {
             store: host,
-            refunds: &self.refunds,
+            refunds: &self.worker.refunds,
+            rotations: &self.worker.rotations,
             random,
             clock,
             client: self.client.as_deref().map(client_ip),
@@ -812,7 +825,7 @@ impl Exchange {
             None => reservation.prompt_estimate,
         };
         {
-            let mut owed = self.refunds.try_borrow_mut().ok();
+            let mut owed = self.worker.refunds.try_borrow_mut().ok();
             self.plan.limits.settle_tokens(
                 host,
                 owed.as_deref_mut(),
@@ -944,7 +957,8 @@ impl Exchange {
     }
 
     fn next_random(&self) -> u64 {
-        self.rng
+        self.worker
+            .rng
             .try_borrow_mut()
             .map(|mut rng| rng.next_u64())
             .unwrap_or(0)

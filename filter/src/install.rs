@@ -31,9 +31,6 @@ pub fn install(config: &Plan, bytes: &[u8], store: &dyn SharedStore) {
 /// the buckets, breakers and load of everything it did not change.
 fn prepare_shared_keys(config: &Plan, store: &dyn SharedStore) {
     for service in config.services() {
-        for pool in service.models.values() {
-            ensure_counter(store, &pool.counter_key);
-        }
         for instance in &service.instances {
             ensure_counter(store, &instance.in_flight_key);
             if unset(store, &instance.latency_key) {

@@ -3,7 +3,7 @@
 //! decisions out.
 
 use crate::auth::{ApiKey, AuthError};
-use crate::balance::{pick_instance, PickInput};
+use crate::balance::{pick_instance, PickInput, Rotations};
 use crate::breaker::{self, Admission, Outcome};
 use crate::config::{Algorithm, Strategy, MAX_MODEL_NAME_BYTES};
 use crate::endpoint::{classify, Endpoint, Route, ServiceType};
@@ -102,6 +102,8 @@ pub struct RouteInputs<'a> {
     pub store: &'a dyn SharedStore,
     /// The token refunds this VM owes (paid with the next draw from their bucket).
     pub refunds: &'a RefCell<Refunds>,
+    /// Where this VM's round-robin rotations stand.
+    pub rotations: &'a RefCell<Rotations>,
     pub random: u64,
     /// The time in ns, asked only by a decision that needs it (the binding caches it per
     /// callback: a request answered or held without it never reads the clock).
@@ -571,7 +573,12 @@ fn route_to_instance(
             tokens,
         )
         .map_err(|refusal| too_many_requests(cfg, &refusal))?;
-    let Some(first) = pick_instance(pool, host.store, &host.pick_input(extras.hash_key)) else {
+    let Some(first) = pick_instance(
+        pool,
+        host.store,
+        host.rotations,
+        &host.pick_input(extras.hash_key),
+    ) else {
         limits.release(host.store, &admitted.grants);
         return Err(no_instance());
     };

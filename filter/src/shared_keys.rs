@@ -13,11 +13,6 @@ pub const CONFIG_KEY: &str = "jairouter/config";
 /// tick, so it copies the configuration out of shared data only when it changed.
 pub const CONFIG_VERSION_KEY: &str = "jairouter/config-version";
 
-/// The round-robin ticket counter of one model's pool.
-pub fn round_robin_counter(kind: ServiceType, model: &str) -> String {
-    format!("jairouter/rr/{}/{model}", kind.key())
-}
-
 /// The state one instance keeps in shared data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstanceKeys {
@@ -87,10 +82,6 @@ mod tests {
     fn names_do_not_change() {
         assert_eq!(CONFIG_KEY, "jairouter/config");
         assert_eq!(CONFIG_VERSION_KEY, "jairouter/config-version");
-        assert_eq!(
-            round_robin_counter(ServiceType::Chat, "llama3"),
-            "jairouter/rr/chat/llama3"
-        );
         let url = BaseUrl::parse("u", "http://ollama:11434").unwrap();
         let keys = InstanceKeys::new(ServiceType::Chat, "chat-0", &url);
         let state = keys

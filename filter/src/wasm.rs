@@ -9,22 +9,20 @@ use crate::config::TokenSettlement;
 use crate::contract::RATE_LIMIT_CLUSTER;
 use crate::contract::{HEALTH_ROOT_ID, STATUS_ROOT_ID};
 use crate::exchange::GLOBAL_CALLS_METRIC;
-use crate::exchange::{Exchange, Flow};
+use crate::exchange::{Exchange, Flow, Worker};
 use crate::headers::HeaderPairs;
 use crate::health::HealthRun;
 use crate::host::Host;
 use crate::install::install;
-use crate::limit::global::{ServiceLink, Transition};
+use crate::limit::global::Transition;
 use crate::limit::rls::{self, Settlement};
-use crate::limit::Refunds;
-use crate::metrics::{stat_name, Metrics};
+use crate::metrics::stat_name;
 use crate::plan::Plan;
 use crate::status::{config_version, instance_gauges, status_page};
 use crate::store::{SharedStore, StoreError};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -69,12 +67,8 @@ enum Concern {
 /// requests count between ticks.
 struct Router {
     plan: Rc<Plan>,
-    rng: Rc<RefCell<Rng>>,
-    metrics: Rc<RefCell<Metrics>>,
-    /// What the VM's requests leave for the rate-limit service (limits across replicas).
-    link: Rc<RefCell<ServiceLink>>,
-    /// The token refunds this VM's requests owe its budgets (paid at each tick).
-    refunds: Rc<RefCell<Refunds>>,
+    /// What the VM keeps across requests (its refunds are paid at each tick).
+    worker: Rc<Worker>,
     /// The settlements of the call in flight (put back if it fails).
     settling: Option<(u32, Vec<Settlement>)>,
     /// When the metrics were last handed to Envoy.
@@ -137,28 +131,19 @@ impl RootContext for Root {
                     "configuration {version} loaded ({} instances)",
                     plan.instances().count()
                 );
-                // A reload keeps the VM's counts and random stream; the refunds owed are paid
-                // under the plan they were drawn under.
-                let (rng, metrics, link, refunds) = match &self.concern {
+                // A reload keeps the VM's counts, random stream and rotations; the refunds
+                // owed are paid under the plan they were drawn under.
+                let worker = match &self.concern {
                     Concern::Router(r) => {
                         r.pay_refunds();
-                        let kept = (Rc::clone(&r.rng), Rc::clone(&r.metrics));
-                        (kept.0, kept.1, Rc::clone(&r.link), Rc::clone(&r.refunds))
+                        Rc::clone(&r.worker)
                     }
-                    _ => (
-                        Rc::new(RefCell::new(Rng::new(now_ns()))),
-                        Rc::default(),
-                        Rc::default(),
-                        Rc::default(),
-                    ),
+                    _ => Rc::new(Worker::new(now_ns())),
                 };
                 let plan = Rc::new(plan);
                 self.concern = Concern::Router(Router {
                     plan,
-                    rng,
-                    metrics,
-                    link,
-                    refunds,
+                    worker,
                     settling: None,
                     reported_ns: 0,
                 });
@@ -199,11 +184,15 @@ impl RootContext for Root {
                     return;
                 }
                 router.reported_ns = now;
-                let drained = router.metrics.try_borrow_mut().map(|mut m| m.drain());
+                let drained = router
+                    .worker
+                    .metrics
+                    .try_borrow_mut()
+                    .map(|mut m| m.drain());
                 for (name, delta) in drained.unwrap_or_default() {
                     self.stats.add(&name, delta);
                 }
-                let in_flight: Vec<(String, u64)> = match router.metrics.try_borrow() {
+                let in_flight: Vec<(String, u64)> = match router.worker.metrics.try_borrow() {
                     Ok(m) => m.in_flight().map(|(i, n)| (i.to_string(), n)).collect(),
                     Err(_) => Vec::new(),
                 };
@@ -229,13 +218,7 @@ impl RootContext for Root {
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         match &self.concern {
             Concern::Router(r) => {
-                let exchange = Exchange::new(
-                    Rc::clone(&r.plan),
-                    Rc::clone(&r.rng),
-                    Rc::clone(&r.metrics),
-                    Rc::clone(&r.link),
-                    Rc::clone(&r.refunds),
-                );
+                let exchange = Exchange::new(Rc::clone(&r.plan), Rc::clone(&r.worker));
                 Some(Box::new(Request(exchange)))
             }
             Concern::Status => Some(Box::new(StatusPage)),
@@ -292,7 +275,7 @@ fn metric_id(ids: &mut HashMap<String, u32>, kind: MetricType, name: &str) -> Op
 impl Router {
     /// Pays the token refunds the VM owes (no host call when it owes none).
     fn pay_refunds(&self) {
-        if let Ok(mut refunds) = self.refunds.try_borrow_mut() {
+        if let Ok(mut refunds) = self.worker.refunds.try_borrow_mut() {
             if !refunds.is_empty() {
                 self.plan
                     .limits
@@ -309,7 +292,7 @@ impl Router {
         if self.settling.is_some() {
             return;
         }
-        let Ok(mut link) = self.link.try_borrow_mut() else {
+        let Ok(mut link) = self.worker.link.try_borrow_mut() else {
             return;
         };
         let dropped = std::mem::take(&mut link.dropped);
@@ -365,7 +348,7 @@ impl Router {
         }
         if status == 0 {
             self.count("settle", "ok", 1);
-            if let Ok(mut link) = self.link.try_borrow_mut() {
+            if let Ok(mut link) = self.worker.link.try_borrow_mut() {
                 if link.outcome(true) == Some(Transition::Recovered) {
                     log::info!("rate-limit service answers again");
                 }
@@ -377,7 +360,7 @@ impl Router {
     }
 
     fn put_back(&mut self, batch: Vec<Settlement>) {
-        if let Ok(mut link) = self.link.try_borrow_mut() {
+        if let Ok(mut link) = self.worker.link.try_borrow_mut() {
             link.put_back(batch);
             if link.outcome(false) == Some(Transition::Failed) {
                 log::warn!("rate-limit service cannot take token settlements; they wait");
@@ -386,7 +369,7 @@ impl Router {
     }
 
     fn count(&self, call: &str, outcome: &str, n: u64) {
-        if let Ok(mut metrics) = self.metrics.try_borrow_mut() {
+        if let Ok(mut metrics) = self.worker.metrics.try_borrow_mut() {
             metrics.add(
                 GLOBAL_CALLS_METRIC,
                 &[("call", call), ("outcome", outcome)],

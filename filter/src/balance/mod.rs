@@ -1,16 +1,18 @@
 //! Choosing an instance of a model. Every strategy works over the model's routable instances
-//! (active, weight above zero) and over shared data, so all Envoy workers of a process balance
-//! as one: one round-robin rotation, one set of in-flight counts and latency estimates.
+//! (active, weight above zero). The load-aware ones read shared data, so all Envoy workers of a
+//! process see one set of in-flight counts and latency estimates; round-robin rotates in each
+//! worker (`Rotations`), exact per worker, without a shared counter to move on every request.
 
 pub mod load;
 pub mod ring;
 
+use crate::bytes::{hash64, FastMap};
 use crate::config::{LoadBalance, Strategy};
 use crate::endpoint::ServiceType;
-use crate::shared_keys::round_robin_counter;
-use crate::store::{fetch_increment, SharedStore};
+use crate::store::SharedStore;
 use load::{in_flight, latency};
 use ring::HashRing;
+use std::cell::RefCell;
 
 /// The instances that serve one model name within a service, compiled for picking: everything
 /// a pick reads is here, so it needs nothing else of the plan.
@@ -23,8 +25,9 @@ pub struct Pool {
     pub rotation: Vec<u16>,
     /// Cumulative weights over `routable`, for weighted random.
     pub cumulative: Vec<u64>,
-    /// The shared-data key of this pool's round-robin counter.
-    pub counter_key: String,
+    /// Names this pool's rotation in each worker's `Rotations` (the service and the model, so a
+    /// reload that keeps the model keeps the rotation going).
+    rotation_id: u64,
     /// The consistent-hash ring over `routable` (hash strategies only; empty otherwise).
     pub ring: HashRing,
     strategy: Strategy,
@@ -82,7 +85,7 @@ impl Pool {
             model: model.to_string(),
             rotation: smooth_sequence(&weights),
             cumulative,
-            counter_key: round_robin_counter(kind, model),
+            rotation_id: hash64(format!("{}/{model}", kind.key()).as_bytes()),
             ring,
             strategy: load_balance.strategy,
             latency_decay_ns: load_balance.latency_decay_ms.saturating_mul(1_000_000),
@@ -165,21 +168,50 @@ const MAX_COMPARED: usize = 8;
 /// least-latency treats any estimate below this as this.
 const MIN_LATENCY_NS: f64 = 1_000_000.0;
 
+/// Where each round-robin rotation stands in one VM (one Envoy worker), by pool.
+///
+/// Each worker goes through the smooth order on its own, so the weights are exact per worker:
+/// over any run of one worker's requests an instance gets its share to within one rotation.
+/// Across workers the shares add up, each off by less than its weight per worker. A shared
+/// counter would make them exact across the process too, for a shared-data read and
+/// compare-and-swap on every request (Envoy's own round-robin is per worker as well).
+#[derive(Debug, Default)]
+pub struct Rotations(FastMap<u64, u64>);
+
+impl Rotations {
+    /// The next ticket of a rotation. A worker's first ticket is random, so that the workers
+    /// of a process do not all start with the same instance.
+    fn next_ticket(&mut self, rotation_id: u64, random: u64) -> u64 {
+        let next = self.0.entry(rotation_id).or_insert(random);
+        let ticket = *next;
+        *next = ticket.wrapping_add(1);
+        ticket
+    }
+}
+
 /// Picks one of the pool's routable instances; returns its index in the service's instances,
 /// or `None` when the model has no routable instance.
 ///
 /// A hash strategy without its key (no client address, no session header) and a failing shared
 /// store fall back to weighted random: the request is served, the weights are kept.
-pub fn pick_instance(pool: &Pool, store: &dyn SharedStore, input: &PickInput<'_>) -> Option<usize> {
+pub fn pick_instance(
+    pool: &Pool,
+    store: &dyn SharedStore,
+    rotations: &RefCell<Rotations>,
+    input: &PickInput<'_>,
+) -> Option<usize> {
     if pool.routable.is_empty() {
         return None;
     }
     let random = || weighted_random(&pool.cumulative, input.random);
     let position = match pool.strategy {
         Strategy::Random => random(),
-        Strategy::RoundRobin => match fetch_increment(store, &pool.counter_key) {
-            Some(ticket) => rotation_slot(&pool.rotation, ticket),
-            None => random(),
+        Strategy::RoundRobin => match rotations.try_borrow_mut() {
+            Ok(mut rotations) => {
+                let ticket = rotations.next_ticket(pool.rotation_id, input.random);
+                rotation_slot(&pool.rotation, ticket)
+            }
+            Err(_) => random(),
         },
         Strategy::IpHash | Strategy::ConsistentHash => input
             .client
@@ -315,8 +347,18 @@ mod tests {
     }
 
     fn pick(cfg: &Plan, store: &MemoryStore, input: PickInput<'_>) -> Option<usize> {
+        pick_in(cfg, store, &RefCell::default(), input)
+    }
+
+    /// A pick by the worker whose rotations these are.
+    fn pick_in(
+        cfg: &Plan,
+        store: &MemoryStore,
+        worker: &RefCell<Rotations>,
+        input: PickInput<'_>,
+    ) -> Option<usize> {
         let service = cfg.service(ServiceType::Chat).unwrap();
-        pick_instance(&service.models["m"], store, &input)
+        pick_instance(&service.models["m"], store, worker, &input)
     }
 
     fn with_random(random: u64) -> PickInput<'static> {
@@ -350,11 +392,58 @@ mod tests {
     fn round_robin_respects_weights_exactly() {
         let cfg = config(json!({"type": "round-robin"}), &[1, 2, 3]);
         let store = MemoryStore::default();
+        let worker = RefCell::default();
         let mut counts = [0; 3];
-        for _ in 0..600 {
-            counts[pick(&cfg, &store, with_random(0)).unwrap()] += 1;
+        for r in 0..600 {
+            counts[pick_in(&cfg, &store, &worker, with_random(r * 7919)).unwrap()] += 1;
         }
         assert_eq!(counts, [100, 200, 300]);
+        // In the smooth order, from wherever the worker started.
+        let worker = RefCell::default();
+        let order: Vec<usize> = (0..14)
+            .map(|_| pick_in(&cfg, &store, &worker, with_random(3)).unwrap())
+            .collect();
+        let cycle = [2, 1, 0, 2, 1, 2];
+        let start = cycle.len() - 3;
+        let expected: Vec<usize> = cycle.iter().cycle().skip(start).take(14).copied().collect();
+        assert_eq!(order, expected);
+    }
+
+    #[test]
+    fn each_worker_rotates_exactly_and_starts_where_its_random_says() {
+        let cfg = config(json!({"type": "round-robin"}), &[1, 2, 3]);
+        let store = MemoryStore::default();
+        let workers: Vec<RefCell<Rotations>> = (0..2).map(|_| RefCell::default()).collect();
+        let mut rng = Rng::new(11);
+        let mut per_worker = [[0i64; 3]; 2];
+        let mut served = [0i64; 2];
+        for _ in 0..601 {
+            let w = usize::from(rng.next_u64().is_multiple_of(2));
+            let at = pick_in(&cfg, &store, &workers[w], with_random(rng.next_u64())).unwrap();
+            per_worker[w][at] += 1;
+            served[w] += 1;
+        }
+        let mut total = [0i64; 3];
+        for (w, counts) in per_worker.iter().enumerate() {
+            for (at, (count, weight)) in counts.iter().zip([1, 2, 3]).enumerate() {
+                // Within one rotation of its share in each worker.
+                let share = served[w] * weight;
+                assert!((count * 6 - share).abs() < 6 * weight, "{per_worker:?}");
+                total[at] += count;
+            }
+        }
+        for (count, weight) in total.iter().zip([1, 2, 3]) {
+            assert!(
+                (count * 6 - 601 * weight).abs() < 2 * 6 * weight,
+                "{total:?}"
+            );
+        }
+        // Two workers whose first randoms differ start at different places of the order.
+        let firsts: Vec<usize> = [0, 1]
+            .iter()
+            .map(|r| pick_in(&cfg, &store, &RefCell::default(), with_random(*r)).unwrap())
+            .collect();
+        assert_eq!(firsts, [2, 1]);
     }
 
     #[test]

@@ -64,7 +64,7 @@ impl Exchange {
     pub(super) fn count_limit_event(&self, limit: usize, result: &str) {
         let (Some(limit), Ok(mut metrics)) = (
             self.plan.limits.list.get(limit),
-            self.metrics.try_borrow_mut(),
+            self.worker.metrics.try_borrow_mut(),
         ) else {
             return;
         };
@@ -91,7 +91,7 @@ impl Exchange {
         for limit in &routed.limits_passed {
             self.count_limit_event(*limit, "allowed");
         }
-        let Ok(mut metrics) = self.metrics.try_borrow_mut() else {
+        let Ok(mut metrics) = self.worker.metrics.try_borrow_mut() else {
             return;
         };
         metrics.begin(instance);
@@ -109,7 +109,7 @@ impl Exchange {
 
     /// `jairouter_circuit_breaker_events_total`: the outcome, and a state change if any.
     pub(super) fn count_breaker_events(&self, instance: &str, outcome: Outcome, changed: bool) {
-        let Ok(mut metrics) = self.metrics.try_borrow_mut() else {
+        let Ok(mut metrics) = self.worker.metrics.try_borrow_mut() else {
             return;
         };
         let service = self.measure.service.unwrap_or("none");
@@ -136,7 +136,7 @@ impl Exchange {
     /// every request family (see `Metrics::finish`).
     pub(super) fn record_metrics(&mut self, clock: &Clock<'_>) {
         let usage = self.final_usage();
-        let Ok(mut metrics) = self.metrics.try_borrow_mut() else {
+        let Ok(mut metrics) = self.worker.metrics.try_borrow_mut() else {
             return;
         };
         if let Some(instance) = &self.served_by {

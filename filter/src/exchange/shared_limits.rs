@@ -223,6 +223,7 @@ impl Exchange {
     /// Logs the service's outage when it starts and when it ends (not per request).
     fn note_reached(&self, reached: bool, why: &str) {
         let transition = self
+            .worker
             .link
             .try_borrow_mut()
             .ok()
@@ -243,7 +244,7 @@ impl Exchange {
     }
 
     fn count_call(&self, call: &str, outcome: &str) {
-        if let Ok(mut metrics) = self.metrics.try_borrow_mut() {
+        if let Ok(mut metrics) = self.worker.metrics.try_borrow_mut() {
             metrics.add(CALLS_METRIC, &[("call", call), ("outcome", outcome)], 1);
         }
     }
@@ -265,7 +266,7 @@ impl Exchange {
         if charges_only {
             due.retain(|s| s.delta > 0);
         }
-        if let Ok(mut link) = self.link.try_borrow_mut() {
+        if let Ok(mut link) = self.worker.link.try_borrow_mut() {
             link.settle(due);
         }
     }

@@ -36,9 +36,7 @@ fn plan(extra: Value) -> Rc<Plan> {
 struct Run {
     host: TestHost,
     exchange: Exchange,
-    metrics: Rc<RefCell<Metrics>>,
-    link: Rc<RefCell<ServiceLink>>,
-    refunds: Rc<RefCell<Refunds>>,
+    worker: Rc<Worker>,
 }
 
 impl Run {
@@ -46,37 +44,19 @@ impl Run {
         let host = TestHost::default();
         host.now.set(1_000_000_000);
         crate::install::install(&plan, b"{}", &host.store);
-        let metrics: Rc<RefCell<Metrics>> = Rc::default();
-        let rng = Rc::new(RefCell::new(Rng::new(7)));
-        let link: Rc<RefCell<ServiceLink>> = Rc::default();
-        let refunds: Rc<RefCell<Refunds>> = Rc::default();
-        let exchange = Exchange::new(
-            plan,
-            rng,
-            Rc::clone(&metrics),
-            Rc::clone(&link),
-            Rc::clone(&refunds),
-        );
+        let worker = Rc::new(Worker::new(7));
+        let exchange = Exchange::new(plan, Rc::clone(&worker));
         Run {
             host,
             exchange,
-            metrics,
-            link,
-            refunds,
+            worker,
         }
     }
 
     /// The next request on the same host (shared data, clock) and VM.
     fn next_request(&mut self) {
         let plan = Rc::clone(&self.exchange.plan);
-        let rng = Rc::clone(&self.exchange.rng);
-        self.exchange = Exchange::new(
-            plan,
-            rng,
-            Rc::clone(&self.metrics),
-            Rc::clone(&self.link),
-            Rc::clone(&self.refunds),
-        );
+        self.exchange = Exchange::new(plan, Rc::clone(&self.worker));
         self.host.replies.borrow_mut().clear();
     }
 
@@ -141,7 +121,12 @@ impl Run {
     }
 
     fn counters(&self) -> HashMap<String, u64> {
-        self.metrics.borrow_mut().drain().into_iter().collect()
+        self.worker
+            .metrics
+            .borrow_mut()
+            .drain()
+            .into_iter()
+            .collect()
     }
 
     fn breaker(&self, instance: usize) -> Breaker {
@@ -185,14 +170,14 @@ fn whole_request(run: &mut Run, headers: &[(&str, &str)]) -> (Vec<usize>, usize)
 }
 
 #[test]
-fn a_body_routed_round_robin_chat_request_takes_twelve_host_calls() {
+fn a_body_routed_round_robin_chat_request_takes_ten_host_calls() {
     let mut run = Run::new(plan(json!({})));
     let (phases, total) = whole_request(&mut run, &[]);
-    // Headers: every header in one call. Body: one read, the clock, the rotation (read and
-    // compare-and-swap), the instance's state, the routing header. Response head: one read,
-    // the instance header. Body: the usage read, the log summary. Log: the clock.
-    assert_eq!(phases, [1, 6, 4, 1], "per phase");
-    assert_eq!(total, 12);
+    // Headers: every header in one call. Body: one read, the clock, the instance's state, the
+    // routing header (the rotation is the worker's own: no call). Response head: one read, the
+    // instance header. Body: the usage read, the log summary. Log: the clock.
+    assert_eq!(phases, [1, 4, 4, 1], "per phase");
+    assert_eq!(total, 10);
     assert_eq!(
         run.host
             .request_header(crate::contract::ROUTING_HEADER)
@@ -219,8 +204,7 @@ fn the_same_request_pins_each_kind_of_call() {
         (Call::RequestHeaders, 1),
         (Call::RequestBody, 1),
         (Call::Clock, 2),
-        (Call::SharedGet, 2),
-        (Call::SharedSet, 1),
+        (Call::SharedGet, 1),
         (Call::SetRequestHeader, 1),
         (Call::ResponseHeaders, 1),
         (Call::SetResponseHeader, 1),
@@ -233,13 +217,13 @@ fn the_same_request_pins_each_kind_of_call() {
 }
 
 #[test]
-fn without_the_instance_header_and_with_its_breaker_off_it_is_ten() {
+fn without_the_instance_header_and_with_its_breaker_off_it_is_eight() {
     let mut run = Run::new(plan(json!({
         "gateway": {"instance-header": false},
         "circuit-breaker": {"enabled": false}
     })));
     let (_, total) = whole_request(&mut run, &[]);
-    assert_eq!(total, 10);
+    assert_eq!(total, 8);
 }
 
 /// The demo's shape with `jairouter.tracing` on (the renderer's wrapped form).
@@ -261,10 +245,10 @@ fn traced(model: Value) -> Rc<Plan> {
 fn with_tracing_on_the_span_attributes_cost_one_write_each() {
     let mut run = Run::new(traced_plan());
     let (phases, total) = whole_request(&mut run, &[]);
-    // The twelve of the untraced request, and five writes where the log summary is written:
+    // The ten of the untraced request, and five writes where the log summary is written:
     // service, model, instance, input and output tokens (no fallback served: no response model).
-    assert_eq!(phases, [1, 6, 9, 1], "per phase");
-    assert_eq!(total, 17);
+    assert_eq!(phases, [1, 4, 9, 1], "per phase");
+    assert_eq!(total, 15);
     let attribute = |name: &str| run.host.property_text(&[name]);
     assert_eq!(attribute(SPAN_SERVICE).as_deref(), Some("chat"));
     assert_eq!(attribute(SPAN_REQUEST_MODEL).as_deref(), Some("llama"));
@@ -337,8 +321,8 @@ fn a_header_routed_request_does_not_wait_for_its_body() {
         run.exchange.on_request_headers(&run.host, false),
         Flow::Continue
     );
-    // Headers, clock, rotation (2), instance state, routing header.
-    assert_eq!(run.host.total_calls(), 6);
+    // Headers, clock, instance state, routing header.
+    assert_eq!(run.host.total_calls(), 4);
     run.host.take_calls();
     // Envoy still calls the body callback: it costs nothing.
     run.exchange.on_request_body(&run.host, CHAT.len(), true);
@@ -347,7 +331,7 @@ fn a_header_routed_request_does_not_wait_for_its_body() {
     run.respond(200, &[("content-type", "application/json")], &[&answer]);
     run.log();
     // Then the response head's read and the instance header, the usage read and the log
-    // summary, the log's clock: 11 in all.
+    // summary, the log's clock: 9 in all.
     assert_eq!(run.host.total_calls(), 5);
 }
 
@@ -358,8 +342,8 @@ fn a_rate_limit_costs_one_read_and_one_write_more() {
     })));
     let (phases, total) = whole_request(&mut run, &[]);
     // Response: the three x-ratelimit-* headers and the instance header in one call.
-    assert_eq!(phases, [1, 8, 4, 1]);
-    assert_eq!(total, 14);
+    assert_eq!(phases, [1, 6, 4, 1]);
+    assert_eq!(total, 12);
     // Its state goes back to the client, beside what the instance sent.
     assert!(run
         .host
@@ -383,8 +367,8 @@ fn a_token_budget_reserves_at_admission_and_settles_from_usage() {
     // Body: + the budget's read and write. Response: the headers in one call, + the clock at
     // the end of the body (the log reuses that time); the 12 tokens used of those reserved
     // leave a refund owed, paid with the next draw or at the tick: no call here.
-    assert_eq!(phases, [1, 8, 5, 0]);
-    assert_eq!(total, 14);
+    assert_eq!(phases, [1, 6, 5, 0]);
+    assert_eq!(total, 12);
     let summary = run.summary();
     assert_eq!(summary["prompt_tokens"], 9);
     assert_eq!(summary["completion_tokens"], 3);
@@ -438,23 +422,26 @@ fn a_refund_owed_is_paid_in_the_next_draws_write_or_at_the_tick() {
     let mut run = Run::new(plan(json!({"token-limit": {"tokens-per-minute": 6000}})));
     let full = budget_level(&run);
     let (_, total) = whole_request(&mut run, &[]);
-    assert_eq!(total, 14);
+    assert_eq!(total, 12);
     let reserved = CHAT.len().div_ceil(4) as u64 + 256;
     // Settled from usage (12 tokens), the rest owed: the bucket still holds the reservation.
     assert_eq!(budget_level(&run), full - reserved);
-    assert!(!run.refunds.borrow().is_empty());
+    assert!(!run.worker.refunds.borrow().is_empty());
     // The next request draws with the same read and write, and pays the refund in it.
     run.next_request();
     let (phases, _) = whole_request(&mut run, &[]);
-    assert_eq!(phases, [1, 8, 5, 0]);
+    assert_eq!(phases, [1, 6, 5, 0]);
     assert_eq!(budget_level(&run), full - 12 - reserved);
     // At the tick: what the second one owes, one read and one write.
     run.host.take_calls();
     let plan = Rc::clone(&run.exchange.plan);
-    plan.limits
-        .pay_refunds(&run.host, &mut run.refunds.borrow_mut(), run.host.now.get());
+    plan.limits.pay_refunds(
+        &run.host,
+        &mut run.worker.refunds.borrow_mut(),
+        run.host.now.get(),
+    );
     assert_eq!(run.host.total_calls(), 2);
-    assert!(run.refunds.borrow().is_empty());
+    assert!(run.worker.refunds.borrow().is_empty());
     assert_eq!(budget_level(&run), full - 24);
 }
 
@@ -467,7 +454,7 @@ fn a_debt_is_charged_at_once() {
     let usage = br#"{"choices":[],"usage":{"prompt_tokens":400,"completion_tokens":600}}"#;
     run.respond(200, &[("content-type", "application/json")], &[usage]);
     run.log();
-    assert!(run.refunds.borrow().is_empty());
+    assert!(run.worker.refunds.borrow().is_empty());
     assert_eq!(budget_level(&run), full - 1000);
 }
 
@@ -787,11 +774,11 @@ fn the_benchmarks_demo_shape_is_counted_too() {
     let plan = Plan::from_value(&document).unwrap_or_else(|e| panic!("{e}"));
     let mut run = Run::new(Rc::new(plan));
     let (phases, total) = whole_request(&mut run, &[("authorization", "Bearer sk-bench-123456")]);
-    // Headers: read, clock, credential removed. Body: read, clock, rotation (2), state, four
-    // limits drawn (read and write each), routing header. Response: head, headers in one call,
+    // Headers: read, clock, credential removed. Body: read, clock, state, four limits drawn
+    // (read and write each), routing header. Response: head, headers in one call,
     // usage, clock, log summary; the two budgets' refunds are owed (paid with the next draw).
-    assert_eq!(phases, [3, 14, 5, 0]);
-    assert_eq!(total, 22);
+    assert_eq!(phases, [3, 12, 5, 0]);
+    assert_eq!(total, 20);
 }
 
 // Translated exchanges (adapters) and Anthropic's ingress.
@@ -937,7 +924,7 @@ fn a_translated_request_costs_its_reads_and_writes_and_no_more() {
     assert_eq!(calls.get(&Call::ReplaceResponseHeaders), Some(&1));
     assert_eq!(run.host.total_calls(), 0);
     let total: usize = calls.values().sum();
-    assert_eq!(total, 17, "{calls:?}");
+    assert_eq!(total, 15, "{calls:?}");
 }
 
 #[test]
@@ -1305,9 +1292,9 @@ fn with_limits_across_replicas_the_request_waits_for_the_service_then_goes_on() 
     );
     let calls = run.calls();
     let total: usize = calls.values().sum();
-    // The local request's fourteen, and the call out, its answer read, the clock of the
+    // The local request's twelve, and the call out, its answer read, the clock of the
     // answer's callback (the routing time), the resume.
-    assert_eq!(local_total, 14);
+    assert_eq!(local_total, 12);
     assert_eq!(calls.get(&Call::DispatchGrpc), Some(&1));
     assert_eq!(calls.get(&Call::GrpcAnswer), Some(&1));
     assert_eq!(calls.get(&Call::ResumeRequest), Some(&1));
@@ -1443,7 +1430,7 @@ fn shared_token_budgets_reserve_the_estimate_and_settle_what_was_used() {
         Some("5000")
     );
     let reserved = (body.len() as u64).div_ceil(4) + 100;
-    let settled = run.link.borrow_mut().take(10);
+    let settled = run.worker.link.borrow_mut().take(10);
     assert_eq!(settled.len(), 1);
     assert_eq!(settled[0].descriptor.hits, reserved);
     // The answer's usage: 9 + 3 tokens.

@@ -307,7 +307,6 @@ impl Plan {
             .map(|(key, _)| key)
             .collect();
         for service in self.services() {
-            keys.extend(service.models.values().map(|p| p.counter_key.clone()));
             for i in &service.instances {
                 keys.extend([&i.state_key, &i.in_flight_key, &i.latency_key].map(String::clone));
             }

@@ -43,6 +43,7 @@ fn decide(cfg: &Plan, h: &RequestHead<'_>) -> HeadDecision {
         &RouteInputs {
             store: &store,
             refunds: &RefCell::default(),
+            rotations: &RefCell::default(),
             random: 7,
             clock: &move || 1,
             client: None,
@@ -72,6 +73,7 @@ fn scan_body(cfg: &Plan, path: &str, content_type: &str, body: &[u8]) -> BodySte
     let host = RouteInputs {
         store: &store,
         refunds: &RefCell::default(),
+        rotations: &RefCell::default(),
         random: 7,
         clock: &move || 1,
         client: None,
@@ -279,6 +281,7 @@ fn body_over_the_limit_is_413() {
     let host = RouteInputs {
         store: &store,
         refunds: &RefCell::default(),
+        rotations: &RefCell::default(),
         random: 0,
         clock: &move || 1,
         client: None,
@@ -376,6 +379,7 @@ fn header_hash_takes_its_key_from_the_header_or_the_body_field() {
         let host = RouteInputs {
             store: &store,
             refunds: &RefCell::default(),
+            rotations: &RefCell::default(),
             random,
             clock: &move || 1,
             client: None,
@@ -411,6 +415,7 @@ fn route_with(cfg: &Plan, store: &MemoryStore, now_ns: u64) -> Result<Routed, Lo
     let host = RouteInputs {
         store,
         refunds: &RefCell::default(),
+        rotations: &RefCell::default(),
         random: 0,
         clock: &move || now_ns,
         client: None,
@@ -488,6 +493,7 @@ fn fallback_models_stand_in_in_order_only_when_the_body_can_be_rewritten() {
     let host = RouteInputs {
         store: &store,
         refunds: &RefCell::default(),
+        rotations: &RefCell::default(),
         random: 0,
         clock: &move || 1,
         client: None,
@@ -553,6 +559,7 @@ fn api_keys_authenticate_then_authorize() {
     let host = RouteInputs {
         store: &store,
         refunds: &RefCell::default(),
+        rotations: &RefCell::default(),
         random: 1,
         clock: &move || now,
         client: None,
