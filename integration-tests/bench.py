@@ -57,6 +57,8 @@ RENDER = ROOT / "target" / "release" / "jairouter-render"
 WASM = ROOT / "target" / "wasm32-unknown-unknown" / "release" / "jairouter_filter.wasm"
 BACKEND = ROOT / "target" / "release" / "jairouter-bench-backend"
 PROBE_WASM = ROOT / "target" / "wasm32-unknown-unknown" / "release" / "examples" / "hostcall_probe.wasm"
+# The length of our access-log summary on the 1 KB chat request with the demo feature set.
+SUMMARY_BYTES = 126
 LITELLM = ROOT / ".bench-venv" / "bin" / "litellm"
 PORTKEY = ROOT / ".bench-node" / "node_modules" / "@portkey-ai" / "gateway" / "build" / "start-server.js"
 OUT = ROOT / "integration-tests" / "bench-results"
@@ -416,6 +418,41 @@ class EnvoySameJobsLookahead(EnvoySameJobs):
     cost with it)."""
     name = "envoy-same-jobs-lookahead"
     probe_steps = "pause,lookahead:4"
+
+
+class EnvoyAskedJobs(EnvoySameJobs):
+    """envoy-same-jobs whose probe also asks of Envoy what ours does, without our logic: the route
+    chosen by `x-jairouter-cluster` as rendered (the route re-selected once the header is set),
+    the response head read in one call and written back with our demo shape's 7 headers
+    (`x-ratelimit-*` of two limits and `x-jairouter-instance`) in one, and an access-log summary
+    of our size in filter state. Not a baseline of the table: `./build.sh bench profile` splits
+    the rest of Envoy's cost with it."""
+    name = "envoy-asked-jobs"
+    probe_steps = "pause,route,reply-map:7,summary:SUMMARY_BYTES"
+
+    def adapt(self, bootstrap):
+        config = json.loads(bootstrap.read_text())
+        (listener,) = config["static_resources"]["listeners"]
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        (wasm,) = [f["typed_config"]["config"] for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.wasm"]
+        wasm.update({"name": "probe", "root_id": "probe",
+                     "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                                       "value": self.probe_steps.replace("SUMMARY_BYTES", str(SUMMARY_BYTES))}})
+        wasm["vm_config"].update({"vm_id": "probe", "code": {"local": {"filename": str(PROBE_WASM)}}})
+        bootstrap.write_text(json.dumps(config))
+
+
+class EnvoyAskedJobsAdding(EnvoyAskedJobs):
+    """envoy-asked-jobs adding the 7 response headers with one call each instead of writing the
+    head back whole: which way of adding them costs Envoy less."""
+    name = "envoy-asked-jobs-adding"
+    probe_steps = "pause,route,reply-header:7,summary:SUMMARY_BYTES"
+
+
+class EnvoyAskedJobsWithoutHeaders(EnvoyAskedJobs):
+    """envoy-asked-jobs without the response headers: what adding them costs at all."""
+    name = "envoy-asked-jobs-no-headers"
+    probe_steps = "pause,route,summary:SUMMARY_BYTES"
 
 
 class LiteLLM(Variant):

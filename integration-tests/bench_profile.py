@@ -29,6 +29,9 @@ VARIANTS = {
     "wasm-noop": bench.NoopWasm,
     "envoy-same-jobs": bench.EnvoySameJobs,
     "envoy-same-jobs-lookahead": bench.EnvoySameJobsLookahead,
+    "envoy-asked-jobs": bench.EnvoyAskedJobs,
+    "envoy-asked-jobs-adding": bench.EnvoyAskedJobsAdding,
+    "envoy-asked-jobs-no-headers": bench.EnvoyAskedJobsWithoutHeaders,
     "jairouter": bench.JAiRouter,
     "jairouter-lean": bench.JAiRouterLean,
 }

@@ -10,7 +10,11 @@
 //! with a VM that died, for the gateway's failure policy test), `lookahead:K` (with `pause`:
 //! hold the body until K more 16 KB windows than the first are buffered, reading each, as ours
 //! does looking past a model for `max_tokens`), `count` (a counter of body callbacks,
-//! `probe_request_body_callbacks`, in Envoy's stats).
+//! `probe_request_body_callbacks`, in Envoy's stats). What our filter asks of Envoy, without its
+//! logic: `route` (names the first chat instance's cluster in `x-jairouter-cluster`, as ours
+//! names the one it picked), `reply-map:N` (the response head read in one call and written back
+//! with N more headers in one, as ours adds its `x-ratelimit-*` and instance headers), `summary:N`
+//! (an N-byte access-log summary in the `jairouter` filter state at the response's end).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -46,6 +50,9 @@ mod probe {
         lookahead: u32,
         /// The body-callback counter's metric id (`count`).
         callbacks: Option<u32>,
+        route: bool,
+        reply_map: u32,
+        summary: u32,
     }
 
     struct Root(Rc<Steps>);
@@ -73,6 +80,9 @@ mod probe {
                     "property" => steps.property = count,
                     "panic" => steps.panic = true,
                     "lookahead" => steps.lookahead = count,
+                    "route" => steps.route = true,
+                    "reply-map" => steps.reply_map = count,
+                    "summary" => steps.summary = count,
                     "count" => {
                         steps.callbacks = hostcalls::define_metric(
                             proxy_wasm::types::MetricType::Counter,
@@ -140,6 +150,13 @@ mod probe {
             for _ in 0..s.property {
                 let _ = hostcalls::get_property(vec!["source", "address"]);
             }
+            if s.route {
+                let _ = hostcalls::set_map_value(
+                    headers,
+                    "x-jairouter-cluster",
+                    Some("jairouter-chat-0"),
+                );
+            }
         }
     }
 
@@ -179,12 +196,34 @@ mod probe {
             Action::Continue
         }
         fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
+            if self.steps.reply_map > 0 {
+                let head = MapType::HttpResponseHeaders;
+                let mut pairs = hostcalls::get_map(head).unwrap_or_default();
+                for i in 0..self.steps.reply_map {
+                    pairs.push((format!("x-probe-{i}"), "999999999999".to_string()));
+                }
+                let refs: Vec<(&str, &str)> = pairs
+                    .iter()
+                    .map(|(n, v)| (n.as_str(), v.as_str()))
+                    .collect();
+                let _ = hostcalls::set_map(head, refs);
+            }
             for i in 0..self.steps.reply_header {
                 let _ = hostcalls::set_map_value(
                     MapType::HttpResponseHeaders,
                     &format!("x-probe-{i}"),
-                    Some("1"),
+                    Some("999999999999"),
                 );
+            }
+            Action::Continue
+        }
+        fn on_http_response_body(&mut self, _: usize, end_of_stream: bool) -> Action {
+            if end_of_stream && self.steps.summary > 0 {
+                let summary = format!(
+                    "{{\"probe\":\"{}\"}}",
+                    "x".repeat(self.steps.summary.saturating_sub(12) as usize)
+                );
+                let _ = hostcalls::set_property(vec!["jairouter"], Some(summary.as_bytes()));
             }
             Action::Continue
         }
