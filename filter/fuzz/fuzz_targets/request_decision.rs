@@ -75,9 +75,11 @@ fuzz_target!(|data: &[u8]| {
     };
     let store = MemoryStore::default();
     let refunds = RefCell::new(Refunds::default());
+    let rotations = RefCell::default();
     let host = RouteInputs {
         store: &store,
         refunds: &refunds,
+        rotations: &rotations,
         random: u64::from(seed).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         clock: &move || 1_000_000_000 + u64::from(seed),
         client: Some("10.0.0.1"),
