@@ -18,8 +18,11 @@ def breaker(**keys) -> dict:
     return {"failure-threshold": 3, "timeout": 2000, "success-threshold": 2, **keys}
 
 
-def post(gw, headers=None, body=CHAT) -> httpx.Response:
-    # A fresh connection each time spreads requests over both workers.
+def post(gw, headers=None, body=CHAT, client: httpx.Client | None = None) -> httpx.Response:
+    """A fresh connection each time spreads requests over both workers (a breaker is shared by
+    them); one `client`'s requests stay on one worker, whose round-robin alternates exactly."""
+    if client is not None:
+        return client.post(gw.url + "/v1/chat/completions", content=body, headers={**JSON, **(headers or {})})
     with httpx.Client(timeout=10) as c:
         return c.post(gw.url + "/v1/chat/completions", content=body, headers={**JSON, **(headers or {})})
 
@@ -67,8 +70,10 @@ def test_half_open_admits_a_bounded_number_of_trials(stubs, gateway):
     slow, good = stubs("slow", "good")
     gw = chat_gateway(gateway, [slow, good], breaker())
     slow.fail_status = 500
-    for _ in range(6):
-        post(gw)
+    with httpx.Client(timeout=10) as one_worker:  # alternating exactly: 3 of 6 fail, it opens
+        for _ in range(6):
+            post(gw, client=one_worker)
+    assert len(slow.requests) == 3
     slow.fail_status = None
     slow.clear()
     slow.delay = 2.0  # the trials are still running when every other request has been served
@@ -83,7 +88,8 @@ def test_client_errors_never_trip_a_breaker(stubs, gateway):
     picky, other = stubs("picky", "other")
     gw = chat_gateway(gateway, [picky, other], breaker(**{"failure-threshold": 1}))
     picky.fail_status = 400
-    codes = [post(gw).status_code for _ in range(20)]
+    with httpx.Client(timeout=10) as one_worker:
+        codes = [post(gw, client=one_worker).status_code for _ in range(20)]
     assert codes.count(400) == 10 and len(picky.requests) == 10
 
 
@@ -106,13 +112,15 @@ def test_a_client_leaving_midstream_is_not_a_failure(stubs, gateway):
     slow, other = stubs("slow", "other")
     gw = chat_gateway(gateway, [slow, other], breaker(**{"failure-threshold": 1}))
     stream = json_body({"model": "llama", "stream": True, "messages": []})
-    for _ in range(4):
+    for _ in range(8):
         with httpx.Client(timeout=10) as c:
             with c.stream("POST", gw.url + "/v1/chat/completions", content=stream,
                           headers={**JSON, "x-stub-chunks": "20", "x-stub-chunk-delay-ms": "50"}) as r:
                 next(r.iter_raw())  # the first bytes, then hang up
     time.sleep(1.5)
-    assert len(slow.requests) == 2
+    # Each worker alternates, so of 8 at least 3 reach each instance (4 give or take one per
+    # worker); had a hang-up counted as a failure, that breaker would have let through no more.
+    assert len(slow.requests) >= 3 and len(other.requests) >= 3, (len(slow.requests), len(other.requests))
 
 
 def test_instance_and_service_overrides_are_honoured(stubs, gateway):
@@ -155,8 +163,9 @@ def test_a_breaker_can_be_turned_off_per_instance(stubs, gateway):
                                 instance("llama", bad, **{"circuit-breaker": {"enabled": False}}),
                                 instance("llama", good)]}}}})
     bad.fail_status = 500
-    for _ in range(20):
-        post(gw)
+    with httpx.Client(timeout=10) as one_worker:
+        for _ in range(20):
+            post(gw, client=one_worker)
     assert len(bad.requests) == 10
 
 
@@ -164,8 +173,8 @@ def health(**keys) -> dict:
     return {"interval": 300, "timeout": 200, "unhealthy-threshold": 2, "healthy-threshold": 1, **keys}
 
 
-def served_by(gw, n: int) -> list[str]:
-    return [post(gw).headers.get("x-stub-instance", "") for _ in range(n)]
+def served_by(gw, n: int, client: httpx.Client | None = None) -> list[str]:
+    return [post(gw, client=client).headers.get("x-stub-instance", "") for _ in range(n)]
 
 
 def checks(stub) -> list:
@@ -188,7 +197,8 @@ def test_health_checks_take_a_dead_instance_out_and_bring_it_back(stubs, gateway
     assert codes == [200] * 20, "the dead instance is out of rotation before a request meets it"
     a.start()
     time.sleep(0.8)
-    assert served_by(gw, 10).count("a") == 5, "back in rotation by itself"
+    with httpx.Client(timeout=10) as one_worker:  # whose rotation alternates exactly
+        assert served_by(gw, 10, one_worker).count("a") == 5, "back in rotation by itself"
 
 
 def test_a_failing_health_check_marks_down_and_all_down_is_503(stubs, gateway):
@@ -382,7 +392,8 @@ def test_retries_never_follow_a_4xx_or_a_started_stream_and_respect_the_timeout(
                             "circuit-breaker": {"enabled": False},
                             "services": {"chat": {"instances": [instance("llama", picky), instance("llama", other)]}}}})
     picky.fail_status = 400
-    codes = [post(gw).status_code for _ in range(10)]
+    with httpx.Client(timeout=10) as one_worker:
+        codes = [post(gw, client=one_worker).status_code for _ in range(10)]
     assert codes.count(400) == 5 and len(picky.requests) == 5 and len(other.requests) == 5
     picky.fail_status = None
     stream = json_body({"model": "llama", "stream": True, "messages": []})
