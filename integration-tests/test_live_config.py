@@ -152,6 +152,7 @@ def test_buckets_and_breakers_of_unchanged_keys_survive_a_reload(gateway, stubs)
         assert ask(client, gw.url, "broken").status_code == 500  # opens its breaker
         for _ in range(3):
             assert ask(client, gw.url).status_code == 200
+        drawn = time.monotonic()
         before = status(gw)
         # An unrelated change: an embedding service appears.
         config["model"]["services"]["embedding"] = {"instances": [instance("e", e)]}
@@ -161,9 +162,12 @@ def test_buckets_and_breakers_of_unchanged_keys_survive_a_reload(gateway, stubs)
         chat = after["services"][0]["instances"]
         assert [i["breaker"] for i in chat] == ["closed", "open"]
         [bucket] = [x for x in after["rate_limits"] if x["bucket"] == "chat"]
-        assert bucket["available"] <= 1, after["rate_limits"]
-        # One left at most (the refill is one a second), then refused: the bucket was kept.
-        codes = [ask(client, gw.url).status_code for _ in range(3)]
+        # 4 of 5 drawn, then the refill of one a second since: a bucket reset by the reload
+        # would be full (5). A loaded machine may take a second or two to reload.
+        refilled = int(time.monotonic() - drawn) + 1
+        assert bucket["available"] <= min(1 + refilled, 4), (refilled, after["rate_limits"])
+        # What it holds, then refused: the bucket was kept.
+        codes = [ask(client, gw.url).status_code for _ in range(bucket["available"] + 2)]
         assert 429 in codes, codes
 
 
