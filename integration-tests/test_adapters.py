@@ -240,8 +240,10 @@ def test_retries_go_to_a_peer_of_the_same_adapter_with_the_translated_request(st
         + [instance("claude-sonnet", vllm, weight=0)]}}}})
     first.fail_status = 500
     # Round-robin sends one of the two to the failing instance; its retry goes to the peer.
+    # One SDK client keeps one connection, on one worker, whose rotation alternates exactly.
+    sdk = client(gw)
     for _ in range(2):
-        r = client(gw).chat.completions.create(model="claude-sonnet", messages=HI)
+        r = sdk.chat.completions.create(model="claude-sonnet", messages=HI)
         assert r.choices[0].message.content == "hello from c2"
     assert (len(first.requests), len(second.requests)) == (1, 2)
     assert vllm.requests == []
