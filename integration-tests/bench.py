@@ -386,6 +386,8 @@ class EnvoySameJobs(JAiRouter):
     api_keys = False
     instance_header = False
     probe_steps = "pause"
+    # The route straight to the first chat instance's cluster (no header names it).
+    fixed_route = True
 
     def adapt(self, bootstrap):
         config = json.loads(bootstrap.read_text())
@@ -404,10 +406,11 @@ class EnvoySameJobs(JAiRouter):
         routed = host["routes"][0]
         if "retry_policy" not in routed["route"] or not hcm.get("access_log"):
             raise RuntimeError("envoy-same-jobs: the rendered route has no retry policy or no access log")
-        routed["match"].pop("headers")
-        routed["route"].pop("cluster_header")
-        routed["route"]["cluster"] = "jairouter-chat-0"
-        host["routes"] = [routed]
+        if self.fixed_route:
+            routed["match"].pop("headers")
+            routed["route"].pop("cluster_header")
+            routed["route"]["cluster"] = "jairouter-chat-0"
+            host["routes"] = [routed]
         bootstrap.write_text(json.dumps(config))
 
 
@@ -428,31 +431,21 @@ class EnvoyAskedJobs(EnvoySameJobs):
     of our size in filter state. Not a baseline of the table: `./build.sh bench profile` splits
     the rest of Envoy's cost with it."""
     name = "envoy-asked-jobs"
-    probe_steps = "pause,route,reply-map:7,summary:SUMMARY_BYTES"
-
-    def adapt(self, bootstrap):
-        config = json.loads(bootstrap.read_text())
-        (listener,) = config["static_resources"]["listeners"]
-        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-        (wasm,) = [f["typed_config"]["config"] for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.wasm"]
-        wasm.update({"name": "probe", "root_id": "probe",
-                     "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
-                                       "value": self.probe_steps.replace("SUMMARY_BYTES", str(SUMMARY_BYTES))}})
-        wasm["vm_config"].update({"vm_id": "probe", "code": {"local": {"filename": str(PROBE_WASM)}}})
-        bootstrap.write_text(json.dumps(config))
+    probe_steps = f"pause,route,reply-map:7,summary:{SUMMARY_BYTES}"
+    fixed_route = False
 
 
 class EnvoyAskedJobsAdding(EnvoyAskedJobs):
     """envoy-asked-jobs adding the 7 response headers with one call each instead of writing the
     head back whole: which way of adding them costs Envoy less."""
     name = "envoy-asked-jobs-adding"
-    probe_steps = "pause,route,reply-header:7,summary:SUMMARY_BYTES"
+    probe_steps = f"pause,route,reply-header:7,summary:{SUMMARY_BYTES}"
 
 
 class EnvoyAskedJobsWithoutHeaders(EnvoyAskedJobs):
     """envoy-asked-jobs without the response headers: what adding them costs at all."""
     name = "envoy-asked-jobs-no-headers"
-    probe_steps = "pause,route,summary:SUMMARY_BYTES"
+    probe_steps = f"pause,route,summary:{SUMMARY_BYTES}"
 
 
 class LiteLLM(Variant):

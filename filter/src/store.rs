@@ -69,15 +69,6 @@ pub fn update(
     })
 }
 
-/// Atomically adds one and returns the value before the increment.
-pub fn fetch_increment(store: &dyn SharedStore, key: &str) -> Option<u64> {
-    let written = update(store, key, |v| {
-        let current = v.map(decode_u64).unwrap_or(0);
-        current.wrapping_add(1).to_le_bytes().to_vec()
-    })?;
-    Some(decode_u64(&written).wrapping_sub(1))
-}
-
 /// Atomically adds `delta` to a counter that never goes below zero; returns the new value.
 pub fn add_saturating(store: &dyn SharedStore, key: &str, delta: i64) -> Option<u64> {
     let written = update(store, key, |v| {
@@ -154,8 +145,8 @@ mod tests {
     fn increments_and_cas() {
         let store = MemoryStore::default();
         ensure_counter(&store, "k");
-        assert_eq!(fetch_increment(&store, "k"), Some(0));
-        assert_eq!(fetch_increment(&store, "k"), Some(1));
+        assert_eq!(add_saturating(&store, "k", 1), Some(1));
+        assert_eq!(add_saturating(&store, "k", 1), Some(2));
         let (_, cas) = store.get("k");
         store.set("k", &5u64.to_le_bytes(), None).unwrap();
         assert_eq!(
@@ -163,7 +154,7 @@ mod tests {
             Err(StoreError::CasMismatch)
         );
         ensure_counter(&store, "k"); // does not reset an existing counter
-        assert_eq!(fetch_increment(&store, "k"), Some(5));
+        assert_eq!(add_saturating(&store, "k", 1), Some(6));
     }
 
     #[test]
