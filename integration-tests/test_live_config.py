@@ -171,6 +171,44 @@ def test_buckets_and_breakers_of_unchanged_keys_survive_a_reload(gateway, stubs)
         assert 429 in codes, codes
 
 
+def test_a_reload_that_changes_a_models_budget_keeps_its_request_limit(gateway, stubs):
+    """A model's request limit and token budget share one shared-data entry (one read and one
+    write a request for both): a reload that changes only the budget starts the budget afresh
+    and keeps the request limit's bucket, through Envoy's shared data."""
+    [a] = stubs("a")
+    config = chat_config(instance("m", a))
+    config["model"]["rate-limit"] = {"enabled": True, "algorithm": "token-bucket", "capacity": 5,
+                                     "rate": 1, "scope": "model"}
+    config["model"]["token-limit"] = {"tokens-per-minute": 100000, "scope": "model"}
+    gw = gateway(config)
+    gw.watch()
+    wait_for(lambda: "applied configuration" in gw.watch_log(), 10, "the watcher started")
+
+    def levels():
+        page = status(gw)
+        return page["version"], {x["name"]: x for x in page["rate_limits"]}
+
+    with httpx.Client() as client:
+        for _ in range(4):
+            assert ask(client, gw.url).status_code == 200
+        drawn = time.monotonic()
+        version, before = levels()
+        assert before["model.token-limit"]["bucket"] == before["model.rate-limit"]["bucket"] == "chat/m"
+        assert before["model.token-limit"]["available"] < 100000, before
+        config["model"]["token-limit"]["tokens-per-minute"] = 200000
+        gw.write_config(config)
+        wait_for(lambda: levels()[0] != version, 5, "reloaded")
+        _, after = levels()
+        # The budget's numbers changed: a fresh budget, full.
+        assert after["model.token-limit"]["available"] == 200000, after
+        # The request limit did not: 4 of 5 drawn, plus its refill of one a second since (a
+        # bucket reset by the reload would be full: 5).
+        refilled = int(time.monotonic() - drawn) + 1
+        assert after["model.rate-limit"]["available"] <= min(1 + refilled, 4), (refilled, after)
+        codes = [ask(client, gw.url).status_code for _ in range(after["model.rate-limit"]["available"] + 2)]
+        assert 429 in codes, codes
+
+
 def test_status_page_is_on_the_admin_side_only(gateway, stubs):
     [a] = stubs("a")
     gw = gateway(chat_config(instance("m", a, **{"instance-id": "alpha"})))

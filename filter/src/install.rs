@@ -43,6 +43,7 @@ fn prepare_shared_keys(config: &Plan, store: &dyn SharedStore) {
             let _ = store.set(&key, &initial, None);
         }
     }
+    config.limits.prune_entries(store);
     for instance in config.instances() {
         if unset(store, &instance.state_key) {
             let _ = store.set(&instance.state_key, &Breaker::CLOSED.encode(), None);

@@ -46,28 +46,34 @@ impl InstanceKeys {
     }
 }
 
-/// The keys of one rate limit's buckets, under a prefix that changes with the limit's numbers
-/// (its `fingerprint`), so a reload never reads a bucket of other numbers as its own.
+/// The keys of one rate limit's buckets. A fixed bucket lives in the entry of the subject it
+/// counts (`place` and the bucket's label: `model/chat/llama`, `api-key/bench/all`), beside the
+/// buckets of the other limits counting that subject, each a record tagged with its limit's
+/// fingerprint (see `limit::entry`); per-client slots live under a prefix that changes with the
+/// limit's numbers (its `fingerprint`), so a reload never reads a bucket of other numbers as
+/// its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitKeys {
-    prefix: String,
+    entry: String,
+    clients: String,
 }
 
 impl LimitKeys {
-    pub fn new(fingerprint: u64) -> LimitKeys {
+    pub fn new(place: &str, fingerprint: u64) -> LimitKeys {
         LimitKeys {
-            prefix: format!("jairouter/rl/{fingerprint:016x}"),
+            entry: format!("jairouter/limits/{place}/"),
+            clients: format!("jairouter/rl/{fingerprint:016x}/c/"),
         }
     }
 
-    /// A bucket shared by what `label` names (`all`, a service, a model, an instance).
+    /// The entry of the subject `label` names (`all`, a service, a model, an instance).
     pub fn bucket(&self, label: &str) -> String {
-        format!("{}/{label}", self.prefix)
+        format!("{}{label}", self.entry)
     }
 
     /// One slot of the per-client table.
     pub fn client_slot(&self, slot: u64) -> String {
-        format!("{}/c/{slot}", self.prefix)
+        format!("{}{slot}", self.clients)
     }
 }
 
@@ -91,8 +97,8 @@ mod tests {
         assert_eq!(state.len(), 8);
         assert_eq!(keys.in_flight, format!("jairouter/inflight/chat-0/{state}"));
         assert_eq!(keys.latency, format!("jairouter/latency/chat-0/{state}"));
-        let limit = LimitKeys::new(0xab);
-        assert_eq!(limit.bucket("all"), "jairouter/rl/00000000000000ab/all");
+        let limit = LimitKeys::new("model", 0xab);
+        assert_eq!(limit.bucket("chat/m"), "jairouter/limits/model/chat/m");
         assert_eq!(limit.client_slot(3), "jairouter/rl/00000000000000ab/c/3");
     }
 }

@@ -1,9 +1,12 @@
 //! The rate-limit algorithms over any policy within the configuration's bounds, any sequence of
 //! times and costs, and (sometimes) corrupt state from shared data: never a panic, and from a
-//! fresh bucket never more admissions than capacity + elapsed x rate.
+//! fresh bucket never more admissions than capacity + elapsed x rate. The state is kept as a
+//! record of a shared entry (`limit::entry`) beside another limit's, which may be corrupt too:
+//! the record reads back as written.
 #![no_main]
 use jairouter_filter::config::Algorithm;
 use jairouter_filter::limit::bucket::{admit, admit_cost, is_idle, refund, settle, Params};
+use jairouter_filter::limit::entry;
 use libfuzzer_sys::fuzz_target;
 
 struct Bytes<'a>(&'a [u8]);
@@ -64,6 +67,8 @@ fuzz_target!(|data: &[u8]| {
     let start = now;
     let mut admitted: u128 = 0;
     let mut honest = true;
+    // The entry the bucket lives in (as fingerprint 1), beside whatever else it holds.
+    let mut shared: Vec<u8> = entry::encode(&[], &[(2, vec![7; 24])]);
     while !input.0.is_empty() {
         let op = input.u8();
         now = now.saturating_add(input.u64() % 10_000_000_000);
@@ -102,9 +107,18 @@ fuzz_target!(|data: &[u8]| {
                 let len = usize::from(input.u8());
                 let take = len.min(input.0.len());
                 state = Some(input.0[..take].to_vec());
+                // Its entry holding anything at all, too.
+                shared = input.0[..take].to_vec();
                 input.0 = &input.0[take..];
                 honest = false;
             }
+        }
+        if let Some(current) = &state {
+            let records = entry::parse(Some(&shared));
+            shared = entry::encode(&records, &[(1, current.clone())]);
+            let records = entry::parse(Some(&shared));
+            assert_eq!(entry::find(&records, 1), Some(current.as_slice()));
+            state = entry::find(&records, 1).map(<[u8]>::to_vec);
         }
     }
     if honest {

@@ -375,6 +375,38 @@ fn a_token_budget_reserves_at_admission_and_settles_from_usage() {
 }
 
 #[test]
+fn a_models_request_limit_and_token_budget_are_drawn_in_one_read_and_one_write() {
+    let mut run = Run::new(plan(json!({
+        "rate-limit": {"enabled": true, "capacity": 100, "rate": 10, "scope": "model"},
+        "token-limit": {"tokens-per-minute": 100000, "scope": "model"}
+    })));
+    let (phases, total) = whole_request(&mut run, &[]);
+    // Body: the model's entry, holding both buckets, read once and written once (14 when each
+    // had its own). Response as with the budget alone.
+    assert_eq!(phases, [1, 6, 5, 0]);
+    assert_eq!(total, 12);
+    for header in [
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-remaining-tokens",
+    ] {
+        assert!(run.host.response_header(header).is_some(), "{header}");
+    }
+    // The next request pays the refund owed in the same write.
+    run.next_request();
+    run.request("POST", "/v1/chat/completions", &[], CHAT);
+    run.host.take_calls();
+    run.send();
+    let calls = run.calls();
+    assert_eq!(
+        calls.get(&Call::SharedGet),
+        Some(&2),
+        "instance state, the entry"
+    );
+    assert_eq!(calls.get(&Call::SharedSet), Some(&1));
+    assert!(run.worker.refunds.borrow().is_empty());
+}
+
+#[test]
 fn a_large_prompt_after_the_model_is_read_in_two_windows_for_max_tokens() {
     let mut run = Run::new(plan(
         json!({"token-limit": {"tokens-per-minute": 100000000}}),
@@ -774,11 +806,12 @@ fn the_benchmarks_demo_shape_is_counted_too() {
     let plan = Plan::from_value(&document).unwrap_or_else(|e| panic!("{e}"));
     let mut run = Run::new(Rc::new(plan));
     let (phases, total) = whole_request(&mut run, &[("authorization", "Bearer sk-bench-123456")]);
-    // Headers: read, clock, credential removed. Body: read, clock, state, four limits drawn
-    // (read and write each), routing header. Response: head, headers in one call,
-    // usage, clock, log summary; the two budgets' refunds are owed (paid with the next draw).
-    assert_eq!(phases, [3, 12, 5, 0]);
-    assert_eq!(total, 20);
+    // Headers: read, clock, credential removed. Body: read, clock, state, the key's two quotas
+    // drawn from one entry and the model's request limit and budget from another (a read and
+    // a write each), routing header. Response: head, headers in one call, usage, clock, log
+    // summary; the two budgets' refunds are owed (paid with the next draw).
+    assert_eq!(phases, [3, 8, 5, 0]);
+    assert_eq!(total, 16);
 }
 
 // Translated exchanges (adapters) and Anthropic's ingress.

@@ -120,6 +120,7 @@ pub fn admit(params: &Params, state: Option<&[u8]>, now_ns: u64) -> (Option<Vec<
 }
 
 /// Admits a request that costs `cost` (tokens of a token budget; 1 for a request limit).
+#[inline(never)]
 pub fn admit_cost(
     params: &Params,
     state: Option<&[u8]>,
@@ -135,6 +136,7 @@ pub fn admit_cost(
 /// Corrects a token budget once the real cost is known: `delta` more tokens taken (or fewer,
 /// when negative). The bucket may go into debt, at most one bucket's worth (one huge answer
 /// pauses the budget for a period, not for days); it never rises above full.
+#[inline(never)]
 pub fn settle(params: &Params, state: Option<&[u8]>, now_ns: u64, delta: i64) -> Vec<u8> {
     let mut bucket = Bucket::decode(params, state).refilled(params, now_ns);
     bucket.micro_tokens = (bucket.micro_tokens - i128::from(delta) * MICRO)
@@ -143,6 +145,7 @@ pub fn settle(params: &Params, state: Option<&[u8]>, now_ns: u64, delta: i64) ->
 }
 
 /// Gives back one admission made at `admitted_ns` (another limit of the same request refused).
+#[inline(never)]
 pub fn refund(params: &Params, state: Option<&[u8]>, admitted_ns: u64, cost: u64) -> Vec<u8> {
     match params.algorithm {
         Algorithm::SlidingWindow => {

@@ -6,10 +6,13 @@
 //! admissions already taken are given back, so a refused request costs nothing anywhere.
 //!
 //! Buckets live in shared data under keys created at configure time, so compare-and-swap is
-//! exact from the first request. Per-client buckets live in a fixed table of `max-clients`
-//! slots: shared data never grows with the number of clients.
+//! exact from the first request. The buckets of limits that count the same subject share one
+//! entry (`entry`): a model's request limit and token budget are drawn with one read and one
+//! write. Per-client buckets live in a fixed table of `max-clients` slots: shared data never
+//! grows with the number of clients.
 
 pub mod bucket;
+pub mod entry;
 pub mod global;
 pub mod rls;
 
@@ -55,8 +58,10 @@ pub enum Covers {
 pub struct Limit {
     /// Where it is configured, as a client and an operator read it in the 429.
     pub name: String,
-    /// Its buckets' shared-data keys; they change with the numbers, so a reload never reads
-    /// foreign state.
+    /// Names its buckets inside their entries; it changes with the numbers, so a reload never
+    /// reads foreign state.
+    fingerprint: u64,
+    /// Its buckets' shared-data keys.
     keys: LimitKeys,
     pub covers: Covers,
     pub scope: Scope,
@@ -71,6 +76,7 @@ impl Limit {
     fn new(name: String, covers: Covers, scope: Scope, policy: &RateLimitPolicy) -> Limit {
         Limit::build(
             name,
+            &place(covers, scope),
             covers,
             scope,
             Params::of(policy),
@@ -84,11 +90,24 @@ impl Limit {
         let params = Params::tokens_per_minute(policy.tokens_per_minute);
         let (scope, clients, estimate) =
             (policy.scope, policy.max_clients, policy.completion_estimate);
-        Limit::build(name, covers, scope, params, clients, Unit::Tokens, estimate)
+        let place = place(covers, scope);
+        Limit::build(
+            name,
+            &place,
+            covers,
+            scope,
+            params,
+            clients,
+            Unit::Tokens,
+            estimate,
+        )
     }
 
+    /// `place`: what kind of subject its buckets count, naming their entries (see `LimitKeys`).
+    #[allow(clippy::too_many_arguments)]
     fn build(
         name: String,
+        place: &str,
         covers: Covers,
         scope: Scope,
         params: Params,
@@ -99,7 +118,8 @@ impl Limit {
         let fingerprint = hash64(format!("{name}|{scope:?}|{params:?}|{max_clients}").as_bytes());
         Limit {
             name,
-            keys: LimitKeys::new(fingerprint),
+            fingerprint,
+            keys: LimitKeys::new(place, fingerprint),
             covers,
             scope,
             params,
@@ -153,7 +173,26 @@ impl Limit {
     }
 }
 
+/// The entry a limit's buckets live in: the kind of subject they count, and whether they are
+/// drawn after the pick (then apart from those drawn before, which would cost a second write).
+fn place(covers: Covers, scope: Scope) -> String {
+    let subject = match scope {
+        Scope::Global => "global",
+        Scope::Service => "service",
+        Scope::Model => "model",
+        Scope::Instance => "instance",
+        Scope::Client => "client",
+    };
+    if matches!(covers, Covers::Instance(..)) && scope != Scope::Instance {
+        format!("picked/{subject}")
+    } else {
+        subject.to_string()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum BucketKey {
+    /// The entry of the subject (shared with the other limits counting it).
     Fixed(String),
     /// A client's fingerprint: it finds its slot in the table.
     Client(u64),
@@ -248,9 +287,14 @@ struct Owed {
 }
 
 impl Refunds {
-    /// Adds `tokens` to what is owed to the bucket; false when the table is full.
+    /// Adds `tokens` to what is owed to the limit's bucket in entry `key`; false when the table
+    /// is full.
     fn owe(&mut self, limit: usize, key: &str, tokens: u64) -> bool {
-        if let Some(owed) = self.owed.iter_mut().find(|o| o.key == key) {
+        if let Some(owed) = self
+            .owed
+            .iter_mut()
+            .find(|o| o.limit == limit && o.key == key)
+        {
             owed.tokens = owed.tokens.saturating_add(tokens);
             return true;
         }
@@ -265,9 +309,13 @@ impl Refunds {
         true
     }
 
-    /// What is owed to the bucket, no longer owed.
-    fn take(&mut self, key: &str) -> u64 {
-        let Some(at) = self.owed.iter().position(|o| o.key == key) else {
+    /// What is owed to the limit's bucket in entry `key`, no longer owed.
+    fn take(&mut self, limit: usize, key: &str) -> u64 {
+        let Some(at) = self
+            .owed
+            .iter()
+            .position(|o| o.limit == limit && o.key == key)
+        else {
             return 0;
         };
         self.owed.swap_remove(at).tokens
@@ -302,7 +350,7 @@ pub struct Level {
 pub struct Limits {
     pub list: Vec<Limit>,
     /// Every bucket but per-client ones, known once the limits are: the limit (index into
-    /// `list`), the bucket's label and its key.
+    /// `list`), the bucket's label and its entry's key; sorted by key.
     fixed: Vec<(usize, String, String)>,
     /// Per limit (same index): its numbers as the rate-limit service is told them, when it is
     /// shared across replicas (`gateway.global-rate-limit`; see `global`).
@@ -363,6 +411,7 @@ impl Limits {
                 let covers = Covers::ApiKey(at);
                 list.push(Limit::build(
                     name,
+                    &format!("api-key/{}", key.id),
                     covers,
                     Scope::Global,
                     params,
@@ -454,7 +503,8 @@ impl Limits {
     }
 
     /// Every bucket key with its initial state, to create before traffic (Envoy ignores CAS on
-    /// a key that does not exist, so creating them on first use would race).
+    /// a key that does not exist, so creating them on first use would race): each subject's
+    /// entry with a fresh bucket of every limit counting it, and every per-client slot.
     pub fn initial_keys(&self) -> Vec<(String, Vec<u8>)> {
         let mut keys = Vec::new();
         for limit in self.list.iter().filter(|l| l.scope == Scope::Client) {
@@ -463,12 +513,46 @@ impl Limits {
                 keys.push((limit.client_slot(slot), slot_state.clone()));
             }
         }
-        for (index, _, key) in &self.fixed {
-            if let Some(limit) = self.list.get(*index) {
-                keys.push((key.clone(), limit.params.initial_state()));
-            }
+        for (key, limits) in self.entries() {
+            let fresh: Vec<(u64, Vec<u8>)> = limits
+                .iter()
+                .map(|l| (l.fingerprint, l.params.initial_state()))
+                .collect();
+            keys.push((key.to_string(), entry::encode(&[], &fresh)));
         }
         keys
+    }
+
+    /// Every entry with the limits whose buckets it holds (`fixed` is sorted by key).
+    fn entries(&self) -> Vec<(&str, Vec<&Limit>)> {
+        let mut entries: Vec<(&str, Vec<&Limit>)> = Vec::new();
+        for (index, _, key) in &self.fixed {
+            let Some(limit) = self.list.get(*index) else {
+                continue;
+            };
+            match entries.last_mut() {
+                Some((last, limits)) if *last == key.as_str() => limits.push(limit),
+                _ => entries.push((key, vec![limit])),
+            }
+        }
+        entries
+    }
+
+    /// Drops the records of limits this plan does not have from the entries it keeps (a reload
+    /// changed or removed them); every other record keeps its state.
+    pub fn prune_entries(&self, store: &dyn SharedStore) {
+        for (key, limits) in self.entries() {
+            let _ = transact(store, key, |state| {
+                let records = entry::parse(state);
+                let kept: Vec<(u64, &[u8])> = records
+                    .iter()
+                    .filter(|(f, _)| limits.iter().any(|l| l.fingerprint == *f))
+                    .copied()
+                    .collect();
+                let written = (kept.len() < records.len()).then(|| entry::encode(&kept, &[]));
+                (written, ())
+            });
+        }
     }
 
     /// What every bucket would admit right now, read without drawing (the status page).
@@ -478,8 +562,10 @@ impl Limits {
             .iter()
             .filter_map(|(index, bucket, key)| {
                 let limit = self.list.get(*index)?;
-                let (_, verdict) =
-                    admit_cost(&limit.params, store.get(key).0.as_deref(), now_ns, 1);
+                let state = store.get(key).0;
+                let records = entry::parse(state.as_deref());
+                let record = entry::find(&records, limit.fingerprint);
+                let (_, verdict) = admit_cost(&limit.params, record, now_ns, 1);
                 let available = if verdict.admitted {
                     verdict.remaining.saturating_add(1)
                 } else {
@@ -497,7 +583,8 @@ impl Limits {
 
     /// Draws from every limit of `phase` that covers the request: one request from request
     /// limits, `tokens` from token budgets (paying in the same write what this VM owes the
-    /// bucket). On a refusal the admissions taken here are given back.
+    /// bucket). The limits counting one subject are drawn together, in one compare-and-swap of
+    /// their entry. On a refusal the admissions taken here are given back.
     pub fn acquire(
         &self,
         store: &dyn SharedStore,
@@ -507,7 +594,7 @@ impl Limits {
         now_ns: u64,
         tokens: u64,
     ) -> Result<Admitted, Refusal> {
-        let mut admitted = Admitted::default();
+        let mut groups: Vec<(BucketKey, Vec<Draw<'_>>)> = Vec::new();
         for (index, limit) in self.list.iter().enumerate() {
             if limit.after_pick() != (phase == Phase::AfterPick) || !limit.covers(subject) {
                 continue;
@@ -519,89 +606,88 @@ impl Limits {
                 Unit::Requests => 1,
                 Unit::Tokens => tokens,
             };
-            let (key, verdict) = match key {
+            let draw = Draw {
+                index,
+                limit,
+                label,
+                cost,
+            };
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((BucketKey::Fixed(_), draws)) => draws.push(draw),
+                _ => groups.push((key, vec![draw])),
+            }
+        }
+        let mut admitted = Admitted::default();
+        for (key, draws) in &groups {
+            let (key, outcome) = match key {
                 BucketKey::Fixed(key) => {
-                    // Taken out before the write, owed again if the write fails: never paid twice.
-                    let owed = match (limit.unit, refunds.try_borrow_mut()) {
-                        (Unit::Tokens, Ok(mut refunds)) => refunds.take(&key),
-                        _ => 0,
-                    };
-                    let verdict = transact(store, &key, |state| {
-                        if owed == 0 {
-                            return admit_cost(&limit.params, state, now_ns, cost);
-                        }
-                        let repaid = settle(&limit.params, state, now_ns, negative(owed));
-                        let (written, verdict) =
-                            admit_cost(&limit.params, Some(&repaid), now_ns, cost);
-                        (Some(written.unwrap_or(repaid)), verdict)
-                    });
-                    if owed > 0 && verdict.is_none() {
-                        if let Ok(mut refunds) = refunds.try_borrow_mut() {
-                            refunds.owe(index, &key, owed);
-                        }
-                    }
-                    (key, verdict)
+                    (key.clone(), draw_entry(store, refunds, key, draws, now_ns))
                 }
                 BucketKey::Client(fingerprint) => {
-                    let key = self.client_key(store, limit, fingerprint, now_ns);
+                    let Some(draw) = draws.first() else {
+                        continue;
+                    };
+                    let limit = draw.limit;
+                    let key = self.client_key(store, limit, *fingerprint, now_ns);
                     let verdict = transact(store, &key, |state| {
-                        admit_client(&limit.params, state, fingerprint, now_ns, cost)
+                        admit_client(&limit.params, state, *fingerprint, now_ns, draw.cost)
                     });
-                    (key, verdict)
+                    let outcome =
+                        verdict.map(|v| if v.admitted { Ok(vec![v]) } else { Err((0, v)) });
+                    (key, outcome)
                 }
             };
-            // A store that fails must not fail the request: the limit is skipped.
-            let Some(verdict) = verdict else {
-                log::warn!(
-                    "rate limit {}: shared data unavailable, not enforced",
-                    limit.name
-                );
+            // A store that fails must not fail the request: the limits are skipped.
+            let Some(outcome) = outcome else {
+                for draw in draws {
+                    log::warn!(
+                        "rate limit {}: shared data unavailable, not enforced",
+                        draw.limit.name
+                    );
+                }
                 continue;
             };
-            if !verdict.admitted {
-                self.release(store, &admitted.grants);
-                return Err(Refusal {
-                    limit: index,
-                    label,
-                    verdict,
+            let verdicts = match outcome {
+                Ok(verdicts) => verdicts,
+                Err((at, verdict)) => {
+                    self.release(store, &admitted.grants);
+                    let (limit, label) = draws
+                        .get(at)
+                        .map_or((0, String::new()), |d| (d.index, d.label.clone()));
+                    return Err(Refusal {
+                        limit,
+                        label,
+                        verdict,
+                    });
+                }
+            };
+            for (draw, verdict) in draws.iter().zip(verdicts) {
+                let roomy = verdict.remaining >= draw.limit.params.limit() / 2;
+                admitted.note(draw.index, draw.limit.unit, verdict);
+                admitted.grants.push(Grant {
+                    limit: draw.index,
+                    key: key.clone(),
+                    at_ns: now_ns,
+                    cost: draw.cost,
+                    roomy,
                 });
             }
-            let roomy = verdict.remaining >= limit.params.limit() / 2;
-            admitted.note(index, limit.unit, verdict);
-            admitted.grants.push(Grant {
-                limit: index,
-                key,
-                at_ns: now_ns,
-                cost,
-                roomy,
-            });
         }
         Ok(admitted)
     }
 
-    /// Gives admissions back (the request was refused by another limit, or never sent).
+    /// Gives admissions back (the request was refused by another limit, or never sent): one
+    /// write per entry.
     pub fn release(&self, store: &dyn SharedStore, grants: &[Grant]) {
-        for grant in grants {
-            let Some(limit) = self.list.get(grant.limit) else {
-                continue;
-            };
-            let client = limit.scope == Scope::Client;
-            let _ = transact(store, &grant.key, |state| {
-                let written = if client {
-                    let (fingerprint, rest) = split_slot(state);
-                    let bucket = refund(&limit.params, rest, grant.at_ns, grant.cost);
-                    [&fingerprint.to_le_bytes()[..], &bucket].concat()
-                } else {
-                    refund(&limit.params, state, grant.at_ns, grant.cost)
-                };
-                (Some(written), ())
-            });
-        }
+        let grants: Vec<(&Grant, i64)> = grants.iter().map(|g| (g, 0)).collect();
+        self.rewrite(store, &grants, &|limit, state, grant, _| {
+            refund(&limit.params, state, grant.at_ns, grant.cost)
+        });
     }
 
     /// Settles the token budgets a request drew from, now that it really used `used` tokens: a
     /// debt at once, a refund owed (see `Refunds`) where the bucket is not a client's, the draw
-    /// left it roomy and `refunds` can take it.
+    /// left it roomy and `refunds` can take it. What is settled at once is one write per entry.
     pub fn settle_tokens(
         &self,
         store: &dyn SharedStore,
@@ -610,6 +696,7 @@ impl Limits {
         used: u64,
         now_ns: u64,
     ) {
+        let mut now = Vec::new();
         for grant in grants {
             let Some(limit) = self
                 .list
@@ -623,40 +710,93 @@ impl Limits {
             if delta == 0 {
                 continue;
             }
-            let client = limit.scope == Scope::Client;
-            if delta < 0 && !client && grant.roomy {
+            if delta < 0 && limit.scope != Scope::Client && grant.roomy {
                 if let Some(refunds) = refunds.as_deref_mut() {
                     if refunds.owe(grant.limit, &grant.key, delta.unsigned_abs()) {
                         continue;
                     }
                 }
             }
-            let _ = transact(store, &grant.key, |state| {
-                let written = if client {
+            now.push((grant, delta));
+        }
+        self.rewrite(store, &now, &|limit, state, _, delta| {
+            settle(&limit.params, state, now_ns, delta)
+        });
+    }
+
+    /// Pays every refund this VM owes (its tick, or before a reload replaces the plan the
+    /// refunds were drawn under), one write per entry. What the store will not take stays owed.
+    pub fn pay_refunds(&self, store: &dyn SharedStore, refunds: &mut Refunds, now_ns: u64) {
+        let owed = std::mem::take(&mut refunds.owed);
+        for (at, first) in owed.iter().enumerate() {
+            // Each entry once, with everything owed to it.
+            if owed.iter().take(at).any(|o| o.key == first.key) {
+                continue;
+            }
+            let to_entry = || owed.iter().filter(|o| o.key == first.key);
+            let paid = transact(store, &first.key, |state| {
+                let records = entry::parse(state);
+                let changed: Vec<(u64, Vec<u8>)> = to_entry()
+                    .filter_map(|o| {
+                        let limit = self.list.get(o.limit)?;
+                        let record = entry::find(&records, limit.fingerprint);
+                        let repaid = settle(&limit.params, record, now_ns, negative(o.tokens));
+                        Some((limit.fingerprint, repaid))
+                    })
+                    .collect();
+                (Some(entry::encode(&records, &changed)), ())
+            });
+            if paid.is_none() {
+                for o in to_entry().filter(|o| self.list.get(o.limit).is_some()) {
+                    refunds.owe(o.limit, &o.key, o.tokens);
+                }
+            }
+        }
+    }
+
+    /// Rewrites the buckets of `grants` with `change` (given each grant's delta): one
+    /// compare-and-swap per entry, one per client slot.
+    fn rewrite(
+        &self,
+        store: &dyn SharedStore,
+        grants: &[(&Grant, i64)],
+        change: &BucketChange<'_>,
+    ) {
+        let mut by_key: Vec<(&str, Vec<(&Grant, i64)>)> = Vec::new();
+        for &(grant, delta) in grants {
+            match by_key.iter_mut().find(|(k, _)| *k == grant.key) {
+                Some((_, list)) => list.push((grant, delta)),
+                None => by_key.push((&grant.key, vec![(grant, delta)])),
+            }
+        }
+        for (key, list) in by_key {
+            let limit_of = |grant: &Grant| self.list.get(grant.limit);
+            let _ = transact(store, key, |state| {
+                let client = match list.as_slice() {
+                    [(grant, delta)] => limit_of(grant)
+                        .filter(|l| l.scope == Scope::Client)
+                        .map(|l| (l, grant, *delta)),
+                    _ => None,
+                };
+                let written = if let Some((limit, grant, delta)) = client {
                     let (fingerprint, rest) = split_slot(state);
-                    let bucket = settle(&limit.params, rest, now_ns, delta);
+                    let bucket = change(limit, rest, grant, delta);
                     [&fingerprint.to_le_bytes()[..], &bucket].concat()
                 } else {
-                    settle(&limit.params, state, now_ns, delta)
+                    let records = entry::parse(state);
+                    let changed: Vec<(u64, Vec<u8>)> = list
+                        .iter()
+                        .filter_map(|(grant, delta)| {
+                            let limit = limit_of(grant)?;
+                            let record = entry::find(&records, limit.fingerprint);
+                            Some((limit.fingerprint, change(limit, record, grant, *delta)))
+                        })
+                        .collect();
+                    entry::encode(&records, &changed)
                 };
                 (Some(written), ())
             });
         }
-    }
-
-    /// Pays every refund this VM owes (its tick, or before a reload replaces the plan the
-    /// refunds were drawn under). What the store will not take stays owed.
-    pub fn pay_refunds(&self, store: &dyn SharedStore, refunds: &mut Refunds, now_ns: u64) {
-        refunds.owed.retain(|owed| {
-            let Some(limit) = self.list.get(owed.limit) else {
-                return false;
-            };
-            let paid = transact(store, &owed.key, |state| {
-                let written = settle(&limit.params, state, now_ns, negative(owed.tokens));
-                (Some(written), ())
-            });
-            paid.is_none()
-        });
     }
 
     /// The slot a client's bucket lives in: its own if it holds one, else the first free or
@@ -685,6 +825,80 @@ impl Limits {
         }
         free.unwrap_or_else(|| limit.client_slot(home))
     }
+}
+
+/// How `Limits::rewrite` changes a bucket: given its limit, its state, the grant and the
+/// grant's delta, the state to write.
+type BucketChange<'a> = dyn Fn(&Limit, Option<&[u8]>, &Grant, i64) -> Vec<u8> + 'a;
+
+/// One limit a request draws from.
+struct Draw<'a> {
+    /// Index into `Limits::list`.
+    index: usize,
+    limit: &'a Limit,
+    label: String,
+    /// 1 request, or the tokens reserved.
+    cost: u64,
+}
+
+/// The verdicts of an entry's draws, in order, or the first refusal (which draw, its verdict).
+type EntryOutcome = Result<Vec<Verdict>, (usize, Verdict)>;
+
+/// Draws from the buckets of one entry in one compare-and-swap, paying first what this VM owes
+/// them: all admit, or nothing but the refunds is written. `None` when the store failed.
+fn draw_entry(
+    store: &dyn SharedStore,
+    refunds: &RefCell<Refunds>,
+    key: &str,
+    draws: &[Draw<'_>],
+    now_ns: u64,
+) -> Option<EntryOutcome> {
+    // Taken out before the write, owed again if the write fails: never paid twice.
+    let owed: Vec<u64> = draws
+        .iter()
+        .map(|d| match (d.limit.unit, refunds.try_borrow_mut()) {
+            (Unit::Tokens, Ok(mut refunds)) => refunds.take(d.index, key),
+            _ => 0,
+        })
+        .collect();
+    let outcome = transact(store, key, |state| {
+        let records = entry::parse(state);
+        let mut repaid = Vec::new();
+        let mut drawn = Vec::new();
+        let mut verdicts = Vec::with_capacity(draws.len());
+        let mut refused = None;
+        for (at, (draw, owed)) in draws.iter().zip(&owed).enumerate() {
+            let (params, fingerprint) = (&draw.limit.params, draw.limit.fingerprint);
+            let record = entry::find(&records, fingerprint);
+            let paid = (*owed > 0).then(|| settle(params, record, now_ns, negative(*owed)));
+            let (written, verdict) =
+                admit_cost(params, paid.as_deref().or(record), now_ns, draw.cost);
+            if !verdict.admitted && refused.is_none() {
+                refused = Some((at, verdict));
+            }
+            if let Some(paid) = &paid {
+                repaid.push((fingerprint, paid.clone()));
+            }
+            if let Some(state) = written.or(paid) {
+                drawn.push((fingerprint, state));
+            }
+            verdicts.push(verdict);
+        }
+        let (changed, outcome) = match refused {
+            Some(refusal) => (repaid, Err(refusal)),
+            None => (drawn, Ok(verdicts)),
+        };
+        let written = (!changed.is_empty()).then(|| entry::encode(&records, &changed));
+        (written, outcome)
+    });
+    if outcome.is_none() {
+        if let Ok(mut refunds) = refunds.try_borrow_mut() {
+            for (draw, owed) in draws.iter().zip(owed).filter(|(_, o)| *o > 0) {
+                refunds.owe(draw.index, key, owed);
+            }
+        }
+    }
+    outcome
 }
 
 /// Every bucket but per-client ones: the limit (index), the bucket's label and its key.
@@ -734,8 +948,10 @@ fn fixed_buckets(list: &[Limit], services: &[&ServiceConfig]) -> Vec<(usize, Str
             }
         }
     }
-    buckets.sort_by(|a, b| a.2.cmp(&b.2));
-    buckets.dedup_by(|a, b| a.2 == b.2);
+    // A limit over every service counts the same bucket for each: once. Sorted by key, so the
+    // limits sharing an entry are neighbours.
+    buckets.sort_by(|a, b| a.2.cmp(&b.2).then(a.0.cmp(&b.0)));
+    buckets.dedup_by(|a, b| a.2 == b.2 && a.0 == b.0);
     buckets
 }
 

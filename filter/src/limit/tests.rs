@@ -345,7 +345,7 @@ impl Budget {
     }
 
     fn owed(&self, admitted: &Admitted) -> u64 {
-        self.refunds.borrow_mut().take(&admitted.grants[0].key)
+        self.refunds.borrow_mut().take(0, &admitted.grants[0].key)
     }
 }
 
@@ -402,4 +402,107 @@ fn a_clients_bucket_and_a_full_table_are_refunded_at_once() {
     budget.settle(&first, 100);
     assert_eq!(budget.owed(&first), 0);
     assert_eq!(budget.available(), 3900);
+}
+
+/// A model's request limit (`capacity` requests) and token budget (`tpm`), as a document.
+fn limit_and_budget(capacity: u64, tpm: u64) -> Value {
+    json!({
+        "rate-limit": {"enabled": true, "capacity": capacity, "rate": 1, "scope": "model"},
+        "token-limit": {"tokens-per-minute": tpm, "scope": "model"},
+        "services": {"chat": {"instances": [{"name": "m", "base-url": "http://a:1"}]}}
+    })
+}
+
+/// What each fixed bucket would admit now, by limit name.
+fn levels(cfg: &Plan, store: &MemoryStore) -> Vec<(String, u64)> {
+    cfg.limits
+        .levels(store, T0)
+        .iter()
+        .map(|l| (cfg.limits.list[l.limit].name.clone(), l.available))
+        .collect()
+}
+
+fn draw(cfg: &Plan, store: &MemoryStore, tokens: u64) -> Result<Admitted, Refusal> {
+    let s = subject("m", None);
+    cfg.limits.acquire(
+        store,
+        &RefCell::default(),
+        &s,
+        Phase::BeforePick,
+        T0,
+        tokens,
+    )
+}
+
+#[test]
+fn a_models_request_limit_and_token_budget_are_one_entry_drawn_together() {
+    let cfg = config(limit_and_budget(3, 1000));
+    let store = store_for(&cfg);
+    assert_eq!(store.len(), 1, "one entry holds the model's two buckets");
+    let budget = "model.token-limit".to_string();
+    let requests = "model.rate-limit".to_string();
+    let first = draw(&cfg, &store, 600).unwrap();
+    assert_eq!(first.grants.len(), 2);
+    assert_eq!(first.grants[0].key, first.grants[1].key);
+    assert_eq!(
+        levels(&cfg, &store),
+        [(budget.clone(), 400), (requests.clone(), 2)]
+    );
+    // The budget refuses: the request limit's bucket is not drawn either.
+    let refusal = draw(&cfg, &store, 600).unwrap_err();
+    assert_eq!(cfg.limits.list[refusal.limit].name, budget);
+    assert_eq!(
+        levels(&cfg, &store),
+        [(budget.clone(), 400), (requests.clone(), 2)]
+    );
+    // The request limit refuses: the budget keeps its tokens.
+    draw(&cfg, &store, 10).unwrap();
+    draw(&cfg, &store, 10).unwrap();
+    let refusal = draw(&cfg, &store, 10).unwrap_err();
+    assert_eq!(cfg.limits.list[refusal.limit].name, requests);
+    assert_eq!(levels(&cfg, &store), [(budget, 380), (requests, 0)]);
+}
+
+#[test]
+fn a_reload_that_changes_one_limit_of_an_entry_keeps_the_others_bucket() {
+    let store = MemoryStore::default();
+    let install = |document: Value| {
+        let bytes = document.to_string().into_bytes();
+        let cfg = Plan::from_json(&bytes).unwrap();
+        crate::install::install(&cfg, &bytes, &store);
+        cfg
+    };
+    let before = install(limit_and_budget(3, 1000));
+    draw(&before, &store, 600).unwrap();
+    // The budget's numbers change; the request limit's do not.
+    let after = install(limit_and_budget(3, 2000));
+    assert_eq!(
+        levels(&after, &store),
+        [
+            ("model.token-limit".to_string(), 2000),
+            ("model.rate-limit".to_string(), 2)
+        ]
+    );
+    // The old budget's record is gone from the entry; the new budget has none until it is
+    // drawn (a missing record is a fresh bucket).
+    let key = &after.limits.fixed[0].2;
+    let records = |store: &MemoryStore| entry::parse(store.get(key).0.as_deref()).len();
+    assert_eq!(records(&store), 1);
+    draw(&after, &store, 100).unwrap();
+    assert_eq!(records(&store), 2);
+    // A worker still on the previous plan draws its old budget's record back in (and from the
+    // request limit both plans share); the next install prunes the old record again.
+    draw(&before, &store, 1).unwrap();
+    assert_eq!(records(&store), 3);
+    after.limits.prune_entries(&store);
+    assert_eq!(records(&store), 2);
+    assert_eq!(
+        levels(&after, &store)[0],
+        ("model.token-limit".to_string(), 1900)
+    );
+    // Three requests drawn under either plan, from the one request limit they share.
+    assert_eq!(
+        levels(&after, &store)[1],
+        ("model.rate-limit".to_string(), 0)
+    );
 }
