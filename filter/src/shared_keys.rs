@@ -66,6 +66,12 @@ impl LimitKeys {
         }
     }
 
+    /// What the keys of its entries start with: the same for every limit counting the same
+    /// kind of subject.
+    pub fn entry_prefix(&self) -> &str {
+        &self.entry
+    }
+
     /// The entry of the subject `label` names (`all`, a service, a model, an instance).
     pub fn bucket(&self, label: &str) -> String {
         format!("{}{label}", self.entry)

@@ -190,7 +190,6 @@ fn place(covers: Covers, scope: Scope) -> String {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
 enum BucketKey {
     /// The entry of the subject (shared with the other limits counting it).
     Fixed(String),
@@ -594,31 +593,41 @@ impl Limits {
         now_ns: u64,
         tokens: u64,
     ) -> Result<Admitted, Refusal> {
-        let mut groups: Vec<(BucketKey, Vec<Draw<'_>>)> = Vec::new();
+        let mut groups: Vec<Group<'_>> = Vec::new();
         for (index, limit) in self.list.iter().enumerate() {
             if limit.after_pick() != (phase == Phase::AfterPick) || !limit.covers(subject) {
+                continue;
+            }
+            let cost = match limit.unit {
+                Unit::Requests => 1,
+                Unit::Tokens => tokens,
+            };
+            let draw = Draw { index, limit, cost };
+            // The same entry as an earlier limit's (the same place, so the same label): its
+            // key and label are not made again.
+            let entry = (limit.scope != Scope::Client).then(|| limit.keys.entry_prefix());
+            if let Some(group) = groups
+                .iter_mut()
+                .find(|g| entry.is_some() && g.entry == entry)
+            {
+                group.draws.push(draw);
                 continue;
             }
             let Some((key, label)) = limit.bucket(subject) else {
                 continue;
             };
-            let cost = match limit.unit {
-                Unit::Requests => 1,
-                Unit::Tokens => tokens,
-            };
-            let draw = Draw {
-                index,
-                limit,
+            groups.push(Group {
+                entry,
+                key,
                 label,
-                cost,
-            };
-            match groups.iter_mut().find(|(k, _)| *k == key) {
-                Some((BucketKey::Fixed(_), draws)) => draws.push(draw),
-                _ => groups.push((key, vec![draw])),
-            }
+                draws: vec![draw],
+            });
         }
         let mut admitted = Admitted::default();
-        for (key, draws) in &groups {
+        for Group {
+            key, label, draws, ..
+        } in &groups
+        {
             let (key, outcome) = match key {
                 BucketKey::Fixed(key) => {
                     (key.clone(), draw_entry(store, refunds, key, draws, now_ns))
@@ -651,12 +660,9 @@ impl Limits {
                 Ok(verdicts) => verdicts,
                 Err((at, verdict)) => {
                     self.release(store, &admitted.grants);
-                    let (limit, label) = draws
-                        .get(at)
-                        .map_or((0, String::new()), |d| (d.index, d.label.clone()));
                     return Err(Refusal {
-                        limit,
-                        label,
+                        limit: draws.get(at).map_or(0, |d| d.index),
+                        label: label.clone(),
                         verdict,
                     });
                 }
@@ -836,9 +842,19 @@ struct Draw<'a> {
     /// Index into `Limits::list`.
     index: usize,
     limit: &'a Limit,
-    label: String,
     /// 1 request, or the tokens reserved.
     cost: u64,
+}
+
+/// The limits a request draws from one bucket key: an entry (one or more limits counting the
+/// same subject) or a client's slot (one limit).
+struct Group<'a> {
+    /// The entry's place (`LimitKeys::entry_prefix`); `None` for a client's slot.
+    entry: Option<&'a str>,
+    key: BucketKey,
+    /// The subject, as the 429 names it.
+    label: String,
+    draws: Vec<Draw<'a>>,
 }
 
 /// The verdicts of an entry's draws, in order, or the first refusal (which draw, its verdict).
@@ -863,33 +879,36 @@ fn draw_entry(
         .collect();
     let outcome = transact(store, key, |state| {
         let records = entry::parse(state);
-        let mut repaid = Vec::new();
-        let mut drawn = Vec::new();
+        let mut drawn = Vec::with_capacity(draws.len());
         let mut verdicts = Vec::with_capacity(draws.len());
-        let mut refused = None;
-        for (at, (draw, owed)) in draws.iter().zip(&owed).enumerate() {
+        for (at, (draw, owing)) in draws.iter().zip(&owed).enumerate() {
             let (params, fingerprint) = (&draw.limit.params, draw.limit.fingerprint);
             let record = entry::find(&records, fingerprint);
-            let paid = (*owed > 0).then(|| settle(params, record, now_ns, negative(*owed)));
+            let paid = (*owing > 0).then(|| settle(params, record, now_ns, negative(*owing)));
             let (written, verdict) =
                 admit_cost(params, paid.as_deref().or(record), now_ns, draw.cost);
-            if !verdict.admitted && refused.is_none() {
-                refused = Some((at, verdict));
-            }
-            if let Some(paid) = &paid {
-                repaid.push((fingerprint, paid.clone()));
+            if !verdict.admitted {
+                // Nothing drawn is written; what was owed is paid all the same.
+                let repaid: Vec<(u64, Vec<u8>)> = draws
+                    .iter()
+                    .zip(&owed)
+                    .filter(|(_, owing)| **owing > 0)
+                    .map(|(d, owing)| {
+                        let record = entry::find(&records, d.limit.fingerprint);
+                        let paid = settle(&d.limit.params, record, now_ns, negative(*owing));
+                        (d.limit.fingerprint, paid)
+                    })
+                    .collect();
+                let written = (!repaid.is_empty()).then(|| entry::encode(&records, &repaid));
+                return (written, Err((at, verdict)));
             }
             if let Some(state) = written.or(paid) {
                 drawn.push((fingerprint, state));
             }
             verdicts.push(verdict);
         }
-        let (changed, outcome) = match refused {
-            Some(refusal) => (repaid, Err(refusal)),
-            None => (drawn, Ok(verdicts)),
-        };
-        let written = (!changed.is_empty()).then(|| entry::encode(&records, &changed));
-        (written, outcome)
+        let written = (!drawn.is_empty()).then(|| entry::encode(&records, &drawn));
+        (written, Ok(verdicts))
     });
     if outcome.is_none() {
         if let Ok(mut refunds) = refunds.try_borrow_mut() {

@@ -506,3 +506,15 @@ fn a_reload_that_changes_one_limit_of_an_entry_keeps_the_others_bucket() {
         ("model.rate-limit".to_string(), 0)
     );
 }
+
+#[test]
+fn a_refused_draw_still_pays_what_was_owed() {
+    let budget = Budget::new(2000, "model");
+    let first = budget.draw(900).unwrap();
+    budget.settle(&first, 100);
+    assert_eq!(budget.available(), 1100);
+    // 2500 does not fit even with the 800 owed: refused, and the 800 are in all the same.
+    assert!(budget.draw(2500).is_err());
+    assert!(budget.refunds.borrow().is_empty());
+    assert_eq!(budget.available(), 1900);
+}
