@@ -74,7 +74,7 @@ impl LimitKeys {
 
     /// The entry of the subject `label` names (`all`, a service, a model, an instance).
     pub fn bucket(&self, label: &str) -> String {
-        format!("{}{label}", self.entry)
+        [self.entry.as_str(), label].concat()
     }
 
     /// One slot of the per-client table.

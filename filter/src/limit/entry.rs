@@ -50,7 +50,11 @@ pub fn find<'a>(records: &[(u64, &'a [u8])], fingerprint: u64) -> Option<&'a [u8
 /// where there was none), every other record kept as it was.
 #[inline(never)]
 pub fn encode(records: &[(u64, &[u8])], changed: &[(u64, Vec<u8>)]) -> Vec<u8> {
-    let mut out = Vec::new();
+    let size = |states: &mut dyn Iterator<Item = usize>| states.map(|n| HEADER + n).sum::<usize>();
+    let mut out = Vec::with_capacity(
+        size(&mut records.iter().map(|(_, s)| s.len()))
+            + size(&mut changed.iter().map(|(_, s)| s.len())),
+    );
     let mut push = |fingerprint: u64, state: &[u8]| {
         let len = u32::try_from(state.len()).unwrap_or(u32::MAX);
         out.extend_from_slice(&fingerprint.to_le_bytes());

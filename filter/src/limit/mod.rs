@@ -152,7 +152,8 @@ impl Limit {
         match self.scope {
             Scope::Global => fixed("all".to_string()),
             Scope::Service => fixed(subject.service.key().to_string()),
-            Scope::Model => fixed(format!("{}/{}", subject.service.key(), subject.model)),
+            // Per request: concatenated, not formatted (`core::fmt` costs more than the copy).
+            Scope::Model => fixed([subject.service.key(), "/", subject.model].concat()),
             Scope::Instance => fixed(subject.instance?.1.to_string()),
             Scope::Client => {
                 let client = subject.client?;
