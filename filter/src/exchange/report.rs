@@ -62,6 +62,11 @@ impl Exchange {
 
     /// `jairouter_rate_limit_events_total`: one per limit that decided on the request.
     pub(super) fn count_limit_event(&self, limit: usize, result: &str) {
+        self.count_limit_events(limit, result, 1);
+    }
+
+    /// `count` events of limits of the same series as `limit` (its algorithm and scope).
+    fn count_limit_events(&self, limit: usize, result: &str, count: u64) {
         let (Some(limit), Ok(mut metrics)) = (
             self.plan.limits.list.get(limit),
             self.worker.metrics.try_borrow_mut(),
@@ -76,7 +81,7 @@ impl Exchange {
                 ("scope", limit.scope.name()),
                 ("result", result),
             ],
-            1,
+            count,
         );
     }
 
@@ -88,8 +93,19 @@ impl Exchange {
         instance: &str,
         strategy: Option<Strategy>,
     ) {
-        for limit in &routed.limits_passed {
-            self.count_limit_event(*limit, "allowed");
+        // Limits of one series (an API key's request and token quotas, a model's request limit
+        // and budget: token buckets of one scope) counted in one step, not one each.
+        let series = |at: usize| {
+            let limit = self.plan.limits.list.get(at)?;
+            Some((limit.params.algorithm, limit.scope))
+        };
+        for (n, limit) in routed.limits_passed.iter().enumerate() {
+            let same = |other: &usize| series(*other) == series(*limit);
+            if routed.limits_passed.iter().take(n).any(same) {
+                continue;
+            }
+            let count = routed.limits_passed.iter().filter(|l| same(l)).count();
+            self.count_limit_events(*limit, "allowed", count as u64);
         }
         let Ok(mut metrics) = self.worker.metrics.try_borrow_mut() else {
             return;

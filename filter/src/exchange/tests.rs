@@ -812,6 +812,17 @@ fn the_benchmarks_demo_shape_is_counted_too() {
     // summary; the two budgets' refunds are owed (paid with the next draw).
     assert_eq!(phases, [3, 8, 5, 0]);
     assert_eq!(total, 16);
+    // Every limit passed is counted, those of one series in one step.
+    let counters = run.counters();
+    let events = |scope: &str| {
+        let name = format!(
+            "jairouter_rate_limit_events_total.service=chat;.algorithm=token-bucket;\
+             .scope={scope};.result=allowed;"
+        );
+        counters.get(&name).copied()
+    };
+    assert_eq!(events("global"), Some(2), "the key's two quotas");
+    assert_eq!(events("model"), Some(2), "the model's request limit and budget");
 }
 
 // Translated exchanges (adapters) and Anthropic's ingress.
