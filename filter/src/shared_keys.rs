@@ -51,7 +51,9 @@ impl InstanceKeys {
 /// buckets of the other limits counting that subject, each a record tagged with its limit's
 /// fingerprint (see `limit::entry`); per-client slots live under a prefix that changes with the
 /// limit's numbers (its `fingerprint`), so a reload never reads a bucket of other numbers as
-/// its own.
+/// its own. Fixed buckets were `jairouter/rl/<fingerprint>/<label>` before they shared entries:
+/// a live upgrade across that change starts them full once and leaves the old keys (a few
+/// dozen bytes each) until Envoy restarts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitKeys {
     entry: String,
