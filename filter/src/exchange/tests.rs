@@ -822,7 +822,11 @@ fn the_benchmarks_demo_shape_is_counted_too() {
         counters.get(&name).copied()
     };
     assert_eq!(events("global"), Some(2), "the key's two quotas");
-    assert_eq!(events("model"), Some(2), "the model's request limit and budget");
+    assert_eq!(
+        events("model"),
+        Some(2),
+        "the model's request limit and budget"
+    );
 }
 
 // Translated exchanges (adapters) and Anthropic's ingress.
