@@ -121,7 +121,7 @@ pub fn admit(params: &Params, state: Option<&[u8]>, now_ns: u64) -> (Option<Vec<
 
 /// Admits a request that costs `cost` (tokens of a token budget; 1 for a request limit).
 // Out of line, as `settle` and `refund`: each has several callers (draws, releases, refunds,
-// the status page), and a copy inlined into each made the .wasm ~5 KB larger.
+// the status page), and a copy inlined into each made the .wasm ~3 KB larger.
 #[inline(never)]
 pub fn admit_cost(
     params: &Params,
