@@ -58,8 +58,10 @@ pub struct UsageScanner {
     /// Hex digits of a `\u` escape still to read, and their value.
     unicode_left: u8,
     unicode_value: u32,
-    /// The current string, while it may still be a key we know.
-    string: Vec<u8>,
+    /// The current string's first bytes, while it may still be a key we know (`string_len` of
+    /// them; one more than `MAX_KEY` marks a string too long to be one).
+    string: [u8; MAX_KEY + 1],
+    string_len: usize,
     /// Whether the current string is a text value (counted, not kept).
     counting: bool,
     /// A string just ended; if a `:` follows it was this key.
@@ -82,12 +84,51 @@ impl UsageScanner {
     }
 
     pub fn feed(&mut self, bytes: &[u8]) {
-        for &b in bytes {
+        let mut rest = bytes;
+        while let Some((&b, tail)) = rest.split_first() {
+            // Most of an answer is the inside of strings: a run of plain bytes there is taken
+            // at once (counted as text, or kept as a key's first bytes), not byte by byte.
+            if self.in_string && !self.escape && self.unicode_left == 0 && self.utf8_left == 0 {
+                let run = self.plain_run(rest);
+                if run > 0 {
+                    rest = rest.get(run..).unwrap_or_default();
+                    continue;
+                }
+            }
             if self.in_string {
                 self.string_byte(b);
             } else {
                 self.outside_byte(b);
             }
+            rest = tail;
+        }
+    }
+
+    /// Takes the plain bytes at the start of `bytes` inside a string (up to a quote, a
+    /// backslash or, in text, a byte of a multi-byte character) and says how many it took.
+    fn plain_run(&mut self, bytes: &[u8]) -> usize {
+        if self.counting {
+            let run = bytes
+                .iter()
+                .position(|&b| b == b'"' || b == b'\\' || b >= 0x80)
+                .unwrap_or(bytes.len());
+            // ASCII characters are never CJK: one "other" character each.
+            self.other_chars += run as u64;
+            run
+        } else {
+            let run = bytes
+                .iter()
+                .position(|&b| b == b'"' || b == b'\\')
+                .unwrap_or(bytes.len());
+            let kept = run.min(MAX_KEY + 1 - self.string_len.min(MAX_KEY + 1));
+            if let (Some(to), Some(from)) = (
+                self.string.get_mut(self.string_len..self.string_len + kept),
+                bytes.get(..kept),
+            ) {
+                to.copy_from_slice(from);
+                self.string_len += kept;
+            }
+            run
         }
     }
 
@@ -118,7 +159,7 @@ impl UsageScanner {
         match b {
             b'"' => {
                 self.in_string = true;
-                self.string.clear();
+                self.string_len = 0;
                 self.counting = self.value_key == Some(Key::Text);
                 self.pending_key = None;
             }
@@ -168,15 +209,19 @@ impl UsageScanner {
                     self.counting = false;
                     self.value_key = None;
                 } else {
-                    self.pending_key =
-                        (self.string.len() <= MAX_KEY).then(|| classify(&self.string));
+                    self.pending_key = self
+                        .string
+                        .get(..self.string_len)
+                        .filter(|key| key.len() <= MAX_KEY)
+                        .map(classify);
                     self.value_key = None;
                 }
             }
             _ if self.counting => self.utf8_byte(b),
             _ => {
-                if self.string.len() <= MAX_KEY {
-                    self.string.push(b);
+                if let Some(slot) = self.string.get_mut(self.string_len) {
+                    *slot = b;
+                    self.string_len += 1;
                 }
             }
         }
