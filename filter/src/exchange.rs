@@ -965,7 +965,7 @@ impl Exchange {
     }
 
     /// Points the request at the chosen instance and lets Envoy re-select the route.
-    fn apply(&mut self, host: &dyn Host, clock: &Clock<'_>, routed: &Routed) -> Flow {
+    fn apply(&mut self, host: &dyn Host, clock: &Clock<'_>, routed: Routed) -> Flow {
         let plan = Rc::clone(&self.plan);
         let service = plan.service(routed.service);
         let Some(instance) = service.and_then(|s| s.instances.get(routed.instance)) else {
@@ -1021,13 +1021,13 @@ impl Exchange {
         self.served_by = Some(instance.id.clone());
         self.measure.routed_ns = clock.now();
         self.measure.service = Some(routed.service.key());
-        self.measure.model.clone_from(&routed.model);
         self.measure.endpoint = Some(routed.endpoint);
         self.measure.protocol = Some(instance.adapter.protocol);
         let strategy = service.map(|s| &s.load_balance);
-        self.count_routing(routed, &instance.id, strategy.map(|lb| lb.strategy));
-        self.response_headers.clone_from(&routed.headers);
-        self.tokens.clone_from(&routed.tokens);
+        self.count_routing(&routed, &instance.id, strategy.map(|lb| lb.strategy));
+        self.measure.model = routed.model;
+        self.response_headers = routed.headers;
+        self.tokens = routed.tokens;
         self.breaker = match (&instance.breaker, routed.breaker) {
             (Some(policy), Some(admission)) => Some(BreakerTicket {
                 key: instance.state_key.clone(),

@@ -64,6 +64,7 @@ pub struct TokenReservation {
     /// The prompt part of the reservation: what is charged for the prompt when the response
     /// reports no usage.
     pub prompt_estimate: u64,
+    /// The token budgets' admissions (the request's other admissions are `Routed::grants`).
     pub grants: Vec<Grant>,
 }
 
@@ -86,7 +87,8 @@ pub struct Routed {
     pub fallback_from: Option<String>,
     /// The rate limits that let it through (indices into `Limits::list`; a metrics label).
     pub limits_passed: Vec<usize>,
-    /// The admissions it holds, to give back if the limits across replicas refuse it.
+    /// The admissions it holds but the token budgets' (`TokenReservation::grants`): both are
+    /// given back if the limits across replicas refuse it.
     pub grants: Vec<Grant>,
 }
 
@@ -679,6 +681,11 @@ fn route_to_instance(
     };
     let limits_passed = admitted.grants.iter().map(Grant::limit).collect();
     let holds_tokens = admitted.holds_tokens();
+    // Each admission is held once: the budgets' with the reservation that settles them.
+    let (token_grants, grants): (Vec<Grant>, Vec<Grant>) = admitted
+        .grants
+        .into_iter()
+        .partition(|g| limits.holds_tokens(g));
     Ok(Routed {
         limits_passed,
         service: kind,
@@ -694,9 +701,9 @@ fn route_to_instance(
         tokens: holds_tokens.then(|| TokenReservation {
             reserved: tokens,
             prompt_estimate: extras.body_bytes.unwrap_or(0).div_ceil(4),
-            grants: admitted.grants.clone(),
+            grants: token_grants,
         }),
-        grants: admitted.grants,
+        grants,
         breaker,
         fallback_from: None,
     })
@@ -753,7 +760,9 @@ fn release_breaker(host: &RouteInputs<'_>, instance: &Instance, admission: Optio
 /// Gives back what a routed request holds (its limits' admissions, a half-open trial's
 /// place), when it is refused after all (by the limits across replicas).
 pub fn release_routed(cfg: &Plan, store: &dyn SharedStore, routed: &Routed, now_ns: u64) {
-    cfg.limits.release(store, &routed.grants);
+    let token_grants = routed.tokens.iter().flat_map(|t| &t.grants);
+    cfg.limits
+        .release(store, routed.grants.iter().chain(token_grants));
     let instance = cfg
         .service(routed.service)
         .and_then(|s| s.instances.get(routed.instance));

@@ -43,7 +43,7 @@ impl Exchange {
     ) -> Flow {
         let plan = Rc::clone(&self.plan);
         let Some(global) = plan.gateway.global_rate_limit.as_ref() else {
-            return self.proceed(host, clock, &routed, body_size, end_of_stream);
+            return self.proceed(host, clock, routed, body_size, end_of_stream);
         };
         let subject = Subject {
             service: routed.service,
@@ -55,7 +55,7 @@ impl Exchange {
         let tokens = routed.tokens.as_ref().map_or(0, |t| t.reserved);
         let sent = plan.limits.shared_descriptors(&subject, tokens);
         if sent.is_empty() {
-            return self.proceed(host, clock, &routed, body_size, end_of_stream);
+            return self.proceed(host, clock, routed, body_size, end_of_stream);
         }
         let message = rls::encode_request(&global.domain, sent.iter().map(|(_, d)| d));
         let dispatched = host.dispatch_grpc(
@@ -94,7 +94,7 @@ impl Exchange {
         &mut self,
         host: &dyn Host,
         clock: &Clock<'_>,
-        routed: &Routed,
+        routed: Routed,
         body_size: usize,
         end_of_stream: bool,
     ) -> Flow {
@@ -163,7 +163,7 @@ impl Exchange {
                                     .is_some_and(|l| l.unit == Unit::Tokens)
                             })
                             .collect();
-                        self.proceed(host, &clock, &routed, body_size, end_of_stream)
+                        self.proceed(host, &clock, routed, body_size, end_of_stream)
                     }
                 }
             }
@@ -197,7 +197,7 @@ impl Exchange {
     ) -> Flow {
         self.note_reached(false, why);
         if !self.fails_closed() {
-            return self.proceed(host, clock, &routed, body_size, end_of_stream);
+            return self.proceed(host, clock, routed, body_size, end_of_stream);
         }
         release_routed(&self.plan, host, &routed, clock.now());
         let mut reply = LocalReply::error(

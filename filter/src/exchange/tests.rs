@@ -1391,6 +1391,36 @@ fn a_refusal_across_replicas_is_the_local_429_and_gives_the_local_admission_back
     assert_eq!(levels[0].available, 5, "{levels:?}");
 }
 
+/// The token budget's reservation is held apart from the request limits' admissions (with the
+/// usage that settles it); a refusal across replicas gives both back.
+#[test]
+fn a_refusal_across_replicas_gives_the_token_reservation_back_too() {
+    let mut run = Run::new(shared_plan(
+        json!({"token-limit": {"tokens-per-minute": 100_000, "scope": "model"}}),
+    ));
+    run.request("POST", "/v1/chat/completions", &[], CHAT);
+    assert_eq!(run.send(), Flow::Pause, "held for the service");
+    let levels = |run: &Run| {
+        run.exchange
+            .plan
+            .limits
+            .levels(&run.host.store, 1_000_000_000)
+    };
+    let held = levels(&run);
+    assert!(
+        held.iter().all(|l| l.available < l.capacity),
+        "both drawn from while the request waits: {held:?}"
+    );
+    answer_check(&mut run, 0, &shared_answer(&[(true, 0, 2_500_000_000)]));
+    assert_eq!(run.host.replies.borrow().len(), 1, "refused");
+    let after = levels(&run);
+    assert_eq!(after.len(), 2, "{after:?}");
+    assert!(
+        after.iter().all(|l| l.available == l.capacity),
+        "both given back: {after:?}"
+    );
+}
+
 #[test]
 fn an_unreachable_service_fails_open_under_the_local_limits_or_closed_when_told() {
     let mut run = Run::new(shared_plan(json!({})));

@@ -230,6 +230,16 @@ impl Grant {
     }
 }
 
+impl Limits {
+    /// Whether `grant` was drawn from a token budget (settled from usage) rather than a limit
+    /// on requests.
+    pub fn holds_tokens(&self, grant: &Grant) -> bool {
+        self.list
+            .get(grant.limit)
+            .is_some_and(|l| l.unit == Unit::Tokens)
+    }
+}
+
 /// The admissions a request holds, and the tightest of their verdicts per unit (for the headers).
 #[derive(Debug, Default)]
 pub struct Admitted {
@@ -685,8 +695,12 @@ impl Limits {
 
     /// Gives admissions back (the request was refused by another limit, or never sent): one
     /// write per entry.
-    pub fn release(&self, store: &dyn SharedStore, grants: &[Grant]) {
-        let grants: Vec<(&Grant, i64)> = grants.iter().map(|g| (g, 0)).collect();
+    pub fn release<'a>(
+        &self,
+        store: &dyn SharedStore,
+        grants: impl IntoIterator<Item = &'a Grant>,
+    ) {
+        let grants: Vec<(&Grant, i64)> = grants.into_iter().map(|g| (g, 0)).collect();
         self.rewrite(store, &grants, &|limit, state, grant, _| {
             refund(&limit.params, state, grant.at_ns, grant.cost)
         });
