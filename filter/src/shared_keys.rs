@@ -76,7 +76,18 @@ impl LimitKeys {
 
     /// The entry of the subject `label` names (`all`, a service, a model, an instance).
     pub fn bucket(&self, label: &str) -> String {
-        [self.entry.as_str(), label].concat()
+        self.bucket_of(&[label])
+    }
+
+    /// The same, for a label in parts (a model's is `service/model`): one string, no copy of
+    /// the label made first.
+    pub fn bucket_of(&self, label: &[&str]) -> String {
+        let mut key = String::with_capacity(
+            self.entry.len() + label.iter().map(|part| part.len()).sum::<usize>(),
+        );
+        key.push_str(&self.entry);
+        label.iter().for_each(|part| key.push_str(part));
+        key
     }
 
     /// One slot of the per-client table.

@@ -111,7 +111,7 @@ impl Limits {
             if limit.after_pick() || !limit.covers(subject) {
                 continue;
             }
-            let Some((_, label)) = limit.bucket(subject) else {
+            let Some(label) = limit.label(subject) else {
                 continue;
             };
             let hits = match limit.unit {

@@ -23,6 +23,7 @@ use crate::shared_keys::LimitKeys;
 use crate::store::{transact, SharedStore};
 use bucket::{admit_cost, is_idle, refund, settle, Params, Verdict};
 use std::cell::RefCell;
+use std::rc::Rc;
 
 /// Tokens an API key's token quota reserves for a completion of unknown length (as a
 /// `token-limit` block does by default).
@@ -145,24 +146,39 @@ impl Limit {
         }
     }
 
-    /// The bucket for this request and how to name it; `None` when the request has nothing to
-    /// key it by (no client address for a per-client limit).
-    fn bucket(&self, subject: &Subject<'_>) -> Option<(BucketKey, String)> {
-        let fixed = |label: String| Some((BucketKey::Fixed(self.fixed_key(&label)), label));
-        match self.scope {
-            Scope::Global => fixed("all".to_string()),
-            Scope::Service => fixed(subject.service.key().to_string()),
-            // Per request: concatenated, not formatted (`core::fmt` costs more than the copy).
-            Scope::Model => fixed([subject.service.key(), "/", subject.model].concat()),
-            Scope::Instance => fixed(subject.instance?.1.to_string()),
-            Scope::Client => {
-                let client = subject.client?;
-                Some((
-                    BucketKey::Client(hash64(client.as_bytes()).max(1)),
-                    client.to_string(),
-                ))
+    /// The subject this limit counts the request under, in parts (`all`, a service,
+    /// `service/model`, an instance, a client); `None` when the request has nothing to key it
+    /// by (no client address for a per-client limit).
+    fn label_parts<'s>(&self, subject: &Subject<'s>) -> Option<[&'s str; 3]> {
+        Some(match self.scope {
+            Scope::Global => ["all", "", ""],
+            Scope::Service => [subject.service.key(), "", ""],
+            Scope::Model => [subject.service.key(), "/", subject.model],
+            Scope::Instance => [subject.instance?.1, "", ""],
+            Scope::Client => [subject.client?, "", ""],
+        })
+    }
+
+    /// The subject's label, as a 429 and the limits across replicas name it.
+    fn label(&self, subject: &Subject<'_>) -> Option<String> {
+        self.label_parts(subject).map(|parts| parts.concat())
+    }
+
+    /// The bucket for this request. Per request, an entry's key is its prefix and the label
+    /// concatenated at once (`core::fmt` costs more than the copy); a 429 cuts the label from it.
+    fn bucket(&self, subject: &Subject<'_>) -> Option<BucketKey> {
+        let parts = self.label_parts(subject)?;
+        Some(match (self.scope, parts) {
+            (Scope::Client, [client, ..]) => {
+                BucketKey::Client(hash64(client.as_bytes()).max(1), client.to_string())
             }
-        }
+            _ => BucketKey::Fixed(self.keys.bucket_of(&parts)),
+        })
+    }
+
+    /// The subject an entry's key names (its label: `all`, a service, a model, an instance).
+    fn label_of<'k>(&self, key: &'k str) -> &'k str {
+        key.strip_prefix(self.keys.entry_prefix()).unwrap_or(key)
     }
 
     fn fixed_key(&self, label: &str) -> String {
@@ -194,8 +210,8 @@ fn place(covers: Covers, scope: Scope) -> String {
 enum BucketKey {
     /// The entry of the subject (shared with the other limits counting it).
     Fixed(String),
-    /// A client's fingerprint: it finds its slot in the table.
-    Client(u64),
+    /// A client's fingerprint (it finds its slot in the table), and the client as a 429 names it.
+    Client(u64, String),
 }
 
 /// The request as the limits see it.
@@ -214,7 +230,9 @@ pub struct Subject<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
     limit: usize,
-    key: String,
+    /// The entry (or client slot) drawn from: shared by the grants of one entry and the refunds
+    /// owed to it, so none of them copies it.
+    key: Rc<str>,
     at_ns: u64,
     /// What was taken: 1 request, or the reserved tokens.
     cost: u64,
@@ -292,18 +310,18 @@ pub struct Refunds {
 struct Owed {
     /// The limit (index into `Limits::list`) of the plan the tokens were drawn under.
     limit: usize,
-    key: String,
+    key: Rc<str>,
     tokens: u64,
 }
 
 impl Refunds {
     /// Adds `tokens` to what is owed to the limit's bucket in entry `key`; false when the table
     /// is full.
-    fn owe(&mut self, limit: usize, key: &str, tokens: u64) -> bool {
+    fn owe(&mut self, limit: usize, key: &Rc<str>, tokens: u64) -> bool {
         if let Some(owed) = self
             .owed
             .iter_mut()
-            .find(|o| o.limit == limit && o.key == key)
+            .find(|o| o.limit == limit && o.key == *key)
         {
             owed.tokens = owed.tokens.saturating_add(tokens);
             return true;
@@ -313,7 +331,7 @@ impl Refunds {
         }
         self.owed.push(Owed {
             limit,
-            key: key.to_string(),
+            key: Rc::clone(key),
             tokens,
         });
         true
@@ -324,7 +342,7 @@ impl Refunds {
         let Some(at) = self
             .owed
             .iter()
-            .position(|o| o.limit == limit && o.key == key)
+            .position(|o| o.limit == limit && &*o.key == key)
         else {
             return 0;
         };
@@ -615,7 +633,7 @@ impl Limits {
             };
             let draw = Draw { index, limit, cost };
             // The same entry as an earlier limit's (the same place, so the same label): its
-            // key and label are not made again.
+            // key is not made again.
             let entry = (limit.scope != Scope::Client).then(|| limit.keys.entry_prefix());
             if let Some(group) = groups
                 .iter_mut()
@@ -624,26 +642,24 @@ impl Limits {
                 group.draws.push(draw);
                 continue;
             }
-            let Some((key, label)) = limit.bucket(subject) else {
+            let Some(key) = limit.bucket(subject) else {
                 continue;
             };
             groups.push(Group {
                 entry,
-                key,
-                label,
+                bucket: key,
                 draws: vec![draw],
             });
         }
         let mut admitted = Admitted::default();
-        for Group {
-            key, label, draws, ..
-        } in &groups
-        {
-            let (key, outcome) = match key {
+        for Group { bucket, draws, .. } in &groups {
+            let (key, outcome): (Rc<str>, _) = match bucket {
                 BucketKey::Fixed(key) => {
-                    (key.clone(), draw_entry(store, refunds, key, draws, now_ns))
+                    let key = Rc::from(key.as_str());
+                    let outcome = draw_entry(store, refunds, &key, draws, now_ns);
+                    (key, outcome)
                 }
-                BucketKey::Client(fingerprint) => {
+                BucketKey::Client(fingerprint, _) => {
                     let Some(draw) = draws.first() else {
                         continue;
                     };
@@ -654,7 +670,7 @@ impl Limits {
                     });
                     let outcome =
                         verdict.map(|v| if v.admitted { Ok(vec![v]) } else { Err((0, v)) });
-                    (key, outcome)
+                    (Rc::from(key), outcome)
                 }
             };
             // A store that fails must not fail the request: the limits are skipped.
@@ -671,9 +687,15 @@ impl Limits {
                 Ok(verdicts) => verdicts,
                 Err((at, verdict)) => {
                     self.release(store, &admitted.grants);
+                    let refused = draws.get(at);
+                    let label = match (bucket, refused) {
+                        (BucketKey::Client(_, client), _) => client.as_str(),
+                        (BucketKey::Fixed(key), Some(draw)) => draw.limit.label_of(key),
+                        (BucketKey::Fixed(key), None) => key.as_str(),
+                    };
                     return Err(Refusal {
-                        limit: draws.get(at).map_or(0, |d| d.index),
-                        label: label.clone(),
+                        limit: refused.map_or(0, |d| d.index),
+                        label: label.to_string(),
                         verdict,
                     });
                 }
@@ -683,7 +705,7 @@ impl Limits {
                 admitted.note(draw.index, draw.limit.unit, verdict);
                 admitted.grants.push(Grant {
                     limit: draw.index,
-                    key: key.clone(),
+                    key: Rc::clone(&key),
                     at_ns: now_ns,
                     cost: draw.cost,
                     roomy,
@@ -785,7 +807,7 @@ impl Limits {
     ) {
         let mut by_key: Vec<(&str, Vec<(&Grant, i64)>)> = Vec::new();
         for &(grant, delta) in grants {
-            match by_key.iter_mut().find(|(k, _)| *k == grant.key) {
+            match by_key.iter_mut().find(|(k, _)| *k == &*grant.key) {
                 Some((_, list)) => list.push((grant, delta)),
                 None => by_key.push((&grant.key, vec![(grant, delta)])),
             }
@@ -866,9 +888,7 @@ struct Draw<'a> {
 struct Group<'a> {
     /// The entry's place (`LimitKeys::entry_prefix`); `None` for a client's slot.
     entry: Option<&'a str>,
-    key: BucketKey,
-    /// The subject, as the 429 names it.
-    label: String,
+    bucket: BucketKey,
     draws: Vec<Draw<'a>>,
 }
 
@@ -880,7 +900,7 @@ type EntryOutcome = Result<Vec<Verdict>, (usize, Verdict)>;
 fn draw_entry(
     store: &dyn SharedStore,
     refunds: &RefCell<Refunds>,
-    key: &str,
+    key: &Rc<str>,
     draws: &[Draw<'_>],
     now_ns: u64,
 ) -> Option<EntryOutcome> {

@@ -396,7 +396,10 @@ fn a_clients_bucket_and_a_full_table_are_refunded_at_once() {
     // A fixed bucket with the table full: paid at once as well.
     let budget = Budget::new(4000, "model");
     for n in 0..MAX_OWED {
-        assert!(budget.refunds.borrow_mut().owe(0, &format!("other{n}"), 1));
+        assert!(budget
+            .refunds
+            .borrow_mut()
+            .owe(0, &Rc::from(format!("other{n}")), 1));
     }
     let first = budget.draw(900).unwrap();
     budget.settle(&first, 100);
