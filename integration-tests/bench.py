@@ -448,6 +448,26 @@ class EnvoyAskedJobsWithoutHeaders(EnvoyAskedJobs):
     probe_steps = f"pause,route,summary:{SUMMARY_BYTES}"
 
 
+class EnvoyAskedJobsTouching(EnvoyAskedJobs):
+    """envoy-asked-jobs whose probe also writes `touch_kib` KiB of its memory each request (a cache
+    line at a time): whether a filter's footprint, without its logic, makes Envoy's own work
+    dearer (`./build.sh bench profile --variants envoy-asked-jobs,envoy-asked-jobs-touching-256`)."""
+    touch_kib = 256
+
+    def __init__(self, touch_kib: int | None = None):
+        super().__init__()
+        if touch_kib is not None:
+            self.touch_kib = touch_kib
+
+    @property
+    def name(self) -> str:
+        return f"envoy-asked-jobs-touching-{self.touch_kib}"
+
+    @property
+    def probe_steps(self) -> str:
+        return f"{EnvoyAskedJobs.probe_steps},touch:{self.touch_kib}"
+
+
 class LiteLLM(Variant):
     name = "litellm"
     key = "sk-bench-" + os.urandom(16).hex()

@@ -67,7 +67,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=8)
-    parser.add_argument("--variants", default="envoy,wasm-noop,envoy-same-jobs,jairouter")
+    parser.add_argument("--variants", default="envoy,wasm-noop,envoy-same-jobs,jairouter",
+                        help=f"comma-separated: {', '.join(VARIANTS)}, envoy-asked-jobs-touching-K (K KiB)")
     parser.add_argument("--workload", default="chat 1 KB", choices=[w.name for w in bench.WORKLOADS],
                         help="one of the bench's workloads (default: chat 1 KB)")
     parser.add_argument("--baseline-wasm", type=Path, help="an earlier build, profiled beside this one")
@@ -83,7 +84,8 @@ def main() -> int:
     try:
         for round_ in range(args.rounds):
             for name in names:
-                variant = VARIANTS[name]()
+                touching = re.fullmatch(r"envoy-asked-jobs-touching-(\d+)", name)
+                variant = bench.EnvoyAskedJobsTouching(int(touching[1])) if touching else VARIANTS[name]()
                 variant.start(port, work)
                 try:
                     bench.run_wrk(variant, workload, 2, work)  # warm up

@@ -15,6 +15,9 @@ in one body callback as a fast client's is). Modes:
              the filter's functions by their share of its wasm time.
   --timing   wall time a request (indicative only), and with --thrash MiB the caches evicted
              between requests as Envoy's own work evicts them.
+  --footprint the filter's linear memory one request writes, in 64-byte lines (snapshots
+             around single requests; reads are not seen, so a lower bound of its data
+             footprint, which makes Envoy's own work dearer: `bench profile`'s touching probe).
 
 Host calls a request are counted by name in every mode.
 """
@@ -58,10 +61,12 @@ def plugin_configuration(work: Path) -> Path:
 
 
 def harness(wasm: Path, config: Path, body: Path, n: int, *, wrap: list[str] | None = None,
-            node_flags: list[str] | None = None, thrash: int = 0) -> dict:
+            node_flags: list[str] | None = None, thrash: int = 0, footprint: bool = False) -> dict:
     command = [*(wrap or []), "node", "--no-liftoff", *(node_flags or []), str(HARNESS), str(wasm), str(config),
                str(body), str(n)]
     env = dict(os.environ, API_KEY=KEY, THRASH=str(thrash))
+    if footprint:
+        env["FOOTPRINT"] = "1"
     # In a scratch directory: node's profiling flags leave files where it runs.
     out = subprocess.run(command, capture_output=True, text=True, env=env, check=True, cwd=tempfile.gettempdir())
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -134,6 +139,35 @@ def profile(config: Path, body: Path, n: int, work: Path) -> None:
     print("| share of the filter's wasm time | function |\n|---|---|")
     for name, share in sorted(shares.items(), key=lambda kv: -kv[1])[:30]:
         print(f"| {100 * share / in_wasm:.1f}% | `{name[:100]}` |")
+    code_footprint(report)
+
+
+def code_footprint(report: str) -> None:
+    """The machine code a request runs through: the sizes (from node's perf map) of the wasm
+    functions sampled, the hottest first. Its footprint in the caches is what makes Envoy's own
+    work dearer around the filter (`bench profile`'s envoy-asked-jobs-touching-K)."""
+    maps = sorted(Path(tempfile.gettempdir()).glob("perf-*.map"), key=lambda p: p.stat().st_mtime)
+    if not maps:
+        return
+    sizes = {}
+    for line in maps[-1].read_text().splitlines():
+        _, size, name = line.split(" ", 2)
+        sizes[name] = int(size, 16)
+    sampled = []
+    for line in report.splitlines():
+        m = re.match(r"\s*([\d.]+)%\s+\[\.\]\s+(JS:.*-\d+-turbofan)$", line)
+        if m and "wasm-to-js" not in m.group(2) and "js-to-wasm" not in m.group(2):
+            sampled.append((float(m.group(1)), sizes.get(m.group(2), 0)))
+    total = sum(share for share, _ in sampled) or 1
+    taken = code = 0.0
+    for share, size in sorted(sampled, reverse=True):
+        if taken >= 0.9 * total:
+            break
+        taken += share
+        code += size
+    print(f"\ncode run a request: {code / 1024:.0f} KiB of machine code in the functions that took 90% of the "
+          f"filter's wasm time, {sum(size for _, size in sampled) / 1024:.0f} KiB in all {len(sampled)} sampled "
+          f"(of {sum(v for k, v in sizes.items() if k.endswith('-turbofan')) / 1024:.0f} KiB compiled)")
 
 
 def main() -> int:
@@ -143,6 +177,7 @@ def main() -> int:
     parser.add_argument("--perf", action="store_true")
     parser.add_argument("--timing", action="store_true")
     parser.add_argument("--thrash", type=int, default=0, help="MiB touched between requests (--timing)")
+    parser.add_argument("--footprint", action="store_true")
     parser.add_argument("--workload", default="chat 1 KB", choices=[w.name for w in bench.WORKLOADS],
                         help="one of the bench's workloads (default: chat 1 KB)")
     args = parser.parse_args()
@@ -155,6 +190,13 @@ def main() -> int:
     builds = [("this build", bench.WASM)] + ([("baseline", args.baseline_wasm)] if args.baseline_wasm else [])
     if args.perf:
         profile(config, body, args.requests * 5, work)
+        return 0
+    if args.footprint:
+        for label, wasm in builds:
+            result = harness(wasm, config, body, 1, footprint=True)
+            lines = result["footprint_lines"]
+            print(f"{label}: one request writes {lines} lines of 64 bytes ({lines * 64 / 1024:.1f} KiB) of "
+                  f"{result['memory_bytes'] / 2**20:.2f} MiB of linear memory")
         return 0
     if args.timing:
         for label, wasm in builds:

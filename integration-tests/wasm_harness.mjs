@@ -6,7 +6,8 @@
 //
 //   node wasm_harness.mjs FILTER.wasm PLUGIN_CONFIG.json REQUEST_BODY N
 //
-// Env: API_KEY (sent as a bearer token), REQUEST_PATH (default /v1/chat/completions), THRASH (MiB of memory touched between two requests,
+// Env: API_KEY (sent as a bearer token), REQUEST_PATH (default /v1/chat/completions), FOOTPRINT (print the memory one
+// request writes instead of timing), THRASH (MiB of memory touched between two requests,
 // as Envoy's own work between callbacks evicts the filter's code and data from the caches).
 // Prints one line of JSON: requests, microseconds a request (timing is only indicative), host
 // calls a request by name, and whether the request was routed.
@@ -175,6 +176,28 @@ function exchange() {
 // The root context's tick (metrics handed to Envoy) about once a second at ~1,000 requests/s.
 const tickEvery = 1000;
 for (let i = 0; i < 2000; i++) { exchange(); if (i % tickEvery === 0) x.proxy_on_tick(1); }
+
+// FOOTPRINT: the filter's linear memory written by one request, in 64-byte lines (a lower bound
+// of the data it touches: reads are not seen), from snapshots around single requests.
+if (process.env.FOOTPRINT) {
+  const lines = [];
+  for (let i = 0; i < 50; i++) {
+    const before = bytes().slice();
+    exchange();
+    const after = bytes();
+    let written = 0;
+    for (let at = 0; at < before.length; at += 64) {
+      for (let k = at; k < Math.min(at + 64, before.length); k++) {
+        if (before[k] !== after[k]) { written++; break; }
+      }
+    }
+    lines.push(written);
+  }
+  lines.sort((a, b) => a - b);
+  console.log(JSON.stringify({ footprint_lines: lines[lines.length >> 1], memory_bytes: bytes().length,
+    routed_to: (request.find(([name]) => name === "x-jairouter-cluster") || [])[1] || null }));
+  process.exit(0);
+}
 
 for (const name in counts) delete counts[name];
 const thrash = new Uint8Array(Number(process.env.THRASH || 0) * 1024 * 1024);

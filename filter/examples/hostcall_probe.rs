@@ -14,7 +14,9 @@
 //! logic: `route` (names the first chat instance's cluster in `x-jairouter-cluster`, as ours
 //! names the one it picked), `reply-map:N` (the response head read in one call and written back
 //! with N more headers in one, as ours adds its `x-ratelimit-*` and instance headers), `summary:N`
-//! (an N-byte access-log summary in the `jairouter` filter state at the response's end).
+//! (an N-byte access-log summary in the `jairouter` filter state at the response's end),
+//! `touch:K` (K KiB of the VM's memory written a cache line at a time each request, half with
+//! the request, half with the response: a filter's memory footprint without its logic).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -27,11 +29,14 @@ mod probe {
     use proxy_wasm::hostcalls;
     use proxy_wasm::traits::{Context, HttpContext, RootContext};
     use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
+    use std::cell::RefCell;
     use std::rc::Rc;
 
     proxy_wasm::main! {{
         proxy_wasm::set_log_level(LogLevel::Warn);
-        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root(Rc::default())) });
+        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+            Box::new(Root(Rc::default(), Rc::default()))
+        });
     }}
 
     #[derive(Default)]
@@ -53,9 +58,11 @@ mod probe {
         route: bool,
         reply_map: u32,
         summary: u32,
+        touch: u32,
     }
 
-    struct Root(Rc<Steps>);
+    /// The steps, and the memory `touch` writes.
+    struct Root(Rc<Steps>, Rc<RefCell<Vec<u8>>>);
     impl Context for Root {}
     impl RootContext for Root {
         fn on_configure(&mut self, _: usize) -> bool {
@@ -83,6 +90,7 @@ mod probe {
                     "route" => steps.route = true,
                     "reply-map" => steps.reply_map = count,
                     "summary" => steps.summary = count,
+                    "touch" => steps.touch = count,
                     "count" => {
                         steps.callbacks = hostcalls::define_metric(
                             proxy_wasm::types::MetricType::Counter,
@@ -96,12 +104,14 @@ mod probe {
             if steps.shared > 0 {
                 hostcalls::set_shared_data("probe", Some(b"0"), None).unwrap();
             }
+            *self.1.borrow_mut() = vec![0; steps.touch as usize * 1024];
             self.0 = Rc::new(steps);
             true
         }
         fn create_http_context(&self, _: u32) -> Option<Box<dyn HttpContext>> {
             Some(Box::new(Probe {
                 steps: Rc::clone(&self.0),
+                memory: Rc::clone(&self.1),
                 done: false,
                 read: 0,
             }))
@@ -113,6 +123,7 @@ mod probe {
 
     struct Probe {
         steps: Rc<Steps>,
+        memory: Rc<RefCell<Vec<u8>>>,
         done: bool,
         /// Body bytes read so far (`lookahead`).
         read: usize,
@@ -121,8 +132,18 @@ mod probe {
     const WINDOW: usize = 16 * 1024;
 
     impl Probe {
+        /// Writes one byte in every 64 of one half of the memory (`touch`).
+        fn touch(&self, half: usize) {
+            let mut memory = self.memory.borrow_mut();
+            let size = memory.len() / 2;
+            for line in memory[half * size..(half + 1) * size].iter_mut().step_by(64) {
+                *line = line.wrapping_add(1);
+            }
+        }
+
         fn request_calls(&mut self) {
             self.done = true;
+            self.touch(0);
             let s = &self.steps;
             let headers = MapType::HttpRequestHeaders;
             for _ in 0..s.get {
@@ -196,6 +217,7 @@ mod probe {
             Action::Continue
         }
         fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
+            self.touch(1);
             if self.steps.reply_map > 0 {
                 let head = MapType::HttpResponseHeaders;
                 let mut pairs = hostcalls::get_map(head).unwrap_or_default();
