@@ -136,7 +136,10 @@ mod probe {
         fn touch(&self, half: usize) {
             let mut memory = self.memory.borrow_mut();
             let size = memory.len() / 2;
-            for line in memory[half * size..(half + 1) * size].iter_mut().step_by(64) {
+            for line in memory[half * size..(half + 1) * size]
+                .iter_mut()
+                .step_by(64)
+            {
                 *line = line.wrapping_add(1);
             }
         }

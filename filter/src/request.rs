@@ -685,7 +685,7 @@ fn route_to_instance(
     let (token_grants, grants): (Vec<Grant>, Vec<Grant>) = admitted
         .grants
         .into_iter()
-        .partition(|g| limits.holds_tokens(g));
+        .partition(|g| limits.is_token_grant(g));
     Ok(Routed {
         limits_passed,
         service: kind,

@@ -172,7 +172,7 @@ impl Limit {
             (Scope::Client, [client, ..]) => {
                 BucketKey::Client(hash64(client.as_bytes()).max(1), client.to_string())
             }
-            _ => BucketKey::Fixed(self.keys.bucket_of(&parts)),
+            _ => BucketKey::Fixed(Rc::from(self.keys.bucket_of(&parts))),
         })
     }
 
@@ -209,7 +209,7 @@ fn place(covers: Covers, scope: Scope) -> String {
 
 enum BucketKey {
     /// The entry of the subject (shared with the other limits counting it).
-    Fixed(String),
+    Fixed(Rc<str>),
     /// A client's fingerprint (it finds its slot in the table), and the client as a 429 names it.
     Client(u64, String),
 }
@@ -245,16 +245,6 @@ impl Grant {
     /// The limit it was drawn from (index into `Limits::list`).
     pub fn limit(&self) -> usize {
         self.limit
-    }
-}
-
-impl Limits {
-    /// Whether `grant` was drawn from a token budget (settled from usage) rather than a limit
-    /// on requests.
-    pub fn holds_tokens(&self, grant: &Grant) -> bool {
-        self.list
-            .get(grant.limit)
-            .is_some_and(|l| l.unit == Unit::Tokens)
     }
 }
 
@@ -393,6 +383,14 @@ pub enum Phase {
 }
 
 impl Limits {
+    /// Whether `grant` was drawn from a token budget (settled from usage) rather than a limit
+    /// on requests.
+    pub fn is_token_grant(&self, grant: &Grant) -> bool {
+        self.list
+            .get(grant.limit)
+            .is_some_and(|l| l.unit == Unit::Tokens)
+    }
+
     /// Every enabled block, in the order they are drawn: global, service, instance; each with a
     /// per-client twin when `client-ip-enable` is set.
     pub fn compile(
@@ -654,11 +652,10 @@ impl Limits {
         let mut admitted = Admitted::default();
         for Group { bucket, draws, .. } in &groups {
             let (key, outcome): (Rc<str>, _) = match bucket {
-                BucketKey::Fixed(key) => {
-                    let key = Rc::from(key.as_str());
-                    let outcome = draw_entry(store, refunds, &key, draws, now_ns);
-                    (key, outcome)
-                }
+                BucketKey::Fixed(key) => (
+                    Rc::clone(key),
+                    draw_entry(store, refunds, key, draws, now_ns),
+                ),
                 BucketKey::Client(fingerprint, _) => {
                     let Some(draw) = draws.first() else {
                         continue;
@@ -691,7 +688,7 @@ impl Limits {
                     let label = match (bucket, refused) {
                         (BucketKey::Client(_, client), _) => client.as_str(),
                         (BucketKey::Fixed(key), Some(draw)) => draw.limit.label_of(key),
-                        (BucketKey::Fixed(key), None) => key.as_str(),
+                        (BucketKey::Fixed(key), None) => key,
                     };
                     return Err(Refusal {
                         limit: refused.map_or(0, |d| d.index),
