@@ -120,7 +120,7 @@ impl UsageScanner {
                 .iter()
                 .position(|&b| b == b'"' || b == b'\\')
                 .unwrap_or(bytes.len());
-            let kept = run.min(MAX_KEY + 1 - self.string_len.min(MAX_KEY + 1));
+            let kept = run.min(self.string.len().saturating_sub(self.string_len));
             if let (Some(to), Some(from)) = (
                 self.string.get_mut(self.string_len..self.string_len + kept),
                 bytes.get(..kept),
