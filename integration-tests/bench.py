@@ -452,20 +452,11 @@ class EnvoyAskedJobsTouching(EnvoyAskedJobs):
     """envoy-asked-jobs whose probe also writes `touch_kib` KiB of its memory each request (a cache
     line at a time): whether a filter's footprint, without its logic, makes Envoy's own work
     dearer (`./build.sh bench profile --variants envoy-asked-jobs,envoy-asked-jobs-touching-256`)."""
-    touch_kib = 256
 
-    def __init__(self, touch_kib: int | None = None):
+    def __init__(self, touch_kib: int = 256):
         super().__init__()
-        if touch_kib is not None:
-            self.touch_kib = touch_kib
-
-    @property
-    def name(self) -> str:
-        return f"envoy-asked-jobs-touching-{self.touch_kib}"
-
-    @property
-    def probe_steps(self) -> str:
-        return f"{EnvoyAskedJobs.probe_steps},touch:{self.touch_kib}"
+        self.name = f"envoy-asked-jobs-touching-{touch_kib}"
+        self.probe_steps = f"{EnvoyAskedJobs.probe_steps},touch:{touch_kib}"
 
 
 class LiteLLM(Variant):

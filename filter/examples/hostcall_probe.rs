@@ -146,7 +146,9 @@ mod probe {
 
         fn request_calls(&mut self) {
             self.done = true;
-            self.touch(0);
+            if self.steps.touch > 0 {
+                self.touch(0);
+            }
             let s = &self.steps;
             let headers = MapType::HttpRequestHeaders;
             for _ in 0..s.get {
@@ -220,7 +222,9 @@ mod probe {
             Action::Continue
         }
         fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
-            self.touch(1);
+            if self.steps.touch > 0 {
+                self.touch(1);
+            }
             if self.steps.reply_map > 0 {
                 let head = MapType::HttpResponseHeaders;
                 let mut pairs = hostcalls::get_map(head).unwrap_or_default();

@@ -685,10 +685,9 @@ impl Limits {
                 Err((at, verdict)) => {
                     self.release(store, &admitted.grants);
                     let refused = draws.get(at);
-                    let label = match (bucket, refused) {
-                        (BucketKey::Client(_, client), _) => client.as_str(),
-                        (BucketKey::Fixed(key), Some(draw)) => draw.limit.label_of(key),
-                        (BucketKey::Fixed(key), None) => key,
+                    let label = match bucket {
+                        BucketKey::Client(_, client) => client.as_str(),
+                        BucketKey::Fixed(key) => refused.map_or(&**key, |d| d.limit.label_of(key)),
                     };
                     return Err(Refusal {
                         limit: refused.map_or(0, |d| d.index),
