@@ -1,5 +1,5 @@
 """The documentation against the code: the tables that list what the code has (fuzz targets,
-endpoints, metrics) name exactly what it has, every relative link leads somewhere, every page
+endpoints, the filter's and the rate-limit service's metrics) name exactly what it has, every relative link leads somewhere, every page
 of docs/ is one link from the README, and the benches' tables have their place in
 docs/performance.md. Reads files only: no Envoy, no build."""
 
@@ -111,17 +111,18 @@ def test_the_endpoint_table_lists_every_endpoint_with_its_service():
     assert documented == endpoints_in_code(), "docs/requests.md vs filter/src/endpoint.rs"
 
 
-def metric_names_in_code() -> set[str]:
+def metric_names(sources, prefix: str = "jairouter_") -> set[str]:
+    """The metric names quoted in `sources`, a histogram's series under its own name."""
     names: set[str] = set()
-    for source in filter_sources().values():
-        for name in re.findall(r"\"(jairouter_[a-z0-9_]+)", source):
+    for source in sources:
+        for name in re.findall(rf"\"({prefix}[a-z0-9_]+)", source):
             names.add(re.sub(r"_(sum|count|bucket)$", "", name))
     return names
 
 
 def test_the_metrics_table_lists_every_metric_the_filter_exports():
     documented = quoted(table_first_column(DOCS / "observability.md", "Metric"))
-    in_code = metric_names_in_code()
+    in_code = metric_names(filter_sources().values())
     assert "jairouter_requests_total" in in_code, "the metric names in filter/src were not found"
     assert set(documented) == in_code, "docs/observability.md's metrics vs the names in filter/src"
 
@@ -131,6 +132,15 @@ def test_the_genai_table_lists_every_genai_metric():
     in_code = set(re.findall(r"&str = \"(gen_ai\.[a-z_.]+)\"", (FILTER_SRC / "metrics.rs").read_text()))
     assert in_code, "no gen_ai metric names in filter/src/metrics.rs"
     assert set(documented) == in_code, "docs/observability.md's GenAI metrics vs filter/src/metrics.rs"
+
+
+def test_the_rate_limit_services_page_lists_every_metric_it_exports():
+    service = ROOT / "envoy" / "ratelimit"
+    in_code = metric_names(without_tests(path.read_text()) for path in (service / "src").glob("*.rs"))
+    page = (service / "README.md").read_text()
+    documented = set(re.findall(r"^\s*- `(jairouter_ratelimit_[a-z0-9_]+)", page, flags=re.M))
+    assert "jairouter_ratelimit_calls_total" in in_code, "the metric names in envoy/ratelimit/src were not found"
+    assert documented == in_code, "envoy/ratelimit/README.md's metrics vs envoy/ratelimit/src"
 
 
 def heading_anchor(heading: str) -> str:
@@ -155,7 +165,9 @@ def relative_links(page: Path) -> list[str]:
     return [target for target in re.findall(r"\]\(([^)\s]+)\)", text) if not re.match(r"[a-z]+:", target)]
 
 
-PAGES = [ROOT / "README.md", ROOT / "ARCHITECTURE.md", *sorted(DOCS.glob("*.md"))]
+PAGES = [*sorted(ROOT.glob("*.md")), *sorted(DOCS.glob("*.md")),
+         *(page for tree in ("envoy", "k8s", "filter") for page in sorted((ROOT / tree).rglob("*.md"))
+           if "target" not in page.parts)]
 
 
 def test_every_relative_link_leads_to_a_file_and_heading():
