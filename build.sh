@@ -12,7 +12,7 @@
 #   ./build.sh hash-key [--salt B64] < KEY   the key-hash of an API key, for jairouter.security.api-key
 #   ./build.sh render FILE [ARGS]   print the Envoy bootstrap for FILE (see envoy/render)
 #   ./build.sh bench [soak-clients|hostcalls|global-limits]
-#                                   benchmarks (README tables) and soaks, not part of test
+#                                   benchmarks (tables in docs/performance.md) and soaks, not part of test
 #   ./build.sh fuzz [SECONDS] [TARGET...]  fuzz every parser SECONDS each (default 60), not part of test
 #
 # Environment: PORT (8080), ADMIN_PORT (9901), STATUS_PORT (9902), CONCURRENCY (2),
@@ -125,9 +125,9 @@ ensure_redis() {
 
 # Benchmarks and soaks (never part of `test`):
 #   ./build.sh bench [--rounds N --seconds S --no-pin --no-litellm --no-portkey]
-#                                                    the comparison table (writes the README)
+#                                                    the comparison table (writes docs/performance.md)
 #   ./build.sh bench soak-clients [--clients N]      distinct clients vs per-client limits
-#   ./build.sh bench hostcalls                        what each kind of host call costs (README)
+#   ./build.sh bench hostcalls                        what each kind of host call costs (docs/performance.md)
 #   ./build.sh bench profile [--rounds N --seconds S --variants a,b]
 #                                                    Envoy's CPU split by where perf's samples land
 #                                                    (wasm code, host calls, rest of Envoy, kernel)
@@ -136,7 +136,7 @@ ensure_redis() {
 #                                                    (node + callgrind; paired with a baseline build)
 #   ./build.sh bench global-limits [--rounds N --seconds S --no-pin --no-token-budget]
 #                                                    what gateway.global-rate-limit adds over local
-#                                                    limits (jairouter-ratelimit + Redis; README)
+#                                                    limits (jairouter-ratelimit + Redis; docs/performance.md)
 apt_install() {
   log "installing $* (Debian)"
   if [[ $(id -u) -eq 0 ]]; then apt-get install -y -q "$@" >/dev/null

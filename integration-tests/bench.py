@@ -27,7 +27,7 @@ CPU 1 (`taskset -c`), so that rounds vary less.
 Each workload runs for every variant in turn, round after round, so machine drift hits all
 alike. Figures: requests/s and p50/p99 latency from wrk; proxy CPU per request from the proxy
 process's own accounting (/proc/PID/stat); peak resident memory (VmHWM). Ratios are to `envoy`
-measured in the same round; min/median/max over rounds. Writes the README's performance table,
+measured in the same round; min/median/max over rounds. Writes the performance table of docs/performance.md,
 integration-tests/bench-results/{results.json,chart.svg}.
 """
 
@@ -582,7 +582,7 @@ def main() -> int:
     parser.add_argument("--no-portkey", action="store_true")
     parser.add_argument("--no-pin", action="store_true",
                         help="leave CPUs to the scheduler (default: proxies on CPU 0, wrk and the backend on CPU 1)")
-    parser.add_argument("--no-readme", action="store_true")
+    parser.add_argument("--no-docs", action="store_true", help="leave docs/performance.md alone")
     parser.add_argument("--baseline-wasm", type=Path,
                         help="also run the demo gateway with this earlier filter build (paired comparison)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from results.json")
@@ -671,8 +671,8 @@ def main() -> int:
         "soak": soak_runs, "seconds": args.seconds, "pinned": args.pinned, "notes": notes,
     }, indent=1))
     (OUT / "chart.svg").write_text(chart(results, [v.name for v in variants]))
-    if not args.no_readme:
-        write_readme(report)
+    if not args.no_docs:
+        write_performance_doc(report)
     return 0
 
 
@@ -688,20 +688,20 @@ def report_only(args) -> int:
     args.pinned = saved.get("pinned")
     report = build_report(results, streaming, saved["peak_rss"], saved["vm_memory_before"], saved["vm_memory_after"],
                           saved.get("soak", [0, 0]), variants, args, saved.get("notes", []), saved["date"], saved["machine"])
-    if not args.no_readme:
-        write_readme(report)
+    if not args.no_docs:
+        write_performance_doc(report)
     print(report)
     return 0
 
 
-def write_readme(report: str, section: str = "bench") -> None:
-    """Replaces the README's text between <!-- {section}:begin --> and <!-- {section}:end -->."""
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+def write_performance_doc(report: str, section: str = "bench") -> None:
+    """Replaces docs/performance.md's text between <!-- {section}:begin --> and <!-- {section}:end -->."""
+    doc = ROOT / "docs" / "performance.md"
+    text = doc.read_text()
     start, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
     if start in text and end in text:
         text = text[: text.index(start) + len(start)] + "\n" + report + "\n" + text[text.index(end):]
-        readme.write_text(text)
+        doc.write_text(text)
 
 
 def machine() -> str:

@@ -27,8 +27,8 @@ is reported, not hidden in a fast latency.
 
 Pinned as bench.py is (`--no-pin` to turn it off): Envoy on the first CPU, wrk, the backend, the
 rate-limit service and Redis on the second. The machine's load average is recorded, never refused.
-Writes integration-tests/bench-results/global-limits.{md,json} and the README section between
-<!-- global-limits:begin --> and <!-- global-limits:end --> (`--no-readme` skips it).
+Writes integration-tests/bench-results/global-limits.{md,json} and the section of docs/performance.md
+between <!-- global-limits:begin --> and <!-- global-limits:end --> (`--no-docs` skips it).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ import httpx
 
 import bench
 from bench import (OUT, ROOT, JAiRouter, Workload, chat_body, cpu_of_tree, free_port, machine, pinned, run_wrk,
-                   start_backend, write_readme)
+                   start_backend, write_performance_doc)
 
 RATELIMIT = ROOT / "target" / "release" / "jairouter-ratelimit"
 CALLS = "jairouter_global_rate_limit_calls_total"
@@ -197,7 +197,7 @@ def main() -> int:
     parser.add_argument("--no-token-budget", action="store_true", help="leave out the token-budget pair")
     parser.add_argument("--no-pin", action="store_true",
                         help="leave CPUs to the scheduler (default: Envoy on one CPU; wrk, the backend, the service and Redis on the other)")
-    parser.add_argument("--no-readme", action="store_true")
+    parser.add_argument("--no-docs", action="store_true")
     args = parser.parse_args()
 
     cpus = sorted(os.sched_getaffinity(0))
@@ -300,8 +300,8 @@ def main() -> int:
         "timeout_ms": args.timeout_ms, "pinned": bench.PIN, "loadavg_start": load_start, "loadavg_end": load_end,
         "loadavg_per_round": loads_sampled, "pairs": pairs, "service_cluster": clusters, "results": results,
     }, indent=1))
-    if not args.no_readme:
-        write_readme(report, "global-limits")
+    if not args.no_docs:
+        write_performance_doc(report, "global-limits")
     return 0
 
 

@@ -5,7 +5,7 @@ names. Every variant runs the 1 KB chat workload of `./build.sh bench` through o
 a call's price is the proxy CPU per request over the `pause` variant (hold the headers, read the
 body, continue: what a body-routing filter must do), divided by the calls made. This is the
 profile behind the filter's own cost: its request path is a handful of these calls.
-Writes the README section between <!-- hostcalls:begin --> and <!-- hostcalls:end -->.
+Writes the section of docs/performance.md between <!-- hostcalls:begin --> and <!-- hostcalls:end -->.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import bench
-from bench import PROBE_WASM, WORKLOADS, PlainEnvoy, machine, run_wrk, start_backend, write_readme
+from bench import PROBE_WASM, WORKLOADS, PlainEnvoy, machine, run_wrk, start_backend, write_performance_doc
 
 # (steps, calls per request, what it is)
 PROBES = [
@@ -51,7 +51,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=4)
-    parser.add_argument("--no-readme", action="store_true")
+    parser.add_argument("--no-docs", action="store_true")
     parser.add_argument("--no-pin", action="store_true", help="leave CPUs to the scheduler (default: as ./build.sh bench)")
     args = parser.parse_args()
     if args.no_pin or len(os.sched_getaffinity(0)) < 2:
@@ -98,8 +98,8 @@ def main() -> int:
             lines.append(f"| {what} | {med[steps]:.1f} | {(med[steps] - base) / calls:.2f} |")
     report = "\n".join(lines)
     print(report)
-    if not args.no_readme:
-        write_readme(report, "hostcalls")
+    if not args.no_docs:
+        write_performance_doc(report, "hostcalls")
     return 0
 
 
