@@ -6,12 +6,15 @@
 use jairouter_filter::config::{BaseUrl, EdgeLimits, Jwks, JwtOptions};
 use jairouter_filter::contract::{
     HEALTH_ROOT_ID, JWT_PAYLOAD_KEY, LOG_SUMMARY_FILTER_STATE, MODEL_HEADER, RATE_LIMIT_CLUSTER,
-    ROUTER_ROOT_ID, ROUTING_HEADER, STATUS_ROOT_ID, VM_ID,
+    ROUTING_HEADER, STATUS_ROOT_ID,
 };
 use jairouter_filter::metrics::TAGS;
 use jairouter_filter::plan::{Instance, Plan, Service};
 use serde_json::{json, Value};
 
+use crate::envoy_json::{
+    duration, plugin_config, service_cluster, socket, tls_socket, WASM_FILTER_TYPE,
+};
 use crate::tracing;
 
 pub struct Options {
@@ -124,11 +127,6 @@ fn overload_manager(edge: &EdgeLimits) -> Value {
     }]})
 }
 
-/// Envoy durations are strings of seconds: `ms` as `S.mmms`.
-pub(crate) fn duration(ms: u64) -> String {
-    format!("{}.{:03}s", ms / 1000, ms % 1000)
-}
-
 /// The clusters of every configured instance.
 pub fn instance_clusters(config: &Plan, opts: &Options) -> Vec<Value> {
     config
@@ -166,7 +164,7 @@ pub fn filter_resource(model_json: &Value, wasm_path: &str) -> Value {
 
 fn wasm_filter_config(model_json: &Value, wasm_path: &str) -> Value {
     json!({
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+        "@type": WASM_FILTER_TYPE,
         "config": plugin_config(model_json, wasm_path)
     })
 }
@@ -274,7 +272,7 @@ fn status_listener(address: &str, port: u16, wasm_path: &str) -> Value {
                     {
                         "name": "envoy.filters.http.wasm",
                         "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                            "@type": WASM_FILTER_TYPE,
                             "config": config
                         }
                     },
@@ -350,10 +348,6 @@ fn health_checker(wasm_path: &str) -> Value {
     })
 }
 
-fn socket(address: &str, port: u16) -> Value {
-    json!({"socket_address": {"address": address, "port_value": port}})
-}
-
 fn http_connection_manager(
     config: &Plan,
     model_json: &Value,
@@ -366,7 +360,7 @@ fn http_connection_manager(
             "name": "jairouter",
             "config_discovery": {
                 "config_source": watched_file(dir, LIVE_FILTER),
-                "type_urls": ["type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"]
+                "type_urls": [WASM_FILTER_TYPE]
             }
         }),
         None => json!({
@@ -510,30 +504,6 @@ fn rate_limit_cluster(service: &BaseUrl) -> Value {
     })
 }
 
-/// The wasm plugin: one VM id for every worker, so shared data (the round-robin rotation) is
-/// one per process.
-pub fn plugin_config(model_json: &Value, wasm_path: &str) -> Value {
-    json!({
-        "name": ROUTER_ROOT_ID,
-        "root_id": ROUTER_ROOT_ID,
-        "vm_config": {
-            "vm_id": VM_ID,
-            "runtime": "envoy.wasm.runtime.v8",
-            "code": {"local": {"filename": wasm_path}}
-        },
-        "configuration": {
-            "@type": "type.googleapis.com/google.protobuf.StringValue",
-            "value": model_json.to_string()
-        },
-        // A VM that died (a panic would be a bug; none is known: see filter/fuzz) is replaced
-        // by a fresh one for the next request, instead of failing every request of its worker
-        // (Envoy's default) until a restart.
-        "failure_policy": "FAIL_RELOAD",
-        // Without it, pausing in the headers phase to read the body for the model hangs.
-        "allow_on_headers_stop_iteration": true
-    })
-}
-
 /// Where a failed attempt may go instead: the other instances of the same model that take the
 /// same path and headers (a retry re-sends the request as the filter shaped it for the first
 /// instance, credentials included) over the same scheme, and for TLS the same host (the cluster's
@@ -602,26 +572,6 @@ fn cluster(instance: &Instance, peers: &[&Instance], opts: &Options) -> Value {
     cluster
 }
 
-/// TLS to a backend, checking its certificate against the CA bundle and its name.
-fn tls_socket(url: &BaseUrl, ca_file: &str) -> Value {
-    json!({
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-            "sni": url.host,
-            "common_tls_context": {
-                "validation_context": {
-                    "trusted_ca": {"filename": ca_file},
-                    "match_typed_subject_alt_names": [{
-                        "san_type": if url.host_is_ip() { "IP_ADDRESS" } else { "DNS" },
-                        "matcher": {"exact": url.host}
-                    }]
-                }
-            }
-        }
-    })
-}
-
 const JWKS_CLUSTER: &str = "jairouter-jwks";
 
 /// Envoy's jwt_authn in front of the filter (`gateway.jwt`): a valid token's payload goes into
@@ -645,7 +595,7 @@ fn jwt_filter(jwt: &JwtOptions) -> Value {
                     "cluster": JWKS_CLUSTER,
                     "timeout": "5s"
                 },
-                "cache_duration": format!("{cache_secs}s"),
+                "cache_duration": duration(cache_secs.saturating_mul(1000)),
                 "async_fetch": {}
             });
         }
@@ -669,23 +619,4 @@ fn jwt_filter(jwt: &JwtOptions) -> Value {
 /// The identity provider's key endpoint, for `jwks-uri`.
 fn jwks_cluster(url: &BaseUrl, ca_file: &str) -> Value {
     service_cluster(JWKS_CLUSTER, url, ca_file)
-}
-
-/// A cluster of one service the gateway calls (by name, or at its address), over TLS checked
-/// against the CA bundle for https.
-pub(crate) fn service_cluster(name: &str, url: &BaseUrl, ca_file: &str) -> Value {
-    let mut cluster = json!({
-        "name": name,
-        "type": if url.host_is_ip() { "STATIC" } else { "STRICT_DNS" },
-        "connect_timeout": "5s",
-        "dns_lookup_family": "V4_PREFERRED",
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket(&url.host, url.port)}}]}]
-        }
-    });
-    if url.tls {
-        cluster["transport_socket"] = tls_socket(url, ca_file);
-    }
-    cluster
 }

@@ -39,6 +39,7 @@
 
 mod app_config;
 mod bootstrap;
+mod envoy_json;
 mod flags;
 mod live;
 mod mesh;

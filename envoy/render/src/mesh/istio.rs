@@ -16,10 +16,10 @@
 //! later: older control planes and proxies predate the field (Envoy 1.35).
 
 use super::{
-    backends, instances_with_service, metadata, place, proto_duration, Backend, Document, Names,
-    Place, Wasm, WasmSource, RETRIABLE_STATUS, RETRY_ON, UNROUTED_BODY,
+    backends, instances_with_service, metadata, place, Backend, Document, Names, Place, Wasm,
+    WasmSource, RETRIABLE_STATUS, RETRY_ON, UNROUTED_BODY,
 };
-use crate::bootstrap;
+use crate::envoy_json::{duration, plugin_config, WASM_FILTER_TYPE};
 use crate::flags::{once, repeated, Args, Command};
 use jairouter_filter::config::CircuitBreakerPolicy;
 use jairouter_filter::contract::{MODEL_HEADER, ROUTING_HEADER};
@@ -50,7 +50,6 @@ pub const COMMAND: Command = Command {
 /// The name of every object we render, and of the wasm filter (its ECDS resource and the key of
 /// the per-virtual-host switch that turns it on).
 const NAME: &str = "jairouter";
-const WASM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
 /// The port of the Service clients call in sidecar mode.
 const SIDECAR_PORT: u16 = 80;
 
@@ -235,7 +234,7 @@ fn selector_labels(opts: &Options) -> Value {
 /// JSON configuration, fail closed, `allow_on_headers_stop_iteration`), with the module fetched
 /// by the istio-agent instead of read from a local path.
 pub fn wasm_filter_config(filter_config: &Value, wasm: &Wasm) -> Value {
-    let mut config = bootstrap::plugin_config(filter_config, "");
+    let mut config = plugin_config(filter_config, "");
     config["vm_config"]["code"] = match &wasm.source {
         WasmSource::File(path) => json!({"local": {"filename": path}}),
         WasmSource::Oci(url) | WasmSource::Http(url) => {
@@ -249,7 +248,7 @@ pub fn wasm_filter_config(filter_config: &Value, wasm: &Wasm) -> Value {
             json!({"remote": remote})
         }
     };
-    json!({"@type": WASM_TYPE, "config": config})
+    json!({"@type": WASM_FILTER_TYPE, "config": config})
 }
 
 const ENVOY_FILTER_COMMENT: &str = "\
@@ -295,7 +294,7 @@ fn envoy_filter(filter_config: &Value, opts: &Options) -> Document {
                     "config_discovery": {
                         // Wait for the module rather than serve without the filter.
                         "config_source": {"ads": {}, "initial_fetch_timeout": "0s"},
-                        "type_urls": [WASM_TYPE]
+                        "type_urls": [WASM_FILTER_TYPE]
                     }
                 }
             }
@@ -436,7 +435,7 @@ fn virtual_service(router: &Plan, opts: &Options) -> Document {
             });
             // Istio's default is no timeout, which generations that stream for minutes need.
             if router.request_timeout_ms > 0 {
-                route["timeout"] = json!(proto_duration(router.request_timeout_ms));
+                route["timeout"] = json!(duration(router.request_timeout_ms));
             }
             route
         })
@@ -509,7 +508,7 @@ fn outlier_detection(backend: &Backend) -> Option<Value> {
     Some(json!({
         "consecutive5xxErrors": threshold,
         "interval": "10s",
-        "baseEjectionTime": proto_duration(open_ms),
+        "baseEjectionTime": duration(open_ms),
         "maxEjectionPercent": 100
     }))
 }
@@ -816,7 +815,7 @@ services:
     }
 
     fn filter_config_of(wasm: &Value) -> Value {
-        assert_eq!(wasm["@type"], WASM_TYPE);
+        assert_eq!(wasm["@type"], WASM_FILTER_TYPE);
         let config = &wasm["config"];
         assert_eq!(
             config["configuration"]["@type"],
