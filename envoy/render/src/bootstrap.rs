@@ -180,6 +180,16 @@ fn watched_file(dir: &str, file: &str) -> Value {
     })
 }
 
+const HCM_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+
+fn router_filter() -> Value {
+    json!({
+        "name": "envoy.filters.http.router",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
+    })
+}
+
 const ADMIN_CLUSTER: &str = "jairouter-admin";
 
 /// What a kubelet and a Prometheus reach, without exposing Envoy's admin (which can stop the
@@ -194,7 +204,7 @@ fn metrics_listener(address: &str, port: u16) -> Value {
         "filter_chains": [{"filters": [{
             "name": "envoy.filters.network.http_connection_manager",
             "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "@type": HCM_TYPE,
                 "stat_prefix": "jairouter_metrics",
                 "route_config": {"virtual_hosts": [{
                     "name": "metrics",
@@ -218,10 +228,7 @@ fn metrics_listener(address: &str, port: u16) -> Value {
                             "headers": [{"name": ":path", "string_match": {"exact": "/ready"}}]
                         }
                     },
-                    {
-                        "name": "envoy.filters.http.router",
-                        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
-                    }
+                    router_filter()
                 ]
             }
         }]}]
@@ -258,7 +265,7 @@ fn status_listener(address: &str, port: u16, wasm_path: &str) -> Value {
         "filter_chains": [{"filters": [{
             "name": "envoy.filters.network.http_connection_manager",
             "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "@type": HCM_TYPE,
                 "stat_prefix": "jairouter_status",
                 "route_config": {"virtual_hosts": [{
                     "name": "status",
@@ -276,10 +283,7 @@ fn status_listener(address: &str, port: u16, wasm_path: &str) -> Value {
                             "config": config
                         }
                     },
-                    {
-                        "name": "envoy.filters.http.router",
-                        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
-                    }
+                    router_filter()
                 ]
             }
         }]}]
@@ -355,51 +359,12 @@ fn http_connection_manager(
     buffer_limit: u64,
 ) -> Value {
     let edge = &config.gateway.edge;
-    let wasm = match &opts.live_dir {
-        Some(dir) => json!({
-            "name": "jairouter",
-            "config_discovery": {
-                "config_source": watched_file(dir, LIVE_FILTER),
-                "type_urls": [WASM_FILTER_TYPE]
-            }
-        }),
-        None => json!({
-            "name": "envoy.filters.http.wasm",
-            "typed_config": wasm_filter_config(model_json, &opts.wasm_path)
-        }),
-    };
-    let mut filters: Vec<Value> = config.gateway.jwt.iter().map(jwt_filter).collect();
-    filters.push(wasm);
-    filters.push(json!({
-        "name": "envoy.filters.http.router",
-        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
-    }));
-    let mut routed = json!({
-        "match": {"prefix": "/", "headers": [{"name": ROUTING_HEADER, "present_match": true}]},
-        "route": {
-            "cluster_header": ROUTING_HEADER,
-            "auto_host_rewrite": true,
-            // Generations run for minutes: no limit unless `request-timeout` sets one; the
-            // stream idle timeout guards hangs.
-            "timeout": duration(config.request_timeout_ms)
-        },
-        // Ours, not the backend's: the routing header and the client's model header.
-        "request_headers_to_remove": [ROUTING_HEADER, MODEL_HEADER]
-    });
     let access_logs: Vec<Value> = match opts.access_log.as_str() {
         "none" => Vec::new(),
         path => vec![access_log(path)],
     };
-    // Live: a reload may give a service retries; the route must already have the policy.
-    if opts.live_dir.is_some() || config.services().any(|s| s.retries > 0) {
-        routed["route"]["retry_policy"] = retry_policy(config.retries);
-        // `per_request_buffer_limit_bytes` until Envoy 1.40 deprecated it. This one only ever
-        // raises a stream's buffer limit, so below the connection's it caps just the copy kept
-        // for retries; the filter may still buffer up to `max-body-bytes` looking for the model.
-        routed["request_body_buffer_limit"] = json!(RETRY_BUFFER_BYTES);
-    }
     let mut hcm = json!({
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "@type": HCM_TYPE,
         "stat_prefix": "jairouter",
         "codec_type": "AUTO",
         // The client address is the peer's, or (with `gateway.trusted-hops`) the one the
@@ -422,33 +387,84 @@ fn http_connection_manager(
             "initial_stream_window_size": buffer_limit,
             "initial_connection_window_size": buffer_limit
         },
-        "route_config": {
-            "name": "jairouter",
-            "virtual_hosts": [{
-                "name": "openai",
-                "domains": ["*"],
-                // x-envoy-attempt-count tells the filter the chosen instance failed first.
-                "include_attempt_count_in_response": true,
-                "routes": [
-                    routed,
-                    {
-                        // Reached only if the filter did not run: never forward unrouted traffic.
-                        "match": {"prefix": "/"},
-                        "direct_response": {
-                            "status": 503,
-                            "body": {"inline_string": r#"{"error":{"message":"The routing filter did not choose an instance.","type":"server_error","param":null,"code":"gateway_unavailable"}}"#}
-                        },
-                        "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
-                    }
-                ]
-            }]
-        },
-        "http_filters": filters
+        "route_config": api_route_config(config, opts),
+        "http_filters": api_http_filters(config, model_json, opts)
     });
     if let Some(tracing) = &config.tracing {
         hcm["tracing"] = tracing::connection_manager_tracing(tracing);
     }
     hcm
+}
+
+/// The API listener's filters: Envoy's JWT check when configured, ours, the router.
+fn api_http_filters(config: &Plan, model_json: &Value, opts: &Options) -> Vec<Value> {
+    let wasm = match &opts.live_dir {
+        Some(dir) => json!({
+            "name": "jairouter",
+            "config_discovery": {
+                "config_source": watched_file(dir, LIVE_FILTER),
+                "type_urls": [WASM_FILTER_TYPE]
+            }
+        }),
+        None => json!({
+            "name": "envoy.filters.http.wasm",
+            "typed_config": wasm_filter_config(model_json, &opts.wasm_path)
+        }),
+    };
+    let mut filters: Vec<Value> = config.gateway.jwt.iter().map(jwt_filter).collect();
+    filters.push(wasm);
+    filters.push(router_filter());
+    filters
+}
+
+/// The API's routes: to the cluster the filter named, and a 503 when it named none.
+fn api_route_config(config: &Plan, opts: &Options) -> Value {
+    json!({
+        "name": "jairouter",
+        "virtual_hosts": [{
+            "name": "openai",
+            "domains": ["*"],
+            // x-envoy-attempt-count tells the filter the chosen instance failed first.
+            "include_attempt_count_in_response": true,
+            "routes": [
+                routed_route(config, opts),
+                {
+                    // Reached only if the filter did not run: never forward unrouted traffic.
+                    "match": {"prefix": "/"},
+                    "direct_response": {
+                        "status": 503,
+                        "body": {"inline_string": r#"{"error":{"message":"The routing filter did not choose an instance.","type":"server_error","param":null,"code":"gateway_unavailable"}}"#}
+                    },
+                    "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
+                }
+            ]
+        }]
+    })
+}
+
+/// The route of every request the filter routed: to the cluster in its routing header.
+fn routed_route(config: &Plan, opts: &Options) -> Value {
+    let mut routed = json!({
+        "match": {"prefix": "/", "headers": [{"name": ROUTING_HEADER, "present_match": true}]},
+        "route": {
+            "cluster_header": ROUTING_HEADER,
+            "auto_host_rewrite": true,
+            // Generations run for minutes: no limit unless `request-timeout` sets one; the
+            // stream idle timeout guards hangs.
+            "timeout": duration(config.request_timeout_ms)
+        },
+        // Ours, not the backend's: the routing header and the client's model header.
+        "request_headers_to_remove": [ROUTING_HEADER, MODEL_HEADER]
+    });
+    // Live: a reload may give a service retries; the route must already have the policy.
+    if opts.live_dir.is_some() || config.services().any(|s| s.retries > 0) {
+        routed["route"]["retry_policy"] = retry_policy(config.retries);
+        // `per_request_buffer_limit_bytes` until Envoy 1.40 deprecated it. This one only ever
+        // raises a stream's buffer limit, so below the connection's it caps just the copy kept
+        // for retries; the filter may still buffer up to `max-body-bytes` looking for the model.
+        routed["request_body_buffer_limit"] = json!(RETRY_BUFFER_BYTES);
+    }
+    routed
 }
 
 /// Envoy keeps a copy of a request's body for retries up to this; larger bodies are not
