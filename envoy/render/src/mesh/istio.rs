@@ -98,61 +98,9 @@ impl Options {
             "wasmplugin" => Install::WasmPlugin,
             other => return Err(format!("--install {other}: envoyfilter or wasmplugin")),
         };
-        let mut selector = Vec::new();
-        for pair in flags.all("selector") {
-            let (key, value) = pair
-                .split_once('=')
-                .filter(|(k, _)| !k.is_empty())
-                .ok_or_else(|| format!("--selector {pair}: KEY=VALUE"))?;
-            selector.push((key.to_string(), value.to_string()));
-        }
-        let gateway = match (mode, flags.one("gateway")) {
-            (Mode::Gateway, None) => {
-                return Err(
-                    "--mode gateway needs --gateway NS/NAME, the Istio Gateway the \
-                            VirtualService binds to"
-                        .into(),
-                )
-            }
-            (Mode::Gateway, Some(g)) if g.contains('/') => Some(g.to_string()),
-            (Mode::Gateway, Some(g)) => Some(format!("{namespace}/{g}")),
-            (Mode::Sidecar, Some(_)) => {
-                return Err("--gateway is for --mode gateway; sidecar mode serves the mesh".into())
-            }
-            (Mode::Sidecar, None) => None,
-        };
-        let mut hosts: Vec<String> = flags.all("host").iter().map(|h| h.to_string()).collect();
-        for host in &hosts {
-            if host.is_empty() || host.contains([' ', '/', ':']) {
-                return Err(format!("--host {host}: a host name"));
-            }
-        }
-        match mode {
-            Mode::Gateway => {
-                if selector.is_empty() {
-                    selector.push(("istio".into(), "ingressgateway".into()));
-                }
-                if hosts.is_empty() {
-                    hosts.push("*".into());
-                }
-            }
-            Mode::Sidecar => {
-                if hosts.is_empty() {
-                    hosts.push(format!("llm.{namespace}.svc.cluster.local"));
-                }
-                // The VirtualService names in-cluster hosts in full, as the sidecar's virtual
-                // hosts list them.
-                for host in &mut hosts {
-                    match place(host, &namespace) {
-                        Place::InCluster { fqdn, .. } => *host = fqdn,
-                        Place::External { ip: true, .. } => {
-                            return Err(format!("--host {host}: a name, not an address"))
-                        }
-                        Place::External { .. } => {}
-                    }
-                }
-            }
-        }
+        let selector = selector(mode, &flags.all("selector"))?;
+        let gateway = bound_gateway(mode, flags.one("gateway"), &namespace)?;
+        let hosts = hosts(mode, &flags.all("host"), &namespace)?;
         let proxy_namespace = match (flags.one("proxy-namespace"), mode) {
             (Some(ns), _) => ns.to_string(),
             (None, Mode::Gateway) => "istio-system".to_string(),
@@ -176,6 +124,78 @@ impl Options {
             Mode::Sidecar => "SIDECAR_OUTBOUND",
         }
     }
+}
+
+/// `--gateway`: the Istio Gateway (`NS/NAME`) the VirtualService binds to, in gateway mode only.
+fn bound_gateway(
+    mode: Mode,
+    gateway: Option<&str>,
+    namespace: &str,
+) -> Result<Option<String>, String> {
+    match (mode, gateway) {
+        (Mode::Gateway, None) => Err(
+            "--mode gateway needs --gateway NS/NAME, the Istio Gateway the VirtualService binds to"
+                .into(),
+        ),
+        (Mode::Gateway, Some(g)) if g.contains('/') => Ok(Some(g.to_string())),
+        (Mode::Gateway, Some(g)) => Ok(Some(format!("{namespace}/{g}"))),
+        (Mode::Sidecar, Some(_)) => {
+            Err("--gateway is for --mode gateway; sidecar mode serves the mesh".into())
+        }
+        (Mode::Sidecar, None) => Ok(None),
+    }
+}
+
+/// `--selector KEY=VALUE ...`: the proxies that get the filter (in gateway mode, the ingress
+/// gateway's unless told).
+fn selector(mode: Mode, pairs: &[&str]) -> Result<Vec<(String, String)>, String> {
+    let mut selector = Vec::new();
+    for pair in pairs {
+        let (key, value) = pair
+            .split_once('=')
+            .filter(|(k, _)| !k.is_empty())
+            .ok_or_else(|| format!("--selector {pair}: KEY=VALUE"))?;
+        selector.push((key.to_string(), value.to_string()));
+    }
+    if mode == Mode::Gateway && selector.is_empty() {
+        selector.push(("istio".into(), "ingressgateway".into()));
+    }
+    Ok(selector)
+}
+
+/// `--host H ...`: the hosts clients call (every host through the gateway, or the sidecar
+/// mode's `llm` Service, unless told).
+fn hosts(mode: Mode, given: &[&str], namespace: &str) -> Result<Vec<String>, String> {
+    let mut hosts: Vec<String> = given.iter().map(|h| h.to_string()).collect();
+    for host in &hosts {
+        if host.is_empty() || host.contains([' ', '/', ':']) {
+            return Err(format!("--host {host}: a host name"));
+        }
+    }
+    match mode {
+        Mode::Gateway => {
+            if hosts.is_empty() {
+                hosts.push("*".into());
+            }
+        }
+        Mode::Sidecar => {
+            if hosts.is_empty() {
+                hosts.push(format!("llm.{namespace}.svc.cluster.local"));
+            }
+            // The VirtualService names in-cluster hosts in full, as the sidecar's virtual
+            // hosts list them.
+            for host in &mut hosts {
+                match place(host, namespace) {
+                    Place::InCluster { fqdn, .. } => *host = fqdn,
+                    Place::External { ip: true, .. } => {
+                        return Err(format!("--host {host}: a name, not an address"))
+                    }
+                    Place::External { .. } => {}
+                }
+            }
+        }
+    }
+    Ok(hosts)
 }
 
 pub fn render(
