@@ -293,21 +293,14 @@ cmd_up() {
 
   # gateway.global-rate-limit: the rate-limit service (jairouter-ratelimit) and its Redis on
   # loopback, on the port of the configured address.
-  local global_port="" redis_port=""
-  global_port=$("$RENDER" plugin-config "$config" "${keys_args[@]}" | python3 -c '
-import json, sys
-j = json.load(sys.stdin)
-m = j.get("model", j)
-gateway = m.get("gateway") or (j.get("jairouter") or {}).get("gateway") or {}
-g = gateway.get("global-rate-limit") or {}
-address = str(g.get("address") or "")
-host, _, port = address.rpartition(":")
-if address:
-    print(port)
-    if host not in ("127.0.0.1", "localhost", "[::1]"):
-        print(f"gateway.global-rate-limit.address is {address}: the rate-limit service starts on 127.0.0.1:{port}", file=sys.stderr)
-')
-  if [[ -n "$global_port" ]]; then
+  local global_address="" global_port="" redis_port=""
+  global_address=$("$RENDER" info "$config" "${keys_args[@]}" global-rate-limit)
+  if [[ -n "$global_address" ]]; then
+    global_port=${global_address##*:}
+    case "${global_address%:*}" in
+      127.0.0.1|localhost|"[::1]") ;;
+      *) echo "gateway.global-rate-limit.address is $global_address: the rate-limit service starts on 127.0.0.1:$global_port" >&2 ;;
+    esac
     [[ -x "$RATELIMIT" ]] || { echo "gateway.global-rate-limit is set but $RATELIMIT is not built (envoy/ratelimit missing?)" >&2; exit 1; }
     ensure_redis
     redis_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -341,7 +334,7 @@ if address:
     --admin-port "${ADMIN_PORT:-9901}" --status-port "${STATUS_PORT:-9902}" \
     --listen-address "${LISTEN_ADDRESS:-127.0.0.1}" --live-dir "$run/live" --out "$run/envoy.json"
   local port
-  port=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"])' "$run/envoy.json")
+  port=$("$RENDER" info "$config" "${keys_args[@]}" "${port_args[@]}" port)
   log "starting Envoy ($("$ENVOY" --version | sed -n 's/.*version: [^/]*\/\([^/]*\).*/\1/p'), ${CONCURRENCY:-2} workers)"
   "$ENVOY" -c "$run/envoy.json" --concurrency "${CONCURRENCY:-2}" --use-dynamic-base-id \
     --log-level "${ENVOY_LOG_LEVEL:-warning}" &
@@ -354,14 +347,14 @@ if address:
   "$RENDER" watch "$config" "${keys_args[@]}" --wasm "$WASM" --live-dir "$run/live" &
   pids+=($!)
   local model
-  model=$("$RENDER" plugin-config "$config" "${keys_args[@]}" | python3 -c 'import json,sys; m=json.load(sys.stdin); m=m.get("model", m); print(next((i["name"] for s in m.get("services",{}).values() for i in (s or {}).get("instances") or []), "MODEL"))')
+  model=$("$RENDER" info "$config" "${keys_args[@]}" model)
   cat <<EOF
 
 JAiRouter is serving on http://127.0.0.1:$port  (Envoy admin: http://127.0.0.1:${ADMIN_PORT:-9901},
 status: http://127.0.0.1:${STATUS_PORT:-9902}/status). Edits of $config apply live.
 Try:
   curl -s http://127.0.0.1:$port/v1/chat/completions -H 'content-type: application/json' \\
-    -d '{"model": "$model", "messages": [{"role": "user", "content": "Hello"}]}'
+    -d '{"model": "${model:-MODEL}", "messages": [{"role": "user", "content": "Hello"}]}'
   curl -s http://127.0.0.1:$port/v1/models
 EOF
   if [[ -n "$global_port" ]]; then

@@ -27,6 +27,7 @@ COMMANDS = {
     "watch": ["FILE", "--wasm", str(WASM), "--live-dir", "LIVE"],
     "istio": ["FILE", "--wasm-url", "oci://registry.example/jairouter:1", "--gateway", "istio-system/gw"],
     "envoy-gateway": ["FILE", "--wasm-url", "oci://registry.example/jairouter:1", "--gateway", "gw"],
+    "info": ["FILE", "model"],
     "hash-key": [],
 }
 
@@ -87,6 +88,6 @@ def test_a_missing_file_and_an_unknown_command_are_usage_errors(tmp_path):
 
 
 def test_the_commands_still_work_with_the_flags_they_take(tmp_path):
-    for command in ("check", "plugin-config", "bootstrap", "istio", "envoy-gateway", "hash-key"):
+    for command in ("check", "plugin-config", "bootstrap", "istio", "envoy-gateway", "info", "hash-key"):
         result = run(tmp_path, command)
         assert result.returncode == 0, (command, result.stderr)

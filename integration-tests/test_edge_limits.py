@@ -70,16 +70,16 @@ def test_defaults_are_rendered_and_never_cut_a_slow_model(tmp_path):
     assert status["ignore_global_conn_limit"] and metrics["ignore_global_conn_limit"]
     assert bootstrap["admin"]["ignore_global_conn_limit"]
     hcm = api["filter_chains"][0]["filters"][0]["typed_config"]
-    assert hcm["request_headers_timeout"] == "10.000s"
-    assert hcm["stream_idle_timeout"] == "600.000s"  # the OpenAI SDK's own 10 minutes
-    assert hcm["common_http_protocol_options"] == {"idle_timeout": "3600.000s"}
+    assert hcm["request_headers_timeout"] == "10s"
+    assert hcm["stream_idle_timeout"] == "600s"  # the OpenAI SDK's own 10 minutes
+    assert hcm["common_http_protocol_options"] == {"idle_timeout": "3600s"}
     assert hcm["max_request_headers_kb"] == 60
     # An HTTP/2 stream may buffer what an HTTP/1 connection may (max-body-bytes + 2 MiB).
     buffer_limit = api["per_connection_buffer_limit_bytes"]
     assert hcm["http2_protocol_options"] == {"max_concurrent_streams": 100, "initial_stream_window_size": buffer_limit,
                                              "initial_connection_window_size": buffer_limit}
     # The route's whole-exchange timeout is still only `request-timeout` (none by default).
-    assert hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]["timeout"] == "0.000s"
+    assert hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]["timeout"] == "0s"
 
 
 def test_connections_past_max_connections_are_refused_while_the_gateway_serves(stubs, gateway):

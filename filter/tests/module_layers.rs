@@ -1,10 +1,12 @@
-//! The crate's top-level modules form layers: a module may use the ones below it, never one
-//! that (directly or through others) uses it back. Configuration is data, the plan is compiled
-//! from it by the mechanisms (balance, limit, breaker, auth), and the request path reads the plan.
-//! This test reads `src/` and fails naming the first import cycle it finds.
+//! Each crate's top-level modules form layers: a module may use the ones below it, never one
+//! that (directly or through others) uses it back. In the filter, configuration is data, the
+//! plan is compiled from it by the mechanisms (balance, limit, breaker, auth), and the request
+//! path reads the plan; the renderer and the rate-limit service are held to the same rule.
+//! This test reads each crate's `src/` and fails naming the first import cycle it finds.
 //!
-//! A module is a file or directory directly under `src/`; it references another when its code
-//! says `crate::other` (a `use crate::{a, b}` group counts each). Comments and unit-test modules
+//! A module is a file or directory directly under `src/` (`lib.rs` and `main.rs` are the
+//! crate's root, no module); it references another when its code says `crate::other` (a
+//! `use crate::{a, b}` group counts each). Comments and unit-test modules
 //! (`#[cfg(test)] mod tests { .. }` bodies and files named `tests.rs`) are left out: tests may
 //! reach across layers.
 #![cfg(not(target_arch = "wasm32"))]
@@ -190,17 +192,22 @@ fn referenced(code: &str) -> BTreeSet<String> {
     found
 }
 
-fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+/// A crate's `src/`, from the workspace root (`filter/src`, `envoy/render/src`).
+fn crate_src(crate_dir: &str) -> PathBuf {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    workspace.join(crate_dir).join("src")
+}
+
+fn module_graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
     let mut files = Vec::new();
-    rust_files(&src, &mut files);
-    let modules: BTreeSet<String> = files.iter().filter_map(|f| top_module(&src, f)).collect();
+    rust_files(src, &mut files);
+    let modules: BTreeSet<String> = files.iter().filter_map(|f| top_module(src, f)).collect();
     let mut graph: BTreeMap<String, BTreeSet<String>> = modules
         .iter()
         .map(|m| (m.clone(), BTreeSet::new()))
         .collect();
     for file in &files {
-        let Some(module) = top_module(&src, file) else {
+        let Some(module) = top_module(src, file) else {
             continue;
         };
         if file.file_name().is_some_and(|n| n == "tests.rs") {
@@ -219,12 +226,12 @@ fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
     graph
 }
 
-/// `src/x.rs` and `src/x/**` belong to `x`; `lib.rs` is the root, no module.
+/// `src/x.rs` and `src/x/**` belong to `x`; `lib.rs` and `main.rs` are the root, no module.
 fn top_module(src: &Path, file: &Path) -> Option<String> {
     let relative = file.strip_prefix(src).ok()?;
     let first = relative.components().next()?.as_os_str().to_str()?;
     let name = first.strip_suffix(".rs").unwrap_or(first);
-    (name != "lib").then(|| name.to_string())
+    (name != "lib" && name != "main").then(|| name.to_string())
 }
 
 /// A cycle as `a -> b -> a`, if the graph has one.
@@ -274,16 +281,40 @@ fn find_cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>>
     None
 }
 
-#[test]
-fn top_level_modules_have_no_import_cycle() {
-    let graph = module_graph();
+/// Fails naming the first import cycle among the top-level modules of `crate_dir`.
+fn assert_no_import_cycle(crate_dir: &str) {
+    let src = crate_src(crate_dir);
+    let graph = module_graph(&src);
+    assert!(
+        graph.len() > 1,
+        "{}: no modules found: is the check still looking?",
+        src.display()
+    );
     for (module, uses) in &graph {
         let uses: Vec<&str> = uses.iter().map(String::as_str).collect();
-        println!("{module} -> {}", uses.join(", "));
+        println!("{crate_dir}: {module} -> {}", uses.join(", "));
     }
     if let Some(cycle) = find_cycle(&graph) {
-        panic!("import cycle between modules: {}", cycle.join(" -> "));
+        panic!(
+            "import cycle between modules of {crate_dir}: {}",
+            cycle.join(" -> ")
+        );
     }
+}
+
+#[test]
+fn top_level_modules_have_no_import_cycle() {
+    assert_no_import_cycle("filter");
+}
+
+#[test]
+fn the_renderers_modules_have_no_import_cycle() {
+    assert_no_import_cycle("envoy/render");
+}
+
+#[test]
+fn the_rate_limit_services_modules_have_no_import_cycle() {
+    assert_no_import_cycle("envoy/ratelimit");
 }
 
 #[test]
@@ -315,7 +346,7 @@ const MAX_BINDING_LINES: usize = 700;
 
 #[test]
 fn only_a_thin_binding_calls_proxy_wasm() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let src = crate_src("filter");
     let mut files = Vec::new();
     rust_files(&src, &mut files);
     let mut total = 0;

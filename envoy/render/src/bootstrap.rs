@@ -6,12 +6,15 @@
 use jairouter_filter::config::{BaseUrl, EdgeLimits, Jwks, JwtOptions};
 use jairouter_filter::contract::{
     HEALTH_ROOT_ID, JWT_PAYLOAD_KEY, LOG_SUMMARY_FILTER_STATE, MODEL_HEADER, RATE_LIMIT_CLUSTER,
-    ROUTER_ROOT_ID, ROUTING_HEADER, STATUS_ROOT_ID, VM_ID,
+    ROUTING_HEADER, STATUS_ROOT_ID,
 };
 use jairouter_filter::metrics::TAGS;
 use jairouter_filter::plan::{Instance, Plan, Service};
 use serde_json::{json, Value};
 
+use crate::envoy_json::{
+    duration, plugin_config, service_cluster, socket, tls_socket, WASM_FILTER_TYPE,
+};
 use crate::tracing;
 
 pub struct Options {
@@ -124,11 +127,6 @@ fn overload_manager(edge: &EdgeLimits) -> Value {
     }]})
 }
 
-/// Envoy durations are strings of seconds: `ms` as `S.mmms`.
-pub(crate) fn duration(ms: u64) -> String {
-    format!("{}.{:03}s", ms / 1000, ms % 1000)
-}
-
 /// The clusters of every configured instance.
 pub fn instance_clusters(config: &Plan, opts: &Options) -> Vec<Value> {
     config
@@ -166,7 +164,7 @@ pub fn filter_resource(model_json: &Value, wasm_path: &str) -> Value {
 
 fn wasm_filter_config(model_json: &Value, wasm_path: &str) -> Value {
     json!({
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+        "@type": WASM_FILTER_TYPE,
         "config": plugin_config(model_json, wasm_path)
     })
 }
@@ -179,6 +177,16 @@ fn watched_file(dir: &str, file: &str) -> Value {
     json!({
         "path_config_source": {"path": path, "watched_directory": {"path": watched}},
         "resource_api_version": "V3"
+    })
+}
+
+const HCM_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+
+fn router_filter() -> Value {
+    json!({
+        "name": "envoy.filters.http.router",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
     })
 }
 
@@ -196,7 +204,7 @@ fn metrics_listener(address: &str, port: u16) -> Value {
         "filter_chains": [{"filters": [{
             "name": "envoy.filters.network.http_connection_manager",
             "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "@type": HCM_TYPE,
                 "stat_prefix": "jairouter_metrics",
                 "route_config": {"virtual_hosts": [{
                     "name": "metrics",
@@ -220,10 +228,7 @@ fn metrics_listener(address: &str, port: u16) -> Value {
                             "headers": [{"name": ":path", "string_match": {"exact": "/ready"}}]
                         }
                     },
-                    {
-                        "name": "envoy.filters.http.router",
-                        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
-                    }
+                    router_filter()
                 ]
             }
         }]}]
@@ -260,7 +265,7 @@ fn status_listener(address: &str, port: u16, wasm_path: &str) -> Value {
         "filter_chains": [{"filters": [{
             "name": "envoy.filters.network.http_connection_manager",
             "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "@type": HCM_TYPE,
                 "stat_prefix": "jairouter_status",
                 "route_config": {"virtual_hosts": [{
                     "name": "status",
@@ -274,14 +279,11 @@ fn status_listener(address: &str, port: u16, wasm_path: &str) -> Value {
                     {
                         "name": "envoy.filters.http.wasm",
                         "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                            "@type": WASM_FILTER_TYPE,
                             "config": config
                         }
                     },
-                    {
-                        "name": "envoy.filters.http.router",
-                        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
-                    }
+                    router_filter()
                 ]
             }
         }]}]
@@ -350,10 +352,6 @@ fn health_checker(wasm_path: &str) -> Value {
     })
 }
 
-fn socket(address: &str, port: u16) -> Value {
-    json!({"socket_address": {"address": address, "port_value": port}})
-}
-
 fn http_connection_manager(
     config: &Plan,
     model_json: &Value,
@@ -361,51 +359,12 @@ fn http_connection_manager(
     buffer_limit: u64,
 ) -> Value {
     let edge = &config.gateway.edge;
-    let wasm = match &opts.live_dir {
-        Some(dir) => json!({
-            "name": "jairouter",
-            "config_discovery": {
-                "config_source": watched_file(dir, LIVE_FILTER),
-                "type_urls": ["type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"]
-            }
-        }),
-        None => json!({
-            "name": "envoy.filters.http.wasm",
-            "typed_config": wasm_filter_config(model_json, &opts.wasm_path)
-        }),
-    };
-    let mut filters: Vec<Value> = config.gateway.jwt.iter().map(jwt_filter).collect();
-    filters.push(wasm);
-    filters.push(json!({
-        "name": "envoy.filters.http.router",
-        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
-    }));
-    let mut routed = json!({
-        "match": {"prefix": "/", "headers": [{"name": ROUTING_HEADER, "present_match": true}]},
-        "route": {
-            "cluster_header": ROUTING_HEADER,
-            "auto_host_rewrite": true,
-            // Generations run for minutes: no limit unless `request-timeout` sets one; the
-            // stream idle timeout guards hangs.
-            "timeout": duration(config.request_timeout_ms)
-        },
-        // Ours, not the backend's: the routing header and the client's model header.
-        "request_headers_to_remove": [ROUTING_HEADER, MODEL_HEADER]
-    });
     let access_logs: Vec<Value> = match opts.access_log.as_str() {
         "none" => Vec::new(),
         path => vec![access_log(path)],
     };
-    // Live: a reload may give a service retries; the route must already have the policy.
-    if opts.live_dir.is_some() || config.services().any(|s| s.retries > 0) {
-        routed["route"]["retry_policy"] = retry_policy(config.retries);
-        // `per_request_buffer_limit_bytes` until Envoy 1.40 deprecated it. This one only ever
-        // raises a stream's buffer limit, so below the connection's it caps just the copy kept
-        // for retries; the filter may still buffer up to `max-body-bytes` looking for the model.
-        routed["request_body_buffer_limit"] = json!(RETRY_BUFFER_BYTES);
-    }
     let mut hcm = json!({
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "@type": HCM_TYPE,
         "stat_prefix": "jairouter",
         "codec_type": "AUTO",
         // The client address is the peer's, or (with `gateway.trusted-hops`) the one the
@@ -428,33 +387,84 @@ fn http_connection_manager(
             "initial_stream_window_size": buffer_limit,
             "initial_connection_window_size": buffer_limit
         },
-        "route_config": {
-            "name": "jairouter",
-            "virtual_hosts": [{
-                "name": "openai",
-                "domains": ["*"],
-                // x-envoy-attempt-count tells the filter the chosen instance failed first.
-                "include_attempt_count_in_response": true,
-                "routes": [
-                    routed,
-                    {
-                        // Reached only if the filter did not run: never forward unrouted traffic.
-                        "match": {"prefix": "/"},
-                        "direct_response": {
-                            "status": 503,
-                            "body": {"inline_string": r#"{"error":{"message":"The routing filter did not choose an instance.","type":"server_error","param":null,"code":"gateway_unavailable"}}"#}
-                        },
-                        "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
-                    }
-                ]
-            }]
-        },
-        "http_filters": filters
+        "route_config": api_route_config(config, opts),
+        "http_filters": api_http_filters(config, model_json, opts)
     });
     if let Some(tracing) = &config.tracing {
         hcm["tracing"] = tracing::connection_manager_tracing(tracing);
     }
     hcm
+}
+
+/// The API listener's filters: Envoy's JWT check when configured, ours, the router.
+fn api_http_filters(config: &Plan, model_json: &Value, opts: &Options) -> Vec<Value> {
+    let wasm = match &opts.live_dir {
+        Some(dir) => json!({
+            "name": "jairouter",
+            "config_discovery": {
+                "config_source": watched_file(dir, LIVE_FILTER),
+                "type_urls": [WASM_FILTER_TYPE]
+            }
+        }),
+        None => json!({
+            "name": "envoy.filters.http.wasm",
+            "typed_config": wasm_filter_config(model_json, &opts.wasm_path)
+        }),
+    };
+    let mut filters: Vec<Value> = config.gateway.jwt.iter().map(jwt_filter).collect();
+    filters.push(wasm);
+    filters.push(router_filter());
+    filters
+}
+
+/// The API's routes: to the cluster the filter named, and a 503 when it named none.
+fn api_route_config(config: &Plan, opts: &Options) -> Value {
+    json!({
+        "name": "jairouter",
+        "virtual_hosts": [{
+            "name": "openai",
+            "domains": ["*"],
+            // x-envoy-attempt-count tells the filter the chosen instance failed first.
+            "include_attempt_count_in_response": true,
+            "routes": [
+                routed_route(config, opts),
+                {
+                    // Reached only if the filter did not run: never forward unrouted traffic.
+                    "match": {"prefix": "/"},
+                    "direct_response": {
+                        "status": 503,
+                        "body": {"inline_string": r#"{"error":{"message":"The routing filter did not choose an instance.","type":"server_error","param":null,"code":"gateway_unavailable"}}"#}
+                    },
+                    "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
+                }
+            ]
+        }]
+    })
+}
+
+/// The route of every request the filter routed: to the cluster in its routing header.
+fn routed_route(config: &Plan, opts: &Options) -> Value {
+    let mut routed = json!({
+        "match": {"prefix": "/", "headers": [{"name": ROUTING_HEADER, "present_match": true}]},
+        "route": {
+            "cluster_header": ROUTING_HEADER,
+            "auto_host_rewrite": true,
+            // Generations run for minutes: no limit unless `request-timeout` sets one; the
+            // stream idle timeout guards hangs.
+            "timeout": duration(config.request_timeout_ms)
+        },
+        // Ours, not the backend's: the routing header and the client's model header.
+        "request_headers_to_remove": [ROUTING_HEADER, MODEL_HEADER]
+    });
+    // Live: a reload may give a service retries; the route must already have the policy.
+    if opts.live_dir.is_some() || config.services().any(|s| s.retries > 0) {
+        routed["route"]["retry_policy"] = retry_policy(config.retries);
+        // `per_request_buffer_limit_bytes` until Envoy 1.40 deprecated it. This one only ever
+        // raises a stream's buffer limit, so below the connection's it caps just the copy kept
+        // for retries; the filter may still buffer up to `max-body-bytes` looking for the model.
+        routed["request_body_buffer_limit"] = json!(RETRY_BUFFER_BYTES);
+    }
+    routed
 }
 
 /// Envoy keeps a copy of a request's body for retries up to this; larger bodies are not
@@ -507,30 +517,6 @@ fn rate_limit_cluster(service: &BaseUrl) -> Value {
             "cluster_name": RATE_LIMIT_CLUSTER,
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket(&service.host, service.port)}}]}]
         }
-    })
-}
-
-/// The wasm plugin: one VM id for every worker, so shared data (the round-robin rotation) is
-/// one per process.
-pub fn plugin_config(model_json: &Value, wasm_path: &str) -> Value {
-    json!({
-        "name": ROUTER_ROOT_ID,
-        "root_id": ROUTER_ROOT_ID,
-        "vm_config": {
-            "vm_id": VM_ID,
-            "runtime": "envoy.wasm.runtime.v8",
-            "code": {"local": {"filename": wasm_path}}
-        },
-        "configuration": {
-            "@type": "type.googleapis.com/google.protobuf.StringValue",
-            "value": model_json.to_string()
-        },
-        // A VM that died (a panic would be a bug; none is known: see filter/fuzz) is replaced
-        // by a fresh one for the next request, instead of failing every request of its worker
-        // (Envoy's default) until a restart.
-        "failure_policy": "FAIL_RELOAD",
-        // Without it, pausing in the headers phase to read the body for the model hangs.
-        "allow_on_headers_stop_iteration": true
     })
 }
 
@@ -602,26 +588,6 @@ fn cluster(instance: &Instance, peers: &[&Instance], opts: &Options) -> Value {
     cluster
 }
 
-/// TLS to a backend, checking its certificate against the CA bundle and its name.
-fn tls_socket(url: &BaseUrl, ca_file: &str) -> Value {
-    json!({
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-            "sni": url.host,
-            "common_tls_context": {
-                "validation_context": {
-                    "trusted_ca": {"filename": ca_file},
-                    "match_typed_subject_alt_names": [{
-                        "san_type": if url.host_is_ip() { "IP_ADDRESS" } else { "DNS" },
-                        "matcher": {"exact": url.host}
-                    }]
-                }
-            }
-        }
-    })
-}
-
 const JWKS_CLUSTER: &str = "jairouter-jwks";
 
 /// Envoy's jwt_authn in front of the filter (`gateway.jwt`): a valid token's payload goes into
@@ -645,7 +611,7 @@ fn jwt_filter(jwt: &JwtOptions) -> Value {
                     "cluster": JWKS_CLUSTER,
                     "timeout": "5s"
                 },
-                "cache_duration": format!("{cache_secs}s"),
+                "cache_duration": duration(cache_secs.saturating_mul(1000)),
                 "async_fetch": {}
             });
         }
@@ -669,23 +635,4 @@ fn jwt_filter(jwt: &JwtOptions) -> Value {
 /// The identity provider's key endpoint, for `jwks-uri`.
 fn jwks_cluster(url: &BaseUrl, ca_file: &str) -> Value {
     service_cluster(JWKS_CLUSTER, url, ca_file)
-}
-
-/// A cluster of one service the gateway calls (by name, or at its address), over TLS checked
-/// against the CA bundle for https.
-pub(crate) fn service_cluster(name: &str, url: &BaseUrl, ca_file: &str) -> Value {
-    let mut cluster = json!({
-        "name": name,
-        "type": if url.host_is_ip() { "STATIC" } else { "STRICT_DNS" },
-        "connect_timeout": "5s",
-        "dns_lookup_family": "V4_PREFERRED",
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket(&url.host, url.port)}}]}]
-        }
-    });
-    if url.tls {
-        cluster["transport_socket"] = tls_socket(url, ca_file);
-    }
-    cluster
 }

@@ -31,6 +31,11 @@
 //!       Print the mesh's resources (multi-document YAML) that run the filter inside an Istio
 //!       gateway or sidecar, or inside Envoy Gateway, and route its choice to each instance
 //!       (see `mesh` and k8s/istio/README.md, k8s/envoy-gateway/README.md).
+//!   jairouter-render info FILE [--port N] port|model|global-rate-limit
+//!       Answers one question about FILE for a script (`./build.sh up`), on one line: the API
+//!       listener's port `bootstrap` renders with the same --port (else server.port, else
+//!       8080); a model to try (the first of the first service, chat first); the address of
+//!       gateway.global-rate-limit as HOST:PORT. Nothing is printed when FILE has none.
 //!   jairouter-render hash-key [--salt BASE64] < KEY
 //!       Reads one API key from stdin (a trailing newline is dropped) and prints its `key-hash`
 //!       for `jairouter.security.api-key.keys`: Base64(salt):Base64(SHA-256(salt+key)), the
@@ -39,7 +44,9 @@
 
 mod app_config;
 mod bootstrap;
+mod envoy_json;
 mod flags;
+mod info;
 mod live;
 mod mesh;
 mod tracing;
@@ -109,13 +116,14 @@ const HASH_KEY: Command = Command {
 };
 
 /// Every command, in the order the usage lists them.
-const COMMANDS: [&Command; 7] = [
+const COMMANDS: [&Command; 8] = [
     &CHECK,
     &PLUGIN_CONFIG,
     &BOOTSTRAP,
     &WATCH,
     &mesh::ISTIO,
     &mesh::ENVOY_GATEWAY,
+    &info::COMMAND,
     &HASH_KEY,
 ];
 
@@ -181,13 +189,12 @@ fn run(args: &[String]) -> Result<(), Failure> {
     match command.name {
         "watch" => return Ok(watch_command(&flags)?),
         "hash-key" => return Ok(hash_key_command(&flags)?),
+        "info" => return info_command(&flags),
         "istio" | "envoy-gateway" => return Ok(mesh::command(command.name, &flags, args)?),
         _ => {}
     }
     let file = flags.operand(0);
-    let app = app_config::load_files(file, flags.one("api-keys"))?;
-    let filter_config = app.filter_config();
-    let router = Plan::from_value(&filter_config).map_err(|e| format!("{file}: {e}"))?;
+    let (app, filter_config, router) = load(file, flags.one("api-keys"))?;
     match command.name {
         "check" => {
             let instances = router.instances().count();
@@ -223,15 +230,45 @@ fn run(args: &[String]) -> Result<(), Failure> {
     }
 }
 
+/// FILE (and KEYS): the configuration, the filter's configuration made of it, and its plan.
+fn load(
+    file: &str,
+    api_keys: Option<&str>,
+) -> Result<(app_config::AppConfig, serde_json::Value, Plan), String> {
+    let app = app_config::load_files(file, api_keys)?;
+    let filter_config = app.filter_config();
+    let router = Plan::from_value(&filter_config).map_err(|e| format!("{file}: {e}"))?;
+    Ok((app, filter_config, router))
+}
+
+/// `--name N`, else `default`.
+fn port_flag(flags: &Args, name: &str, default: u16) -> Result<u16, String> {
+    match flags.one(name) {
+        None => Ok(default),
+        Some(p) => p.parse().map_err(|_| format!("--{name}: not a port ({p})")),
+    }
+}
+
+/// The API listener's port: `--port`, else the file's `server.port`, else 8080.
+fn listen_port(flags: &Args, server_port: Option<u16>) -> Result<u16, String> {
+    port_flag(flags, "port", server_port.unwrap_or(8080))
+}
+
+/// `info FILE [--port N] QUESTION`: the answer on one line, or nothing.
+fn info_command(flags: &Args) -> Result<(), Failure> {
+    let question = info::Question::parse(flags.operand(1))?;
+    let (app, _, router) = load(flags.operand(0), flags.one("api-keys"))?;
+    let port = listen_port(flags, app.server_port)?;
+    if let Some(answer) = info::answer(question, &router, port) {
+        println!("{answer}");
+    }
+    Ok(())
+}
+
 /// The bootstrap's settings from the command line (`server_port`: the file's `server.port`).
 fn options(flags: &Args, server_port: Option<u16>) -> Result<bootstrap::Options, String> {
     let get = |name: &str| flags.one(name).map(str::to_string);
-    let port_flag = |name: &str, default: u16| -> Result<u16, String> {
-        match get(name) {
-            None => Ok(default),
-            Some(p) => p.parse().map_err(|_| format!("--{name}: not a port ({p})")),
-        }
-    };
+    let port_flag = |name: &str, default: u16| port_flag(flags, name, default);
     let wasm = get("wasm").ok_or("--wasm PATH is required")?;
     let wasm_path = std::fs::canonicalize(&wasm)
         .map_err(|e| format!("--wasm {wasm}: {e}"))?
@@ -251,7 +288,7 @@ fn options(flags: &Args, server_port: Option<u16>) -> Result<bootstrap::Options,
     };
     Ok(bootstrap::Options {
         listen_address: get("listen-address").unwrap_or_else(|| "0.0.0.0".into()),
-        port: port_flag("port", server_port.unwrap_or(8080))?,
+        port: listen_port(flags, server_port)?,
         admin_address: get("admin-address").unwrap_or_else(|| "127.0.0.1".into()),
         admin_port: port_flag("admin-port", 9901)?,
         wasm_path,

@@ -5,7 +5,7 @@
 //! the span (model, service, instance, tokens, the access log's summary) comes from the filter
 //! state it writes, read by custom tags when Envoy finishes the span.
 
-use crate::bootstrap::{duration, service_cluster};
+use crate::envoy_json::{duration, service_cluster};
 use jairouter_filter::config::{OtlpProtocol, TracingOptions};
 use jairouter_filter::contract::{LOG_SUMMARY_FILTER_STATE, SPAN_ATTRIBUTES, SPAN_SUMMARY};
 use serde_json::{json, Value};
@@ -175,7 +175,7 @@ mod tests {
         assert_eq!(provider["service_name"], "gw");
         let grpc = &provider["grpc_service"];
         assert_eq!(grpc["envoy_grpc"]["cluster_name"], COLLECTOR_CLUSTER);
-        assert_eq!(grpc["timeout"], "3.000s");
+        assert_eq!(grpc["timeout"], "3s");
         assert_eq!(
             grpc["initial_metadata"],
             json!([{"key": "x-scope", "value": "team"}])

@@ -118,16 +118,46 @@ enum Target {
     },
 }
 
+/// The EG Backend's name of each host and port outside the cluster.
+type OutsideBackends = BTreeMap<(String, u16), String>;
+
+/// The HTTPRoute rule of one instance, and the spec of its BackendTrafficPolicy (health checks,
+/// outlier detection) when it needs one.
+struct InstanceRule {
+    name: String,
+    rule: Value,
+    traffic_policy: Option<Value>,
+}
+
 pub fn render(
     router: &Plan,
     filter_config: &Value,
     opts: &Options,
 ) -> Result<Vec<Document>, String> {
     let backends = backends(router, &opts.namespace)?;
+    // Names are given in this order (outside backends, rules, TLS policies): a clash is settled
+    // the same way every time.
     let mut names = Names::default();
-    // One EG Backend per outside host and port.
-    let mut outside: BTreeMap<(String, u16), String> = BTreeMap::new();
-    for backend in &backends {
+    let outside = outside_backends(&backends, &mut names);
+    let rules = instance_rules(router, &outside, &mut names, opts);
+    let route_names = route_names(rules.len());
+    let mut documents = vec![
+        extension_policy(filter_config, &route_names, opts),
+        stop_iteration_patch(opts),
+        unrouted_filter(opts),
+    ];
+    documents.extend(http_routes(&rules, &route_names, opts));
+    documents.extend(outside_backend_resources(&backends, &outside, opts));
+    documents.extend(reference_grants(&backends, opts));
+    documents.extend(service_tls_policies(&backends, &mut names));
+    documents.extend(traffic_policies(rules, &route_names, opts));
+    Ok(documents)
+}
+
+/// One EG Backend per outside host and port.
+fn outside_backends(backends: &[Backend], names: &mut Names) -> OutsideBackends {
+    let mut outside = OutsideBackends::new();
+    for backend in backends {
         if let Place::External { .. } = backend.place {
             for port in backend.ports.keys() {
                 let name = names.name(
@@ -138,45 +168,54 @@ pub fn render(
             }
         }
     }
-    let target = |instance: &Instance| -> Target {
-        let url = &instance.base_url;
-        match place(&url.host, &opts.namespace) {
-            Place::InCluster {
-                service, namespace, ..
-            } => Target::Service {
-                name: service,
-                namespace,
-                port: url.port,
-            },
-            Place::External { .. } => Target::Backend {
-                name: outside
-                    .get(&(url.host.clone(), url.port))
-                    .cloned()
-                    .unwrap_or_default(),
-            },
-        }
-    };
+    outside
+}
 
-    // The rules: one per instance, and the answer for what the filter did not route; 16 to an
-    // HTTPRoute, the first holding the default rule.
-    let instances = instances_with_service(router);
-    let mut rules: Vec<(String, Value, Option<Value>)> = Vec::new();
-    for (service, instance) in &instances {
-        let rule_name = names.name(&instance.cluster, &format!("rule/{}", instance.cluster));
-        rules.push((
-            rule_name.clone(),
-            instance_rule(
-                &rule_name,
-                instance,
-                &target(instance),
-                &opts.namespace,
-                router,
-            ),
-            traffic_policy_spec(service, instance),
-        ));
+/// How `instance` is reached from the route.
+fn target(instance: &Instance, outside: &OutsideBackends, namespace: &str) -> Target {
+    let url = &instance.base_url;
+    match place(&url.host, namespace) {
+        Place::InCluster {
+            service, namespace, ..
+        } => Target::Service {
+            name: service,
+            namespace,
+            port: url.port,
+        },
+        Place::External { .. } => Target::Backend {
+            name: outside
+                .get(&(url.host.clone(), url.port))
+                .cloned()
+                .unwrap_or_default(),
+        },
     }
-    let route_count = (rules.len() + 1).div_ceil(MAX_RULES).max(1);
-    let route_names: Vec<String> = (0..route_count)
+}
+
+fn instance_rules(
+    router: &Plan,
+    outside: &OutsideBackends,
+    names: &mut Names,
+    opts: &Options,
+) -> Vec<InstanceRule> {
+    instances_with_service(router)
+        .into_iter()
+        .map(|(service, instance)| {
+            let name = names.name(&instance.cluster, &format!("rule/{}", instance.cluster));
+            let target = target(instance, outside, &opts.namespace);
+            InstanceRule {
+                rule: instance_rule(&name, instance, &target, &opts.namespace, router),
+                traffic_policy: traffic_policy_spec(service, instance),
+                name,
+            }
+        })
+        .collect()
+}
+
+/// The HTTPRoutes' names: `rule_count` instance rules and the answer for what the filter did not
+/// route, 16 rules to a route.
+fn route_names(rule_count: usize) -> Vec<String> {
+    let route_count = (rule_count + 1).div_ceil(MAX_RULES);
+    (0..route_count)
         .map(|i| {
             if i == 0 {
                 NAME.to_string()
@@ -184,27 +223,36 @@ pub fn render(
                 format!("{NAME}-{}", i + 1)
             }
         })
+        .collect()
+}
+
+/// The HTTPRoute holding the `index`th instance rule (the first route starts with the default
+/// rule).
+fn route_of_rule(route_names: &[String], index: usize) -> &str {
+    route_names
+        .get((index + 1) / MAX_RULES)
+        .map_or(NAME, String::as_str)
+}
+
+fn http_routes(rules: &[InstanceRule], route_names: &[String], opts: &Options) -> Vec<Document> {
+    let all: Vec<Value> = std::iter::once(unrouted_rule())
+        .chain(rules.iter().map(|r| r.rule.clone()))
         .collect();
-    let mut documents = vec![
-        extension_policy(filter_config, &route_names, opts),
-        stop_iteration_patch(opts),
-        unrouted_filter(opts),
-    ];
-    let mut chunks: Vec<Vec<Value>> = vec![vec![unrouted_rule()]];
-    let mut rule_route: Vec<String> = Vec::new();
-    for (_, rule, _) in &rules {
-        if chunks.last().is_some_and(|c| c.len() == MAX_RULES) {
-            chunks.push(Vec::new());
-        }
-        if let Some(chunk) = chunks.last_mut() {
-            chunk.push(rule.clone());
-        }
-        rule_route.push(route_names[chunks.len() - 1].clone());
-    }
-    for (name, chunk) in route_names.iter().zip(chunks) {
-        documents.push(http_route(name, chunk, opts));
-    }
-    for backend in &backends {
+    route_names
+        .iter()
+        .zip(all.chunks(MAX_RULES))
+        .map(|(name, chunk)| http_route(name, chunk.to_vec(), opts))
+        .collect()
+}
+
+/// The Backends outside the cluster, with the TLS policy of those spoken to over https.
+fn outside_backend_resources(
+    backends: &[Backend],
+    outside: &OutsideBackends,
+    opts: &Options,
+) -> Vec<Document> {
+    let mut documents = Vec::new();
+    for backend in backends {
         if let Place::External { ip, .. } = backend.place {
             for (port, tls) in &backend.ports {
                 let name = &outside[&(backend.host.clone(), *port)];
@@ -216,8 +264,13 @@ pub fn render(
             }
         }
     }
-    documents.extend(reference_grants(&backends, opts));
-    for backend in &backends {
+    documents
+}
+
+/// The TLS policy of each Service in the cluster spoken to over https.
+fn service_tls_policies(backends: &[Backend], names: &mut Names) -> Vec<Document> {
+    let mut documents = Vec::new();
+    for backend in backends {
         if let Place::InCluster {
             service, namespace, ..
         } = &backend.place
@@ -232,23 +285,34 @@ pub fn render(
             }
         }
     }
-    for ((rule_name, _, spec), route) in rules.into_iter().zip(rule_route) {
-        if let Some(mut spec) = spec {
-            spec["targetRefs"] = json!([{
-                "group": GATEWAY_API_GROUP,
-                "kind": "HTTPRoute",
-                "name": route,
-                "sectionName": rule_name
-            }]);
-            documents.push(Document::new(json!({
-                "apiVersion": "gateway.envoyproxy.io/v1alpha1",
-                "kind": "BackendTrafficPolicy",
-                "metadata": metadata(&rule_name, &opts.namespace),
-                "spec": spec
-            })));
-        }
+    documents
+}
+
+/// A BackendTrafficPolicy for each rule that needs one, attached to the rule in its route.
+fn traffic_policies(
+    rules: Vec<InstanceRule>,
+    route_names: &[String],
+    opts: &Options,
+) -> Vec<Document> {
+    let mut documents = Vec::new();
+    for (index, rule) in rules.into_iter().enumerate() {
+        let Some(mut spec) = rule.traffic_policy else {
+            continue;
+        };
+        spec["targetRefs"] = json!([{
+            "group": GATEWAY_API_GROUP,
+            "kind": "HTTPRoute",
+            "name": route_of_rule(route_names, index),
+            "sectionName": rule.name
+        }]);
+        documents.push(Document::new(json!({
+            "apiVersion": "gateway.envoyproxy.io/v1alpha1",
+            "kind": "BackendTrafficPolicy",
+            "metadata": metadata(&rule.name, &opts.namespace),
+            "spec": spec
+        })));
     }
-    Ok(documents)
+    documents
 }
 
 /// The name EG gives the wasm filter of the `index`th entry of an EnvoyExtensionPolicy.

@@ -16,10 +16,10 @@
 //! later: older control planes and proxies predate the field (Envoy 1.35).
 
 use super::{
-    backends, instances_with_service, metadata, place, proto_duration, Backend, Document, Names,
-    Place, Wasm, WasmSource, RETRIABLE_STATUS, RETRY_ON, UNROUTED_BODY,
+    backends, instances_with_service, metadata, place, Backend, Document, Names, Place, Wasm,
+    WasmSource, RETRIABLE_STATUS, RETRY_ON, UNROUTED_BODY,
 };
-use crate::bootstrap;
+use crate::envoy_json::{duration, plugin_config, WASM_FILTER_TYPE};
 use crate::flags::{once, repeated, Args, Command};
 use jairouter_filter::config::CircuitBreakerPolicy;
 use jairouter_filter::contract::{MODEL_HEADER, ROUTING_HEADER};
@@ -50,7 +50,6 @@ pub const COMMAND: Command = Command {
 /// The name of every object we render, and of the wasm filter (its ECDS resource and the key of
 /// the per-virtual-host switch that turns it on).
 const NAME: &str = "jairouter";
-const WASM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
 /// The port of the Service clients call in sidecar mode.
 const SIDECAR_PORT: u16 = 80;
 
@@ -99,61 +98,9 @@ impl Options {
             "wasmplugin" => Install::WasmPlugin,
             other => return Err(format!("--install {other}: envoyfilter or wasmplugin")),
         };
-        let mut selector = Vec::new();
-        for pair in flags.all("selector") {
-            let (key, value) = pair
-                .split_once('=')
-                .filter(|(k, _)| !k.is_empty())
-                .ok_or_else(|| format!("--selector {pair}: KEY=VALUE"))?;
-            selector.push((key.to_string(), value.to_string()));
-        }
-        let gateway = match (mode, flags.one("gateway")) {
-            (Mode::Gateway, None) => {
-                return Err(
-                    "--mode gateway needs --gateway NS/NAME, the Istio Gateway the \
-                            VirtualService binds to"
-                        .into(),
-                )
-            }
-            (Mode::Gateway, Some(g)) if g.contains('/') => Some(g.to_string()),
-            (Mode::Gateway, Some(g)) => Some(format!("{namespace}/{g}")),
-            (Mode::Sidecar, Some(_)) => {
-                return Err("--gateway is for --mode gateway; sidecar mode serves the mesh".into())
-            }
-            (Mode::Sidecar, None) => None,
-        };
-        let mut hosts: Vec<String> = flags.all("host").iter().map(|h| h.to_string()).collect();
-        for host in &hosts {
-            if host.is_empty() || host.contains([' ', '/', ':']) {
-                return Err(format!("--host {host}: a host name"));
-            }
-        }
-        match mode {
-            Mode::Gateway => {
-                if selector.is_empty() {
-                    selector.push(("istio".into(), "ingressgateway".into()));
-                }
-                if hosts.is_empty() {
-                    hosts.push("*".into());
-                }
-            }
-            Mode::Sidecar => {
-                if hosts.is_empty() {
-                    hosts.push(format!("llm.{namespace}.svc.cluster.local"));
-                }
-                // The VirtualService names in-cluster hosts in full, as the sidecar's virtual
-                // hosts list them.
-                for host in &mut hosts {
-                    match place(host, &namespace) {
-                        Place::InCluster { fqdn, .. } => *host = fqdn,
-                        Place::External { ip: true, .. } => {
-                            return Err(format!("--host {host}: a name, not an address"))
-                        }
-                        Place::External { .. } => {}
-                    }
-                }
-            }
-        }
+        let selector = selector(mode, &flags.all("selector"))?;
+        let gateway = bound_gateway(mode, flags.one("gateway"), &namespace)?;
+        let hosts = hosts(mode, &flags.all("host"), &namespace)?;
         let proxy_namespace = match (flags.one("proxy-namespace"), mode) {
             (Some(ns), _) => ns.to_string(),
             (None, Mode::Gateway) => "istio-system".to_string(),
@@ -177,6 +124,78 @@ impl Options {
             Mode::Sidecar => "SIDECAR_OUTBOUND",
         }
     }
+}
+
+/// `--gateway`: the Istio Gateway (`NS/NAME`) the VirtualService binds to, in gateway mode only.
+fn bound_gateway(
+    mode: Mode,
+    gateway: Option<&str>,
+    namespace: &str,
+) -> Result<Option<String>, String> {
+    match (mode, gateway) {
+        (Mode::Gateway, None) => Err(
+            "--mode gateway needs --gateway NS/NAME, the Istio Gateway the VirtualService binds to"
+                .into(),
+        ),
+        (Mode::Gateway, Some(g)) if g.contains('/') => Ok(Some(g.to_string())),
+        (Mode::Gateway, Some(g)) => Ok(Some(format!("{namespace}/{g}"))),
+        (Mode::Sidecar, Some(_)) => {
+            Err("--gateway is for --mode gateway; sidecar mode serves the mesh".into())
+        }
+        (Mode::Sidecar, None) => Ok(None),
+    }
+}
+
+/// `--selector KEY=VALUE ...`: the proxies that get the filter (in gateway mode, the ingress
+/// gateway's unless told).
+fn selector(mode: Mode, pairs: &[&str]) -> Result<Vec<(String, String)>, String> {
+    let mut selector = Vec::new();
+    for pair in pairs {
+        let (key, value) = pair
+            .split_once('=')
+            .filter(|(k, _)| !k.is_empty())
+            .ok_or_else(|| format!("--selector {pair}: KEY=VALUE"))?;
+        selector.push((key.to_string(), value.to_string()));
+    }
+    if mode == Mode::Gateway && selector.is_empty() {
+        selector.push(("istio".into(), "ingressgateway".into()));
+    }
+    Ok(selector)
+}
+
+/// `--host H ...`: the hosts clients call (every host through the gateway, or the sidecar
+/// mode's `llm` Service, unless told).
+fn hosts(mode: Mode, given: &[&str], namespace: &str) -> Result<Vec<String>, String> {
+    let mut hosts: Vec<String> = given.iter().map(|h| h.to_string()).collect();
+    for host in &hosts {
+        if host.is_empty() || host.contains([' ', '/', ':']) {
+            return Err(format!("--host {host}: a host name"));
+        }
+    }
+    match mode {
+        Mode::Gateway => {
+            if hosts.is_empty() {
+                hosts.push("*".into());
+            }
+        }
+        Mode::Sidecar => {
+            if hosts.is_empty() {
+                hosts.push(format!("llm.{namespace}.svc.cluster.local"));
+            }
+            // The VirtualService names in-cluster hosts in full, as the sidecar's virtual
+            // hosts list them.
+            for host in &mut hosts {
+                match place(host, namespace) {
+                    Place::InCluster { fqdn, .. } => *host = fqdn,
+                    Place::External { ip: true, .. } => {
+                        return Err(format!("--host {host}: a name, not an address"))
+                    }
+                    Place::External { .. } => {}
+                }
+            }
+        }
+    }
+    Ok(hosts)
 }
 
 pub fn render(
@@ -235,7 +254,7 @@ fn selector_labels(opts: &Options) -> Value {
 /// JSON configuration, fail closed, `allow_on_headers_stop_iteration`), with the module fetched
 /// by the istio-agent instead of read from a local path.
 pub fn wasm_filter_config(filter_config: &Value, wasm: &Wasm) -> Value {
-    let mut config = bootstrap::plugin_config(filter_config, "");
+    let mut config = plugin_config(filter_config, "");
     config["vm_config"]["code"] = match &wasm.source {
         WasmSource::File(path) => json!({"local": {"filename": path}}),
         WasmSource::Oci(url) | WasmSource::Http(url) => {
@@ -249,7 +268,7 @@ pub fn wasm_filter_config(filter_config: &Value, wasm: &Wasm) -> Value {
             json!({"remote": remote})
         }
     };
-    json!({"@type": WASM_TYPE, "config": config})
+    json!({"@type": WASM_FILTER_TYPE, "config": config})
 }
 
 const ENVOY_FILTER_COMMENT: &str = "\
@@ -295,7 +314,7 @@ fn envoy_filter(filter_config: &Value, opts: &Options) -> Document {
                     "config_discovery": {
                         // Wait for the module rather than serve without the filter.
                         "config_source": {"ads": {}, "initial_fetch_timeout": "0s"},
-                        "type_urls": [WASM_TYPE]
+                        "type_urls": [WASM_FILTER_TYPE]
                     }
                 }
             }
@@ -436,7 +455,7 @@ fn virtual_service(router: &Plan, opts: &Options) -> Document {
             });
             // Istio's default is no timeout, which generations that stream for minutes need.
             if router.request_timeout_ms > 0 {
-                route["timeout"] = json!(proto_duration(router.request_timeout_ms));
+                route["timeout"] = json!(duration(router.request_timeout_ms));
             }
             route
         })
@@ -509,7 +528,7 @@ fn outlier_detection(backend: &Backend) -> Option<Value> {
     Some(json!({
         "consecutive5xxErrors": threshold,
         "interval": "10s",
-        "baseEjectionTime": proto_duration(open_ms),
+        "baseEjectionTime": duration(open_ms),
         "maxEjectionPercent": 100
     }))
 }
@@ -816,7 +835,7 @@ services:
     }
 
     fn filter_config_of(wasm: &Value) -> Value {
-        assert_eq!(wasm["@type"], WASM_TYPE);
+        assert_eq!(wasm["@type"], WASM_FILTER_TYPE);
         let config = &wasm["config"];
         assert_eq!(
             config["configuration"]["@type"],

@@ -308,15 +308,6 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-/// A protobuf Duration as Istio takes it: `30s`, `1.500s`.
-pub fn proto_duration(ms: u64) -> String {
-    if ms.is_multiple_of(1000) {
-        format!("{}s", ms / 1000)
-    } else {
-        format!("{}.{:03}s", ms / 1000, ms % 1000)
-    }
-}
-
 /// A Gateway API Duration (GEP-2257): up to four of `<1..5 digits>(h|m|s|ms)`, e.g. `1h30m`,
 /// `2s500ms`; `0s` for none.
 pub fn gateway_api_duration(ms: u64) -> String {
@@ -533,8 +524,6 @@ services:
 
     #[test]
     fn durations() {
-        assert_eq!(proto_duration(30_000), "30s");
-        assert_eq!(proto_duration(1_500), "1.500s");
         assert_eq!(gateway_api_duration(0), "0s");
         assert_eq!(gateway_api_duration(300_000), "5m");
         assert_eq!(gateway_api_duration(2_500), "2s500ms");
