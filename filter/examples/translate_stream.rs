@@ -10,7 +10,9 @@
     clippy::indexing_slicing
 )]
 
-use jairouter_filter::translate::{claude, gemini, messages, ollama};
+use jairouter_filter::translate::{
+    messages_to_openai, openai_to_claude, openai_to_gemini, openai_to_ollama,
+};
 use jairouter_filter::translate::{ReplyContext, StreamTranslator};
 
 /// The backend's stream: its events, the first and the last of them framing `tokens` tokens.
@@ -63,10 +65,10 @@ fn main() {
         include_usage: true,
     };
     let mut translator: Box<dyn StreamTranslator> = match protocol.as_str() {
-        "claude" => Box::new(claude::ChatStream::new(reply)),
-        "gemini" => Box::new(gemini::ChatStream::new(reply)),
-        "ollama" => Box::new(ollama::ChatStream::new(reply)),
-        _ => Box::new(messages::MessageStream::new(reply)),
+        "claude" => Box::new(openai_to_claude::ChatStream::new(reply)),
+        "gemini" => Box::new(openai_to_gemini::ChatStream::new(reply)),
+        "ollama" => Box::new(openai_to_ollama::ChatStream::new(reply)),
+        _ => Box::new(messages_to_openai::MessageStream::new(reply)),
     };
     let mut written = 0usize;
     for event in &events {

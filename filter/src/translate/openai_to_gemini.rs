@@ -9,7 +9,11 @@
 
 use super::frames::{Event, SseEvents};
 use super::openai::{self, TokenUsage};
-use super::{parse_answer, Malformed, Refusal, ReplyContext, StreamTranslator};
+use super::{
+    not_translated, parse_answer, Malformed, Object, Refusal, ReplyContext, StreamTranslator,
+    Translator, Upstream,
+};
+use crate::endpoint::Endpoint;
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 
@@ -17,6 +21,62 @@ use std::collections::HashMap;
 /// with, which OpenAI clients do not keep; this value is the one Google documents for function
 /// calls that did not come from the model as they stand.
 const NO_THOUGHT_SIGNATURE: &str = "skip_thought_signature_validator";
+
+/// An OpenAI client in front of the Gemini API: chat completions and embeddings.
+pub struct OpenAiToGemini;
+
+impl Translator for OpenAiToGemini {
+    fn backend(&self) -> &'static str {
+        "Gemini"
+    }
+
+    fn request(&self, endpoint: Endpoint, request: &Object, model: &str) -> Result<Value, Refusal> {
+        match endpoint {
+            Endpoint::ChatCompletions => chat_request(request),
+            Endpoint::Embeddings => embed_request(request, model),
+            other => Err(not_translated(other, self.backend())),
+        }
+    }
+
+    fn upstream_path(&self, endpoint: Endpoint, upstream: &Upstream<'_>, stream: bool) -> String {
+        let prefix = upstream.prefix;
+        let version = if prefix.ends_with("/v1beta") || prefix.ends_with("/v1") {
+            ""
+        } else {
+            "/v1beta"
+        };
+        let model = upstream
+            .model
+            .strip_prefix("models/")
+            .unwrap_or(upstream.model);
+        let method = match (endpoint, stream) {
+            (Endpoint::Embeddings, _) => "batchEmbedContents",
+            (_, true) => "streamGenerateContent?alt=sse",
+            (_, false) => "generateContent",
+        };
+        format!("{prefix}{version}/models/{model}:{method}")
+    }
+
+    fn answer(
+        &self,
+        endpoint: Endpoint,
+        body: &[u8],
+        reply: &ReplyContext,
+    ) -> Result<Vec<u8>, Malformed> {
+        match endpoint {
+            Endpoint::Embeddings => embed_response(body, reply),
+            _ => chat_response(body, reply),
+        }
+    }
+
+    fn stream(&self, reply: ReplyContext) -> Box<dyn StreamTranslator> {
+        Box::new(ChatStream::new(reply))
+    }
+
+    fn error_message(&self, body: &[u8]) -> Option<String> {
+        error_message(body)
+    }
+}
 
 /// OpenAI chat request → GenerateContentRequest body (the caller builds the URL
 /// `/v1beta/models/{model}:generateContent` or `:streamGenerateContent?alt=sse`).

@@ -13,10 +13,48 @@
 
 use super::frames::{Event, SseEvents};
 use super::openai;
-use super::{parse_answer, Malformed, Refusal, ReplyContext, StreamTranslator};
-use serde_json::{json, Map, Value};
+use super::{
+    not_translated, parse_answer, Malformed, Object, Refusal, ReplyContext, StreamTranslator,
+    Translator, Upstream,
+};
+use crate::endpoint::Endpoint;
+use serde_json::{json, Value};
 
-type Object = Map<String, Value>;
+/// An Anthropic Messages client in front of an OpenAI-compatible backend.
+pub struct MessagesToOpenAi;
+
+impl Translator for MessagesToOpenAi {
+    fn backend(&self) -> &'static str {
+        "OpenAI"
+    }
+
+    fn request(&self, endpoint: Endpoint, request: &Object, model: &str) -> Result<Value, Refusal> {
+        match endpoint {
+            Endpoint::Messages => to_chat_request(request, model),
+            other => Err(not_translated(other, self.backend())),
+        }
+    }
+
+    fn upstream_path(&self, _: Endpoint, upstream: &Upstream<'_>, _stream: bool) -> String {
+        upstream.chat_path.to_string()
+    }
+
+    fn answer(&self, _: Endpoint, body: &[u8], reply: &ReplyContext) -> Result<Vec<u8>, Malformed> {
+        from_chat_response(body, reply)
+    }
+
+    fn stream(&self, reply: ReplyContext) -> Box<dyn StreamTranslator> {
+        Box::new(MessageStream::new(reply))
+    }
+
+    fn error_message(&self, body: &[u8]) -> Option<String> {
+        openai_error_message(body)
+    }
+
+    fn usage_in_backend_bytes(&self) -> bool {
+        true
+    }
+}
 
 /// How the texts of several blocks (system, tool results, assistant turns) are joined.
 const JOIN: &str = "\n";

@@ -9,11 +9,59 @@
 
 use super::frames::Lines;
 use super::openai::{self, TokenUsage};
-use super::{parse_answer, Malformed, Refusal, ReplyContext, StreamTranslator};
+use super::{
+    not_translated, parse_answer, Malformed, Object, Refusal, ReplyContext, StreamTranslator,
+    Translator, Upstream,
+};
+use crate::endpoint::Endpoint;
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 
 const ID: &str = "chatcmpl-ollama";
+
+/// An OpenAI client in front of Ollama's native API: chat completions and embeddings.
+pub struct OpenAiToOllama;
+
+impl Translator for OpenAiToOllama {
+    fn backend(&self) -> &'static str {
+        "Ollama"
+    }
+
+    fn request(&self, endpoint: Endpoint, request: &Object, model: &str) -> Result<Value, Refusal> {
+        match endpoint {
+            Endpoint::ChatCompletions => chat_request(request, model),
+            Endpoint::Embeddings => embed_request(request, model),
+            other => Err(not_translated(other, self.backend())),
+        }
+    }
+
+    fn upstream_path(&self, endpoint: Endpoint, upstream: &Upstream<'_>, _stream: bool) -> String {
+        match endpoint {
+            Endpoint::Embeddings => format!("{}/api/embed", upstream.prefix),
+            _ => format!("{}/api/chat", upstream.prefix),
+        }
+    }
+
+    fn answer(
+        &self,
+        endpoint: Endpoint,
+        body: &[u8],
+        reply: &ReplyContext,
+    ) -> Result<Vec<u8>, Malformed> {
+        match endpoint {
+            Endpoint::Embeddings => embed_response(body, reply),
+            _ => chat_response(body, reply),
+        }
+    }
+
+    fn stream(&self, reply: ReplyContext) -> Box<dyn StreamTranslator> {
+        Box::new(ChatStream::new(reply))
+    }
+
+    fn error_message(&self, body: &[u8]) -> Option<String> {
+        error_message(body)
+    }
+}
 
 /// OpenAI chat → `/api/chat` body: `{model, messages, stream, options, format, tools}`.
 pub fn chat_request(request: &Map<String, Value>, model: &str) -> Result<Value, Refusal> {

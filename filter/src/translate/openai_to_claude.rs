@@ -23,10 +23,54 @@
 
 use super::frames::{Event, SseEvents};
 use super::openai::{self, TokenUsage};
-use super::{parse_answer, Malformed, Refusal, ReplyContext, StreamTranslator};
+use super::{
+    not_translated, parse_answer, Malformed, Object, Refusal, ReplyContext, StreamTranslator,
+    Translator, Upstream,
+};
+use crate::endpoint::Endpoint;
 use serde_json::{json, Map, Value};
 
-pub const ANTHROPIC_VERSION: &str = "2023-06-01";
+/// An OpenAI client in front of an Anthropic Messages backend: chat completions only.
+pub struct OpenAiToClaude;
+
+impl Translator for OpenAiToClaude {
+    fn backend(&self) -> &'static str {
+        "Anthropic"
+    }
+
+    fn request(&self, endpoint: Endpoint, request: &Object, model: &str) -> Result<Value, Refusal> {
+        match endpoint {
+            Endpoint::ChatCompletions => chat_request(request, model),
+            other => Err(not_translated(other, self.backend())),
+        }
+    }
+
+    fn upstream_path(&self, _: Endpoint, upstream: &Upstream<'_>, _stream: bool) -> String {
+        let prefix = upstream.prefix;
+        match upstream.path_given {
+            Some(path) if path.ends_with("/messages") => format!("{prefix}{path}"),
+            _ if prefix.ends_with("/v1") => format!("{prefix}/messages"),
+            _ => format!("{prefix}/v1/messages"),
+        }
+    }
+
+    fn answer(&self, _: Endpoint, body: &[u8], reply: &ReplyContext) -> Result<Vec<u8>, Malformed> {
+        chat_response(body, reply)
+    }
+
+    fn stream(&self, reply: ReplyContext) -> Box<dyn StreamTranslator> {
+        Box::new(ChatStream::new(reply))
+    }
+
+    fn error_message(&self, body: &[u8]) -> Option<String> {
+        error_message(body)
+    }
+
+    fn usage_in_backend_bytes(&self) -> bool {
+        true
+    }
+}
+
 /// Anthropic requires `max_tokens`; OpenAI clients often leave it out.
 pub const DEFAULT_MAX_TOKENS: u64 = 4096;
 
