@@ -21,6 +21,7 @@
 //!   dropped (the chat API has no field for them); cache reads and writes are folded into
 //!   `prompt_tokens`.
 
+use super::chunks::{self, ChunkWriter};
 use super::frames::{Event, SseEvents};
 use super::openai::{self, TokenUsage};
 use super::{
@@ -587,15 +588,14 @@ pub fn error_message(body: &[u8]) -> Option<String> {
 /// Anthropic's event stream → OpenAI chunks. Keeps the message id and the token counts, never
 /// the text.
 pub struct ChatStream {
-    reply: ReplyContext,
     events: SseEvents,
     state: StreamState,
 }
 
-#[derive(Default)]
 struct StreamState {
-    /// `chatcmpl-` + the message id, once message_start has come.
-    id: Option<String>,
+    chunks: ChunkWriter,
+    /// message_start came (the chunks have the message's id).
+    started: bool,
     usage: TokenUsage,
     /// Tool blocks seen so far: the next tool call's OpenAI index.
     tools: usize,
@@ -608,24 +608,26 @@ struct StreamState {
 impl ChatStream {
     pub fn new(reply: ReplyContext) -> ChatStream {
         ChatStream {
-            reply,
             events: SseEvents::new(),
-            state: StreamState::default(),
+            state: StreamState {
+                chunks: ChunkWriter::new(reply, ""),
+                started: false,
+                usage: TokenUsage::default(),
+                tools: 0,
+                tool_block: None,
+                over: false,
+            },
         }
     }
 }
 
 impl StreamTranslator for ChatStream {
     fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), Malformed> {
-        let Self {
-            reply,
-            events,
-            state,
-        } = self;
+        let Self { events, state } = self;
         if state.over {
             return Ok(());
         }
-        let result = events.feed(chunk, &mut |event| state.on_event(event, reply, out));
+        let result = events.feed(chunk, &mut |event| state.on_event(event, out));
         if result.is_err() {
             state.over = true;
         }
@@ -633,15 +635,11 @@ impl StreamTranslator for ChatStream {
     }
 
     fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), Malformed> {
-        let Self {
-            reply,
-            events,
-            state,
-        } = self;
+        let Self { events, state } = self;
         if state.over {
             return Ok(());
         }
-        let result = events.finish(&mut |event| state.on_event(event, reply, out));
+        let result = events.finish(&mut |event| state.on_event(event, out));
         let over = state.over;
         state.over = true;
         result?;
@@ -654,12 +652,7 @@ impl StreamTranslator for ChatStream {
 }
 
 impl StreamState {
-    fn on_event(
-        &mut self,
-        event: &Event,
-        reply: &ReplyContext,
-        out: &mut Vec<u8>,
-    ) -> Result<(), Malformed> {
+    fn on_event(&mut self, event: &Event, out: &mut Vec<u8>) -> Result<(), Malformed> {
         if self.over {
             return Ok(());
         }
@@ -674,132 +667,21 @@ impl StreamState {
             .and_then(Value::as_str)
             .unwrap_or(&event.name);
         match kind {
-            "message_start" => {
-                let message = data.get("message");
-                let id = message
-                    .and_then(|m| m.get("id"))
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| Malformed::new("the backend's message_start has no id"))?;
-                if let Some(usage) = message.and_then(|m| m.get("usage")) {
-                    self.usage = TokenUsage {
-                        prompt: prompt_tokens(usage),
-                        completion: count(usage, "output_tokens"),
-                    };
+            "message_start" => self.message_start(&data, out),
+            "content_block_start" => self.block_start(&data, out),
+            "content_block_delta" => self.block_delta(&data, out),
+            "content_block_stop" => {
+                if data.get("index").and_then(Value::as_u64) == self.tool_block {
+                    self.tool_block = None;
                 }
-                self.id = Some(format!("chatcmpl-{id}"));
-                self.emit(
-                    reply,
-                    out,
-                    json!({"role": "assistant", "content": ""}),
-                    None,
-                );
+                Ok(())
             }
-            "content_block_start" => {
-                self.started()?;
-                let block = data.get("content_block").unwrap_or(&Value::Null);
-                match block.get("type").and_then(Value::as_str) {
-                    Some("tool_use") => {
-                        let (Some(call_id), Some(name)) = (
-                            block.get("id").and_then(Value::as_str),
-                            block.get("name").and_then(Value::as_str),
-                        ) else {
-                            return Err(Malformed::new(
-                                "the backend's tool_use block has no id or name",
-                            ));
-                        };
-                        let index = self.tools;
-                        self.tools = self.tools.saturating_add(1);
-                        self.tool_block = data.get("index").and_then(Value::as_u64);
-                        // The input streams as deltas; it starts as {} and is then sent empty.
-                        let arguments = match block.get("input") {
-                            Some(Value::Object(map)) if !map.is_empty() => {
-                                arguments_of(block.get("input"))
-                            }
-                            _ => String::new(),
-                        };
-                        let delta = json!({"tool_calls": [{
-                            "index": index,
-                            "id": call_id,
-                            "type": "function",
-                            "function": {"name": name, "arguments": arguments},
-                        }]});
-                        self.emit(reply, out, delta, None);
-                    }
-                    Some("text") => {
-                        let text = block.get("text").and_then(Value::as_str).unwrap_or("");
-                        if !text.is_empty() {
-                            self.emit(reply, out, json!({"content": text}), None);
-                        }
-                    }
-                    // thinking and server-tool blocks have no place in a chat chunk.
-                    _ => {}
-                }
-            }
-            "content_block_delta" => {
-                self.started()?;
-                let delta = data.get("delta").unwrap_or(&Value::Null);
-                match delta.get("type").and_then(Value::as_str) {
-                    Some("text_delta") => {
-                        let text = delta.get("text").and_then(Value::as_str).ok_or_else(|| {
-                            Malformed::new("the backend's text_delta has no text")
-                        })?;
-                        self.emit(reply, out, json!({"content": text}), None);
-                    }
-                    Some("input_json_delta") => {
-                        let partial = delta
-                            .get("partial_json")
-                            .and_then(Value::as_str)
-                            .ok_or_else(|| {
-                                Malformed::new("the backend's input_json_delta has no partial_json")
-                            })?;
-                        let block = data.get("index").and_then(Value::as_u64);
-                        // Only the tool_use block being streamed; empty pieces say nothing.
-                        if block.is_some() && block == self.tool_block && !partial.is_empty() {
-                            let index = self.tools.saturating_sub(1);
-                            let delta = json!({"tool_calls": [{
-                                "index": index,
-                                "function": {"arguments": partial},
-                            }]});
-                            self.emit(reply, out, delta, None);
-                        }
-                    }
-                    // thinking_delta, signature_delta, citations_delta.
-                    _ => {}
-                }
-            }
-            "content_block_stop"
-                if data.get("index").and_then(Value::as_u64) == self.tool_block =>
-            {
-                self.tool_block = None;
-            }
-            "message_delta" => {
-                self.started()?;
-                if let Some(usage) = data.get("usage") {
-                    if usage.get("output_tokens").is_some() {
-                        self.usage.completion = count(usage, "output_tokens");
-                    }
-                    // The counts are cumulative; newer answers repeat the input here.
-                    if usage.get("input_tokens").is_some() {
-                        self.usage.prompt = prompt_tokens(usage);
-                    }
-                }
-                let stop = data
-                    .get("delta")
-                    .and_then(|d| d.get("stop_reason"))
-                    .and_then(Value::as_str);
-                if let Some(stop) = stop {
-                    self.emit(reply, out, json!({}), Some(finish_reason(stop)));
-                }
-            }
+            "message_delta" => self.message_delta(&data, out),
             "message_stop" => {
                 self.started()?;
-                if reply.include_usage {
-                    let id = self.id.as_deref().unwrap_or_default();
-                    let chunk = openai::usage_chunk(id, reply.created, &reply.model, self.usage);
-                    openai::sse_data(out, &chunk);
-                }
-                openai::sse_done(out);
+                self.chunks.over(out, self.usage);
                 self.over = true;
+                Ok(())
             }
             "error" => {
                 let error = data.get("error");
@@ -808,29 +690,128 @@ impl StreamState {
                     .or_else(|| error.and_then(|e| e.get("type")))
                     .and_then(Value::as_str)
                     .unwrap_or("the backend's stream reported an error");
-                openai::stream_error(out, message);
-                openai::sse_done(out);
+                chunks::failed(out, message);
                 self.over = true;
+                Ok(())
             }
             // ping, and the event types Anthropic says may be added.
+            _ => Ok(()),
+        }
+    }
+
+    fn message_start(&mut self, data: &Value, out: &mut Vec<u8>) -> Result<(), Malformed> {
+        let message = data.get("message");
+        let id = message
+            .and_then(|m| m.get("id"))
+            .and_then(Value::as_str)
+            .ok_or_else(|| Malformed::new("the backend's message_start has no id"))?;
+        if let Some(usage) = message.and_then(|m| m.get("usage")) {
+            self.usage = TokenUsage {
+                prompt: prompt_tokens(usage),
+                completion: count(usage, "output_tokens"),
+            };
+        }
+        self.chunks.set_id(format!("chatcmpl-{id}"));
+        self.started = true;
+        self.chunks.role(out);
+        Ok(())
+    }
+
+    fn block_start(&mut self, data: &Value, out: &mut Vec<u8>) -> Result<(), Malformed> {
+        self.started()?;
+        let block = data.get("content_block").unwrap_or(&Value::Null);
+        match block.get("type").and_then(Value::as_str) {
+            Some("tool_use") => {
+                let (Some(call_id), Some(name)) = (
+                    block.get("id").and_then(Value::as_str),
+                    block.get("name").and_then(Value::as_str),
+                ) else {
+                    return Err(Malformed::new(
+                        "the backend's tool_use block has no id or name",
+                    ));
+                };
+                let index = self.tools;
+                self.tools = self.tools.saturating_add(1);
+                self.tool_block = data.get("index").and_then(Value::as_u64);
+                // The input streams as deltas; it starts as {} and is then sent empty.
+                let arguments = match block.get("input") {
+                    Some(Value::Object(map)) if !map.is_empty() => arguments_of(block.get("input")),
+                    _ => String::new(),
+                };
+                self.chunks.tool_call(out, index, call_id, name, &arguments);
+            }
+            Some("text") => {
+                let text = block.get("text").and_then(Value::as_str).unwrap_or("");
+                if !text.is_empty() {
+                    self.chunks.content(out, text);
+                }
+            }
+            // thinking and server-tool blocks have no place in a chat chunk.
             _ => {}
         }
         Ok(())
     }
 
-    fn started(&self) -> Result<(), Malformed> {
-        match self.id {
-            Some(_) => Ok(()),
-            None => Err(Malformed::new(
-                "the backend's stream did not begin with message_start",
-            )),
+    fn block_delta(&mut self, data: &Value, out: &mut Vec<u8>) -> Result<(), Malformed> {
+        self.started()?;
+        let delta = data.get("delta").unwrap_or(&Value::Null);
+        match delta.get("type").and_then(Value::as_str) {
+            Some("text_delta") => {
+                let text = delta
+                    .get("text")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| Malformed::new("the backend's text_delta has no text"))?;
+                self.chunks.content(out, text);
+            }
+            Some("input_json_delta") => {
+                let partial = delta
+                    .get("partial_json")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| {
+                        Malformed::new("the backend's input_json_delta has no partial_json")
+                    })?;
+                let block = data.get("index").and_then(Value::as_u64);
+                // Only the tool_use block being streamed; empty pieces say nothing.
+                if block.is_some() && block == self.tool_block && !partial.is_empty() {
+                    let index = self.tools.saturating_sub(1);
+                    self.chunks.tool_arguments(out, index, partial);
+                }
+            }
+            // thinking_delta, signature_delta, citations_delta.
+            _ => {}
         }
+        Ok(())
     }
 
-    fn emit(&self, reply: &ReplyContext, out: &mut Vec<u8>, delta: Value, finish: Option<&str>) {
-        let id = self.id.as_deref().unwrap_or_default();
-        let chunk = openai::chunk(id, reply.created, &reply.model, delta, finish);
-        openai::sse_data(out, &chunk);
+    fn message_delta(&mut self, data: &Value, out: &mut Vec<u8>) -> Result<(), Malformed> {
+        self.started()?;
+        if let Some(usage) = data.get("usage") {
+            if usage.get("output_tokens").is_some() {
+                self.usage.completion = count(usage, "output_tokens");
+            }
+            // The counts are cumulative; newer answers repeat the input here.
+            if usage.get("input_tokens").is_some() {
+                self.usage.prompt = prompt_tokens(usage);
+            }
+        }
+        let stop = data
+            .get("delta")
+            .and_then(|d| d.get("stop_reason"))
+            .and_then(Value::as_str);
+        if let Some(stop) = stop {
+            self.chunks.finish(out, finish_reason(stop));
+        }
+        Ok(())
+    }
+
+    fn started(&self) -> Result<(), Malformed> {
+        if self.started {
+            Ok(())
+        } else {
+            Err(Malformed::new(
+                "the backend's stream did not begin with message_start",
+            ))
+        }
     }
 }
 

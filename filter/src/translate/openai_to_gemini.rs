@@ -7,6 +7,7 @@
 //! one `GenerateContentResponse` per event and no end marker, so only a `finishReason` tells a
 //! finished stream from a cut one.
 
+use super::chunks::{self, ChunkWriter};
 use super::frames::{Event, SseEvents};
 use super::openai::{self, TokenUsage};
 use super::{
@@ -502,14 +503,13 @@ pub struct ChatStream {
 }
 
 struct StreamState {
-    reply: ReplyContext,
-    id: String,
+    chunks: ChunkWriter,
     /// A response came (the role chunk is out).
     started: bool,
     /// The finish chunk is out; later responses only update the usage.
     finished: bool,
     /// An error event and `[DONE]` are out; the rest of the stream is ignored.
-    failed: bool,
+    over: bool,
     tool_calls: usize,
     usage: TokenUsage,
 }
@@ -519,11 +519,10 @@ impl ChatStream {
         ChatStream {
             events: SseEvents::new(),
             state: StreamState {
-                reply,
-                id: "chatcmpl-gemini".into(),
+                chunks: ChunkWriter::new(reply, "chatcmpl-gemini"),
                 started: false,
                 finished: false,
-                failed: false,
+                over: false,
                 tool_calls: 0,
                 usage: TokenUsage::default(),
             },
@@ -540,22 +539,15 @@ impl StreamTranslator for ChatStream {
     fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), Malformed> {
         let Self { events, state } = self;
         events.finish(&mut |event| state.on_event(event, out))?;
-        if state.failed {
+        if state.over {
             return Ok(());
         }
         if !state.started || !state.finished {
             return Err(Malformed::new("the backend's stream ended early"));
         }
-        if state.reply.include_usage {
-            let usage = openai::usage_chunk(
-                &state.id,
-                state.reply.created,
-                &state.reply.model,
-                state.usage,
-            );
-            openai::sse_data(out, &usage);
-        }
-        openai::sse_done(out);
+        // Gemini's stream has no end marker: its end is the stream's.
+        state.chunks.over(out, state.usage);
+        state.over = true;
         Ok(())
     }
 
@@ -566,7 +558,7 @@ impl StreamTranslator for ChatStream {
 
 impl StreamState {
     fn on_event(&mut self, event: &Event, out: &mut Vec<u8>) -> Result<(), Malformed> {
-        if self.failed {
+        if self.over {
             return Ok(());
         }
         let data = event.data.trim_ascii();
@@ -586,15 +578,14 @@ impl StreamState {
                 .get("message")
                 .and_then(Value::as_str)
                 .unwrap_or("the backend reported an error");
-            openai::stream_error(out, message);
-            openai::sse_done(out);
-            self.failed = true;
+            chunks::failed(out, message);
+            self.over = true;
             return Ok(());
         }
         if !self.started {
-            self.id = completion_id(&response);
+            self.chunks.set_id(completion_id(&response));
             self.started = true;
-            self.emit(out, json!({"role": "assistant", "content": ""}), None);
+            self.chunks.role(out);
         }
         if let Some(meta) = response.get("usageMetadata") {
             // Some events carry usageMetadata without counts.
@@ -610,27 +601,27 @@ impl StreamState {
             Some(Value::Array(candidates)) => candidates.first(),
             _ => None,
         };
-        let Some(candidate) = candidate else {
-            if blocked(&response) {
+        match candidate {
+            Some(candidate) => self.on_candidate(candidate, out),
+            None if blocked(&response) => {
                 self.finish_with(out, "content_filter");
+                Ok(())
             }
-            return Ok(());
-        };
+            None => Ok(()),
+        }
+    }
+
+    fn on_candidate(&mut self, candidate: &Value, out: &mut Vec<u8>) -> Result<(), Malformed> {
         for piece in pieces(candidate)? {
-            let delta = match piece {
-                Piece::Text(text) => json!({"content": text}),
+            match piece {
+                Piece::Text(text) => self.chunks.content(out, text),
                 Piece::Call { name, arguments } => {
                     let index = self.tool_calls;
                     self.tool_calls = index.saturating_add(1);
-                    json!({"tool_calls": [{
-                        "index": index,
-                        "id": format!("call_{index}"),
-                        "type": "function",
-                        "function": {"name": name, "arguments": arguments},
-                    }]})
+                    let id = format!("call_{index}");
+                    self.chunks.tool_call(out, index, &id, name, &arguments);
                 }
-            };
-            self.emit(out, delta, None);
+            }
         }
         if let Some(reason) = candidate.get("finishReason").and_then(Value::as_str) {
             self.finish_with(out, finish_reason(Some(reason), self.tool_calls > 0));
@@ -638,19 +629,8 @@ impl StreamState {
         Ok(())
     }
 
-    fn emit(&self, out: &mut Vec<u8>, delta: Value, finish: Option<&str>) {
-        let chunk = openai::chunk(
-            &self.id,
-            self.reply.created,
-            &self.reply.model,
-            delta,
-            finish,
-        );
-        openai::sse_data(out, &chunk);
-    }
-
     fn finish_with(&mut self, out: &mut Vec<u8>, reason: &str) {
-        self.emit(out, json!({}), Some(reason));
+        self.chunks.finish(out, reason);
         self.finished = true;
     }
 }

@@ -7,6 +7,7 @@
 //! `options`. Its stream is NDJSON, one object per line, the last with `done: true` and the
 //! token counts.
 
+use super::chunks::{self, ChunkWriter};
 use super::frames::Lines;
 use super::openai::{self, TokenUsage};
 use super::{
@@ -351,11 +352,11 @@ pub struct ChatStream {
 }
 
 struct StreamState {
-    reply: ReplyContext,
+    chunks: ChunkWriter,
     /// A line came (the role chunk is out).
     started: bool,
     /// The `done` line or an error was translated, `[DONE]` is out; the rest is ignored.
-    ended: bool,
+    over: bool,
     tool_calls: usize,
     /// What the `done` line counted.
     usage: Option<TokenUsage>,
@@ -366,9 +367,9 @@ impl ChatStream {
         ChatStream {
             lines: Lines::new(),
             state: StreamState {
-                reply,
+                chunks: ChunkWriter::new(reply, ID),
                 started: false,
-                ended: false,
+                over: false,
                 tool_calls: 0,
                 usage: None,
             },
@@ -385,7 +386,7 @@ impl StreamTranslator for ChatStream {
     fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), Malformed> {
         let Self { lines, state } = self;
         lines.finish(&mut |line| state.on_line(line, out))?;
-        if state.ended {
+        if state.over {
             Ok(())
         } else {
             Err(Malformed::new("the backend's stream ended early"))
@@ -400,7 +401,7 @@ impl StreamTranslator for ChatStream {
 impl StreamState {
     fn on_line(&mut self, line: &[u8], out: &mut Vec<u8>) -> Result<(), Malformed> {
         let line = line.trim_ascii();
-        if self.ended || line.is_empty() {
+        if self.over || line.is_empty() {
             return Ok(());
         }
         let object: Map<String, Value> = match serde_json::from_slice(line) {
@@ -413,54 +414,35 @@ impl StreamState {
         };
         if let Some(error) = object.get("error") {
             let message = error.as_str().unwrap_or("the backend reported an error");
-            openai::stream_error(out, message);
-            openai::sse_done(out);
-            self.ended = true;
+            chunks::failed(out, message);
+            self.over = true;
             return Ok(());
         }
         if !self.started {
             self.started = true;
-            self.emit(out, json!({"role": "assistant", "content": ""}), None);
+            self.chunks.role(out);
         }
         if let Some(message) = object.get("message") {
             if let Some(text) = message.get("content").and_then(Value::as_str) {
                 if !text.is_empty() {
-                    self.emit(out, json!({"content": text}), None);
+                    self.chunks.content(out, text);
                 }
             }
             for (index, name, arguments) in tool_calls(message, self.tool_calls)? {
                 self.tool_calls = index.saturating_add(1);
-                let delta = json!({"tool_calls": [{
-                    "index": index,
-                    "id": format!("call_{index}"),
-                    "type": "function",
-                    "function": {"name": name, "arguments": arguments},
-                }]});
-                self.emit(out, delta, None);
+                let id = format!("call_{index}");
+                self.chunks.tool_call(out, index, &id, &name, &arguments);
             }
         }
         if object.get("done").and_then(Value::as_bool) == Some(true) {
-            let finish = finish_reason(&object, self.tool_calls > 0);
-            self.emit(out, json!({}), Some(finish));
-            self.usage = Some(usage_of(&object));
-            if self.reply.include_usage {
-                let usage = openai::usage_chunk(
-                    ID,
-                    self.reply.created,
-                    &self.reply.model,
-                    usage_of(&object),
-                );
-                openai::sse_data(out, &usage);
-            }
-            openai::sse_done(out);
-            self.ended = true;
+            self.chunks
+                .finish(out, finish_reason(&object, self.tool_calls > 0));
+            let usage = usage_of(&object);
+            self.usage = Some(usage);
+            self.chunks.over(out, usage);
+            self.over = true;
         }
         Ok(())
-    }
-
-    fn emit(&self, out: &mut Vec<u8>, delta: Value, finish: Option<&str>) {
-        let chunk = openai::chunk(ID, self.reply.created, &self.reply.model, delta, finish);
-        openai::sse_data(out, &chunk);
     }
 }
 
