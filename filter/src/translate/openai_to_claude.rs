@@ -98,6 +98,32 @@ pub fn chat_request(request: &Map<String, Value>, model: &str) -> Result<Value, 
         Some(Value::Array(m)) if !m.is_empty() => m,
         _ => return Err(invalid("`messages` must be a non-empty list".into())),
     };
+    let (system, turns) = conversation(messages)?;
+    let mut body = Map::new();
+    body.insert("model".into(), json!(model));
+    body.insert("max_tokens".into(), json!(max_tokens(request)?));
+    if !system.is_empty() {
+        body.insert("system".into(), json!(system.join("\n\n")));
+    }
+    let turns: Vec<Value> = turns
+        .into_iter()
+        .map(|t| {
+            let content = match t.content {
+                Content::Text(s) => Value::String(s),
+                Content::Blocks(b) => Value::Array(b),
+            };
+            json!({"role": t.role, "content": content})
+        })
+        .collect();
+    body.insert("messages".into(), Value::Array(turns));
+    insert_tools(request, &mut body)?;
+    insert_sampling(request, &mut body);
+    Ok(Value::Object(body))
+}
+
+/// The system text and the turns of OpenAI `messages`: system and developer messages lifted
+/// out, tool results made user turns, consecutive turns of one role merged.
+fn conversation(messages: &[Value]) -> Result<(Vec<String>, Vec<Turn>), Refusal> {
     let mut system: Vec<String> = Vec::new();
     let mut turns: Vec<Turn> = Vec::new();
     for (i, message) in messages.iter().enumerate() {
@@ -133,36 +159,31 @@ pub fn chat_request(request: &Map<String, Value>, model: &str) -> Result<Value, 
             "the Anthropic Messages API needs at least one user or assistant message".into(),
         ));
     }
+    Ok((system, turns))
+}
 
-    let mut body = Map::new();
-    body.insert("model".into(), json!(model));
-    body.insert("max_tokens".into(), json!(max_tokens(request)?));
-    if !system.is_empty() {
-        body.insert("system".into(), json!(system.join("\n\n")));
-    }
-    let turns: Vec<Value> = turns
-        .into_iter()
-        .map(|t| {
-            let content = match t.content {
-                Content::Text(s) => Value::String(s),
-                Content::Blocks(b) => Value::Array(b),
-            };
-            json!({"role": t.role, "content": content})
-        })
-        .collect();
-    body.insert("messages".into(), Value::Array(turns));
-
-    if let Some(list) = request.get("tools").filter(|v| !v.is_null()) {
-        let tools = tools(list)?;
-        // Anthropic refuses a tool_choice without tools; OpenAI does too, so nothing is lost.
-        if !tools.is_empty() {
-            body.insert("tools".into(), Value::Array(tools));
-            let parallel = request.get("parallel_tool_calls").and_then(Value::as_bool);
-            if let Some(choice) = tool_choice(request.get("tool_choice"), parallel)? {
-                body.insert("tool_choice".into(), choice);
-            }
+/// `tools` and `tool_choice` (with `parallel_tool_calls`), in Anthropic's forms.
+fn insert_tools(
+    request: &Map<String, Value>,
+    body: &mut Map<String, Value>,
+) -> Result<(), Refusal> {
+    let Some(list) = request.get("tools").filter(|v| !v.is_null()) else {
+        return Ok(());
+    };
+    let tools = tools(list)?;
+    // Anthropic refuses a tool_choice without tools; OpenAI does too, so nothing is lost.
+    if !tools.is_empty() {
+        body.insert("tools".into(), Value::Array(tools));
+        let parallel = request.get("parallel_tool_calls").and_then(Value::as_bool);
+        if let Some(choice) = tool_choice(request.get("tool_choice"), parallel)? {
+            body.insert("tool_choice".into(), choice);
         }
     }
+    Ok(())
+}
+
+/// `stop`, the sampling parameters Anthropic shares, `stream` and `user` (as `metadata`).
+fn insert_sampling(request: &Map<String, Value>, body: &mut Map<String, Value>) {
     let stop = openai::stop_list(request.get("stop"));
     if !stop.is_empty() {
         body.insert("stop_sequences".into(), json!(stop));
@@ -178,7 +199,6 @@ pub fn chat_request(request: &Map<String, Value>, model: &str) -> Result<Value, 
     if let Some(user) = request.get("user").and_then(Value::as_str) {
         body.insert("metadata".into(), json!({"user_id": user}));
     }
-    Ok(Value::Object(body))
 }
 
 fn max_tokens(request: &Map<String, Value>) -> Result<u64, Refusal> {
