@@ -32,6 +32,8 @@
 //! `chunks` (the one writer of an OpenAI chat stream) and `frames` (SSE and NDJSON framing).
 
 pub mod chunks;
+#[cfg(test)]
+mod fixtures;
 pub mod frames;
 pub mod messages_to_openai;
 pub mod openai;

@@ -856,39 +856,9 @@ mod tests {
     }
 
     #[test]
-    fn system_messages_are_lifted_and_max_tokens_defaults() {
-        let body = request(json!({
-            "model": "claude",
-            "messages": [
-                {"role": "system", "content": "You are a seasoned data scientist."},
-                {"role": "developer", "content": [{"type": "text", "text": "Answer in French."}]},
-                {"role": "user", "content": "Hello, Claude"},
-            ],
-            "stop": "\n\nHuman:",
-            "temperature": 0.5,
-            "top_p": 0.9,
-            "top_k": 40,
-            "stream": false,
-            "user": "user-42",
-            "response_format": {"type": "json_object"},
-            "seed": 7,
-        }))
-        .unwrap();
-        assert_eq!(
-            body,
-            json!({
-                "model": MODEL,
-                "max_tokens": DEFAULT_MAX_TOKENS,
-                "system": "You are a seasoned data scientist.\n\nAnswer in French.",
-                "messages": [{"role": "user", "content": "Hello, Claude"}],
-                "stop_sequences": ["\n\nHuman:"],
-                "temperature": 0.5,
-                "top_p": 0.9,
-                "top_k": 40,
-                "stream": false,
-                "metadata": {"user_id": "user-42"},
-            })
-        );
+    fn max_tokens_stop_and_stream_are_carried() {
+        // System messages lifted, sampling carried, `max_tokens` defaulted, the rest ignored: the
+        // case fixtures/openai_to_claude/request-system-lifted.
         let with = |extra: Value| {
             let mut b = json!({"messages": [{"role": "user", "content": "hi"}]});
             b.as_object_mut()
@@ -1086,37 +1056,6 @@ mod tests {
     }
 
     #[test]
-    fn a_message_becomes_a_chat_completion() {
-        // The example answer of the Messages API reference.
-        let out = completion(json!({
-            "content": [{"text": "Hi! My name is Claude.", "type": "text"}],
-            "id": "msg_013Zva2CMHLNnXjNJJKqJ2EF",
-            "model": "claude-sonnet-4-5-20250929",
-            "role": "assistant",
-            "stop_reason": "end_turn",
-            "stop_sequence": null,
-            "type": "message",
-            "usage": {"input_tokens": 2095, "output_tokens": 503},
-        }));
-        assert_eq!(
-            out,
-            json!({
-                "id": "chatcmpl-msg_013Zva2CMHLNnXjNJJKqJ2EF",
-                "object": "chat.completion",
-                "created": 1_700_000_000,
-                "model": "claude",
-                "choices": [{
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "Hi! My name is Claude."},
-                    "logprobs": null,
-                    "finish_reason": "stop",
-                }],
-                "usage": {"prompt_tokens": 2095, "completion_tokens": 503, "total_tokens": 2598},
-            })
-        );
-    }
-
-    #[test]
     fn tool_use_blocks_become_tool_calls_and_thinking_is_dropped() {
         let out = completion(json!({
             "id": "msg_01Aq9w938a90dw8q",
@@ -1213,89 +1152,11 @@ mod tests {
     }
 
     /// The basic streaming example of Anthropic's streaming documentation.
-    const TEXT_STREAM: &str = "event: message_start
-data: {\"type\": \"message_start\", \"message\": {\"id\": \"msg_1nZdL29xx5MUA1yADyHTEsnR8uuvGzszyY\", \"type\": \"message\", \"role\": \"assistant\", \"content\": [], \"model\": \"claude-sonnet-4-5\", \"stop_reason\": null, \"stop_sequence\": null, \"usage\": {\"input_tokens\": 25, \"output_tokens\": 1}}}
-
-event: content_block_start
-data: {\"type\": \"content_block_start\", \"index\": 0, \"content_block\": {\"type\": \"text\", \"text\": \"\"}}
-
-event: ping
-data: {\"type\": \"ping\"}
-
-event: content_block_delta
-data: {\"type\": \"content_block_delta\", \"index\": 0, \"delta\": {\"type\": \"text_delta\", \"text\": \"Hello\"}}
-
-event: content_block_delta
-data: {\"type\": \"content_block_delta\", \"index\": 0, \"delta\": {\"type\": \"text_delta\", \"text\": \"!\"}}
-
-event: content_block_stop
-data: {\"type\": \"content_block_stop\", \"index\": 0}
-
-event: message_delta
-data: {\"type\": \"message_delta\", \"delta\": {\"stop_reason\": \"end_turn\", \"stop_sequence\":null}, \"usage\": {\"output_tokens\": 15}}
-
-event: message_stop
-data: {\"type\": \"message_stop\"}
-
-";
+    const TEXT_STREAM: &str = include_str!("fixtures/openai_to_claude/stream-text.in.sse");
 
     /// The tool-use streaming example of the same page (a text block, then a tool_use block
     /// whose input arrives as input_json_delta pieces), with a thinking block before them.
-    const TOOL_STREAM: &str = "event: message_start
-data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_014p7gG3wDgGV9EUtLvnow3U\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude-sonnet-4-5\",\"stop_sequence\":null,\"usage\":{\"input_tokens\":472,\"cache_read_input_tokens\":100,\"output_tokens\":2},\"content\":[],\"stop_reason\":null}}
-
-event: content_block_start
-data: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"thinking\",\"thinking\":\"\"}}
-
-event: content_block_delta
-data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"thinking_delta\",\"thinking\":\"The user wants the weather.\"}}
-
-event: content_block_delta
-data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"signature_delta\",\"signature\":\"EqQBCgIYAhIM\"}}
-
-event: content_block_stop
-data: {\"type\":\"content_block_stop\",\"index\":0}
-
-event: content_block_start
-data: {\"type\":\"content_block_start\",\"index\":1,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}
-
-event: content_block_delta
-data: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"text_delta\",\"text\":\"Okay, let's check the weather for San Francisco, CA:\"}}
-
-event: content_block_stop
-data: {\"type\":\"content_block_stop\",\"index\":1}
-
-event: content_block_start
-data: {\"type\":\"content_block_start\",\"index\":2,\"content_block\":{\"type\":\"tool_use\",\"id\":\"toolu_01T1x1fJ34qAmk2tNTrN7Up6\",\"name\":\"get_weather\",\"input\":{}}}
-
-event: content_block_delta
-data: {\"type\":\"content_block_delta\",\"index\":2,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"\"}}
-
-event: content_block_delta
-data: {\"type\":\"content_block_delta\",\"index\":2,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{\\\"location\\\":\"}}
-
-event: content_block_delta
-data: {\"type\":\"content_block_delta\",\"index\":2,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\" \\\"San Francisco, CA\\\"}\"}}
-
-event: content_block_stop
-data: {\"type\":\"content_block_stop\",\"index\":2}
-
-event: content_block_start
-data: {\"type\":\"content_block_start\",\"index\":3,\"content_block\":{\"type\":\"tool_use\",\"id\":\"toolu_02\",\"name\":\"get_time\",\"input\":{}}}
-
-event: content_block_delta
-data: {\"type\":\"content_block_delta\",\"index\":3,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{}\"}}
-
-event: content_block_stop
-data: {\"type\":\"content_block_stop\",\"index\":3}
-
-event: message_delta
-data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"tool_use\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":89}}
-
-event: message_stop
-data: {\"type\":\"message_stop\"}
-
-";
+    const TOOL_STREAM: &str = include_str!("fixtures/openai_to_claude/stream-tools.in.sse");
 
     fn run(chunks: &[&[u8]], include_usage: bool) -> Result<Vec<u8>, (Malformed, Vec<u8>)> {
         let mut stream = ChatStream::new(reply(include_usage));

@@ -725,63 +725,9 @@ mod tests {
     }
 
     #[test]
-    fn a_chat_request_becomes_contents_a_system_instruction_and_a_generation_config() {
-        let body = chat_request(&request(json!({
-            "model": "gemini-2.5-flash",
-            "messages": [
-                {"role": "system", "content": "You are a cat."},
-                {"role": "developer", "content": [{"type": "text", "text": "Your name is Neko."}]},
-                {"role": "user", "content": "Hello there"},
-                {"role": "assistant", "content": "Great to meet you. What would you like to know?"},
-                {"role": "user", "content": [
-                    {"type": "text", "text": "What is in this picture?"},
-                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}}
-                ]},
-                {"role": "user", "content": "Answer briefly."}
-            ],
-            "temperature": 1.0,
-            "top_p": 0.8,
-            "top_k": 10,
-            "max_tokens": 100,
-            "max_completion_tokens": 800,
-            "stop": "Title",
-            "n": 1,
-            "seed": 42,
-            "presence_penalty": 0.5,
-            "frequency_penalty": -0.5,
-            "response_format": {"type": "json_object"},
-            "stream": true,
-            "stream_options": {"include_usage": true},
-            "user": "ignored"
-        })))
-        .unwrap();
-        assert_eq!(
-            body,
-            json!({
-                "systemInstruction": {"parts": [{"text": "You are a cat."}, {"text": "Your name is Neko."}]},
-                "contents": [
-                    {"role": "user", "parts": [{"text": "Hello there"}]},
-                    {"role": "model", "parts": [{"text": "Great to meet you. What would you like to know?"}]},
-                    {"role": "user", "parts": [
-                        {"text": "What is in this picture?"},
-                        {"inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgo="}},
-                        {"text": "Answer briefly."}
-                    ]}
-                ],
-                "generationConfig": {
-                    "temperature": 1.0,
-                    "topP": 0.8,
-                    "topK": 10,
-                    "maxOutputTokens": 800,
-                    "stopSequences": ["Title"],
-                    "candidateCount": 1,
-                    "seed": 42,
-                    "presencePenalty": 0.5,
-                    "frequencyPenalty": -0.5,
-                    "responseMimeType": "application/json"
-                }
-            })
-        );
+    fn a_chat_request_becomes_a_generation_config() {
+        // Contents, a system instruction and the whole generation config: the case
+        // fixtures/openai_to_gemini/request-chat.
         let body = chat_request(&request(json!({
             "messages": [{"role": "user", "content": "hi"}],
             "max_tokens": 100,
@@ -923,42 +869,6 @@ mod tests {
     }
 
     #[test]
-    fn a_text_answer_becomes_a_chat_completion() {
-        // The generateContent reference's text answer, with a thinking model's usage.
-        let out = completion(json!({
-            "candidates": [{
-                "content": {"parts": [
-                    {"text": "thinking it over", "thought": true},
-                    {"text": "AI learns patterns "},
-                    {"text": "from data."}
-                ], "role": "model"},
-                "finishReason": "STOP",
-                "index": 0,
-                "safetyRatings": [{"category": "HARM_CATEGORY_HARASSMENT", "probability": "NEGLIGIBLE"}]
-            }],
-            "usageMetadata": {"promptTokenCount": 8, "candidatesTokenCount": 11, "thoughtsTokenCount": 20, "totalTokenCount": 39},
-            "modelVersion": "gemini-2.5-flash",
-            "responseId": "mAitaLmkHPPlz7IPvtfUqQ4"
-        }));
-        assert_eq!(
-            out,
-            json!({
-                "id": "chatcmpl-mAitaLmkHPPlz7IPvtfUqQ4",
-                "object": "chat.completion",
-                "created": 1_700_000_000,
-                "model": "gemini-2.5-flash",
-                "choices": [{
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "AI learns patterns from data."},
-                    "logprobs": null,
-                    "finish_reason": "stop"
-                }],
-                "usage": {"prompt_tokens": 8, "completion_tokens": 31, "total_tokens": 39}
-            })
-        );
-    }
-
-    #[test]
     fn function_calls_become_tool_calls() {
         let out = completion(json!({
             "candidates": [{
@@ -1058,56 +968,15 @@ mod tests {
         }
     }
 
-    const STREAM: &str = concat!(
-        "data: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \"Hello!\"}],\"role\": \"model\"},\"index\": 0}],",
-        "\"usageMetadata\": {\"trafficType\": \"ON_DEMAND\"},\"modelVersion\": \"gemini-2.5-flash\",\"responseId\": \"tTCwacuEBMvnitYP06qsgQY\"}\r\n\r\n",
-        "data: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \" How can I help 你好 today\"}],\"role\": \"model\"},\"index\": 0}],",
-        "\"usageMetadata\": {\"trafficType\": \"ON_DEMAND\"},\"responseId\": \"tTCwacuEBMvnitYP06qsgQY\"}\r\n\r\n",
-        "data: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \"?\"},{\"text\": \"\",\"thoughtSignature\": \"AY89a18i\"}],\"role\": \"model\"},\"finishReason\": \"STOP\",\"index\": 0}],",
-        "\"usageMetadata\": {\"promptTokenCount\": 1,\"candidatesTokenCount\": 9,\"thoughtsTokenCount\": 2,\"totalTokenCount\": 12},\"responseId\": \"tTCwacuEBMvnitYP06qsgQY\"}\r\n\r\n",
-    );
+    const STREAM: &str = include_str!("fixtures/openai_to_gemini/stream-text.in.sse");
 
     fn stream(include_usage: bool, body: &str) -> Result<Vec<Value>, Malformed> {
         same_under_any_chunking(|| ChatStream::new(reply(include_usage)), body.as_bytes())
             .map(|out| sse_payloads(&out))
     }
-
-    fn chunk(delta: Value, finish: Value) -> Value {
-        json!({
-            "id": "chatcmpl-tTCwacuEBMvnitYP06qsgQY",
-            "object": "chat.completion.chunk",
-            "created": 1_700_000_000,
-            "model": "gemini-2.5-flash",
-            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]
-        })
-    }
-
     #[test]
-    fn a_stream_becomes_openai_chunks_however_it_is_cut() {
-        let expected = vec![
-            chunk(json!({"role": "assistant", "content": ""}), Value::Null),
-            chunk(json!({"content": "Hello!"}), Value::Null),
-            chunk(
-                json!({"content": " How can I help 你好 today"}),
-                Value::Null,
-            ),
-            chunk(json!({"content": "?"}), Value::Null),
-            chunk(json!({}), json!("stop")),
-        ];
-        let mut with_done = expected.clone();
-        with_done.push(json!("[DONE]"));
-        assert_eq!(stream(false, STREAM).unwrap(), with_done);
-        let mut with_usage = expected;
-        with_usage.push(json!({
-            "id": "chatcmpl-tTCwacuEBMvnitYP06qsgQY",
-            "object": "chat.completion.chunk",
-            "created": 1_700_000_000,
-            "model": "gemini-2.5-flash",
-            "choices": [],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 11, "total_tokens": 12}
-        }));
-        with_usage.push(json!("[DONE]"));
-        assert_eq!(stream(true, STREAM).unwrap(), with_usage);
+    fn a_stream_reads_the_same_with_lf_line_endings_and_no_last_blank_line() {
+        // The chunks with and without the usage chunk: the case fixtures/openai_to_gemini/stream-text.
         // LF line endings, and a last event the stream ends on without a blank line.
         let lf = STREAM.replace("\r\n", "\n");
         assert_eq!(
@@ -1202,23 +1071,7 @@ mod tests {
         assert_eq!(body["requests"][0]["model"], "models/text-embedding-004");
         assert!(body["requests"][0].get("outputDimensionality").is_none());
         assert!(embed_request(&request(json!({"input": [[1, 2]]})), "m").is_err());
-        let answer = json!({"embeddings": [{"values": [0.1, -0.2]}, {"values": [0.3, 0.4]}]});
-        let out: Value = serde_json::from_slice(
-            &embed_response(answer.to_string().as_bytes(), &reply(false)).unwrap(),
-        )
-        .unwrap();
-        assert_eq!(
-            out,
-            json!({
-                "object": "list",
-                "data": [
-                    {"object": "embedding", "index": 0, "embedding": [0.1, -0.2]},
-                    {"object": "embedding", "index": 1, "embedding": [0.3, 0.4]}
-                ],
-                "model": "gemini-2.5-flash",
-                "usage": {"prompt_tokens": 0, "total_tokens": 0}
-            })
-        );
+        // The answer: the case fixtures/openai_to_gemini/answer-embed.
         for bad in [&b"{}"[..], b"{\"embeddings\":[{}]}", b"nope"] {
             assert!(embed_response(bad, &reply(false)).is_err());
         }
