@@ -10,10 +10,9 @@
     clippy::indexing_slicing
 )]
 
-use jairouter_filter::translate::{
-    messages_to_openai, openai_to_claude, openai_to_gemini, openai_to_ollama,
-};
-use jairouter_filter::translate::{ReplyContext, StreamTranslator};
+use jairouter_filter::config::Protocol;
+use jairouter_filter::endpoint::Endpoint;
+use jairouter_filter::translate::{translator, ReplyContext};
 
 /// The backend's stream: its events, the first and the last of them framing `tokens` tokens.
 fn events(protocol: &str, tokens: usize) -> Vec<String> {
@@ -64,12 +63,14 @@ fn main() {
         created: 1,
         include_usage: true,
     };
-    let mut translator: Box<dyn StreamTranslator> = match protocol.as_str() {
-        "claude" => Box::new(openai_to_claude::ChatStream::new(reply)),
-        "gemini" => Box::new(openai_to_gemini::ChatStream::new(reply)),
-        "ollama" => Box::new(openai_to_ollama::ChatStream::new(reply)),
-        _ => Box::new(messages_to_openai::MessageStream::new(reply)),
+    // The translator the exchange would pick for such a stream.
+    let (endpoint, backend) = match protocol.as_str() {
+        "claude" => (Endpoint::ChatCompletions, Protocol::Anthropic),
+        "gemini" => (Endpoint::ChatCompletions, Protocol::Gemini),
+        "ollama" => (Endpoint::ChatCompletions, Protocol::Ollama),
+        _ => (Endpoint::Messages, Protocol::OpenAi),
     };
+    let mut translator = translator(endpoint, backend).unwrap().stream(reply);
     let mut written = 0usize;
     for event in &events {
         let mut out = Vec::with_capacity(event.len() * 2);
