@@ -18,6 +18,7 @@ use super::{
     Translator, Upstream,
 };
 use crate::endpoint::Endpoint;
+use crate::json_text::{push_decimal, push_string};
 use serde_json::{json, Value};
 
 /// An Anthropic Messages client in front of an OpenAI-compatible backend.
@@ -819,21 +820,32 @@ impl MessageStream {
         }
     }
 
-    fn delta(&self, delta: Value, out: &mut Vec<u8>) {
-        if let Some((index, _)) = self.open {
-            emit(
-                out,
-                "content_block_delta",
-                &json!({"type": "content_block_delta", "index": index, "delta": delta}),
-            );
-        }
+    /// A `content_block_delta` of the open block: `{"type": kind, field: piece}`, as JSON text
+    /// written directly (it is the event of every token).
+    fn delta(&self, kind: &str, field: &str, piece: &str, out: &mut Vec<u8>) {
+        let Some((index, _)) = self.open else {
+            return;
+        };
+        let mut data = String::with_capacity(piece.len().saturating_add(96));
+        data.push_str(r#"{"type":"content_block_delta","index":"#);
+        push_decimal(&mut data, index);
+        data.push_str(r#","delta":{"type":"#);
+        push_string(&mut data, kind);
+        data.push(',');
+        push_string(&mut data, field);
+        data.push(':');
+        push_string(&mut data, piece);
+        data.push_str("}}");
+        out.extend_from_slice(b"event: content_block_delta\ndata: ");
+        out.extend_from_slice(data.as_bytes());
+        out.extend_from_slice(b"\n\n");
     }
 
     fn text(&mut self, text: &str, out: &mut Vec<u8>) {
         if !matches!(self.open, Some((_, Block::Text))) {
             self.open_block(Block::Text, json!({"type": "text", "text": ""}), out);
         }
-        self.delta(json!({"type": "text_delta", "text": text}), out);
+        self.delta("text_delta", "text", text, out);
     }
 
     fn tool_call(&mut self, call: &Value, out: &mut Vec<u8>) -> Result<(), Malformed> {
@@ -866,10 +878,7 @@ impl MessageStream {
             .and_then(Value::as_str)
             .filter(|a| !a.is_empty())
         {
-            self.delta(
-                json!({"type": "input_json_delta", "partial_json": piece}),
-                out,
-            );
+            self.delta("input_json_delta", "partial_json", piece, out);
         }
         Ok(())
     }
