@@ -124,9 +124,15 @@ fn cases() -> Vec<Case> {
     let embeddings = Endpoint::Embeddings;
     let mut cases = vec![
         chat!("openai_to_claude", "request-system-lifted", Request),
+        chat!("openai_to_claude", "request-tools", Request),
+        // The example answer of the Messages API reference.
         chat!("openai_to_claude", "answer-text", Answer),
+        chat!("openai_to_claude", "answer-tool-use", Answer),
         chat!("openai_to_gemini", "request-chat", Request),
+        chat!("openai_to_gemini", "request-tools", Request),
+        // The generateContent reference's text answer, with a thinking model's usage.
         chat!("openai_to_gemini", "answer-text", Answer),
+        chat!("openai_to_gemini", "answer-tool-calls", Answer),
         case!(
             "openai_to_gemini",
             "answer-embed",
@@ -135,11 +141,23 @@ fn cases() -> Vec<Case> {
             "json",
             "out.json"
         ),
+        // The structured-outputs answer of Ollama's docs/api.md, with a thinking model's `thinking`.
         chat!("openai_to_ollama", "answer-text", Answer),
+        chat!("openai_to_ollama", "answer-tool-calls", Answer),
+        // The first example of Anthropic's Messages reference.
         chat!("messages_to_openai", "request-plain", Request),
         chat!("messages_to_openai", "request-sampling", Request),
+        // Anthropic's tool use example, the way Claude Code sends it: tools, an assistant turn
+        // with text and a tool_use, then the user's tool_result followed by more text.
+        chat!("messages_to_openai", "request-tools", Request),
+        // The first example of OpenAI's chat completions reference.
         chat!("messages_to_openai", "answer-text", Answer),
+        // OpenAI's function calling answer.
+        chat!("messages_to_openai", "answer-tool-use", Answer),
     ];
+    // The basic streaming example of Anthropic's streaming documentation, and its tool-use
+    // example (a text block, then a tool_use block whose input arrives as input_json_delta
+    // pieces) with a thinking block before them.
     cases.extend(stream!("openai_to_claude", "stream-text", "sse"));
     cases.extend(stream!("openai_to_claude", "stream-tools", "sse"));
     cases.extend(stream!("openai_to_gemini", "stream-text", "sse"));

@@ -1016,74 +1016,6 @@ mod tests {
         assert!(matches!(file, Err(Refusal::Unsupported(_))), "{file:?}");
     }
 
-    // Anthropic's tool use example, the way Claude Code sends it: tools, an assistant turn
-    // with text and a tool_use, then the user's tool_result followed by more text.
-    #[test]
-    fn the_tool_round_trip_becomes_tool_calls_and_tool_messages() {
-        let chat = request(json!({
-            "model": "claude-sonnet-4-5",
-            "max_tokens": 1024,
-            "tools": [{
-                "name": "get_weather",
-                "description": "Get the current weather in a given location",
-                "input_schema": {
-                    "type": "object",
-                    "properties": {"location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"}},
-                    "required": ["location"],
-                },
-                "cache_control": {"type": "ephemeral"},
-            }],
-            "tool_choice": {"type": "auto", "disable_parallel_tool_use": true},
-            "messages": [
-                {"role": "user", "content": "What's the weather like in San Francisco?"},
-                {"role": "assistant", "content": [
-                    {"type": "thinking", "thinking": "I should call the tool.", "signature": "sig"},
-                    {"type": "text", "text": "I'll check the weather."},
-                    {"type": "tool_use", "id": "toolu_01A09q90qw90lq917835lq9", "name": "get_weather",
-                     "input": {"location": "San Francisco, CA"}},
-                ]},
-                {"role": "user", "content": [
-                    {"type": "text", "text": "Here it is:"},
-                    {"type": "tool_result", "tool_use_id": "toolu_01A09q90qw90lq917835lq9",
-                     "content": [{"type": "text", "text": "15 degrees"}, {"type": "text", "text": "sunny"}]},
-                    {"type": "text", "text": "And tomorrow?", "cache_control": {"type": "ephemeral"}},
-                ]},
-            ],
-        }))
-        .unwrap();
-        assert_eq!(
-            chat,
-            json!({
-                "model": "qwen3:8b",
-                "max_tokens": 1024,
-                "tools": [{"type": "function", "function": {
-                    "name": "get_weather",
-                    "description": "Get the current weather in a given location",
-                    "parameters": {
-                        "type": "object",
-                        "properties": {"location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"}},
-                        "required": ["location"],
-                    },
-                }}],
-                "tool_choice": "auto",
-                "parallel_tool_calls": false,
-                "messages": [
-                    {"role": "user", "content": "What's the weather like in San Francisco?"},
-                    {"role": "assistant", "content": "I'll check the weather.", "tool_calls": [{
-                        "id": "toolu_01A09q90qw90lq917835lq9",
-                        "type": "function",
-                        "function": {"name": "get_weather", "arguments": "{\"location\":\"San Francisco, CA\"}"},
-                    }]},
-                    {"role": "tool", "tool_call_id": "toolu_01A09q90qw90lq917835lq9", "content": "15 degrees\nsunny"},
-                    {"role": "user", "content": [
-                        {"type": "text", "text": "Here it is:"},
-                        {"type": "text", "text": "And tomorrow?"},
-                    ]},
-                ],
-            })
-        );
-    }
-
     #[test]
     fn tool_results_alone_make_no_user_message_and_errors_are_marked() {
         let chat = request(json!({
@@ -1224,50 +1156,6 @@ mod tests {
         assert_eq!(
             request(custom).unwrap()["tools"][0]["function"]["name"],
             "f"
-        );
-    }
-
-    // OpenAI's function calling answer.
-    #[test]
-    fn tool_calls_become_tool_use_blocks() {
-        let m = message(json!({
-            "id": "chatcmpl-abc123",
-            "object": "chat.completion",
-            "created": 1699896916,
-            "model": "gpt-4o-mini",
-            "choices": [{
-                "index": 0,
-                "message": {
-                    "role": "assistant",
-                    "content": null,
-                    "tool_calls": [
-                        {"id": "call_abc123", "type": "function",
-                         "function": {"name": "get_current_weather", "arguments": "{\n\"location\": \"Boston, MA\"\n}"}},
-                        {"id": "call_def456", "type": "function",
-                         "function": {"name": "broken", "arguments": "{\"location\": "}},
-                    ],
-                },
-                "logprobs": null,
-                "finish_reason": "tool_calls",
-            }],
-            "usage": {"prompt_tokens": 82, "completion_tokens": 17, "total_tokens": 99},
-        }));
-        assert_eq!(
-            m,
-            json!({
-                "id": "msg_abc123",
-                "type": "message",
-                "role": "assistant",
-                "model": "claude-sonnet-4-5",
-                "content": [
-                    {"type": "tool_use", "id": "call_abc123", "name": "get_current_weather",
-                     "input": {"location": "Boston, MA"}},
-                    {"type": "tool_use", "id": "call_def456", "name": "broken", "input": {}},
-                ],
-                "stop_reason": "tool_use",
-                "stop_sequence": null,
-                "usage": {"input_tokens": 82, "output_tokens": 17},
-            })
         );
     }
 

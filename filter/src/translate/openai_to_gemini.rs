@@ -743,54 +743,9 @@ mod tests {
     }
 
     #[test]
-    fn tools_calls_and_results_become_function_declarations_calls_and_responses() {
-        let body = chat_request(&request(json!({
-            "messages": [
-                {"role": "user", "content": "What's the weather in Boston and Paris?"},
-                {"role": "assistant", "content": null, "tool_calls": [
-                    {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": "{\"location\":\"Boston\"}"}},
-                    {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": "{\"location\":\"Paris\"}"}}
-                ]},
-                {"role": "tool", "tool_call_id": "call_b", "content": "14:00"},
-                {"role": "tool", "tool_call_id": "call_a", "content": [{"type": "text", "text": "22C, sunny"}]},
-                {"role": "assistant", "content": "Boston: 22C. Paris: 14:00."}
-            ],
-            "tools": [
-                {"type": "function", "function": {
-                    "name": "get_weather",
-                    "description": "Get the current weather in a given location",
-                    "parameters": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"], "additionalProperties": false},
-                    "strict": true
-                }},
-                {"type": "function", "function": {"name": "get_time"}}
-            ],
-            "tool_choice": "required"
-        })))
-        .unwrap();
-        assert_eq!(
-            body,
-            json!({
-                "contents": [
-                    {"role": "user", "parts": [{"text": "What's the weather in Boston and Paris?"}]},
-                    {"role": "model", "parts": [
-                        {"functionCall": {"name": "get_weather", "args": {"location": "Boston"}},
-                         "thoughtSignature": "skip_thought_signature_validator"},
-                        {"functionCall": {"name": "get_time", "args": {"location": "Paris"}}}
-                    ]},
-                    {"role": "user", "parts": [
-                        {"functionResponse": {"name": "get_time", "response": {"content": "14:00"}}},
-                        {"functionResponse": {"name": "get_weather", "response": {"content": "22C, sunny"}}}
-                    ]},
-                    {"role": "model", "parts": [{"text": "Boston: 22C. Paris: 14:00."}]}
-                ],
-                "tools": [{"functionDeclarations": [
-                    {"name": "get_weather", "description": "Get the current weather in a given location",
-                     "parametersJsonSchema": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"], "additionalProperties": false}},
-                    {"name": "get_time"}
-                ]}],
-                "toolConfig": {"functionCallingConfig": {"mode": "ANY"}}
-            })
-        );
+    fn tool_choices_become_function_calling_modes() {
+        // Tools, calls and results as function declarations, calls and responses: the case
+        // fixtures/openai_to_gemini/request-tools.
         let choice = |choice: Value| {
             chat_request(&request(
                 json!({"messages": [{"role": "user", "content": "x"}], "tool_choice": choice}),
@@ -866,34 +821,6 @@ mod tests {
                 "{invalid}"
             );
         }
-    }
-
-    #[test]
-    fn function_calls_become_tool_calls() {
-        let out = completion(json!({
-            "candidates": [{
-                "content": {"role": "model", "parts": [
-                    {"functionCall": {"name": "find_theaters", "args": {"location": "Mountain View, CA", "movie": "Barbie"}},
-                     "thoughtSignature": "c2ln"},
-                    {"functionCall": {"name": "enable_lights", "args": {}}}
-                ]},
-                "finishReason": "STOP"
-            }],
-            "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 7}
-        }));
-        assert_eq!(out["id"], "chatcmpl-gemini");
-        assert_eq!(out["choices"][0]["finish_reason"], "tool_calls");
-        assert_eq!(
-            out["choices"][0]["message"],
-            json!({
-                "role": "assistant",
-                "content": null,
-                "tool_calls": [
-                    {"id": "call_0", "type": "function", "function": {"name": "find_theaters", "arguments": "{\"location\":\"Mountain View, CA\",\"movie\":\"Barbie\"}"}},
-                    {"id": "call_1", "type": "function", "function": {"name": "enable_lights", "arguments": "{}"}}
-                ]
-            })
-        );
     }
 
     #[test]
