@@ -59,9 +59,10 @@ pub struct Translation {
     translator: Option<&'static dyn Translator>,
     endpoint: Endpoint,
     reply: ReplyContext,
-    stream: bool,
+    /// The client asked for a stream (of chat: other endpoints answer whole).
+    asked_stream: bool,
     /// The translator of the streamed answer, once its head said it streams.
-    streaming: Option<Box<dyn StreamTranslator>>,
+    stream: Option<Box<dyn StreamTranslator>>,
     /// The stream broke (malformed output): the rest of it is dropped.
     broken: bool,
     /// The client asked for base64 embeddings (the OpenAI SDKs' default).
@@ -85,8 +86,8 @@ impl Translation {
                 created: 0,
                 include_usage: false,
             },
-            stream: false,
-            streaming: None,
+            asked_stream: false,
+            stream: None,
             broken: false,
             base64: false,
         }
@@ -134,8 +135,8 @@ impl Translation {
                 created,
                 include_usage: openai::wants_usage(&request),
             },
-            stream,
-            streaming: None,
+            asked_stream: stream,
+            stream: None,
             broken: false,
             base64: openai::wants_base64(&request),
         };
@@ -152,8 +153,8 @@ impl Translation {
         match self.translator {
             // A passthrough instance's answer is rewritten only when it is a GPUStack error.
             None if success => Hold::Pass,
-            Some(translator) if success && self.stream => {
-                self.streaming = Some(translator.stream(self.reply.clone()));
+            Some(translator) if success && self.asked_stream => {
+                self.stream = Some(translator.stream(self.reply.clone()));
                 Hold::Stream
             }
             _ => Hold::Whole,
@@ -168,12 +169,12 @@ impl Translation {
 
     /// The counts a translated stream's backend reported (whether or not the client asked).
     pub fn stream_usage(&self) -> Option<openai::TokenUsage> {
-        self.streaming.as_ref().and_then(|t| t.usage())
+        self.stream.as_ref().and_then(|t| t.usage())
     }
 
     /// Whether the answer is a translated stream.
     pub fn streams(&self) -> bool {
-        self.streaming.is_some()
+        self.stream.is_some()
     }
 
     /// Translates one chunk of a stream (and, at its end, what the end implies). `Err` carries
@@ -183,7 +184,7 @@ impl Translation {
         if self.broken {
             return Ok(out);
         }
-        let Some(translator) = self.streaming.as_mut() else {
+        let Some(translator) = self.stream.as_mut() else {
             return Ok(chunk.to_vec());
         };
         let mut result = translator.feed(chunk, &mut out);

@@ -144,7 +144,8 @@ fn event(out: &mut Vec<u8>, json: &str) {
 /// The stream is over because it went wrong: an OpenAI error event (the SDKs raise it as an
 /// APIError), then `[DONE]`.
 pub fn failed(out: &mut Vec<u8>, message: &str) {
-    openai::stream_error(out, message);
+    let error = openai::error(502, message, Some("bad_backend_output"));
+    openai::sse_data(out, &error);
     out.extend_from_slice(SSE_DONE);
 }
 

@@ -174,11 +174,6 @@ pub fn error_body(status: u32, message: &str, code: Option<&str>) -> Vec<u8> {
     error(status, message, code).to_string().into_bytes()
 }
 
-/// An error inside a stream whose head has gone out: the OpenAI SDKs raise it as an APIError.
-pub fn stream_error(out: &mut Vec<u8>, message: &str) {
-    sse_data(out, &error(502, message, Some("bad_backend_output")));
-}
-
 /// The text of OpenAI message `content`: a string, or the `text` parts of a list of parts.
 pub fn content_text(content: &Value) -> String {
     match content {
