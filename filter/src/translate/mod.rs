@@ -1,18 +1,3 @@
-//! Translation between the OpenAI API, which clients speak, and the protocols of the backends an
-//! `adapter:` names (Anthropic Messages, Gemini, native Ollama). Pure: bytes and JSON in, bytes
-//! out, no host calls. The exchange feeds it from its body callbacks: a request is translated
-//! whole (it is buffered anyway, bounded by `gateway.max-body-bytes`), an answer whole when it is
-//! not streamed, and a stream chunk by chunk, with partial events carried over and never held.
-//!
-//! Each protocol has a module with the same shape: `chat_request` (an OpenAI chat request, as
-//! JSON, to the vendor's body), `chat_response` (the vendor's answer to an OpenAI
-//! `chat.completion`), `ChatStream` (the vendor's stream to OpenAI chunks), `error_message` (the
-//! message of a vendor error body), and for the protocols with embeddings `embed_request` /
-//! `embed_response`.
-//!
-//! `messages` is the other way round: a client speaking Anthropic Messages (Claude Code, the
-//! Anthropic SDKs) in front of an OpenAI-compatible backend.
-
 //! Translation between the protocol a client speaks and the one its instance's backend speaks.
 //! Pure: bytes and JSON in, bytes out, no host calls. The exchange feeds it from its body
 //! callbacks: a request is translated whole (it is buffered anyway, bounded by
@@ -30,6 +15,8 @@
 //! picks a module for a request: adding a protocol is its module and its line there. What they
 //! share: `openai` (the OpenAI shapes: completions, embeddings, errors, request readers),
 //! `chunks` (the one writer of an OpenAI chat stream) and `frames` (SSE and NDJSON framing).
+//! Each module's whole cases (a request, an answer, a stream in; what the other side gets out)
+//! are files under `fixtures/<module>/`, run through the dispatch by `fixtures.rs`.
 
 pub mod chunks;
 #[cfg(test)]
