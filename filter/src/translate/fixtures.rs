@@ -141,6 +141,7 @@ fn cases() -> Vec<Case> {
             "json",
             "out.json"
         ),
+        chat!("openai_to_ollama", "request-chat", Request),
         // The structured-outputs answer of Ollama's docs/api.md, with a thinking model's `thinking`.
         chat!("openai_to_ollama", "answer-text", Answer),
         chat!("openai_to_ollama", "answer-tool-calls", Answer),
