@@ -2,9 +2,9 @@
 //! instance's protocol (`translate/`), and the answer rewritten back, whole or chunk by chunk.
 //! Pure: the exchange reads and writes the bytes; this decides what they become.
 
-use crate::config::Protocol;
 use crate::endpoint::Endpoint;
 use crate::reply::{ClientError, LocalReply};
+use crate::translate::Protocol;
 use crate::translate::{
     self, chunks, messages_to_openai, openai, parse_request, Malformed, Refusal, ReplyContext,
     StreamTranslator, Translator, Upstream,

@@ -9,8 +9,8 @@
 //! read as what it is: the expectation.
 
 use super::frames::same_under_any_chunking;
+use super::Protocol;
 use super::{translator, ReplyContext, Translator};
-use crate::config::Protocol;
 use crate::endpoint::Endpoint;
 use serde_json::Value;
 #[cfg(target_arch = "wasm32")]

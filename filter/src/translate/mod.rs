@@ -11,8 +11,9 @@
 //! - `messages_to_openai`: the other way round, a client speaking Anthropic Messages (Claude
 //!   Code, the Anthropic SDKs) in front of an OpenAI-compatible backend.
 //!
-//! Each implements [`Translator`], the one contract, and [`translator`] is the one place that
-//! picks a module for a request: adding a protocol is its module and its line there. What they
+//! Each implements [`Translator`], the one contract, and says what its protocol is (its
+//! [`Backend`]); [`Protocol::backend`] is the one dispatch: adding a protocol is its module, its
+//! variant and its line there. What they
 //! share: `openai` (the OpenAI shapes: completions, embeddings, errors, request readers),
 //! `chunks` (the one writer of an OpenAI chat stream) and `frames` (SSE and NDJSON framing).
 //! Each module's whole cases (a request, an answer, a stream in; what the other side gets out)
@@ -31,8 +32,7 @@ pub mod openai_to_ollama;
 /// Anthropic's error shapes, by the name the exchange reads them with.
 pub use messages_to_openai as messages;
 
-use crate::config::Protocol;
-use crate::endpoint::Endpoint;
+use crate::endpoint::{Endpoint, ServiceType};
 use serde_json::Value;
 
 /// A JSON object, as requests and answers are parsed.
@@ -68,18 +68,60 @@ pub trait Translator: Sync {
     }
 }
 
-/// The translator of requests on `endpoint` to a `protocol` instance: the one dispatch. `None`
-/// when they pass as they are (Anthropic's endpoints to Anthropic backends, OpenAI's to OpenAI
-/// ones).
+/// The wire protocol of a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// The OpenAI API: bodies pass through unchanged.
+    OpenAi,
+    /// Anthropic Messages (`adapter: claude`).
+    Anthropic,
+    /// Google's Gemini API (`adapter: gemini`).
+    Gemini,
+    /// Ollama's native `/api/chat` and `/api/embed` (`adapter: ollama`).
+    Ollama,
+}
+
+/// A backend protocol as the gateway knows it: what it is called and what an OpenAI client
+/// reaches through it. Each protocol's module has its one `BACKEND`.
+pub struct Backend {
+    /// `gen_ai.provider.name` (OpenTelemetry's GenAI conventions) of an instance speaking it:
+    /// their well-known values (`gcp.gemini` is Google's Gemini API); Ollama has none.
+    pub gen_ai_provider: &'static str,
+    /// The service types the gateway serves through it.
+    pub services: &'static [ServiceType],
+    /// How an OpenAI client's requests reach it; `None`: they pass as they are.
+    pub from_openai: Option<&'static dyn Translator>,
+}
+
+impl Protocol {
+    /// The protocol's backend: the one dispatch.
+    pub fn backend(self) -> &'static Backend {
+        match self {
+            Protocol::OpenAi => &openai::BACKEND,
+            Protocol::Anthropic => &openai_to_claude::BACKEND,
+            Protocol::Gemini => &openai_to_gemini::BACKEND,
+            Protocol::Ollama => &openai_to_ollama::BACKEND,
+        }
+    }
+
+    pub fn gen_ai_provider(self) -> &'static str {
+        self.backend().gen_ai_provider
+    }
+
+    pub fn services(self) -> &'static [ServiceType] {
+        self.backend().services
+    }
+}
+
+/// The translator of requests on `endpoint` to a `protocol` instance. `None` when they pass as
+/// they are (Anthropic's endpoints to Anthropic backends, OpenAI's to OpenAI ones).
 pub fn translator(endpoint: Endpoint, protocol: Protocol) -> Option<&'static dyn Translator> {
-    let anthropic_client = endpoint.is_anthropic();
     match protocol {
-        Protocol::OpenAi if anthropic_client => Some(&messages_to_openai::MessagesToOpenAi),
-        Protocol::Anthropic if anthropic_client => None,
-        Protocol::OpenAi => None,
-        Protocol::Anthropic => Some(&openai_to_claude::OpenAiToClaude),
-        Protocol::Gemini => Some(&openai_to_gemini::OpenAiToGemini),
-        Protocol::Ollama => Some(&openai_to_ollama::OpenAiToOllama),
+        // A client speaking Anthropic Messages: the other way round. (Other backends' OpenAI
+        // translators refuse its endpoints.)
+        Protocol::OpenAi if endpoint.is_anthropic() => Some(&messages_to_openai::MessagesToOpenAi),
+        Protocol::Anthropic if endpoint.is_anthropic() => None,
+        other => other.backend().from_openai,
     }
 }
 

@@ -2,8 +2,16 @@
 //! error, built one way for every protocol (its stream chunks: `chunks`), and the readers of an
 //! OpenAI request.
 
-use super::Refusal;
+use super::{Backend, Refusal};
+use crate::endpoint::ServiceType;
 use serde_json::{json, Map, Value};
+
+/// The OpenAI API: every service type, and nothing to translate for an OpenAI client.
+pub static BACKEND: Backend = Backend {
+    gen_ai_provider: "openai",
+    services: &ServiceType::ALL,
+    from_openai: None,
+};
 
 /// Token counts as OpenAI reports them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -25,11 +25,18 @@ use super::chunks::{self, ChunkWriter};
 use super::frames::{Event, SseEvents};
 use super::openai::{self, TokenUsage};
 use super::{
-    not_translated, parse_answer, Malformed, Object, Refusal, ReplyContext, StreamTranslator,
-    Translator, Upstream,
+    not_translated, parse_answer, Backend, Malformed, Object, Refusal, ReplyContext,
+    StreamTranslator, Translator, Upstream,
 };
-use crate::endpoint::Endpoint;
+use crate::endpoint::{Endpoint, ServiceType};
 use serde_json::{json, Map, Value};
+
+/// Anthropic Messages: chat only.
+pub static BACKEND: Backend = Backend {
+    gen_ai_provider: "anthropic",
+    services: &[ServiceType::Chat],
+    from_openai: Some(&OpenAiToClaude),
+};
 
 /// An OpenAI client in front of an Anthropic Messages backend: chat completions only.
 pub struct OpenAiToClaude;

@@ -11,10 +11,10 @@ use super::chunks::{self, ChunkWriter};
 use super::frames::{Event, SseEvents};
 use super::openai::{self, TokenUsage};
 use super::{
-    not_translated, parse_answer, Malformed, Object, Refusal, ReplyContext, StreamTranslator,
-    Translator, Upstream,
+    not_translated, parse_answer, Backend, Malformed, Object, Refusal, ReplyContext,
+    StreamTranslator, Translator, Upstream,
 };
-use crate::endpoint::Endpoint;
+use crate::endpoint::{Endpoint, ServiceType};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 
@@ -22,6 +22,13 @@ use std::collections::HashMap;
 /// with, which OpenAI clients do not keep; this value is the one Google documents for function
 /// calls that did not come from the model as they stand.
 const NO_THOUGHT_SIGNATURE: &str = "skip_thought_signature_validator";
+
+/// The Gemini API: chat and embeddings.
+pub static BACKEND: Backend = Backend {
+    gen_ai_provider: "gcp.gemini",
+    services: &[ServiceType::Chat, ServiceType::Embedding],
+    from_openai: Some(&OpenAiToGemini),
+};
 
 /// An OpenAI client in front of the Gemini API: chat completions and embeddings.
 pub struct OpenAiToGemini;

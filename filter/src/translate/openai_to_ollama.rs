@@ -11,14 +11,21 @@ use super::chunks::{self, ChunkWriter};
 use super::frames::Lines;
 use super::openai::{self, TokenUsage};
 use super::{
-    not_translated, parse_answer, Malformed, Object, Refusal, ReplyContext, StreamTranslator,
-    Translator, Upstream,
+    not_translated, parse_answer, Backend, Malformed, Object, Refusal, ReplyContext,
+    StreamTranslator, Translator, Upstream,
 };
-use crate::endpoint::Endpoint;
+use crate::endpoint::{Endpoint, ServiceType};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 
 const ID: &str = "chatcmpl-ollama";
+
+/// Ollama's native API: chat and embeddings.
+pub static BACKEND: Backend = Backend {
+    gen_ai_provider: "ollama",
+    services: &[ServiceType::Chat, ServiceType::Embedding],
+    from_openai: Some(&OpenAiToOllama),
+};
 
 /// An OpenAI client in front of Ollama's native API: chat completions and embeddings.
 pub struct OpenAiToOllama;
