@@ -142,7 +142,8 @@ fn cases() -> Vec<Case> {
             "out.json"
         ),
         chat!("openai_to_ollama", "request-chat", Request),
-        // The structured-outputs answer of Ollama's docs/api.md, with a thinking model's `thinking`.
+        // The structured-outputs answer of Ollama's docs/api.md, with a thinking model's
+        // `thinking`.
         chat!("openai_to_ollama", "answer-text", Answer),
         chat!("openai_to_ollama", "answer-tool-calls", Answer),
         // The first example of Anthropic's Messages reference.
