@@ -2,7 +2,7 @@
 //! as an event stream cut into any chunks. It never panics, a request it translates has
 //! alternating turns, and a stream translates the same however it is cut.
 #![no_main]
-use jairouter_filter::translate::claude::{self, ChatStream};
+use jairouter_filter::translate::openai_to_claude::{self, ChatStream};
 use jairouter_filter::translate::{parse_request, Malformed, ReplyContext, StreamTranslator};
 use jairouter_fuzz::{chunks, split_seed};
 use libfuzzer_sys::fuzz_target;
@@ -30,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
     };
 
     if let Ok(request) = parse_request(body) {
-        if let Ok(Value::Object(out)) = claude::chat_request(&request, "claude") {
+        if let Ok(Value::Object(out)) = openai_to_claude::chat_request(&request, "claude") {
             assert_eq!(out.get("model"), Some(&Value::from("claude")));
             assert!(out.get("max_tokens").and_then(Value::as_u64).unwrap_or(0) > 0);
             let turns = out.get("messages").and_then(Value::as_array).unwrap();
@@ -40,10 +40,10 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 
-    if let Ok(answer) = claude::chat_response(body, &reply) {
+    if let Ok(answer) = openai_to_claude::chat_response(body, &reply) {
         assert!(serde_json::from_slice::<Value>(&answer).unwrap().is_object());
     }
-    let _ = claude::error_message(body);
+    let _ = openai_to_claude::error_message(body);
 
     let (whole, whole_out) = stream(&[body], &reply);
     let (cut, cut_out) = stream(&chunks(body, mode), &reply);

@@ -3,7 +3,7 @@
 //! stream translator fed in chunks of every size (the second byte picks the cutting). None
 //! panics, each answer is JSON, and the stream's translation is the same however it is cut.
 #![no_main]
-use jairouter_filter::translate::{gemini, parse_request, ReplyContext};
+use jairouter_filter::translate::{openai_to_gemini, parse_request, ReplyContext};
 use jairouter_fuzz::{check_stream, split_seed};
 use libfuzzer_sys::fuzz_target;
 
@@ -27,31 +27,31 @@ fuzz_target!(|data: &[u8]| {
     match which % 6 {
         0 => {
             if let Ok(request) = parse_request(body) {
-                if let Ok(out) = gemini::chat_request(&request) {
+                if let Ok(out) = openai_to_gemini::chat_request(&request) {
                     assert!(out.is_object());
                 }
             }
         }
         1 => {
             if let Ok(request) = parse_request(body) {
-                if let Ok(out) = gemini::embed_request(&request, "gemini-embedding-001") {
+                if let Ok(out) = openai_to_gemini::embed_request(&request, "gemini-embedding-001") {
                     assert!(out.is_object());
                 }
             }
         }
         2 => {
-            if let Ok(out) = gemini::chat_response(body, &reply(false)) {
+            if let Ok(out) = openai_to_gemini::chat_response(body, &reply(false)) {
                 assert!(is_json(&out));
             }
         }
         3 => {
-            if let Ok(out) = gemini::embed_response(body, &reply(false)) {
+            if let Ok(out) = openai_to_gemini::embed_response(body, &reply(false)) {
                 assert!(is_json(&out));
             }
         }
         4 => {
-            let _ = gemini::error_message(body);
+            let _ = openai_to_gemini::error_message(body);
         }
-        _ => check_stream(|| gemini::ChatStream::new(reply(seed & 1 == 1)), body, seed),
+        _ => check_stream(|| openai_to_gemini::ChatStream::new(reply(seed & 1 == 1)), body, seed),
     }
 });

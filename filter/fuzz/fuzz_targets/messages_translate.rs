@@ -3,7 +3,7 @@
 //! seed; the output must be the same however the stream is cut), a request to count, an error
 //! body, an error status. None may panic.
 #![no_main]
-use jairouter_filter::translate::messages::{
+use jairouter_filter::translate::messages_to_openai::{
     count_tokens, error_body, error_type, from_chat_response, openai_error_message,
     to_chat_request, MessageStream,
 };

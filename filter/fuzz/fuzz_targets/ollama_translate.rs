@@ -3,7 +3,7 @@
 //! stream translator fed in chunks of every size (the second byte picks the cutting). None
 //! panics, each answer is JSON, and the stream's translation is the same however it is cut.
 #![no_main]
-use jairouter_filter::translate::{ollama, parse_request, ReplyContext};
+use jairouter_filter::translate::{openai_to_ollama, parse_request, ReplyContext};
 use jairouter_fuzz::{check_stream, split_seed};
 use libfuzzer_sys::fuzz_target;
 
@@ -27,31 +27,31 @@ fuzz_target!(|data: &[u8]| {
     match which % 6 {
         0 => {
             if let Ok(request) = parse_request(body) {
-                if let Ok(out) = ollama::chat_request(&request, "llama3.2") {
+                if let Ok(out) = openai_to_ollama::chat_request(&request, "llama3.2") {
                     assert!(out.is_object());
                 }
             }
         }
         1 => {
             if let Ok(request) = parse_request(body) {
-                if let Ok(out) = ollama::embed_request(&request, "all-minilm") {
+                if let Ok(out) = openai_to_ollama::embed_request(&request, "all-minilm") {
                     assert!(out.is_object());
                 }
             }
         }
         2 => {
-            if let Ok(out) = ollama::chat_response(body, &reply(false)) {
+            if let Ok(out) = openai_to_ollama::chat_response(body, &reply(false)) {
                 assert!(is_json(&out));
             }
         }
         3 => {
-            if let Ok(out) = ollama::embed_response(body, &reply(false)) {
+            if let Ok(out) = openai_to_ollama::embed_response(body, &reply(false)) {
                 assert!(is_json(&out));
             }
         }
         4 => {
-            let _ = ollama::error_message(body);
+            let _ = openai_to_ollama::error_message(body);
         }
-        _ => check_stream(|| ollama::ChatStream::new(reply(seed & 1 == 1)), body, seed),
+        _ => check_stream(|| openai_to_ollama::ChatStream::new(reply(seed & 1 == 1)), body, seed),
     }
 });

@@ -8,40 +8,9 @@ use super::{parse_headers, Result};
 use crate::endpoint::ServiceType;
 use serde_json::Value;
 
-/// The wire protocol of a backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    /// The OpenAI API: bodies pass through unchanged.
-    OpenAi,
-    /// Anthropic Messages (`adapter: claude`).
-    Anthropic,
-    /// Google's Gemini API (`adapter: gemini`).
-    Gemini,
-    /// Ollama's native `/api/chat` and `/api/embed` (`adapter: ollama`).
-    Ollama,
-}
-
-impl Protocol {
-    /// `gen_ai.provider.name` (OpenTelemetry's GenAI conventions) of an instance speaking this
-    /// protocol: their well-known values (`gcp.gemini` is Google's Gemini API); Ollama has none.
-    pub fn gen_ai_provider(self) -> &'static str {
-        match self {
-            Protocol::OpenAi => "openai",
-            Protocol::Anthropic => "anthropic",
-            Protocol::Gemini => "gcp.gemini",
-            Protocol::Ollama => "ollama",
-        }
-    }
-
-    /// The service types the gateway translates for this protocol.
-    pub fn services(self) -> &'static [ServiceType] {
-        match self {
-            Protocol::OpenAi => &ServiceType::ALL,
-            Protocol::Anthropic => &[ServiceType::Chat],
-            Protocol::Gemini | Protocol::Ollama => &[ServiceType::Chat, ServiceType::Embedding],
-        }
-    }
-}
+/// The wire protocol of a backend, defined beside its translators (`translate/`), which say
+/// what each protocol serves.
+pub use crate::translate::Protocol;
 
 /// An instance's adapter, resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -2,12 +2,12 @@
 //! instance's protocol (`translate/`), and the answer rewritten back, whole or chunk by chunk.
 //! Pure: the exchange reads and writes the bytes; this decides what they become.
 
-use crate::config::Protocol;
 use crate::endpoint::Endpoint;
 use crate::reply::{ClientError, LocalReply};
+use crate::translate::Protocol;
 use crate::translate::{
-    claude, gemini, messages, ollama, openai, parse_request, Malformed, Refusal, ReplyContext,
-    StreamTranslator,
+    self, chunks, messages_to_openai, openai, parse_request, Malformed, Refusal, ReplyContext,
+    StreamTranslator, Translator, Upstream,
 };
 use serde_json::Value;
 
@@ -23,6 +23,17 @@ pub struct Pending {
     pub path_given: Option<String>,
     /// The instance's chat completions path (where a Messages request goes, translated).
     pub chat_path: String,
+}
+
+impl Pending {
+    fn upstream(&self) -> Upstream<'_> {
+        Upstream {
+            model: &self.model,
+            prefix: &self.prefix,
+            path_given: self.path_given.as_deref(),
+            chat_path: &self.chat_path,
+        }
+    }
 }
 
 /// The translated request.
@@ -44,13 +55,14 @@ pub enum Hold {
 
 /// The answer of a translated exchange.
 pub struct Translation {
-    protocol: Protocol,
+    /// `None`: a passthrough instance whose errors are rewritten (GPUStack's).
+    translator: Option<&'static dyn Translator>,
     endpoint: Endpoint,
     reply: ReplyContext,
-    stream: bool,
-    /// GPUStack's `{status_code, detail}` errors become OpenAI errors.
-    rewrites_errors: bool,
-    translator: Option<Box<dyn StreamTranslator>>,
+    /// The client asked for a stream (of chat: other endpoints answer whole).
+    asked_stream: bool,
+    /// The translator of the streamed answer, once its head said it streams.
+    stream: Option<Box<dyn StreamTranslator>>,
     /// The stream broke (malformed output): the rest of it is dropped.
     broken: bool,
     /// The client asked for base64 embeddings (the OpenAI SDKs' default).
@@ -60,27 +72,22 @@ pub struct Translation {
 /// Whether a request on `endpoint` to a `protocol` instance is translated (Anthropic's
 /// endpoints pass through to Anthropic backends, OpenAI's to OpenAI ones).
 pub fn translates(endpoint: Endpoint, protocol: Protocol) -> bool {
-    if endpoint.is_anthropic() {
-        protocol != Protocol::Anthropic
-    } else {
-        protocol != Protocol::OpenAi
-    }
+    translate::translator(endpoint, protocol).is_some()
 }
 
 impl Translation {
     /// A passthrough instance whose error bodies need rewriting (`adapter: gpustack`).
     pub fn errors_only(endpoint: Endpoint) -> Translation {
         Translation {
-            protocol: Protocol::OpenAi,
+            translator: None,
             endpoint,
             reply: ReplyContext {
                 model: String::new(),
                 created: 0,
                 include_usage: false,
             },
-            stream: false,
-            rewrites_errors: true,
-            translator: None,
+            asked_stream: false,
+            stream: None,
             broken: false,
             base64: false,
         }
@@ -94,50 +101,42 @@ impl Translation {
         body: &[u8],
         created: u64,
     ) -> Result<(Translation, Outbound), LocalReply> {
-        let request = parse_request(body).map_err(|r| refused(pending, r))?;
-        let stream = openai::is_stream(&request);
-        let model = pending.model.as_str();
-        if pending.endpoint == Endpoint::CountTokens {
-            let count = serde_json::json!({"input_tokens": messages::count_tokens(&request)});
-            return Err(LocalReply::json(200, count.to_string()));
-        }
-        let translated: Result<Value, Refusal> = match (pending.protocol, pending.endpoint) {
-            (Protocol::OpenAi, Endpoint::Messages) => messages::to_chat_request(&request, model),
-            (Protocol::Anthropic, Endpoint::ChatCompletions) => {
-                claude::chat_request(&request, model)
-            }
-            (Protocol::Gemini, Endpoint::ChatCompletions) => gemini::chat_request(&request),
-            (Protocol::Gemini, Endpoint::Embeddings) => gemini::embed_request(&request, model),
-            (Protocol::Ollama, Endpoint::ChatCompletions) => ollama::chat_request(&request, model),
-            (Protocol::Ollama, Endpoint::Embeddings) => ollama::embed_request(&request, model),
-            (protocol, endpoint) => Err(Refusal::Unsupported(format!(
-                "/v1/{} is not translated for {} backends",
-                endpoint.suffix(),
-                protocol_name(protocol)
-            ))),
+        let Some(translator) = translate::translator(pending.endpoint, pending.protocol) else {
+            return Err(LocalReply::error(
+                ClientError::NotSupportedByAdapter,
+                "the instance speaks the client's protocol: there is nothing to translate",
+            ));
         };
-        let body = translated
-            .map_err(|r| refused(pending, r))?
+        let refused = |refusal| refused(pending, translator, refusal);
+        let request = parse_request(body).map_err(refused)?;
+        if pending.endpoint == Endpoint::CountTokens {
+            let count = messages_to_openai::count_tokens(&request);
+            return Err(LocalReply::json(
+                200,
+                format!("{{\"input_tokens\":{count}}}"),
+            ));
+        }
+        let body = translator
+            .request(pending.endpoint, &request, &pending.model)
+            .map_err(refused)?
             .to_string()
             .into_bytes();
-        let stream = stream
+        let stream = openai::is_stream(&request)
             && matches!(
                 pending.endpoint,
                 Endpoint::ChatCompletions | Endpoint::Messages
             );
-        let path = upstream_path(pending, stream);
-        let reply = ReplyContext {
-            model: pending.model.clone(),
-            created,
-            include_usage: openai::wants_usage(&request),
-        };
+        let path = translator.upstream_path(pending.endpoint, &pending.upstream(), stream);
         let translation = Translation {
-            protocol: pending.protocol,
+            translator: Some(translator),
             endpoint: pending.endpoint,
-            reply,
-            stream,
-            rewrites_errors: false,
-            translator: None,
+            reply: ReplyContext {
+                model: pending.model.clone(),
+                created,
+                include_usage: openai::wants_usage(&request),
+            },
+            asked_stream: stream,
+            stream: None,
             broken: false,
             base64: openai::wants_base64(&request),
         };
@@ -147,33 +146,35 @@ impl Translation {
     /// How the answer with this status passes. A response that ends at its head passes as it is
     /// (there is no body to rewrite).
     pub fn on_head(&mut self, status: u32, end_of_stream: bool) -> Hold {
-        let success = (200..300).contains(&status);
-        // A passthrough instance's answer is rewritten only when it is a GPUStack error.
-        if end_of_stream || (self.rewrites_errors && success) {
+        if end_of_stream {
             return Hold::Pass;
         }
-        if success && self.stream {
-            self.translator = Some(self.stream_translator());
-            return Hold::Stream;
+        let success = (200..300).contains(&status);
+        match self.translator {
+            // A passthrough instance's answer is rewritten only when it is a GPUStack error.
+            None if success => Hold::Pass,
+            Some(translator) if success && self.asked_stream => {
+                self.stream = Some(translator.stream(self.reply.clone()));
+                Hold::Stream
+            }
+            _ => Hold::Whole,
         }
-        Hold::Whole
     }
 
-    /// Whether the usage scanner reads the answer before its translation rather than after: it
-    /// reads OpenAI's and Anthropic's usage keys, so an Anthropic answer's own counts are exact
-    /// even when the client asked no usage chunk; Gemini's and Ollama's are read once OpenAI's.
+    /// Whether the usage scanner reads the answer before its translation rather than after
+    /// ([`Translator::usage_in_backend_bytes`]).
     pub fn usage_before(&self) -> bool {
-        self.endpoint == Endpoint::Messages || self.protocol == Protocol::Anthropic
+        self.translator.is_some_and(|t| t.usage_in_backend_bytes())
     }
 
     /// The counts a translated stream's backend reported (whether or not the client asked).
     pub fn stream_usage(&self) -> Option<openai::TokenUsage> {
-        self.translator.as_ref().and_then(|t| t.usage())
+        self.stream.as_ref().and_then(|t| t.usage())
     }
 
     /// Whether the answer is a translated stream.
     pub fn streams(&self) -> bool {
-        self.translator.is_some()
+        self.stream.is_some()
     }
 
     /// Translates one chunk of a stream (and, at its end, what the end implies). `Err` carries
@@ -183,7 +184,7 @@ impl Translation {
         if self.broken {
             return Ok(out);
         }
-        let Some(translator) = self.translator.as_mut() else {
+        let Some(translator) = self.stream.as_mut() else {
             return Ok(chunk.to_vec());
         };
         let mut result = translator.feed(chunk, &mut out);
@@ -195,19 +196,18 @@ impl Translation {
             Err(Malformed(why)) => {
                 self.broken = true;
                 let why = format!("The backend's stream is malformed: {why}");
-                if self.endpoint == Endpoint::Messages {
-                    messages::stream_error(&mut out, 502, &why);
+                if self.endpoint.is_anthropic() {
+                    messages_to_openai::stream_error(&mut out, 502, &why);
                 } else {
-                    openai::stream_error(&mut out, &why);
-                    openai::sse_done(&mut out);
+                    chunks::failed(&mut out, &why);
                 }
                 Err(out)
             }
         }
     }
 
-    /// A whole answer rewritten: its status and OpenAI body. A success that is not what the
-    /// protocol promises is a 502; a backend's error keeps its status, in OpenAI's shape.
+    /// A whole answer rewritten: its status and the client's body. A success that is not what
+    /// the protocol promises is a 502; a backend's error keeps its status, in the client's shape.
     pub fn whole(&self, status: u32, body: &[u8]) -> Answer {
         if !(200..300).contains(&status) {
             return Answer {
@@ -216,14 +216,9 @@ impl Translation {
                 malformed: false,
             };
         }
-        let translated = match (self.protocol, self.endpoint) {
-            (_, Endpoint::Messages) => messages::from_chat_response(body, &self.reply),
-            (Protocol::Anthropic, _) => claude::chat_response(body, &self.reply),
-            (Protocol::Gemini, Endpoint::Embeddings) => gemini::embed_response(body, &self.reply),
-            (Protocol::Gemini, _) => gemini::chat_response(body, &self.reply),
-            (Protocol::Ollama, Endpoint::Embeddings) => ollama::embed_response(body, &self.reply),
-            (Protocol::Ollama, _) => ollama::chat_response(body, &self.reply),
-            (Protocol::OpenAi, _) => Ok(body.to_vec()),
+        let translated = match self.translator {
+            Some(translator) => translator.answer(self.endpoint, body, &self.reply),
+            None => Ok(body.to_vec()),
         };
         let translated = match translated {
             Ok(body) if self.base64 && self.endpoint == Endpoint::Embeddings => {
@@ -239,8 +234,8 @@ impl Translation {
             },
             Err(Malformed(why)) => {
                 let why = format!("The backend's answer is malformed: {why}");
-                let body = if self.endpoint == Endpoint::Messages {
-                    messages::error_body(502, &why)
+                let body = if self.endpoint.is_anthropic() {
+                    messages_to_openai::error_body(502, &why)
                 } else {
                     openai::error_body(502, &why, Some(ClientError::BadBackendOutput.code()))
                 };
@@ -255,13 +250,10 @@ impl Translation {
 
     /// A backend's error body in the client's protocol, with the same status.
     fn error(&self, status: u32, body: &[u8]) -> Vec<u8> {
-        let message = match self.protocol {
-            _ if self.endpoint == Endpoint::Messages => messages::openai_error_message(body),
-            Protocol::Anthropic => claude::error_message(body),
-            Protocol::Gemini => gemini::error_message(body),
-            Protocol::Ollama => ollama::error_message(body),
-            Protocol::OpenAi => {
-                gpustack_message(body).or_else(|| messages::openai_error_message(body))
+        let message = match self.translator {
+            Some(translator) => translator.error_message(body),
+            None => {
+                gpustack_message(body).or_else(|| messages_to_openai::openai_error_message(body))
             }
         };
         let message = message.unwrap_or_else(|| {
@@ -273,22 +265,10 @@ impl Translation {
                 format!("The backend answered {status}: {text}")
             }
         });
-        if self.endpoint == Endpoint::Messages {
-            return messages::error_body(status, &message);
+        if self.endpoint.is_anthropic() {
+            return messages_to_openai::error_body(status, &message);
         }
         openai::error_body(status, &message, None)
-    }
-
-    fn stream_translator(&self) -> Box<dyn StreamTranslator> {
-        let reply = self.reply.clone();
-        match self.protocol {
-            _ if self.endpoint == Endpoint::Messages => {
-                Box::new(messages::MessageStream::new(reply))
-            }
-            Protocol::Gemini => Box::new(gemini::ChatStream::new(reply)),
-            Protocol::Ollama => Box::new(ollama::ChatStream::new(reply)),
-            Protocol::Anthropic | Protocol::OpenAi => Box::new(claude::ChatStream::new(reply)),
-        }
     }
 }
 
@@ -300,54 +280,7 @@ pub struct Answer {
     pub malformed: bool,
 }
 
-/// Where the translated request goes on the instance.
-fn upstream_path(pending: &Pending, stream: bool) -> String {
-    let prefix = pending.prefix.as_str();
-    let given = pending.path_given.as_deref();
-    if pending.endpoint == Endpoint::Messages {
-        return pending.chat_path.clone();
-    }
-    match pending.protocol {
-        Protocol::Anthropic => match given {
-            Some(path) if path.ends_with("/messages") => format!("{prefix}{path}"),
-            _ if prefix.ends_with("/v1") => format!("{prefix}/messages"),
-            _ => format!("{prefix}/v1/messages"),
-        },
-        Protocol::Gemini => {
-            let version = if prefix.ends_with("/v1beta") || prefix.ends_with("/v1") {
-                ""
-            } else {
-                "/v1beta"
-            };
-            let model = pending
-                .model
-                .strip_prefix("models/")
-                .unwrap_or(&pending.model);
-            let method = match (pending.endpoint, stream) {
-                (Endpoint::Embeddings, _) => "batchEmbedContents",
-                (_, true) => "streamGenerateContent?alt=sse",
-                (_, false) => "generateContent",
-            };
-            format!("{prefix}{version}/models/{model}:{method}")
-        }
-        Protocol::Ollama => match pending.endpoint {
-            Endpoint::Embeddings => format!("{prefix}/api/embed"),
-            _ => format!("{prefix}/api/chat"),
-        },
-        Protocol::OpenAi => format!("{prefix}/v1/{}", pending.endpoint.suffix()),
-    }
-}
-
-fn protocol_name(protocol: Protocol) -> &'static str {
-    match protocol {
-        Protocol::OpenAi => "OpenAI",
-        Protocol::Anthropic => "Anthropic",
-        Protocol::Gemini => "Gemini",
-        Protocol::Ollama => "Ollama",
-    }
-}
-
-fn refused(pending: &Pending, refusal: Refusal) -> LocalReply {
+fn refused(pending: &Pending, translator: &dyn Translator, refusal: Refusal) -> LocalReply {
     match refusal {
         Refusal::Invalid(why) => LocalReply::error(ClientError::InvalidJson, &why),
         Refusal::Unsupported(why) => LocalReply::error(
@@ -355,7 +288,7 @@ fn refused(pending: &Pending, refusal: Refusal) -> LocalReply {
             &format!(
                 "{why} (the model `{}` is served by a {} backend)",
                 pending.model,
-                protocol_name(pending.protocol)
+                translator.backend()
             ),
         ),
     }
@@ -394,6 +327,11 @@ mod tests {
             path_given: None,
             chat_path: format!("{prefix}/v1/chat/completions"),
         }
+    }
+
+    fn upstream_path(pending: &Pending, stream: bool) -> String {
+        let translator = translate::translator(pending.endpoint, pending.protocol).unwrap();
+        translator.upstream_path(pending.endpoint, &pending.upstream(), stream)
     }
 
     #[test]

@@ -1,26 +1,150 @@
-//! Translation between the OpenAI API, which clients speak, and the protocols of the backends an
-//! `adapter:` names (Anthropic Messages, Gemini, native Ollama). Pure: bytes and JSON in, bytes
-//! out, no host calls. The exchange feeds it from its body callbacks: a request is translated
-//! whole (it is buffered anyway, bounded by `gateway.max-body-bytes`), an answer whole when it is
-//! not streamed, and a stream chunk by chunk, with partial events carried over and never held.
+//! Translation between the protocol a client speaks and the one its instance's backend speaks.
+//! Pure: bytes and JSON in, bytes out, no host calls. The exchange feeds it from its body
+//! callbacks: a request is translated whole (it is buffered anyway, bounded by
+//! `gateway.max-body-bytes`), an answer whole when it is not streamed, and a stream chunk by
+//! chunk, with partial events carried over and never held.
 //!
-//! Each protocol has a module with the same shape: `chat_request` (an OpenAI chat request, as
-//! JSON, to the vendor's body), `chat_response` (the vendor's answer to an OpenAI
-//! `chat.completion`), `ChatStream` (the vendor's stream to OpenAI chunks), `error_message` (the
-//! message of a vendor error body), and for the protocols with embeddings `embed_request` /
-//! `embed_response`.
+//! The modules are named `<client>_to_<backend>`, for who speaks what:
+//! - `openai_to_claude`, `openai_to_gemini`, `openai_to_ollama`: an OpenAI client (the OpenAI
+//!   SDKs, most tools) in front of an instance whose `adapter:` speaks Anthropic Messages, the
+//!   Gemini API or Ollama's native API;
+//! - `messages_to_openai`: the other way round, a client speaking Anthropic Messages (Claude
+//!   Code, the Anthropic SDKs) in front of an OpenAI-compatible backend.
 //!
-//! `messages` is the other way round: a client speaking Anthropic Messages (Claude Code, the
-//! Anthropic SDKs) in front of an OpenAI-compatible backend.
+//! Each implements [`Translator`], the one contract, and says what its protocol is (its
+//! [`Backend`]); [`Protocol::backend`] is the one dispatch: adding a protocol is its module, its
+//! variant and its line there. What they
+//! share: `openai` (the OpenAI shapes: completions, embeddings, errors, request readers),
+//! `chunks` (the one writer of an OpenAI chat stream) and `frames` (SSE and NDJSON framing).
+//! Each module's whole cases (a request, an answer, a stream in; what the other side gets out)
+//! are files under `fixtures/<module>/`, run through the dispatch by `fixtures.rs`.
 
-pub mod claude;
+pub mod chunks;
+#[cfg(test)]
+mod fixtures;
 pub mod frames;
-pub mod gemini;
-pub mod messages;
-pub mod ollama;
+pub mod messages_to_openai;
 pub mod openai;
+pub mod openai_to_claude;
+pub mod openai_to_gemini;
+pub mod openai_to_ollama;
 
+/// Anthropic's error shapes, by the name the exchange reads them with.
+pub use messages_to_openai as messages;
+
+use crate::endpoint::{Endpoint, ServiceType};
 use serde_json::Value;
+
+/// A JSON object, as requests and answers are parsed.
+pub type Object = serde_json::Map<String, Value>;
+
+/// How requests from one client protocol reach backends of another, and their answers come back.
+/// A translator is a unit struct; the exchange holds it as `&'static dyn Translator`.
+pub trait Translator: Sync {
+    /// The backend's protocol, named for messages ("Anthropic").
+    fn backend(&self) -> &'static str;
+    /// The client's request on `endpoint` (a JSON object) as the backend's body for `model`.
+    /// An endpoint it does not translate is `Refusal::Unsupported` ([`not_translated`]).
+    fn request(&self, endpoint: Endpoint, request: &Object, model: &str) -> Result<Value, Refusal>;
+    /// Where the translated request goes on the instance.
+    fn upstream_path(&self, endpoint: Endpoint, upstream: &Upstream<'_>, stream: bool) -> String;
+    /// The backend's whole successful answer as the client's.
+    fn answer(
+        &self,
+        endpoint: Endpoint,
+        body: &[u8],
+        reply: &ReplyContext,
+    ) -> Result<Vec<u8>, Malformed>;
+    /// The translator of the backend's streamed answer (a chat's).
+    fn stream(&self, reply: ReplyContext) -> Box<dyn StreamTranslator>;
+    /// The message of a backend's error body, when it has one.
+    fn error_message(&self, body: &[u8]) -> Option<String>;
+    /// Where the usage scanner reads an answer's counts: in the backend's own bytes (it reads
+    /// OpenAI's and Anthropic's usage keys, so an Anthropic answer's counts are exact even when
+    /// the client asked no usage chunk) rather than in the translated answer (OpenAI's, plus
+    /// the counts the stream translator reports).
+    fn usage_in_backend_bytes(&self) -> bool {
+        false
+    }
+}
+
+/// The wire protocol of a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// The OpenAI API: bodies pass through unchanged.
+    OpenAi,
+    /// Anthropic Messages (`adapter: claude`).
+    Anthropic,
+    /// Google's Gemini API (`adapter: gemini`).
+    Gemini,
+    /// Ollama's native `/api/chat` and `/api/embed` (`adapter: ollama`).
+    Ollama,
+}
+
+/// A backend protocol as the gateway knows it: what it is called and what an OpenAI client
+/// reaches through it. Each protocol's module has its one `BACKEND`.
+pub struct Backend {
+    /// `gen_ai.provider.name` (OpenTelemetry's GenAI conventions) of an instance speaking it:
+    /// their well-known values (`gcp.gemini` is Google's Gemini API); Ollama has none.
+    pub gen_ai_provider: &'static str,
+    /// The service types the gateway serves through it.
+    pub services: &'static [ServiceType],
+    /// How an OpenAI client's requests reach it; `None`: they pass as they are.
+    pub from_openai: Option<&'static dyn Translator>,
+}
+
+impl Protocol {
+    /// The protocol's backend: the one dispatch.
+    pub fn backend(self) -> &'static Backend {
+        match self {
+            Protocol::OpenAi => &openai::BACKEND,
+            Protocol::Anthropic => &openai_to_claude::BACKEND,
+            Protocol::Gemini => &openai_to_gemini::BACKEND,
+            Protocol::Ollama => &openai_to_ollama::BACKEND,
+        }
+    }
+
+    pub fn gen_ai_provider(self) -> &'static str {
+        self.backend().gen_ai_provider
+    }
+
+    pub fn services(self) -> &'static [ServiceType] {
+        self.backend().services
+    }
+}
+
+/// The translator of requests on `endpoint` to a `protocol` instance. `None` when they pass as
+/// they are (Anthropic's endpoints to Anthropic backends, OpenAI's to OpenAI ones).
+pub fn translator(endpoint: Endpoint, protocol: Protocol) -> Option<&'static dyn Translator> {
+    match protocol {
+        // A client speaking Anthropic Messages: the other way round. (Other backends' OpenAI
+        // translators refuse its endpoints.)
+        Protocol::OpenAi if endpoint.is_anthropic() => Some(&messages_to_openai::MessagesToOpenAi),
+        Protocol::Anthropic if endpoint.is_anthropic() => None,
+        other => other.backend().from_openai,
+    }
+}
+
+/// What of an instance decides where its translated requests go.
+#[derive(Debug, Clone, Copy)]
+pub struct Upstream<'a> {
+    /// The model asked of the instance (its `name`).
+    pub model: &'a str,
+    /// The instance's base-url path prefix.
+    pub prefix: &'a str,
+    /// Its `path`, as configured.
+    pub path_given: Option<&'a str>,
+    /// Its chat completions path.
+    pub chat_path: &'a str,
+}
+
+/// The refusal of an endpoint a translator does not translate.
+pub fn not_translated(endpoint: Endpoint, backend: &str) -> Refusal {
+    Refusal::Unsupported(format!(
+        "/v1/{} is not translated for {backend} backends",
+        endpoint.suffix()
+    ))
+}
 
 /// A request the adapter cannot express for its backend.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,8 +1,17 @@
-//! The OpenAI shapes the translators answer in: a chat completion, its stream chunks, an
-//! embedding list and an error, built one way for every protocol.
+//! The OpenAI shapes the translators answer in: a chat completion, an embedding list and an
+//! error, built one way for every protocol (its stream chunks: `chunks`), and the readers of an
+//! OpenAI request.
 
-use super::Refusal;
+use super::{Backend, Refusal};
+use crate::endpoint::ServiceType;
 use serde_json::{json, Map, Value};
+
+/// The OpenAI API: every service type, and nothing to translate for an OpenAI client.
+pub static BACKEND: Backend = Backend {
+    gen_ai_provider: "openai",
+    services: &ServiceType::ALL,
+    from_openai: None,
+};
 
 /// Token counts as OpenAI reports them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -46,40 +55,6 @@ pub fn chat_completion(
         map.insert("usage".into(), usage.to_json());
     }
     completion
-}
-
-/// One `chat.completion.chunk` with one choice's delta.
-pub fn chunk(
-    id: &str,
-    created: u64,
-    model: &str,
-    delta: Value,
-    finish_reason: Option<&str>,
-) -> Value {
-    json!({
-        "id": id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{
-            "index": 0,
-            "delta": delta,
-            "logprobs": null,
-            "finish_reason": finish_reason,
-        }],
-    })
-}
-
-/// The final chunk of a stream whose client asked `stream_options.include_usage`: no choices.
-pub fn usage_chunk(id: &str, created: u64, model: &str, usage: TokenUsage) -> Value {
-    json!({
-        "id": id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [],
-        "usage": usage.to_json(),
-    })
 }
 
 /// An embedding list, vectors in input order.
@@ -186,11 +161,6 @@ pub fn sse_data(out: &mut Vec<u8>, value: &Value) {
 /// The event that ends an OpenAI stream.
 pub const SSE_DONE: &[u8] = b"data: [DONE]\n\n";
 
-/// Writes the event that ends an OpenAI stream.
-pub fn sse_done(out: &mut Vec<u8>) {
-    out.extend_from_slice(SSE_DONE);
-}
-
 /// The OpenAI error `type` for an HTTP status.
 pub fn error_type(status: u32) -> &'static str {
     match status {
@@ -210,11 +180,6 @@ pub fn error(status: u32, message: &str, code: Option<&str>) -> Value {
 
 pub fn error_body(status: u32, message: &str, code: Option<&str>) -> Vec<u8> {
     error(status, message, code).to_string().into_bytes()
-}
-
-/// An error inside a stream whose head has gone out: the OpenAI SDKs raise it as an APIError.
-pub fn stream_error(out: &mut Vec<u8>, message: &str) {
-    sse_data(out, &error(502, message, Some("bad_backend_output")));
 }
 
 /// The text of OpenAI message `content`: a string, or the `text` parts of a list of parts.
@@ -357,10 +322,8 @@ mod tests {
         assert_eq!(c["choices"][0]["message"]["content"], "hi");
         assert_eq!(c["usage"]["total_tokens"], 5);
         let mut out = Vec::new();
-        sse_data(&mut out, &usage_chunk("x", 1, "m", TokenUsage::default()));
-        sse_done(&mut out);
-        let text = String::from_utf8(out).unwrap();
-        assert!(text.starts_with("data: {") && text.ends_with("}\n\ndata: [DONE]\n\n"));
+        sse_data(&mut out, &json!({"a": 1}));
+        assert_eq!(out, b"data: {\"a\":1}\n\n");
         assert_eq!(error(404, "no", None)["error"]["type"], "not_found_error");
         assert_eq!(
             data_url("data:image/png;base64,AAAA"),

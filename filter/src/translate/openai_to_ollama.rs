@@ -7,13 +7,69 @@
 //! `options`. Its stream is NDJSON, one object per line, the last with `done: true` and the
 //! token counts.
 
+use super::chunks::{self, ChunkWriter};
 use super::frames::Lines;
 use super::openai::{self, TokenUsage};
-use super::{parse_answer, Malformed, Refusal, ReplyContext, StreamTranslator};
+use super::{
+    not_translated, parse_answer, Backend, Malformed, Object, Refusal, ReplyContext,
+    StreamTranslator, Translator, Upstream,
+};
+use crate::endpoint::{Endpoint, ServiceType};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 
 const ID: &str = "chatcmpl-ollama";
+
+/// Ollama's native API: chat and embeddings.
+pub static BACKEND: Backend = Backend {
+    gen_ai_provider: "ollama",
+    services: &[ServiceType::Chat, ServiceType::Embedding],
+    from_openai: Some(&OpenAiToOllama),
+};
+
+/// An OpenAI client in front of Ollama's native API: chat completions and embeddings.
+pub struct OpenAiToOllama;
+
+impl Translator for OpenAiToOllama {
+    fn backend(&self) -> &'static str {
+        "Ollama"
+    }
+
+    fn request(&self, endpoint: Endpoint, request: &Object, model: &str) -> Result<Value, Refusal> {
+        match endpoint {
+            Endpoint::ChatCompletions => chat_request(request, model),
+            Endpoint::Embeddings => embed_request(request, model),
+            other => Err(not_translated(other, self.backend())),
+        }
+    }
+
+    fn upstream_path(&self, endpoint: Endpoint, upstream: &Upstream<'_>, _stream: bool) -> String {
+        match endpoint {
+            Endpoint::Embeddings => format!("{}/api/embed", upstream.prefix),
+            _ => format!("{}/api/chat", upstream.prefix),
+        }
+    }
+
+    fn answer(
+        &self,
+        endpoint: Endpoint,
+        body: &[u8],
+        reply: &ReplyContext,
+    ) -> Result<Vec<u8>, Malformed> {
+        match endpoint {
+            Endpoint::Embeddings => embed_response(body, reply),
+            _ => chat_response(body, reply),
+        }
+    }
+
+    fn stream(&self, reply: ReplyContext) -> Box<dyn StreamTranslator> {
+        Box::new(ChatStream::new(reply))
+    }
+
+    fn error_message(&self, body: &[u8]) -> Option<String> {
+        error_message(body)
+    }
+}
 
 /// OpenAI chat → `/api/chat` body: `{model, messages, stream, options, format, tools}`.
 pub fn chat_request(request: &Map<String, Value>, model: &str) -> Result<Value, Refusal> {
@@ -303,11 +359,11 @@ pub struct ChatStream {
 }
 
 struct StreamState {
-    reply: ReplyContext,
+    chunks: ChunkWriter,
     /// A line came (the role chunk is out).
     started: bool,
     /// The `done` line or an error was translated, `[DONE]` is out; the rest is ignored.
-    ended: bool,
+    over: bool,
     tool_calls: usize,
     /// What the `done` line counted.
     usage: Option<TokenUsage>,
@@ -318,9 +374,9 @@ impl ChatStream {
         ChatStream {
             lines: Lines::new(),
             state: StreamState {
-                reply,
+                chunks: ChunkWriter::new(reply, ID),
                 started: false,
-                ended: false,
+                over: false,
                 tool_calls: 0,
                 usage: None,
             },
@@ -337,7 +393,7 @@ impl StreamTranslator for ChatStream {
     fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), Malformed> {
         let Self { lines, state } = self;
         lines.finish(&mut |line| state.on_line(line, out))?;
-        if state.ended {
+        if state.over {
             Ok(())
         } else {
             Err(Malformed::new("the backend's stream ended early"))
@@ -352,7 +408,7 @@ impl StreamTranslator for ChatStream {
 impl StreamState {
     fn on_line(&mut self, line: &[u8], out: &mut Vec<u8>) -> Result<(), Malformed> {
         let line = line.trim_ascii();
-        if self.ended || line.is_empty() {
+        if self.over || line.is_empty() {
             return Ok(());
         }
         let object: Map<String, Value> = match serde_json::from_slice(line) {
@@ -365,54 +421,35 @@ impl StreamState {
         };
         if let Some(error) = object.get("error") {
             let message = error.as_str().unwrap_or("the backend reported an error");
-            openai::stream_error(out, message);
-            openai::sse_done(out);
-            self.ended = true;
+            chunks::failed(out, message);
+            self.over = true;
             return Ok(());
         }
         if !self.started {
             self.started = true;
-            self.emit(out, json!({"role": "assistant", "content": ""}), None);
+            self.chunks.role(out);
         }
         if let Some(message) = object.get("message") {
             if let Some(text) = message.get("content").and_then(Value::as_str) {
                 if !text.is_empty() {
-                    self.emit(out, json!({"content": text}), None);
+                    self.chunks.content(out, text);
                 }
             }
             for (index, name, arguments) in tool_calls(message, self.tool_calls)? {
                 self.tool_calls = index.saturating_add(1);
-                let delta = json!({"tool_calls": [{
-                    "index": index,
-                    "id": format!("call_{index}"),
-                    "type": "function",
-                    "function": {"name": name, "arguments": arguments},
-                }]});
-                self.emit(out, delta, None);
+                let id = format!("call_{index}");
+                self.chunks.tool_call(out, index, &id, &name, &arguments);
             }
         }
         if object.get("done").and_then(Value::as_bool) == Some(true) {
-            let finish = finish_reason(&object, self.tool_calls > 0);
-            self.emit(out, json!({}), Some(finish));
-            self.usage = Some(usage_of(&object));
-            if self.reply.include_usage {
-                let usage = openai::usage_chunk(
-                    ID,
-                    self.reply.created,
-                    &self.reply.model,
-                    usage_of(&object),
-                );
-                openai::sse_data(out, &usage);
-            }
-            openai::sse_done(out);
-            self.ended = true;
+            self.chunks
+                .finish(out, finish_reason(&object, self.tool_calls > 0));
+            let usage = usage_of(&object);
+            self.usage = Some(usage);
+            self.chunks.over(out, usage);
+            self.over = true;
         }
         Ok(())
-    }
-
-    fn emit(&self, out: &mut Vec<u8>, delta: Value, finish: Option<&str>) {
-        let chunk = openai::chunk(ID, self.reply.created, &self.reply.model, delta, finish);
-        openai::sse_data(out, &chunk);
     }
 }
 
@@ -487,73 +524,10 @@ mod tests {
         "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "The city to get the weather for"}}, "required": ["city"]}}}"#;
 
     #[test]
-    fn a_chat_request_becomes_an_api_chat_body() {
+    fn a_json_schema_becomes_the_format_and_tool_choice_none_drops_the_tools() {
+        // Messages, images, tool calls and results, options and JSON mode: the case
+        // fixtures/openai_to_ollama/request-chat.
         let weather: Value = serde_json::from_str(WEATHER).unwrap();
-        let body = chat_request(
-            &request(json!({
-                "model": "llama",
-                "messages": [
-                    {"role": "system", "content": "You are terse."},
-                    {"role": "developer", "content": [{"type": "text", "text": "Use metric."}]},
-                    {"role": "user", "content": "what is the weather in Toronto?"},
-                    {"role": "assistant", "content": null, "tool_calls": [
-                        {"id": "call_9", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Toronto\"}"}}
-                    ]},
-                    {"role": "tool", "tool_call_id": "call_9", "content": "11 degrees celsius"},
-                    {"role": "tool", "tool_call_id": "unknown", "content": "orphan"},
-                    {"role": "user", "content": [
-                        {"type": "text", "text": "what is in "},
-                        {"type": "text", "text": "this image?"},
-                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
-                    ]}
-                ],
-                "tools": [weather],
-                "tool_choice": "auto",
-                "temperature": 0.8,
-                "top_p": 0.9,
-                "top_k": 20,
-                "seed": 42,
-                "max_tokens": 50,
-                "max_completion_tokens": 100,
-                "stop": ["\n", "user:"],
-                "presence_penalty": 1.5,
-                "frequency_penalty": 1.0,
-                "response_format": {"type": "json_object"},
-                "stream_options": {"include_usage": true}
-            })),
-            "llama3.2",
-        )
-        .unwrap();
-        assert_eq!(
-            body,
-            json!({
-                "model": "llama3.2",
-                "messages": [
-                    {"role": "system", "content": "You are terse."},
-                    {"role": "system", "content": "Use metric."},
-                    {"role": "user", "content": "what is the weather in Toronto?"},
-                    {"role": "assistant", "content": "", "tool_calls": [
-                        {"function": {"name": "get_weather", "arguments": {"city": "Toronto"}}}
-                    ]},
-                    {"role": "tool", "content": "11 degrees celsius", "tool_name": "get_weather"},
-                    {"role": "tool", "content": "orphan"},
-                    {"role": "user", "content": "what is in this image?", "images": ["iVBORw0KGgo="]}
-                ],
-                "stream": false,
-                "options": {
-                    "temperature": 0.8,
-                    "top_p": 0.9,
-                    "top_k": 20,
-                    "seed": 42,
-                    "num_predict": 100,
-                    "stop": ["\n", "user:"],
-                    "presence_penalty": 1.5,
-                    "frequency_penalty": 1.0
-                },
-                "format": "json",
-                "tools": [weather]
-            })
-        );
         let body = chat_request(
             &request(json!({
                 "messages": [{"role": "user", "content": "Ollama is 22 years old."}],
@@ -622,37 +596,9 @@ mod tests {
     }
 
     #[test]
-    fn an_answer_becomes_a_chat_completion() {
-        // The structured-outputs answer of docs/api.md, with a thinking model's `thinking`.
-        let out = completion(json!({
-            "model": "llama3.1",
-            "created_at": "2024-12-06T00:46:58.265747Z",
-            "message": {"role": "assistant", "content": "{\"age\": 22, \"available\": false}", "thinking": "Let me see."},
-            "done_reason": "stop",
-            "done": true,
-            "total_duration": 2254970291u64,
-            "load_duration": 574751416,
-            "prompt_eval_count": 34,
-            "prompt_eval_duration": 1502000000,
-            "eval_count": 12,
-            "eval_duration": 175000000
-        }));
-        assert_eq!(
-            out,
-            json!({
-                "id": "chatcmpl-ollama",
-                "object": "chat.completion",
-                "created": 1_700_000_000,
-                "model": "llama3.2",
-                "choices": [{
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "{\"age\": 22, \"available\": false}"},
-                    "logprobs": null,
-                    "finish_reason": "stop"
-                }],
-                "usage": {"prompt_tokens": 34, "completion_tokens": 12, "total_tokens": 46}
-            })
-        );
+    fn a_length_stop_is_a_length_finish_and_missing_counts_are_zero() {
+        // The structured-outputs answer of docs/api.md, with a thinking model's `thinking`: the
+        // case fixtures/openai_to_ollama/answer-text.
         let out = completion(json!({
             "message": {"role": "assistant", "content": "Once upon"},
             "done_reason": "length", "done": true, "eval_count": 2
@@ -661,30 +607,6 @@ mod tests {
         assert_eq!(
             out["usage"],
             json!({"prompt_tokens": 0, "completion_tokens": 2, "total_tokens": 2})
-        );
-    }
-
-    #[test]
-    fn tool_calls_get_ids_and_string_arguments() {
-        let out = completion(json!({
-            "model": "llama3.2",
-            "created_at": "2025-07-07T20:32:53.844124Z",
-            "message": {"role": "assistant", "content": "", "tool_calls": [
-                {"function": {"name": "get_weather", "arguments": {"city": "Tokyo"}}},
-                {"id": "call_x", "function": {"index": 1, "name": "get_time", "arguments": {}}}
-            ]},
-            "done_reason": "stop",
-            "done": true,
-            "prompt_eval_count": 169,
-            "eval_count": 18
-        }));
-        assert_eq!(out["choices"][0]["finish_reason"], "tool_calls");
-        assert_eq!(
-            out["choices"][0]["message"],
-            json!({"role": "assistant", "content": null, "tool_calls": [
-                {"id": "call_0", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Tokyo\"}"}},
-                {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
-            ]})
         );
     }
 
@@ -706,13 +628,7 @@ mod tests {
         }
     }
 
-    const STREAM: &str = concat!(
-        "{\"model\":\"llama3.2\",\"created_at\":\"2023-08-04T08:52:19.385406455-07:00\",\"message\":{\"role\":\"assistant\",\"content\":\"The\",\"images\":null},\"done\":false}\n",
-        "{\"model\":\"llama3.2\",\"created_at\":\"2023-08-04T08:52:19.4Z\",\"message\":{\"role\":\"assistant\",\"content\":\"\",\"thinking\":\"hmm\"},\"done\":false}\n",
-        "{\"model\":\"llama3.2\",\"created_at\":\"2023-08-04T08:52:19.5Z\",\"message\":{\"role\":\"assistant\",\"content\":\" sky 你好\"},\"done\":false}\n",
-        "{\"model\":\"llama3.2\",\"created_at\":\"2023-08-04T19:22:45.499127Z\",\"message\":{\"role\":\"assistant\",\"content\":\"!\"},\"done\":true,\"done_reason\":\"stop\",",
-        "\"total_duration\":4883583458,\"load_duration\":1334875,\"prompt_eval_count\":26,\"prompt_eval_duration\":342546000,\"eval_count\":282,\"eval_duration\":4535599000}\n",
-    );
+    const STREAM: &str = include_str!("fixtures/openai_to_ollama/stream-text.in.ndjson");
 
     fn stream(include_usage: bool, body: &str) -> Result<Vec<Value>, Malformed> {
         same_under_any_chunking(|| ChatStream::new(reply(include_usage)), body.as_bytes())

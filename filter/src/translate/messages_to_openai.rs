@@ -13,10 +13,49 @@
 
 use super::frames::{Event, SseEvents};
 use super::openai;
-use super::{parse_answer, Malformed, Refusal, ReplyContext, StreamTranslator};
-use serde_json::{json, Map, Value};
+use super::{
+    not_translated, parse_answer, Malformed, Object, Refusal, ReplyContext, StreamTranslator,
+    Translator, Upstream,
+};
+use crate::endpoint::Endpoint;
+use crate::json_text::{push_decimal, push_string};
+use serde_json::{json, Value};
 
-type Object = Map<String, Value>;
+/// An Anthropic Messages client in front of an OpenAI-compatible backend.
+pub struct MessagesToOpenAi;
+
+impl Translator for MessagesToOpenAi {
+    fn backend(&self) -> &'static str {
+        "OpenAI"
+    }
+
+    fn request(&self, endpoint: Endpoint, request: &Object, model: &str) -> Result<Value, Refusal> {
+        match endpoint {
+            Endpoint::Messages => to_chat_request(request, model),
+            other => Err(not_translated(other, self.backend())),
+        }
+    }
+
+    fn upstream_path(&self, _: Endpoint, upstream: &Upstream<'_>, _stream: bool) -> String {
+        upstream.chat_path.to_string()
+    }
+
+    fn answer(&self, _: Endpoint, body: &[u8], reply: &ReplyContext) -> Result<Vec<u8>, Malformed> {
+        from_chat_response(body, reply)
+    }
+
+    fn stream(&self, reply: ReplyContext) -> Box<dyn StreamTranslator> {
+        Box::new(MessageStream::new(reply))
+    }
+
+    fn error_message(&self, body: &[u8]) -> Option<String> {
+        openai_error_message(body)
+    }
+
+    fn usage_in_backend_bytes(&self) -> bool {
+        true
+    }
+}
 
 /// How the texts of several blocks (system, tool results, assistant turns) are joined.
 const JOIN: &str = "\n";
@@ -781,21 +820,32 @@ impl MessageStream {
         }
     }
 
-    fn delta(&self, delta: Value, out: &mut Vec<u8>) {
-        if let Some((index, _)) = self.open {
-            emit(
-                out,
-                "content_block_delta",
-                &json!({"type": "content_block_delta", "index": index, "delta": delta}),
-            );
-        }
+    /// A `content_block_delta` of the open block: `{"type": kind, field: piece}`, as JSON text
+    /// written directly (it is the event of every token).
+    fn delta(&self, kind: &str, field: &str, piece: &str, out: &mut Vec<u8>) {
+        let Some((index, _)) = self.open else {
+            return;
+        };
+        let mut data = String::with_capacity(piece.len().saturating_add(96));
+        data.push_str(r#"{"type":"content_block_delta","index":"#);
+        push_decimal(&mut data, index);
+        data.push_str(r#","delta":{"type":"#);
+        push_string(&mut data, kind);
+        data.push(',');
+        push_string(&mut data, field);
+        data.push(':');
+        push_string(&mut data, piece);
+        data.push_str("}}");
+        out.extend_from_slice(b"event: content_block_delta\ndata: ");
+        out.extend_from_slice(data.as_bytes());
+        out.extend_from_slice(b"\n\n");
     }
 
     fn text(&mut self, text: &str, out: &mut Vec<u8>) {
         if !matches!(self.open, Some((_, Block::Text))) {
             self.open_block(Block::Text, json!({"type": "text", "text": ""}), out);
         }
-        self.delta(json!({"type": "text_delta", "text": text}), out);
+        self.delta("text_delta", "text", text, out);
     }
 
     fn tool_call(&mut self, call: &Value, out: &mut Vec<u8>) -> Result<(), Malformed> {
@@ -828,10 +878,7 @@ impl MessageStream {
             .and_then(Value::as_str)
             .filter(|a| !a.is_empty())
         {
-            self.delta(
-                json!({"type": "input_json_delta", "partial_json": piece}),
-                out,
-            );
+            self.delta("input_json_delta", "partial_json", piece, out);
         }
         Ok(())
     }
@@ -916,62 +963,6 @@ mod tests {
         serde_json::from_slice(&bytes).unwrap()
     }
 
-    // The first example of Anthropic's Messages reference.
-    #[test]
-    fn a_plain_request_becomes_a_chat_request() {
-        let chat = request(json!({
-            "model": "claude-sonnet-4-5",
-            "max_tokens": 1024,
-            "messages": [{"role": "user", "content": "Hello, world"}],
-        }))
-        .unwrap();
-        assert_eq!(
-            chat,
-            json!({
-                "model": "qwen3:8b",
-                "max_tokens": 1024,
-                "messages": [{"role": "user", "content": "Hello, world"}],
-            })
-        );
-    }
-
-    #[test]
-    fn sampling_stop_user_and_stream_are_carried() {
-        let chat = request(json!({
-            "model": "claude-sonnet-4-5",
-            "max_tokens": 256,
-            "system": "You are terse.",
-            "messages": [{"role": "user", "content": "Hi"}],
-            "stop_sequences": ["\n\nHuman:"],
-            "temperature": 0.5,
-            "top_p": 0.9,
-            "top_k": 40,
-            "metadata": {"user_id": "user-7"},
-            "stream": true,
-            "thinking": {"type": "enabled", "budget_tokens": 1024},
-            "service_tier": "auto",
-        }))
-        .unwrap();
-        assert_eq!(
-            chat,
-            json!({
-                "model": "qwen3:8b",
-                "max_tokens": 256,
-                "messages": [
-                    {"role": "system", "content": "You are terse."},
-                    {"role": "user", "content": "Hi"},
-                ],
-                "stop": ["\n\nHuman:"],
-                "temperature": 0.5,
-                "top_p": 0.9,
-                "top_k": 40,
-                "user": "user-7",
-                "stream": true,
-                "stream_options": {"include_usage": true},
-            })
-        );
-    }
-
     #[test]
     fn a_system_of_blocks_is_joined_and_cache_control_dropped() {
         let chat = request(json!({
@@ -1023,74 +1014,6 @@ mod tests {
             ]}],
         }));
         assert!(matches!(file, Err(Refusal::Unsupported(_))), "{file:?}");
-    }
-
-    // Anthropic's tool use example, the way Claude Code sends it: tools, an assistant turn
-    // with text and a tool_use, then the user's tool_result followed by more text.
-    #[test]
-    fn the_tool_round_trip_becomes_tool_calls_and_tool_messages() {
-        let chat = request(json!({
-            "model": "claude-sonnet-4-5",
-            "max_tokens": 1024,
-            "tools": [{
-                "name": "get_weather",
-                "description": "Get the current weather in a given location",
-                "input_schema": {
-                    "type": "object",
-                    "properties": {"location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"}},
-                    "required": ["location"],
-                },
-                "cache_control": {"type": "ephemeral"},
-            }],
-            "tool_choice": {"type": "auto", "disable_parallel_tool_use": true},
-            "messages": [
-                {"role": "user", "content": "What's the weather like in San Francisco?"},
-                {"role": "assistant", "content": [
-                    {"type": "thinking", "thinking": "I should call the tool.", "signature": "sig"},
-                    {"type": "text", "text": "I'll check the weather."},
-                    {"type": "tool_use", "id": "toolu_01A09q90qw90lq917835lq9", "name": "get_weather",
-                     "input": {"location": "San Francisco, CA"}},
-                ]},
-                {"role": "user", "content": [
-                    {"type": "text", "text": "Here it is:"},
-                    {"type": "tool_result", "tool_use_id": "toolu_01A09q90qw90lq917835lq9",
-                     "content": [{"type": "text", "text": "15 degrees"}, {"type": "text", "text": "sunny"}]},
-                    {"type": "text", "text": "And tomorrow?", "cache_control": {"type": "ephemeral"}},
-                ]},
-            ],
-        }))
-        .unwrap();
-        assert_eq!(
-            chat,
-            json!({
-                "model": "qwen3:8b",
-                "max_tokens": 1024,
-                "tools": [{"type": "function", "function": {
-                    "name": "get_weather",
-                    "description": "Get the current weather in a given location",
-                    "parameters": {
-                        "type": "object",
-                        "properties": {"location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"}},
-                        "required": ["location"],
-                    },
-                }}],
-                "tool_choice": "auto",
-                "parallel_tool_calls": false,
-                "messages": [
-                    {"role": "user", "content": "What's the weather like in San Francisco?"},
-                    {"role": "assistant", "content": "I'll check the weather.", "tool_calls": [{
-                        "id": "toolu_01A09q90qw90lq917835lq9",
-                        "type": "function",
-                        "function": {"name": "get_weather", "arguments": "{\"location\":\"San Francisco, CA\"}"},
-                    }]},
-                    {"role": "tool", "tool_call_id": "toolu_01A09q90qw90lq917835lq9", "content": "15 degrees\nsunny"},
-                    {"role": "user", "content": [
-                        {"type": "text", "text": "Here it is:"},
-                        {"type": "text", "text": "And tomorrow?"},
-                    ]},
-                ],
-            })
-        );
     }
 
     #[test]
@@ -1233,82 +1156,6 @@ mod tests {
         assert_eq!(
             request(custom).unwrap()["tools"][0]["function"]["name"],
             "f"
-        );
-    }
-
-    // The first example of OpenAI's chat completions reference.
-    #[test]
-    fn a_chat_completion_becomes_a_message() {
-        let m = message(json!({
-            "id": "chatcmpl-123",
-            "object": "chat.completion",
-            "created": 1677652288,
-            "model": "gpt-4o-mini",
-            "system_fingerprint": "fp_44709d6fcb",
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": "\n\nHello there, how may I assist you today?"},
-                "logprobs": null,
-                "finish_reason": "stop",
-            }],
-            "usage": {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21},
-        }));
-        assert_eq!(
-            m,
-            json!({
-                "id": "msg_123",
-                "type": "message",
-                "role": "assistant",
-                "model": "claude-sonnet-4-5",
-                "content": [{"type": "text", "text": "\n\nHello there, how may I assist you today?"}],
-                "stop_reason": "end_turn",
-                "stop_sequence": null,
-                "usage": {"input_tokens": 9, "output_tokens": 12},
-            })
-        );
-    }
-
-    // OpenAI's function calling answer.
-    #[test]
-    fn tool_calls_become_tool_use_blocks() {
-        let m = message(json!({
-            "id": "chatcmpl-abc123",
-            "object": "chat.completion",
-            "created": 1699896916,
-            "model": "gpt-4o-mini",
-            "choices": [{
-                "index": 0,
-                "message": {
-                    "role": "assistant",
-                    "content": null,
-                    "tool_calls": [
-                        {"id": "call_abc123", "type": "function",
-                         "function": {"name": "get_current_weather", "arguments": "{\n\"location\": \"Boston, MA\"\n}"}},
-                        {"id": "call_def456", "type": "function",
-                         "function": {"name": "broken", "arguments": "{\"location\": "}},
-                    ],
-                },
-                "logprobs": null,
-                "finish_reason": "tool_calls",
-            }],
-            "usage": {"prompt_tokens": 82, "completion_tokens": 17, "total_tokens": 99},
-        }));
-        assert_eq!(
-            m,
-            json!({
-                "id": "msg_abc123",
-                "type": "message",
-                "role": "assistant",
-                "model": "claude-sonnet-4-5",
-                "content": [
-                    {"type": "tool_use", "id": "call_abc123", "name": "get_current_weather",
-                     "input": {"location": "Boston, MA"}},
-                    {"type": "tool_use", "id": "call_def456", "name": "broken", "input": {}},
-                ],
-                "stop_reason": "tool_use",
-                "stop_sequence": null,
-                "usage": {"input_tokens": 82, "output_tokens": 17},
-            })
         );
     }
 
@@ -1458,47 +1305,12 @@ mod tests {
 
     // OpenAI's streaming example, with the usage chunk include_usage adds.
     #[test]
-    fn a_text_stream_becomes_message_events_under_any_chunking() {
-        let stream = sse(&[
-            chunk(json!({"role": "assistant", "content": ""}), Value::Null),
-            chunk(json!({"content": "Hello"}), Value::Null),
-            chunk(json!({"content": " 世界"}), Value::Null),
-            chunk(json!({}), json!("stop")),
-            json!({"id": "chatcmpl-123", "object": "chat.completion.chunk", "created": 1694268190,
-                   "model": "gpt-4o-mini", "choices": [],
-                   "usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}}),
-        ]);
-        let (out, result) = run_any_chunking(&stream);
+    fn a_text_stream_translates_the_same_under_any_chunking() {
+        // The events: the case fixtures/messages_to_openai/stream-text.
+        let stream = include_str!("fixtures/messages_to_openai/stream-text.in.sse");
+        let (out, result) = run_any_chunking(stream);
         result.unwrap();
         assert!(out.starts_with(b"event: message_start\ndata: {"));
-        assert_eq!(
-            events(&out),
-            vec![
-                start_event(),
-                ev(
-                    "content_block_start",
-                    json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
-                ),
-                ev(
-                    "content_block_delta",
-                    json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hello"}})
-                ),
-                ev(
-                    "content_block_delta",
-                    json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": " 世界"}})
-                ),
-                ev(
-                    "content_block_stop",
-                    json!({"type": "content_block_stop", "index": 0})
-                ),
-                ev(
-                    "message_delta",
-                    json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
-                    "usage": {"input_tokens": 9, "output_tokens": 3}})
-                ),
-                ev("message_stop", json!({"type": "message_stop"})),
-            ]
-        );
     }
 
     // OpenAI's documented tool call deltas (id and name first, then argument pieces), after

@@ -21,12 +21,64 @@
 //!   dropped (the chat API has no field for them); cache reads and writes are folded into
 //!   `prompt_tokens`.
 
+use super::chunks::{self, ChunkWriter};
 use super::frames::{Event, SseEvents};
 use super::openai::{self, TokenUsage};
-use super::{parse_answer, Malformed, Refusal, ReplyContext, StreamTranslator};
+use super::{
+    not_translated, parse_answer, Backend, Malformed, Object, Refusal, ReplyContext,
+    StreamTranslator, Translator, Upstream,
+};
+use crate::endpoint::{Endpoint, ServiceType};
 use serde_json::{json, Map, Value};
 
-pub const ANTHROPIC_VERSION: &str = "2023-06-01";
+/// Anthropic Messages: chat only.
+pub static BACKEND: Backend = Backend {
+    gen_ai_provider: "anthropic",
+    services: &[ServiceType::Chat],
+    from_openai: Some(&OpenAiToClaude),
+};
+
+/// An OpenAI client in front of an Anthropic Messages backend: chat completions only.
+pub struct OpenAiToClaude;
+
+impl Translator for OpenAiToClaude {
+    fn backend(&self) -> &'static str {
+        "Anthropic"
+    }
+
+    fn request(&self, endpoint: Endpoint, request: &Object, model: &str) -> Result<Value, Refusal> {
+        match endpoint {
+            Endpoint::ChatCompletions => chat_request(request, model),
+            other => Err(not_translated(other, self.backend())),
+        }
+    }
+
+    fn upstream_path(&self, _: Endpoint, upstream: &Upstream<'_>, _stream: bool) -> String {
+        let prefix = upstream.prefix;
+        match upstream.path_given {
+            Some(path) if path.ends_with("/messages") => format!("{prefix}{path}"),
+            _ if prefix.ends_with("/v1") => format!("{prefix}/messages"),
+            _ => format!("{prefix}/v1/messages"),
+        }
+    }
+
+    fn answer(&self, _: Endpoint, body: &[u8], reply: &ReplyContext) -> Result<Vec<u8>, Malformed> {
+        chat_response(body, reply)
+    }
+
+    fn stream(&self, reply: ReplyContext) -> Box<dyn StreamTranslator> {
+        Box::new(ChatStream::new(reply))
+    }
+
+    fn error_message(&self, body: &[u8]) -> Option<String> {
+        error_message(body)
+    }
+
+    fn usage_in_backend_bytes(&self) -> bool {
+        true
+    }
+}
+
 /// Anthropic requires `max_tokens`; OpenAI clients often leave it out.
 pub const DEFAULT_MAX_TOKENS: u64 = 4096;
 
@@ -53,6 +105,32 @@ pub fn chat_request(request: &Map<String, Value>, model: &str) -> Result<Value, 
         Some(Value::Array(m)) if !m.is_empty() => m,
         _ => return Err(invalid("`messages` must be a non-empty list".into())),
     };
+    let (system, turns) = conversation(messages)?;
+    let mut body = Map::new();
+    body.insert("model".into(), json!(model));
+    body.insert("max_tokens".into(), json!(max_tokens(request)?));
+    if !system.is_empty() {
+        body.insert("system".into(), json!(system.join("\n\n")));
+    }
+    let turns: Vec<Value> = turns
+        .into_iter()
+        .map(|t| {
+            let content = match t.content {
+                Content::Text(s) => Value::String(s),
+                Content::Blocks(b) => Value::Array(b),
+            };
+            json!({"role": t.role, "content": content})
+        })
+        .collect();
+    body.insert("messages".into(), Value::Array(turns));
+    insert_tools(request, &mut body)?;
+    insert_sampling(request, &mut body);
+    Ok(Value::Object(body))
+}
+
+/// The system text and the turns of OpenAI `messages`: system and developer messages lifted
+/// out, tool results made user turns, consecutive turns of one role merged.
+fn conversation(messages: &[Value]) -> Result<(Vec<String>, Vec<Turn>), Refusal> {
     let mut system: Vec<String> = Vec::new();
     let mut turns: Vec<Turn> = Vec::new();
     for (i, message) in messages.iter().enumerate() {
@@ -88,36 +166,31 @@ pub fn chat_request(request: &Map<String, Value>, model: &str) -> Result<Value, 
             "the Anthropic Messages API needs at least one user or assistant message".into(),
         ));
     }
+    Ok((system, turns))
+}
 
-    let mut body = Map::new();
-    body.insert("model".into(), json!(model));
-    body.insert("max_tokens".into(), json!(max_tokens(request)?));
-    if !system.is_empty() {
-        body.insert("system".into(), json!(system.join("\n\n")));
-    }
-    let turns: Vec<Value> = turns
-        .into_iter()
-        .map(|t| {
-            let content = match t.content {
-                Content::Text(s) => Value::String(s),
-                Content::Blocks(b) => Value::Array(b),
-            };
-            json!({"role": t.role, "content": content})
-        })
-        .collect();
-    body.insert("messages".into(), Value::Array(turns));
-
-    if let Some(list) = request.get("tools").filter(|v| !v.is_null()) {
-        let tools = tools(list)?;
-        // Anthropic refuses a tool_choice without tools; OpenAI does too, so nothing is lost.
-        if !tools.is_empty() {
-            body.insert("tools".into(), Value::Array(tools));
-            let parallel = request.get("parallel_tool_calls").and_then(Value::as_bool);
-            if let Some(choice) = tool_choice(request.get("tool_choice"), parallel)? {
-                body.insert("tool_choice".into(), choice);
-            }
+/// `tools` and `tool_choice` (with `parallel_tool_calls`), in Anthropic's forms.
+fn insert_tools(
+    request: &Map<String, Value>,
+    body: &mut Map<String, Value>,
+) -> Result<(), Refusal> {
+    let Some(list) = request.get("tools").filter(|v| !v.is_null()) else {
+        return Ok(());
+    };
+    let tools = tools(list)?;
+    // Anthropic refuses a tool_choice without tools; OpenAI does too, so nothing is lost.
+    if !tools.is_empty() {
+        body.insert("tools".into(), Value::Array(tools));
+        let parallel = request.get("parallel_tool_calls").and_then(Value::as_bool);
+        if let Some(choice) = tool_choice(request.get("tool_choice"), parallel)? {
+            body.insert("tool_choice".into(), choice);
         }
     }
+    Ok(())
+}
+
+/// `stop`, the sampling parameters Anthropic shares, `stream` and `user` (as `metadata`).
+fn insert_sampling(request: &Map<String, Value>, body: &mut Map<String, Value>) {
     let stop = openai::stop_list(request.get("stop"));
     if !stop.is_empty() {
         body.insert("stop_sequences".into(), json!(stop));
@@ -133,7 +206,6 @@ pub fn chat_request(request: &Map<String, Value>, model: &str) -> Result<Value, 
     if let Some(user) = request.get("user").and_then(Value::as_str) {
         body.insert("metadata".into(), json!({"user_id": user}));
     }
-    Ok(Value::Object(body))
 }
 
 fn max_tokens(request: &Map<String, Value>) -> Result<u64, Refusal> {
@@ -543,15 +615,14 @@ pub fn error_message(body: &[u8]) -> Option<String> {
 /// Anthropic's event stream → OpenAI chunks. Keeps the message id and the token counts, never
 /// the text.
 pub struct ChatStream {
-    reply: ReplyContext,
     events: SseEvents,
     state: StreamState,
 }
 
-#[derive(Default)]
 struct StreamState {
-    /// `chatcmpl-` + the message id, once message_start has come.
-    id: Option<String>,
+    chunks: ChunkWriter,
+    /// message_start came (the chunks have the message's id).
+    started: bool,
     usage: TokenUsage,
     /// Tool blocks seen so far: the next tool call's OpenAI index.
     tools: usize,
@@ -564,24 +635,26 @@ struct StreamState {
 impl ChatStream {
     pub fn new(reply: ReplyContext) -> ChatStream {
         ChatStream {
-            reply,
             events: SseEvents::new(),
-            state: StreamState::default(),
+            state: StreamState {
+                chunks: ChunkWriter::new(reply, ""),
+                started: false,
+                usage: TokenUsage::default(),
+                tools: 0,
+                tool_block: None,
+                over: false,
+            },
         }
     }
 }
 
 impl StreamTranslator for ChatStream {
     fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), Malformed> {
-        let Self {
-            reply,
-            events,
-            state,
-        } = self;
+        let Self { events, state } = self;
         if state.over {
             return Ok(());
         }
-        let result = events.feed(chunk, &mut |event| state.on_event(event, reply, out));
+        let result = events.feed(chunk, &mut |event| state.on_event(event, out));
         if result.is_err() {
             state.over = true;
         }
@@ -589,15 +662,11 @@ impl StreamTranslator for ChatStream {
     }
 
     fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), Malformed> {
-        let Self {
-            reply,
-            events,
-            state,
-        } = self;
+        let Self { events, state } = self;
         if state.over {
             return Ok(());
         }
-        let result = events.finish(&mut |event| state.on_event(event, reply, out));
+        let result = events.finish(&mut |event| state.on_event(event, out));
         let over = state.over;
         state.over = true;
         result?;
@@ -610,12 +679,7 @@ impl StreamTranslator for ChatStream {
 }
 
 impl StreamState {
-    fn on_event(
-        &mut self,
-        event: &Event,
-        reply: &ReplyContext,
-        out: &mut Vec<u8>,
-    ) -> Result<(), Malformed> {
+    fn on_event(&mut self, event: &Event, out: &mut Vec<u8>) -> Result<(), Malformed> {
         if self.over {
             return Ok(());
         }
@@ -630,132 +694,21 @@ impl StreamState {
             .and_then(Value::as_str)
             .unwrap_or(&event.name);
         match kind {
-            "message_start" => {
-                let message = data.get("message");
-                let id = message
-                    .and_then(|m| m.get("id"))
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| Malformed::new("the backend's message_start has no id"))?;
-                if let Some(usage) = message.and_then(|m| m.get("usage")) {
-                    self.usage = TokenUsage {
-                        prompt: prompt_tokens(usage),
-                        completion: count(usage, "output_tokens"),
-                    };
+            "message_start" => self.message_start(&data, out),
+            "content_block_start" => self.block_start(&data, out),
+            "content_block_delta" => self.block_delta(&data, out),
+            "content_block_stop" => {
+                if data.get("index").and_then(Value::as_u64) == self.tool_block {
+                    self.tool_block = None;
                 }
-                self.id = Some(format!("chatcmpl-{id}"));
-                self.emit(
-                    reply,
-                    out,
-                    json!({"role": "assistant", "content": ""}),
-                    None,
-                );
+                Ok(())
             }
-            "content_block_start" => {
-                self.started()?;
-                let block = data.get("content_block").unwrap_or(&Value::Null);
-                match block.get("type").and_then(Value::as_str) {
-                    Some("tool_use") => {
-                        let (Some(call_id), Some(name)) = (
-                            block.get("id").and_then(Value::as_str),
-                            block.get("name").and_then(Value::as_str),
-                        ) else {
-                            return Err(Malformed::new(
-                                "the backend's tool_use block has no id or name",
-                            ));
-                        };
-                        let index = self.tools;
-                        self.tools = self.tools.saturating_add(1);
-                        self.tool_block = data.get("index").and_then(Value::as_u64);
-                        // The input streams as deltas; it starts as {} and is then sent empty.
-                        let arguments = match block.get("input") {
-                            Some(Value::Object(map)) if !map.is_empty() => {
-                                arguments_of(block.get("input"))
-                            }
-                            _ => String::new(),
-                        };
-                        let delta = json!({"tool_calls": [{
-                            "index": index,
-                            "id": call_id,
-                            "type": "function",
-                            "function": {"name": name, "arguments": arguments},
-                        }]});
-                        self.emit(reply, out, delta, None);
-                    }
-                    Some("text") => {
-                        let text = block.get("text").and_then(Value::as_str).unwrap_or("");
-                        if !text.is_empty() {
-                            self.emit(reply, out, json!({"content": text}), None);
-                        }
-                    }
-                    // thinking and server-tool blocks have no place in a chat chunk.
-                    _ => {}
-                }
-            }
-            "content_block_delta" => {
-                self.started()?;
-                let delta = data.get("delta").unwrap_or(&Value::Null);
-                match delta.get("type").and_then(Value::as_str) {
-                    Some("text_delta") => {
-                        let text = delta.get("text").and_then(Value::as_str).ok_or_else(|| {
-                            Malformed::new("the backend's text_delta has no text")
-                        })?;
-                        self.emit(reply, out, json!({"content": text}), None);
-                    }
-                    Some("input_json_delta") => {
-                        let partial = delta
-                            .get("partial_json")
-                            .and_then(Value::as_str)
-                            .ok_or_else(|| {
-                                Malformed::new("the backend's input_json_delta has no partial_json")
-                            })?;
-                        let block = data.get("index").and_then(Value::as_u64);
-                        // Only the tool_use block being streamed; empty pieces say nothing.
-                        if block.is_some() && block == self.tool_block && !partial.is_empty() {
-                            let index = self.tools.saturating_sub(1);
-                            let delta = json!({"tool_calls": [{
-                                "index": index,
-                                "function": {"arguments": partial},
-                            }]});
-                            self.emit(reply, out, delta, None);
-                        }
-                    }
-                    // thinking_delta, signature_delta, citations_delta.
-                    _ => {}
-                }
-            }
-            "content_block_stop"
-                if data.get("index").and_then(Value::as_u64) == self.tool_block =>
-            {
-                self.tool_block = None;
-            }
-            "message_delta" => {
-                self.started()?;
-                if let Some(usage) = data.get("usage") {
-                    if usage.get("output_tokens").is_some() {
-                        self.usage.completion = count(usage, "output_tokens");
-                    }
-                    // The counts are cumulative; newer answers repeat the input here.
-                    if usage.get("input_tokens").is_some() {
-                        self.usage.prompt = prompt_tokens(usage);
-                    }
-                }
-                let stop = data
-                    .get("delta")
-                    .and_then(|d| d.get("stop_reason"))
-                    .and_then(Value::as_str);
-                if let Some(stop) = stop {
-                    self.emit(reply, out, json!({}), Some(finish_reason(stop)));
-                }
-            }
+            "message_delta" => self.message_delta(&data, out),
             "message_stop" => {
                 self.started()?;
-                if reply.include_usage {
-                    let id = self.id.as_deref().unwrap_or_default();
-                    let chunk = openai::usage_chunk(id, reply.created, &reply.model, self.usage);
-                    openai::sse_data(out, &chunk);
-                }
-                openai::sse_done(out);
+                self.chunks.over(out, self.usage);
                 self.over = true;
+                Ok(())
             }
             "error" => {
                 let error = data.get("error");
@@ -764,29 +717,128 @@ impl StreamState {
                     .or_else(|| error.and_then(|e| e.get("type")))
                     .and_then(Value::as_str)
                     .unwrap_or("the backend's stream reported an error");
-                openai::stream_error(out, message);
-                openai::sse_done(out);
+                chunks::failed(out, message);
                 self.over = true;
+                Ok(())
             }
             // ping, and the event types Anthropic says may be added.
+            _ => Ok(()),
+        }
+    }
+
+    fn message_start(&mut self, data: &Value, out: &mut Vec<u8>) -> Result<(), Malformed> {
+        let message = data.get("message");
+        let id = message
+            .and_then(|m| m.get("id"))
+            .and_then(Value::as_str)
+            .ok_or_else(|| Malformed::new("the backend's message_start has no id"))?;
+        if let Some(usage) = message.and_then(|m| m.get("usage")) {
+            self.usage = TokenUsage {
+                prompt: prompt_tokens(usage),
+                completion: count(usage, "output_tokens"),
+            };
+        }
+        self.chunks.set_id(format!("chatcmpl-{id}"));
+        self.started = true;
+        self.chunks.role(out);
+        Ok(())
+    }
+
+    fn block_start(&mut self, data: &Value, out: &mut Vec<u8>) -> Result<(), Malformed> {
+        self.started()?;
+        let block = data.get("content_block").unwrap_or(&Value::Null);
+        match block.get("type").and_then(Value::as_str) {
+            Some("tool_use") => {
+                let (Some(call_id), Some(name)) = (
+                    block.get("id").and_then(Value::as_str),
+                    block.get("name").and_then(Value::as_str),
+                ) else {
+                    return Err(Malformed::new(
+                        "the backend's tool_use block has no id or name",
+                    ));
+                };
+                let index = self.tools;
+                self.tools = self.tools.saturating_add(1);
+                self.tool_block = data.get("index").and_then(Value::as_u64);
+                // The input streams as deltas; it starts as {} and is then sent empty.
+                let arguments = match block.get("input") {
+                    Some(Value::Object(map)) if !map.is_empty() => arguments_of(block.get("input")),
+                    _ => String::new(),
+                };
+                self.chunks.tool_call(out, index, call_id, name, &arguments);
+            }
+            Some("text") => {
+                let text = block.get("text").and_then(Value::as_str).unwrap_or("");
+                if !text.is_empty() {
+                    self.chunks.content(out, text);
+                }
+            }
+            // thinking and server-tool blocks have no place in a chat chunk.
             _ => {}
         }
         Ok(())
     }
 
-    fn started(&self) -> Result<(), Malformed> {
-        match self.id {
-            Some(_) => Ok(()),
-            None => Err(Malformed::new(
-                "the backend's stream did not begin with message_start",
-            )),
+    fn block_delta(&mut self, data: &Value, out: &mut Vec<u8>) -> Result<(), Malformed> {
+        self.started()?;
+        let delta = data.get("delta").unwrap_or(&Value::Null);
+        match delta.get("type").and_then(Value::as_str) {
+            Some("text_delta") => {
+                let text = delta
+                    .get("text")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| Malformed::new("the backend's text_delta has no text"))?;
+                self.chunks.content(out, text);
+            }
+            Some("input_json_delta") => {
+                let partial = delta
+                    .get("partial_json")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| {
+                        Malformed::new("the backend's input_json_delta has no partial_json")
+                    })?;
+                let block = data.get("index").and_then(Value::as_u64);
+                // Only the tool_use block being streamed; empty pieces say nothing.
+                if block.is_some() && block == self.tool_block && !partial.is_empty() {
+                    let index = self.tools.saturating_sub(1);
+                    self.chunks.tool_arguments(out, index, partial);
+                }
+            }
+            // thinking_delta, signature_delta, citations_delta.
+            _ => {}
         }
+        Ok(())
     }
 
-    fn emit(&self, reply: &ReplyContext, out: &mut Vec<u8>, delta: Value, finish: Option<&str>) {
-        let id = self.id.as_deref().unwrap_or_default();
-        let chunk = openai::chunk(id, reply.created, &reply.model, delta, finish);
-        openai::sse_data(out, &chunk);
+    fn message_delta(&mut self, data: &Value, out: &mut Vec<u8>) -> Result<(), Malformed> {
+        self.started()?;
+        if let Some(usage) = data.get("usage") {
+            if usage.get("output_tokens").is_some() {
+                self.usage.completion = count(usage, "output_tokens");
+            }
+            // The counts are cumulative; newer answers repeat the input here.
+            if usage.get("input_tokens").is_some() {
+                self.usage.prompt = prompt_tokens(usage);
+            }
+        }
+        let stop = data
+            .get("delta")
+            .and_then(|d| d.get("stop_reason"))
+            .and_then(Value::as_str);
+        if let Some(stop) = stop {
+            self.chunks.finish(out, finish_reason(stop));
+        }
+        Ok(())
+    }
+
+    fn started(&self) -> Result<(), Malformed> {
+        if self.started {
+            Ok(())
+        } else {
+            Err(Malformed::new(
+                "the backend's stream did not begin with message_start",
+            ))
+        }
     }
 }
 
@@ -811,39 +863,9 @@ mod tests {
     }
 
     #[test]
-    fn system_messages_are_lifted_and_max_tokens_defaults() {
-        let body = request(json!({
-            "model": "claude",
-            "messages": [
-                {"role": "system", "content": "You are a seasoned data scientist."},
-                {"role": "developer", "content": [{"type": "text", "text": "Answer in French."}]},
-                {"role": "user", "content": "Hello, Claude"},
-            ],
-            "stop": "\n\nHuman:",
-            "temperature": 0.5,
-            "top_p": 0.9,
-            "top_k": 40,
-            "stream": false,
-            "user": "user-42",
-            "response_format": {"type": "json_object"},
-            "seed": 7,
-        }))
-        .unwrap();
-        assert_eq!(
-            body,
-            json!({
-                "model": MODEL,
-                "max_tokens": DEFAULT_MAX_TOKENS,
-                "system": "You are a seasoned data scientist.\n\nAnswer in French.",
-                "messages": [{"role": "user", "content": "Hello, Claude"}],
-                "stop_sequences": ["\n\nHuman:"],
-                "temperature": 0.5,
-                "top_p": 0.9,
-                "top_k": 40,
-                "stream": false,
-                "metadata": {"user_id": "user-42"},
-            })
-        );
+    fn max_tokens_stop_and_stream_are_carried() {
+        // System messages lifted, sampling carried, `max_tokens` defaulted, the rest ignored: the
+        // case fixtures/openai_to_claude/request-system-lifted.
         let with = |extra: Value| {
             let mut b = json!({"messages": [{"role": "user", "content": "hi"}]});
             b.as_object_mut()
@@ -935,44 +957,6 @@ mod tests {
     }
 
     #[test]
-    fn a_tool_round_trip_becomes_tool_use_and_one_merged_tool_result_turn() {
-        let body = request(json!({"messages": [
-            {"role": "user", "content": "What's the weather in SF and NYC?"},
-            {"role": "assistant", "content": "I'll check both.", "tool_calls": [
-                {"id": "toolu_01A", "type": "function",
-                 "function": {"name": "get_weather", "arguments": "{\"location\": \"San Francisco, CA\"}"}},
-                {"id": "toolu_01B", "type": "function",
-                 "function": {"name": "get_weather", "arguments": "{\"location\": \"New York, NY\"}"}},
-            ]},
-            {"role": "tool", "tool_call_id": "toolu_01A", "content": "15 degrees"},
-            {"role": "tool", "tool_call_id": "toolu_01B", "content": [{"type": "text", "text": "22 degrees"}]},
-            {"role": "user", "content": "Which is warmer?"},
-            {"role": "assistant", "content": null, "tool_calls": [
-                {"id": "toolu_01C", "type": "function", "function": {"name": "get_time", "arguments": ""}}]},
-        ]}))
-        .unwrap();
-        assert_eq!(
-            body["messages"],
-            json!([
-                {"role": "user", "content": "What's the weather in SF and NYC?"},
-                {"role": "assistant", "content": [
-                    {"type": "text", "text": "I'll check both."},
-                    {"type": "tool_use", "id": "toolu_01A", "name": "get_weather", "input": {"location": "San Francisco, CA"}},
-                    {"type": "tool_use", "id": "toolu_01B", "name": "get_weather", "input": {"location": "New York, NY"}},
-                ]},
-                {"role": "user", "content": [
-                    {"type": "tool_result", "tool_use_id": "toolu_01A", "content": "15 degrees"},
-                    {"type": "tool_result", "tool_use_id": "toolu_01B", "content": "22 degrees"},
-                    {"type": "text", "text": "Which is warmer?"},
-                ]},
-                {"role": "assistant", "content": [
-                    {"type": "tool_use", "id": "toolu_01C", "name": "get_time", "input": {}},
-                ]},
-            ])
-        );
-    }
-
-    #[test]
     fn what_anthropic_cannot_say_is_refused() {
         let user = |content: Value| json!({"messages": [{"role": "user", "content": content}]});
         let cases = [
@@ -1041,76 +1025,9 @@ mod tests {
     }
 
     #[test]
-    fn a_message_becomes_a_chat_completion() {
-        // The example answer of the Messages API reference.
-        let out = completion(json!({
-            "content": [{"text": "Hi! My name is Claude.", "type": "text"}],
-            "id": "msg_013Zva2CMHLNnXjNJJKqJ2EF",
-            "model": "claude-sonnet-4-5-20250929",
-            "role": "assistant",
-            "stop_reason": "end_turn",
-            "stop_sequence": null,
-            "type": "message",
-            "usage": {"input_tokens": 2095, "output_tokens": 503},
-        }));
-        assert_eq!(
-            out,
-            json!({
-                "id": "chatcmpl-msg_013Zva2CMHLNnXjNJJKqJ2EF",
-                "object": "chat.completion",
-                "created": 1_700_000_000,
-                "model": "claude",
-                "choices": [{
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "Hi! My name is Claude."},
-                    "logprobs": null,
-                    "finish_reason": "stop",
-                }],
-                "usage": {"prompt_tokens": 2095, "completion_tokens": 503, "total_tokens": 2598},
-            })
-        );
-    }
-
-    #[test]
-    fn tool_use_blocks_become_tool_calls_and_thinking_is_dropped() {
-        let out = completion(json!({
-            "id": "msg_01Aq9w938a90dw8q",
-            "type": "message",
-            "role": "assistant",
-            "model": "claude-sonnet-4-5",
-            "stop_reason": "tool_use",
-            "content": [
-                {"type": "thinking", "thinking": "The user wants the weather.", "signature": "EqQBCgIYAhIM"},
-                {"type": "text", "text": "I'll check the current weather "},
-                {"type": "text", "text": "in San Francisco for you."},
-                {"type": "tool_use", "id": "toolu_01A09q90qw90lq917835lq9", "name": "get_weather",
-                 "input": {"location": "San Francisco, CA", "unit": "celsius"}},
-            ],
-            "usage": {"input_tokens": 100, "cache_creation_input_tokens": 20,
-                      "cache_read_input_tokens": 3, "output_tokens": 50},
-        }));
-        let choice = &out["choices"][0];
-        assert_eq!(choice["finish_reason"], "tool_calls");
-        assert_eq!(
-            choice["message"]["content"],
-            "I'll check the current weather in San Francisco for you."
-        );
-        let calls = choice["message"]["tool_calls"].as_array().unwrap();
-        assert_eq!(calls.len(), 1);
-        assert_eq!(calls[0]["id"], "toolu_01A09q90qw90lq917835lq9");
-        assert_eq!(calls[0]["type"], "function");
-        assert_eq!(calls[0]["function"]["name"], "get_weather");
-        let arguments: Value =
-            serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
-        assert_eq!(
-            arguments,
-            json!({"location": "San Francisco, CA", "unit": "celsius"})
-        );
-        assert_eq!(
-            out["usage"],
-            json!({"prompt_tokens": 123, "completion_tokens": 50, "total_tokens": 173})
-        );
-
+    fn a_lone_tool_use_has_no_content_and_empty_arguments() {
+        // tool_use blocks become tool calls, thinking is dropped, cache counts are folded into
+        // the prompt's: the case fixtures/openai_to_claude/answer-tool-use.
         let only_tool = completion(json!({"id": "m", "content": [
             {"type": "tool_use", "id": "t", "name": "get_time", "input": {}}],
             "stop_reason": "tool_use"}));
@@ -1168,89 +1085,11 @@ mod tests {
     }
 
     /// The basic streaming example of Anthropic's streaming documentation.
-    const TEXT_STREAM: &str = "event: message_start
-data: {\"type\": \"message_start\", \"message\": {\"id\": \"msg_1nZdL29xx5MUA1yADyHTEsnR8uuvGzszyY\", \"type\": \"message\", \"role\": \"assistant\", \"content\": [], \"model\": \"claude-sonnet-4-5\", \"stop_reason\": null, \"stop_sequence\": null, \"usage\": {\"input_tokens\": 25, \"output_tokens\": 1}}}
-
-event: content_block_start
-data: {\"type\": \"content_block_start\", \"index\": 0, \"content_block\": {\"type\": \"text\", \"text\": \"\"}}
-
-event: ping
-data: {\"type\": \"ping\"}
-
-event: content_block_delta
-data: {\"type\": \"content_block_delta\", \"index\": 0, \"delta\": {\"type\": \"text_delta\", \"text\": \"Hello\"}}
-
-event: content_block_delta
-data: {\"type\": \"content_block_delta\", \"index\": 0, \"delta\": {\"type\": \"text_delta\", \"text\": \"!\"}}
-
-event: content_block_stop
-data: {\"type\": \"content_block_stop\", \"index\": 0}
-
-event: message_delta
-data: {\"type\": \"message_delta\", \"delta\": {\"stop_reason\": \"end_turn\", \"stop_sequence\":null}, \"usage\": {\"output_tokens\": 15}}
-
-event: message_stop
-data: {\"type\": \"message_stop\"}
-
-";
+    const TEXT_STREAM: &str = include_str!("fixtures/openai_to_claude/stream-text.in.sse");
 
     /// The tool-use streaming example of the same page (a text block, then a tool_use block
     /// whose input arrives as input_json_delta pieces), with a thinking block before them.
-    const TOOL_STREAM: &str = "event: message_start
-data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_014p7gG3wDgGV9EUtLvnow3U\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude-sonnet-4-5\",\"stop_sequence\":null,\"usage\":{\"input_tokens\":472,\"cache_read_input_tokens\":100,\"output_tokens\":2},\"content\":[],\"stop_reason\":null}}
-
-event: content_block_start
-data: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"thinking\",\"thinking\":\"\"}}
-
-event: content_block_delta
-data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"thinking_delta\",\"thinking\":\"The user wants the weather.\"}}
-
-event: content_block_delta
-data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"signature_delta\",\"signature\":\"EqQBCgIYAhIM\"}}
-
-event: content_block_stop
-data: {\"type\":\"content_block_stop\",\"index\":0}
-
-event: content_block_start
-data: {\"type\":\"content_block_start\",\"index\":1,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}
-
-event: content_block_delta
-data: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"text_delta\",\"text\":\"Okay, let's check the weather for San Francisco, CA:\"}}
-
-event: content_block_stop
-data: {\"type\":\"content_block_stop\",\"index\":1}
-
-event: content_block_start
-data: {\"type\":\"content_block_start\",\"index\":2,\"content_block\":{\"type\":\"tool_use\",\"id\":\"toolu_01T1x1fJ34qAmk2tNTrN7Up6\",\"name\":\"get_weather\",\"input\":{}}}
-
-event: content_block_delta
-data: {\"type\":\"content_block_delta\",\"index\":2,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"\"}}
-
-event: content_block_delta
-data: {\"type\":\"content_block_delta\",\"index\":2,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{\\\"location\\\":\"}}
-
-event: content_block_delta
-data: {\"type\":\"content_block_delta\",\"index\":2,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\" \\\"San Francisco, CA\\\"}\"}}
-
-event: content_block_stop
-data: {\"type\":\"content_block_stop\",\"index\":2}
-
-event: content_block_start
-data: {\"type\":\"content_block_start\",\"index\":3,\"content_block\":{\"type\":\"tool_use\",\"id\":\"toolu_02\",\"name\":\"get_time\",\"input\":{}}}
-
-event: content_block_delta
-data: {\"type\":\"content_block_delta\",\"index\":3,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{}\"}}
-
-event: content_block_stop
-data: {\"type\":\"content_block_stop\",\"index\":3}
-
-event: message_delta
-data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"tool_use\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":89}}
-
-event: message_stop
-data: {\"type\":\"message_stop\"}
-
-";
+    const TOOL_STREAM: &str = include_str!("fixtures/openai_to_claude/stream-tools.in.sse");
 
     fn run(chunks: &[&[u8]], include_usage: bool) -> Result<Vec<u8>, (Malformed, Vec<u8>)> {
         let mut stream = ChatStream::new(reply(include_usage));
