@@ -77,71 +77,24 @@ pub fn authenticate(
     }
 }
 
+/// What to do with a request, from its head: answer it here, route it by the model header, or
+/// read its body for the model (and the fields the pick and the limits want from it).
 pub fn on_request_headers(
     cfg: &Plan,
     head: &RequestHead<'_>,
     host: &RouteInputs<'_>,
 ) -> HeadDecision {
-    let (route, model_id) = classify(head.path);
-    let endpoint = match route {
-        Route::Model(endpoint) => endpoint,
-        Route::ListModels | Route::RetrieveModel => {
-            if head.method != "GET" && head.method != "HEAD" {
-                return HeadDecision::Reply(method_not_allowed(head, "GET"));
-            }
-            return HeadDecision::Reply(if route == Route::ListModels {
-                list_models(cfg, host.caller.grants(cfg))
-            } else {
-                retrieve_model(cfg, model_id, host.caller.grants(cfg))
-            });
-        }
-        Route::Unknown => {
-            return HeadDecision::Reply(LocalReply::error(
-                ClientError::UnknownUrl,
-                &format!(
-                    "Unknown request URL: {} {}. This gateway serves the OpenAI API under /v1/ and /api/v1/.",
-                    head.method,
-                    head.path.split('?').next().unwrap_or_default()
-                ),
-            ))
-        }
+    let endpoint = match model_endpoint(cfg, head, host.caller) {
+        Ok(endpoint) => endpoint,
+        Err(reply) => return HeadDecision::Reply(reply),
     };
-    if head.method != "POST" {
-        return HeadDecision::Reply(method_not_allowed(head, "POST"));
-    }
-    if cfg.service(endpoint.service()).is_none() {
-        return HeadDecision::Reply(service_missing(endpoint));
-    }
-    if let Err(reply) = host.caller.permits(cfg, endpoint.service(), None) {
-        return HeadDecision::Reply(reply);
-    }
     let query = query_of(head.path);
     let model = head.model_header.map(str::trim).filter(|m| !m.is_empty());
-    // header-hash keys the ring by a header, else by a body field (which means reading the body
-    // for it, even when the model came in a header).
-    let lb = cfg.service(endpoint.service()).map(|s| &s.load_balance);
-    let hash_key = match lb {
-        Some(lb) if lb.strategy == Strategy::HeaderHash => lb
-            .hash_header
-            .as_deref()
-            .and_then(|name| (head.header)(name))
-            .filter(|v| !v.is_empty()),
-        _ => None,
-    };
-    let body_field = match lb {
-        Some(lb) if lb.strategy == Strategy::HeaderHash && hash_key.is_none() => {
-            lb.hash_field.as_deref()
-        }
-        _ => None,
-    };
-    let token_limited = cfg
-        .limits
-        .completion_estimate(endpoint.service(), host.caller.key_index())
-        .is_some();
+    let hash = HashKey::of(cfg, endpoint, head);
     if let Some(model) = model {
-        if body_field.is_none() || head.end_of_stream {
+        if hash.body_field.is_none() || head.end_of_stream {
             let facts = RequestFacts {
-                hash_key: hash_key.as_deref(),
+                hash_key: hash.from_header.as_deref(),
                 body_bytes: head.content_length,
                 max_tokens: None,
                 model_rewritable: false,
@@ -155,40 +108,16 @@ pub fn on_request_headers(
     if head.end_of_stream {
         return HeadDecision::Reply(missing_model());
     }
-    let scanner = match head.content_type {
-        Some(ct) if is_multipart(ct) => match boundary_from_content_type(ct) {
-            Some(boundary) => {
-                let scanner = MultipartModelScanner::new(
-                    &boundary,
-                    MAX_MODEL_NAME_BYTES,
-                    MAX_PART_HEADER_BYTES,
-                );
-                Scanner::Multipart(match body_field {
-                    Some(field) => scanner.with_field(field),
-                    None => scanner,
-                })
-            }
-            None => {
-                return HeadDecision::Reply(LocalReply::error(
-                    ClientError::InvalidMultipart,
-                    "multipart/form-data request without a valid boundary",
-                ))
-            }
-        },
-        _ => {
-            let mut scanner = JsonModelScanner::new(MAX_MODEL_NAME_BYTES);
-            if let Some(field) = body_field {
-                scanner = scanner.with_field(field);
-            }
-            // A token budget reserves what the request asks for: read `max_tokens` too, which
-            // means reading the JSON to its end (within max-body-bytes) when it has none.
-            if token_limited && model.is_none() {
-                for field in MAX_TOKENS_FIELDS {
-                    scanner = scanner.with_field(field);
-                }
-            }
-            Scanner::Json(scanner)
-        }
+    // A token budget reserves what the request asks for: read `max_tokens` too, which means
+    // reading the JSON to its end (within max-body-bytes) when it has none.
+    let reads_max_tokens = model.is_none()
+        && cfg
+            .limits
+            .completion_estimate(endpoint.service(), host.caller.key_index())
+            .is_some();
+    let scanner = match Scanner::for_body(head.content_type, hash.body_field, reads_max_tokens) {
+        Ok(scanner) => scanner,
+        Err(reply) => return HeadDecision::Reply(reply),
     };
     HeadDecision::ScanBody(Box::new(BodyScan {
         endpoint,
@@ -196,10 +125,70 @@ pub fn on_request_headers(
         scanner,
         limit: cfg.gateway.max_body_bytes,
         model_from_header: model.map(str::to_string),
-        hash_key_from_header: hash_key,
-        hash_field: body_field.map(str::to_string),
+        hash_key_from_header: hash.from_header,
+        hash_field: hash.body_field.map(str::to_string),
         content_length: head.content_length,
     }))
+}
+
+/// The endpoint a request asks a model of, or the answer it gets here: the models endpoints,
+/// an unknown URL, a method other than POST, a service not configured or not permitted.
+fn model_endpoint(
+    cfg: &Plan,
+    head: &RequestHead<'_>,
+    caller: &Caller,
+) -> Result<Endpoint, LocalReply> {
+    let (route, model_id) = classify(head.path);
+    let endpoint = match route {
+        Route::Model(endpoint) => endpoint,
+        Route::ListModels | Route::RetrieveModel => {
+            return Err(models(cfg, head, route, model_id, caller));
+        }
+        Route::Unknown => return Err(unknown_url(head)),
+    };
+    if head.method != "POST" {
+        return Err(method_not_allowed(head, "POST"));
+    }
+    if cfg.service(endpoint.service()).is_none() {
+        return Err(service_missing(endpoint));
+    }
+    caller.permits(cfg, endpoint.service(), None)?;
+    Ok(endpoint)
+}
+
+/// What keys header-hash for a request: the configured header, else a body field (which means
+/// reading the body for it, even when the model came in a header).
+#[derive(Default)]
+struct HashKey<'c> {
+    /// The configured header's value, when the request has it.
+    from_header: Option<String>,
+    /// The body field to read the key from, when the header did not carry it.
+    body_field: Option<&'c str>,
+}
+
+impl<'c> HashKey<'c> {
+    fn of(cfg: &'c Plan, endpoint: Endpoint, head: &RequestHead<'_>) -> HashKey<'c> {
+        let Some(lb) = cfg
+            .service(endpoint.service())
+            .map(|s| &s.load_balance)
+            .filter(|lb| lb.strategy == Strategy::HeaderHash)
+        else {
+            return HashKey::default();
+        };
+        let from_header = lb
+            .hash_header
+            .as_deref()
+            .and_then(|name| (head.header)(name))
+            .filter(|v| !v.is_empty());
+        let body_field = match from_header {
+            None => lb.hash_field.as_deref(),
+            Some(_) => None,
+        };
+        HashKey {
+            from_header,
+            body_field,
+        }
+    }
 }
 
 fn is_multipart(content_type: &str) -> bool {
@@ -216,6 +205,41 @@ fn query_of(path: &str) -> &str {
 enum Scanner {
     Json(JsonModelScanner),
     Multipart(MultipartModelScanner),
+}
+
+impl Scanner {
+    /// The scanner for the body's content type: it reads the model, the hash field when one
+    /// keys the pick, and `max_tokens` when a token budget wants it (JSON only).
+    fn for_body(
+        content_type: Option<&str>,
+        hash_field: Option<&str>,
+        reads_max_tokens: bool,
+    ) -> Result<Scanner, LocalReply> {
+        let Some(ct) = content_type.filter(|ct| is_multipart(ct)) else {
+            let mut scanner = JsonModelScanner::new(MAX_MODEL_NAME_BYTES);
+            if let Some(field) = hash_field {
+                scanner = scanner.with_field(field);
+            }
+            if reads_max_tokens {
+                for field in MAX_TOKENS_FIELDS {
+                    scanner = scanner.with_field(field);
+                }
+            }
+            return Ok(Scanner::Json(scanner));
+        };
+        let Some(boundary) = boundary_from_content_type(ct) else {
+            return Err(LocalReply::error(
+                ClientError::InvalidMultipart,
+                "multipart/form-data request without a valid boundary",
+            ));
+        };
+        let scanner =
+            MultipartModelScanner::new(&boundary, MAX_MODEL_NAME_BYTES, MAX_PART_HEADER_BYTES);
+        Ok(Scanner::Multipart(match hash_field {
+            Some(field) => scanner.with_field(field),
+            None => scanner,
+        }))
+    }
 }
 
 /// A request body being read for its model, chunk by chunk.
@@ -347,6 +371,25 @@ impl BodyScan {
 
 /// The model list, as far as the caller may use it (a key limited to some services or models
 /// does not learn the others' names).
+/// `GET /v1/models` and `GET /v1/models/{id}` (`HEAD` too), as far as the caller may see.
+fn models(
+    cfg: &Plan,
+    head: &RequestHead<'_>,
+    route: Route,
+    id: &str,
+    caller: &Caller,
+) -> LocalReply {
+    if head.method != "GET" && head.method != "HEAD" {
+        return method_not_allowed(head, "GET");
+    }
+    let grants = caller.grants(cfg);
+    if route == Route::ListModels {
+        list_models(cfg, grants)
+    } else {
+        retrieve_model(cfg, id, grants)
+    }
+}
+
 fn list_models(cfg: &Plan, caller: Option<&ApiKey>) -> LocalReply {
     match caller.filter(|c| !c.is_admin()) {
         None => LocalReply::json(200, cfg.models_json.clone()),
@@ -369,6 +412,17 @@ fn retrieve_model(cfg: &Plan, id: &str, caller: Option<&ApiKey>) -> LocalReply {
     LocalReply::error(
         ClientError::ModelNotFound,
         &format!("The model `{id}` does not exist."),
+    )
+}
+
+fn unknown_url(head: &RequestHead<'_>) -> LocalReply {
+    LocalReply::error(
+        ClientError::UnknownUrl,
+        &format!(
+            "Unknown request URL: {} {}. This gateway serves the OpenAI API under /v1/ and /api/v1/.",
+            head.method,
+            head.path.split('?').next().unwrap_or_default()
+        ),
     )
 }
 
