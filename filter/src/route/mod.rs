@@ -16,7 +16,7 @@
 //! - `caller.rs`: who calls, as the route sees them: their quotas and what they may use.
 //!
 //! A new picker (scoring instances by queue depth, KV cache or prefix affinity) goes in
-//! `pick.rs`: it chooses the first candidate, and the walk after it (skip, instance limits,
+//! `pick.rs`: it orders the candidates, and the walk after it (skip, instance limits,
 //! the replies) stays the same for any picker.
 
 mod admit;
@@ -155,11 +155,7 @@ fn route_to_instance(
     };
     let estimate = admit::estimate(cfg, &subject, facts);
     let admitted = admit::before_pick(cfg, host, &subject, estimate.tokens)?;
-    let Some(first) = pick::first(pool, host, facts.hash_key) else {
-        cfg.limits.release(host.store, &admitted.grants);
-        return Err(unrouted::no_instance(model));
-    };
-    let candidates = pick::in_turn(pool, first);
+    let candidates = pick::candidates(pool, host, facts.hash_key);
     let taken = take_instance(
         cfg,
         host,
@@ -216,7 +212,7 @@ fn take_instance<'p>(
     cfg: &Plan,
     host: &RouteInputs<'_>,
     service: &'p Service,
-    candidates: impl Iterator<Item = usize>,
+    candidates: impl Iterator<Item = &'p usize>,
     subject: Subject<'_>,
     tokens: u64,
     mut admitted: Admitted,
@@ -224,7 +220,7 @@ fn take_instance<'p>(
     let mut passed_over = PassedOver::default();
     let mut refused = None;
     let mut limit_tries = 0;
-    for at in candidates {
+    for &at in candidates {
         let Some(instance) = service.instances.get(at) else {
             continue;
         };
