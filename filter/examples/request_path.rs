@@ -9,9 +9,8 @@
 
 use jairouter_filter::limit::Refunds;
 use jairouter_filter::plan::Plan;
-use jairouter_filter::request::{
-    on_request_headers, BodyStep, HeadDecision, RequestHead, RouteInputs,
-};
+use jairouter_filter::request::{on_request_headers, BodyStep, HeadDecision, RequestHead};
+use jairouter_filter::route::{Caller, RouteInputs};
 use jairouter_filter::store::MemoryStore;
 use jairouter_filter::usage::UsageScanner;
 use serde_json::json;
@@ -60,8 +59,7 @@ fn main() {
                 random: u64::from(i),
                 clock: &move || 1_000_000_000 + u64::from(i) * 1000,
                 client: None,
-                api_key: None,
-                caller: None,
+                caller: &Caller::Anyone,
             };
             let head = RequestHead {
                 method: "POST",

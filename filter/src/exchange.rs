@@ -35,9 +35,9 @@ use crate::metrics::Metrics;
 use crate::plan::Plan;
 use crate::reply::{LocalReply, DEFAULT_RETRY_AFTER_SECS};
 use crate::request::{
-    authenticate, on_request_headers, BodyScan, BodyStep, Caller, HeadDecision, RequestHead,
-    RouteInputs, Routed, TokenClaims, TokenReservation,
+    authenticate, on_request_headers, BodyScan, BodyStep, HeadDecision, RequestHead, TokenClaims,
 };
+use crate::route::{Caller, RouteInputs, Routed, TokenReservation};
 use crate::scan::ScanOutcome;
 use crate::translate::messages;
 use crate::translate::openai::SSE_DONE;
@@ -363,7 +363,7 @@ impl Exchange {
         };
         let plan = Rc::clone(&self.plan);
         let now = || clock.now();
-        let inputs = self.route_inputs(host, &plan, random, &now);
+        let inputs = self.route_inputs(host, random, &now);
         let decision = on_request_headers(&plan, &head, &inputs);
         let flow = match decision {
             HeadDecision::Reply(reply) => self.reply(host, &clock, &reply),
@@ -381,7 +381,6 @@ impl Exchange {
     fn route_inputs<'a>(
         &'a self,
         host: &'a dyn Host,
-        plan: &'a Plan,
         random: u64,
         clock: &'a dyn Fn() -> u64,
     ) -> RouteInputs<'a> {
@@ -392,8 +391,7 @@ impl Exchange {
             random,
             clock,
             client: self.client.as_deref().map(client_ip),
-            api_key: self.caller.key_index(),
-            caller: self.caller.grants(plan),
+            caller: &self.caller,
         }
     }
 
@@ -473,7 +471,7 @@ impl Exchange {
         self.measure.request_bytes = self.measure.request_bytes.max(buffered);
         let plan = Rc::clone(&self.plan);
         let now = || clock.now();
-        let inputs = self.route_inputs(host, &plan, random, &now);
+        let inputs = self.route_inputs(host, random, &now);
         let step = scan.decide(outcome, buffered, end_of_stream, &plan, &inputs);
         let flow = match step {
             BodyStep::NeedMore => {

@@ -3,27 +3,17 @@
 //! decisions out.
 
 use crate::auth::{ApiKey, AuthError};
-use crate::balance::{pick_instance, PickInput, Rotations};
-use crate::breaker::{self, Admission, Outcome};
-use crate::config::{Algorithm, Strategy, MAX_MODEL_NAME_BYTES};
-use crate::endpoint::{classify, Endpoint, Route, ServiceType};
-use crate::limit::bucket::Verdict;
-use crate::limit::{
-    openai_duration, retry_after_secs, Grant, Phase, Refunds, Refusal, Subject, Unit,
-};
-use crate::plan::{model_object, models_list_json_where, Instance, Plan};
-use crate::reply::{ClientError, LocalReply, DEFAULT_RETRY_AFTER_SECS};
+use crate::config::{Strategy, MAX_MODEL_NAME_BYTES};
+use crate::endpoint::{classify, Endpoint, Route};
+use crate::plan::{model_object, models_list_json_where, Plan};
+use crate::reply::{ClientError, LocalReply};
+use crate::route::{route_model, service_missing, Caller, RequestFacts, RouteInputs, Routed};
 use crate::scan::json::JsonModelScanner;
 use crate::scan::multipart::{boundary_from_content_type, MultipartModelScanner};
 use crate::scan::ScanOutcome;
-use crate::store::SharedStore;
-use std::cell::RefCell;
 
 /// Part headers above this are refused (the model part's headers are a few dozen bytes).
 const MAX_PART_HEADER_BYTES: usize = 16 * 1024;
-
-/// Instances tried when instance-level limits refuse.
-const MAX_INSTANCE_TRIES: usize = 3;
 
 /// The request line and the headers the decision needs.
 #[derive(Clone, Copy)]
@@ -40,111 +30,13 @@ pub struct RequestHead<'a> {
     pub content_length: Option<u64>,
 }
 
-/// What besides the model shapes the pick and the limits.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Extras<'a> {
-    /// header-hash key.
-    pub hash_key: Option<&'a str>,
-    /// The body's size, for the prompt estimate of token budgets.
-    pub body_bytes: Option<u64>,
-    /// The request's `max_tokens` (or `max_completion_tokens`).
-    pub max_tokens: Option<u64>,
-    /// Whether the model came from a JSON body the binding can rewrite: only then may a
-    /// fallback model stand in (the backend must be asked for the model it serves).
-    pub model_rewritable: bool,
-}
-
 /// Body fields a token budget reads for the completion estimate.
 const MAX_TOKENS_FIELDS: [&str; 2] = ["max_completion_tokens", "max_tokens"];
-
-/// Tokens a request reserved from token budgets, settled when its usage is known.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TokenReservation {
-    pub reserved: u64,
-    /// The prompt part of the reservation: what is charged for the prompt when the response
-    /// reports no usage.
-    pub prompt_estimate: u64,
-    /// The token budgets' admissions (the request's other admissions are `Routed::grants`).
-    pub grants: Vec<Grant>,
-}
-
-/// Where a request goes: the instance (by index in its service) and the upstream `:path`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Routed {
-    pub service: ServiceType,
-    pub endpoint: Endpoint,
-    pub model: String,
-    pub instance: usize,
-    pub path: String,
-    /// Response headers to add (the rate-limit state the request met).
-    pub headers: Vec<(&'static str, String)>,
-    /// Token budgets to settle from the response's usage.
-    pub tokens: Option<TokenReservation>,
-    /// How the instance's circuit breaker let the request through (when it has one): what the
-    /// end of the exchange must be counted against.
-    pub breaker: Option<Admission>,
-    /// The model the client asked for, when `model` is a fallback standing in for it.
-    pub fallback_from: Option<String>,
-    /// The rate limits that let it through (indices into `Limits::list`; a metrics label).
-    pub limits_passed: Vec<usize>,
-    /// The admissions it holds but the token budgets' (`TokenReservation::grants`): both are
-    /// given back if the limits across replicas refuse it.
-    pub grants: Vec<Grant>,
-}
 
 pub enum HeadDecision {
     Reply(LocalReply),
     Route(Routed),
     ScanBody(Box<BodyScan>),
-}
-
-/// The choices that depend on the host and the caller: shared data, randomness, the clock,
-/// the client.
-pub struct RouteInputs<'a> {
-    pub store: &'a dyn SharedStore,
-    /// The token refunds this VM owes (paid with the next draw from their bucket).
-    pub refunds: &'a RefCell<Refunds>,
-    /// Where this VM's round-robin rotations stand.
-    pub rotations: &'a RefCell<Rotations>,
-    pub random: u64,
-    /// The time in ns, asked only by a decision that needs it (the binding caches it per
-    /// callback: a request answered or held without it never reads the clock).
-    pub clock: &'a dyn Fn() -> u64,
-    /// Envoy's view of the client address, without the port (ip-hash, consistent-hash).
-    pub client: Option<&'a str>,
-    /// The API key the request authenticated with (`authenticate`), by index: its quotas.
-    pub api_key: Option<usize>,
-    /// What the caller may use (its API key, or what its verified token grants).
-    pub caller: Option<&'a ApiKey>,
-}
-
-/// Who calls, once authenticated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Caller {
-    /// Neither API keys nor tokens are configured.
-    Anyone,
-    /// A configured API key, by index.
-    Key(usize),
-    /// A JWT Envoy's jwt_authn verified, with what its claims grant.
-    Token(ApiKey),
-}
-
-impl Caller {
-    pub fn key_index(&self) -> Option<usize> {
-        match self {
-            Caller::Key(at) => Some(*at),
-            _ => None,
-        }
-    }
-
-    /// What the caller may use (`None`: anything).
-    pub fn grants<'a>(&'a self, cfg: &'a Plan) -> Option<&'a ApiKey> {
-        match self {
-            Caller::Anyone => None,
-            Caller::Key(at) => cfg.api_keys.keys().get(*at),
-            Caller::Token(grants) => Some(grants),
-        }
-    }
 }
 
 /// The claims of a token Envoy's jwt_authn verified (`gateway.jwt`).
@@ -185,107 +77,29 @@ pub fn authenticate(
     }
 }
 
-/// Refuses a request its caller may not make (403).
-fn permitted(
-    host: &RouteInputs<'_>,
-    kind: ServiceType,
-    model: Option<&str>,
-) -> Result<(), LocalReply> {
-    let Some(key) = host.caller else {
-        return Ok(());
-    };
-    key.permits(kind, model).map_err(|e| {
-        let mut reply = e.reply().because(e.code());
-        reply.service = Some(kind);
-        reply
-    })
-}
-
-impl RouteInputs<'_> {
-    pub fn now_ns(&self) -> u64 {
-        (self.clock)()
-    }
-
-    fn pick_input<'k>(&'k self, hash_key: Option<&'k str>) -> PickInput<'k> {
-        PickInput {
-            random: self.random,
-            now_ns: self.now_ns(),
-            client: self.client,
-            hash_key,
-        }
-    }
-}
-
+/// What to do with a request, from its head: answer it here, route it by the model header, or
+/// read its body for the model (and the fields the pick and the limits want from it).
 pub fn on_request_headers(
     cfg: &Plan,
     head: &RequestHead<'_>,
     host: &RouteInputs<'_>,
 ) -> HeadDecision {
-    let (route, model_id) = classify(head.path);
-    let endpoint = match route {
-        Route::Model(endpoint) => endpoint,
-        Route::ListModels | Route::RetrieveModel => {
-            if head.method != "GET" && head.method != "HEAD" {
-                return HeadDecision::Reply(method_not_allowed(head, "GET"));
-            }
-            return HeadDecision::Reply(if route == Route::ListModels {
-                list_models(cfg, host.caller)
-            } else {
-                retrieve_model(cfg, model_id, host.caller)
-            });
-        }
-        Route::Unknown => {
-            return HeadDecision::Reply(LocalReply::error(
-                ClientError::UnknownUrl,
-                &format!(
-                    "Unknown request URL: {} {}. This gateway serves the OpenAI API under /v1/ and /api/v1/.",
-                    head.method,
-                    head.path.split('?').next().unwrap_or_default()
-                ),
-            ))
-        }
+    let endpoint = match model_endpoint(cfg, head, host.caller) {
+        Ok(endpoint) => endpoint,
+        Err(reply) => return HeadDecision::Reply(reply),
     };
-    if head.method != "POST" {
-        return HeadDecision::Reply(method_not_allowed(head, "POST"));
-    }
-    if cfg.service(endpoint.service()).is_none() {
-        return HeadDecision::Reply(service_missing(cfg, endpoint));
-    }
-    if let Err(reply) = permitted(host, endpoint.service(), None) {
-        return HeadDecision::Reply(reply);
-    }
     let query = query_of(head.path);
     let model = head.model_header.map(str::trim).filter(|m| !m.is_empty());
-    // header-hash keys the ring by a header, else by a body field (which means reading the body
-    // for it, even when the model came in a header).
-    let lb = cfg.service(endpoint.service()).map(|s| &s.load_balance);
-    let hash_key = match lb {
-        Some(lb) if lb.strategy == Strategy::HeaderHash => lb
-            .hash_header
-            .as_deref()
-            .and_then(|name| (head.header)(name))
-            .filter(|v| !v.is_empty()),
-        _ => None,
-    };
-    let body_field = match lb {
-        Some(lb) if lb.strategy == Strategy::HeaderHash && hash_key.is_none() => {
-            lb.hash_field.as_deref()
-        }
-        _ => None,
-    };
-    let token_limited = cfg
-        .limits
-        .completion_estimate(endpoint.service(), host.api_key)
-        .is_some();
+    let hash = HashKey::of(cfg, endpoint, head);
     if let Some(model) = model {
-        if body_field.is_none() || head.end_of_stream {
-            let extras = Extras {
-                hash_key: hash_key.as_deref(),
+        if hash.body_field.is_none() || head.end_of_stream {
+            let facts = RequestFacts {
+                hash_key: hash.from_header.as_deref(),
                 body_bytes: head.content_length,
                 max_tokens: None,
                 model_rewritable: false,
             };
-            return match route_model(cfg, endpoint, model, query, host, &extras) {
+            return match route_model(cfg, endpoint, model, query, host, &facts) {
                 Ok(routed) => HeadDecision::Route(routed),
                 Err(reply) => HeadDecision::Reply(reply),
             };
@@ -294,40 +108,16 @@ pub fn on_request_headers(
     if head.end_of_stream {
         return HeadDecision::Reply(missing_model());
     }
-    let scanner = match head.content_type {
-        Some(ct) if is_multipart(ct) => match boundary_from_content_type(ct) {
-            Some(boundary) => {
-                let scanner = MultipartModelScanner::new(
-                    &boundary,
-                    MAX_MODEL_NAME_BYTES,
-                    MAX_PART_HEADER_BYTES,
-                );
-                Scanner::Multipart(match body_field {
-                    Some(field) => scanner.with_field(field),
-                    None => scanner,
-                })
-            }
-            None => {
-                return HeadDecision::Reply(LocalReply::error(
-                    ClientError::InvalidMultipart,
-                    "multipart/form-data request without a valid boundary",
-                ))
-            }
-        },
-        _ => {
-            let mut scanner = JsonModelScanner::new(MAX_MODEL_NAME_BYTES);
-            if let Some(field) = body_field {
-                scanner = scanner.with_field(field);
-            }
-            // A token budget reserves what the request asks for: read `max_tokens` too, which
-            // means reading the JSON to its end (within max-body-bytes) when it has none.
-            if token_limited && model.is_none() {
-                for field in MAX_TOKENS_FIELDS {
-                    scanner = scanner.with_field(field);
-                }
-            }
-            Scanner::Json(scanner)
-        }
+    // A token budget reserves what the request asks for: read `max_tokens` too, which means
+    // reading the JSON to its end (within max-body-bytes) when it has none.
+    let reads_max_tokens = model.is_none()
+        && cfg
+            .limits
+            .completion_estimate(endpoint.service(), host.caller.key_index())
+            .is_some();
+    let scanner = match Scanner::for_body(head.content_type, hash.body_field, reads_max_tokens) {
+        Ok(scanner) => scanner,
+        Err(reply) => return HeadDecision::Reply(reply),
     };
     HeadDecision::ScanBody(Box::new(BodyScan {
         endpoint,
@@ -335,10 +125,70 @@ pub fn on_request_headers(
         scanner,
         limit: cfg.gateway.max_body_bytes,
         model_from_header: model.map(str::to_string),
-        hash_key_from_header: hash_key,
-        hash_field: body_field.map(str::to_string),
+        hash_key_from_header: hash.from_header,
+        hash_field: hash.body_field.map(str::to_string),
         content_length: head.content_length,
     }))
+}
+
+/// The endpoint a request asks a model of, or the answer it gets here: the models endpoints,
+/// an unknown URL, a method other than POST, a service not configured or not permitted.
+fn model_endpoint(
+    cfg: &Plan,
+    head: &RequestHead<'_>,
+    caller: &Caller,
+) -> Result<Endpoint, LocalReply> {
+    let (route, model_id) = classify(head.path);
+    let endpoint = match route {
+        Route::Model(endpoint) => endpoint,
+        Route::ListModels | Route::RetrieveModel => {
+            return Err(models(cfg, head, route, model_id, caller));
+        }
+        Route::Unknown => return Err(unknown_url(head)),
+    };
+    if head.method != "POST" {
+        return Err(method_not_allowed(head, "POST"));
+    }
+    if cfg.service(endpoint.service()).is_none() {
+        return Err(service_missing(endpoint));
+    }
+    caller.permits(cfg, endpoint.service(), None)?;
+    Ok(endpoint)
+}
+
+/// What keys header-hash for a request: the configured header, else a body field (which means
+/// reading the body for it, even when the model came in a header).
+#[derive(Default)]
+struct HashKey<'c> {
+    /// The configured header's value, when the request has it.
+    from_header: Option<String>,
+    /// The body field to read the key from, when the header did not carry it.
+    body_field: Option<&'c str>,
+}
+
+impl<'c> HashKey<'c> {
+    fn of(cfg: &'c Plan, endpoint: Endpoint, head: &RequestHead<'_>) -> HashKey<'c> {
+        let Some(lb) = cfg
+            .service(endpoint.service())
+            .map(|s| &s.load_balance)
+            .filter(|lb| lb.strategy == Strategy::HeaderHash)
+        else {
+            return HashKey::default();
+        };
+        let from_header = lb
+            .hash_header
+            .as_deref()
+            .and_then(|name| (head.header)(name))
+            .filter(|v| !v.is_empty());
+        let body_field = match from_header {
+            None => lb.hash_field.as_deref(),
+            Some(_) => None,
+        };
+        HashKey {
+            from_header,
+            body_field,
+        }
+    }
 }
 
 fn is_multipart(content_type: &str) -> bool {
@@ -355,6 +205,41 @@ fn query_of(path: &str) -> &str {
 enum Scanner {
     Json(JsonModelScanner),
     Multipart(MultipartModelScanner),
+}
+
+impl Scanner {
+    /// The scanner for the body's content type: it reads the model, the hash field when one
+    /// keys the pick, and `max_tokens` when a token budget wants it (JSON only).
+    fn for_body(
+        content_type: Option<&str>,
+        hash_field: Option<&str>,
+        reads_max_tokens: bool,
+    ) -> Result<Scanner, LocalReply> {
+        let Some(ct) = content_type.filter(|ct| is_multipart(ct)) else {
+            let mut scanner = JsonModelScanner::new(MAX_MODEL_NAME_BYTES);
+            if let Some(field) = hash_field {
+                scanner = scanner.with_field(field);
+            }
+            if reads_max_tokens {
+                for field in MAX_TOKENS_FIELDS {
+                    scanner = scanner.with_field(field);
+                }
+            }
+            return Ok(Scanner::Json(scanner));
+        };
+        let Some(boundary) = boundary_from_content_type(ct) else {
+            return Err(LocalReply::error(
+                ClientError::InvalidMultipart,
+                "multipart/form-data request without a valid boundary",
+            ));
+        };
+        let scanner =
+            MultipartModelScanner::new(&boundary, MAX_MODEL_NAME_BYTES, MAX_PART_HEADER_BYTES);
+        Ok(Scanner::Multipart(match hash_field {
+            Some(field) => scanner.with_field(field),
+            None => scanner,
+        }))
+    }
 }
 
 /// A request body being read for its model, chunk by chunk.
@@ -463,13 +348,13 @@ impl BodyScan {
                 .find_map(|f| s.field(f).and_then(|v| v.parse::<u64>().ok())),
             Scanner::Multipart(_) => None,
         };
-        let extras = Extras {
+        let facts = RequestFacts {
             hash_key,
             body_bytes: self.content_length.or(Some(buffered)),
             max_tokens,
             model_rewritable: from_body && matches!(self.scanner, Scanner::Json(_)),
         };
-        match route_model(cfg, self.endpoint, &model, &self.query, host, &extras) {
+        match route_model(cfg, self.endpoint, &model, &self.query, host, &facts) {
             Ok(routed) => BodyStep::Route(routed),
             Err(reply) => BodyStep::Reply(reply),
         }
@@ -484,368 +369,27 @@ impl BodyScan {
     }
 }
 
-/// Finds the model's pool in the endpoint's service and picks an instance.
-pub fn route_model(
-    cfg: &Plan,
-    endpoint: Endpoint,
-    model: &str,
-    query: &str,
-    host: &RouteInputs<'_>,
-    extras: &Extras<'_>,
-) -> Result<Routed, LocalReply> {
-    let kind = endpoint.service();
-    let refused = |mut reply: LocalReply| {
-        reply.service = Some(kind);
-        reply.model = cfg
-            .service(kind)
-            .and_then(|s| s.models.get_key_value(model))
-            .map(|(name, _)| name.clone());
-        reply
-    };
-    permitted(host, kind, Some(model)).map_err(refused)?;
-    let reply = match route_to_instance(cfg, endpoint, model, query, host, extras) {
-        Ok(routed) => return Ok(routed),
-        Err(reply) => refused(reply),
-    };
-    if reply.limited_by.is_some() {
-        return Err(reply);
-    }
-    // None of the model's instances can take it (or the model is unknown, which finds no
-    // fallback list): its fallback models, in order.
-    let stand_ins = cfg
-        .service(endpoint.service())
-        .and_then(|s| s.fallbacks.get(model))
-        .filter(|_| extras.model_rewritable);
-    for stand_in in stand_ins.into_iter().flatten() {
-        if let Ok(mut routed) = route_to_instance(cfg, endpoint, stand_in, query, host, extras) {
-            routed.fallback_from = Some(model.to_string());
-            return Ok(routed);
-        }
-    }
-    Err(reply)
-}
-
-fn route_to_instance(
-    cfg: &Plan,
-    endpoint: Endpoint,
-    model: &str,
-    query: &str,
-    host: &RouteInputs<'_>,
-    extras: &Extras<'_>,
-) -> Result<Routed, LocalReply> {
-    let kind = endpoint.service();
-    let service = cfg
-        .service(kind)
-        .ok_or_else(|| service_missing(cfg, endpoint))?;
-    let pool = service
-        .models
-        .get(model)
-        .ok_or_else(|| unknown_model(cfg, endpoint, model))?;
-    let no_instance = || {
-        LocalReply::no_instance(
-            &format!("The model `{model}` has no active instance right now."),
-            DEFAULT_RETRY_AFTER_SECS,
-        )
-        .because("no active instance")
-    };
-    let limits = &cfg.limits;
-    let mut subject = Subject {
-        service: kind,
-        model,
-        client: host.client,
-        instance: None,
-        api_key: host.api_key,
-    };
-    // A token budget reserves the prompt (about 4 bytes a token) and the completion asked for.
-    let tokens = match limits.completion_estimate(kind, host.api_key) {
-        Some(estimate) => extras
-            .body_bytes
-            .unwrap_or(0)
-            .div_ceil(4)
-            .saturating_add(extras.max_tokens.unwrap_or(estimate)),
-        None => 0,
-    };
-    let mut admitted = limits
-        .acquire(
-            host.store,
-            host.refunds,
-            &subject,
-            Phase::BeforePick,
-            host.now_ns(),
-            tokens,
-        )
-        .map_err(|refusal| too_many_requests(cfg, &refusal))?;
-    let Some(first) = pick_instance(
-        pool,
-        host.store,
-        host.rotations,
-        &host.pick_input(extras.hash_key),
-    ) else {
-        limits.release(host.store, &admitted.grants);
-        return Err(no_instance());
-    };
-    // Instances whose breaker is open are passed over, whatever the strategy picked; an
-    // instance's own limit refusing sends the request on as well (as the original does, up to
-    // three tries). Only when every instance refuses is the client limited or told none serve.
-    let start = pool.routable.iter().position(|i| *i == first).unwrap_or(0);
-    let candidates = pool
-        .routable
-        .iter()
-        .cycle()
-        .skip(start)
-        .take(pool.routable.len());
-    let mut chosen = None;
-    let mut refused = None;
-    let mut limit_tries = 0;
-    // The soonest an open breaker passed over here lets a trial through (an upper bound).
-    let mut open_for_ns: Option<u64> = None;
-    let mut unhealthy = false;
-    // The soonest a backend that answered 429 with Retry-After takes requests again.
-    let mut cooling_until: Option<u64> = None;
-    for &at in candidates {
-        let Some(instance) = service.instances.get(at) else {
-            continue;
-        };
-        // One shared-data read for the instance's health and breaker, when it has either.
-        let breaker = (instance.breaker.is_some() || instance.health_check.is_some()).then(|| {
-            breaker::admit(
-                host.store,
-                &instance.state_key,
-                instance.breaker.as_ref(),
-                host.now_ns(),
-            )
-        });
-        match breaker {
-            Some(Admission::Refused) => {
-                let timeout = instance.breaker.as_ref().map_or(0, |p| p.timeout_ns);
-                open_for_ns = Some(open_for_ns.map_or(timeout, |t| t.min(timeout)));
-                continue;
-            }
-            Some(Admission::Unhealthy) => {
-                unhealthy = true;
-                continue;
-            }
-            Some(Admission::CoolingDown { until_ns }) => {
-                cooling_until = Some(cooling_until.map_or(until_ns, |t: u64| t.min(until_ns)));
-                continue;
-            }
-            _ => {}
-        }
-        if limit_tries == MAX_INSTANCE_TRIES {
-            release_breaker(host, instance, breaker);
-            break;
-        }
-        limit_tries += 1;
-        subject.instance = Some((at, &instance.id));
-        match limits.acquire(
-            host.store,
-            host.refunds,
-            &subject,
-            Phase::AfterPick,
-            host.now_ns(),
-            tokens,
-        ) {
-            Ok(more) => {
-                admitted.merge(more);
-                chosen = Some((at, instance, breaker));
-                break;
-            }
-            Err(refusal) => {
-                release_breaker(host, instance, breaker);
-                refused = Some(refusal);
-            }
-        }
-    }
-    let Some((at, instance, breaker)) = chosen else {
-        limits.release(host.store, &admitted.grants);
-        return Err(match (refused, open_for_ns) {
-            (Some(refusal), _) => too_many_requests(cfg, &refusal),
-            (None, _) if cooling_until.is_some() => backends_limited(
-                model,
-                cooling_until.unwrap_or(0).saturating_sub(host.now_ns()),
-            ),
-            (None, Some(open_ns)) => all_breakers_open(model, open_ns),
-            (None, None) if unhealthy => none_healthy(model),
-            (None, None) => no_instance(),
-        });
-    };
-    let Some(path) = instance.upstream_path(endpoint) else {
-        limits.release(host.store, &admitted.grants);
-        release_breaker(host, instance, breaker);
-        return Err(no_instance());
-    };
-    let path = if query.is_empty() {
-        path.to_string()
-    } else {
-        format!("{path}?{query}")
-    };
-    let limits_passed = admitted.grants.iter().map(Grant::limit).collect();
-    let holds_tokens = admitted.holds_tokens();
-    // Each admission is held once: the budgets' with the reservation that settles them.
-    let (token_grants, grants): (Vec<Grant>, Vec<Grant>) = admitted
-        .grants
-        .into_iter()
-        .partition(|g| limits.is_token_grant(g));
-    Ok(Routed {
-        limits_passed,
-        service: kind,
-        endpoint,
-        model: model.to_string(),
-        instance: at,
-        path,
-        headers: [admitted.tightest, admitted.tightest_tokens]
-            .into_iter()
-            .flatten()
-            .flat_map(|(limit, verdict)| rate_limit_headers(cfg, limit, &verdict))
-            .collect(),
-        tokens: holds_tokens.then(|| TokenReservation {
-            reserved: tokens,
-            prompt_estimate: extras.body_bytes.unwrap_or(0).div_ceil(4),
-            grants: token_grants,
-        }),
-        grants,
-        breaker,
-        fallback_from: None,
-    })
-}
-
-/// 503 when every instance of the model is behind an open breaker; Retry-After is when the
-/// first of them lets a trial request through, at the latest.
-fn all_breakers_open(model: &str, open_ns: u64) -> LocalReply {
-    let secs = open_ns.div_ceil(1_000_000_000).max(1);
-    LocalReply::no_instance(
-        &format!(
-            "Every instance of the model `{model}` is failing (circuit breakers open); try again later."
-        ),
-        secs,
-    )
-    .because("every circuit breaker open")
-}
-
-/// 429 when the model's backends asked for a pause (they answered 429 with Retry-After) and
-/// nothing else can serve: the client waits as long as they asked.
-fn backends_limited(model: &str, wait_ns: u64) -> LocalReply {
-    let secs = wait_ns.div_ceil(1_000_000_000).max(1);
-    LocalReply::error(
-        ClientError::RateLimited,
-        &format!("The backends of the model `{model}` are rate limiting; try again in {secs} s."),
-    )
-    .with_header("retry-after", &secs.to_string())
-    .because("every instance pausing after a 429")
-}
-
-/// 503 when the health checker has every instance of the model down.
-fn none_healthy(model: &str) -> LocalReply {
-    LocalReply::no_instance(
-        &format!("No instance of the model `{model}` is healthy right now; try again later."),
-        DEFAULT_RETRY_AFTER_SECS,
-    )
-    .because("no healthy instance")
-}
-
-/// A breaker admission that will not be used (a half-open trial must free its place).
-fn release_breaker(host: &RouteInputs<'_>, instance: &Instance, admission: Option<Admission>) {
-    if let (Some(policy), Some(admission)) = (&instance.breaker, admission) {
-        breaker::record(
-            host.store,
-            &instance.state_key,
-            policy,
-            admission,
-            Outcome::Neutral,
-            host.now_ns(),
-        );
-    }
-}
-
-/// Gives back what a routed request holds (its limits' admissions, a half-open trial's
-/// place), when it is refused after all (by the limits across replicas).
-pub fn release_routed(cfg: &Plan, store: &dyn SharedStore, routed: &Routed, now_ns: u64) {
-    let token_grants = routed.tokens.iter().flat_map(|t| &t.grants);
-    cfg.limits
-        .release(store, routed.grants.iter().chain(token_grants));
-    let instance = cfg
-        .service(routed.service)
-        .and_then(|s| s.instances.get(routed.instance));
-    if let (Some(instance), Some(admission)) = (instance, routed.breaker) {
-        if let Some(policy) = &instance.breaker {
-            breaker::record(
-                store,
-                &instance.state_key,
-                policy,
-                admission,
-                Outcome::Neutral,
-                now_ns,
-            );
-        }
-    }
-}
-
-/// The OpenAI rate-limit headers for the tightest limit a request met.
-pub fn rate_limit_headers(
-    cfg: &Plan,
-    limit: usize,
-    verdict: &Verdict,
-) -> Vec<(&'static str, String)> {
-    let Some(limit) = cfg.limits.list.get(limit) else {
-        return Vec::new();
-    };
-    let [limit_name, remaining_name, reset_name] = match limit.unit {
-        Unit::Requests => [
-            "x-ratelimit-limit-requests",
-            "x-ratelimit-remaining-requests",
-            "x-ratelimit-reset-requests",
-        ],
-        Unit::Tokens => [
-            "x-ratelimit-limit-tokens",
-            "x-ratelimit-remaining-tokens",
-            "x-ratelimit-reset-tokens",
-        ],
-    };
-    vec![
-        (limit_name, limit.params.limit().to_string()),
-        (remaining_name, verdict.remaining.to_string()),
-        (reset_name, openai_duration(verdict.reset_ns)),
-    ]
-}
-
-/// 429 with an OpenAI `rate_limit_error` naming the limit, and when to come back.
-pub fn too_many_requests(cfg: &Plan, refusal: &Refusal) -> LocalReply {
-    let Some(limit) = cfg.limits.list.get(refusal.limit) else {
-        return LocalReply::error(ClientError::RateLimited, "Rate limit reached.");
-    };
-    let retry = retry_after_secs(refusal.verdict.retry_after_ns);
-    let limited_by = Some(refusal.limit);
-    let per = match limit.params.algorithm {
-        _ if limit.unit == Unit::Tokens => format!("{} tokens per minute", limit.params.capacity),
-        Algorithm::SlidingWindow => format!(
-            "{} requests per {} s",
-            limit.params.limit(),
-            limit.params.window_ns / 1_000_000_000
-        ),
-        _ => format!(
-            "bursts of {} and {} requests per second",
-            limit.params.capacity, limit.params.rate
-        ),
-    };
-    let message = format!(
-        "Rate limit reached: `{}` ({} {} `{}`) allows {per}. Please retry after {retry} s.",
-        limit.name,
-        limit.params.algorithm.name(),
-        limit.scope.name(),
-        refusal.label,
-    );
-    let mut reply = LocalReply::error(ClientError::RateLimited, &message)
-        .with_header("retry-after", &retry.to_string())
-        .with_header("x-jairouter-limit", &limit.name);
-    reply.limited_by = limited_by;
-    for (name, value) in rate_limit_headers(cfg, refusal.limit, &refusal.verdict) {
-        reply = reply.with_header(name, &value);
-    }
-    reply
-}
-
 /// The model list, as far as the caller may use it (a key limited to some services or models
 /// does not learn the others' names).
+/// `GET /v1/models` and `GET /v1/models/{id}` (`HEAD` too), as far as the caller may see.
+fn models(
+    cfg: &Plan,
+    head: &RequestHead<'_>,
+    route: Route,
+    id: &str,
+    caller: &Caller,
+) -> LocalReply {
+    if head.method != "GET" && head.method != "HEAD" {
+        return method_not_allowed(head, "GET");
+    }
+    let grants = caller.grants(cfg);
+    if route == Route::ListModels {
+        list_models(cfg, grants)
+    } else {
+        retrieve_model(cfg, id, grants)
+    }
+}
+
 fn list_models(cfg: &Plan, caller: Option<&ApiKey>) -> LocalReply {
     match caller.filter(|c| !c.is_admin()) {
         None => LocalReply::json(200, cfg.models_json.clone()),
@@ -871,47 +415,13 @@ fn retrieve_model(cfg: &Plan, id: &str, caller: Option<&ApiKey>) -> LocalReply {
     )
 }
 
-fn unknown_model(cfg: &Plan, endpoint: Endpoint, model: &str) -> LocalReply {
-    let adapter = cfg
-        .service(endpoint.service())
-        .and_then(|s| s.unsupported.get(model));
-    if let Some(adapter) = adapter {
-        return LocalReply::error(
-            ClientError::NotSupportedByAdapter,
-            &format!(
-                "The model `{model}` is served through adapter `{adapter}`, which does not support the `{}` service.",
-                endpoint.service().key()
-            ),
-        );
-    }
-    // Point a client that used the wrong endpoint to the right one.
-    let elsewhere = cfg
-        .services()
-        .find(|s| s.kind != endpoint.service() && s.models.contains_key(model))
-        .map(|s| {
-            format!(
-                " It is a `{}` model: use /v1/{}.",
-                s.kind.key(),
-                s.kind.primary_endpoint().suffix()
-            )
-        })
-        .unwrap_or_default();
+fn unknown_url(head: &RequestHead<'_>) -> LocalReply {
     LocalReply::error(
-        ClientError::ModelNotFound,
+        ClientError::UnknownUrl,
         &format!(
-            "The model `{model}` does not exist for the `{}` service.{elsewhere}",
-            endpoint.service().key()
-        ),
-    )
-}
-
-fn service_missing(_cfg: &Plan, endpoint: Endpoint) -> LocalReply {
-    LocalReply::error(
-        ClientError::ServiceNotConfigured,
-        &format!(
-            "This gateway has no `{}` service configured, so /v1/{} is not available.",
-            endpoint.service().key(),
-            endpoint.suffix()
+            "Unknown request URL: {} {}. This gateway serves the OpenAI API under /v1/ and /api/v1/.",
+            head.method,
+            head.path.split('?').next().unwrap_or_default()
         ),
     )
 }

@@ -5,7 +5,8 @@
 #![no_main]
 use jairouter_filter::limit::Refunds;
 use jairouter_filter::plan::Plan;
-use jairouter_filter::request::{on_request_headers, BodyStep, HeadDecision, RequestHead, RouteInputs};
+use jairouter_filter::request::{on_request_headers, BodyStep, HeadDecision, RequestHead};
+use jairouter_filter::route::{Caller, RouteInputs};
 use jairouter_filter::scan::ScanOutcome;
 use jairouter_filter::store::MemoryStore;
 use jairouter_fuzz::{chunks, split_line, split_seed};
@@ -83,8 +84,7 @@ fuzz_target!(|data: &[u8]| {
         random: u64::from(seed).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         clock: &move || 1_000_000_000 + u64::from(seed),
         client: Some("10.0.0.1"),
-        api_key: None,
-        caller: None,
+        caller: &Caller::Anyone,
     };
     let mut scan = match on_request_headers(cfg, &head, &host) {
         HeadDecision::ScanBody(scan) => scan,

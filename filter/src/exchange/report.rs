@@ -8,7 +8,7 @@ use crate::config::Strategy;
 use crate::endpoint::Endpoint;
 use crate::json_text::Object;
 use crate::metrics::{BackendCall, Finished, Tokens, UNKNOWN_MODEL};
-use crate::request::{Caller, Routed};
+use crate::route::{Caller, Routed};
 use crate::usage::Usage;
 
 fn seconds(ns: u64) -> f64 {

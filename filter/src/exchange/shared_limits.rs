@@ -15,7 +15,7 @@ use crate::limit::global::{decide, settlements, Decision, Transition};
 use crate::limit::rls::{self, Descriptor, RLS_METHOD, RLS_SERVICE};
 use crate::limit::{Subject, Unit};
 use crate::reply::{ClientError, LocalReply};
-use crate::request::{rate_limit_headers, release_routed, too_many_requests, Routed};
+use crate::route::{rate_limit_headers, release_routed, too_many_requests, Routed};
 use std::rc::Rc;
 
 /// Every call to the rate-limit service is counted here, by call and outcome.

@@ -1,5 +1,6 @@
 use super::*;
 use crate::encoding::client_ip;
+use crate::endpoint::ServiceType;
 use crate::store::MemoryStore;
 use serde_json::{json, Value};
 use std::cell::RefCell;
@@ -47,8 +48,7 @@ fn decide(cfg: &Plan, h: &RequestHead<'_>) -> HeadDecision {
             random: 7,
             clock: &move || 1,
             client: None,
-            api_key: None,
-            caller: None,
+            caller: &Caller::Anyone,
         },
     )
 }
@@ -77,8 +77,7 @@ fn scan_body(cfg: &Plan, path: &str, content_type: &str, body: &[u8]) -> BodySte
         random: 7,
         clock: &move || 1,
         client: None,
-        api_key: None,
-        caller: None,
+        caller: &Caller::Anyone,
     };
     let h = RequestHead {
         content_type: Some(content_type),
@@ -285,8 +284,7 @@ fn body_over_the_limit_is_413() {
         random: 0,
         clock: &move || 1,
         client: None,
-        api_key: None,
-        caller: None,
+        caller: &Caller::Anyone,
     };
     let HeadDecision::ScanBody(mut scan) =
         on_request_headers(&cfg, &head("POST", "/v1/chat/completions"), &host)
@@ -383,8 +381,7 @@ fn header_hash_takes_its_key_from_the_header_or_the_body_field() {
             random,
             clock: &move || 1,
             client: None,
-            api_key: None,
-            caller: None,
+            caller: &Caller::Anyone,
         };
         let HeadDecision::ScanBody(mut scan) = on_request_headers(&cfg, &h, &host) else {
             panic!()
@@ -409,118 +406,6 @@ fn header_hash_takes_its_key_from_the_header_or_the_body_field() {
         // The same key, from either place, lands on the same instance.
         assert_eq!(by_header[0], by_field[0]);
     }
-}
-
-fn route_with(cfg: &Plan, store: &MemoryStore, now_ns: u64) -> Result<Routed, LocalReply> {
-    let host = RouteInputs {
-        store,
-        refunds: &RefCell::default(),
-        rotations: &RefCell::default(),
-        random: 0,
-        clock: &move || now_ns,
-        client: None,
-        api_key: None,
-        caller: None,
-    };
-    route_model(
-        cfg,
-        Endpoint::ChatCompletions,
-        "llama",
-        "",
-        &host,
-        &Extras::default(),
-    )
-}
-
-#[test]
-fn open_breakers_are_passed_over_and_all_open_is_503_with_retry_after() {
-    let cfg = Plan::from_value(&json!({
-        "load-balance": {"type": "round-robin"},
-        "circuit-breaker": {"failure-threshold": 1, "timeout": 10_000},
-        "services": {"chat": {"instances": [
-            {"name": "llama", "base-url": "http://a:1"},
-            {"name": "llama", "base-url": "http://b:1"}
-        ]}}
-    }))
-    .unwrap();
-    let store = MemoryStore::default();
-    let service = cfg.service(ServiceType::Chat).unwrap();
-    let open = |at: usize| {
-        let instance = &service.instances[at];
-        let policy = instance.breaker.unwrap();
-        let admission = breaker::admit(&store, &instance.state_key, Some(&policy), 0);
-        breaker::record(
-            &store,
-            &instance.state_key,
-            &policy,
-            admission,
-            Outcome::Failure,
-            0,
-        );
-    };
-    open(0);
-    for _ in 0..4 {
-        let routed = route_with(&cfg, &store, 1).unwrap();
-        assert_eq!(routed.instance, 1);
-        assert_eq!(routed.breaker, Some(Admission::Closed { clean: true }));
-    }
-    open(1);
-    let refused = route_with(&cfg, &store, 1).unwrap_err();
-    assert_eq!(refused.status, 503);
-    assert_eq!(error_code(&refused), "no_available_instance");
-    assert!(refused
-        .headers
-        .iter()
-        .any(|(name, value)| *name == "retry-after" && value == "10"));
-    // After the timeout, one trial goes through.
-    let trial = route_with(&cfg, &store, 10_000_000_001).unwrap();
-    assert_eq!(trial.breaker, Some(Admission::Trial));
-}
-
-#[test]
-fn fallback_models_stand_in_in_order_only_when_the_body_can_be_rewritten() {
-    let cfg = Plan::from_value(&json!({
-        "fallback": {"models": {"llama": ["gone", "qwen", "mistral"]}},
-        "services": {"chat": {"instances": [
-            {"name": "llama", "base-url": "http://a:1", "status": "down"},
-            {"name": "gone", "base-url": "http://g:1", "status": "down"},
-            {"name": "qwen", "base-url": "http://q:1"},
-            {"name": "mistral", "base-url": "http://m:1"}
-        ]}}
-    }))
-    .unwrap();
-    let store = MemoryStore::default();
-    let host = RouteInputs {
-        store: &store,
-        refunds: &RefCell::default(),
-        rotations: &RefCell::default(),
-        random: 0,
-        clock: &move || 1,
-        client: None,
-        api_key: None,
-        caller: None,
-    };
-    let route = |rewritable: bool| {
-        let extras = Extras {
-            model_rewritable: rewritable,
-            ..Extras::default()
-        };
-        route_model(&cfg, Endpoint::ChatCompletions, "llama", "", &host, &extras)
-    };
-    let routed = route(true).unwrap();
-    assert_eq!(routed.model, "qwen");
-    assert_eq!(routed.fallback_from.as_deref(), Some("llama"));
-    assert_eq!(route(false).unwrap_err().status, 503);
-    let own = route_model(
-        &cfg,
-        Endpoint::ChatCompletions,
-        "qwen",
-        "",
-        &host,
-        &Extras::default(),
-    )
-    .unwrap();
-    assert_eq!(own.fallback_from, None);
 }
 
 /// API keys: who calls is settled before anything else; what the key may use, once the service
@@ -563,8 +448,7 @@ fn api_keys_authenticate_then_authorize() {
         random: 1,
         clock: &move || now,
         client: None,
-        api_key: caller.key_index(),
-        caller: caller.grants(&cfg),
+        caller: &caller,
     };
     let embeddings = head("POST", "/v1/embeddings");
     let r = reply(on_request_headers(&cfg, &embeddings, &host));
@@ -572,10 +456,10 @@ fn api_keys_authenticate_then_authorize() {
         (r.status, error_code(&r)),
         (403, "service_not_permitted".into())
     );
-    let extras = Extras::default();
+    let facts = RequestFacts::default();
     let endpoint = Endpoint::ChatCompletions;
-    assert!(route_model(&cfg, endpoint, "llama", "", &host, &extras).is_ok());
-    let r = route_model(&cfg, endpoint, "qwen", "", &host, &extras).unwrap_err();
+    assert!(route_model(&cfg, endpoint, "llama", "", &host, &facts).is_ok());
+    let r = route_model(&cfg, endpoint, "qwen", "", &host, &facts).unwrap_err();
     assert_eq!(
         (r.status, error_code(&r)),
         (403, "model_not_permitted".into())
