@@ -160,10 +160,10 @@ ensure_wrk() {
 ensure_litellm() {
   local venv="$ROOT/.bench-venv" stamp="$ROOT/.bench-venv/.requirements"
   [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
-  if ! cmp -s "$ROOT/integration-tests/bench-requirements.txt" "$stamp"; then
+  if ! cmp -s "$ROOT/integration-tests/bench/requirements.txt" "$stamp"; then
     log "installing LiteLLM's proxy for the comparison (a few minutes, once)"
-    if "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$ROOT/integration-tests/bench-requirements.txt"; then
-      cp "$ROOT/integration-tests/bench-requirements.txt" "$stamp"
+    if "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$ROOT/integration-tests/bench/requirements.txt"; then
+      cp "$ROOT/integration-tests/bench/requirements.txt" "$stamp"
     else
       log "LiteLLM could not be installed; benchmarking without it"
     fi
@@ -200,6 +200,8 @@ ensure_portkey() {
 
 cmd_bench() {
   build
+  # The bench tools import the tests' harness and stubs (as pytest.ini puts them on the path).
+  export PYTHONPATH="$ROOT/integration-tests/support${PYTHONPATH:+:$PYTHONPATH}"
   local scenario="${1:-}"
   case "$scenario" in soak-clients | hostcalls | global-limits | profile | wasm) shift ;; esac
   if [[ "$scenario" != soak-clients && "$scenario" != wasm ]]; then
@@ -209,29 +211,29 @@ cmd_bench() {
   case "$scenario" in
     soak-clients)
       log "soak: 100,000 distinct clients against per-client rate limits (memory must stay flat)"
-      "$VENV/bin/python" -u integration-tests/bench_soak_clients.py "$@" ;;
+      "$VENV/bin/python" -u integration-tests/bench/bench_soak_clients.py "$@" ;;
     hostcalls)
       log "bench: what each kind of proxy-wasm host call costs in Envoy"
-      "$VENV/bin/python" -u integration-tests/bench_hostcalls.py "$@" ;;
+      "$VENV/bin/python" -u integration-tests/bench/bench_hostcalls.py "$@" ;;
     profile)
       ensure_perf
       log "bench: where Envoy's CPU goes with our filter and without (perf record -g on the pinned Envoy)"
-      "$VENV/bin/python" -u integration-tests/bench_profile.py "$@" ;;
+      "$VENV/bin/python" -u integration-tests/bench/bench_profile.py "$@" ;;
     wasm)
       ensure_perf
       command -v valgrind >/dev/null || apt_install valgrind
       log "bench: what V8 runs of the filter for one request, under node, counted by callgrind"
-      (cd integration-tests && "$VENV/bin/python" -u bench_wasm.py "$@") ;;
+      (cd integration-tests/bench && "$VENV/bin/python" -u bench_wasm.py "$@") ;;
     global-limits)
       [[ -x "$RATELIMIT" ]] || { echo "$RATELIMIT is not built (envoy/ratelimit missing?)" >&2; exit 1; }
       ensure_redis
       log "bench: limits across replicas (jairouter-ratelimit + Redis) vs local limits, paired"
-      "$VENV/bin/python" -u integration-tests/bench_global_limits.py "$@" ;;
+      "$VENV/bin/python" -u integration-tests/bench/bench_global_limits.py "$@" ;;
     *)
       ensure_litellm
       ensure_portkey
       log "bench: direct, plain Envoy, wasm no-op, Envoy doing our jobs, our filter (demo, no keys, lean), LiteLLM, Portkey"
-      "$VENV/bin/python" -u integration-tests/bench.py "$@" ;;
+      "$VENV/bin/python" -u integration-tests/bench/bench.py "$@" ;;
   esac
 }
 
@@ -280,7 +282,7 @@ cmd_up() {
   if [[ -z "$config" ]]; then
     log "starting the demo backends"
     local ports="$run/stub-ports"
-    "$VENV/bin/python" -u integration-tests/stub_backend.py \
+    "$VENV/bin/python" -u integration-tests/support/stub_backend.py \
       --instance demo-a --instance demo-b --instance demo-embed > "$ports" &
     pids+=($!)
     for _ in $(seq 100); do [[ $(grep -c '^STUB' "$ports" 2>/dev/null) -ge 3 ]] && break; sleep 0.1; done

@@ -28,7 +28,7 @@ Each workload runs for every variant in turn, round after round, so machine drif
 alike. Figures: requests/s and p50/p99 latency from wrk; proxy CPU per request from the proxy
 process's own accounting (/proc/PID/stat); peak resident memory (VmHWM). Ratios are to `envoy`
 measured in the same round; min/median/max over rounds. Writes the README's performance table,
-integration-tests/bench-results/{results.json,chart.svg}.
+integration-tests/bench/results/{results.json,chart.svg}.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENVOY = ROOT / ".venv" / "bin" / "envoy"
 RENDER = ROOT / "target" / "release" / "jairouter-render"
 WASM = ROOT / "target" / "wasm32-unknown-unknown" / "release" / "jairouter_filter.wasm"
@@ -61,7 +61,7 @@ PROBE_WASM = ROOT / "target" / "wasm32-unknown-unknown" / "release" / "examples"
 SUMMARY_BYTES = 126
 LITELLM = ROOT / ".bench-venv" / "bin" / "litellm"
 PORTKEY = ROOT / ".bench-node" / "node_modules" / "@portkey-ai" / "gateway" / "build" / "start-server.js"
-OUT = ROOT / "integration-tests" / "bench-results"
+OUT = Path(__file__).resolve().parent / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MODEL = "bench"
 # What the bench backend answers; every variant must pass it on (checked before measuring).
