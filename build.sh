@@ -39,6 +39,16 @@ WASM_BINDGEN_VERSION=0.2.130
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
+# Debian's packages, as root or through sudo; a fresh machine has no package lists yet, so when
+# the install fails it runs once more after an apt-get update.
+apt_install() {
+  log "installing $* (Debian)"
+  local as_root=()
+  [[ $(id -u) -eq 0 ]] || as_root=(sudo)
+  "${as_root[@]}" apt-get install -y -q "$@" >/dev/null 2>&1 && return
+  "${as_root[@]}" apt-get update -q >/dev/null
+  "${as_root[@]}" apt-get install -y -q "$@" >/dev/null
+}
 
 ensure_rust() {
   command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&2; exit 1; }
@@ -148,19 +158,13 @@ test_e2e() {
 # A real Prometheus (Debian's) scrapes the gateway in a test, to run the dashboard's and the
 # alerts' queries against it.
 ensure_prometheus() {
-  command -v prometheus >/dev/null && command -v promtool >/dev/null && return
-  log "installing Prometheus (Debian) for the monitoring test"
-  if [[ $(id -u) -eq 0 ]]; then apt-get install -y -q prometheus >/dev/null
-  else sudo apt-get install -y -q prometheus >/dev/null; fi
+  command -v prometheus >/dev/null && command -v promtool >/dev/null || apt_install prometheus
 }
 
 # A real Redis (Debian's) behind jairouter-ratelimit, for the limits across replicas (tests, and
 # `./build.sh up` with gateway.global-rate-limit).
 ensure_redis() {
-  command -v redis-server >/dev/null && return
-  log "installing Redis (Debian) for the rate-limit service"
-  if [[ $(id -u) -eq 0 ]]; then apt-get install -y -q redis-server >/dev/null
-  else sudo apt-get install -y -q redis-server >/dev/null; fi
+  command -v redis-server >/dev/null || apt_install redis-server
 }
 
 # Benchmarks and soaks (never part of `test`):
@@ -177,22 +181,14 @@ ensure_redis() {
 #   ./build.sh bench global-limits [--rounds N --seconds S --no-pin --no-token-budget]
 #                                                    what gateway.global-rate-limit adds over local
 #                                                    limits (jairouter-ratelimit + Redis; README)
-apt_install() {
-  log "installing $* (Debian)"
-  if [[ $(id -u) -eq 0 ]]; then apt-get install -y -q "$@" >/dev/null
-  else sudo apt-get install -y -q "$@" >/dev/null; fi
-}
-
 # perf for the profiles (`bench profile`, `bench wasm --perf`).
 ensure_perf() {
   command -v perf >/dev/null || apt_install linux-perf
 }
 
+# wrk, the benchmarks' load generator.
 ensure_wrk() {
-  command -v wrk >/dev/null && return
-  log "installing wrk (Debian) as the load generator"
-  if [[ $(id -u) -eq 0 ]]; then apt-get install -y -q wrk >/dev/null
-  else sudo apt-get install -y -q wrk >/dev/null; fi
+  command -v wrk >/dev/null || apt_install wrk
 }
 
 # LiteLLM in a venv of its own (it pins its own dependencies); the bench runs without it if
