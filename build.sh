@@ -84,8 +84,11 @@ build() {
   ensure_venv
   log "building the filter ($WASM_TARGET) and the renderer"
   cargo build --quiet --release --target "$WASM_TARGET" -p jairouter-filter
-  # The probe filter: the benchmark's floor, and the tests' filter that dies on demand.
-  cargo build --quiet --release --target "$WASM_TARGET" -p jairouter-filter --example hostcall_probe
+  # The probe filter: the benchmark's floor, and the tests' filter that dies on demand. An example
+  # gets the dev-dependencies, which change the features of the filter's own (serde_json's), so in
+  # one target directory the two builds would rebuild the filter for each other every time.
+  cargo build --quiet --release --target "$WASM_TARGET" -p jairouter-filter --example hostcall_probe \
+    --target-dir "$ROOT/target/probe"
   cargo build --quiet --release -p jairouter-render
   # The rate-limit service of limits across replicas (envoy/ratelimit), once its crate is there.
   if [[ -f "$ROOT/envoy/ratelimit/Cargo.toml" ]]; then

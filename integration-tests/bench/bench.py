@@ -56,7 +56,7 @@ ENVOY = ROOT / ".venv" / "bin" / "envoy"
 RENDER = ROOT / "target" / "release" / "jairouter-render"
 WASM = ROOT / "target" / "wasm32-unknown-unknown" / "release" / "jairouter_filter.wasm"
 BACKEND = ROOT / "target" / "release" / "jairouter-bench-backend"
-PROBE_WASM = ROOT / "target" / "wasm32-unknown-unknown" / "release" / "examples" / "hostcall_probe.wasm"
+PROBE_WASM = ROOT / "target" / "probe" / "wasm32-unknown-unknown" / "release" / "examples" / "hostcall_probe.wasm"
 # The length of our access-log summary on the 1 KB chat request with the demo feature set.
 SUMMARY_BYTES = 126
 LITELLM = ROOT / ".bench-venv" / "bin" / "litellm"

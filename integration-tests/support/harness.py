@@ -18,6 +18,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 ENVOY = ROOT / ".venv" / "bin" / "envoy"
 WASM = ROOT / "target" / "wasm32-unknown-unknown" / "release" / "jairouter_filter.wasm"
+# The probe filter (filter/examples/hostcall_probe.rs), built in a target directory of its own.
+PROBE_WASM = ROOT / "target" / "probe" / "wasm32-unknown-unknown" / "release" / "examples" / "hostcall_probe.wasm"
 RENDER = ROOT / "target" / "release" / "jairouter-render"
 FIXTURES = Path(__file__).parent / "fixtures"
 
