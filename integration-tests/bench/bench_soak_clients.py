@@ -18,9 +18,9 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).parent))
-from harness import Gateway, instance, json_body  # noqa: E402
-from stub_backend import StubServer  # noqa: E402
+# support/ is on the path (./build.sh bench sets PYTHONPATH, as pytest.ini does for the tests).
+from harness import Gateway, instance, json_body
+from stub_backend import StubServer
 
 
 def memory(gw: Gateway) -> int:

@@ -415,9 +415,8 @@ def test_a_vm_that_dies_is_replaced_for_the_next_request(tmp_path):
     """The rendered plugin's failure policy (FAIL_RELOAD): if the VM ever panicked, the next request
     gets a fresh VM, instead of every later request of that worker failing until a restart
     (Envoy's default). Shown with the probe filter, which panics on request."""
-    from harness import ROOT, Gateway
+    from harness import PROBE_WASM, Gateway
 
-    probe = ROOT / "target" / "wasm32-unknown-unknown" / "release" / "examples" / "hostcall_probe.wasm"
     gw = Gateway(tmp_path, {"model": {"services": {"chat": {"instances": [
         {"name": "m", "base-url": "http://127.0.0.1:9"}]}}}}, concurrency=1, live=False)
     bootstrap = gw.render_bootstrap()
@@ -425,7 +424,7 @@ def test_a_vm_that_dies_is_replaced_for_the_next_request(tmp_path):
     hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     plugin = hcm["http_filters"][0]["typed_config"]["config"]
     assert plugin["failure_policy"] == "FAIL_RELOAD"
-    plugin["vm_config"]["code"]["local"]["filename"] = str(probe)
+    plugin["vm_config"]["code"]["local"]["filename"] = str(PROBE_WASM)
     plugin["configuration"]["value"] = "panic,reply-header"
     bootstrap.write_text(json.dumps(doc))
     gw.start(bootstrap)

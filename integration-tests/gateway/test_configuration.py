@@ -8,14 +8,12 @@ import signal
 import socket
 import subprocess
 import time
-from pathlib import Path
 
 import httpx
 import yaml
 
-from harness import ENVOY, RENDER, ROOT, WASM, Gateway, json_body, render, wait_until_ready
+from harness import ENVOY, FIXTURES, RENDER, ROOT, WASM, Gateway, free_port, json_body, render, wait_until_ready
 
-FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def test_seed_configmap_loads_unchanged(stubs, gateway, tmp_path):
@@ -83,12 +81,6 @@ def test_envoy_refuses_a_filter_configuration_the_filter_rejects(tmp_path, stubs
         assert "model.services.chat.instances[0].weight: must be a whole number" in str(e)
     finally:
         gw.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_build_sh_up_serves_the_demo_and_stops_everything(tmp_path):

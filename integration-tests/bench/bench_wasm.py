@@ -2,7 +2,7 @@
 instead of timed (these machines are too noisy to time a few microseconds).
 
 The filter's .wasm runs under node's V8 (TurboFan, as Envoy's) against a small proxy-wasm host in
-JavaScript (integration-tests/wasm_harness.mjs), request after request of the bench's 1 KB chat
+JavaScript (wasm_harness.mjs, beside it), request after request of the bench's 1 KB chat
 with the bench's demo configuration (round-robin, request and token limits, breakers, an API key
 with quotas); --workload names another of the bench's workloads (its path and body, delivered
 in one body callback as a fast client's is). Modes:
@@ -35,8 +35,8 @@ from pathlib import Path
 
 import bench
 
-ROOT = Path(__file__).resolve().parents[1]
-HARNESS = ROOT / "integration-tests" / "wasm_harness.mjs"
+ROOT = Path(__file__).resolve().parents[2]
+HARNESS = Path(__file__).resolve().with_name("wasm_harness.mjs")
 NAMED_TARGET = ROOT / "target" / "wasm-names"
 KEY = "sk-bench-wasm-0123456789abcdef"
 

@@ -2,7 +2,7 @@
 // JavaScript: request after request of one shape (headers, body, response head and body, log),
 // so that what V8 runs of the filter can be counted (callgrind: deterministic instruction
 // counts, where timings on these machines are not) and named (`perf` with --perf-basic-prof and
-// a build that keeps the name section). Used by integration-tests/bench_wasm.py.
+// a build that keeps the name section). Used by bench_wasm.py, beside it.
 //
 //   node wasm_harness.mjs FILTER.wasm PLUGIN_CONFIG.json REQUEST_BODY N
 //
@@ -21,7 +21,7 @@ const requestHeaders = [[":method", "POST"], [":path", process.env.REQUEST_PATH 
   [":scheme", "http"], ["content-type", "application/json"], ["content-length", String(body.length)],
   ["user-agent", "wrk"], ["x-forwarded-proto", "http"], ["x-request-id", "5f0c6d4e-1b2a-4c3d-9e8f-0a1b2c3d4e5f"]];
 if (process.env.API_KEY) requestHeaders.push(["authorization", "Bearer " + process.env.API_KEY]);
-// What the bench backend answers (integration-tests/bench-backend).
+// What the bench backend answers (integration-tests/bench/backend).
 const responseBody = Buffer.from('{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"bench",' +
   '"choices":[{"index":0,"message":{"role":"assistant","content":"Hello from the bench backend."},"finish_reason":"stop"}],' +
   '"usage":{"prompt_tokens":10,"completion_tokens":7,"total_tokens":17}}');

@@ -27,7 +27,7 @@ is reported, not hidden in a fast latency.
 
 Pinned as bench.py is (`--no-pin` to turn it off): Envoy on the first CPU, wrk, the backend, the
 rate-limit service and Redis on the second. The machine's load average is recorded, never refused.
-Writes integration-tests/bench-results/global-limits.{md,json} and the section of docs/performance.md
+Writes docs/bench-results/global-limits.{md,json} and the section of docs/performance.md
 between <!-- global-limits:begin --> and <!-- global-limits:end --> (`--no-docs` skips it).
 """
 

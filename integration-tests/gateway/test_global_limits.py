@@ -18,17 +18,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from harness import ROOT, error_of, instance, json_body
+from harness import ROOT, error_of, free_port, instance, json_body
 
 CHAT = "/v1/chat/completions"
 JSON = {"content-type": "application/json"}
 SERVICE_BIN = ROOT / "target" / "release" / "jairouter-ratelimit"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Redis:

@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCHEMAS = ROOT / "k8s" / "schemas"
 INSTALL = "k8s/tools/install.sh"
 # Core kinds are checked against each of these Kubernetes versions (oldest and newest we support).

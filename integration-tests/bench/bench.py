@@ -28,7 +28,7 @@ Each workload runs for every variant in turn, round after round, so machine drif
 alike. Figures: requests/s and p50/p99 latency from wrk; proxy CPU per request from the proxy
 process's own accounting (/proc/PID/stat); peak resident memory (VmHWM). Ratios are to `envoy`
 measured in the same round; min/median/max over rounds. Writes the performance table of docs/performance.md,
-integration-tests/bench-results/{results.json,chart.svg}.
+docs/bench-results/{results.json,chart.svg}.
 """
 
 from __future__ import annotations
@@ -51,17 +51,17 @@ from pathlib import Path
 import httpx
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENVOY = ROOT / ".venv" / "bin" / "envoy"
 RENDER = ROOT / "target" / "release" / "jairouter-render"
 WASM = ROOT / "target" / "wasm32-unknown-unknown" / "release" / "jairouter_filter.wasm"
 BACKEND = ROOT / "target" / "release" / "jairouter-bench-backend"
-PROBE_WASM = ROOT / "target" / "wasm32-unknown-unknown" / "release" / "examples" / "hostcall_probe.wasm"
+PROBE_WASM = ROOT / "target" / "probe" / "wasm32-unknown-unknown" / "release" / "examples" / "hostcall_probe.wasm"
 # The length of our access-log summary on the 1 KB chat request with the demo feature set.
 SUMMARY_BYTES = 126
 LITELLM = ROOT / ".bench-venv" / "bin" / "litellm"
 PORTKEY = ROOT / ".bench-node" / "node_modules" / "@portkey-ai" / "gateway" / "build" / "start-server.js"
-OUT = ROOT / "integration-tests" / "bench-results"
+OUT = ROOT / "docs" / "bench-results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MODEL = "bench"
 # What the bench backend answers; every variant must pass it on (checked before measuring).

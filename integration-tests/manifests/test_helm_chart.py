@@ -19,10 +19,9 @@ import httpx
 import pytest
 import yaml
 
-from harness import ENVOY, RENDER, ROOT, WASM, json_body, wait_until_ready
+from harness import ENVOY, RENDER, ROOT, WASM, free_port, json_body, wait_until_ready
 from k8s_tools import helm_lint, helm_template, validate
 from otlp_receiver import OtlpReceiver
-from test_configuration import free_port
 
 CHART = ROOT / "k8s" / "helm" / "jairouter"
 FULL = CHART / "ci" / "full-values.yaml"

@@ -7,6 +7,7 @@ loopback ports, with --use-dynamic-base-id so several Envoys can run side by sid
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -14,10 +15,19 @@ from pathlib import Path
 import httpx
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENVOY = ROOT / ".venv" / "bin" / "envoy"
 WASM = ROOT / "target" / "wasm32-unknown-unknown" / "release" / "jairouter_filter.wasm"
+# The probe filter (filter/examples/hostcall_probe.rs), built in a target directory of its own.
+PROBE_WASM = ROOT / "target" / "probe" / "wasm32-unknown-unknown" / "release" / "examples" / "hostcall_probe.wasm"
 RENDER = ROOT / "target" / "release" / "jairouter-render"
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def render(config_path: Path, *flags: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -7,7 +7,7 @@ import time
 
 import httpx
 
-from harness import instance, json_body
+from harness import ROOT, instance, json_body
 
 JSON = {"content-type": "application/json"}
 
@@ -255,10 +255,9 @@ def test_dashboard_and_alerts_query_only_exported_series(stubs, gateway):
     """Every jairouter_* and gen_ai_* series the Grafana dashboard and the PrometheusRule alerts
     read is in a real Envoy's scrape after mixed traffic (failures, limits, streams)."""
     import json as jsonlib
-    from pathlib import Path
     import yaml
 
-    monitoring = Path(__file__).resolve().parents[1] / "k8s" / "monitoring"
+    monitoring = ROOT / "k8s" / "monitoring"
     dashboard = jsonlib.loads((monitoring / "grafana-dashboard.json").read_text())
     rules = yaml.safe_load((monitoring / "prometheus-rule.yaml").read_text())
     queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
@@ -315,12 +314,11 @@ def test_dashboard_and_alert_queries_run_on_a_real_prometheus(stubs, gateway, tm
     import shutil
     import socket
     import subprocess
-    from pathlib import Path
     import yaml
 
     prometheus, promtool = shutil.which("prometheus"), shutil.which("promtool")
     assert prometheus and promtool, "./build.sh test installs Prometheus"
-    monitoring = Path(__file__).resolve().parents[1] / "k8s" / "monitoring"
+    monitoring = ROOT / "k8s" / "monitoring"
     rules = yaml.safe_load((monitoring / "prometheus-rule.yaml").read_text())
     rules_file = tmp_path / "rules.yml"
     rules_file.write_text(yaml.safe_dump(rules["spec"]))
@@ -378,12 +376,11 @@ def test_the_per_model_error_alert_fires_for_the_failing_model_only(tmp_path):
     `unknown` label (requests for no configured model) do not."""
     import shutil
     import subprocess
-    from pathlib import Path
     import yaml
 
     promtool = shutil.which("promtool")
     assert promtool, "./build.sh test installs Prometheus"
-    monitoring = Path(__file__).resolve().parents[1] / "k8s" / "monitoring"
+    monitoring = ROOT / "k8s" / "monitoring"
     rules = yaml.safe_load((monitoring / "prometheus-rule.yaml").read_text())
     (tmp_path / "rules.yml").write_text(yaml.safe_dump(rules["spec"]))
     series = lambda model, status, per_minute: {
