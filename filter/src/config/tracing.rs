@@ -345,7 +345,7 @@ mod tests {
             "jairouter": {"tracing": tracing}
         });
         Config::from_value(&config)
-            .map(|c| c.tracing)
+            .map(|c| c.settings.tracing)
             .map_err(|e| e.to_string())
     }
 
@@ -373,7 +373,11 @@ mod tests {
         );
         // The model section alone has no tracing.
         let bare = json!({"services": {}});
-        assert!(Config::from_value(&bare).unwrap().tracing.is_none());
+        assert!(Config::from_value(&bare)
+            .unwrap()
+            .settings
+            .tracing
+            .is_none());
     }
 
     #[test]

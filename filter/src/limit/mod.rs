@@ -462,9 +462,9 @@ impl Limits {
             );
         }
         for service in services {
-            if let Some(policy) = &service.token_limit {
-                let name = format!("model.services.{}.token-limit", service.kind.key());
-                add_tokens(&mut list, name, Covers::Service(service.kind), policy);
+            if let Some(policy) = &service.spec.token_limit {
+                let name = format!("model.services.{}.token-limit", service.spec.kind.key());
+                add_tokens(&mut list, name, Covers::Service(service.spec.kind), policy);
             }
         }
         let mut add = |name: String, covers: Covers, policy: &RateLimitPolicy| {
@@ -485,18 +485,18 @@ impl Limits {
             add("model.rate-limit".to_string(), Covers::All, policy);
         }
         for service in services {
-            let path = format!("model.services.{}", service.kind.key());
-            if let Some(policy) = &service.rate_limit {
+            let path = format!("model.services.{}", service.spec.kind.key());
+            if let Some(policy) = &service.spec.rate_limit {
                 add(
                     format!("{path}.rate-limit"),
-                    Covers::Service(service.kind),
+                    Covers::Service(service.spec.kind),
                     policy,
                 );
             }
             for (at, instance) in service.instances.iter().enumerate() {
                 if let Some(policy) = &instance.rate_limit {
                     let name = format!("{path}.instances[{at}].rate-limit");
-                    add(name, Covers::Instance(service.kind, at), policy);
+                    add(name, Covers::Instance(service.spec.kind, at), policy);
                 }
             }
         }
@@ -966,7 +966,7 @@ fn fixed_buckets(list: &[Limit], services: &[&ServiceConfig]) -> Vec<(usize, Str
         for service in services {
             let covered = match limit.covers {
                 Covers::All => true,
-                Covers::Service(kind) | Covers::Instance(kind, _) => kind == service.kind,
+                Covers::Service(kind) | Covers::Instance(kind, _) => kind == service.spec.kind,
                 Covers::ApiKey(_) => false,
             };
             if !covered {
@@ -974,11 +974,11 @@ fn fixed_buckets(list: &[Limit], services: &[&ServiceConfig]) -> Vec<(usize, Str
             }
             let labels: Vec<String> = match limit.scope {
                 Scope::Global => vec!["all".to_string()],
-                Scope::Service => vec![service.kind.key().to_string()],
+                Scope::Service => vec![service.spec.kind.key().to_string()],
                 Scope::Model => service
                     .models
                     .iter()
-                    .map(|m| format!("{}/{m}", service.kind.key()))
+                    .map(|m| format!("{}/{m}", service.spec.kind.key()))
                     .collect(),
                 Scope::Instance => service
                     .instances
