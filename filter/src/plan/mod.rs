@@ -263,10 +263,7 @@ fn check_client_tables(limits: &Limits) -> Result<(), ConfigError> {
         table_bytes = table_bytes.saturating_add(limit.max_clients.saturating_mul(slot));
         if table_bytes > MAX_CLIENT_TABLE_BYTES {
             return Err(error(
-                &format!(
-                    "{}.max-clients",
-                    limit.name.trim_end_matches(" (per client)")
-                ),
+                &format!("{}.max-clients", limit.block),
                 format!(
                     "per-client rate-limit tables would take {table_bytes} bytes of shared data \
                      (at most {MAX_CLIENT_TABLE_BYTES}); lower max-clients or the window"
