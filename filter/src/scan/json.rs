@@ -295,21 +295,7 @@ impl JsonModelScanner {
 
     fn step(&mut self, b: u8) -> Step {
         match self.state {
-            State::Start { bom } => {
-                if BOM.get(bom) == Some(&b) {
-                    self.state = if bom + 1 == BOM.len() {
-                        State::Root
-                    } else {
-                        State::Start { bom: bom + 1 }
-                    };
-                    return Step::Next;
-                }
-                if bom > 0 {
-                    return invalid("the body starts with a broken byte order mark");
-                }
-                self.state = State::Root;
-                Step::Again
-            }
+            State::Start { bom } => self.start(bom, b),
             State::Root => match b {
                 _ if is_ws(b) => Step::Next,
                 b'{' => self.open(Container::Object),
@@ -320,32 +306,7 @@ impl JsonModelScanner {
                 b']' if self.state == State::FirstElement => self.close(Container::Array),
                 _ => self.begin_value(b),
             },
-            State::TargetValue(target) => match (b, target) {
-                _ if is_ws(b) => Step::Next,
-                (b'"', Target::Model | Target::Field(_)) => {
-                    self.text.clear();
-                    self.model_start = self.at;
-                    let sink = match target {
-                        Target::Field(at) => Sink::Field(at),
-                        _ => Sink::Model,
-                    };
-                    self.state = State::Str {
-                        sink,
-                        esc: Esc::None,
-                    };
-                    Step::Next
-                }
-                (_, Target::Model) => invalid("`model` must be a string"),
-                // A number is kept as its text (`max_tokens`).
-                (b'-' | b'0'..=b'9', Target::Field(at)) => {
-                    self.text.clear();
-                    self.text.push(b);
-                    self.number_field = Some(at);
-                    self.begin_value(b)
-                }
-                // Any other value is no key; read it like any value.
-                _ => self.begin_value(b),
-            },
+            State::TargetValue(target) => self.target_value(target, b),
             State::FirstKey | State::Key => match b {
                 _ if is_ws(b) => Step::Next,
                 b'}' if self.state == State::FirstKey => self.close(Container::Object),
@@ -391,21 +352,76 @@ impl JsonModelScanner {
             },
             State::Str { sink, esc } => self.string_byte(sink, esc, b),
             State::Number(num) => self.number_byte(num, b),
-            State::Literal { word, matched } => {
-                if word.get(matched) != Some(&b) {
-                    return invalid("invalid literal (expected true, false or null)");
-                }
-                self.state = if matched + 1 == word.len() {
-                    State::AfterValue
-                } else {
-                    State::Literal {
-                        word,
-                        matched: matched + 1,
-                    }
+            State::Literal { word, matched } => self.literal_byte(word, matched, b),
+        }
+    }
+
+    /// Before the first byte: a byte order mark may come (once per body: cold).
+    #[cold]
+    #[inline(never)]
+    fn start(&mut self, bom: usize, b: u8) -> Step {
+        if BOM.get(bom) == Some(&b) {
+            self.state = if bom + 1 == BOM.len() {
+                State::Root
+            } else {
+                State::Start { bom: bom + 1 }
+            };
+            return Step::Next;
+        }
+        if bom > 0 {
+            return invalid("the body starts with a broken byte order mark");
+        }
+        self.state = State::Root;
+        Step::Again
+    }
+
+    /// The first byte of a top-level value we look for (once per such key: cold). `model`
+    /// must be a string; a field is kept as a string or the text of a number.
+    #[cold]
+    #[inline(never)]
+    fn target_value(&mut self, target: Target, b: u8) -> Step {
+        match (b, target) {
+            _ if is_ws(b) => Step::Next,
+            (b'"', Target::Model | Target::Field(_)) => {
+                self.text.clear();
+                self.model_start = self.at;
+                let sink = match target {
+                    Target::Field(at) => Sink::Field(at),
+                    _ => Sink::Model,
+                };
+                self.state = State::Str {
+                    sink,
+                    esc: Esc::None,
                 };
                 Step::Next
             }
+            (_, Target::Model) => invalid("`model` must be a string"),
+            // A number is kept as its text (`max_tokens`).
+            (b'-' | b'0'..=b'9', Target::Field(at)) => {
+                self.text.clear();
+                self.text.push(b);
+                self.number_field = Some(at);
+                self.begin_value(b)
+            }
+            // Any other value is no key; read it like any value.
+            _ => self.begin_value(b),
         }
+    }
+
+    /// Inside `true`, `false` or `null`.
+    fn literal_byte(&mut self, word: &'static [u8], matched: usize, b: u8) -> Step {
+        if word.get(matched) != Some(&b) {
+            return invalid("invalid literal (expected true, false or null)");
+        }
+        self.state = if matched + 1 == word.len() {
+            State::AfterValue
+        } else {
+            State::Literal {
+                word,
+                matched: matched + 1,
+            }
+        };
+        Step::Next
     }
 
     fn begin_value(&mut self, b: u8) -> Step {
