@@ -549,6 +549,45 @@ impl Limits {
         now_ns: u64,
         tokens: u64,
     ) -> Result<Admitted, Refusal> {
+        let groups = self.groups(subject, phase, tokens);
+        let mut admitted = Admitted::default();
+        for group in &groups {
+            // A store that fails must not fail the request: the limits are skipped.
+            let Some((key, outcome)) = self.draw_group(store, refunds, group, now_ns) else {
+                for draw in &group.draws {
+                    log::warn!(
+                        "rate limit {}: shared data unavailable, not enforced",
+                        draw.limit.name
+                    );
+                }
+                continue;
+            };
+            let verdicts = match outcome {
+                Ok(verdicts) => verdicts,
+                Err((at, verdict)) => {
+                    self.release(store, &admitted.grants);
+                    return Err(group.refusal(at, verdict));
+                }
+            };
+            for (draw, verdict) in group.draws.iter().zip(verdicts) {
+                let roomy = verdict.remaining >= draw.limit.params.limit() / 2;
+                admitted.note(draw.index, draw.limit.unit, verdict);
+                admitted.grants.push(Grant {
+                    limit: draw.index,
+                    key: Rc::clone(&key),
+                    at_ns: now_ns,
+                    cost: draw.cost,
+                    roomy,
+                });
+            }
+        }
+        Ok(admitted)
+    }
+
+    /// The limits of `phase` that cover the request, grouped by the bucket they draw from (the
+    /// limits counting one subject share an entry): one request each from request limits,
+    /// `tokens` from token budgets.
+    fn groups(&self, subject: &Subject<'_>, phase: Phase, tokens: u64) -> Vec<Group<'_>> {
         let mut groups: Vec<Group<'_>> = Vec::new();
         for (index, limit) in self.list.iter().enumerate() {
             if limit.after_pick() != (phase == Phase::AfterPick) || !limit.covers(subject) {
@@ -578,66 +617,38 @@ impl Limits {
                 draws: vec![draw],
             });
         }
-        let mut admitted = Admitted::default();
-        for Group { bucket, draws, .. } in &groups {
-            let (key, outcome): (Rc<str>, _) = match bucket {
-                BucketKey::Fixed(key) => (
-                    Rc::clone(key),
-                    draw_entry(store, refunds, key, draws, now_ns),
-                ),
-                BucketKey::Client(fingerprint, _) => {
-                    let Some(draw) = draws.first() else {
-                        continue;
-                    };
-                    let limit = draw.limit;
-                    let key = self.client_key(store, limit, *fingerprint, now_ns);
-                    let verdict = transact(store, &key, |state| {
-                        admit_client(&limit.params, state, *fingerprint, now_ns, draw.cost)
-                    });
-                    let outcome =
-                        verdict.map(|v| if v.admitted { Ok(vec![v]) } else { Err((0, v)) });
-                    (Rc::from(key), outcome)
-                }
-            };
-            // A store that fails must not fail the request: the limits are skipped.
-            let Some(outcome) = outcome else {
-                for draw in draws {
-                    log::warn!(
-                        "rate limit {}: shared data unavailable, not enforced",
-                        draw.limit.name
-                    );
-                }
-                continue;
-            };
-            let verdicts = match outcome {
-                Ok(verdicts) => verdicts,
-                Err((at, verdict)) => {
-                    self.release(store, &admitted.grants);
-                    let refused = draws.get(at);
-                    let label = match bucket {
-                        BucketKey::Client(_, client) => client.as_str(),
-                        BucketKey::Fixed(key) => refused.map_or(&**key, |d| d.limit.label_of(key)),
-                    };
-                    return Err(Refusal {
-                        limit: refused.map_or(0, |d| d.index),
-                        label: label.to_string(),
-                        verdict,
-                    });
-                }
-            };
-            for (draw, verdict) in draws.iter().zip(verdicts) {
-                let roomy = verdict.remaining >= draw.limit.params.limit() / 2;
-                admitted.note(draw.index, draw.limit.unit, verdict);
-                admitted.grants.push(Grant {
-                    limit: draw.index,
-                    key: Rc::clone(&key),
-                    at_ns: now_ns,
-                    cost: draw.cost,
-                    roomy,
-                });
+        groups
+    }
+
+    /// Draws a group's limits from its bucket in one compare-and-swap: the key drawn from and
+    /// the verdicts; `None` when the store failed.
+    fn draw_group(
+        &self,
+        store: &dyn SharedStore,
+        refunds: &RefCell<Refunds>,
+        group: &Group<'_>,
+        now_ns: u64,
+    ) -> Option<(Rc<str>, EntryOutcome)> {
+        match &group.bucket {
+            BucketKey::Fixed(key) => {
+                let outcome = draw_entry(store, refunds, key, &group.draws, now_ns)?;
+                Some((Rc::clone(key), outcome))
+            }
+            BucketKey::Client(fingerprint, _) => {
+                let draw = group.draws.first()?;
+                let limit = draw.limit;
+                let key = self.client_key(store, limit, *fingerprint, now_ns);
+                let verdict = transact(store, &key, |state| {
+                    admit_client(&limit.params, state, *fingerprint, now_ns, draw.cost)
+                })?;
+                let outcome = if verdict.admitted {
+                    Ok(vec![verdict])
+                } else {
+                    Err((0, verdict))
+                };
+                Some((Rc::from(key), outcome))
             }
         }
-        Ok(admitted)
     }
 
     /// Gives admissions back (the request was refused by another limit, or never sent): one
@@ -815,6 +826,22 @@ struct Group<'a> {
     entry: Option<&'a str>,
     bucket: BucketKey,
     draws: Vec<Draw<'a>>,
+}
+
+impl Group<'_> {
+    /// The refusal of the draw at `at`, naming the bucket as a 429 does.
+    fn refusal(&self, at: usize, verdict: Verdict) -> Refusal {
+        let refused = self.draws.get(at);
+        let label = match &self.bucket {
+            BucketKey::Client(_, client) => client.as_str(),
+            BucketKey::Fixed(key) => refused.map_or(&**key, |d| d.limit.label_of(key)),
+        };
+        Refusal {
+            limit: refused.map_or(0, |d| d.index),
+            label: label.to_string(),
+            verdict,
+        }
+    }
 }
 
 /// The verdicts of an entry's draws, in order, or the first refusal (which draw, its verdict).
