@@ -152,9 +152,18 @@ fn parse_key(path: &str, value: &Value) -> Result<ApiKeyEntry> {
     let (salt, digest) = take_key_hash(&mut f)?;
     let enabled = f.boolean("enabled", true)?;
     let (admin, services) = take_permissions(&mut f)?;
-    let models = take_models(&mut f, admin)?;
-    let expires_at = take_expiry(&mut f)?;
-    let allowed_addresses = take_allowed_addresses(&mut f)?;
+    let models = match f.take("models") {
+        Some(v) => Some(models(&f.child("models"), v, admin)?),
+        None => None,
+    };
+    let expires_at = match f.string("expires-at")? {
+        Some(text) => Some(expiry(&f.child("expires-at"), text)?),
+        None => None,
+    };
+    let allowed_addresses = match f.take("allowed-ip-addresses") {
+        Some(v) => allowed_addresses(&f.child("allowed-ip-addresses"), v)?,
+        None => None,
+    };
     let rate_limit_per_minute = f.integer("rate-limit-per-minute", 0, 0, MAX_QUOTA)?;
     let daily_request_limit = f.integer("daily-request-limit", 0, 0, MAX_QUOTA)?;
     let tokens_per_minute = f.integer("tokens-per-minute", 0, 0, MAX_QUOTA)?;
@@ -270,54 +279,41 @@ fn take_permissions(f: &mut Fields<'_>) -> Result<(bool, Vec<ServiceType>)> {
     Ok((admin, services))
 }
 
-/// `models`: the models the key may use (`None`: every model of its services).
-fn take_models(f: &mut Fields<'_>, admin: bool) -> Result<Option<Vec<String>>> {
-    let models_path = f.child("models");
-    let Some(v) = f.take("models") else {
-        return Ok(None);
-    };
-    let list = string_list(&models_path, v)?;
+/// `models`: the models the key may use (none: every model of its services).
+fn models(path: &str, value: &Value, admin: bool) -> Result<Vec<String>> {
+    let list = string_list(path, value)?;
     if list.is_empty() {
         return Err(error(
-            &models_path,
+            path,
             "lists no model: leave it out to allow every model",
         ));
     }
     if admin {
         return Err(error(
-            &models_path,
+            path,
             "cannot narrow an admin key (admin allows every model): drop one of them",
         ));
     }
-    Ok(Some(list.into_iter().map(|(m, _)| m.to_string()).collect()))
+    Ok(list.into_iter().map(|(m, _)| m.to_string()).collect())
 }
 
 /// `expires-at`, in Unix seconds.
-fn take_expiry(f: &mut Fields<'_>) -> Result<Option<u64>> {
-    let expires_path = f.child("expires-at");
-    let Some(text) = f.string("expires-at")? else {
-        return Ok(None);
-    };
-    let at = parse_time(text).ok_or_else(|| {
+fn expiry(path: &str, text: &str) -> Result<u64> {
+    parse_time(text).ok_or_else(|| {
         error(
-            &expires_path,
+            path,
             format!(
                 "must be a UTC time like 2027-01-31T00:00:00Z, 2027-01-31 00:00:00 or a date \
                  2027-01-31 (got {text:?})"
             ),
         )
-    })?;
-    Ok(Some(at))
+    })
 }
 
 /// `allowed-ip-addresses`: the client addresses the key may come from (`None`: any).
-fn take_allowed_addresses(f: &mut Fields<'_>) -> Result<Option<Vec<IpAddr>>> {
-    let addresses_path = f.child("allowed-ip-addresses");
-    let Some(v) = f.take("allowed-ip-addresses") else {
-        return Ok(None);
-    };
+fn allowed_addresses(path: &str, value: &Value) -> Result<Option<Vec<IpAddr>>> {
     let mut addresses = Vec::new();
-    for (text, item_path) in string_list(&addresses_path, v)? {
+    for (text, item_path) in string_list(path, value)? {
         let bare = text
             .strip_prefix('[')
             .and_then(|t| t.strip_suffix(']'))
