@@ -552,28 +552,7 @@ impl JsonModelScanner {
                 };
                 return self.push_bytes(sink, &[decoded]);
             }
-            Esc::Unicode { digits, value } => {
-                let Some(d) = hex(b) else {
-                    return invalid("invalid \\u escape inside a JSON string");
-                };
-                let value = value * 16 + d;
-                if digits < 3 {
-                    Esc::Unicode {
-                        digits: digits + 1,
-                        value,
-                    }
-                } else if (0xD800..0xDC00).contains(&value) {
-                    Esc::LowBackslash { high: value }
-                } else if (0xDC00..0xE000).contains(&value) {
-                    return invalid("lone surrogate in a \\u escape");
-                } else {
-                    self.state = State::Str {
-                        sink,
-                        esc: Esc::None,
-                    };
-                    return self.push_char(sink, value);
-                }
-            }
+            Esc::Unicode { digits, value } => return self.unicode_digit(sink, digits, value, b),
             Esc::LowBackslash { high } if b == b'\\' => Esc::LowU { high },
             Esc::LowU { high } if b == b'u' => Esc::LowUnicode {
                 high,
@@ -587,31 +566,72 @@ impl JsonModelScanner {
                 high,
                 digits,
                 value,
-            } => {
-                let Some(d) = hex(b) else {
-                    return invalid("invalid \\u escape inside a JSON string");
-                };
-                let value = value * 16 + d;
-                if digits < 3 {
-                    Esc::LowUnicode {
-                        high,
-                        digits: digits + 1,
-                        value,
-                    }
-                } else if (0xDC00..0xE000).contains(&value) {
-                    self.state = State::Str {
-                        sink,
-                        esc: Esc::None,
-                    };
-                    let code = 0x10000 + ((high - 0xD800) << 10) + (value - 0xDC00);
-                    return self.push_char(sink, code);
-                } else {
-                    return invalid("lone surrogate in a \\u escape");
-                }
-            }
+            } => return self.low_surrogate_digit(sink, high, digits, value, b),
         };
         self.state = State::Str { sink, esc: next };
         Step::Next
+    }
+
+    /// A digit of `\uXXXX`: the character once four are read, unless it is a high surrogate,
+    /// which waits for its low one.
+    fn unicode_digit(&mut self, sink: Sink, digits: u8, value: u32, b: u8) -> Step {
+        let Some(d) = hex(b) else {
+            return invalid("invalid \\u escape inside a JSON string");
+        };
+        let value = value * 16 + d;
+        let next = if digits < 3 {
+            Esc::Unicode {
+                digits: digits + 1,
+                value,
+            }
+        } else if (0xD800..0xDC00).contains(&value) {
+            Esc::LowBackslash { high: value }
+        } else if (0xDC00..0xE000).contains(&value) {
+            return invalid("lone surrogate in a \\u escape");
+        } else {
+            self.state = State::Str {
+                sink,
+                esc: Esc::None,
+            };
+            return self.push_char(sink, value);
+        };
+        self.state = State::Str { sink, esc: next };
+        Step::Next
+    }
+
+    /// A digit of the low surrogate's `\uXXXX`: the pair's character once four are read.
+    fn low_surrogate_digit(
+        &mut self,
+        sink: Sink,
+        high: u32,
+        digits: u8,
+        value: u32,
+        b: u8,
+    ) -> Step {
+        let Some(d) = hex(b) else {
+            return invalid("invalid \\u escape inside a JSON string");
+        };
+        let value = value * 16 + d;
+        if digits < 3 {
+            self.state = State::Str {
+                sink,
+                esc: Esc::LowUnicode {
+                    high,
+                    digits: digits + 1,
+                    value,
+                },
+            };
+            return Step::Next;
+        }
+        if !(0xDC00..0xE000).contains(&value) {
+            return invalid("lone surrogate in a \\u escape");
+        }
+        self.state = State::Str {
+            sink,
+            esc: Esc::None,
+        };
+        let code = 0x10000 + ((high - 0xD800) << 10) + (value - 0xDC00);
+        self.push_char(sink, code)
     }
 
     fn push_char(&mut self, sink: Sink, code: u32) -> Step {
