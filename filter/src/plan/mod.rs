@@ -2,7 +2,8 @@
 //! (by `Rc`), so the request path only looks things up. Each mechanism compiles its own part:
 //! `balance::Pool` the rotation, ring and weights of a model, `limit::Limits` the rate limits
 //! and their buckets, `breaker::BreakerPolicy` an instance's breaker, `auth::ApiKeys` the key
-//! table; `shared_keys` names the state they keep.
+//! table; `shared_keys` names the state they keep. The configuration itself is kept once: each
+//! part holds its config value (`spec`) and only what is compiled from it beside it.
 
 use crate::auth::ApiKeys;
 use crate::balance::{Member, Pool};
@@ -24,6 +25,8 @@ use std::ops::Deref;
 /// `plan.gateway` is `plan.spec.gateway`) and, beside it, only what is compiled from it.
 #[derive(Debug)]
 pub struct Plan {
+    /// What applies to every request as written (`gateway`, `retries`, `request-timeout`,
+    /// `jairouter.tracing`).
     pub spec: Settings,
     /// Indexed by `ServiceType::index()`; `None` when the service is not configured.
     services: [Option<Service>; 7],
@@ -42,7 +45,9 @@ pub struct Plan {
 pub struct Service {
     /// Its settings (`service.kind` is `service.spec.kind`).
     pub spec: ServiceSpec,
+    /// Its instances, compiled, in the configured order (the index limits and pools name).
     pub instances: Vec<Instance>,
+    /// Each model's pool: the instances that can serve it, and how they take turns.
     pub models: FastMap<String, Pool>,
     /// Models whose instances' adapters cannot serve this service, with the adapter's name.
     pub unsupported: HashMap<String, String>,
