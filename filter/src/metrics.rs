@@ -305,6 +305,28 @@ impl TokenTally {
             self.reported = self.reported.saturating_add(tokens);
         }
     }
+
+    /// Its series: `jairouter_tokens_total` (by model and kind) and the conventions' token
+    /// usage (by token type).
+    fn drain_into(&mut self, out: &mut Drained, by_kind: &[(&str, &str)], typed: &[(&str, &str)]) {
+        out.add(
+            "jairouter_tokens_total",
+            by_kind,
+            std::mem::take(&mut self.total),
+        );
+        let reported = std::mem::take(&mut self.reported);
+        self.usage
+            .drain_into(out, GEN_AI_TOKEN_USAGE, typed, reported);
+    }
+}
+
+/// The GenAI request duration's `error.type`: the status of an error answer, `_OTHER` when there
+/// was no answer, none for a success.
+fn error_type(status: Option<u32>) -> Option<String> {
+    match status {
+        None => Some("_OTHER".to_string()),
+        Some(s) => (s >= 400).then(|| s.to_string()),
+    }
 }
 
 /// The finished requests of one label set, since the last drain.
@@ -422,14 +444,9 @@ impl Requests {
             (GEN_AI_OPERATION_NAME, backend.operation),
             (GEN_AI_PROVIDER_NAME, backend.provider),
         ];
-        // The GenAI request duration names the error: the status, `_OTHER` without one.
-        let code = self.status.filter(|s| *s >= 400).map(|s| s.to_string());
-        let error = match self.status {
-            None => Some("_OTHER"),
-            Some(_) => code.as_deref(),
-        };
+        let error = error_type(self.status);
         let mut with_error = gen_ai.to_vec();
-        with_error.extend(error.map(|e| (ERROR_TYPE, e)));
+        with_error.extend(error.as_deref().map(|e| (ERROR_TYPE, e)));
         self.duration
             .drain_into(out, ours, (GEN_AI_REQUEST_DURATION, &with_error));
         let by_instance = [
@@ -447,21 +464,13 @@ impl Requests {
         ];
         for (kind, token_type, tally) in tallies {
             let by_kind = [by_model[0], by_model[1], ("kind", kind)];
-            out.add(
-                "jairouter_tokens_total",
-                &by_kind,
-                std::mem::take(&mut tally.total),
-            );
             let typed = [
                 gen_ai[0],
                 gen_ai[1],
                 gen_ai[2],
                 (GEN_AI_TOKEN_TYPE, token_type),
             ];
-            let reported = std::mem::take(&mut tally.reported);
-            tally
-                .usage
-                .drain_into(out, GEN_AI_TOKEN_USAGE, &typed, reported);
+            tally.drain_into(out, &by_kind, &typed);
         }
         let timings = [
             (

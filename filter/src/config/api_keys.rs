@@ -148,6 +148,65 @@ fn parse_key(path: &str, value: &Value) -> Result<ApiKeyEntry> {
              `./build.sh hash-key` (or the original's ApiKeyHashUtil)",
         ));
     }
+    let id = take_key_id(&mut f)?;
+    let (salt, digest) = take_key_hash(&mut f)?;
+    let enabled = f.boolean("enabled", true)?;
+    let (admin, services) = take_permissions(&mut f)?;
+    let models = match f.take("models") {
+        Some(v) => Some(models(&f.child("models"), v, admin)?),
+        None => None,
+    };
+    let expires_at = match f.string("expires-at")? {
+        Some(text) => Some(expiry(&f.child("expires-at"), text)?),
+        None => None,
+    };
+    let allowed_addresses = match f.take("allowed-ip-addresses") {
+        Some(v) => allowed_addresses(&f.child("allowed-ip-addresses"), v)?,
+        None => None,
+    };
+    let rate_limit_per_minute = f.integer("rate-limit-per-minute", 0, 0, MAX_QUOTA)?;
+    let daily_request_limit = f.integer("daily-request-limit", 0, 0, MAX_QUOTA)?;
+    let tokens_per_minute = f.integer("tokens-per-minute", 0, 0, MAX_QUOTA)?;
+    let daily_token_limit = f.integer("daily-token-limit", 0, 0, MAX_QUOTA)?;
+    for ignored in BOOKKEEPING_FIELDS {
+        f.take(ignored);
+    }
+    f.finish()?;
+
+    Ok(ApiKeyEntry {
+        id: id.to_string(),
+        salt,
+        digest,
+        enabled,
+        expires_at,
+        rate_limit_per_minute,
+        daily_request_limit,
+        tokens_per_minute,
+        daily_token_limit,
+        admin,
+        services,
+        models,
+        allowed_addresses,
+    })
+}
+
+/// The original's bookkeeping of a key: accepted, not used.
+const BOOKKEEPING_FIELDS: [&str; 11] = [
+    "description",
+    "created-at",
+    "created-by",
+    "creator-ip-address",
+    "metadata",
+    "key-prefix",
+    "quota-alert-threshold",
+    "rotation-period-days",
+    "last-rotated-at",
+    "usage",
+    "expired",
+];
+
+/// `key-id`: the name logs and metrics show.
+fn take_key_id<'v>(f: &mut Fields<'v>) -> Result<&'v str> {
     let id_path = f.child("key-id");
     let id = f
         .string("key-id")?
@@ -166,6 +225,11 @@ fn parse_key(path: &str, value: &Value) -> Result<ApiKeyEntry> {
             ),
         ));
     }
+    Ok(id)
+}
+
+/// `key-hash`: the salt and SHA-256(salt ‖ key).
+fn take_key_hash(f: &mut Fields<'_>) -> Result<(Vec<u8>, [u8; 32])> {
     let hash_path = f.child("key-hash");
     let hash = f.string("key-hash")?.ok_or_else(|| {
         error(
@@ -173,14 +237,16 @@ fn parse_key(path: &str, value: &Value) -> Result<ApiKeyEntry> {
             "is required: Base64(salt):Base64(SHA-256(salt+key)), made by `./build.sh hash-key`",
         )
     })?;
-    let (salt, digest) = parse_key_hash(hash).map_err(|why| {
+    parse_key_hash(hash).map_err(|why| {
         error(
             &hash_path,
             format!("must be Base64(salt):Base64(SHA-256(salt+key)) ({why})"),
         )
-    })?;
-    let enabled = f.boolean("enabled", true)?;
+    })
+}
 
+/// `permissions`: whether the key is an admin's, and the services it may use.
+fn take_permissions(f: &mut Fields<'_>) -> Result<(bool, Vec<ServiceType>)> {
     let permissions_path = f.child("permissions");
     let permissions = match f.take("permissions") {
         Some(v) => string_list(&permissions_path, v)?,
@@ -210,103 +276,58 @@ fn parse_key(path: &str, value: &Value) -> Result<ApiKeyEntry> {
             ));
         }
     }
+    Ok((admin, services))
+}
 
-    let models_path = f.child("models");
-    let models = match f.take("models") {
-        None => None,
-        Some(v) => {
-            let list = string_list(&models_path, v)?;
-            if list.is_empty() {
-                return Err(error(
-                    &models_path,
-                    "lists no model: leave it out to allow every model",
-                ));
-            }
-            if admin {
-                return Err(error(
-                    &models_path,
-                    "cannot narrow an admin key (admin allows every model): drop one of them",
-                ));
-            }
-            Some(list.into_iter().map(|(m, _)| m.to_string()).collect())
-        }
-    };
-
-    let expires_path = f.child("expires-at");
-    let expires_at = match f.string("expires-at")? {
-        None => None,
-        Some(text) => Some(parse_time(text).ok_or_else(|| {
-            error(
-                &expires_path,
-                format!(
-                    "must be a UTC time like 2027-01-31T00:00:00Z, 2027-01-31 00:00:00 or a date \
-                     2027-01-31 (got {text:?})"
-                ),
-            )
-        })?),
-    };
-
-    let addresses_path = f.child("allowed-ip-addresses");
-    let allowed_addresses = match f.take("allowed-ip-addresses") {
-        None => None,
-        Some(v) => {
-            let mut addresses = Vec::new();
-            for (text, item_path) in string_list(&addresses_path, v)? {
-                let bare = text
-                    .strip_prefix('[')
-                    .and_then(|t| t.strip_suffix(']'))
-                    .unwrap_or(text);
-                let ip: IpAddr = bare.parse().map_err(|_| {
-                    error(
-                        &item_path,
-                        format!("must be an IP address such as 10.0.0.7 or ::1; ranges are not supported (got {text:?})"),
-                    )
-                })?;
-                addresses.push(ip.to_canonical());
-            }
-            // An empty list means no restriction, as in the original.
-            (!addresses.is_empty()).then_some(addresses)
-        }
-    };
-
-    let rate_limit_per_minute = f.integer("rate-limit-per-minute", 0, 0, MAX_QUOTA)?;
-    let daily_request_limit = f.integer("daily-request-limit", 0, 0, MAX_QUOTA)?;
-    let tokens_per_minute = f.integer("tokens-per-minute", 0, 0, MAX_QUOTA)?;
-    let daily_token_limit = f.integer("daily-token-limit", 0, 0, MAX_QUOTA)?;
-
-    // The original's bookkeeping: accepted, not used.
-    for ignored in [
-        "description",
-        "created-at",
-        "created-by",
-        "creator-ip-address",
-        "metadata",
-        "key-prefix",
-        "quota-alert-threshold",
-        "rotation-period-days",
-        "last-rotated-at",
-        "usage",
-        "expired",
-    ] {
-        f.take(ignored);
+/// `models`: the models the key may use (none: every model of its services).
+fn models(path: &str, value: &Value, admin: bool) -> Result<Vec<String>> {
+    let list = string_list(path, value)?;
+    if list.is_empty() {
+        return Err(error(
+            path,
+            "lists no model: leave it out to allow every model",
+        ));
     }
-    f.finish()?;
+    if admin {
+        return Err(error(
+            path,
+            "cannot narrow an admin key (admin allows every model): drop one of them",
+        ));
+    }
+    Ok(list.into_iter().map(|(m, _)| m.to_string()).collect())
+}
 
-    Ok(ApiKeyEntry {
-        id: id.to_string(),
-        salt,
-        digest,
-        enabled,
-        expires_at,
-        rate_limit_per_minute,
-        daily_request_limit,
-        tokens_per_minute,
-        daily_token_limit,
-        admin,
-        services,
-        models,
-        allowed_addresses,
+/// `expires-at`, in Unix seconds.
+fn expiry(path: &str, text: &str) -> Result<u64> {
+    parse_time(text).ok_or_else(|| {
+        error(
+            path,
+            format!(
+                "must be a UTC time like 2027-01-31T00:00:00Z, 2027-01-31 00:00:00 or a date \
+                 2027-01-31 (got {text:?})"
+            ),
+        )
     })
+}
+
+/// `allowed-ip-addresses`: the client addresses the key may come from (`None`: any).
+fn allowed_addresses(path: &str, value: &Value) -> Result<Option<Vec<IpAddr>>> {
+    let mut addresses = Vec::new();
+    for (text, item_path) in string_list(path, value)? {
+        let bare = text
+            .strip_prefix('[')
+            .and_then(|t| t.strip_suffix(']'))
+            .unwrap_or(text);
+        let ip: IpAddr = bare.parse().map_err(|_| {
+            error(
+                &item_path,
+                format!("must be an IP address such as 10.0.0.7 or ::1; ranges are not supported (got {text:?})"),
+            )
+        })?;
+        addresses.push(ip.to_canonical());
+    }
+    // An empty list means no restriction, as in the original.
+    Ok((!addresses.is_empty()).then_some(addresses))
 }
 
 /// A list of strings, or the original's comma-separated string; items trimmed, each with the

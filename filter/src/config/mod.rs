@@ -35,19 +35,29 @@ pub const MAX_MODEL_NAME_BYTES: usize = 1024;
 pub struct Config {
     /// Indexed by `ServiceType::index()`; `None` when the service is not configured.
     pub services: [Option<ServiceConfig>; 7],
+    /// The global policy blocks, as written: every service and instance has them resolved into
+    /// its own (the plan compiles those, and keeps none of these).
     pub load_balance: LoadBalance,
     pub rate_limit: Option<RateLimitPolicy>,
     pub token_limit: Option<TokenLimitPolicy>,
     pub circuit_breaker: Option<CircuitBreakerPolicy>,
     pub fallback: Option<FallbackPolicy>,
+    /// `jairouter.security.api-key` (off when absent).
+    pub api_keys: ApiKeySection,
+    pub settings: Settings,
+}
+
+/// What applies to every request as written: the plan keeps it as it is.
+#[derive(Debug, Clone)]
+pub struct Settings {
     pub gateway: GatewayOptions,
-    /// `retries`: further attempts on another instance of the model.
+    /// `retries`: further attempts on another instance of the model (Envoy's retry policy on
+    /// the route; services that differ say so per request).
     pub retries: u64,
     /// `request-timeout` in ms (0: none): the whole exchange, streamed answers included.
     pub request_timeout_ms: u64,
-    /// `jairouter.security.api-key` (off when absent).
-    pub api_keys: ApiKeySection,
-    /// `jairouter.tracing` (off when absent or not enabled).
+    /// `jairouter.tracing` (off when absent or not enabled): Envoy traces requests (the
+    /// renderer's part) and each request's span gets the filter's attributes.
     pub tracing: Option<TracingOptions>,
 }
 
@@ -73,6 +83,20 @@ pub struct GatewayOptions {
     pub jwt: Option<JwtOptions>,
     /// `gateway.max-connections`, the timeouts and header limits Envoy enforces at the edge.
     pub edge: EdgeLimits,
+}
+
+impl Default for GatewayOptions {
+    /// No `gateway` block.
+    fn default() -> GatewayOptions {
+        GatewayOptions {
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            instance_header: true,
+            trusted_hops: 0,
+            global_rate_limit: None,
+            jwt: None,
+            edge: EdgeLimits::DEFAULT,
+        }
+    }
 }
 
 /// What Envoy enforces on clients before the filter sees a request (rendered into the
@@ -196,18 +220,25 @@ pub enum TokenSettlement {
     ChargesOnly,
 }
 
-/// One service (`model.services.<type>`), with what it inherits from the global blocks resolved.
+/// One service (`model.services.<type>`): its own settings, and its instances.
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
+    pub spec: ServiceSpec,
+    pub instances: Vec<InstanceConfig>,
+    /// The model names its instances serve, each once, in the order they first appear.
+    pub models: Vec<String>,
+}
+
+/// A service's settings (`model.services.<type>` but its instances), with what it inherits from
+/// the global blocks resolved.
+#[derive(Debug, Clone)]
+pub struct ServiceSpec {
     pub kind: ServiceType,
     pub load_balance: LoadBalance,
     pub rate_limit: Option<RateLimitPolicy>,
     pub token_limit: Option<TokenLimitPolicy>,
     pub circuit_breaker: Option<CircuitBreakerPolicy>,
     pub fallback: Option<FallbackPolicy>,
-    pub instances: Vec<InstanceConfig>,
-    /// The model names its instances serve, each once, in the order they first appear.
-    pub models: Vec<String>,
     /// Retries for this service's requests (its own `retries`, else the global; 0 for uploads
     /// unless `retry-uploads`).
     pub retries: u64,
@@ -229,7 +260,8 @@ pub struct InstanceConfig {
     pub active: bool,
     /// Upstream path per endpoint of the service (base-url prefix included).
     pub paths: Vec<(Endpoint, String)>,
-    /// Headers sent upstream on every request to this instance (e.g. the backend's credentials).
+    /// Headers sent upstream on every request to this instance (e.g. the backend's credentials),
+    /// its adapter's first (the instance's own win).
     pub headers: Vec<(String, String)>,
     pub rate_limit: Option<RateLimitPolicy>,
     /// The `circuit-breaker` block in force here (instance, else service, else global).
@@ -350,7 +382,7 @@ impl Config {
             _ => (value, ApiKeySection::default(), None),
         };
         let mut config = parse_model(model, api_keys)?;
-        config.tracing = tracing;
+        config.settings.tracing = tracing;
         Ok(config)
     }
 }
@@ -382,69 +414,25 @@ fn parse_model(value: &Value, api_keys: ApiKeySection) -> Result<Config> {
     let fallback = take_policy(&mut f, "fallback", FallbackPolicy::parse)?;
     let gateway = match f.take("gateway") {
         Some(v) => parse_gateway(&f.child("gateway"), v)?,
-        None => GatewayOptions {
-            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
-            instance_header: true,
-            trusted_hops: 0,
-            global_rate_limit: None,
-            jwt: None,
-            edge: EdgeLimits::DEFAULT,
-        },
+        None => GatewayOptions::default(),
     };
     let services_path = f.child("services");
     let services_value = f.take("services");
     f.finish()?;
 
-    let mut services: [Option<ServiceConfig>; 7] = Default::default();
-    let mut total_instances = 0usize;
-    let mut clusters: HashMap<String, String> = HashMap::new();
-    if let Some(services_value) = services_value {
-        let map = services_value.as_object().ok_or_else(|| {
-            error(
-                &services_path,
-                "must be a mapping of service type to service",
-            )
-        })?;
-        for (key, service_value) in map {
-            let path = reader::join(&services_path, key);
-            let kind = ServiceType::from_config_key(key).ok_or_else(|| {
-                error(
-                    &path,
-                    "unknown service type (expected chat, embedding, rerank, tts, stt, imgGen or imgEdit)",
-                )
-            })?;
-            let slot = services
-                .get_mut(kind.index())
-                .ok_or_else(|| error(&path, "internal: no slot for service"))?;
-            if slot.is_some() {
-                return Err(error(&path, "service type given twice (under two aliases)"));
-            }
-            let service = parse_service(
-                &path,
-                kind,
-                service_value,
-                &load_balance,
-                Inherited {
-                    breaker: circuit_breaker.as_ref(),
-                    health_check: health_check.as_ref(),
-                    retries,
-                    retry_uploads,
-                    fallback: fallback.as_ref(),
-                    adapters: &adapters,
-                    adapter: &adapter,
-                },
-                &mut clusters,
-            )?;
-            total_instances = total_instances.saturating_add(service.instances.len());
-            if total_instances > MAX_INSTANCES {
-                return Err(error(
-                    &services_path,
-                    format!("more than {MAX_INSTANCES} instances in all"),
-                ));
-            }
-            *slot = Some(service);
-        }
-    }
+    let global = Inherited {
+        breaker: circuit_breaker.as_ref(),
+        health_check: health_check.as_ref(),
+        retries,
+        retry_uploads,
+        fallback: fallback.as_ref(),
+        adapters: &adapters,
+        adapter: &adapter,
+    };
+    let services = match services_value {
+        Some(v) => parse_services(&services_path, v, &load_balance, global)?,
+        None => Default::default(),
+    };
     Ok(Config {
         services,
         load_balance,
@@ -452,12 +440,58 @@ fn parse_model(value: &Value, api_keys: ApiKeySection) -> Result<Config> {
         token_limit,
         circuit_breaker,
         fallback,
-        gateway,
-        retries,
-        request_timeout_ms,
         api_keys,
-        tracing: None,
+        settings: Settings {
+            gateway,
+            retries,
+            request_timeout_ms,
+            tracing: None,
+        },
     })
+}
+
+/// `model.services`: each service type once, and at most `MAX_INSTANCES` instances in all, each
+/// with a cluster of its own.
+fn parse_services(
+    services_path: &str,
+    value: &Value,
+    global_lb: &LoadBalance,
+    global: Inherited<'_>,
+) -> Result<[Option<ServiceConfig>; 7]> {
+    let map = value.as_object().ok_or_else(|| {
+        error(
+            services_path,
+            "must be a mapping of service type to service",
+        )
+    })?;
+    let mut services: [Option<ServiceConfig>; 7] = Default::default();
+    let mut total_instances = 0usize;
+    let mut clusters: HashMap<String, String> = HashMap::new();
+    for (key, service_value) in map {
+        let path = reader::join(services_path, key);
+        let kind = ServiceType::from_config_key(key).ok_or_else(|| {
+            error(
+                &path,
+                "unknown service type (expected chat, embedding, rerank, tts, stt, imgGen or imgEdit)",
+            )
+        })?;
+        let slot = services
+            .get_mut(kind.index())
+            .ok_or_else(|| error(&path, "internal: no slot for service"))?;
+        if slot.is_some() {
+            return Err(error(&path, "service type given twice (under two aliases)"));
+        }
+        let service = parse_service(&path, kind, service_value, global_lb, global, &mut clusters)?;
+        total_instances = total_instances.saturating_add(service.instances.len());
+        if total_instances > MAX_INSTANCES {
+            return Err(error(
+                services_path,
+                format!("more than {MAX_INSTANCES} instances in all"),
+            ));
+        }
+        *slot = Some(service);
+    }
+    Ok(services)
 }
 
 /// The fallback lists that concern this service's models; each stand-in must be a model of the
@@ -699,16 +733,7 @@ fn parse_service(
     };
     let fallback = take_policy(&mut f, "fallback", FallbackPolicy::parse)?;
     let instances_path = f.child("instances");
-    let list = match f.take("instances") {
-        None => Vec::new(),
-        Some(Value::Array(items)) => items.iter().collect(),
-        Some(other) => {
-            return Err(error(
-                &instances_path,
-                format!("must be a list (got {})", reader::kind(other)),
-            ))
-        }
-    };
+    let list = take_instance_list(&mut f, &instances_path)?;
     f.finish()?;
     if list.len() > MAX_INSTANCES {
         return Err(error(
@@ -716,16 +741,54 @@ fn parse_service(
             format!("more than {MAX_INSTANCES} instances"),
         ));
     }
+    let inherited = Inherited {
+        breaker: circuit_breaker.as_ref(),
+        health_check: health_check.as_ref(),
+        adapter: &adapter,
+        ..global
+    };
+    let instances = parse_instances(&instances_path, kind, &list, inherited, clusters)?;
+    let (models, seen) = distinct_models(&instances);
+    let fallbacks = fallback_models(fallback.as_ref().or(global.fallback), &seen, kind)?;
+    Ok(ServiceConfig {
+        spec: ServiceSpec {
+            kind,
+            load_balance,
+            rate_limit,
+            token_limit,
+            circuit_breaker,
+            fallback,
+            retries,
+            fallbacks,
+        },
+        instances,
+        models,
+    })
+}
 
+/// A service's `instances`: a list, or none.
+fn take_instance_list<'v>(f: &mut Fields<'v>, instances_path: &str) -> Result<Vec<&'v Value>> {
+    match f.take("instances") {
+        None => Ok(Vec::new()),
+        Some(Value::Array(items)) => Ok(items.iter().collect()),
+        Some(other) => Err(error(
+            instances_path,
+            format!("must be a list (got {})", reader::kind(other)),
+        )),
+    }
+}
+
+/// Each instance of the list, refusing one whose cluster (its `instance-id`) another has.
+fn parse_instances(
+    instances_path: &str,
+    kind: ServiceType,
+    list: &[&Value],
+    inherited: Inherited<'_>,
+    clusters: &mut HashMap<String, String>,
+) -> Result<Vec<InstanceConfig>> {
     let mut instances = Vec::with_capacity(list.len());
-    for (index, item) in list.into_iter().enumerate() {
+    for (index, item) in list.iter().enumerate() {
         let ipath = format!("{instances_path}[{index}]");
-        let inherited = Inherited {
-            breaker: circuit_breaker.as_ref(),
-            health_check: health_check.as_ref(),
-            adapter: &adapter,
-            ..global
-        };
         let instance = parse_instance(&ipath, kind, index, item, inherited)?;
         if let Some(previous) = clusters.insert(instance.cluster.clone(), ipath.clone()) {
             return Err(error(
@@ -738,28 +801,20 @@ fn parse_service(
         }
         instances.push(instance);
     }
+    Ok(instances)
+}
 
-    // Linear in the instances: a configuration of thousands of models loads in milliseconds.
+/// The model names the instances serve, each once in the order they first appear, and as a set.
+/// Linear in the instances: a configuration of thousands of models loads in milliseconds.
+fn distinct_models(instances: &[InstanceConfig]) -> (Vec<String>, HashSet<&str>) {
     let mut models: Vec<String> = Vec::new();
     let mut seen: HashSet<&str> = HashSet::with_capacity(instances.len());
-    for instance in &instances {
+    for instance in instances {
         if seen.insert(&instance.name) {
             models.push(instance.name.clone());
         }
     }
-    let fallbacks = fallback_models(fallback.as_ref().or(global.fallback), &seen, kind)?;
-    Ok(ServiceConfig {
-        kind,
-        load_balance,
-        rate_limit,
-        token_limit,
-        circuit_breaker,
-        fallback,
-        instances,
-        models,
-        retries,
-        fallbacks,
-    })
+    (models, seen)
 }
 
 fn parse_instance(
@@ -770,17 +825,7 @@ fn parse_instance(
     service: Inherited<'_>,
 ) -> Result<InstanceConfig> {
     let mut f = Fields::new(path, value)?;
-    let name = f
-        .string("name")?
-        .ok_or_else(|| error(&f.child("name"), "is required: the model name clients send"))?
-        .trim()
-        .to_string();
-    if name.is_empty() || name.len() > MAX_MODEL_NAME_BYTES {
-        return Err(error(
-            &f.child("name"),
-            format!("must be 1 to {MAX_MODEL_NAME_BYTES} bytes"),
-        ));
-    }
+    let name = take_model_name(&mut f)?;
     let base_url_path = f.child("base-url");
     let base_url_text = f
         .string("base-url")?
@@ -816,46 +861,93 @@ fn parse_instance(
     let health_check = take_health_check(&mut f, service.health_check)?
         .or_else(|| service.health_check.cloned())
         .filter(|h| h.enabled);
-    let mut adapter = match f.string("adapter")? {
-        Some(name) => service.adapters.resolve(&f.child("adapter"), name)?,
-        None => service.adapter.clone(),
-    };
-    // An Ollama reached at its OpenAI-compatible `/v1` keeps the passthrough.
-    let openai_path = path_given.as_deref().is_some_and(|p| p.starts_with("/v1/"))
-        || base_url.prefix.ends_with("/v1");
-    if adapter.protocol == Protocol::Ollama && openai_path {
-        adapter.protocol = Protocol::OpenAi;
-    }
+    let adapter = take_instance_adapter(&mut f, service, path_given.as_deref(), &base_url)?;
     // Bookkeeping fields of the original (database ids): accepted, not needed.
     f.take("id");
     f.boolean("healthy", true)?;
     f.finish()?;
 
-    let paths = Endpoint::ALL
-        .iter()
-        .filter(|e| e.service() == kind)
-        .map(|e| {
-            (
-                *e,
-                format!("{}{}", base_url.prefix, e.upstream_path(&instance_path)),
-            )
-        })
-        .collect();
     Ok(InstanceConfig {
         cluster: cluster_name(&id),
+        paths: upstream_paths(kind, &base_url, &instance_path),
+        headers: with_adapter_headers(&adapter, headers),
         health_check,
         id,
         name,
         base_url,
         weight,
         active,
-        paths,
-        headers,
         rate_limit,
         circuit_breaker,
         adapter,
         path_given,
     })
+}
+
+/// An instance's `name`: the model name clients send.
+fn take_model_name(f: &mut Fields<'_>) -> Result<String> {
+    let name = f
+        .string("name")?
+        .ok_or_else(|| error(&f.child("name"), "is required: the model name clients send"))?
+        .trim()
+        .to_string();
+    if name.is_empty() || name.len() > MAX_MODEL_NAME_BYTES {
+        return Err(error(
+            &f.child("name"),
+            format!("must be 1 to {MAX_MODEL_NAME_BYTES} bytes"),
+        ));
+    }
+    Ok(name)
+}
+
+/// An instance's `adapter` (else its service's). An Ollama reached at its OpenAI-compatible
+/// `/v1` keeps the passthrough.
+fn take_instance_adapter(
+    f: &mut Fields<'_>,
+    service: Inherited<'_>,
+    path_given: Option<&str>,
+    base_url: &BaseUrl,
+) -> Result<Adapter> {
+    let mut adapter = match f.string("adapter")? {
+        Some(name) => service.adapters.resolve(&f.child("adapter"), name)?,
+        None => service.adapter.clone(),
+    };
+    let openai_path =
+        path_given.is_some_and(|p| p.starts_with("/v1/")) || base_url.prefix.ends_with("/v1");
+    if adapter.protocol == Protocol::Ollama && openai_path {
+        adapter.protocol = Protocol::OpenAi;
+    }
+    Ok(adapter)
+}
+
+/// The upstream path of every endpoint of the service (base-url prefix included).
+fn upstream_paths(
+    kind: ServiceType,
+    base_url: &BaseUrl,
+    instance_path: &str,
+) -> Vec<(Endpoint, String)> {
+    Endpoint::ALL
+        .iter()
+        .filter(|e| e.service() == kind)
+        .map(|e| {
+            (
+                *e,
+                format!("{}{}", base_url.prefix, e.upstream_path(instance_path)),
+            )
+        })
+        .collect()
+}
+
+/// The adapter's headers the instance does not set itself, then the instance's.
+fn with_adapter_headers(adapter: &Adapter, own: Vec<(String, String)>) -> Vec<(String, String)> {
+    let mut headers: Vec<(String, String)> = adapter
+        .headers
+        .iter()
+        .filter(|(name, _)| !own.iter().any(|(n, _)| n == name))
+        .cloned()
+        .collect();
+    headers.extend(own);
+    headers
 }
 
 /// Envoy cluster names appear in stats names, where dots and colons would split them.

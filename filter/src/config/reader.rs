@@ -24,10 +24,17 @@ impl std::error::Error for ConfigError {}
 
 pub type Result<T> = std::result::Result<T, ConfigError>;
 
+/// A refusal at `path`. Refusals are the cold path of every reader: kept out of line.
 pub fn error(path: &str, reason: impl Into<String>) -> ConfigError {
+    refusal(path, reason.into())
+}
+
+#[cold]
+#[inline(never)]
+fn refusal(path: &str, reason: String) -> ConfigError {
     ConfigError {
         path: path.to_string(),
-        reason: reason.into(),
+        reason,
     }
 }
 

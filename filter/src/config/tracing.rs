@@ -100,7 +100,7 @@ impl TracingOptions {
         let Some(exporter) = exporter else {
             return Err(error(
                 &reader::join(&exporter_path, "otlp.endpoint"),
-                "is required with tracing enabled: the collector's OTLP endpoint, e.g. http://otel-collector:4317",
+                ENDPOINT_REQUIRED,
             ));
         };
         Ok(Some(TracingOptions {
@@ -208,6 +208,10 @@ fn is_empty(value: &Value) -> bool {
     }
 }
 
+/// Why tracing without a collector is refused.
+const ENDPOINT_REQUIRED: &str =
+    "is required with tracing enabled: the collector's OTLP endpoint, e.g. http://otel-collector:4317";
+
 /// `exporter`: OTLP only (Envoy's OpenTelemetry tracer); the other exporters' blocks may stay.
 fn otlp_exporter(path: &str, value: &Value) -> Result<OtlpExporter> {
     let mut f = Fields::new(path, value)?;
@@ -229,13 +233,15 @@ fn otlp_exporter(path: &str, value: &Value) -> Result<OtlpExporter> {
     let otlp_path = f.child("otlp");
     let endpoint_path = reader::join(&otlp_path, "endpoint");
     let Some(otlp) = f.take("otlp") else {
-        return Err(error(
-            &endpoint_path,
-            "is required with tracing enabled: the collector's OTLP endpoint, e.g. http://otel-collector:4317",
-        ));
+        return Err(error(&endpoint_path, ENDPOINT_REQUIRED));
     };
     f.finish()?;
-    let mut o = Fields::new(&otlp_path, otlp)?;
+    parse_otlp(&otlp_path, &endpoint_path, otlp)
+}
+
+/// `exporter.otlp`.
+fn parse_otlp(path: &str, endpoint_path: &str, value: &Value) -> Result<OtlpExporter> {
+    let mut o = Fields::new(path, value)?;
     let protocol = match o.string("protocol")?.map(str::trim) {
         None | Some("grpc") => OtlpProtocol::Grpc,
         Some("http/protobuf") => OtlpProtocol::HttpProtobuf,
@@ -247,27 +253,9 @@ fn otlp_exporter(path: &str, value: &Value) -> Result<OtlpExporter> {
         }
     };
     let Some(endpoint) = o.string("endpoint")?.map(str::trim) else {
-        return Err(error(
-            &endpoint_path,
-            "is required with tracing enabled: the collector's OTLP endpoint, e.g. http://otel-collector:4317",
-        ));
+        return Err(error(endpoint_path, ENDPOINT_REQUIRED));
     };
-    let mut collector = BaseUrl::parse(&endpoint_path, endpoint)?;
-    match protocol {
-        OtlpProtocol::Grpc if !collector.prefix.is_empty() => {
-            return Err(error(
-                &endpoint_path,
-                format!(
-                    "OTLP/gRPC takes no path (got {endpoint:?}); for OTLP/HTTP set \
-                     exporter.otlp.protocol: http/protobuf"
-                ),
-            ))
-        }
-        OtlpProtocol::HttpProtobuf if collector.prefix.is_empty() => {
-            collector.prefix = OTLP_HTTP_PATH.to_string();
-        }
-        _ => {}
-    }
+    let collector = collector_url(endpoint_path, endpoint, protocol)?;
     let timeout_ms = match o.take("timeout") {
         None => 10_000,
         Some(v) => duration_ms(&o.child("timeout"), v)?,
@@ -293,6 +281,28 @@ fn otlp_exporter(path: &str, value: &Value) -> Result<OtlpExporter> {
         timeout_ms,
         headers,
     })
+}
+
+/// The collector's URL: without a path for OTLP/gRPC, with the traces path (by default
+/// `OTLP_HTTP_PATH`) for OTLP/HTTP.
+fn collector_url(endpoint_path: &str, endpoint: &str, protocol: OtlpProtocol) -> Result<BaseUrl> {
+    let mut collector = BaseUrl::parse(endpoint_path, endpoint)?;
+    match protocol {
+        OtlpProtocol::Grpc if !collector.prefix.is_empty() => {
+            return Err(error(
+                endpoint_path,
+                format!(
+                    "OTLP/gRPC takes no path (got {endpoint:?}); for OTLP/HTTP set \
+                     exporter.otlp.protocol: http/protobuf"
+                ),
+            ))
+        }
+        OtlpProtocol::HttpProtobuf if collector.prefix.is_empty() => {
+            collector.prefix = OTLP_HTTP_PATH.to_string();
+        }
+        _ => {}
+    }
+    Ok(collector)
 }
 
 /// A Spring `Duration`: a number of ms, or a number with `ms`, `s` or `m`; from 1 ms to 1 min.
@@ -345,7 +355,7 @@ mod tests {
             "jairouter": {"tracing": tracing}
         });
         Config::from_value(&config)
-            .map(|c| c.tracing)
+            .map(|c| c.settings.tracing)
             .map_err(|e| e.to_string())
     }
 
@@ -373,7 +383,11 @@ mod tests {
         );
         // The model section alone has no tracing.
         let bare = json!({"services": {}});
-        assert!(Config::from_value(&bare).unwrap().tracing.is_none());
+        assert!(Config::from_value(&bare)
+            .unwrap()
+            .settings
+            .tracing
+            .is_none());
     }
 
     #[test]

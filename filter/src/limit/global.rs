@@ -82,8 +82,10 @@ impl Limits {
                 continue;
             }
             let numbers = shared_numbers(limit).map_err(|why| {
-                let key = limit.name.trim_end_matches(" (per client)");
-                error(key, format!("with gateway.global-rate-limit: {why}"))
+                error(
+                    &limit.block,
+                    format!("with gateway.global-rate-limit: {why}"),
+                )
             })?;
             shared.push(Some(numbers));
         }

@@ -59,6 +59,8 @@ pub enum Covers {
 pub struct Limit {
     /// Where it is configured, as a client and an operator read it in the 429.
     pub name: String,
+    /// The key path of the block it is compiled from (a refusal of its numbers names it).
+    pub block: String,
     /// Names its buckets inside their entries; it changes with the numbers, so a reload never
     /// reads foreign state.
     fingerprint: u64,
@@ -74,9 +76,9 @@ pub struct Limit {
 }
 
 impl Limit {
-    fn new(name: String, covers: Covers, scope: Scope, policy: &RateLimitPolicy) -> Limit {
+    fn new(origin: Origin, covers: Covers, scope: Scope, policy: &RateLimitPolicy) -> Limit {
         Limit::build(
-            name,
+            origin,
             &place(covers, scope),
             covers,
             scope,
@@ -87,13 +89,13 @@ impl Limit {
         )
     }
 
-    fn tokens(name: String, covers: Covers, policy: &TokenLimitPolicy) -> Limit {
+    fn tokens(block: String, covers: Covers, policy: &TokenLimitPolicy) -> Limit {
         let params = Params::tokens_per_minute(policy.tokens_per_minute);
         let (scope, clients, estimate) =
             (policy.scope, policy.max_clients, policy.completion_estimate);
         let place = place(covers, scope);
         Limit::build(
-            name,
+            Origin::block(block),
             &place,
             covers,
             scope,
@@ -107,7 +109,7 @@ impl Limit {
     /// `place`: what kind of subject its buckets count, naming their entries (see `LimitKeys`).
     #[allow(clippy::too_many_arguments)]
     fn build(
-        name: String,
+        origin: Origin,
         place: &str,
         covers: Covers,
         scope: Scope,
@@ -116,9 +118,11 @@ impl Limit {
         unit: Unit,
         completion_estimate: u64,
     ) -> Limit {
+        let Origin { block, name } = origin;
         let fingerprint = hash64(format!("{name}|{scope:?}|{params:?}|{max_clients}").as_bytes());
         Limit {
             name,
+            block,
             fingerprint,
             keys: LimitKeys::new(place, fingerprint),
             covers,
@@ -187,6 +191,29 @@ impl Limit {
 
     fn client_slot(&self, slot: u64) -> String {
         self.keys.client_slot(slot)
+    }
+}
+
+/// Where a limit comes from: its block's key path, and its name (the path, and " (per client)"
+/// for the per-client twin of a block with `client-ip-enable`).
+struct Origin {
+    block: String,
+    name: String,
+}
+
+impl Origin {
+    fn block(block: String) -> Origin {
+        Origin {
+            name: block.clone(),
+            block,
+        }
+    }
+
+    fn per_client(block: String) -> Origin {
+        Origin {
+            name: format!("{block} (per client)"),
+            block,
+        }
     }
 }
 
@@ -391,115 +418,17 @@ impl Limits {
             .is_some_and(|l| l.unit == Unit::Tokens)
     }
 
-    /// Every enabled block, in the order they are drawn: global, service, instance; each with a
-    /// per-client twin when `client-ip-enable` is set.
+    /// Every enabled block, in the order they are drawn: API-key quotas first (a key over its
+    /// quota is refused before it draws on shared limits), token budgets, then request limits.
     pub fn compile(
         global: Option<&RateLimitPolicy>,
         global_tokens: Option<&TokenLimitPolicy>,
         services: &[&ServiceConfig],
         api_keys: &[ApiKeyEntry],
     ) -> Limits {
-        let mut list = Vec::new();
-        // API-key quotas first: a key over its quota is refused before it draws on shared limits.
-        for (at, key) in api_keys.iter().enumerate() {
-            let quotas = [
-                (
-                    "rate-limit-per-minute",
-                    key.rate_limit_per_minute,
-                    60,
-                    Unit::Requests,
-                ),
-                (
-                    "daily-request-limit",
-                    key.daily_request_limit,
-                    86_400,
-                    Unit::Requests,
-                ),
-                ("tokens-per-minute", key.tokens_per_minute, 60, Unit::Tokens),
-                (
-                    "daily-token-limit",
-                    key.daily_token_limit,
-                    86_400,
-                    Unit::Tokens,
-                ),
-            ];
-            for (field, amount, period, unit) in quotas {
-                if amount == 0 {
-                    continue;
-                }
-                let name = format!("jairouter.security.api-key.keys[{}].{field}", key.id);
-                let params = Params::per_period(amount, period);
-                let estimate = if unit == Unit::Tokens {
-                    KEY_COMPLETION_ESTIMATE
-                } else {
-                    0
-                };
-                let covers = Covers::ApiKey(at);
-                list.push(Limit::build(
-                    name,
-                    &format!("api-key/{}", key.id),
-                    covers,
-                    Scope::Global,
-                    params,
-                    1,
-                    unit,
-                    estimate,
-                ));
-            }
-        }
-        let add_tokens =
-            |list: &mut Vec<Limit>, name: String, covers: Covers, policy: &TokenLimitPolicy| {
-                if policy.enabled {
-                    list.push(Limit::tokens(name, covers, policy));
-                }
-            };
-        if let Some(policy) = global_tokens {
-            add_tokens(
-                &mut list,
-                "model.token-limit".to_string(),
-                Covers::All,
-                policy,
-            );
-        }
-        for service in services {
-            if let Some(policy) = &service.token_limit {
-                let name = format!("model.services.{}.token-limit", service.kind.key());
-                add_tokens(&mut list, name, Covers::Service(service.kind), policy);
-            }
-        }
-        let mut add = |name: String, covers: Covers, policy: &RateLimitPolicy| {
-            if !policy.enabled {
-                return;
-            }
-            if policy.client_ip_enable && policy.scope != Scope::Client {
-                list.push(Limit::new(
-                    format!("{name} (per client)"),
-                    covers,
-                    Scope::Client,
-                    policy,
-                ));
-            }
-            list.push(Limit::new(name, covers, policy.scope, policy));
-        };
-        if let Some(policy) = global {
-            add("model.rate-limit".to_string(), Covers::All, policy);
-        }
-        for service in services {
-            let path = format!("model.services.{}", service.kind.key());
-            if let Some(policy) = &service.rate_limit {
-                add(
-                    format!("{path}.rate-limit"),
-                    Covers::Service(service.kind),
-                    policy,
-                );
-            }
-            for (at, instance) in service.instances.iter().enumerate() {
-                if let Some(policy) = &instance.rate_limit {
-                    let name = format!("{path}.instances[{at}].rate-limit");
-                    add(name, Covers::Instance(service.kind, at), policy);
-                }
-            }
-        }
+        let mut list = api_key_quotas(api_keys);
+        list.extend(token_budgets(global_tokens, services));
+        request_limits(&mut list, global, services);
         let fixed = fixed_buckets(&list, services);
         Limits {
             list,
@@ -620,6 +549,45 @@ impl Limits {
         now_ns: u64,
         tokens: u64,
     ) -> Result<Admitted, Refusal> {
+        let groups = self.groups(subject, phase, tokens);
+        let mut admitted = Admitted::default();
+        for group in &groups {
+            // A store that fails must not fail the request: the limits are skipped.
+            let Some((key, outcome)) = self.draw_group(store, refunds, group, now_ns) else {
+                for draw in &group.draws {
+                    log::warn!(
+                        "rate limit {}: shared data unavailable, not enforced",
+                        draw.limit.name
+                    );
+                }
+                continue;
+            };
+            let verdicts = match outcome {
+                Ok(verdicts) => verdicts,
+                Err((at, verdict)) => {
+                    self.release(store, &admitted.grants);
+                    return Err(group.refusal(at, verdict));
+                }
+            };
+            for (draw, verdict) in group.draws.iter().zip(verdicts) {
+                let roomy = verdict.remaining >= draw.limit.params.limit() / 2;
+                admitted.note(draw.index, draw.limit.unit, verdict);
+                admitted.grants.push(Grant {
+                    limit: draw.index,
+                    key: Rc::clone(&key),
+                    at_ns: now_ns,
+                    cost: draw.cost,
+                    roomy,
+                });
+            }
+        }
+        Ok(admitted)
+    }
+
+    /// The limits of `phase` that cover the request, grouped by the bucket they draw from (the
+    /// limits counting one subject share an entry): one request each from request limits,
+    /// `tokens` from token budgets.
+    fn groups(&self, subject: &Subject<'_>, phase: Phase, tokens: u64) -> Vec<Group<'_>> {
         let mut groups: Vec<Group<'_>> = Vec::new();
         for (index, limit) in self.list.iter().enumerate() {
             if limit.after_pick() != (phase == Phase::AfterPick) || !limit.covers(subject) {
@@ -649,66 +617,38 @@ impl Limits {
                 draws: vec![draw],
             });
         }
-        let mut admitted = Admitted::default();
-        for Group { bucket, draws, .. } in &groups {
-            let (key, outcome): (Rc<str>, _) = match bucket {
-                BucketKey::Fixed(key) => (
-                    Rc::clone(key),
-                    draw_entry(store, refunds, key, draws, now_ns),
-                ),
-                BucketKey::Client(fingerprint, _) => {
-                    let Some(draw) = draws.first() else {
-                        continue;
-                    };
-                    let limit = draw.limit;
-                    let key = self.client_key(store, limit, *fingerprint, now_ns);
-                    let verdict = transact(store, &key, |state| {
-                        admit_client(&limit.params, state, *fingerprint, now_ns, draw.cost)
-                    });
-                    let outcome =
-                        verdict.map(|v| if v.admitted { Ok(vec![v]) } else { Err((0, v)) });
-                    (Rc::from(key), outcome)
-                }
-            };
-            // A store that fails must not fail the request: the limits are skipped.
-            let Some(outcome) = outcome else {
-                for draw in draws {
-                    log::warn!(
-                        "rate limit {}: shared data unavailable, not enforced",
-                        draw.limit.name
-                    );
-                }
-                continue;
-            };
-            let verdicts = match outcome {
-                Ok(verdicts) => verdicts,
-                Err((at, verdict)) => {
-                    self.release(store, &admitted.grants);
-                    let refused = draws.get(at);
-                    let label = match bucket {
-                        BucketKey::Client(_, client) => client.as_str(),
-                        BucketKey::Fixed(key) => refused.map_or(&**key, |d| d.limit.label_of(key)),
-                    };
-                    return Err(Refusal {
-                        limit: refused.map_or(0, |d| d.index),
-                        label: label.to_string(),
-                        verdict,
-                    });
-                }
-            };
-            for (draw, verdict) in draws.iter().zip(verdicts) {
-                let roomy = verdict.remaining >= draw.limit.params.limit() / 2;
-                admitted.note(draw.index, draw.limit.unit, verdict);
-                admitted.grants.push(Grant {
-                    limit: draw.index,
-                    key: Rc::clone(&key),
-                    at_ns: now_ns,
-                    cost: draw.cost,
-                    roomy,
-                });
+        groups
+    }
+
+    /// Draws a group's limits from its bucket in one compare-and-swap: the key drawn from and
+    /// the verdicts; `None` when the store failed.
+    fn draw_group(
+        &self,
+        store: &dyn SharedStore,
+        refunds: &RefCell<Refunds>,
+        group: &Group<'_>,
+        now_ns: u64,
+    ) -> Option<(Rc<str>, EntryOutcome)> {
+        match &group.bucket {
+            BucketKey::Fixed(key) => {
+                let outcome = draw_entry(store, refunds, key, &group.draws, now_ns)?;
+                Some((Rc::clone(key), outcome))
+            }
+            BucketKey::Client(fingerprint, _) => {
+                let draw = group.draws.first()?;
+                let limit = draw.limit;
+                let key = self.client_key(store, limit, *fingerprint, now_ns);
+                let verdict = transact(store, &key, |state| {
+                    admit_client(&limit.params, state, *fingerprint, now_ns, draw.cost)
+                })?;
+                let outcome = if verdict.admitted {
+                    Ok(vec![verdict])
+                } else {
+                    Err((0, verdict))
+                };
+                Some((Rc::from(key), outcome))
             }
         }
-        Ok(admitted)
     }
 
     /// Gives admissions back (the request was refused by another limit, or never sent): one
@@ -888,6 +828,22 @@ struct Group<'a> {
     draws: Vec<Draw<'a>>,
 }
 
+impl Group<'_> {
+    /// The refusal of the draw at `at`, naming the bucket as a 429 does.
+    fn refusal(&self, at: usize, verdict: Verdict) -> Refusal {
+        let refused = self.draws.get(at);
+        let label = match &self.bucket {
+            BucketKey::Client(_, client) => client.as_str(),
+            BucketKey::Fixed(key) => refused.map_or(&**key, |d| d.limit.label_of(key)),
+        };
+        Refusal {
+            limit: refused.map_or(0, |d| d.index),
+            label: label.to_string(),
+            verdict,
+        }
+    }
+}
+
 /// The verdicts of an entry's draws, in order, or the first refusal (which draw, its verdict).
 type EntryOutcome = Result<Vec<Verdict>, (usize, Verdict)>;
 
@@ -951,6 +907,115 @@ fn draw_entry(
     outcome
 }
 
+/// Each API key's quotas (`rate-limit-per-minute`, `daily-request-limit`, `tokens-per-minute`,
+/// `daily-token-limit`; 0 for none), covering the requests made with it.
+fn api_key_quotas(api_keys: &[ApiKeyEntry]) -> Vec<Limit> {
+    let mut list = Vec::new();
+    for (at, key) in api_keys.iter().enumerate() {
+        let quotas = [
+            (
+                "rate-limit-per-minute",
+                key.rate_limit_per_minute,
+                60,
+                Unit::Requests,
+            ),
+            (
+                "daily-request-limit",
+                key.daily_request_limit,
+                86_400,
+                Unit::Requests,
+            ),
+            ("tokens-per-minute", key.tokens_per_minute, 60, Unit::Tokens),
+            (
+                "daily-token-limit",
+                key.daily_token_limit,
+                86_400,
+                Unit::Tokens,
+            ),
+        ];
+        for (field, amount, period, unit) in quotas {
+            if amount == 0 {
+                continue;
+            }
+            let estimate = match unit {
+                Unit::Tokens => KEY_COMPLETION_ESTIMATE,
+                Unit::Requests => 0,
+            };
+            list.push(Limit::build(
+                Origin::block(format!(
+                    "jairouter.security.api-key.keys[{}].{field}",
+                    key.id
+                )),
+                &format!("api-key/{}", key.id),
+                Covers::ApiKey(at),
+                Scope::Global,
+                Params::per_period(amount, period),
+                1,
+                unit,
+                estimate,
+            ));
+        }
+    }
+    list
+}
+
+/// The enabled `token-limit` blocks: the global one, then each service's.
+fn token_budgets(global: Option<&TokenLimitPolicy>, services: &[&ServiceConfig]) -> Vec<Limit> {
+    let of_services = services.iter().filter_map(|service| {
+        let policy = service.spec.token_limit.as_ref()?;
+        let kind = service.spec.kind;
+        let block = format!("model.services.{}.token-limit", kind.key());
+        Some((block, Covers::Service(kind), policy))
+    });
+    global
+        .map(|policy| ("model.token-limit".to_string(), Covers::All, policy))
+        .into_iter()
+        .chain(of_services)
+        .filter(|(_, _, policy)| policy.enabled)
+        .map(|(block, covers, policy)| Limit::tokens(block, covers, policy))
+        .collect()
+}
+
+/// The enabled `rate-limit` blocks: global, per service, per instance; each after its
+/// per-client twin when `client-ip-enable` asks for one.
+fn request_limits(
+    list: &mut Vec<Limit>,
+    global: Option<&RateLimitPolicy>,
+    services: &[&ServiceConfig],
+) {
+    let mut add = |block: String, covers: Covers, policy: &RateLimitPolicy| {
+        if !policy.enabled {
+            return;
+        }
+        if policy.client_ip_enable && policy.scope != Scope::Client {
+            let twin = Origin::per_client(block.clone());
+            list.push(Limit::new(twin, covers, Scope::Client, policy));
+        }
+        list.push(Limit::new(
+            Origin::block(block),
+            covers,
+            policy.scope,
+            policy,
+        ));
+    };
+    if let Some(policy) = global {
+        add("model.rate-limit".to_string(), Covers::All, policy);
+    }
+    for service in services {
+        let kind = service.spec.kind;
+        let path = format!("model.services.{}", kind.key());
+        if let Some(policy) = &service.spec.rate_limit {
+            add(format!("{path}.rate-limit"), Covers::Service(kind), policy);
+        }
+        for (at, instance) in service.instances.iter().enumerate() {
+            if let Some(policy) = &instance.rate_limit {
+                let block = format!("{path}.instances[{at}].rate-limit");
+                add(block, Covers::Instance(kind, at), policy);
+            }
+        }
+    }
+}
+
 /// Every bucket but per-client ones: the limit (index), the bucket's label and its key.
 fn fixed_buckets(list: &[Limit], services: &[&ServiceConfig]) -> Vec<(usize, String, String)> {
     let mut buckets = Vec::new();
@@ -966,7 +1031,7 @@ fn fixed_buckets(list: &[Limit], services: &[&ServiceConfig]) -> Vec<(usize, Str
         for service in services {
             let covered = match limit.covers {
                 Covers::All => true,
-                Covers::Service(kind) | Covers::Instance(kind, _) => kind == service.kind,
+                Covers::Service(kind) | Covers::Instance(kind, _) => kind == service.spec.kind,
                 Covers::ApiKey(_) => false,
             };
             if !covered {
@@ -974,11 +1039,11 @@ fn fixed_buckets(list: &[Limit], services: &[&ServiceConfig]) -> Vec<(usize, Str
             }
             let labels: Vec<String> = match limit.scope {
                 Scope::Global => vec!["all".to_string()],
-                Scope::Service => vec![service.kind.key().to_string()],
+                Scope::Service => vec![service.spec.kind.key().to_string()],
                 Scope::Model => service
                     .models
                     .iter()
-                    .map(|m| format!("{}/{m}", service.kind.key()))
+                    .map(|m| format!("{}/{m}", service.spec.kind.key()))
                     .collect(),
                 Scope::Instance => service
                     .instances

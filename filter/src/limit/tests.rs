@@ -218,6 +218,19 @@ fn oversized_client_tables_are_refused() {
     .unwrap_err()
     .to_string();
     assert!(err.starts_with("model.rate-limit.max-clients:"), "{err}");
+    // A block's per-client twin is refused under the block's key.
+    let err = Plan::from_value(&json!({
+        "services": {"chat": {
+            "rate-limit": {"enabled": true, "algorithm": "sliding-window", "rate": 1000,
+                           "window": 10, "client-ip-enable": true, "max-clients": 100000},
+            "instances": [{"name": "m", "base-url": "http://a:1"}]}}
+    }))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.starts_with("model.services.chat.rate-limit.max-clients:"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! (by `Rc`), so the request path only looks things up. Each mechanism compiles its own part:
 //! `balance::Pool` the rotation, ring and weights of a model, `limit::Limits` the rate limits
 //! and their buckets, `breaker::BreakerPolicy` an instance's breaker, `auth::ApiKeys` the key
-//! table; `shared_keys` names the state they keep.
+//! table; `shared_keys` names the state they keep. The configuration itself is kept once: each
+//! part holds its config value (`spec`) and only what is compiled from it beside it.
 
 use crate::auth::ApiKeys;
 use crate::balance::{Member, Pool};
@@ -10,26 +11,25 @@ use crate::breaker::BreakerPolicy;
 use crate::bytes::FastMap;
 use crate::config::reader::error;
 use crate::config::{
-    Adapter, BaseUrl, CircuitBreakerPolicy, Config, ConfigError, FallbackPolicy, GatewayOptions,
-    HealthCheckPolicy, InstanceConfig, LoadBalance, RateLimitPolicy, Scope, ServiceConfig,
-    Strategy, TokenLimitPolicy, TracingOptions, MAX_CLIENT_TABLE_BYTES,
+    Config, ConfigError, InstanceConfig, Scope, ServiceConfig, ServiceSpec, Settings, Strategy,
+    MAX_CLIENT_TABLE_BYTES,
 };
 use crate::endpoint::{Endpoint, ServiceType};
 use crate::limit::Limits;
 use crate::shared_keys::InstanceKeys;
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
+use std::ops::Deref;
 
+/// Each part of the plan is its configuration (`spec`, kept once and read through `Deref`:
+/// `plan.gateway` is `plan.spec.gateway`) and, beside it, only what is compiled from it.
 #[derive(Debug)]
 pub struct Plan {
+    /// What applies to every request as written (`gateway`, `retries`, `request-timeout`,
+    /// `jairouter.tracing`).
+    pub spec: Settings,
     /// Indexed by `ServiceType::index()`; `None` when the service is not configured.
     services: [Option<Service>; 7],
-    pub load_balance: LoadBalance,
-    pub rate_limit: Option<RateLimitPolicy>,
-    pub token_limit: Option<TokenLimitPolicy>,
-    pub circuit_breaker: Option<CircuitBreakerPolicy>,
-    pub fallback: Option<FallbackPolicy>,
-    pub gateway: GatewayOptions,
     /// The `GET /v1/models` answer, built once.
     pub models_json: String,
     /// Every enabled rate limit, compiled.
@@ -37,64 +37,28 @@ pub struct Plan {
     /// Whether anything keys on the client address (hash strategies, per-client limits): the
     /// binding asks Envoy for it only then.
     pub uses_client_address: bool,
-    /// `retries`: further attempts on another instance of the model (Envoy's retry policy on
-    /// the route; services that differ say so per request).
-    pub retries: u64,
-    /// `request-timeout` in ms (0: none): the whole exchange, streamed answers included.
-    pub request_timeout_ms: u64,
     /// `jairouter.security.api-key`: who may call, and their quotas (off when absent).
     pub api_keys: ApiKeys,
-    /// `jairouter.tracing`: Envoy traces requests (the renderer's part) and each request's span
-    /// gets the filter's attributes (one filter-state write each, only then).
-    pub tracing: Option<TracingOptions>,
 }
 
 #[derive(Debug)]
 pub struct Service {
-    pub kind: ServiceType,
-    pub load_balance: LoadBalance,
-    pub rate_limit: Option<RateLimitPolicy>,
-    pub token_limit: Option<TokenLimitPolicy>,
-    pub circuit_breaker: Option<CircuitBreakerPolicy>,
-    pub fallback: Option<FallbackPolicy>,
+    /// Its settings (`service.kind` is `service.spec.kind`).
+    pub spec: ServiceSpec,
+    /// Its instances, compiled, in the configured order (the index limits and pools name).
     pub instances: Vec<Instance>,
+    /// Each model's pool: the instances that can serve it, and how they take turns.
     pub models: FastMap<String, Pool>,
-    /// Retries for this service's requests (its own `retries`, else the global; 0 for uploads
-    /// unless `retry-uploads`).
-    pub retries: u64,
-    /// Models that stand in for a model none of whose instances can take a request, in order
-    /// (the service's `fallback.models`, else the global one, for models of this service).
-    pub fallbacks: HashMap<String, Vec<String>>,
     /// Models whose instances' adapters cannot serve this service, with the adapter's name.
     pub unsupported: HashMap<String, String>,
 }
 
 #[derive(Debug, Clone)]
 pub struct Instance {
-    /// `instance-id`, or `<service>-<index>` when none is given; named in `x-jairouter-instance`.
-    pub id: String,
-    /// The Envoy cluster that reaches this instance.
-    pub cluster: String,
-    pub name: String,
-    pub base_url: BaseUrl,
-    pub weight: u64,
-    pub active: bool,
-    /// Upstream path per endpoint of the service (base-url prefix included).
-    pub paths: Vec<(Endpoint, String)>,
-    /// Headers sent upstream on every request to this instance (e.g. the backend's credentials),
-    /// its adapter's first (the instance's own win).
-    pub headers: Vec<(String, String)>,
-    /// What the instance speaks and serves.
-    pub adapter: Adapter,
-    /// `path` as the configuration gave it.
-    pub path_given: Option<String>,
-    pub rate_limit: Option<RateLimitPolicy>,
-    /// The `circuit-breaker` block in force here (instance, else service, else global).
-    pub circuit_breaker: Option<CircuitBreakerPolicy>,
+    /// Its configuration (`instance.id` is `instance.spec.id`).
+    pub spec: InstanceConfig,
     /// This instance's breaker, when one is enabled for it.
     pub breaker: Option<BreakerPolicy>,
-    /// Checked by the process's health checker, when enabled for it.
-    pub health_check: Option<HealthCheckPolicy>,
     /// Shared-data key of its state: breaker and health (`breaker::Breaker`).
     pub state_key: String,
     /// Shared-data key of the requests in flight to this instance (least-connections, least-latency).
@@ -103,30 +67,39 @@ pub struct Instance {
     pub latency_key: String,
 }
 
+impl Deref for Plan {
+    type Target = Settings;
+    fn deref(&self) -> &Settings {
+        &self.spec
+    }
+}
+
+impl Deref for Service {
+    type Target = ServiceSpec;
+    fn deref(&self) -> &ServiceSpec {
+        &self.spec
+    }
+}
+
+impl Deref for Instance {
+    type Target = InstanceConfig;
+    fn deref(&self) -> &InstanceConfig {
+        &self.spec
+    }
+}
+
 impl Instance {
-    fn compile(kind: ServiceType, instance: InstanceConfig) -> Instance {
-        let keys = InstanceKeys::new(kind, &instance.id, &instance.base_url);
+    fn compile(kind: ServiceType, spec: InstanceConfig) -> Instance {
+        let keys = InstanceKeys::new(kind, &spec.id, &spec.base_url);
         Instance {
-            breaker: instance
+            breaker: spec
                 .circuit_breaker
                 .as_ref()
                 .and_then(BreakerPolicy::compile),
             state_key: keys.state,
             in_flight_key: keys.in_flight,
             latency_key: keys.latency,
-            id: instance.id,
-            cluster: instance.cluster,
-            name: instance.name,
-            base_url: instance.base_url,
-            weight: instance.weight,
-            active: instance.active,
-            paths: instance.paths,
-            headers: with_adapter_headers(&instance.adapter, instance.headers),
-            adapter: instance.adapter,
-            path_given: instance.path_given,
-            rate_limit: instance.rate_limit,
-            circuit_breaker: instance.circuit_breaker,
-            health_check: instance.health_check,
+            spec,
         }
     }
 
@@ -149,30 +122,21 @@ impl Instance {
     }
 }
 
-/// The adapter's headers the instance does not set itself, then the instance's.
-fn with_adapter_headers(adapter: &Adapter, own: Vec<(String, String)>) -> Vec<(String, String)> {
-    let mut headers: Vec<(String, String)> = adapter
-        .headers
-        .iter()
-        .filter(|(name, _)| !own.iter().any(|(n, _)| n == name))
-        .cloned()
-        .collect();
-    headers.extend(own);
-    headers
-}
-
 impl Service {
     fn compile(service: ServiceConfig) -> Service {
-        let kind = service.kind;
-        let instances: Vec<Instance> = service
-            .instances
+        let ServiceConfig {
+            spec,
+            instances,
+            models,
+        } = service;
+        let kind = spec.kind;
+        let instances: Vec<Instance> = instances
             .into_iter()
             .map(|i| Instance::compile(kind, i))
             .collect();
         // One pass groups the instances by model (a model's members keep their order): linear
         // in the instances however many models they serve.
-        let mut members: HashMap<&str, Vec<Member<'_>>> =
-            HashMap::with_capacity(service.models.len());
+        let mut members: HashMap<&str, Vec<Member<'_>>> = HashMap::with_capacity(models.len());
         // An instance whose adapter cannot serve the service takes none of its requests; a
         // model left with no other instance answers 501 (`unsupported`).
         let mut unsupported = HashMap::new();
@@ -197,21 +161,14 @@ impl Service {
         let models = members
             .iter()
             .map(|(model, members)| {
-                let pool = Pool::compile(kind, model, &service.load_balance, members);
+                let pool = Pool::compile(kind, model, &spec.load_balance, members);
                 (model.to_string(), pool)
             })
             .collect();
         Service {
-            kind,
-            load_balance: service.load_balance,
-            rate_limit: service.rate_limit,
-            token_limit: service.token_limit,
-            circuit_breaker: service.circuit_breaker,
-            fallback: service.fallback,
+            spec,
             instances,
             models,
-            retries: service.retries,
-            fallbacks: service.fallbacks,
             unsupported,
         }
     }
@@ -236,52 +193,28 @@ impl Plan {
             &configured,
             &config.api_keys.keys,
         );
-        if config.gateway.global_rate_limit.is_some() {
+        if config.settings.gateway.global_rate_limit.is_some() {
             limits.share_across_replicas()?;
         }
-        let mut table_bytes = 0u64;
-        for limit in limits.list.iter().filter(|l| l.scope == Scope::Client) {
-            let slot = 8 + limit.params.initial_state().len() as u64;
-            table_bytes = table_bytes.saturating_add(limit.max_clients.saturating_mul(slot));
-            if table_bytes > MAX_CLIENT_TABLE_BYTES {
-                return Err(error(
-                    &format!(
-                        "{}.max-clients",
-                        limit.name.trim_end_matches(" (per client)")
-                    ),
-                    format!(
-                        "per-client rate-limit tables would take {table_bytes} bytes of shared data \
-                         (at most {MAX_CLIENT_TABLE_BYTES}); lower max-clients or the window"
-                    ),
-                ));
-            }
-        }
+        check_client_tables(&limits)?;
         let api_keys = ApiKeys::compile(&config.api_keys);
         let uses_client_address = api_keys.uses_client_address()
             || limits.list.iter().any(|l| l.scope == Scope::Client)
             || configured.iter().any(|s| {
                 matches!(
-                    s.load_balance.strategy,
+                    s.spec.load_balance.strategy,
                     Strategy::IpHash | Strategy::ConsistentHash
                 )
             });
         let services = config.services.map(|s| s.map(Service::compile));
         let models_json = models_list_json_where(services.iter().flatten(), |_, _| true);
         Ok(Plan {
+            spec: config.settings,
             services,
-            load_balance: config.load_balance,
-            rate_limit: config.rate_limit,
-            token_limit: config.token_limit,
-            circuit_breaker: config.circuit_breaker,
-            fallback: config.fallback,
-            gateway: config.gateway,
             models_json,
             limits,
             uses_client_address,
-            retries: config.retries,
-            request_timeout_ms: config.request_timeout_ms,
             api_keys,
-            tracing: config.tracing,
         })
     }
 
@@ -324,6 +257,26 @@ impl Plan {
             .filter(|k| !current.contains(k))
             .collect()
     }
+}
+
+/// Per-client tables are preallocated in shared data: refused when they would take more than
+/// `MAX_CLIENT_TABLE_BYTES` together, naming the `max-clients` that tips it over.
+fn check_client_tables(limits: &Limits) -> Result<(), ConfigError> {
+    let mut table_bytes = 0u64;
+    for limit in limits.list.iter().filter(|l| l.scope == Scope::Client) {
+        let slot = 8 + limit.params.initial_state().len() as u64;
+        table_bytes = table_bytes.saturating_add(limit.max_clients.saturating_mul(slot));
+        if table_bytes > MAX_CLIENT_TABLE_BYTES {
+            return Err(error(
+                &format!("{}.max-clients", limit.block),
+                format!(
+                    "per-client rate-limit tables would take {table_bytes} bytes of shared data \
+                     (at most {MAX_CLIENT_TABLE_BYTES}); lower max-clients or the window"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The OpenAI model list of the models `shown(service, model)` lets through, each once.

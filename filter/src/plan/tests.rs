@@ -1,4 +1,5 @@
 use super::*;
+use crate::config::BaseUrl;
 use crate::config::EdgeLimits;
 use crate::config::MAX_INSTANCES;
 use serde_json::json;
@@ -39,7 +40,8 @@ fn seed_configmap_loads() {
         Some("/v1/completions")
     );
     assert_eq!(chat.models["llama3.2:3b"].routable, vec![0]);
-    assert!(cfg.rate_limit.as_ref().unwrap().enabled);
+    let read = Config::from_value(&seed_model()).unwrap();
+    assert!(read.rate_limit.as_ref().unwrap().enabled);
 }
 
 #[test]
@@ -101,7 +103,8 @@ fn original_services_yml_loads() {
         vec![("authorization".to_string(), "Bearer x".to_string())]
     );
     assert!(img.active);
-    assert_eq!(cfg.circuit_breaker.as_ref().unwrap().failure_threshold, 5);
+    let read = Config::from_value(&v).unwrap();
+    assert_eq!(read.circuit_breaker.as_ref().unwrap().failure_threshold, 5);
 }
 
 #[test]

@@ -295,21 +295,7 @@ impl JsonModelScanner {
 
     fn step(&mut self, b: u8) -> Step {
         match self.state {
-            State::Start { bom } => {
-                if BOM.get(bom) == Some(&b) {
-                    self.state = if bom + 1 == BOM.len() {
-                        State::Root
-                    } else {
-                        State::Start { bom: bom + 1 }
-                    };
-                    return Step::Next;
-                }
-                if bom > 0 {
-                    return invalid("the body starts with a broken byte order mark");
-                }
-                self.state = State::Root;
-                Step::Again
-            }
+            State::Start { bom } => self.start(bom, b),
             State::Root => match b {
                 _ if is_ws(b) => Step::Next,
                 b'{' => self.open(Container::Object),
@@ -320,32 +306,7 @@ impl JsonModelScanner {
                 b']' if self.state == State::FirstElement => self.close(Container::Array),
                 _ => self.begin_value(b),
             },
-            State::TargetValue(target) => match (b, target) {
-                _ if is_ws(b) => Step::Next,
-                (b'"', Target::Model | Target::Field(_)) => {
-                    self.text.clear();
-                    self.model_start = self.at;
-                    let sink = match target {
-                        Target::Field(at) => Sink::Field(at),
-                        _ => Sink::Model,
-                    };
-                    self.state = State::Str {
-                        sink,
-                        esc: Esc::None,
-                    };
-                    Step::Next
-                }
-                (_, Target::Model) => invalid("`model` must be a string"),
-                // A number is kept as its text (`max_tokens`).
-                (b'-' | b'0'..=b'9', Target::Field(at)) => {
-                    self.text.clear();
-                    self.text.push(b);
-                    self.number_field = Some(at);
-                    self.begin_value(b)
-                }
-                // Any other value is no key; read it like any value.
-                _ => self.begin_value(b),
-            },
+            State::TargetValue(target) => self.target_value(target, b),
             State::FirstKey | State::Key => match b {
                 _ if is_ws(b) => Step::Next,
                 b'}' if self.state == State::FirstKey => self.close(Container::Object),
@@ -391,21 +352,76 @@ impl JsonModelScanner {
             },
             State::Str { sink, esc } => self.string_byte(sink, esc, b),
             State::Number(num) => self.number_byte(num, b),
-            State::Literal { word, matched } => {
-                if word.get(matched) != Some(&b) {
-                    return invalid("invalid literal (expected true, false or null)");
-                }
-                self.state = if matched + 1 == word.len() {
-                    State::AfterValue
-                } else {
-                    State::Literal {
-                        word,
-                        matched: matched + 1,
-                    }
+            State::Literal { word, matched } => self.literal_byte(word, matched, b),
+        }
+    }
+
+    /// Before the first byte: a byte order mark may come (once per body: cold).
+    #[cold]
+    #[inline(never)]
+    fn start(&mut self, bom: usize, b: u8) -> Step {
+        if BOM.get(bom) == Some(&b) {
+            self.state = if bom + 1 == BOM.len() {
+                State::Root
+            } else {
+                State::Start { bom: bom + 1 }
+            };
+            return Step::Next;
+        }
+        if bom > 0 {
+            return invalid("the body starts with a broken byte order mark");
+        }
+        self.state = State::Root;
+        Step::Again
+    }
+
+    /// The first byte of a top-level value we look for (once per such key: cold). `model`
+    /// must be a string; a field is kept as a string or the text of a number.
+    #[cold]
+    #[inline(never)]
+    fn target_value(&mut self, target: Target, b: u8) -> Step {
+        match (b, target) {
+            _ if is_ws(b) => Step::Next,
+            (b'"', Target::Model | Target::Field(_)) => {
+                self.text.clear();
+                self.model_start = self.at;
+                let sink = match target {
+                    Target::Field(at) => Sink::Field(at),
+                    _ => Sink::Model,
+                };
+                self.state = State::Str {
+                    sink,
+                    esc: Esc::None,
                 };
                 Step::Next
             }
+            (_, Target::Model) => invalid("`model` must be a string"),
+            // A number is kept as its text (`max_tokens`).
+            (b'-' | b'0'..=b'9', Target::Field(at)) => {
+                self.text.clear();
+                self.text.push(b);
+                self.number_field = Some(at);
+                self.begin_value(b)
+            }
+            // Any other value is no key; read it like any value.
+            _ => self.begin_value(b),
         }
+    }
+
+    /// Inside `true`, `false` or `null`.
+    fn literal_byte(&mut self, word: &'static [u8], matched: usize, b: u8) -> Step {
+        if word.get(matched) != Some(&b) {
+            return invalid("invalid literal (expected true, false or null)");
+        }
+        self.state = if matched + 1 == word.len() {
+            State::AfterValue
+        } else {
+            State::Literal {
+                word,
+                matched: matched + 1,
+            }
+        };
+        Step::Next
     }
 
     fn begin_value(&mut self, b: u8) -> Step {
@@ -536,28 +552,7 @@ impl JsonModelScanner {
                 };
                 return self.push_bytes(sink, &[decoded]);
             }
-            Esc::Unicode { digits, value } => {
-                let Some(d) = hex(b) else {
-                    return invalid("invalid \\u escape inside a JSON string");
-                };
-                let value = value * 16 + d;
-                if digits < 3 {
-                    Esc::Unicode {
-                        digits: digits + 1,
-                        value,
-                    }
-                } else if (0xD800..0xDC00).contains(&value) {
-                    Esc::LowBackslash { high: value }
-                } else if (0xDC00..0xE000).contains(&value) {
-                    return invalid("lone surrogate in a \\u escape");
-                } else {
-                    self.state = State::Str {
-                        sink,
-                        esc: Esc::None,
-                    };
-                    return self.push_char(sink, value);
-                }
-            }
+            Esc::Unicode { digits, value } => return self.unicode_digit(sink, digits, value, b),
             Esc::LowBackslash { high } if b == b'\\' => Esc::LowU { high },
             Esc::LowU { high } if b == b'u' => Esc::LowUnicode {
                 high,
@@ -571,31 +566,72 @@ impl JsonModelScanner {
                 high,
                 digits,
                 value,
-            } => {
-                let Some(d) = hex(b) else {
-                    return invalid("invalid \\u escape inside a JSON string");
-                };
-                let value = value * 16 + d;
-                if digits < 3 {
-                    Esc::LowUnicode {
-                        high,
-                        digits: digits + 1,
-                        value,
-                    }
-                } else if (0xDC00..0xE000).contains(&value) {
-                    self.state = State::Str {
-                        sink,
-                        esc: Esc::None,
-                    };
-                    let code = 0x10000 + ((high - 0xD800) << 10) + (value - 0xDC00);
-                    return self.push_char(sink, code);
-                } else {
-                    return invalid("lone surrogate in a \\u escape");
-                }
-            }
+            } => return self.low_surrogate_digit(sink, high, digits, value, b),
         };
         self.state = State::Str { sink, esc: next };
         Step::Next
+    }
+
+    /// A digit of `\uXXXX`: the character once four are read, unless it is a high surrogate,
+    /// which waits for its low one.
+    fn unicode_digit(&mut self, sink: Sink, digits: u8, value: u32, b: u8) -> Step {
+        let Some(d) = hex(b) else {
+            return invalid("invalid \\u escape inside a JSON string");
+        };
+        let value = value * 16 + d;
+        let next = if digits < 3 {
+            Esc::Unicode {
+                digits: digits + 1,
+                value,
+            }
+        } else if (0xD800..0xDC00).contains(&value) {
+            Esc::LowBackslash { high: value }
+        } else if (0xDC00..0xE000).contains(&value) {
+            return invalid("lone surrogate in a \\u escape");
+        } else {
+            self.state = State::Str {
+                sink,
+                esc: Esc::None,
+            };
+            return self.push_char(sink, value);
+        };
+        self.state = State::Str { sink, esc: next };
+        Step::Next
+    }
+
+    /// A digit of the low surrogate's `\uXXXX`: the pair's character once four are read.
+    fn low_surrogate_digit(
+        &mut self,
+        sink: Sink,
+        high: u32,
+        digits: u8,
+        value: u32,
+        b: u8,
+    ) -> Step {
+        let Some(d) = hex(b) else {
+            return invalid("invalid \\u escape inside a JSON string");
+        };
+        let value = value * 16 + d;
+        if digits < 3 {
+            self.state = State::Str {
+                sink,
+                esc: Esc::LowUnicode {
+                    high,
+                    digits: digits + 1,
+                    value,
+                },
+            };
+            return Step::Next;
+        }
+        if !(0xDC00..0xE000).contains(&value) {
+            return invalid("lone surrogate in a \\u escape");
+        }
+        self.state = State::Str {
+            sink,
+            esc: Esc::None,
+        };
+        let code = 0x10000 + ((high - 0xD800) << 10) + (value - 0xDC00);
+        self.push_char(sink, code)
     }
 
     fn push_char(&mut self, sink: Sink, code: u32) -> Step {

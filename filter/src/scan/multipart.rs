@@ -346,24 +346,10 @@ impl MultipartModelScanner {
                 self.field_value = Some(String::from_utf8_lossy(content).trim().to_string());
             }
         } else {
-            let model = match std::str::from_utf8(content) {
-                _ if content.len() > self.max_model_len => {
-                    let reason = format!("`model` is longer than {} bytes", self.max_model_len);
-                    return (Next::Done(ScanOutcome::Invalid(reason)), &[]);
-                }
-                Ok(model) if !model.trim().is_empty() => model.trim().to_string(),
-                Ok(_) => {
-                    return (
-                        Next::Done(ScanOutcome::Invalid("the `model` field is empty".into())),
-                        &[],
-                    )
-                }
-                Err(_) => {
-                    let reason = "the `model` field is not valid UTF-8".to_string();
-                    return (Next::Done(ScanOutcome::Invalid(reason)), &[]);
-                }
-            };
-            self.model = Some(model);
+            match self.model_of(content) {
+                Ok(model) => self.model = Some(model),
+                Err(reason) => return (Next::Done(ScanOutcome::Invalid(reason)), &[]),
+            }
         }
         if !self.wants_field() {
             if let Some(model) = self.model.take() {
@@ -384,6 +370,19 @@ impl MultipartModelScanner {
                 (Next::State(state), &[])
             }
             done => (Next::Done(done), &[]),
+        }
+    }
+
+    /// The `model` part's content as the model, or why it cannot be one.
+    fn model_of(&self, content: &[u8]) -> Result<String, String> {
+        match std::str::from_utf8(content) {
+            _ if content.len() > self.max_model_len => Err(format!(
+                "`model` is longer than {} bytes",
+                self.max_model_len
+            )),
+            Ok(model) if !model.trim().is_empty() => Ok(model.trim().to_string()),
+            Ok(_) => Err("the `model` field is empty".into()),
+            Err(_) => Err("the `model` field is not valid UTF-8".to_string()),
         }
     }
 
