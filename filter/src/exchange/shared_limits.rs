@@ -12,7 +12,7 @@ use crate::contract::RATE_LIMIT_CLUSTER;
 use crate::encoding::client_ip;
 use crate::host::Host;
 use crate::limit::global::{decide, settlements, Decision, Transition};
-use crate::limit::rls::{self, Descriptor, RLS_METHOD, RLS_SERVICE};
+use crate::limit::rls::{self, Answer, Descriptor, RLS_METHOD, RLS_SERVICE};
 use crate::limit::{Subject, Unit};
 use crate::reply::{ClientError, LocalReply};
 use crate::request::{rate_limit_headers, release_routed, too_many_requests, Routed};
@@ -89,9 +89,6 @@ impl Exchange {
         let Stage::AwaitingLimits(check) = self.stage.take() else {
             return;
         };
-        let Check {
-            routed, sent, body, ..
-        } = *check;
         let clock = Clock::new(host);
         let answer = match status {
             0 => host
@@ -102,56 +99,70 @@ impl Exchange {
             14 => Err("is unavailable"),
             _ => Err("failed the call"),
         };
-        let plan = Rc::clone(&self.plan);
         let flow = match answer {
             Ok(answer) => {
                 self.note_reached(true, "");
-                match decide(&plan.limits, &sent, &answer) {
-                    Decision::Refused(refusal) => {
-                        self.count_call("check", "over_limit");
-                        release_routed(&plan, host, &routed, clock.now());
-                        let mut reply = too_many_requests(&plan, &refusal);
-                        reply.service = Some(routed.service);
-                        reply.model = Some(routed.model.clone());
-                        self.reply(host, &clock, &reply)
-                    }
-                    Decision::Admitted {
-                        tightest,
-                        tightest_tokens,
-                    } => {
-                        self.count_call("check", "ok");
-                        let mut routed = routed;
-                        for (suffix, shared) in
-                            [("-requests", tightest), ("-tokens", tightest_tokens)]
-                        {
-                            if let Some((limit, verdict)) = shared {
-                                routed.headers.retain(|(name, _)| !name.ends_with(suffix));
-                                routed
-                                    .headers
-                                    .extend(rate_limit_headers(&plan, limit, &verdict));
-                            }
-                        }
-                        let shared_tokens = sent
-                            .into_iter()
-                            .filter(|(at, _)| {
-                                plan.limits
-                                    .list
-                                    .get(*at)
-                                    .is_some_and(|l| l.unit == Unit::Tokens)
-                            })
-                            .collect();
-                        self.start_upstream(host, &clock, routed, body, shared_tokens)
-                    }
-                }
+                self.decided(host, &clock, *check, &answer)
             }
             Err(why) => {
                 self.count_call("check", "unavailable");
-                self.unchecked(host, &clock, routed, body, why)
+                self.unchecked(host, &clock, check.routed, check.body, why)
             }
         };
         if flow == Flow::Continue {
             host.resume_request();
         }
+    }
+
+    /// The service's verdict on the shared buckets. Refused: the local limits' 429, and what the
+    /// request held is given back. Admitted: upstream, with the shared buckets' state.
+    fn decided(
+        &mut self,
+        host: &dyn Host,
+        clock: &Clock<'_>,
+        check: Check,
+        answer: &Answer,
+    ) -> Flow {
+        let plan = Rc::clone(&self.plan);
+        let Check {
+            mut routed,
+            sent,
+            body,
+            ..
+        } = check;
+        let (tightest, tightest_tokens) = match decide(&plan.limits, &sent, answer) {
+            Decision::Refused(refusal) => {
+                self.count_call("check", "over_limit");
+                release_routed(&plan, host, &routed, clock.now());
+                let mut reply = too_many_requests(&plan, &refusal);
+                reply.service = Some(routed.service);
+                reply.model = Some(routed.model);
+                return self.reply(host, clock, &reply);
+            }
+            Decision::Admitted {
+                tightest,
+                tightest_tokens,
+            } => (tightest, tightest_tokens),
+        };
+        self.count_call("check", "ok");
+        for (suffix, shared) in [("-requests", tightest), ("-tokens", tightest_tokens)] {
+            if let Some((limit, verdict)) = shared {
+                routed.headers.retain(|(name, _)| !name.ends_with(suffix));
+                routed
+                    .headers
+                    .extend(rate_limit_headers(&plan, limit, &verdict));
+            }
+        }
+        let shared_tokens = sent
+            .into_iter()
+            .filter(|(at, _)| {
+                plan.limits
+                    .list
+                    .get(*at)
+                    .is_some_and(|l| l.unit == Unit::Tokens)
+            })
+            .collect();
+        self.start_upstream(host, clock, routed, body, shared_tokens)
     }
 
     /// The request ended (the client went away) while it waited: what it held is given back.
