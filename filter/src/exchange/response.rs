@@ -167,19 +167,17 @@ impl Exchange {
 
     /// The rate-limit state the request met, the stand-in model, the instance that served.
     fn response_additions(&self) -> Vec<(&str, &str)> {
+        let mut additions = Vec::new();
         let upstream = self.stage.upstream();
-        let mut additions: Vec<(&str, &str)> = upstream
-            .iter()
-            .flat_map(|u| &u.response_headers)
-            .map(|(name, value)| (*name, value.as_str()))
-            .collect();
-        if let Some(model) = &self.measure.served_model {
-            additions.push((MODEL_HEADER, model));
-        }
         if let Some(upstream) = upstream {
-            if self.plan.gateway.instance_header {
-                additions.push((INSTANCE_HEADER, &upstream.instance));
-            }
+            let limits = upstream.response_headers.iter();
+            additions.extend(limits.map(|(name, value)| (*name, value.as_str())));
+        }
+        if let Some(model) = &self.measure.served_model {
+            additions.push((MODEL_HEADER, model.as_str()));
+        }
+        if let Some(upstream) = upstream.filter(|_| self.plan.gateway.instance_header) {
+            additions.push((INSTANCE_HEADER, upstream.instance.as_str()));
         }
         additions
     }
@@ -205,18 +203,23 @@ impl Exchange {
                 self.measure.last_byte_ns = clock.now();
             }
         }
-        let streams =
-            |u: &super::Upstream| u.translation.as_ref().is_some_and(Translation::streams);
-        if matches!(self.stage, Stage::Held(..)) {
-            if !end_of_stream {
-                return Flow::Pause;
+        match &mut self.stage {
+            Stage::Held(..) if !end_of_stream => return Flow::Pause,
+            Stage::Held(..) => self.translate_whole(host, &clock, body_size),
+            Stage::Upstream(upstream)
+                if upstream
+                    .translation
+                    .as_ref()
+                    .is_some_and(Translation::streams) =>
+            {
+                self.translate_chunk(host, &clock, body_size, end_of_stream);
             }
-            self.translate_whole(host, &clock, body_size);
-        } else if self.stage.upstream().is_some_and(streams) {
-            self.translate_chunk(host, &clock, body_size, end_of_stream);
-        } else if let Some(scanner) = self.stage.upstream_mut().and_then(|u| u.usage.as_mut()) {
-            if let Some(bytes) = host.response_body(body_size) {
-                scanner.feed(&bytes);
+            stage => {
+                if let Some(scanner) = stage.upstream_mut().and_then(|u| u.usage.as_mut()) {
+                    if let Some(bytes) = host.response_body(body_size) {
+                        scanner.feed(&bytes);
+                    }
+                }
             }
         }
         if end_of_stream {
