@@ -85,14 +85,11 @@ impl Exchange {
         }
         self.count_response_head(host, &clock, &head, end_of_stream);
         let status = head.status.unwrap_or(0);
-        let hold = match self
+        let translation = self
             .stage
             .upstream_mut()
-            .and_then(|u| u.translation.as_mut())
-        {
-            Some(translation) => translation.on_head(status, end_of_stream),
-            None => Hold::Pass,
-        };
+            .and_then(|u| u.translation.as_mut());
+        let hold = translation.map_or(Hold::Pass, |t| t.on_head(status, end_of_stream));
         self.measure.streamed = head.content_type.contains("event-stream") || hold == Hold::Stream;
         // Token budgets settle from the usage an OpenAI answer (JSON or SSE) reports, and the
         // token metrics count it: read it from every answer of an instance (a translated one
