@@ -92,6 +92,8 @@ pub struct TestHost {
     pub request_headers: RefCell<Vec<(String, String)>>,
     pub response_headers: RefCell<Vec<(String, String)>>,
     pub request_body: RefCell<Vec<u8>>,
+    /// Request body bytes copied into the filter (`request_body`), in all.
+    pub request_body_read: Cell<usize>,
     /// The response chunk Envoy holds in the current body callback.
     pub response_chunk: RefCell<Vec<u8>>,
     pub properties: RefCell<HashMap<String, Vec<u8>>>,
@@ -222,7 +224,11 @@ impl Host for TestHost {
         self.count(Call::RequestBody);
         let body = self.request_body.borrow();
         let end = start.saturating_add(len).min(body.len());
-        body.get(start..end).map(<[u8]>::to_vec)
+        let read = body.get(start..end).map(<[u8]>::to_vec);
+        let copied = read.as_ref().map_or(0, Vec::len);
+        self.request_body_read
+            .set(self.request_body_read.get() + copied);
+        read
     }
 
     fn replace_request_body(&self, len: usize, replacement: &[u8]) -> bool {

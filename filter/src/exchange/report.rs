@@ -1,7 +1,7 @@
 //! What an exchange tells when it is over: its access-log summary and its metrics, counted in
 //! the VM's `Metrics` (handed to Envoy once a tick, never per request).
 
-use super::{Clock, Exchange};
+use super::{Clock, Exchange, Worker};
 use crate::breaker::Outcome;
 use crate::config::Protocol;
 use crate::config::Strategy;
@@ -20,7 +20,7 @@ impl Exchange {
     pub(super) fn log_summary(&self, usage: Option<Usage>) -> String {
         let m = &self.measure;
         // A stand-in's name when a fallback served, with the model asked for beside it.
-        let model = self
+        let model = m
             .served_model
             .as_deref()
             .or((!m.model.is_empty()).then_some(m.model.as_str()));
@@ -28,8 +28,9 @@ impl Exchange {
         let mut out = String::with_capacity(160);
         let mut summary = Object::new(&mut out);
         // The key's id (never the key), or the token's subject.
-        if let Caller::Key(_) = &self.caller {
-            let id = self.caller.grants(&self.plan).map(|k| k.id.as_str());
+        let caller = &self.client.caller;
+        if let Caller::Key(_) = caller {
+            let id = caller.grants(&self.plan).map(|k| k.id.as_str());
             summary.string("api_key", id);
         }
         if let Some(usage) = usage {
@@ -41,19 +42,19 @@ impl Exchange {
         if let Some(decision) = &m.decision {
             summary.string("decision", Some(decision));
         }
-        if self.served_model.is_some() {
-            summary.string("fallback_for", self.requested_model.as_deref());
+        if m.served_model.is_some() {
+            summary.string("fallback_for", m.requested_model.as_deref());
         }
         summary
-            .string("instance", self.served_by.as_deref())
+            .string("instance", self.instance())
             .string("model", model);
         if let Some(usage) = usage {
             summary.number("prompt_tokens", usage.prompt_tokens);
         }
         summary
             .string("service", m.service)
-            .number("status", self.status.map(u64::from));
-        if let Caller::Token(grants) = &self.caller {
+            .number("status", m.status.map(u64::from));
+        if let Caller::Token(grants) = caller {
             summary.string("subject", Some(&grants.id));
         }
         summary.end();
@@ -123,31 +124,6 @@ impl Exchange {
         );
     }
 
-    /// `jairouter_circuit_breaker_events_total`: the outcome, and a state change if any.
-    pub(super) fn count_breaker_events(&self, instance: &str, outcome: Outcome, changed: bool) {
-        let Ok(mut metrics) = self.worker.metrics.try_borrow_mut() else {
-            return;
-        };
-        let service = self.measure.service.unwrap_or("none");
-        let event = match outcome {
-            Outcome::Success => Some("success"),
-            Outcome::Failure => Some("failure"),
-            Outcome::Neutral => None,
-        };
-        let events = event.into_iter().chain(changed.then_some("state_change"));
-        for event in events {
-            metrics.add(
-                "jairouter_circuit_breaker_events_total",
-                &[
-                    ("service", service),
-                    ("instance", instance),
-                    ("event", event),
-                ],
-                1,
-            );
-        }
-    }
-
     /// The request's metrics, counted in the VM once Envoy logs the stream: one lookup for
     /// every request family (see `Metrics::finish`).
     pub(super) fn record_metrics(&mut self, clock: &Clock<'_>) {
@@ -155,7 +131,8 @@ impl Exchange {
         let Ok(mut metrics) = self.worker.metrics.try_borrow_mut() else {
             return;
         };
-        if let Some(instance) = &self.served_by {
+        let instance = self.instance();
+        if let Some(instance) = instance {
             metrics.end(instance);
         }
         let m = &self.measure;
@@ -170,7 +147,7 @@ impl Exchange {
         } else {
             m.method.as_str()
         };
-        let backend = self.served_by.as_deref().map(|instance| {
+        let backend = instance.map(|instance| {
             let tokens = usage.map(|usage| Tokens {
                 input: usage
                     .prompt_tokens
@@ -207,11 +184,42 @@ impl Exchange {
             } else {
                 m.model.as_str()
             },
-            status: self.status,
+            status: m.status,
             seconds: seconds(now.saturating_sub(started)),
             request_bytes: m.request_bytes,
             response_bytes: m.response_bytes,
             backend,
         });
+    }
+}
+
+/// `jairouter_circuit_breaker_events_total`: the outcome, and a state change if any.
+pub(super) fn count_breaker_events(
+    worker: &Worker,
+    service: Option<&str>,
+    instance: &str,
+    outcome: Outcome,
+    changed: bool,
+) {
+    let Ok(mut metrics) = worker.metrics.try_borrow_mut() else {
+        return;
+    };
+    let service = service.unwrap_or("none");
+    let event = match outcome {
+        Outcome::Success => Some("success"),
+        Outcome::Failure => Some("failure"),
+        Outcome::Neutral => None,
+    };
+    let events = event.into_iter().chain(changed.then_some("state_change"));
+    for event in events {
+        metrics.add(
+            "jairouter_circuit_breaker_events_total",
+            &[
+                ("service", service),
+                ("instance", instance),
+                ("event", event),
+            ],
+            1,
+        );
     }
 }

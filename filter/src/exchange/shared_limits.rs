@@ -6,13 +6,13 @@
 //! request held locally is given back. When the service does not answer within `timeout-ms`,
 //! `failure-mode-deny` decides: refuse with 503, or go on under the local limits alone.
 
-use super::{Clock, Exchange, Flow};
+use super::{Buffered, Clock, Exchange, Flow, Stage};
 use crate::config::TokenSettlement;
 use crate::contract::RATE_LIMIT_CLUSTER;
 use crate::encoding::client_ip;
 use crate::host::Host;
 use crate::limit::global::{decide, settlements, Decision, Transition};
-use crate::limit::rls::{self, Descriptor, RLS_METHOD, RLS_SERVICE};
+use crate::limit::rls::{self, Answer, Descriptor, RLS_METHOD, RLS_SERVICE};
 use crate::limit::{Subject, Unit};
 use crate::reply::{ClientError, LocalReply};
 use crate::route::{rate_limit_headers, release_routed, too_many_requests, Routed};
@@ -26,9 +26,8 @@ pub struct Check {
     token: u32,
     routed: Routed,
     sent: Vec<(usize, Descriptor)>,
-    /// The request body Envoy buffered meanwhile, and whether it is whole.
-    pub body_size: usize,
-    pub end_of_stream: bool,
+    /// The request body Envoy buffered meanwhile.
+    pub(super) body: Buffered,
 }
 
 impl Exchange {
@@ -38,24 +37,23 @@ impl Exchange {
         host: &dyn Host,
         clock: &Clock<'_>,
         routed: Routed,
-        body_size: usize,
-        end_of_stream: bool,
+        body: Buffered,
     ) -> Flow {
         let plan = Rc::clone(&self.plan);
         let Some(global) = plan.gateway.global_rate_limit.as_ref() else {
-            return self.proceed(host, clock, routed, body_size, end_of_stream);
+            return self.start_upstream(host, clock, routed, body, Vec::new());
         };
         let subject = Subject {
             service: routed.service,
             model: &routed.model,
-            client: self.client.as_deref().map(client_ip),
+            client: self.client.address.as_deref().map(client_ip),
             instance: None,
-            api_key: self.caller.key_index(),
+            api_key: self.client.caller.key_index(),
         };
         let tokens = routed.tokens.as_ref().map_or(0, |t| t.reserved);
         let sent = plan.limits.shared_descriptors(&subject, tokens);
         if sent.is_empty() {
-            return self.proceed(host, clock, routed, body_size, end_of_stream);
+            return self.start_upstream(host, clock, routed, body, Vec::new());
         }
         let message = rls::encode_request(&global.domain, sent.iter().map(|(_, d)| d));
         let dispatched = host.dispatch_grpc(
@@ -67,54 +65,30 @@ impl Exchange {
         );
         match dispatched {
             Some(token) => {
-                self.check = Some(Box::new(Check {
+                self.stage = Stage::AwaitingLimits(Box::new(Check {
                     token,
                     routed,
                     sent,
-                    body_size,
-                    end_of_stream,
+                    body,
                 }));
                 Flow::Pause
             }
             None => {
                 self.count_call("check", "unavailable");
-                self.unchecked(
-                    host,
-                    clock,
-                    routed,
-                    body_size,
-                    end_of_stream,
-                    "could not be called",
-                )
+                self.unchecked(host, clock, routed, body, "could not be called")
             }
         }
-    }
-
-    fn proceed(
-        &mut self,
-        host: &dyn Host,
-        clock: &Clock<'_>,
-        routed: Routed,
-        body_size: usize,
-        end_of_stream: bool,
-    ) -> Flow {
-        let flow = self.apply(host, clock, routed);
-        self.after_routing(host, clock, flow, body_size, end_of_stream)
     }
 
     /// The service answered (`status` is gRPC's: 0 OK, 4 deadline exceeded, 14 unavailable).
     pub fn on_grpc_answer(&mut self, host: &dyn Host, token: u32, status: u32, size: usize) {
         // Only the answer to this request's own call.
-        let Some(check) = self.check.take_if(|c| c.token == token) else {
+        if !matches!(&self.stage, Stage::AwaitingLimits(check) if check.token == token) {
+            return;
+        }
+        let Stage::AwaitingLimits(check) = self.stage.take() else {
             return;
         };
-        let Check {
-            routed,
-            sent,
-            body_size,
-            end_of_stream,
-            ..
-        } = *check;
         let clock = Clock::new(host);
         let answer = match status {
             0 => host
@@ -125,51 +99,14 @@ impl Exchange {
             14 => Err("is unavailable"),
             _ => Err("failed the call"),
         };
-        let plan = Rc::clone(&self.plan);
         let flow = match answer {
             Ok(answer) => {
                 self.note_reached(true, "");
-                match decide(&plan.limits, &sent, &answer) {
-                    Decision::Refused(refusal) => {
-                        self.count_call("check", "over_limit");
-                        release_routed(&plan, host, &routed, clock.now());
-                        let mut reply = too_many_requests(&plan, &refusal);
-                        reply.service = Some(routed.service);
-                        reply.model = Some(routed.model.clone());
-                        self.reply(host, &clock, &reply)
-                    }
-                    Decision::Admitted {
-                        tightest,
-                        tightest_tokens,
-                    } => {
-                        self.count_call("check", "ok");
-                        let mut routed = routed;
-                        for (suffix, shared) in
-                            [("-requests", tightest), ("-tokens", tightest_tokens)]
-                        {
-                            if let Some((limit, verdict)) = shared {
-                                routed.headers.retain(|(name, _)| !name.ends_with(suffix));
-                                routed
-                                    .headers
-                                    .extend(rate_limit_headers(&plan, limit, &verdict));
-                            }
-                        }
-                        self.shared_tokens = sent
-                            .into_iter()
-                            .filter(|(at, _)| {
-                                plan.limits
-                                    .list
-                                    .get(*at)
-                                    .is_some_and(|l| l.unit == Unit::Tokens)
-                            })
-                            .collect();
-                        self.proceed(host, &clock, routed, body_size, end_of_stream)
-                    }
-                }
+                self.decided(host, &clock, *check, &answer)
             }
             Err(why) => {
                 self.count_call("check", "unavailable");
-                self.unchecked(host, &clock, routed, body_size, end_of_stream, why)
+                self.unchecked(host, &clock, check.routed, check.body, why)
             }
         };
         if flow == Flow::Continue {
@@ -177,9 +114,63 @@ impl Exchange {
         }
     }
 
+    /// The service's verdict on the shared buckets. Refused: the local limits' 429, and what the
+    /// request held is given back. Admitted: upstream, with the shared buckets' state.
+    fn decided(
+        &mut self,
+        host: &dyn Host,
+        clock: &Clock<'_>,
+        check: Check,
+        answer: &Answer,
+    ) -> Flow {
+        let plan = Rc::clone(&self.plan);
+        let Check {
+            mut routed,
+            sent,
+            body,
+            ..
+        } = check;
+        let (tightest, tightest_tokens) = match decide(&plan.limits, &sent, answer) {
+            Decision::Refused(refusal) => {
+                self.count_call("check", "over_limit");
+                release_routed(&plan, host, &routed, clock.now());
+                let mut reply = too_many_requests(&plan, &refusal);
+                reply.service = Some(routed.service);
+                reply.model = Some(routed.model);
+                return self.reply(host, clock, &reply);
+            }
+            Decision::Admitted {
+                tightest,
+                tightest_tokens,
+            } => (tightest, tightest_tokens),
+        };
+        self.count_call("check", "ok");
+        for (suffix, shared) in [("-requests", tightest), ("-tokens", tightest_tokens)] {
+            if let Some((limit, verdict)) = shared {
+                routed.headers.retain(|(name, _)| !name.ends_with(suffix));
+                routed
+                    .headers
+                    .extend(rate_limit_headers(&plan, limit, &verdict));
+            }
+        }
+        let shared_tokens = sent
+            .into_iter()
+            .filter(|(at, _)| {
+                plan.limits
+                    .list
+                    .get(*at)
+                    .is_some_and(|l| l.unit == Unit::Tokens)
+            })
+            .collect();
+        self.start_upstream(host, clock, routed, body, shared_tokens)
+    }
+
     /// The request ended (the client went away) while it waited: what it held is given back.
     pub(super) fn abandon_check(&mut self, host: &dyn Host, clock: &Clock<'_>) {
-        if let Some(check) = self.check.take() {
+        if !matches!(self.stage, Stage::AwaitingLimits(_)) {
+            return;
+        }
+        if let Stage::AwaitingLimits(check) = self.stage.take() {
             release_routed(&self.plan, host, &check.routed, clock.now());
         }
     }
@@ -191,13 +182,12 @@ impl Exchange {
         host: &dyn Host,
         clock: &Clock<'_>,
         routed: Routed,
-        body_size: usize,
-        end_of_stream: bool,
+        body: Buffered,
         why: &str,
     ) -> Flow {
         self.note_reached(false, why);
         if !self.fails_closed() {
-            return self.proceed(host, clock, routed, body_size, end_of_stream);
+            return self.start_upstream(host, clock, routed, body, Vec::new());
         }
         release_routed(&self.plan, host, &routed, clock.now());
         let mut reply = LocalReply::error(
@@ -252,10 +242,13 @@ impl Exchange {
     /// Hands the shared token budgets' settlements to the VM's root context, which sends them
     /// in batches.
     pub(super) fn settle_shared_tokens(&mut self, used: u64) {
-        if self.shared_tokens.is_empty() {
+        let Some(upstream) = self.stage.upstream_mut() else {
+            return;
+        };
+        if upstream.shared_tokens.is_empty() {
             return;
         }
-        let sent = std::mem::take(&mut self.shared_tokens);
+        let sent = std::mem::take(&mut upstream.shared_tokens);
         let mut due = settlements(&self.plan.limits, &sent, used);
         let charges_only = self
             .plan

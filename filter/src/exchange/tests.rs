@@ -152,7 +152,7 @@ fn whole_request(run: &mut Run, headers: &[(&str, &str)]) -> (Vec<usize>, usize)
     run.exchange.on_request_headers(&run.host, false);
     let head = run.host.total_calls();
     run.host.take_calls();
-    if run.host.replies.borrow().is_empty() && run.exchange.scan.is_some() {
+    if run.host.replies.borrow().is_empty() && matches!(run.exchange.stage, Stage::ReadingBody(_)) {
         run.exchange.on_request_body(&run.host, body, true);
     }
     let body_calls = run.host.total_calls();
@@ -422,7 +422,7 @@ fn a_large_prompt_after_the_model_is_read_in_two_windows_for_max_tokens() {
     let calls = run.calls();
     assert_eq!(calls.get(&Call::RequestBody), Some(&2));
     assert_eq!(
-        run.exchange.scanned,
+        run.host.request_body_read.get(),
         BODY_WINDOW + crate::scan::json::FIELD_LOOKAHEAD
     );
 }
@@ -438,7 +438,7 @@ fn a_large_prompt_before_the_model_is_read_in_growing_windows() {
     assert_eq!(run.send(), Flow::Continue);
     // 16 + 16 + 32 + 64 + 64 KB, then the last bytes and the model: 6 reads, not 13.
     assert_eq!(run.calls().get(&Call::RequestBody), Some(&6));
-    assert_eq!(run.exchange.scanned, body.len());
+    assert_eq!(run.host.request_body_read.get(), body.len());
 }
 
 /// What the model's token budget holds, without the refill since it was last written (a time
@@ -635,7 +635,7 @@ fn five_server_errors_open_the_breaker_and_a_client_error_does_not_count() {
         run.host.now.set(1_000_000_000 + round);
         run.request("POST", "/v1/chat/completions", &[], CHAT);
         run.send();
-        if run.exchange.served_by.as_deref() == Some("chat-0") {
+        if run.exchange.instance() == Some("chat-0") {
             // A client error first: neither success nor failure.
             let status = if round == 0 { 404 } else { 503 };
             failed += usize::from(status == 503);

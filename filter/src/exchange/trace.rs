@@ -15,7 +15,7 @@ impl Exchange {
     /// model or instance): up to six host calls, once per request.
     pub(super) fn write_span_attributes(&self, host: &dyn Host, usage: Option<Usage>) {
         let m = &self.measure;
-        let asked = self
+        let asked = m
             .requested_model
             .as_deref()
             .or((!m.model.is_empty()).then_some(m.model.as_str()));
@@ -28,8 +28,8 @@ impl Exchange {
         let attributes = [
             (SPAN_SERVICE, m.service),
             (SPAN_REQUEST_MODEL, asked),
-            (SPAN_RESPONSE_MODEL, self.served_model.as_deref()),
-            (SPAN_INSTANCE, self.served_by.as_deref()),
+            (SPAN_RESPONSE_MODEL, m.served_model.as_deref()),
+            (SPAN_INSTANCE, self.instance()),
             (SPAN_INPUT_TOKENS, input.as_deref()),
             (SPAN_OUTPUT_TOKENS, output.as_deref()),
         ];
