@@ -43,7 +43,7 @@ use crate::request::{
 };
 use crate::route::{Caller, RouteInputs, Routed};
 use crate::scan::ScanOutcome;
-use crate::translate::messages;
+use crate::translate::messages_to_openai;
 use crate::usage::Usage;
 use response::ResponseHead;
 pub use shared_limits::CALLS_METRIC as GLOBAL_CALLS_METRIC;
@@ -379,7 +379,8 @@ impl Exchange {
         } else {
             None
         };
-        let credentials_removed = self.plan.api_keys.enabled() || self.plan.gateway.jwt.is_some();
+        let credentials_removed =
+            self.plan.api_keys.enabled() || self.plan.spec.gateway.jwt.is_some();
         client.sent = ClientSent {
             authorization: !credentials_removed && headers.contains("authorization"),
             x_api_key: !credentials_removed && headers.contains("x-api-key"),
@@ -417,6 +418,7 @@ impl Exchange {
         let keys = &self.plan.api_keys;
         let token = self
             .plan
+            .spec
             .gateway
             .jwt
             .as_ref()
@@ -432,7 +434,7 @@ impl Exchange {
             now,
             token,
         );
-        if keys.enabled() || self.plan.gateway.jwt.is_some() {
+        if keys.enabled() || self.plan.spec.gateway.jwt.is_some() {
             for name in keys.credential_headers() {
                 if headers.contains(name) {
                     host.remove_request_header(name);
@@ -562,8 +564,9 @@ impl Exchange {
         // Anthropic's endpoints answer their clients' SDKs in Anthropic's error shape.
         let anthropic_error;
         let body = if self.client.anthropic && reply.status >= 400 {
-            let message = messages::openai_error_message(reply.body.as_bytes()).unwrap_or_default();
-            anthropic_error = messages::error_body(reply.status, &message);
+            let message =
+                messages_to_openai::openai_error_message(reply.body.as_bytes()).unwrap_or_default();
+            anthropic_error = messages_to_openai::error_body(reply.status, &message);
             anthropic_error.as_slice()
         } else {
             reply.body.as_bytes()
@@ -582,7 +585,7 @@ impl Exchange {
         let usage = self.final_usage();
         let summary = self.log_summary(usage);
         host.set_property(&[LOG_SUMMARY_PROPERTY], summary.as_bytes());
-        if self.plan.tracing.is_some() {
+        if self.plan.spec.tracing.is_some() {
             self.write_span_attributes(host, usage);
         }
     }

@@ -54,14 +54,14 @@ impl Checker {
         let targets: Vec<Target> = config
             .instances()
             .filter_map(|instance| {
-                let policy = instance.health_check.clone()?;
+                let policy = instance.spec.health_check.clone()?;
                 Some(Target {
-                    cluster: instance.cluster.clone(),
-                    authority: instance.base_url.host.clone(),
-                    path: format!("{}{}", instance.base_url.prefix, policy.path),
-                    headers: instance.headers.clone(),
+                    cluster: instance.spec.cluster.clone(),
+                    authority: instance.spec.base_url.host.clone(),
+                    path: format!("{}{}", instance.spec.base_url.prefix, policy.path),
+                    headers: instance.spec.headers.clone(),
                     state_key: instance.state_key.clone(),
-                    instance_id: instance.id.clone(),
+                    instance_id: instance.spec.id.clone(),
                     policy,
                 })
             })

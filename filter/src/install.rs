@@ -47,7 +47,7 @@ fn prepare_shared_keys(config: &Plan, store: &dyn SharedStore) {
     for instance in config.instances() {
         if unset(store, &instance.state_key) {
             let _ = store.set(&instance.state_key, &Breaker::CLOSED.encode(), None);
-        } else if instance.health_check.is_none()
+        } else if instance.spec.health_check.is_none()
             && breaker::is_unhealthy(store, &instance.state_key)
         {
             // Checked no more (a reload turned its checks off): not down any more.

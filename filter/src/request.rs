@@ -65,7 +65,7 @@ pub fn authenticate(
     let keys = &cfg.api_keys;
     let refuse = |e: AuthError| e.reply().because(e.code());
     if !keys.enabled() {
-        return match cfg.gateway.jwt {
+        return match cfg.spec.gateway.jwt {
             Some(_) => Err(refuse(AuthError::InvalidToken)),
             None => Ok(Caller::Anyone),
         };
@@ -123,7 +123,7 @@ pub fn on_request_headers(
         endpoint,
         query: query.to_string(),
         scanner,
-        limit: cfg.gateway.max_body_bytes,
+        limit: cfg.spec.gateway.max_body_bytes,
         model_from_header: model.map(str::to_string),
         hash_key_from_header: hash.from_header,
         hash_field: hash.body_field.map(str::to_string),
@@ -170,7 +170,7 @@ impl<'c> HashKey<'c> {
     fn of(cfg: &'c Plan, endpoint: Endpoint, head: &RequestHead<'_>) -> HashKey<'c> {
         let Some(lb) = cfg
             .service(endpoint.service())
-            .map(|s| &s.load_balance)
+            .map(|s| &s.spec.load_balance)
             .filter(|lb| lb.strategy == Strategy::HeaderHash)
         else {
             return HashKey::default();
@@ -405,8 +405,8 @@ fn list_models(cfg: &Plan, caller: Option<&ApiKey>) -> LocalReply {
 fn retrieve_model(cfg: &Plan, id: &str, caller: Option<&ApiKey>) -> LocalReply {
     let permitted = |kind| caller.is_none_or(|c| c.permits(kind, Some(id)).is_ok());
     for service in cfg.services() {
-        if service.models.contains_key(id) && permitted(service.kind) {
-            return LocalReply::json(200, model_object(id, service.kind).to_string());
+        if service.models.contains_key(id) && permitted(service.spec.kind) {
+            return LocalReply::json(200, model_object(id, service.spec.kind).to_string());
         }
     }
     LocalReply::error(

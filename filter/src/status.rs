@@ -28,14 +28,14 @@ pub fn status_json(config: &Plan, version: &str, store: &dyn SharedStore, now_ns
                     let state = Breaker::decode(store.get(&instance.state_key).0.as_deref());
                     let estimate = latency(store, &instance.latency_key);
                     json!({
-                        "id": instance.id,
-                        "model": instance.name,
-                        "cluster": instance.cluster,
-                        "base_url": base_url(&instance.base_url),
-                        "weight": instance.weight,
-                        "active": instance.active,
+                        "id": instance.spec.id,
+                        "model": instance.spec.name,
+                        "cluster": instance.spec.cluster,
+                        "base_url": base_url(&instance.spec.base_url),
+                        "weight": instance.spec.weight,
+                        "active": instance.spec.active,
                         "healthy": !state.unhealthy,
-                        "health_checked": instance.health_check.is_some(),
+                        "health_checked": instance.spec.health_check.is_some(),
                         "breaker": match state.state {
                             State::Closed => "closed",
                             State::Open => "open",
@@ -50,9 +50,9 @@ pub fn status_json(config: &Plan, version: &str, store: &dyn SharedStore, now_ns
                 })
                 .collect();
             json!({
-                "service": service.kind.key(),
-                "load_balance": service.load_balance.strategy.name(),
-                "retries": service.retries,
+                "service": service.spec.kind.key(),
+                "load_balance": service.spec.load_balance.strategy.name(),
+                "retries": service.spec.retries,
                 "instances": instances,
             })
         })
@@ -127,9 +127,9 @@ pub fn instance_gauges(config: &Plan, store: &dyn SharedStore) -> Vec<(String, u
         for instance in &service.instances {
             let state = Breaker::decode(store.get(&instance.state_key).0.as_deref());
             let labels = [
-                ("service", service.kind.key()),
-                ("model", instance.name.as_str()),
-                ("instance", instance.id.as_str()),
+                ("service", service.spec.kind.key()),
+                ("model", instance.spec.name.as_str()),
+                ("instance", instance.spec.id.as_str()),
             ];
             gauges.push((
                 stat_name("jairouter_circuit_breaker_state", &labels),

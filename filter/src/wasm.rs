@@ -122,7 +122,7 @@ impl RootContext for Root {
             Ok(plan) => {
                 install(&plan, &bytes, &WasmHost);
                 // Limits across replicas settle token budgets from the tick: more often.
-                let tick = match plan.gateway.global_rate_limit {
+                let tick = match plan.spec.gateway.global_rate_limit {
                     Some(_) => SETTLE_PERIOD,
                     None => REPORT_PERIOD,
                 };
@@ -286,7 +286,7 @@ impl Router {
 
     /// Sends the settlements the VM's requests left, one call at a time.
     fn settle(&mut self) {
-        let Some(global) = &self.plan.gateway.global_rate_limit else {
+        let Some(global) = &self.plan.spec.gateway.global_rate_limit else {
             return;
         };
         if self.settling.is_some() {

@@ -142,12 +142,12 @@ fn ten_thousand_distinct_models_compile_in_one_pass() {
     let chat = plan.services().next().unwrap();
     assert_eq!(chat.models.len(), MAX_INSTANCES);
     for (at, instance) in chat.instances.iter().enumerate() {
-        let pool = &chat.models[&instance.name];
-        assert_eq!(pool.model, instance.name);
+        let pool = &chat.models[&instance.spec.name];
+        assert_eq!(pool.model, instance.spec.name);
         assert_eq!(pool.routable, [at]);
         assert_eq!(pool.rotation, [0]);
     }
-    assert_eq!(chat.fallbacks["model-0"], ["model-9999"]);
+    assert_eq!(chat.spec.fallbacks["model-0"], ["model-9999"]);
     let listed: Value = serde_json::from_str(&plan.models_json).unwrap();
     assert_eq!(listed["data"].as_array().unwrap().len(), MAX_INSTANCES);
 }

@@ -49,17 +49,18 @@ const BUFFER_HEADROOM: u64 = 2 * 1024 * 1024;
 
 pub fn render(config: &Plan, model_json: &Value, opts: &Options) -> Value {
     let buffer_limit = config
+        .spec
         .gateway
         .max_body_bytes
         .saturating_add(BUFFER_HEADROOM);
     let mut static_clusters = Vec::new();
-    if let Some(global) = &config.gateway.global_rate_limit {
+    if let Some(global) = &config.spec.gateway.global_rate_limit {
         static_clusters.push(rate_limit_cluster(&global.service));
     }
-    if let Some(Jwks::Remote { url, .. }) = config.gateway.jwt.as_ref().map(|j| &j.jwks) {
+    if let Some(Jwks::Remote { url, .. }) = config.spec.gateway.jwt.as_ref().map(|j| &j.jwks) {
         static_clusters.push(jwks_cluster(url, &opts.ca_file));
     }
-    if let Some(tracing) = &config.tracing {
+    if let Some(tracing) = &config.spec.tracing {
         static_clusters.push(tracing::collector_cluster(tracing, &opts.ca_file));
     }
     let mut listeners = vec![json!({
@@ -87,7 +88,7 @@ pub fn render(config: &Plan, model_json: &Value, opts: &Options) -> Value {
             "address": socket(&opts.admin_address, opts.admin_port),
             "ignore_global_conn_limit": true
         },
-        "overload_manager": overload_manager(&config.gateway.edge),
+        "overload_manager": overload_manager(&config.spec.gateway.edge),
         "static_resources": {
             "listeners": listeners,
             "clusters": static_clusters
@@ -105,7 +106,7 @@ pub fn render(config: &Plan, model_json: &Value, opts: &Options) -> Value {
             if let Some(list) = bootstrap["static_resources"]["clusters"].as_array_mut() {
                 list.extend(instance_clusters(config, opts));
             }
-            if config.instances().any(|i| i.health_check.is_some()) {
+            if config.instances().any(|i| i.spec.health_check.is_some()) {
                 bootstrap["bootstrap_extensions"] = json!([health_checker(&opts.wasm_path)]);
             }
         }
@@ -358,7 +359,7 @@ fn http_connection_manager(
     opts: &Options,
     buffer_limit: u64,
 ) -> Value {
-    let edge = &config.gateway.edge;
+    let edge = &config.spec.gateway.edge;
     let access_logs: Vec<Value> = match opts.access_log.as_str() {
         "none" => Vec::new(),
         path => vec![access_log(path)],
@@ -370,7 +371,7 @@ fn http_connection_manager(
         // The client address is the peer's, or (with `gateway.trusted-hops`) the one the
         // trusted proxies in front wrote into X-Forwarded-For; never a header a client forges.
         "use_remote_address": true,
-        "xff_num_trusted_hops": config.gateway.trusted_hops,
+        "xff_num_trusted_hops": config.spec.gateway.trusted_hops,
         "access_log": access_logs,
         // Envoy's edge settings (`gateway.*`, see EdgeLimits): slow or idle clients give their
         // resources back. A 0 turns a timeout off ("0s" is off for Envoy too).
@@ -390,7 +391,7 @@ fn http_connection_manager(
         "route_config": api_route_config(config, opts),
         "http_filters": api_http_filters(config, model_json, opts)
     });
-    if let Some(tracing) = &config.tracing {
+    if let Some(tracing) = &config.spec.tracing {
         hcm["tracing"] = tracing::connection_manager_tracing(tracing);
     }
     hcm
@@ -411,7 +412,7 @@ fn api_http_filters(config: &Plan, model_json: &Value, opts: &Options) -> Vec<Va
             "typed_config": wasm_filter_config(model_json, &opts.wasm_path)
         }),
     };
-    let mut filters: Vec<Value> = config.gateway.jwt.iter().map(jwt_filter).collect();
+    let mut filters: Vec<Value> = config.spec.gateway.jwt.iter().map(jwt_filter).collect();
     filters.push(wasm);
     filters.push(router_filter());
     filters
@@ -451,14 +452,14 @@ fn routed_route(config: &Plan, opts: &Options) -> Value {
             "auto_host_rewrite": true,
             // Generations run for minutes: no limit unless `request-timeout` sets one; the
             // stream idle timeout guards hangs.
-            "timeout": duration(config.request_timeout_ms)
+            "timeout": duration(config.spec.request_timeout_ms)
         },
         // Ours, not the backend's: the routing header and the client's model header.
         "request_headers_to_remove": [ROUTING_HEADER, MODEL_HEADER]
     });
     // Live: a reload may give a service retries; the route must already have the policy.
-    if opts.live_dir.is_some() || config.services().any(|s| s.retries > 0) {
-        routed["route"]["retry_policy"] = retry_policy(config.retries);
+    if opts.live_dir.is_some() || config.services().any(|s| s.spec.retries > 0) {
+        routed["route"]["retry_policy"] = retry_policy(config.spec.retries);
         // `per_request_buffer_limit_bytes` until Envoy 1.40 deprecated it. This one only ever
         // raises a stream's buffer limit, so below the connection's it caps just the copy kept
         // for retries; the filter may still buffer up to `max-body-bytes` looking for the model.
@@ -525,45 +526,45 @@ fn rate_limit_cluster(service: &BaseUrl) -> Value {
 /// instance, credentials included) over the same scheme, and for TLS the same host (the cluster's
 /// SNI and certificate check are the first instance's).
 fn failover_peers<'a>(service: &'a Service, instance: &Instance) -> Vec<&'a Instance> {
-    if service.retries == 0 {
+    if service.spec.retries == 0 {
         return Vec::new();
     }
     service
         .instances
         .iter()
         .filter(|peer| {
-            peer.id != instance.id
-                && peer.name == instance.name
-                && peer.active
-                && peer.weight > 0
-                && peer.base_url.prefix == instance.base_url.prefix
-                && peer.base_url.tls == instance.base_url.tls
-                && (!peer.base_url.tls || peer.base_url.host == instance.base_url.host)
-                && peer.headers == instance.headers
+            peer.spec.id != instance.spec.id
+                && peer.spec.name == instance.spec.name
+                && peer.spec.active
+                && peer.spec.weight > 0
+                && peer.spec.base_url.prefix == instance.spec.base_url.prefix
+                && peer.spec.base_url.tls == instance.spec.base_url.tls
+                && (!peer.spec.base_url.tls || peer.spec.base_url.host == instance.spec.base_url.host)
+                && peer.spec.headers == instance.spec.headers
                 // A translated request is shaped for its instance's protocol and path.
-                && peer.adapter == instance.adapter
-                && peer.path_given == instance.path_given
+                && peer.spec.adapter == instance.spec.adapter
+                && peer.spec.path_given == instance.spec.path_given
         })
         .collect()
 }
 
 fn lb_endpoint(instance: &Instance) -> Value {
-    let url = &instance.base_url;
+    let url = &instance.spec.base_url;
     json!({
         "endpoint": {
             "address": socket(&url.host, url.port),
             // auto_host_rewrite sends the backend its own name as Host.
             "hostname": url.host
         },
-        "load_balancing_weight": instance.weight.max(1)
+        "load_balancing_weight": instance.spec.weight.max(1)
     })
 }
 
 /// One cluster per instance: the instance itself, then (priority 1, reached only by retries,
 /// which move on from priorities already tried) its failover peers.
 fn cluster(instance: &Instance, peers: &[&Instance], opts: &Options) -> Value {
-    let url = &instance.base_url;
-    let all_ips = url.host_is_ip() && peers.iter().all(|p| p.base_url.host_is_ip());
+    let url = &instance.spec.base_url;
+    let all_ips = url.host_is_ip() && peers.iter().all(|p| p.spec.base_url.host_is_ip());
     let kind = if all_ips { "STATIC" } else { "STRICT_DNS" };
     let mut endpoints = vec![json!({"lb_endpoints": [lb_endpoint(instance)]})];
     if !peers.is_empty() {
@@ -573,12 +574,12 @@ fn cluster(instance: &Instance, peers: &[&Instance], opts: &Options) -> Value {
         }));
     }
     let mut cluster = json!({
-        "name": instance.cluster,
+        "name": instance.spec.cluster,
         "type": kind,
         "connect_timeout": "5s",
         "dns_lookup_family": "V4_PREFERRED",
         "load_assignment": {
-            "cluster_name": instance.cluster,
+            "cluster_name": instance.spec.cluster,
             "endpoints": endpoints
         }
     });

@@ -41,15 +41,20 @@ impl Question {
 pub fn answer(question: Question, router: &Plan, port: u16) -> Option<String> {
     match question {
         Question::Port => Some(port.to_string()),
-        Question::Model => router.instances().next().map(|i| i.name.clone()),
-        Question::GlobalRateLimit => router.gateway.global_rate_limit.as_ref().map(|global| {
-            let url = &global.service;
-            if url.host.contains(':') {
-                format!("[{}]:{}", url.host, url.port)
-            } else {
-                format!("{}:{}", url.host, url.port)
-            }
-        }),
+        Question::Model => router.instances().next().map(|i| i.spec.name.clone()),
+        Question::GlobalRateLimit => router
+            .spec
+            .gateway
+            .global_rate_limit
+            .as_ref()
+            .map(|global| {
+                let url = &global.service;
+                if url.host.contains(':') {
+                    format!("[{}]:{}", url.host, url.port)
+                } else {
+                    format!("{}:{}", url.host, url.port)
+                }
+            }),
     }
 }
 

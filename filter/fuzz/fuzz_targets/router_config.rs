@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
     for service in cfg.services() {
         total += service.instances.len();
         for instance in &service.instances {
-            assert!(instance.weight <= MAX_WEIGHT);
+            assert!(instance.spec.weight <= MAX_WEIGHT);
         }
         for pool in service.models.values() {
             assert!(pool.rotation.len() <= 4096);

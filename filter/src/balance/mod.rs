@@ -595,7 +595,7 @@ mod tests {
         );
         let service = cfg.service(ServiceType::Chat).unwrap();
         assert_eq!(
-            service.load_balance.hash_header.as_deref(),
+            service.spec.load_balance.hash_header.as_deref(),
             Some("x-session-id")
         );
         let store = MemoryStore::default();

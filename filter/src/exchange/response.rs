@@ -173,7 +173,7 @@ impl Exchange {
         if let Some(model) = &self.measure.served_model {
             additions.push((MODEL_HEADER, model.as_str()));
         }
-        if let Some(upstream) = upstream.filter(|_| self.plan.gateway.instance_header) {
+        if let Some(upstream) = upstream.filter(|_| self.plan.spec.gateway.instance_header) {
             additions.push((INSTANCE_HEADER, upstream.instance.as_str()));
         }
         additions

@@ -40,7 +40,7 @@ impl Exchange {
         body: Buffered,
     ) -> Flow {
         let plan = Rc::clone(&self.plan);
-        let Some(global) = plan.gateway.global_rate_limit.as_ref() else {
+        let Some(global) = plan.spec.gateway.global_rate_limit.as_ref() else {
             return self.start_upstream(host, clock, routed, body, Vec::new());
         };
         let subject = Subject {
@@ -204,6 +204,7 @@ impl Exchange {
     /// `failure-mode-deny`: refuse what the service cannot check.
     fn fails_closed(&self) -> bool {
         self.plan
+            .spec
             .gateway
             .global_rate_limit
             .as_ref()
@@ -252,6 +253,7 @@ impl Exchange {
         let mut due = settlements(&self.plan.limits, &sent, used);
         let charges_only = self
             .plan
+            .spec
             .gateway
             .global_rate_limit
             .as_ref()

@@ -101,11 +101,11 @@ impl LoadReport {
 /// What the request needs translated once its body is whole.
 fn pending(instance: &Instance, routed: &Routed) -> Pending {
     Pending {
-        protocol: instance.adapter.protocol,
+        protocol: instance.spec.adapter.protocol,
         endpoint: routed.endpoint,
         model: routed.model.clone(),
-        prefix: instance.base_url.prefix.clone(),
-        path_given: instance.path_given.clone(),
+        prefix: instance.spec.base_url.prefix.clone(),
+        path_given: instance.spec.path_given.clone(),
         chat_path: instance
             .upstream_path(Endpoint::ChatCompletions)
             .unwrap_or("/v1/chat/completions")
@@ -150,13 +150,13 @@ impl Exchange {
             let reply = LocalReply::no_instance("the chosen instance is gone", 1);
             return self.reply(host, clock, &reply);
         };
-        let translates = translation::translates(routed.endpoint, instance.adapter.protocol);
+        let translates = translation::translates(routed.endpoint, instance.spec.adapter.protocol);
         self.point_at(host, instance, &routed.path, translates);
         // The route's retry policy carries the global `retries`; a service that differs (or an
         // upload, not retried unless configured) says so here. Envoy strips this header from
         // clients' requests; ours is set after that.
-        if service.retries != plan.retries {
-            host.set_request_header("x-envoy-max-retries", &service.retries.to_string());
+        if service.spec.retries != plan.spec.retries {
+            host.set_request_header("x-envoy-max-retries", &service.spec.retries.to_string());
         }
         // No clear_route_cache: Envoy re-selects the route itself when a module of ABI 0.2.1
         // (what proxy-wasm 0.2.x exports) changes a request header, which saves ~2 µs;
@@ -164,18 +164,18 @@ impl Exchange {
         self.measure.routed_ns = clock.now();
         self.measure.service = Some(routed.service.key());
         self.measure.endpoint = Some(routed.endpoint);
-        self.measure.protocol = Some(instance.adapter.protocol);
-        let lb = &service.load_balance;
-        self.count_routing(&routed, &instance.id, Some(lb.strategy));
+        self.measure.protocol = Some(instance.spec.adapter.protocol);
+        let lb = &service.spec.load_balance;
+        self.count_routing(&routed, &instance.spec.id, Some(lb.strategy));
         let pending = translates.then(|| pending(instance, &routed));
-        let rewrites_errors = !translates && instance.adapter.rewrites_errors;
+        let rewrites_errors = !translates && instance.spec.adapter.rewrites_errors;
         let upstream = Upstream {
-            instance: instance.id.clone(),
+            instance: instance.spec.id.clone(),
             response_headers: routed.headers,
             load: LoadReport::begin(host, clock, instance, lb),
             tokens: routed.tokens,
             shared_tokens,
-            breaker: BreakerTicket::new(instance, routed.breaker, service.retries),
+            breaker: BreakerTicket::new(instance, routed.breaker, service.spec.retries),
             translation: rewrites_errors.then(|| Translation::errors_only(routed.endpoint)),
             usage: None,
         };
@@ -198,7 +198,7 @@ impl Exchange {
         if path != self.client.path && !translates {
             host.set_request_header(":path", path);
         }
-        for (name, value) in &instance.headers {
+        for (name, value) in &instance.spec.headers {
             host.set_request_header(name, value);
         }
         if translates {
@@ -211,12 +211,12 @@ impl Exchange {
                 (sent.authorization, "authorization"),
                 (sent.x_api_key, "x-api-key"),
             ] {
-                if sent && !instance.headers.iter().any(|(n, _)| n == name) {
+                if sent && !instance.spec.headers.iter().any(|(n, _)| n == name) {
                     host.remove_request_header(name);
                 }
             }
         }
-        host.set_request_header(ROUTING_HEADER, &instance.cluster);
+        host.set_request_header(ROUTING_HEADER, &instance.spec.cluster);
     }
 
     /// A request routed to a translating instance waits for its whole body, then is rewritten.

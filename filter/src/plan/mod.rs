@@ -19,10 +19,9 @@ use crate::limit::Limits;
 use crate::shared_keys::InstanceKeys;
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
-use std::ops::Deref;
 
-/// Each part of the plan is its configuration (`spec`, kept once and read through `Deref`:
-/// `plan.gateway` is `plan.spec.gateway`) and, beside it, only what is compiled from it.
+/// Each part of the plan is its configuration (`spec`, kept once, as written and validated) and,
+/// beside it, only what is compiled from it.
 #[derive(Debug)]
 pub struct Plan {
     /// What applies to every request as written (`gateway`, `retries`, `request-timeout`,
@@ -43,7 +42,7 @@ pub struct Plan {
 
 #[derive(Debug)]
 pub struct Service {
-    /// Its settings (`service.kind` is `service.spec.kind`).
+    /// Its settings as configured (kind, load balancing, retries, fallbacks).
     pub spec: ServiceSpec,
     /// Its instances, compiled, in the configured order (the index limits and pools name).
     pub instances: Vec<Instance>,
@@ -55,7 +54,7 @@ pub struct Service {
 
 #[derive(Debug, Clone)]
 pub struct Instance {
-    /// Its configuration (`instance.id` is `instance.spec.id`).
+    /// Its configuration as written (id, name, base URL, weight, headers, adapter...).
     pub spec: InstanceConfig,
     /// This instance's breaker, when one is enabled for it.
     pub breaker: Option<BreakerPolicy>,
@@ -65,27 +64,6 @@ pub struct Instance {
     pub in_flight_key: String,
     /// Shared-data key of this instance's latency estimate (least-latency).
     pub latency_key: String,
-}
-
-impl Deref for Plan {
-    type Target = Settings;
-    fn deref(&self) -> &Settings {
-        &self.spec
-    }
-}
-
-impl Deref for Service {
-    type Target = ServiceSpec;
-    fn deref(&self) -> &ServiceSpec {
-        &self.spec
-    }
-}
-
-impl Deref for Instance {
-    type Target = InstanceConfig;
-    fn deref(&self) -> &InstanceConfig {
-        &self.spec
-    }
 }
 
 impl Instance {
@@ -104,7 +82,8 @@ impl Instance {
     }
 
     pub fn upstream_path(&self, endpoint: Endpoint) -> Option<&str> {
-        self.paths
+        self.spec
+            .paths
             .iter()
             .find(|(e, _)| *e == endpoint)
             .map(|(_, p)| p.as_str())
@@ -113,9 +92,9 @@ impl Instance {
     fn member(&self, index: usize) -> Member<'_> {
         Member {
             index,
-            id: &self.id,
-            weight: self.weight,
-            active: self.active,
+            id: &self.spec.id,
+            weight: self.spec.weight,
+            active: self.spec.active,
             in_flight_key: &self.in_flight_key,
             latency_key: &self.latency_key,
         }
@@ -141,19 +120,22 @@ impl Service {
         // model left with no other instance answers 501 (`unsupported`).
         let mut unsupported = HashMap::new();
         for (index, instance) in instances.iter().enumerate() {
-            if !instance.adapter.serves(kind) {
+            if !instance.spec.adapter.serves(kind) {
                 log::warn!(
                     "instance {} ({}) takes no {} requests: adapter {} does not serve them",
-                    instance.id,
-                    instance.name,
+                    instance.spec.id,
+                    instance.spec.name,
                     kind.key(),
-                    instance.adapter.name
+                    instance.spec.adapter.name
                 );
-                unsupported.insert(instance.name.clone(), instance.adapter.name.clone());
+                unsupported.insert(
+                    instance.spec.name.clone(),
+                    instance.spec.adapter.name.clone(),
+                );
                 continue;
             }
             members
-                .entry(instance.name.as_str())
+                .entry(instance.spec.name.as_str())
                 .or_default()
                 .push(instance.member(index));
         }
@@ -288,11 +270,13 @@ pub fn models_list_json_where<'a>(
     let mut data = Vec::new();
     for service in services {
         for instance in &service.instances {
-            if seen.contains(instance.name.as_str()) || !shown(service.kind, &instance.name) {
+            if seen.contains(instance.spec.name.as_str())
+                || !shown(service.spec.kind, &instance.spec.name)
+            {
                 continue;
             }
-            seen.insert(&instance.name);
-            data.push(model_object(&instance.name, service.kind));
+            seen.insert(&instance.spec.name);
+            data.push(model_object(&instance.spec.name, service.spec.kind));
         }
     }
     serde_json::json!({"object": "list", "data": data}).to_string()

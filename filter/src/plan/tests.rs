@@ -27,10 +27,10 @@ fn seed_configmap_loads() {
     let cfg = Plan::from_value(&seed_model()).unwrap();
     let chat = cfg.service(ServiceType::Chat).unwrap();
     let i = &chat.instances[0];
-    assert_eq!(i.id, "chat-0");
-    assert_eq!(i.cluster, "jairouter-chat-0");
-    assert_eq!(i.base_url.host, "ollama-service");
-    assert_eq!(i.base_url.port, 11434);
+    assert_eq!(i.spec.id, "chat-0");
+    assert_eq!(i.spec.cluster, "jairouter-chat-0");
+    assert_eq!(i.spec.base_url.host, "ollama-service");
+    assert_eq!(i.spec.base_url.port, 11434);
     assert_eq!(
         i.upstream_path(Endpoint::ChatCompletions),
         Some("/v1/chat/completions")
@@ -79,30 +79,31 @@ fn original_services_yml_loads() {
     });
     let cfg = Plan::from_value(&v).unwrap();
     let chat = cfg.service(ServiceType::Chat).unwrap();
-    assert_eq!(chat.load_balance.strategy, Strategy::LeastConnections);
+    assert_eq!(chat.spec.load_balance.strategy, Strategy::LeastConnections);
     assert_eq!(
-        chat.instances[0].cluster,
+        chat.instances[0].spec.cluster,
         "jairouter-c09eb43b-5084-48bb-8fc8-3e5ab2505c31"
     );
     assert_eq!(
         cfg.service(ServiceType::Rerank)
             .unwrap()
+            .spec
             .load_balance
             .hash_algorithm,
         "sha256"
     );
     let img = &cfg.service(ServiceType::ImgGen).unwrap().instances[0];
-    assert!(img.base_url.tls);
-    assert_eq!(img.base_url.port, 443);
+    assert!(img.spec.base_url.tls);
+    assert_eq!(img.spec.base_url.port, 443);
     assert_eq!(
         img.upstream_path(Endpoint::ImageGenerations),
         Some("/api/v1/images/generations")
     );
     assert_eq!(
-        img.headers,
+        img.spec.headers,
         vec![("authorization".to_string(), "Bearer x".to_string())]
     );
-    assert!(img.active);
+    assert!(img.spec.active);
     let read = Config::from_value(&v).unwrap();
     assert_eq!(read.circuit_breaker.as_ref().unwrap().failure_threshold, 5);
 }
@@ -207,8 +208,8 @@ fn gateway_options() {
     let mut v = seed_model();
     v["gateway"] = json!({"max-body-bytes": 2048, "instance-header": false});
     let cfg = Plan::from_value(&v).unwrap();
-    assert_eq!(cfg.gateway.max_body_bytes, 2048);
-    assert!(!cfg.gateway.instance_header);
+    assert_eq!(cfg.spec.gateway.max_body_bytes, 2048);
+    assert!(!cfg.spec.gateway.instance_header);
     let mut v = seed_model();
     v["gateway"] = json!({"max-body-bytes": 1});
     assert!(refused(v).starts_with("model.gateway.max-body-bytes:"));
@@ -217,11 +218,11 @@ fn gateway_options() {
 #[test]
 fn edge_limits() {
     let cfg = Plan::from_value(&seed_model()).unwrap();
-    assert_eq!(cfg.gateway.edge, EdgeLimits::DEFAULT);
+    assert_eq!(cfg.spec.gateway.edge, EdgeLimits::DEFAULT);
     let mut v = seed_model();
     v["gateway"] = json!({"instance-header": true});
     assert_eq!(
-        Plan::from_value(&v).unwrap().gateway.edge,
+        Plan::from_value(&v).unwrap().spec.gateway.edge,
         EdgeLimits::DEFAULT
     );
 
@@ -230,7 +231,7 @@ fn edge_limits() {
         "max-connections": 5, "requestHeadersTimeout": "2000", "stream-idle-timeout": 0,
         "idle-timeout": 30000, "max-request-headers-kb": 96, "http2-max-concurrent-streams": 10
     });
-    let edge = Plan::from_value(&v).unwrap().gateway.edge;
+    let edge = Plan::from_value(&v).unwrap().spec.gateway.edge;
     assert_eq!(
         edge,
         EdgeLimits {
@@ -478,24 +479,25 @@ fn adapters_resolve_from_instance_service_or_global_and_typos_name_their_key() {
     }))
     .unwrap();
     let chat = cfg.service(ServiceType::Chat).unwrap();
-    let protocol = |i: usize| chat.instances[i].adapter.protocol;
+    let protocol = |i: usize| chat.instances[i].spec.adapter.protocol;
     assert_eq!(protocol(0), crate::config::Protocol::Anthropic);
     assert_eq!(protocol(1), crate::config::Protocol::Ollama);
     // An Ollama at its OpenAI-compatible path keeps the passthrough.
     assert_eq!(protocol(2), crate::config::Protocol::OpenAi);
     // The adapter's headers come first, the instance's own after.
     assert_eq!(
-        chat.instances[0].headers,
+        chat.instances[0].spec.headers,
         vec![
             ("anthropic-version".to_string(), "2023-06-01".to_string()),
             ("x-api-key".to_string(), "sk-ant".to_string())
         ]
     );
     assert!(chat.instances[3]
+        .spec
         .headers
         .contains(&("authorization".to_string(), "Bearer sk-d".to_string())));
     let embedding = cfg.service(ServiceType::Embedding).unwrap();
-    assert_eq!(embedding.instances[0].adapter.name, "vllm");
+    assert_eq!(embedding.instances[0].spec.adapter.name, "vllm");
 
     for (v, key) in [
         (json!({"adapter": "olama", "services": {}}), "model.adapter"),

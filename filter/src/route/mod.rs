@@ -124,7 +124,7 @@ pub fn route_model(
     // fallback list): its fallback models, in order.
     let stand_ins = cfg
         .service(endpoint.service())
-        .and_then(|s| s.fallbacks.get(model))
+        .and_then(|s| s.spec.fallbacks.get(model))
         .filter(|_| facts.model_rewritable);
     for stand_in in stand_ins.into_iter().flatten() {
         if let Ok(mut routed) = route_to_instance(cfg, endpoint, stand_in, query, host, facts) {
@@ -234,7 +234,7 @@ fn take_instance<'p>(
         }
         limit_tries += 1;
         let subject = Subject {
-            instance: Some((at, &instance.id)),
+            instance: Some((at, &instance.spec.id)),
             ..subject
         };
         match admit::at_instance(cfg, host, &subject, tokens) {

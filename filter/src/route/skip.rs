@@ -38,7 +38,7 @@ impl PassedOver {
 /// How the instance's health and breaker let a request through: one shared-data read, when it
 /// has either (`None`: it has neither).
 pub(super) fn admission(host: &RouteInputs<'_>, instance: &Instance) -> Option<Admission> {
-    (instance.breaker.is_some() || instance.health_check.is_some()).then(|| {
+    (instance.breaker.is_some() || instance.spec.health_check.is_some()).then(|| {
         breaker::admit(
             host.store,
             &instance.state_key,

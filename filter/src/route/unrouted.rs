@@ -94,12 +94,12 @@ pub(super) fn unknown_model(cfg: &Plan, endpoint: Endpoint, model: &str) -> Loca
     // Point a client that used the wrong endpoint to the right one.
     let elsewhere = cfg
         .services()
-        .find(|s| s.kind != endpoint.service() && s.models.contains_key(model))
+        .find(|s| s.spec.kind != endpoint.service() && s.models.contains_key(model))
         .map(|s| {
             format!(
                 " It is a `{}` model: use /v1/{}.",
-                s.kind.key(),
-                s.kind.primary_endpoint().suffix()
+                s.spec.kind.key(),
+                s.spec.kind.primary_endpoint().suffix()
             )
         })
         .unwrap_or_default();

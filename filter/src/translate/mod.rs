@@ -29,9 +29,6 @@ pub mod openai_to_claude;
 pub mod openai_to_gemini;
 pub mod openai_to_ollama;
 
-/// Anthropic's error shapes, by the name the exchange reads them with.
-pub use messages_to_openai as messages;
-
 use crate::endpoint::{Endpoint, ServiceType};
 use serde_json::Value;
 

@@ -7,7 +7,7 @@
 //! the turns to alternate, so consecutive turns of one role are merged); `tools`, `tool_choice`,
 //! `parallel_tool_calls: false`, `stop`, `temperature`, `top_p`, `top_k`, `stream`, `user`.
 //!
-//! What does not (the README names these):
+//! What does not (docs/adapters.md names these):
 //! - refused: `n` > 1, content parts other than text and images (`input_audio`, `file`), the
 //!   legacy `function` role, tools other than functions, `tool_choice` other than the four
 //!   OpenAI forms.

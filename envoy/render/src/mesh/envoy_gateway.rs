@@ -173,7 +173,7 @@ fn outside_backends(backends: &[Backend], names: &mut Names) -> OutsideBackends 
 
 /// How `instance` is reached from the route.
 fn target(instance: &Instance, outside: &OutsideBackends, namespace: &str) -> Target {
-    let url = &instance.base_url;
+    let url = &instance.spec.base_url;
     match place(&url.host, namespace) {
         Place::InCluster {
             service, namespace, ..
@@ -200,7 +200,10 @@ fn instance_rules(
     instances_with_service(router)
         .into_iter()
         .map(|(service, instance)| {
-            let name = names.name(&instance.cluster, &format!("rule/{}", instance.cluster));
+            let name = names.name(
+                &instance.spec.cluster,
+                &format!("rule/{}", instance.spec.cluster),
+            );
             let target = target(instance, outside, &opts.namespace);
             InstanceRule {
                 rule: instance_rule(&name, instance, &target, &opts.namespace, router),
@@ -436,7 +439,7 @@ fn instance_rule(
     route_namespace: &str,
     router: &Plan,
 ) -> Value {
-    let url = &instance.base_url;
+    let url = &instance.spec.base_url;
     let backend_ref = match target {
         Target::Service {
             name,
@@ -461,11 +464,11 @@ fn instance_rule(
     }
     json!({
         "name": name,
-        "matches": [{"headers": [{"type": "Exact", "name": ROUTING_HEADER, "value": instance.cluster}]}],
+        "matches": [{"headers": [{"type": "Exact", "name": ROUTING_HEADER, "value": instance.spec.cluster}]}],
         "filters": filters,
         "backendRefs": [backend_ref],
         // 0s: no timeout (EG's default would cut generations that stream for minutes).
-        "timeouts": {"request": gateway_api_duration(router.request_timeout_ms)}
+        "timeouts": {"request": gateway_api_duration(router.spec.request_timeout_ms)}
     })
 }
 
@@ -560,10 +563,10 @@ fn reference_grants(backends: &[Backend], opts: &Options) -> Vec<Document> {
 fn traffic_policy_spec(service: &Service, instance: &Instance) -> Option<Value> {
     let mut spec = json!({});
     let mut health = json!({});
-    if let Some(check) = &instance.health_check {
+    if let Some(check) = &instance.spec.health_check {
         health["active"] = active_check(check, instance);
     }
-    if let Some(breaker) = instance.circuit_breaker.as_ref().filter(|b| b.enabled) {
+    if let Some(breaker) = instance.spec.circuit_breaker.as_ref().filter(|b| b.enabled) {
         health["passive"] = json!({
             "consecutive5XxErrors": breaker.failure_threshold,
             "interval": "10s",
@@ -574,11 +577,11 @@ fn traffic_policy_spec(service: &Service, instance: &Instance) -> Option<Value> 
     if health.as_object().is_some_and(|h| !h.is_empty()) {
         spec["healthCheck"] = health;
     }
-    if service.retries > 0 {
+    if service.spec.retries > 0 {
         let mut triggers: Vec<&str> = RETRY_ON.to_vec();
         triggers.push("retriable-status-codes");
         spec["retry"] = json!({
-            "numRetries": service.retries,
+            "numRetries": service.spec.retries,
             "retryOn": {"triggers": triggers, "httpStatusCodes": [RETRIABLE_STATUS]},
             "perRetry": {"backOff": {"baseInterval": "5ms", "maxInterval": "50ms"}}
         });
@@ -589,7 +592,7 @@ fn traffic_policy_spec(service: &Service, instance: &Instance) -> Option<Value> 
 }
 
 fn active_check(check: &HealthCheckPolicy, instance: &Instance) -> Value {
-    let url = &instance.base_url;
+    let url = &instance.spec.base_url;
     let mut http = json!({
         "path": format!("{}{}", url.prefix, check.path),
         "expectedStatuses": HEALTHY_STATUSES

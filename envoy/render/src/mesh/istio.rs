@@ -433,10 +433,10 @@ fn virtual_service(router: &Plan, opts: &Options) -> Document {
     let mut http: Vec<Value> = instances_with_service(router)
         .into_iter()
         .map(|(service, instance)| {
-            let url = &instance.base_url;
+            let url = &instance.spec.base_url;
             let mut route = json!({
-                "name": instance.cluster,
-                "match": [{"headers": {ROUTING_HEADER: {"exact": instance.cluster}}}],
+                "name": instance.spec.cluster,
+                "match": [{"headers": {ROUTING_HEADER: {"exact": instance.spec.cluster}}}],
                 "route": [{"destination": {
                     "host": mesh_host(&place(&url.host, &opts.namespace)),
                     "port": {"number": url.port}
@@ -444,9 +444,9 @@ fn virtual_service(router: &Plan, opts: &Options) -> Document {
                 "rewrite": {"authority": url.host},
                 "headers": {"request": {"remove": [ROUTING_HEADER, MODEL_HEADER]}},
                 // Istio retries twice by default; the service's own number rules here.
-                "retries": if service.retries > 0 {
+                "retries": if service.spec.retries > 0 {
                     json!({
-                        "attempts": service.retries,
+                        "attempts": service.spec.retries,
                         "retryOn": format!("{},{RETRIABLE_STATUS}", RETRY_ON.join(","))
                     })
                 } else {
@@ -454,8 +454,8 @@ fn virtual_service(router: &Plan, opts: &Options) -> Document {
                 }
             });
             // Istio's default is no timeout, which generations that stream for minutes need.
-            if router.request_timeout_ms > 0 {
-                route["timeout"] = json!(duration(router.request_timeout_ms));
+            if router.spec.request_timeout_ms > 0 {
+                route["timeout"] = json!(duration(router.spec.request_timeout_ms));
             }
             route
         })
@@ -520,7 +520,7 @@ fn outlier_detection(backend: &Backend) -> Option<Value> {
     let breakers: Vec<&CircuitBreakerPolicy> = backend
         .instances
         .iter()
-        .filter_map(|i| i.circuit_breaker.as_ref())
+        .filter_map(|i| i.spec.circuit_breaker.as_ref())
         .filter(|b| b.enabled)
         .collect();
     let threshold = breakers.iter().map(|b| b.failure_threshold).min()?;

@@ -74,20 +74,20 @@ fn load(file: &str, api_keys: Option<&str>) -> Result<(Value, Plan), String> {
 /// Settings that need filters of the standalone bootstrap beside ours, which a mesh does not get.
 fn unsupported_in_mesh(router: &Plan) -> Vec<&'static str> {
     let mut notes = Vec::new();
-    if router.gateway.jwt.is_some() {
+    if router.spec.gateway.jwt.is_some() {
         notes.push(
             "gateway.jwt needs Envoy's jwt_authn in front of the filter, which the mesh \
              resources do not add: tokens will be refused (use API keys, or verify tokens with \
              the mesh's own JWT policy)",
         );
     }
-    if router.gateway.global_rate_limit.is_some() {
+    if router.spec.gateway.global_rate_limit.is_some() {
         notes.push(
             "gateway.global-rate-limit is a bootstrap filter: in a mesh use the mesh's global \
              rate limiting (limits in the filter stay per proxy pod)",
         );
     }
-    if router.gateway.edge != EdgeLimits::DEFAULT {
+    if router.spec.gateway.edge != EdgeLimits::DEFAULT {
         notes.push(
             "gateway.max-connections and the gateway's timeouts and header limits are \
              settings of the standalone bootstrap's listener, which the mesh owns: set them on \
@@ -230,7 +230,7 @@ impl Backend<'_> {
 pub fn backends<'a>(router: &'a Plan, namespace: &str) -> Result<Vec<Backend<'a>>, String> {
     let mut by_key: BTreeMap<String, Backend<'a>> = BTreeMap::new();
     for instance in router.instances() {
-        let url = &instance.base_url;
+        let url = &instance.spec.base_url;
         let place = place(&url.host, namespace);
         let backend = by_key
             .entry(Backend::key(&place))
@@ -244,7 +244,7 @@ pub fn backends<'a>(router: &'a Plan, namespace: &str) -> Result<Vec<Backend<'a>
             if tls != url.tls {
                 return Err(format!(
                     "instance {}: {}:{} is used with both http and https",
-                    instance.id, url.host, url.port
+                    instance.spec.id, url.host, url.port
                 ));
             }
         }
