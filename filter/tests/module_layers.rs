@@ -317,6 +317,42 @@ fn the_rate_limit_services_modules_have_no_import_cycle() {
     assert_no_import_cycle("envoy/ratelimit");
 }
 
+/// The crates whose modules the tests above check for cycles.
+const CHECKED_CRATES: [&str; 3] = ["filter", "envoy/render", "envoy/ratelimit"];
+
+/// Every crate of the workspace (and the fuzz crate beside it) is checked above, or is one
+/// source file, which has no modules to form a cycle: a new crate cannot slip past the check.
+#[test]
+fn every_crate_is_checked_for_import_cycles() {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let manifest = fs::read_to_string(workspace.join("Cargo.toml")).unwrap();
+    let members = manifest
+        .split_once("members")
+        .and_then(|(_, rest)| rest.split_once('['))
+        .and_then(|(_, rest)| rest.split_once(']'))
+        .map(|(list, _)| list)
+        .expect("the workspace's members");
+    let mut crates: Vec<String> = members
+        .split(',')
+        .map(|m| m.trim().trim_matches('"').to_string())
+        .filter(|m| !m.is_empty())
+        .collect();
+    assert!(crates.len() > 1, "no workspace members read from {members}");
+    crates.push("filter/fuzz".to_string());
+    for member in crates {
+        if CHECKED_CRATES.contains(&member.as_str()) {
+            continue;
+        }
+        let mut files = Vec::new();
+        rust_files(&workspace.join(&member).join("src"), &mut files);
+        assert!(
+            files.len() <= 1,
+            "{member} has {} source files: add it to CHECKED_CRATES and give it a test",
+            files.len()
+        );
+    }
+}
+
 #[test]
 fn the_reader_sees_through_comments_strings_and_test_modules() {
     let code = code_only(
