@@ -62,6 +62,7 @@ fn main() {
         model: "m".into(),
         created: 1,
         include_usage: true,
+        nonce: 0,
     };
     // The translator the exchange would pick for such a stream.
     let (endpoint, backend) = match protocol.as_str() {

@@ -27,6 +27,7 @@ fuzz_target!(|data: &[u8]| {
         model: "m".into(),
         created: 1,
         include_usage: mode & 1 == 1,
+        nonce: 0,
     };
 
     if let Ok(request) = parse_request(body) {

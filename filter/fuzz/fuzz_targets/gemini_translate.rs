@@ -12,6 +12,7 @@ fn reply(include_usage: bool) -> ReplyContext {
         model: "gemini-2.5-flash".into(),
         created: 1,
         include_usage,
+        nonce: 0,
     }
 }
 

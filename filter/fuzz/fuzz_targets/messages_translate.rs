@@ -16,6 +16,7 @@ fn reply() -> ReplyContext {
         model: "claude-sonnet-4-5".into(),
         created: 1_700_000_000,
         include_usage: false,
+        nonce: 0,
     }
 }
 

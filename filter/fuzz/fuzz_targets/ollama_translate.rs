@@ -12,6 +12,7 @@ fn reply(include_usage: bool) -> ReplyContext {
         model: "llama3.2".into(),
         created: 1,
         include_usage,
+        nonce: 0,
     }
 }
 

@@ -85,6 +85,7 @@ impl Translation {
                 model: String::new(),
                 created: 0,
                 include_usage: false,
+                nonce: 0,
             },
             asked_stream: false,
             stream: None,
@@ -100,6 +101,7 @@ impl Translation {
         pending: &Pending,
         body: &[u8],
         created: u64,
+        nonce: u64,
     ) -> Result<(Translation, Outbound), LocalReply> {
         let Some(translator) = translate::translator(pending.endpoint, pending.protocol) else {
             return Err(LocalReply::error(
@@ -134,6 +136,7 @@ impl Translation {
                 model: pending.model.clone(),
                 created,
                 include_usage: openai::wants_usage(&request),
+                nonce,
             },
             asked_stream: stream,
             stream: None,
@@ -369,12 +372,12 @@ mod tests {
     #[test]
     fn refusals_are_400_for_bad_bodies_and_501_for_what_the_protocol_lacks() {
         let p = pending(Protocol::Anthropic, Endpoint::ChatCompletions, "");
-        let bad = Translation::request(&p, b"{not json", 1)
+        let bad = Translation::request(&p, b"{not json", 1, 0)
             .err()
             .map(|r| r.status);
         assert_eq!(bad, Some(400));
         let legacy = pending(Protocol::Anthropic, Endpoint::Completions, "");
-        let lacking = Translation::request(&legacy, br#"{"model":"m","prompt":"x"}"#, 1)
+        let lacking = Translation::request(&legacy, br#"{"model":"m","prompt":"x"}"#, 1, 0)
             .err()
             .map(|r| r.status);
         assert_eq!(lacking, Some(501));
@@ -399,6 +402,7 @@ mod tests {
             &p,
             br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
             1,
+            0,
         )
         .ok()
         .unwrap();

@@ -246,16 +246,18 @@ impl Exchange {
             _ => host.request_body(0, body_size).unwrap_or_default(),
         };
         let created = clock.now() / 1_000_000_000;
-        let translated = Translation::request(&pending, &body, created).and_then(|(t, out)| {
-            if host.replace_request_body(body.len(), &out.body) {
-                Ok((t, out))
-            } else {
-                Err(LocalReply::no_instance(
-                    "Envoy refused the translated request.",
-                    DEFAULT_RETRY_AFTER_SECS,
-                ))
-            }
-        });
+        let nonce = self.next_random();
+        let translated =
+            Translation::request(&pending, &body, created, nonce).and_then(|(t, out)| {
+                if host.replace_request_body(body.len(), &out.body) {
+                    Ok((t, out))
+                } else {
+                    Err(LocalReply::no_instance(
+                        "Envoy refused the translated request.",
+                        DEFAULT_RETRY_AFTER_SECS,
+                    ))
+                }
+            });
         match translated {
             Ok((translation, outbound)) => {
                 host.set_request_header("content-length", &outbound.body.len().to_string());

@@ -161,6 +161,7 @@ mod tests {
             model: "m \"1\"".into(),
             created: 7,
             include_usage,
+            nonce: 0,
         };
         ChunkWriter::new(reply, "chatcmpl-x")
     }

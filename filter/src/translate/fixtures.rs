@@ -208,6 +208,7 @@ fn translate(case: &Case, translator: &dyn Translator) -> String {
         model: reply_model.into(),
         created: 1_700_000_000,
         include_usage,
+        nonce: 0,
     };
     match case.kind {
         Kind::Request => {

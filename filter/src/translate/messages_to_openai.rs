@@ -951,6 +951,7 @@ mod tests {
             model: "claude-sonnet-4-5".into(),
             created: 1_700_000_000,
             include_usage: false,
+            nonce: 0,
         }
     }
 
@@ -1250,6 +1251,7 @@ mod tests {
             model: "m".into(),
             created: 1,
             include_usage: false,
+            nonce: 0,
         });
         let mut out = Vec::new();
         let chunk = r#"data: {"id":"c","choices":[{"index":0,"delta":{"content":"Hi"}}]}"#;

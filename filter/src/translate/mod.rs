@@ -172,6 +172,9 @@ pub struct ReplyContext {
     pub created: u64,
     /// The client asked for a final usage chunk (`stream_options.include_usage`).
     pub include_usage: bool,
+    /// A number drawn at random for the request: ids a translator makes of its own (a Responses
+    /// answer's `resp_…`) are unique per request, never derived from the backend's.
+    pub nonce: u64,
 }
 
 /// A streamed answer translated as it passes: each `feed` may emit nothing (an event is still

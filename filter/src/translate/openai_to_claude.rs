@@ -859,6 +859,7 @@ mod tests {
             model: "claude".into(),
             created: 1_700_000_000,
             include_usage,
+            nonce: 0,
         }
     }
 

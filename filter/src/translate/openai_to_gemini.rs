@@ -723,6 +723,7 @@ mod tests {
             model: "gemini-2.5-flash".into(),
             created: 1_700_000_000,
             include_usage,
+            nonce: 0,
         }
     }
 

@@ -512,6 +512,7 @@ mod tests {
             model: "llama3.2".into(),
             created: 1_700_000_000,
             include_usage,
+            nonce: 0,
         }
     }
 
