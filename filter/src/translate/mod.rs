@@ -28,6 +28,7 @@ pub mod openai;
 pub mod openai_to_claude;
 pub mod openai_to_gemini;
 pub mod openai_to_ollama;
+pub mod responses_to_openai;
 
 use crate::endpoint::{Endpoint, ServiceType};
 use serde_json::Value;
