@@ -293,6 +293,32 @@ CLAUDE = {
 }
 
 
+# The Responses translator's whole cases (its fixtures) seed its target, with the refusals.
+RESPONSES_FIXTURES = os.path.join(HERE, "..", "src", "translate", "fixtures", "responses_to_openai")
+RESPONSES_REFUSED = {
+    "previous-response": {"model": "gpt-5", "input": "and then?", "previous_response_id": "resp_1"},
+    "web-search": {"model": "gpt-5", "input": "news?", "tools": [{"type": "web_search"}]},
+    "file-image": {"model": "gpt-5", "input": [{"role": "user", "content": [
+        {"type": "input_image", "file_id": "file-1"}]}]},
+}
+
+
+def write_responses_seeds():
+    for file in sorted(os.listdir(RESPONSES_FIXTURES)):
+        if not file.endswith(".in.json"):
+            continue
+        with open(os.path.join(RESPONSES_FIXTURES, file), "rb") as f:
+            body = f.read()
+        kind = b"\x00" if file.startswith("request-") else b"\x01"
+        write("responses_translate", file[:-len(".in.json")], kind + body)
+    for name, body in RESPONSES_REFUSED.items():
+        write("responses_translate", "refused-" + name, b"\x00" + json.dumps(body).encode())
+    for name, body in CHAT_STREAMS.items():
+        for seed in (0, 5, 255):
+            write("responses_translate", "stream-%s-%d" % (name, seed), bytes([2, seed]) + body.encode())
+    write("responses_translate", "error-message", b"\x03" + USAGE["error"].encode())
+
+
 def main():
     write_rls_seeds()
     for name, body in JSON_BODIES.items():
@@ -332,6 +358,7 @@ def main():
             write("messages_translate", "stream-%s-%d" % (name, seed), bytes([2, seed]) + body.encode())
     write("messages_translate", "error-message", b"\x04" + USAGE["error"].encode())
     write("messages_translate", "error-status", b"\x05\x00\x00\x02\x11Overloaded")
+    write_responses_seeds()
     requests = [
         (b"POST /v1/chat/completions?stream=true", b"application/json", b"", b"", chat(user="u-7").encode()),
         (b"POST /api/v1/chat/completions", b"application/json", b"", b"sess-1", chat(max_tokens=5).encode()),

@@ -63,7 +63,7 @@ rm -f logs/*.result
 
 dict_of() {
   case "$1" in
-    json_model|request_decision|messages_translate|claude_translate|gemini_translate|ollama_translate) echo "-dict=dict/json.dict" ;;
+    json_model|request_decision|messages_translate|claude_translate|gemini_translate|ollama_translate|responses_translate) echo "-dict=dict/json.dict" ;;
     router_config) echo "-dict=dict/config.dict" ;;
   esac
 }

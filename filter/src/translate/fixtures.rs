@@ -64,8 +64,25 @@ fn context(dir: &str) -> (Endpoint, Protocol, &'static str, &'static str) {
             "qwen3:8b",
             "claude-sonnet-4-5",
         ),
+        // Its endpoint once the dispatch routes `/v1/responses` (see `translator_of`).
+        "responses_to_openai" => (
+            Endpoint::ChatCompletions,
+            Protocol::OpenAi,
+            "qwen3:8b",
+            "gpt-4.1",
+        ),
         other => panic!("no translator for fixtures/{other}"),
     }
+}
+
+/// The translator of a fixture directory: the one the dispatch picks, except the Responses
+/// translator, named until the dispatch knows its endpoint.
+fn translator_of(dir: &str) -> &'static dyn Translator {
+    if dir == "responses_to_openai" {
+        return &super::responses_to_openai::ResponsesToOpenAi;
+    }
+    let (endpoint, protocol, _, _) = context(dir);
+    translator(endpoint, protocol).unwrap()
 }
 
 macro_rules! case {
@@ -156,6 +173,24 @@ fn cases() -> Vec<Case> {
         chat!("messages_to_openai", "answer-text", Answer),
         // OpenAI's function calling answer.
         chat!("messages_to_openai", "answer-tool-use", Answer),
+        // The text input example of OpenAI's Responses reference.
+        chat!("responses_to_openai", "request-text", Request),
+        // What Codex sends: instructions, a developer message, its hints (dropped), a stream.
+        chat!("responses_to_openai", "request-instructions", Request),
+        // The function calling example of the Responses reference, one tool forced.
+        chat!("responses_to_openai", "request-tools", Request),
+        // The next turn: two calls (one assistant message) and their outputs sent back.
+        chat!("responses_to_openai", "request-tool-round-trip", Request),
+        // The structured outputs example of the Responses reference.
+        chat!("responses_to_openai", "request-json-schema", Request),
+        // The image input example of the Responses reference, and a data: URL.
+        chat!("responses_to_openai", "request-image", Request),
+        // The first example of OpenAI's chat completions reference, with usage details.
+        chat!("responses_to_openai", "answer-text", Answer),
+        // OpenAI's function calling answer, with two parallel calls.
+        chat!("responses_to_openai", "answer-tool-calls", Answer),
+        // Cut short by max_tokens: an incomplete Response.
+        chat!("responses_to_openai", "answer-length", Answer),
     ];
     // The basic streaming example of Anthropic's streaming documentation, and its tool-use
     // example (a text block, then a tool_use block whose input arrives as input_json_delta
@@ -246,9 +281,7 @@ impl super::StreamTranslator for Streamed {
 #[test]
 fn every_case_translates_to_what_its_out_file_says() {
     for case in cases() {
-        let (endpoint, protocol, _, _) = context(case.dir);
-        let translator = translator(endpoint, protocol).unwrap();
-        let out = translate(&case, translator);
+        let out = translate(&case, translator_of(case.dir));
         #[cfg(not(target_arch = "wasm32"))]
         if std::env::var("BLESS").is_ok_and(|v| v == "1") {
             let out_file = match case.kind {
