@@ -12,7 +12,7 @@
 #                                     unit [FILTER]   cargo test (native, wasm32 under node)
 #                                     fuzz [SECONDS] [TARGET...]   every fuzz target SECONDS (5)
 #                                     e2e [PYTEST ARGS]  builds, then pytest integration-tests/:
-#                                                     ./build.sh test e2e -k test_models_list
+#                                                     ./build.sh test e2e -k test_models_are_listed
 #   ./build.sh build                the filter (.wasm), the renderer and the Python venv with Envoy
 #   ./build.sh validate FILE [--api-keys KEYS]
 #                                   check a JAiRouter application.yml with the filter's own code
@@ -144,7 +144,7 @@ test_fuzz() {
   fi
 }
 
-# ARGS go to pytest: `./build.sh test e2e -k test_models_list`; with a file or directory of
+# ARGS go to pytest: `./build.sh test e2e -k test_models_are_listed_from_the_configuration`; with a file or directory of
 # integration-tests/ (or a test id, FILE::NAME) only that runs, else the whole of integration-tests/.
 test_e2e() {
   local where=(integration-tests) arg
