@@ -144,6 +144,29 @@ test_fuzz() {
   fi
 }
 
+# The agent clients the Responses API tests drive (integration-tests/gateway/test_responses_ingress.py),
+# in a directory of their own: Codex CLI from npm, pinned (it brings its native binary as an
+# optional dependency of the platform). Without npm the tests that need it skip, saying why.
+CODEX_VERSION=0.169.0
+ensure_agent_clients() {
+  local dir="$ROOT/.agent-clients"
+  local manifest='{"private": true, "dependencies": {"@openai/codex": "'"$CODEX_VERSION"'"}}'
+  if [[ -f "$dir/.installed" && "$(cat "$dir/.installed")" == "$manifest" ]]; then return; fi
+  if ! command -v npm >/dev/null || ! command -v node >/dev/null; then
+    log "npm or node missing: the Codex CLI tests will SKIP (install Node.js to run them)"
+    return
+  fi
+  log "installing Codex CLI $CODEX_VERSION (npm) for the Responses API tests"
+  mkdir -p "$dir"
+  printf '%s\n' "$manifest" > "$dir/package.json"
+  if npm install --prefix "$dir" --no-audit --no-fund --loglevel=error >/dev/null; then
+    printf '%s' "$manifest" > "$dir/.installed"
+  else
+    log "Codex CLI could not be installed: its tests will fail (not skip), as npm is there"
+    rm -rf "$dir/node_modules"
+  fi
+}
+
 # ARGS go to pytest: `./build.sh test e2e -k test_models_list`; with a file or directory of
 # integration-tests/ (or a test id, FILE::NAME) only that runs, else the whole of integration-tests/.
 test_e2e() {
@@ -152,6 +175,7 @@ test_e2e() {
     [[ "$arg" != -* && -e "${arg%%::*}" ]] && where=()
   done
   ensure_prometheus
+  ensure_agent_clients
   log "Kubernetes tools (Helm, Compose, schema validator) for the manifest checks"
   "$ROOT/k8s/tools/install.sh" "$VENV"
   log "end-to-end tests through a real Envoy"
