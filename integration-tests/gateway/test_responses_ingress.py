@@ -124,6 +124,21 @@ def test_a_streamed_function_call_arrives_as_argument_deltas(vllm):
     assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "stub-city"}
 
 
+def test_a_backend_dying_mid_stream_ends_it_with_response_failed(vllm):
+    """To Codex a stream that closes without `response.completed` or `response.failed` is an error
+    of its own; the gateway says what happened."""
+    gw, _ = vllm
+    body = {"model": "qwen", "input": "Count", "stream": True}
+    with httpx.stream("POST", gw.url + "/v1/responses", json=body, timeout=10,
+                      headers={"x-stub-chunks": "5", "x-stub-break-after": "2"}) as r:
+        assert r.status_code == 200
+        data = [json.loads(line[len("data:"):]) for line in r.iter_lines() if line.startswith("data:")]
+    kinds = [event["type"] for event in data]
+    assert "response.output_text.delta" in kinds
+    assert kinds[-1] == "response.failed" and "response.completed" not in kinds
+    assert data[-1]["response"]["status"] == "failed"
+
+
 def test_previous_response_id_is_refused_as_documented(vllm):
     """docs/responses.md: a stateless translation keeps no conversations, so it says so (400)
     rather than answering as if it remembered."""
