@@ -17,10 +17,8 @@ import openai
 import pytest
 
 from harness import ROOT, instance
-from test_api_keys import hash_key
 from test_metrics import scrape, value
 
-KEY = "sk-gw-responses-0123456789abcdef"
 
 # TODO(lead): how an instance declares that it serves the Responses API itself (the wiring's
 # config key); the passthrough test puts it on the instance entry.
@@ -33,14 +31,6 @@ WEATHER = {"type": "function", "name": "get_weather", "description": "The weathe
 def client(gw, api_key: str = "unused", **options) -> openai.OpenAI:
     # max_retries=0: a refusal must surface at once, not after the SDK's backoff.
     return openai.OpenAI(base_url=gw.url + "/v1", api_key=api_key, max_retries=0, timeout=10, **options)
-
-
-@pytest.fixture
-def vllm(stubs, gateway):
-    """One backend serving `qwen` over chat completions only."""
-    (backend,) = stubs("vllm")
-    gw = gateway({"model": {"retries": 0, "services": {"chat": {"instances": [instance("qwen", backend)]}}}})
-    return gw, backend
 
 
 def test_a_response_from_a_chat_completions_backend(vllm):
@@ -160,21 +150,15 @@ def test_a_tool_the_translation_cannot_carry_is_named_in_a_400(vllm):
     assert backend.requests == []
 
 
-def test_the_gateways_refusals_are_the_sdks_exceptions(stubs, gateway):
-    (backend,) = stubs("vllm")
-    keys = [{"key-id": "team", "key-hash": hash_key(KEY), "permissions": ["chat"]}]
-    gw = gateway({
-        "model": {"retries": 0,
-                  "rate-limit": {"enabled": True, "capacity": 1, "rate": 1, "scope": "model"},
-                  "services": {"chat": {"instances": [instance("qwen", backend)]}}},
-        "jairouter": {"security": {"api-key": {"enabled": True, "keys": keys}}}})
+def test_the_gateways_refusals_are_the_sdks_exceptions(guarded_vllm):
+    gw, backend, key = guarded_vllm
     with pytest.raises(openai.AuthenticationError):
         client(gw, api_key="sk-wrong").responses.create(model="qwen", input="hi")
     with pytest.raises(openai.NotFoundError):
-        client(gw, api_key=KEY).responses.create(model="nope", input="hi")
-    assert client(gw, api_key=KEY).responses.create(model="qwen", input="hi").output_text
+        client(gw, api_key=key).responses.create(model="nope", input="hi")
+    assert client(gw, api_key=key).responses.create(model="qwen", input="hi").output_text
     with pytest.raises(openai.RateLimitError) as limited:
-        client(gw, api_key=KEY).responses.create(model="qwen", input="hi")
+        client(gw, api_key=key).responses.create(model="qwen", input="hi")
     assert int(limited.value.response.headers["retry-after"]) >= 1
     assert len(backend.requests) == 1
 
