@@ -20,8 +20,7 @@ from harness import ROOT, instance
 from test_metrics import scrape, value
 
 
-# TODO(lead): how an instance declares that it serves the Responses API itself (the wiring's
-# config key); the passthrough test puts it on the instance entry.
+# How an instance declares that it serves the Responses API itself (docs/responses.md).
 RESPONSES_NATIVE = {"responses": "native"}
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",
