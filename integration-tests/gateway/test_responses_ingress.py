@@ -113,15 +113,19 @@ def test_a_streamed_function_call_arrives_as_argument_deltas(vllm):
     assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "stub-city"}
 
 
-def test_a_backend_dying_mid_stream_ends_it_with_response_failed(vllm):
+def test_a_backend_stopping_mid_stream_ends_it_with_response_failed(vllm):
     """To Codex a stream that closes without `response.completed` or `response.failed` is an error
-    of its own; the gateway says what happened."""
+    of its own; the gateway says what happened. (A backend whose connection breaks is a reset for
+    the client too: Envoy lets a filter add nothing after an upstream reset.)"""
     gw, _ = vllm
     body = {"model": "qwen", "input": "Count", "stream": True}
     with httpx.stream("POST", gw.url + "/v1/responses", json=body, timeout=10,
-                      headers={"x-stub-chunks": "5", "x-stub-break-after": "2"}) as r:
+                      headers={"x-stub-chunks": "5", "x-stub-end-after": "2"}) as r:
         assert r.status_code == 200
-        data = [json.loads(line[len("data:"):]) for line in r.iter_lines() if line.startswith("data:")]
+        lines = [line[len("data:"):].strip() for line in r.iter_lines() if line.startswith("data:")]
+    assert "[DONE]" not in lines, "a Responses stream has no [DONE]"
+    data = [json.loads(line) for line in lines]
+    assert all("type" in event for event in data), f"only Responses events, nothing after them: {data[-2:]}"
     kinds = [event["type"] for event in data]
     assert "response.output_text.delta" in kinds
     assert kinds[-1] == "response.failed" and "response.completed" not in kinds
@@ -288,11 +292,11 @@ def codex(gw, tmp_path: Path, prompt: str) -> tuple[subprocess.CompletedProcess,
 
 def test_codex_completes_a_one_turn_task(vllm, tmp_path):
     gw, backend = vllm
-    # Codex always offers its tools; here the model answers text.
+    # Codex always offers its tools; here the model answers text (the stub's streamed "tokN ").
     backend.ignore_tools = True
     run, _ = codex(gw, tmp_path, "Say hello.")
     assert run.returncode == 0, run.stderr
-    assert "hello from vllm" in run.stdout
+    assert "tok0 tok1 tok2 tok3 tok4" in run.stdout
     (received,) = backend.requests
     assert received.path == "/v1/chat/completions"
     sent = received.json()

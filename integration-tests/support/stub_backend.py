@@ -14,6 +14,8 @@ Per-request control headers:
   x-stub-end-delay-ms    wait between a stream's last event and its end
   x-stub-break-after     cut a stream's connection after this many SSE chunks (a backend dying
                          midway)
+  x-stub-end-after       end a stream cleanly after this many SSE chunks, with no finish or
+                         [DONE] (a backend that stops answering midway but closes its stream)
 
 Scripted tool use (attributes a test sets): `scripted_call = (name, arguments)` makes a request that
 offers a tool of that name call it (arguments a JSON string) until a tool result is in the
@@ -480,6 +482,7 @@ class _Handler(BaseHTTPRequestHandler):
         `pieces` x-stub-chunk-delay-ms apart (cut after x-stub-break-after of them), then `tail`."""
         gap = float(headers.get("x-stub-chunk-delay-ms", "0")) / 1000
         break_after = int(headers.get("x-stub-break-after", "-1"))
+        end_after = int(headers.get("x-stub-end-after", "-1"))
         self.send_response(200)
         self.send_header("content-type", content_type)
         if content_type == "text/event-stream":
@@ -499,10 +502,12 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
+            if i == end_after:
+                break
             if i and gap:
                 time.sleep(gap)
             write(data)
-        for data in tail:
+        for data in tail if end_after < 0 else []:
             write(data)
         # A backend that lingers after its last event: the client has its stream's end first.
         if end_delay := float(headers.get("x-stub-end-delay-ms", "0")) / 1000:
