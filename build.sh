@@ -144,6 +144,20 @@ test_fuzz() {
   fi
 }
 
+# The agent clients the Responses API tests drive (integration-tests/gateway/test_responses_ingress.py),
+# in a directory of their own: Codex CLI from npm, pinned (it brings its native binary as an
+# optional dependency of the platform). Without npm the tests that need it skip, saying why.
+CODEX_VERSION=0.169.0
+ensure_agent_clients() {
+  local status=0
+  npm_dir "$ROOT/.agent-clients" '{"private": true, "dependencies": {"@openai/codex": "'"$CODEX_VERSION"'"}}' \
+    "Codex CLI $CODEX_VERSION for the Responses API tests" || status=$?
+  case $status in
+    2) log "npm or node missing: the Codex CLI tests will SKIP (install Node.js to run them)" ;;
+    1) log "Codex CLI could not be installed: its tests will fail (not skip), as npm is there" ;;
+  esac
+}
+
 # ARGS go to pytest: `./build.sh test e2e -k test_models_are_listed_from_the_configuration`; with a file or directory of
 # integration-tests/ (or a test id, FILE::NAME) only that runs, else the whole of integration-tests/.
 test_e2e() {
@@ -152,6 +166,7 @@ test_e2e() {
     [[ "$arg" != -* && -e "${arg%%::*}" ]] && where=()
   done
   ensure_prometheus
+  ensure_agent_clients
   log "Kubernetes tools (Helm, Compose, schema validator) for the manifest checks"
   "$ROOT/k8s/tools/install.sh" "$VENV"
   log "end-to-end tests through a real Envoy"
@@ -215,25 +230,36 @@ ensure_litellm() {
 # requests with "Something went wrong" (TypeError: immutable, Portkey-AI/gateway#1389).
 PORTKEY_VERSION=1.15.2
 ensure_portkey() {
-  local dir="$ROOT/.bench-node"
   local manifest='{"private": true,
  "dependencies": {"@portkey-ai/gateway": "'"$PORTKEY_VERSION"'"},
  "overrides": {"@hono/node-server": "1.13.8"}}'
-  if [[ -f "$dir/.installed" && "$(cat "$dir/.installed")" == "$manifest" ]]; then return; fi
-  if ! command -v npm >/dev/null || ! command -v node >/dev/null; then
-    log "npm or node missing: benchmarking without Portkey's gateway"
-    return
-  fi
-  log "installing Portkey's gateway $PORTKEY_VERSION (npm) for the comparison"
-  mkdir -p "$dir"
-  printf '%s\n' "$manifest" > "$dir/package.json"
+  local status=0
   # --ignore-scripts: its one install script, patch-package, has no patches to apply in the
   # published package (and fails on a clean install when its own dependencies are not hoisted yet).
-  if npm install --prefix "$dir" --ignore-scripts --no-audit --no-fund --loglevel=error >/dev/null; then
+  npm_dir "$ROOT/.bench-node" "$manifest" "Portkey's gateway $PORTKEY_VERSION for the comparison" \
+    --ignore-scripts || status=$?
+  case $status in
+    2) log "npm or node missing: benchmarking without Portkey's gateway" ;;
+    1) log "Portkey's gateway could not be installed; benchmarking without it" ;;
+  esac
+}
+
+# npm_dir DIR MANIFEST WHAT [NPM FLAGS]: the package.json MANIFEST installed in DIR, once (again
+# when MANIFEST changes). Fails with 2 when npm or node is missing, with 1 when the install fails
+# (leaving no half-installed node_modules).
+npm_dir() {
+  local dir="$1" manifest="$2" what="$3"
+  shift 3
+  if [[ -f "$dir/.installed" && "$(cat "$dir/.installed")" == "$manifest" ]]; then return 0; fi
+  command -v npm >/dev/null && command -v node >/dev/null || return 2
+  log "installing $what (npm)"
+  mkdir -p "$dir"
+  printf '%s\n' "$manifest" > "$dir/package.json"
+  if npm install --prefix "$dir" "$@" --no-audit --no-fund --loglevel=error >/dev/null; then
     printf '%s' "$manifest" > "$dir/.installed"
   else
-    log "Portkey's gateway could not be installed; benchmarking without it"
     rm -rf "$dir/node_modules"
+    return 1
   fi
 }
 

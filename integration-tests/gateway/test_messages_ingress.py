@@ -9,22 +9,11 @@ import httpx
 import pytest
 
 from harness import instance
-from test_api_keys import hash_key
-
-KEY = "sk-gw-messages-0123456789abcdef"
 
 
 def client(gw, api_key: str = "unused", **options) -> anthropic.Anthropic:
     # max_retries=0: a refusal must surface at once, not after the SDK's backoff.
     return anthropic.Anthropic(base_url=gw.url, api_key=api_key, max_retries=0, timeout=10, **options)
-
-
-@pytest.fixture
-def vllm(stubs, gateway):
-    """One OpenAI-compatible backend serving `qwen`."""
-    (backend,) = stubs("vllm")
-    gw = gateway({"model": {"retries": 0, "services": {"chat": {"instances": [instance("qwen", backend)]}}}})
-    return gw, backend
 
 
 def test_a_message_reaches_an_openai_backend_as_chat_completions(vllm):
@@ -60,14 +49,8 @@ def test_a_text_stream_arrives_as_anthropic_events(vllm):
     assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
 
 
-def test_the_gateways_refusals_are_the_sdks_exceptions(stubs, gateway):
-    (backend,) = stubs("vllm")
-    keys = [{"key-id": "team", "key-hash": hash_key(KEY), "permissions": ["chat"]}]
-    gw = gateway({
-        "model": {"retries": 0,
-                  "rate-limit": {"enabled": True, "capacity": 1, "rate": 1, "scope": "model"},
-                  "services": {"chat": {"instances": [instance("qwen", backend)]}}},
-        "jairouter": {"security": {"api-key": {"enabled": True, "keys": keys}}}})
+def test_the_gateways_refusals_are_the_sdks_exceptions(guarded_vllm):
+    gw, backend, key = guarded_vllm
     ask = dict(max_tokens=8, messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(anthropic.AuthenticationError) as denied:
         client(gw, api_key="sk-wrong").messages.create(model="qwen", **ask)
@@ -76,10 +59,10 @@ def test_the_gateways_refusals_are_the_sdks_exceptions(stubs, gateway):
     assert denied.value.body["error"]["type"] == "authentication_error"
     # The SDK sends its key as x-api-key; a bearer token works as well.
     with pytest.raises(anthropic.NotFoundError) as missing:
-        client(gw, api_key=KEY).messages.create(model="nope", **ask)
+        client(gw, api_key=key).messages.create(model="nope", **ask)
     assert missing.value.body["error"]["type"] == "not_found_error"
-    assert client(gw, api_key=KEY).messages.create(model="qwen", **ask).content[0].text
-    bearer = client(gw, api_key=None, auth_token=KEY)
+    assert client(gw, api_key=key).messages.create(model="qwen", **ask).content[0].text
+    bearer = client(gw, api_key=None, auth_token=key)
     with pytest.raises(anthropic.RateLimitError) as limited:
         bearer.messages.create(model="qwen", **ask)
     assert int(limited.value.response.headers["retry-after"]) >= 1

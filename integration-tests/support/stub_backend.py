@@ -14,6 +14,14 @@ Per-request control headers:
   x-stub-end-delay-ms    wait between a stream's last event and its end
   x-stub-break-after     cut a stream's connection after this many SSE chunks (a backend dying
                          midway)
+  x-stub-end-after       end a stream cleanly after this many SSE chunks, with no finish or
+                         [DONE] (a backend that stops answering midway but closes its stream)
+
+Scripted tool use (attributes a test sets): `scripted_call = (name, arguments)` makes a request that
+offers a tool of that name call it (arguments a JSON string) until a tool result is in the
+conversation; `ignore_tools = True` answers text even when tools are offered (an agent that always
+sends its tools, asked something a text answers). `/responses` speaks the Responses API itself (for
+an instance that serves it natively): a Response object, or its event stream, with usage.
 
 A stopped stub (`stop()`) refuses new connections and closes the ones it had kept alive, as a
 dead process would: to its clients it is a dead backend until `start()`.
@@ -122,12 +130,16 @@ def token_counts(headers: dict[str, str], body: bytes, completion: int) -> tuple
     return len(body) // 4, completion
 
 
-def _tool_call(request: dict) -> dict | None:
-    """With `tools` and no tool result yet: a call of the first tool, "stub-KEY" for each property."""
+def _tool_call(request: dict, stub: "StubServer") -> dict | None:
+    """With `tools` and no tool result yet: a call of the scripted tool when one is offered, else of
+    the first tool, "stub-KEY" for each property (none with `ignore_tools`)."""
     tools = request.get("tools") or []
     messages = request.get("messages") or []
-    if not tools or any(m.get("role") == "tool" for m in messages if isinstance(m, dict)):
+    if stub.ignore_tools or not tools or any(m.get("role") == "tool" for m in messages if isinstance(m, dict)):
         return None
+    if scripted := _scripted_call([t.get("function", {}).get("name") for t in tools], stub):
+        name, arguments = scripted
+        return {"id": "call_stub_0", "type": "function", "function": {"name": name, "arguments": arguments}}
     function = tools[0].get("function", {})
     properties = (function.get("parameters") or {}).get("properties") or {}
     arguments = json.dumps({key: f"stub-{key}" for key in properties})
@@ -141,6 +153,84 @@ def _tool_reply(request: dict) -> str | None:
         return None
     content = results[-1].get("content")
     return "tool said: " + (content if isinstance(content, str) else json.dumps(content))
+
+
+def _scripted_call(offered: list, stub: "StubServer") -> tuple[str, str] | None:
+    """The stub's scripted (name, arguments) when the request offers a tool of that name."""
+    if stub.scripted_call and stub.scripted_call[0] in offered:
+        return stub.scripted_call
+    return None
+
+
+# The Responses API (`/responses`), for an instance that serves it itself: the same scripted tool
+# use as chat completions, in that API's items and events.
+
+def _responses_input(request: dict) -> list[dict]:
+    items = request.get("input")
+    return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
+
+
+def _responses_output(request: dict, stub: "StubServer") -> dict:
+    """The one output item to answer: a function_call (tools offered, no result yet) or a message."""
+    outputs = [i for i in _responses_input(request) if i.get("type") == "function_call_output"]
+    tools = [t for t in request.get("tools") or [] if isinstance(t, dict)]
+    if tools and not outputs and not stub.ignore_tools:
+        scripted = _scripted_call([t.get("name") for t in tools], stub)
+        if scripted is None:
+            properties = (tools[0].get("parameters") or {}).get("properties") or {}
+            scripted = (tools[0].get("name") or tools[0].get("type"), json.dumps({k: f"stub-{k}" for k in properties}))
+        return {"id": "fc_stub_0", "type": "function_call", "status": "completed", "call_id": "call_stub_0",
+                "name": scripted[0], "arguments": scripted[1]}
+    text = f"hello from {stub.name}"
+    if outputs:
+        output = outputs[-1].get("output")
+        text = "tool said: " + (output if isinstance(output, str) else json.dumps(output))
+    return {"id": "msg_stub_0", "type": "message", "status": "completed", "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}]}
+
+
+def _responses_usage(headers: dict[str, str], request: dict, body: bytes) -> dict | None:
+    counts = token_counts(headers, body, int(request.get("max_output_tokens") or 3))
+    if counts is None:
+        return None
+    prompt, completion = counts
+    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": completion,
+            "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt + completion}
+
+
+def _response_object(request: dict, status: str, output: list[dict], usage: dict | None) -> dict:
+    return {"id": "resp_stub_0", "object": "response", "created_at": int(time.time()), "status": status,
+            "model": request.get("model"), "output": output, "parallel_tool_calls": True, "tool_choice": "auto",
+            "tools": request.get("tools") or [], "usage": usage, "error": None, "incomplete_details": None}
+
+
+def _responses_events(request: dict, item: dict, usage: dict | None) -> list[dict]:
+    """The Responses stream of one output item, in the order OpenAI sends it (sequence numbers added
+    by the writer)."""
+    events: list[dict] = [
+        {"type": "response.created", "response": _response_object(request, "in_progress", [], None)},
+        {"type": "response.in_progress", "response": _response_object(request, "in_progress", [], None)},
+        {"type": "response.output_item.added", "output_index": 0, "item": {**item, "status": "in_progress",
+         **({"arguments": ""} if item["type"] == "function_call" else {"content": []})}},
+    ]
+    at = {"item_id": item["id"], "output_index": 0}
+    if item["type"] == "function_call":
+        args = item["arguments"]
+        events += [{"type": "response.function_call_arguments.delta", **at, "delta": part}
+                   for part in (args[:len(args) // 2], args[len(args) // 2:])]
+        events.append({"type": "response.function_call_arguments.done", **at, "arguments": args})
+    else:
+        part = item["content"][0]
+        text = part["text"]
+        at["content_index"] = 0
+        events.append({"type": "response.content_part.added", **at, "part": {**part, "text": ""}})
+        events += [{"type": "response.output_text.delta", **at, "delta": text[i:i + 8]}
+                   for i in range(0, len(text), 8)]
+        events += [{"type": "response.output_text.done", **at, "text": text},
+                   {"type": "response.content_part.done", **at, "part": part}]
+    events += [{"type": "response.output_item.done", "output_index": 0, "item": item},
+               {"type": "response.completed", "response": _response_object(request, "completed", [item], usage)}]
+    return events
 
 
 def stream_chunks(headers: dict[str, str]) -> int:
@@ -246,7 +336,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             chat = path.endswith("/chat/completions")
             usage = _usage(headers, request, body)
-            call = _tool_call(request) if chat else None
+            call = _tool_call(request, stub) if chat else None
             reply = _tool_reply(request) if chat else None
             if request.get("stream") is True:
                 self._stream(stub, request, chat, headers, usage, call, reply)
@@ -274,6 +364,8 @@ class _Handler(BaseHTTPRequestHandler):
                     "choices": [{"index": 0, "text": f"hello from {stub.name}", "finish_reason": "stop"}],
                     **usage,
                 })
+        elif path.endswith("/responses"):
+            self._respond(stub, headers, body)
         elif path.endswith("/embeddings"):
             request = self._parse_json(body)
             if request is None:
@@ -321,6 +413,19 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(200, {"status": "ok", "instance": stub.name})
         else:
             self._json(404, _error(f"no such endpoint: {path}", "invalid_request_error", "not_found"))
+
+    def _respond(self, stub: "StubServer", headers: dict[str, str], body: bytes) -> None:
+        """A Responses API answer, streamed (named SSE events, sequence-numbered) or whole."""
+        request = self._parse_json(body)
+        if request is None:
+            return
+        item, usage = _responses_output(request, stub), _responses_usage(headers, request, body)
+        if request.get("stream") is not True:
+            self._json(200, _response_object(request, "completed", [item], usage))
+            return
+        events = [b"event: %s\ndata: %s\n\n" % (e["type"].encode(), json.dumps({**e, "sequence_number": n}).encode())
+                  for n, e in enumerate(_responses_events(request, item, usage))]
+        self._write_stream(headers, "text/event-stream", events[:3], events[3:-1], events[-1:])
 
     def _parse_json(self, body: bytes) -> dict | None:
         try:
@@ -377,6 +482,7 @@ class _Handler(BaseHTTPRequestHandler):
         `pieces` x-stub-chunk-delay-ms apart (cut after x-stub-break-after of them), then `tail`."""
         gap = float(headers.get("x-stub-chunk-delay-ms", "0")) / 1000
         break_after = int(headers.get("x-stub-break-after", "-1"))
+        end_after = int(headers.get("x-stub-end-after", "-1"))
         self.send_response(200)
         self.send_header("content-type", content_type)
         if content_type == "text/event-stream":
@@ -396,10 +502,12 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
+            if i == end_after:
+                break
             if i and gap:
                 time.sleep(gap)
             write(data)
-        for data in tail:
+        for data in tail if end_after < 0 else []:
             write(data)
         # A backend that lingers after its last event: the client has its stream's end first.
         if end_delay := float(headers.get("x-stub-end-delay-ms", "0")) / 1000:
@@ -437,6 +545,9 @@ class StubServer:
         self.fail_status: int | None = None
         # Sent as Retry-After with every 429 it answers.
         self.retry_after: int | None = None
+        # Scripted tool use (see the module's doc): the (name, arguments) to call, or no tools at all.
+        self.scripted_call: tuple[str, str] | None = None
+        self.ignore_tools = False
         self.in_flight = 0
         self.max_in_flight = 0
         self._fail_next: list[int] = []
