@@ -8,8 +8,9 @@
 //! stream has none).
 //!
 //! - A `length` finish is `status: incomplete`, `incomplete_details: {reason:
-//!   max_output_tokens}`, still in `response.completed`: OpenAI itself sends
-//!   `response.incomplete` there, which the SDKs' final-response readers do not take for an end.
+//!   max_output_tokens}` (`content_filter`: that reason), still in `response.completed`: OpenAI
+//!   itself sends `response.incomplete` there, which the SDKs' final-response readers do not
+//!   take for an end.
 //! - Failure: a backend's error event, a malformed chunk, or a stream that stops before its
 //!   finish_reason closes the open item as it is (`status: incomplete`) and ends with
 //!   `response.failed` (`error: {code: server_error, message}`): the stream never just stops
@@ -112,6 +113,12 @@ impl Events {
     }
 }
 
+/// The last item and its `output_index`.
+fn last(items: &mut [Item]) -> Option<(u64, &mut Item)> {
+    let output_index = items.len().checked_sub(1)? as u64;
+    items.last_mut().map(|item| (output_index, item))
+}
+
 /// `,"key":`: the start of one more member of an object.
 fn member(data: &mut String, key: &str) {
     data.push(',');
@@ -210,6 +217,14 @@ impl ResponseStream {
         }
     }
 
+    /// What the open item holds, if one is open.
+    fn open_body(&self) -> Option<&Body> {
+        self.items
+            .last()
+            .filter(|_| self.open)
+            .map(|item| &item.body)
+    }
+
     fn on_event(&mut self, event: &Event, out: &mut Vec<u8>) -> Result<(), Malformed> {
         if self.ended {
             return Ok(());
@@ -297,7 +312,12 @@ impl ResponseStream {
     /// The Response as its lifecycle events carry it; `error`: why it failed.
     fn response(&self, status: &str, error: Option<&str>) -> Value {
         let output: Vec<Value> = self.items.iter().map(|item| item.to_json(false)).collect();
-        let incomplete = (status == "incomplete").then(|| json!({"reason": "max_output_tokens"}));
+        let incomplete = match status {
+            "incomplete" => self
+                .incomplete_reason()
+                .map(|reason| json!({"reason": reason})),
+            _ => None,
+        };
         let error = error.map(|message| json!({"code": "server_error", "message": message}));
         let usage = match status {
             "in_progress" => None,
@@ -357,8 +377,7 @@ impl ResponseStream {
         if !std::mem::take(&mut self.open) {
             return;
         }
-        let output_index = self.items.len().saturating_sub(1) as u64;
-        let Some(item) = self.items.last_mut() else {
+        let Some((output_index, item)) = last(&mut self.items) else {
             return;
         };
         item.status = status;
@@ -398,15 +417,7 @@ impl ResponseStream {
 
     /// A piece of the message's text: opens a message item unless one is open.
     fn text(&mut self, piece: &str, out: &mut Vec<u8>) {
-        let open_message = self.open
-            && matches!(
-                self.items.last(),
-                Some(Item {
-                    body: Body::Message { .. },
-                    ..
-                })
-            );
-        if !open_message {
+        if !matches!(self.open_body(), Some(Body::Message { .. })) {
             // The answer's first message has the message id; one after a tool call (rare) is
             // told apart by its place.
             let mut id = self.ids.message();
@@ -423,12 +434,14 @@ impl ResponseStream {
             };
             self.open_item(id, body, out);
         }
-        let output_index = self.items.len().saturating_sub(1) as u64;
-        let Some(Item {
-            id,
-            body: Body::Message { text },
-            ..
-        }) = self.items.last_mut()
+        let Some((
+            output_index,
+            Item {
+                id,
+                body: Body::Message { text },
+                ..
+            },
+        )) = last(&mut self.items)
         else {
             return;
         };
@@ -450,9 +463,8 @@ impl ResponseStream {
             .and_then(|f| f.get("name"))
             .and_then(Value::as_str)
             .unwrap_or_default();
-        let open_call = self.open
-            && matches!(self.items.last(), Some(Item { body: Body::FunctionCall { index: open, .. }, .. }) if *open == index);
-        if !open_call {
+        let open = matches!(self.open_body(), Some(Body::FunctionCall { index: open, .. }) if *open == index);
+        if !open {
             if self.last_call.is_some_and(|last| index <= last) {
                 return Err(Malformed::new(
                     "the backend's stream went back to an earlier tool call",
@@ -473,17 +485,19 @@ impl ResponseStream {
             };
             self.open_item(id, body, out);
         }
-        let output_index = self.items.len().saturating_sub(1) as u64;
-        let Some(Item {
-            id,
-            body:
-                Body::FunctionCall {
-                    name: call_name,
-                    arguments,
-                    ..
-                },
-            ..
-        }) = self.items.last_mut()
+        let Some((
+            output_index,
+            Item {
+                id,
+                body:
+                    Body::FunctionCall {
+                        name: call_name,
+                        arguments,
+                        ..
+                    },
+                ..
+            },
+        )) = last(&mut self.items)
         else {
             return Ok(());
         };
@@ -511,12 +525,21 @@ impl ResponseStream {
     /// The answer is whole: its last item closes and `response.completed` goes out.
     fn complete(&mut self, out: &mut Vec<u8>) {
         self.start(out);
-        let (item_status, status) = match self.finish_reason.as_deref() {
-            Some("length") => ("incomplete", "incomplete"),
-            _ => ("completed", "completed"),
+        let status = match self.incomplete_reason() {
+            Some(_) => "incomplete",
+            None => "completed",
         };
-        self.close(item_status, out);
+        self.close(status, out);
         self.end("response.completed", status, None, out);
+    }
+
+    /// Why the answer stopped short, in the Responses API's words, from its finish_reason.
+    fn incomplete_reason(&self) -> Option<&'static str> {
+        match self.finish_reason.as_deref() {
+            Some("length") => Some("max_output_tokens"),
+            Some("content_filter") => Some("content_filter"),
+            _ => None,
+        }
     }
 
     /// The answer broke off: the open item closes as it is and `response.failed` goes out.
@@ -886,24 +909,26 @@ mod tests {
 
     #[test]
     fn a_length_finish_is_an_incomplete_response() {
-        let stream = chat_stream(
-            &[
-                (json!({"content": "Once upon"}), None),
-                (json!({}), Some("length")),
-            ],
-            &[],
-            true,
-        );
-        let (result, events) = translate(&stream);
-        result.unwrap();
-        assert_eq!(events.last().unwrap().0, "response.completed");
-        let response = last(&events);
-        assert_eq!(response["status"], "incomplete");
-        assert_eq!(
-            response["incomplete_details"],
-            json!({"reason": "max_output_tokens"})
-        );
-        assert_eq!(response["output"][0]["status"], "incomplete");
+        for (finish, reason) in [
+            ("length", "max_output_tokens"),
+            ("content_filter", "content_filter"),
+        ] {
+            let stream = chat_stream(
+                &[
+                    (json!({"content": "Once upon"}), None),
+                    (json!({}), Some(finish)),
+                ],
+                &[],
+                true,
+            );
+            let (result, events) = translate(&stream);
+            result.unwrap();
+            assert_eq!(events.last().unwrap().0, "response.completed");
+            let response = last(&events);
+            assert_eq!(response["status"], "incomplete");
+            assert_eq!(response["incomplete_details"], json!({"reason": reason}));
+            assert_eq!(response["output"][0]["status"], "incomplete");
+        }
     }
 
     #[test]
