@@ -651,8 +651,9 @@ mod tests {
         stream
     }
 
-    /// The events of a Responses stream: each one's type and data, after checking the framing
-    /// (`event:` is the data's `type`) and that `sequence_number` counts 0, 1, 2, ….
+    /// The events of a Responses stream: each one's type and data, after checking what every
+    /// stream is: its framing (`event:` is the data's `type`), `sequence_number` counting 0, 1,
+    /// 2, …, `response.created` and `response.in_progress` first, completed or failed last.
     fn events(out: &[u8]) -> Vec<(String, Value)> {
         let text = std::str::from_utf8(out).unwrap();
         assert!(text.ends_with("\n\n"), "unterminated event: {text}");
@@ -670,6 +671,20 @@ mod tests {
         for (n, (_, data)) in events.iter().enumerate() {
             assert_eq!(data["sequence_number"], n as u64, "{data}");
         }
+        let kinds = kinds(&events);
+        assert_eq!(kinds[..2], ["response.created", "response.in_progress"]);
+        let end = kinds.last().unwrap();
+        assert!(
+            ["response.completed", "response.failed"].contains(end),
+            "{end}"
+        );
+        events
+    }
+
+    /// The translation of a chat stream of these deltas that ends well (`[DONE]`).
+    fn answer(deltas: &[(Value, Option<&str>)]) -> Vec<(String, Value)> {
+        let (result, events) = translate(&chat_stream(deltas, &[], true));
+        result.unwrap();
         events
     }
 
@@ -710,23 +725,15 @@ mod tests {
 
     #[test]
     fn a_text_stream_is_the_responses_event_sequence() {
-        let stream = chat_stream(
-            &[
-                (json!({"role": "assistant", "content": ""}), None),
-                (json!({"content": "Hello"}), None),
-                (json!({"content": " \"世界\"\n"}), None),
-                (json!({}), Some("stop")),
-            ],
-            &[],
-            true,
-        );
-        let (result, events) = translate(&stream);
-        result.unwrap();
+        let events = answer(&[
+            (json!({"role": "assistant", "content": ""}), None),
+            (json!({"content": "Hello"}), None),
+            (json!({"content": " \"世界\"\n"}), None),
+            (json!({}), Some("stop")),
+        ]);
         assert_eq!(
-            kinds(&events),
+            kinds(&events)[2..],
             [
-                "response.created",
-                "response.in_progress",
                 "response.output_item.added",
                 "response.content_part.added",
                 "response.output_text.delta",
@@ -783,26 +790,18 @@ mod tests {
             }
             (json!({"tool_calls": [call]}), None)
         };
-        let stream = chat_stream(
-            &[
-                (json!({"role": "assistant", "content": null}), None),
-                call(0, Some("call_a"), Some("get_weather"), ""),
-                call(0, None, None, "{\"city\":"),
-                call(0, None, None, "\"Paris\"}"),
-                // No call id: the item's stands in.
-                call(1, None, Some("get_time"), "{}"),
-                (json!({}), Some("tool_calls")),
-            ],
-            &[],
-            true,
-        );
-        let (result, events) = translate(&stream);
-        result.unwrap();
+        let events = answer(&[
+            (json!({"role": "assistant", "content": null}), None),
+            call(0, Some("call_a"), Some("get_weather"), ""),
+            call(0, None, None, "{\"city\":"),
+            call(0, None, None, "\"Paris\"}"),
+            // No call id: the item's stands in.
+            call(1, None, Some("get_time"), "{}"),
+            (json!({}), Some("tool_calls")),
+        ]);
         assert_eq!(
-            kinds(&events),
+            kinds(&events)[2..],
             [
-                "response.created",
-                "response.in_progress",
                 "response.output_item.added",
                 "response.function_call_arguments.delta",
                 "response.function_call_arguments.delta",
@@ -840,21 +839,15 @@ mod tests {
 
     #[test]
     fn text_then_a_tool_call_are_items_in_that_order() {
-        let stream = chat_stream(
-            &[
-                (json!({"content": "Let me look."}), None),
-                (
-                    json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+        let events = answer(&[
+            (json!({"content": "Let me look."}), None),
+            (
+                json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
                         "function": {"name": "ls", "arguments": "{\"path\":\".\"}"}}]}),
-                    None,
-                ),
-                (json!({}), Some("tool_calls")),
-            ],
-            &[],
-            true,
-        );
-        let (result, events) = translate(&stream);
-        result.unwrap();
+                None,
+            ),
+            (json!({}), Some("tool_calls")),
+        ]);
         let at = |kind: &str| kinds(&events).iter().position(|k| *k == kind).unwrap();
         // The message is done before the call is added.
         assert!(at("response.output_item.done") < at("response.function_call_arguments.delta"));
@@ -999,14 +992,7 @@ mod tests {
         // Nothing at all from the backend: still created, then failed.
         let (result, events) = translate(b"");
         assert!(result.is_err());
-        assert_eq!(
-            kinds(&events),
-            [
-                "response.created",
-                "response.in_progress",
-                "response.failed"
-            ]
-        );
+        assert_eq!(kinds(&events)[2..], ["response.failed"]);
     }
 
     #[test]
@@ -1037,17 +1023,11 @@ mod tests {
 
     #[test]
     fn reasoning_is_dropped_and_a_refusal_is_text() {
-        let stream = chat_stream(
-            &[
-                (json!({"reasoning_content": "thinking"}), None),
-                (json!({"refusal": "I can't help with that."}), None),
-                (json!({}), Some("stop")),
-            ],
-            &[],
-            true,
-        );
-        let (result, events) = translate(&stream);
-        result.unwrap();
+        let events = answer(&[
+            (json!({"reasoning_content": "thinking"}), None),
+            (json!({"refusal": "I can't help with that."}), None),
+            (json!({}), Some("stop")),
+        ]);
         let output = &last(&events)["output"];
         assert_eq!(output.as_array().unwrap().len(), 1);
         assert_eq!(output[0]["content"][0]["text"], "I can't help with that.");
