@@ -1032,4 +1032,36 @@ mod tests {
         assert_eq!(output.as_array().unwrap().len(), 1);
         assert_eq!(output[0]["content"][0]["text"], "I can't help with that.");
     }
+
+    /// The stream fixtures, through this translator as the fixture runner sends them (created
+    /// 1_700_000_000, nonce 0); `BLESS=1` writes their `.out.sse`. A stand-in until
+    /// `fixtures.rs` lists them, when this test goes.
+    #[cfg(not(target_arch = "wasm32"))]
+    #[test]
+    fn stream_fixtures_match_their_out_files() {
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/src/translate/fixtures/responses_to_openai"
+        );
+        for name in ["stream-text", "stream-tools"] {
+            let input = std::fs::read(format!("{dir}/{name}.in.sse")).unwrap();
+            let reply = ReplyContext {
+                model: "gpt-5-codex".into(),
+                created: 1_700_000_000,
+                include_usage: true,
+                nonce: 0,
+            };
+            let out = crate::translate::frames::same_under_any_chunking(
+                || ResponseStream::new(reply.clone()),
+                &input,
+            );
+            let out = out.unwrap();
+            let expected = format!("{dir}/{name}.out.sse");
+            if std::env::var("BLESS").is_ok_and(|v| v == "1") {
+                std::fs::write(&expected, &out).unwrap();
+            }
+            let expected = std::fs::read(&expected).unwrap();
+            assert_eq!(events(&out), events(&expected), "{name}");
+        }
+    }
 }
