@@ -380,6 +380,22 @@ mod tests {
     }
 
     #[test]
+    fn responses_are_translated_for_chat_instances_and_pass_to_those_that_serve_them() {
+        let mut adapter = Adapter::normal();
+        assert!(translates(Endpoint::Responses, &adapter));
+        let translator = translate::translator(Endpoint::Responses, Protocol::OpenAi);
+        assert_eq!(
+            translator.map(|t| t.backend()),
+            Some("OpenAI chat completions")
+        );
+        adapter.serves_responses = true;
+        assert!(!translates(Endpoint::Responses, &adapter));
+        // The declaration is about Responses only: chat still passes, Messages is translated.
+        assert!(!translates(Endpoint::ChatCompletions, &adapter));
+        assert!(translates(Endpoint::Messages, &adapter));
+    }
+
+    #[test]
     fn refusals_are_400_for_bad_bodies_and_501_for_what_the_protocol_lacks() {
         let p = pending(Protocol::Anthropic, Endpoint::ChatCompletions, "");
         let bad = Translation::request(&p, b"{not json", 1, 0)
