@@ -317,10 +317,38 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             self._json(200, {"created": int(time.time()), "model": request.get("model"),
                              "data": [{"url": f"http://stub/{stub.name}.png"}]})
+        elif path.endswith("/responses") and stub.serves_responses:
+            self._responses(stub, headers, body)
         elif path in ("/", "/health") or path.endswith("/health"):
             self._json(200, {"status": "ok", "instance": stub.name})
         else:
             self._json(404, _error(f"no such endpoint: {path}", "invalid_request_error", "not_found"))
+
+    def _responses(self, stub: "StubServer", headers: dict[str, str], body: bytes) -> None:
+        """OpenAI's Responses API, for a stub that serves it itself (`serves_responses`): a
+        Response with usage, or its minimal event stream (created, one text delta, completed)."""
+        request = self._parse_json(body)
+        if request is None:
+            return
+        counts = _usage(headers, request, body).get("usage", {})
+        usage = {"input_tokens": counts.get("prompt_tokens", 0), "output_tokens": counts.get("completion_tokens", 0),
+                 "total_tokens": counts.get("total_tokens", 0)}
+        text = f"hello from {stub.name}"
+        response = {"id": f"resp_{stub.name}", "object": "response", "status": "completed",
+                    "model": request.get("model"),
+                    "output": [{"type": "message", "id": f"msg_{stub.name}", "role": "assistant", "status": "completed",
+                                "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+                    "usage": usage}
+        if request.get("stream") is not True:
+            self._json(200, response)
+            return
+        events = [("response.created", {"response": {**response, "status": "in_progress", "output": [], "usage": None}}),
+                  ("response.output_text.delta", {"item_id": f"msg_{stub.name}", "output_index": 0,
+                                                  "content_index": 0, "delta": text}),
+                  ("response.completed", {"response": response})]
+        self._send(200, b"".join(
+            f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': n, **payload})}\n\n".encode()
+            for n, (kind, payload) in enumerate(events)), "text/event-stream")
 
     def _parse_json(self, body: bytes) -> dict | None:
         try:
@@ -437,6 +465,9 @@ class StubServer:
         self.fail_status: int | None = None
         # Sent as Retry-After with every 429 it answers.
         self.retry_after: int | None = None
+        # Serves OpenAI's Responses API at `…/responses` itself (else that path is a 404, as on
+        # a chat-completions-only backend).
+        self.serves_responses = False
         self.in_flight = 0
         self.max_in_flight = 0
         self._fail_next: list[int] = []
