@@ -93,6 +93,7 @@ def test_another_protocols_instance_is_501_naming_what_responses_reach(backends)
     err = error_of(r)
     assert err["code"] == "not_supported_by_adapter"
     assert "chat-completions and Responses backends only" in err["message"]
+    assert "adapter `claude`" in err["message"]
     assert not chat.requests
 
 

@@ -1690,7 +1690,7 @@ fn a_responses_request_to_another_protocol_is_501_naming_what_it_reaches() {
     assert!(
         message.contains("chat-completions and Responses backends only")
             && message.contains("claude-x")
-            && message.contains("Anthropic"),
+            && message.contains("adapter `claude`"),
         "{message}"
     );
     run.log();

@@ -16,6 +16,8 @@ use serde_json::Value;
 #[derive(Debug, Clone)]
 pub struct Pending {
     pub protocol: Protocol,
+    /// The instance's adapter's name (for a refusal that names it).
+    pub adapter: String,
     pub endpoint: Endpoint,
     /// The model asked of the instance (its `name`).
     pub model: String,
@@ -116,9 +118,14 @@ impl Translation {
         };
         let refused = |refusal| refused(pending, translator, refusal);
         if pending.endpoint == Endpoint::Responses && pending.protocol != Protocol::OpenAi {
-            return Err(refused(Refusal::Unsupported(
-                "the Responses API reaches chat-completions and Responses backends only".into(),
-            )));
+            return Err(LocalReply::error(
+                ClientError::NotSupportedByAdapter,
+                &format!(
+                    "The model `{}` is served through adapter `{}`: the Responses API reaches \
+                     chat-completions and Responses backends only.",
+                    pending.model, pending.adapter
+                ),
+            ));
         }
         let request = parse_request(body).map_err(refused)?;
         if pending.endpoint == Endpoint::CountTokens {
@@ -334,6 +341,7 @@ mod tests {
     fn pending(protocol: Protocol, endpoint: Endpoint, prefix: &str) -> Pending {
         Pending {
             protocol,
+            adapter: "a".into(),
             endpoint,
             model: "m-1".into(),
             prefix: prefix.into(),

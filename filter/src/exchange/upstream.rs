@@ -102,6 +102,7 @@ impl LoadReport {
 fn pending(instance: &Instance, routed: &Routed) -> Pending {
     Pending {
         protocol: instance.spec.adapter.protocol,
+        adapter: instance.spec.adapter.name.clone(),
         endpoint: routed.endpoint,
         model: routed.model.clone(),
         prefix: instance.spec.base_url.prefix.clone(),
