@@ -370,6 +370,10 @@ def main():
         (b"POST /v1/images/edits", content_type("abc").encode(), b"", b"", multipart(*MULTIPART["field-first"])),
         (b"GET /v1/models/llama", b"", b"", b"", b""),
         (b"POST /v1/chat/completions", b"application/json", b"", b"", JSON_BODIES["deep"].encode()),
+        (b"POST /v1/responses", b"application/json", b"", b"",
+         json.dumps({"model": "llama", "instructions": "Be brief.", "input": [{"role": "user", "content": "Hi"}],
+                     "max_output_tokens": 64, "stream": True}).encode()),
+        (b"GET /api/v1/responses/resp_1/input_items?limit=2", b"", b"", b"", b""),
     ]
     for i, (line, ct, model, session, body) in enumerate(requests):
         for seed in (0, 9, 255):

@@ -96,10 +96,12 @@ pub enum Endpoint {
     Messages,
     /// `/v1/messages/count_tokens`.
     CountTokens,
+    /// OpenAI's Responses API (`/v1/responses`), for Codex CLI and the OpenAI Agents SDK.
+    Responses,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 11] = [
+    pub const ALL: [Endpoint; 12] = [
         Endpoint::ChatCompletions,
         Endpoint::Completions,
         Endpoint::Embeddings,
@@ -111,6 +113,7 @@ impl Endpoint {
         Endpoint::ImageEdits,
         Endpoint::Messages,
         Endpoint::CountTokens,
+        Endpoint::Responses,
     ];
 
     /// The path below `/v1/`.
@@ -127,6 +130,7 @@ impl Endpoint {
             Endpoint::ImageEdits => "images/edits",
             Endpoint::Messages => "messages",
             Endpoint::CountTokens => "messages/count_tokens",
+            Endpoint::Responses => "responses",
         }
     }
 
@@ -140,7 +144,8 @@ impl Endpoint {
             Endpoint::ChatCompletions
             | Endpoint::Completions
             | Endpoint::Messages
-            | Endpoint::CountTokens => ServiceType::Chat,
+            | Endpoint::CountTokens
+            | Endpoint::Responses => ServiceType::Chat,
             Endpoint::Embeddings => ServiceType::Embedding,
             Endpoint::Rerank => ServiceType::Rerank,
             Endpoint::Speech => ServiceType::Tts,
@@ -151,10 +156,13 @@ impl Endpoint {
     }
 
     /// `gen_ai.operation.name` (OpenTelemetry's GenAI conventions): their well-known value where
-    /// one applies (Anthropic's Messages API is a chat too), else a name of our own.
+    /// one applies, else a name of our own. Anthropic's Messages API and OpenAI's Responses API
+    /// are chats too: the conventions name the operation (a model's turn in a conversation), not
+    /// the wire format, and have no value of their own for either, so a dashboard summing `chat`
+    /// sees every conversation turn whichever API the client spoke.
     pub fn gen_ai_operation(self) -> &'static str {
         match self {
-            Endpoint::ChatCompletions | Endpoint::Messages => "chat",
+            Endpoint::ChatCompletions | Endpoint::Messages | Endpoint::Responses => "chat",
             Endpoint::Completions => "text_completion",
             Endpoint::Embeddings => "embeddings",
             Endpoint::Rerank => "rerank",
@@ -190,6 +198,9 @@ pub enum Route {
     ListModels,
     /// `GET /v1/models/{id}` (the id is the rest of the path)
     RetrieveModel,
+    /// `/v1/responses/{id}` and below it (`input_items`, `cancel`): a stored Response, which
+    /// this gateway never keeps (the id is the path's next segment).
+    StoredResponse,
     Unknown,
 }
 
@@ -209,6 +220,10 @@ pub fn classify(path: &str) -> (Route, &str) {
     }
     if let Some(id) = rest.strip_prefix("models/") {
         return (Route::RetrieveModel, id);
+    }
+    if let Some(below) = rest.strip_prefix("responses/") {
+        let id = below.split('/').next().unwrap_or_default();
+        return (Route::StoredResponse, id);
     }
     for endpoint in Endpoint::ALL {
         if rest == endpoint.suffix() {
@@ -238,6 +253,15 @@ mod tests {
             classify("/v1/models/qwen2.5:7b"),
             (Route::RetrieveModel, "qwen2.5:7b")
         );
+        for path in [
+            "/v1/responses/resp_1",
+            "/api/v1/responses/resp_1/input_items?limit=2",
+            "/v1/responses/resp_1/cancel",
+        ] {
+            assert_eq!(classify(path), (Route::StoredResponse, "resp_1"), "{path}");
+        }
+        assert_eq!(Endpoint::Responses.service(), ServiceType::Chat);
+        assert_eq!(Endpoint::Responses.gen_ai_operation(), "chat");
         assert_eq!(classify("/v2/chat/completions").0, Route::Unknown);
         assert_eq!(classify("/v1/chat").0, Route::Unknown);
         assert_eq!(classify("").0, Route::Unknown);

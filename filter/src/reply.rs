@@ -10,9 +10,13 @@ pub enum ClientError {
     /// Not an OpenAI path.
     UnknownUrl,
     MethodNotAllowed,
+    /// A WebSocket handshake on the Responses API: HTTP only (426 makes Codex fall back to it).
+    UpgradeRequired,
     /// The endpoint's service type has no configuration.
     ServiceNotConfigured,
     ModelNotFound,
+    /// `/v1/responses/{id}`: the gateway stores no Responses.
+    ResponseNotStored,
     MissingModel,
     InvalidJson,
     InvalidMultipart,
@@ -48,8 +52,10 @@ impl ClientError {
         match self {
             UnknownUrl => (404, INVALID, "unknown_url"),
             MethodNotAllowed => (405, INVALID, "method_not_allowed"),
+            UpgradeRequired => (426, INVALID, "websocket_not_supported"),
             ServiceNotConfigured => (404, INVALID, "service_not_configured"),
             ModelNotFound => (404, INVALID, "model_not_found"),
+            ResponseNotStored => (404, INVALID, "response_not_found"),
             MissingModel => (400, INVALID, "missing_model"),
             InvalidJson => (400, INVALID, "invalid_json"),
             InvalidMultipart => (400, INVALID, "invalid_multipart"),
@@ -196,6 +202,8 @@ mod tests {
             (RateLimited, 429),
             (NoAvailableInstance, 503),
             (MethodNotAllowed, 405),
+            (UpgradeRequired, 426),
+            (ResponseNotStored, 404),
             (AddressNotAllowed, 403),
             (MissingApiKey, 401),
         ] {

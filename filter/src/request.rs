@@ -30,8 +30,9 @@ pub struct RequestHead<'a> {
     pub content_length: Option<u64>,
 }
 
-/// Body fields a token budget reads for the completion estimate.
-const MAX_TOKENS_FIELDS: [&str; 2] = ["max_completion_tokens", "max_tokens"];
+/// Body fields a token budget reads for the completion estimate (`max_output_tokens`: the
+/// Responses API's).
+const MAX_TOKENS_FIELDS: [&str; 3] = ["max_completion_tokens", "max_tokens", "max_output_tokens"];
 
 pub enum HeadDecision {
     Reply(LocalReply),
@@ -144,9 +145,13 @@ fn model_endpoint(
         Route::ListModels | Route::RetrieveModel => {
             return Err(models(cfg, head, route, model_id, caller));
         }
+        Route::StoredResponse => return Err(no_stored_response(model_id)),
         Route::Unknown => return Err(unknown_url(head)),
     };
     if head.method != "POST" {
+        if endpoint == Endpoint::Responses && asks_websocket(head) {
+            return Err(websocket_refused());
+        }
         return Err(method_not_allowed(head, "POST"));
     }
     if cfg.service(endpoint.service()).is_none() {
@@ -423,6 +428,36 @@ fn unknown_url(head: &RequestHead<'_>) -> LocalReply {
             head.method,
             head.path.split('?').next().unwrap_or_default()
         ),
+    )
+}
+
+/// `GET`/`DELETE /v1/responses/{id}`, its `input_items` and `cancel`: the gateway translates
+/// Responses statelessly and keeps none, so there is nothing to read, list, delete or cancel.
+/// (A passthrough backend may store its own, but the path carries no model to route by.)
+fn no_stored_response(id: &str) -> LocalReply {
+    LocalReply::error(
+        ClientError::ResponseNotStored,
+        &format!(
+            "No response with id '{id}' found: this gateway stores no responses. Send the \
+             conversation's earlier items in `input` instead of referring to a stored response."
+        ),
+    )
+}
+
+/// A WebSocket handshake (`GET` with `upgrade: websocket`; Envoy lets it reach the filter on the
+/// Responses paths only, see the renderer's `responses_websocket_route`). Read only on this
+/// refusal path, so no other request pays the header read.
+fn asks_websocket(head: &RequestHead<'_>) -> bool {
+    (head.header)("upgrade").is_some_and(|u| u.trim().eq_ignore_ascii_case("websocket"))
+}
+
+/// The Responses API's WebSocket transport is not served: 426 is what makes Codex fall back to
+/// HTTP (it gives up on other statuses).
+fn websocket_refused() -> LocalReply {
+    LocalReply::error(
+        ClientError::UpgradeRequired,
+        "This gateway serves the Responses API over HTTP only: send POST /v1/responses \
+         (streamed with \"stream\": true) instead of a WebSocket.",
     )
 }
 

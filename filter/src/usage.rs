@@ -317,6 +317,33 @@ mod tests {
         }
     }
 
+    /// A Responses answer (passed through from a backend that serves them) reports
+    /// `input_tokens`/`output_tokens`, with details the scanner must not take for them.
+    #[test]
+    fn reads_the_usage_of_a_responses_answer_and_its_completed_event() {
+        let body = br#"{"id":"resp_1","object":"response","status":"completed","output":[{"type":"message","content":[{"type":"output_text","text":"hi"}]}],
+            "usage":{"input_tokens":11,"input_tokens_details":{"cached_tokens":4},"output_tokens":6,"output_tokens_details":{"reasoning_tokens":2},"total_tokens":17}}"#;
+        for piece in [1, 5, body.len()] {
+            let u = scan_in_pieces(body, piece);
+            assert_eq!((u.prompt_tokens, u.completion_tokens), (Some(11), Some(6)));
+            assert_eq!(u.charge(999), 17);
+        }
+        // Streamed: `response.created` carries `usage: null`, `response.completed` the counts.
+        let stream = concat!(
+            "event: response.created\n",
+            r#"data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","status":"in_progress","output":[],"usage":null}}"#,
+            "\n\nevent: response.output_text.delta\n",
+            r#"data: {"type":"response.output_text.delta","sequence_number":1,"delta":"hello"}"#,
+            "\n\nevent: response.completed\n",
+            r#"data: {"type":"response.completed","sequence_number":2,"response":{"id":"resp_1","status":"completed","usage":{"input_tokens":8,"input_tokens_details":{"cached_tokens":0},"output_tokens":3,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":11}}}"#,
+            "\n\n"
+        );
+        for piece in [1, 9, stream.len()] {
+            let u = scan_in_pieces(stream.as_bytes(), piece);
+            assert_eq!((u.prompt_tokens, u.completion_tokens), (Some(8), Some(3)));
+        }
+    }
+
     #[test]
     fn estimates_when_no_usage_is_reported() {
         // 20 latin characters (5 tokens) and 4 CJK characters (2 tokens), one of them escaped.

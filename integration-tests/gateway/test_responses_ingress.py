@@ -168,6 +168,7 @@ def test_the_gateways_refusals_are_the_sdks_exceptions(guarded_vllm):
 
 def test_responses_pass_through_to_an_instance_that_serves_them(stubs, gateway):
     (native,) = stubs("native")
+    native.serves_responses = True
     gw = gateway({"model": {"retries": 0, "services": {"chat": {"instances": [
         instance("gpt", native, **RESPONSES_NATIVE)]}}}})
     # Fields the translation would refuse or rewrite, spaced as no serializer would: byte-for-byte.

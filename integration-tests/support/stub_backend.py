@@ -364,7 +364,7 @@ class _Handler(BaseHTTPRequestHandler):
                     "choices": [{"index": 0, "text": f"hello from {stub.name}", "finish_reason": "stop"}],
                     **usage,
                 })
-        elif path.endswith("/responses"):
+        elif path.endswith("/responses") and stub.serves_responses:
             self._respond(stub, headers, body)
         elif path.endswith("/embeddings"):
             request = self._parse_json(body)
@@ -548,6 +548,9 @@ class StubServer:
         # Scripted tool use (see the module's doc): the (name, arguments) to call, or no tools at all.
         self.scripted_call: tuple[str, str] | None = None
         self.ignore_tools = False
+        # Serves OpenAI's Responses API at `…/responses` itself (else that path is a 404, as on
+        # a chat-completions-only backend).
+        self.serves_responses = False
         self.in_flight = 0
         self.max_in_flight = 0
         self._fail_next: list[int] = []

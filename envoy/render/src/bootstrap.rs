@@ -429,6 +429,7 @@ fn api_route_config(config: &Plan, opts: &Options) -> Value {
             "include_attempt_count_in_response": true,
             "routes": [
                 routed_route(config, opts),
+                responses_websocket_route(),
                 {
                     // Reached only if the filter did not run: never forward unrouted traffic.
                     "match": {"prefix": "/"},
@@ -440,6 +441,28 @@ fn api_route_config(config: &Plan, opts: &Options) -> Value {
                 }
             ]
         }]
+    })
+}
+
+/// A WebSocket handshake on the Responses API (Codex tries that transport first). Envoy refuses
+/// an upgrade no route allows with a bare 403 before any filter runs, and Codex falls back to
+/// HTTP only on 426: this route allows the upgrade so the filter sees the handshake and answers
+/// it 426 in OpenAI's shape. Only a GET on those paths matches (a handshake is a GET; a POST
+/// that asks an upgrade still gets Envoy's 403), and its action leads nowhere: the routing header
+/// is never set on it, so were the filter ever not to answer, Envoy finds no cluster.
+fn responses_websocket_route() -> Value {
+    json!({
+        "match": {
+            "safe_regex": {"regex": "/(api/)?v1/responses/?"},
+            "headers": [
+                {"name": ":method", "string_match": {"exact": "GET"}},
+                {"name": "upgrade", "string_match": {"exact": "websocket", "ignore_case": true}}
+            ]
+        },
+        "route": {
+            "cluster_header": ROUTING_HEADER,
+            "upgrade_configs": [{"upgrade_type": "websocket", "enabled": true}]
+        }
     })
 }
 

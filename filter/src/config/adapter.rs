@@ -24,6 +24,11 @@ pub struct Adapter {
     pub headers: Vec<(String, String)>,
     /// GPUStack answers errors as `{status_code, detail}`: rewritten as OpenAI errors.
     pub rewrites_errors: bool,
+    /// The backend serves OpenAI's Responses API itself (`capabilities: {responses: true}`, or
+    /// an instance's `responses: native`): `/v1/responses` passes through to it untouched.
+    /// Otherwise it is translated to chat completions, which every OpenAI-compatible backend
+    /// serves (most self-hosted ones serve nothing else).
+    pub serves_responses: bool,
 }
 
 impl Adapter {
@@ -39,6 +44,7 @@ impl Adapter {
             capabilities: ServiceType::ALL.to_vec(),
             headers: Vec::new(),
             rewrites_errors: false,
+            serves_responses: false,
         })
     }
 }
@@ -71,6 +77,7 @@ fn builtin(name: &str) -> Option<Adapter> {
         capabilities: protocol.services().to_vec(),
         headers,
         rewrites_errors,
+        serves_responses: false,
     })
 }
 
@@ -168,7 +175,7 @@ struct Definition {
     /// `Some` for `type: extend`.
     parent: Option<String>,
     protocol: Protocol,
-    capabilities: Option<Vec<ServiceType>>,
+    capabilities: Option<Capabilities>,
     headers: Vec<(String, String)>,
 }
 
@@ -195,8 +202,14 @@ impl Definition {
         };
         let capabilities = match f.take("capabilities") {
             None => None,
-            Some(v) => Some(parse_capabilities(&f.child("capabilities"), v)?),
+            Some(v) => Some(Capabilities::parse(&f.child("capabilities"), v)?),
         };
+        if protocol == Protocol::Ollama && capabilities.as_ref().is_some_and(|c| c.responses) {
+            return Err(error(
+                &reader::join(&f.child("capabilities"), "responses"),
+                "only an openai-compatible backend serves the Responses API itself",
+            ));
+        }
         let mut headers = match f.take("auth") {
             None => Vec::new(),
             Some(v) => parse_auth(&f.child("auth"), v)?,
@@ -224,14 +237,17 @@ impl Definition {
         let protocol = parent.as_ref().map_or(self.protocol, |p| p.protocol);
         // Capabilities left out are the parent's, or all the protocol serves (the original
         // defaults every one to false, so an adapter defined without them served nothing).
-        let capabilities = match (&self.capabilities, &parent) {
-            (Some(own), _) => own
-                .iter()
-                .copied()
-                .filter(|k| protocol.services().contains(k))
-                .collect(),
-            (None, Some(p)) => p.capabilities.clone(),
-            (None, None) => protocol.services().to_vec(),
+        let (capabilities, serves_responses) = match (&self.capabilities, &parent) {
+            (Some(own), _) => (
+                own.services
+                    .iter()
+                    .copied()
+                    .filter(|k| protocol.services().contains(k))
+                    .collect(),
+                own.responses && protocol == Protocol::OpenAi,
+            ),
+            (None, Some(p)) => (p.capabilities.clone(), p.serves_responses),
+            (None, None) => (protocol.services().to_vec(), false),
         };
         let mut headers = parent
             .as_ref()
@@ -247,14 +263,35 @@ impl Definition {
             capabilities,
             headers,
             rewrites_errors: parent.is_some_and(|p| p.rewrites_errors),
+            serves_responses,
         })
     }
 }
 
-/// `capabilities: {chat, embedding, rerank, tts, stt, imgGen, imgEdit, streaming}`; each true
-/// one is served. `streaming` is accepted: a streamed answer is served wherever chat is.
-fn parse_capabilities(path: &str, value: &Value) -> Result<Vec<ServiceType>> {
-    let mut f = Fields::new(path, value)?;
+/// What a definition's `capabilities` say it serves.
+struct Capabilities {
+    services: Vec<ServiceType>,
+    /// `responses: true`: OpenAI's Responses API, itself.
+    responses: bool,
+}
+
+impl Capabilities {
+    /// `capabilities: {chat, embedding, rerank, tts, stt, imgGen, imgEdit, streaming,
+    /// responses}`; each true service is served. `streaming` is accepted: a streamed answer is
+    /// served wherever chat is.
+    fn parse(path: &str, value: &Value) -> Result<Capabilities> {
+        let mut f = Fields::new(path, value)?;
+        let responses = f.boolean("responses", false)?;
+        let services = parse_services(f)?;
+        Ok(Capabilities {
+            services,
+            responses,
+        })
+    }
+}
+
+/// The service types of `capabilities` (the rest of its keys).
+fn parse_services(mut f: Fields<'_>) -> Result<Vec<ServiceType>> {
     let mut served = Vec::new();
     for (key, kind) in [
         ("chat", ServiceType::Chat),

@@ -917,7 +917,33 @@ fn take_instance_adapter(
     if adapter.protocol == Protocol::Ollama && openai_path {
         adapter.protocol = Protocol::OpenAi;
     }
+    if let Some(responses) = f.string("responses")? {
+        adapter.serves_responses = responses_native(&f.child("responses"), responses, &adapter)?;
+    }
     Ok(adapter)
+}
+
+/// An instance's `responses`: `native` when its backend serves `/v1/responses` itself (OpenAI,
+/// vLLM, Ollama's `/v1`), `translated` (the default) when it serves chat completions only.
+fn responses_native(path: &str, value: &str, adapter: &Adapter) -> Result<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "translated" => Ok(false),
+        "native" if adapter.protocol == Protocol::OpenAi => Ok(true),
+        "native" => Err(error(
+            path,
+            format!(
+                "native needs an OpenAI-compatible backend (this instance's adapter is `{}`)",
+                adapter.name
+            ),
+        )),
+        _ => Err(error(
+            path,
+            format!(
+                "must be native (the backend serves /v1/responses itself) or translated (to \
+                 chat completions; got {value:?})"
+            ),
+        )),
+    }
 }
 
 /// The upstream path of every endpoint of the service (base-url prefix included).

@@ -1236,6 +1236,7 @@ fn each_endpoint_has_its_genai_operation_and_each_protocol_its_provider() {
     let operations: Vec<&str> = [
         Endpoint::ChatCompletions,
         Endpoint::Messages,
+        Endpoint::Responses,
         Endpoint::Completions,
         Endpoint::Embeddings,
     ]
@@ -1244,7 +1245,7 @@ fn each_endpoint_has_its_genai_operation_and_each_protocol_its_provider() {
     .collect();
     assert_eq!(
         operations,
-        ["chat", "chat", "text_completion", "embeddings"]
+        ["chat", "chat", "chat", "text_completion", "embeddings"]
     );
     let providers: Vec<&str> = [
         Protocol::OpenAi,
@@ -1539,4 +1540,312 @@ fn without_global_limits_nothing_is_asked() {
     })));
     whole_request(&mut run, &[]);
     assert!(run.host.grpc_calls.borrow().is_empty());
+}
+
+// OpenAI's Responses API: translated to chat completions, or passed to an instance that serves it.
+
+fn responses_plan(extra: Value) -> Rc<Plan> {
+    let mut config = json!({"services": {"chat": {"instances": [
+        {"name": "gpt", "base-url": "http://vllm:8000"},
+        {"name": "gpt-native", "base-url": "http://openai:1", "responses": "native"},
+        {"name": "claude-x", "base-url": "http://anthropic:1", "adapter": "claude"}
+    ]}}});
+    if let (Some(config), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
+        config.extend(extra.clone());
+    }
+    Rc::new(Plan::from_json(config.to_string().as_bytes()).unwrap_or_else(|e| panic!("{e}")))
+}
+
+const RESPONSES_NATIVE: &[u8] =
+    br#"{"model":"gpt-native","input":"Hello","max_output_tokens":16,"store":true}"#;
+const RESPONSE_OBJECT: &[u8] = br#"{"id":"resp_b","object":"response","status":"completed","output":[{"type":"message","role":"assistant","content":[{"type":"output_text","text":"Hi"}]}],"usage":{"input_tokens":9,"input_tokens_details":{"cached_tokens":0},"output_tokens":3,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":12}}"#;
+
+/// The error a client got from the gateway: its status and OpenAI error object.
+fn openai_reply(run: &Run) -> (u32, Value) {
+    let (status, _, body) = run
+        .host
+        .replies
+        .borrow()
+        .first()
+        .cloned()
+        .unwrap_or_default();
+    let body: Value = serde_json::from_str(&body).unwrap_or_default();
+    assert!(body["error"]["message"].is_string(), "{body}");
+    assert!(body.get("type").is_none(), "not Anthropic's shape: {body}");
+    (status, body["error"].clone())
+}
+
+#[test]
+fn a_responses_request_to_an_instance_that_serves_them_passes_untouched_at_a_chat_requests_cost() {
+    let mut run = Run::new(responses_plan(json!({})));
+    run.request("POST", "/v1/responses", &[], RESPONSES_NATIVE);
+    run.host.take_calls();
+    assert_eq!(run.send(), Flow::Continue);
+    // To the instance's /v1/responses (beside its chat path, the client's own path: not set).
+    assert_eq!(
+        run.host.request_header(":path").as_deref(),
+        Some("/v1/responses")
+    );
+    assert_eq!(run.host.request_body.borrow().as_slice(), RESPONSES_NATIVE);
+    run.respond(
+        200,
+        &[("content-type", "application/json")],
+        &[RESPONSE_OBJECT],
+    );
+    assert_eq!(run.host.response_chunk.borrow().as_slice(), RESPONSE_OBJECT);
+    run.log();
+    let calls = run.calls();
+    // The passthrough chat request's calls, each kind the same.
+    let expected: HashMap<Call, usize> = [
+        (Call::RequestHeaders, 1),
+        (Call::RequestBody, 1),
+        (Call::Clock, 2),
+        (Call::SharedGet, 1),
+        (Call::SetRequestHeader, 1),
+        (Call::ResponseHeaders, 1),
+        (Call::SetResponseHeader, 1),
+        (Call::ResponseBody, 1),
+        (Call::SetProperty, 1),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(calls, expected);
+    // Counted as a chat in the GenAI series, with the usage read from the Response's own keys.
+    let counters = run.counters();
+    let input = "gen_ai.client.token.usage_sum.gen_ai_request_model=gpt-native;\
+                 .gen_ai_operation_name=chat;.gen_ai_provider_name=openai;.gen_ai_token_type=input;";
+    assert_eq!(counters.get(input), Some(&9), "{counters:?}");
+    let summary = run.summary();
+    assert_eq!(
+        (
+            summary["prompt_tokens"].as_u64(),
+            summary["completion_tokens"].as_u64()
+        ),
+        (Some(9), Some(3))
+    );
+}
+
+#[test]
+fn a_streamed_passthrough_response_settles_from_its_completed_event() {
+    let mut run = Run::new(responses_plan(
+        json!({"token-limit": {"tokens-per-minute": 100000}}),
+    ));
+    let body = br#"{"model":"gpt-native","input":"Hello","stream":true,"max_output_tokens":40}"#;
+    run.request("POST", "/v1/responses", &[], body);
+    run.send();
+    let events: [&[u8]; 3] = [
+        b"event: response.created\ndata: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_b\",\"usage\":null}}\n\n",
+        b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"sequence_number\":1,\"delta\":\"Hi\"}\n\n",
+        b"event: response.completed\ndata: {\"type\":\"response.completed\",\"sequence_number\":2,\"response\":{\"id\":\"resp_b\",\"usage\":{\"input_tokens\":7,\"output_tokens\":2,\"total_tokens\":9}}}\n\n",
+    ];
+    let seen = run.respond_streamed(&[("content-type", "text/event-stream")], &events);
+    assert_eq!(seen, events.concat(), "passed as it came");
+    run.log();
+    let summary = run.summary();
+    assert_eq!(
+        (
+            summary["prompt_tokens"].as_u64(),
+            summary["completion_tokens"].as_u64()
+        ),
+        (Some(7), Some(2))
+    );
+}
+
+#[test]
+fn a_responses_request_to_a_chat_instance_reaches_its_translator() {
+    let mut run = Run::new(responses_plan(json!({})));
+    // A tool type chat completions cannot carry: refused by the translation (501 until it is
+    // written, then 400 naming the type), never sent on.
+    let body = br#"{"model":"gpt","input":"Hi","tools":[{"type":"web_search"}]}"#;
+    run.request("POST", "/v1/responses", &[], body);
+    run.host.take_calls();
+    run.send();
+    let (status, error) = openai_reply(&run);
+    assert!(matches!(status, 400 | 501), "{status} {error}");
+    let calls = run.calls();
+    assert_eq!(calls.get(&Call::ReplaceRequestBody), None);
+    // Over a passthrough's request: the body read whole for its translation, and the reply.
+    assert_eq!(calls.get(&Call::RequestBody), Some(&2), "{calls:?}");
+    assert_eq!(calls.get(&Call::SendReply), Some(&1), "{calls:?}");
+    run.log();
+    assert_eq!(run.breaker(0).failures, 0);
+}
+
+#[test]
+fn a_responses_request_to_another_protocol_is_501_naming_what_it_reaches() {
+    let mut run = Run::new(responses_plan(json!({})));
+    run.request(
+        "POST",
+        "/v1/responses",
+        &[],
+        br#"{"model":"claude-x","input":"Hi"}"#,
+    );
+    run.send();
+    let (status, error) = openai_reply(&run);
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (501, Some("not_supported_by_adapter"))
+    );
+    let message = error["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("chat-completions and Responses backends only")
+            && message.contains("claude-x")
+            && message.contains("adapter `claude`"),
+        "{message}"
+    );
+    run.log();
+    assert_eq!(run.breaker(2).failures, 0);
+}
+
+#[test]
+fn the_gateways_own_errors_on_responses_are_openai_shaped() {
+    let mut run = Run::new(responses_plan(json!({
+        "rate-limit": {"enabled": true, "capacity": 1, "rate": 1, "scope": "model"}
+    })));
+    run.request(
+        "POST",
+        "/v1/responses",
+        &[],
+        br#"{"model":"nope","input":"Hi"}"#,
+    );
+    run.send();
+    let (status, error) = openai_reply(&run);
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (404, Some("model_not_found"))
+    );
+    for expected in [200, 429] {
+        run.next_request();
+        run.request("POST", "/v1/responses", &[], RESPONSES_NATIVE);
+        run.send();
+        if expected == 200 {
+            assert!(run.host.replies.borrow().is_empty());
+            continue;
+        }
+        let (status, error) = openai_reply(&run);
+        assert_eq!(
+            (status, error["type"].as_str()),
+            (429, Some("rate_limit_error"))
+        );
+        let headers = run
+            .host
+            .replies
+            .borrow()
+            .first()
+            .map(|r| r.1.clone())
+            .unwrap_or_default();
+        assert!(
+            headers.iter().any(|(n, _)| n == "retry-after"),
+            "{headers:?}"
+        );
+    }
+}
+
+/// The host calls of one translated request to the OpenAI instance `gpt`, answered with
+/// `chunks` (whole JSON, or a chat stream), from its head to its log.
+fn translated_calls(
+    path: &str,
+    body: &[u8],
+    streamed: bool,
+    chunks: &[&[u8]],
+) -> HashMap<Call, usize> {
+    let mut run = Run::new(responses_plan(json!({})));
+    run.request("POST", path, &[], body);
+    run.host.take_calls();
+    run.send();
+    assert!(
+        run.host.replies.borrow().is_empty(),
+        "refused: {:?}",
+        run.host.replies.borrow()
+    );
+    if streamed {
+        run.respond_streamed(&[("content-type", "text/event-stream")], chunks);
+    } else {
+        run.respond_buffered(200, &[("content-type", "application/json")], chunks);
+    }
+    run.log();
+    run.calls()
+}
+
+fn chat_stream() -> Vec<Vec<u8>> {
+    (0..4)
+        .map(|n| format!("data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"w{n} \"}}}}]}}\n\n").into_bytes())
+        .chain([
+            b"data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n".to_vec(),
+            b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":4,\"total_tokens\":9}}\n\ndata: [DONE]\n\n".to_vec(),
+        ])
+        .collect()
+}
+
+#[test]
+#[ignore = "until responses_to_openai translates (the skeleton refuses every request)"]
+fn a_translated_responses_request_costs_what_a_translated_messages_request_does() {
+    let answer = ok_json();
+    let messages = translated_calls(
+        "/v1/messages",
+        br#"{"model":"gpt","max_tokens":64,"messages":[{"role":"user","content":"Hi"}]}"#,
+        false,
+        &[&answer],
+    );
+    let responses = translated_calls(
+        "/v1/responses",
+        br#"{"model":"gpt","max_output_tokens":64,"input":"Hi"}"#,
+        false,
+        &[&answer],
+    );
+    assert_eq!(responses, messages);
+    assert_eq!(responses.values().sum::<usize>(), 15, "{responses:?}");
+}
+
+#[test]
+#[ignore = "until responses_to_openai translates (the skeleton refuses every request)"]
+fn a_translated_responses_stream_costs_what_a_translated_messages_stream_does() {
+    let chunks = chat_stream();
+    let chunks: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+    let messages = translated_calls(
+        "/v1/messages",
+        br#"{"model":"gpt","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"Hi"}]}"#,
+        true,
+        &chunks,
+    );
+    let responses = translated_calls(
+        "/v1/responses",
+        br#"{"model":"gpt","max_output_tokens":64,"stream":true,"input":"Hi"}"#,
+        true,
+        &chunks,
+    );
+    assert_eq!(responses, messages);
+    assert_eq!(
+        responses.values().sum::<usize>(),
+        MESSAGES_STREAM_CALLS,
+        "{responses:?}"
+    );
+}
+
+/// A translated Messages stream of `chat_stream()`'s six chunks, head to log.
+const MESSAGES_STREAM_CALLS: usize = 26;
+
+#[test]
+fn translated_messages_pin_the_counts_a_responses_request_must_match() {
+    let answer = ok_json();
+    let whole = translated_calls(
+        "/v1/messages",
+        br#"{"model":"gpt","max_tokens":64,"messages":[{"role":"user","content":"Hi"}]}"#,
+        false,
+        &[&answer],
+    );
+    assert_eq!(whole.values().sum::<usize>(), 15, "{whole:?}");
+    let chunks = chat_stream();
+    let chunks: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+    let streamed = translated_calls(
+        "/v1/messages",
+        br#"{"model":"gpt","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"Hi"}]}"#,
+        true,
+        &chunks,
+    );
+    assert_eq!(
+        streamed.values().sum::<usize>(),
+        MESSAGES_STREAM_CALLS,
+        "{streamed:?}"
+    );
 }

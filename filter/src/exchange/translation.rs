@@ -2,11 +2,12 @@
 //! instance's protocol (`translate/`), and the answer rewritten back, whole or chunk by chunk.
 //! Pure: the exchange reads and writes the bytes; this decides what they become.
 
+use crate::config::Adapter;
 use crate::endpoint::Endpoint;
 use crate::reply::{ClientError, LocalReply};
 use crate::translate::Protocol;
 use crate::translate::{
-    self, chunks, messages_to_openai, openai, parse_request, Malformed, Refusal, ReplyContext,
+    self, messages_to_openai, openai, parse_request, Malformed, Refusal, ReplyContext,
     StreamTranslator, Translator, Upstream,
 };
 use serde_json::Value;
@@ -15,6 +16,8 @@ use serde_json::Value;
 #[derive(Debug, Clone)]
 pub struct Pending {
     pub protocol: Protocol,
+    /// The instance's adapter's name (for a refusal that names it).
+    pub adapter: String,
     pub endpoint: Endpoint,
     /// The model asked of the instance (its `name`).
     pub model: String,
@@ -69,10 +72,14 @@ pub struct Translation {
     base64: bool,
 }
 
-/// Whether a request on `endpoint` to a `protocol` instance is translated (Anthropic's
-/// endpoints pass through to Anthropic backends, OpenAI's to OpenAI ones).
-pub fn translates(endpoint: Endpoint, protocol: Protocol) -> bool {
-    translate::translator(endpoint, protocol).is_some()
+/// Whether a request on `endpoint` to an instance of `adapter` is translated (Anthropic's
+/// endpoints pass through to Anthropic backends, OpenAI's to OpenAI ones, Responses to a backend
+/// that serves them itself).
+pub fn translates(endpoint: Endpoint, adapter: &Adapter) -> bool {
+    if endpoint == Endpoint::Responses && adapter.serves_responses {
+        return false;
+    }
+    translate::translator(endpoint, adapter.protocol).is_some()
 }
 
 impl Translation {
@@ -110,6 +117,16 @@ impl Translation {
             ));
         };
         let refused = |refusal| refused(pending, translator, refusal);
+        if pending.endpoint == Endpoint::Responses && pending.protocol != Protocol::OpenAi {
+            return Err(LocalReply::error(
+                ClientError::NotSupportedByAdapter,
+                &format!(
+                    "The model `{}` is served through adapter `{}`: the Responses API reaches \
+                     chat-completions and Responses backends only.",
+                    pending.model, pending.adapter
+                ),
+            ));
+        }
         let request = parse_request(body).map_err(refused)?;
         if pending.endpoint == Endpoint::CountTokens {
             let count = messages_to_openai::count_tokens(&request);
@@ -126,7 +143,7 @@ impl Translation {
         let stream = openai::is_stream(&request)
             && matches!(
                 pending.endpoint,
-                Endpoint::ChatCompletions | Endpoint::Messages
+                Endpoint::ChatCompletions | Endpoint::Messages | Endpoint::Responses
             );
         let path = translator.upstream_path(pending.endpoint, &pending.upstream(), stream);
         let translation = Translation {
@@ -202,7 +219,7 @@ impl Translation {
                 if self.endpoint.is_anthropic() {
                     messages_to_openai::stream_error(&mut out, 502, &why);
                 } else {
-                    chunks::failed(&mut out, &why);
+                    translator.fail(&why, &mut out);
                 }
                 Err(out)
             }
@@ -324,6 +341,7 @@ mod tests {
     fn pending(protocol: Protocol, endpoint: Endpoint, prefix: &str) -> Pending {
         Pending {
             protocol,
+            adapter: "a".into(),
             endpoint,
             model: "m-1".into(),
             prefix: prefix.into(),
@@ -367,6 +385,22 @@ mod tests {
             upstream_path(&pending(Protocol::Ollama, Endpoint::Embeddings, ""), false),
             "/api/embed"
         );
+    }
+
+    #[test]
+    fn responses_are_translated_for_chat_instances_and_pass_to_those_that_serve_them() {
+        let mut adapter = Adapter::normal();
+        assert!(translates(Endpoint::Responses, &adapter));
+        let translator = translate::translator(Endpoint::Responses, Protocol::OpenAi);
+        assert_eq!(
+            translator.map(|t| t.backend()),
+            Some("OpenAI chat completions")
+        );
+        adapter.serves_responses = true;
+        assert!(!translates(Endpoint::Responses, &adapter));
+        // The declaration is about Responses only: chat still passes, Messages is translated.
+        assert!(!translates(Endpoint::ChatCompletions, &adapter));
+        assert!(translates(Endpoint::Messages, &adapter));
     }
 
     #[test]

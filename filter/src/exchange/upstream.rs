@@ -102,6 +102,7 @@ impl LoadReport {
 fn pending(instance: &Instance, routed: &Routed) -> Pending {
     Pending {
         protocol: instance.spec.adapter.protocol,
+        adapter: instance.spec.adapter.name.clone(),
         endpoint: routed.endpoint,
         model: routed.model.clone(),
         prefix: instance.spec.base_url.prefix.clone(),
@@ -150,7 +151,7 @@ impl Exchange {
             let reply = LocalReply::no_instance("the chosen instance is gone", 1);
             return self.reply(host, clock, &reply);
         };
-        let translates = translation::translates(routed.endpoint, instance.spec.adapter.protocol);
+        let translates = translation::translates(routed.endpoint, &instance.spec.adapter);
         self.point_at(host, instance, &routed.path, translates);
         // The route's retry policy carries the global `retries`; a service that differs (or an
         // upload, not retried unless configured) says so here. Envoy strips this header from

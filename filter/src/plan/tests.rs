@@ -520,6 +520,76 @@ fn adapters_resolve_from_instance_service_or_global_and_typos_name_their_key() {
 }
 
 #[test]
+fn an_instance_or_its_adapter_declares_it_serves_responses_itself_and_bad_values_name_their_key() {
+    let cfg = Plan::from_value(&json!({
+        "adapter-definitions": {
+            "openai-native": {"capabilities": {"chat": true, "responses": true}},
+            "child": {"type": "extend", "parent": "openai-native"},
+            "chat-only": {"type": "extend", "parent": "openai-native",
+                          "capabilities": {"chat": true}}
+        },
+        "services": {"chat": {"instances": [
+            {"name": "a", "base-url": "http://a:1"},
+            {"name": "b", "base-url": "http://b:1", "responses": "native"},
+            {"name": "c", "base-url": "http://c:1", "adapter": "openai-native"},
+            {"name": "d", "base-url": "http://d:1", "adapter": "child"},
+            {"name": "e", "base-url": "http://e:1", "adapter": "chat-only"},
+            {"name": "f", "base-url": "http://f:1", "adapter": "openai-native",
+             "responses": "Translated"}
+        ]}}
+    }))
+    .unwrap();
+    let chat = cfg.service(ServiceType::Chat).unwrap();
+    let native: Vec<bool> = chat
+        .instances
+        .iter()
+        .map(|i| i.spec.adapter.serves_responses)
+        .collect();
+    // Translated unless declared (most self-hosted backends serve chat completions only).
+    assert_eq!(native, [false, true, true, true, false, false]);
+
+    let instance = |extra: Value| {
+        let mut i = json!({"name": "a", "base-url": "http://a:1"});
+        if let (Some(i), Some(extra)) = (i.as_object_mut(), extra.as_object()) {
+            i.extend(extra.clone());
+        }
+        json!({"services": {"chat": {"instances": [i]}}})
+    };
+    for (v, key, reason) in [
+        (
+            instance(json!({"responses": "yes"})),
+            "model.services.chat.instances[0].responses",
+            "must be native",
+        ),
+        (
+            instance(json!({"responses": true})),
+            "model.services.chat.instances[0].responses",
+            "string",
+        ),
+        (
+            instance(json!({"responses": "native", "adapter": "claude"})),
+            "model.services.chat.instances[0].responses",
+            "needs an OpenAI-compatible backend",
+        ),
+        (
+            json!({"adapter-definitions": {"o": {"type": "ollama-compatible",
+                    "capabilities": {"chat": true, "responses": true}}}, "services": {}}),
+            "model.adapter-definitions.o.capabilities.responses",
+            "only an openai-compatible backend",
+        ),
+        (
+            json!({"adapter-definitions": {"o": {"capabilities": {"responses": "yes"}}},
+                   "services": {}}),
+            "model.adapter-definitions.o.capabilities.responses",
+            "",
+        ),
+    ] {
+        let why = refused(v);
+        assert!(why.contains(key) && why.contains(reason), "{why}");
+    }
+}
+
+#[test]
 fn an_adapter_that_cannot_serve_the_service_leaves_its_model_to_a_501() {
     let cfg = Plan::from_value(&json!({"services": {"embedding": {"instances": [
         {"name": "claude-e", "base-url": "http://a:1", "adapter": "claude"},

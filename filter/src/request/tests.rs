@@ -515,3 +515,82 @@ fn a_model_only_an_incapable_adapter_serves_is_501() {
     assert_eq!(r.status, 501);
     assert_eq!(error_code(&r), "not_supported_by_adapter");
 }
+
+#[test]
+fn a_responses_request_is_routed_by_its_model_in_the_chat_service() {
+    let cfg = config();
+    for path in ["/v1/responses", "/api/v1/responses"] {
+        match scan_body(
+            &cfg,
+            path,
+            "application/json",
+            br#"{"input":"hi","model":"llama"}"#,
+        ) {
+            BodyStep::Route(r) => {
+                assert_eq!(
+                    (r.service, r.endpoint),
+                    (ServiceType::Chat, Endpoint::Responses)
+                );
+                // Beside the instance's chat completions path (a passthrough's target).
+                assert_eq!(r.path, "/ollama/v1/responses");
+            }
+            _ => panic!("not routed"),
+        }
+    }
+    let BodyStep::Reply(unknown) = scan_body(
+        &cfg,
+        "/v1/responses",
+        "application/json",
+        br#"{"model":"nope","input":"hi"}"#,
+    ) else {
+        panic!("an unknown model was routed")
+    };
+    assert_eq!(
+        (unknown.status, error_code(&unknown)),
+        (404, "model_not_found".into())
+    );
+}
+
+#[test]
+fn stored_responses_are_a_404_saying_the_gateway_keeps_none() {
+    let cfg = config();
+    for (method, path) in [
+        ("GET", "/v1/responses/resp_abc"),
+        ("DELETE", "/api/v1/responses/resp_abc"),
+        ("GET", "/v1/responses/resp_abc/input_items?limit=5"),
+        ("POST", "/v1/responses/resp_abc/cancel"),
+    ] {
+        let r = reply(decide(&cfg, &head(method, path)));
+        assert_eq!(r.status, 404, "{method} {path}");
+        assert_eq!(error_code(&r), "response_not_found");
+        assert!(
+            r.body.contains("resp_abc") && r.body.contains("stores no responses"),
+            "{}",
+            r.body
+        );
+    }
+    // The endpoint itself takes only POST.
+    let r = reply(decide(&cfg, &head("GET", "/v1/responses")));
+    assert_eq!(r.status, 405);
+}
+
+#[test]
+fn a_token_budget_reserves_a_responses_max_output_tokens() {
+    let cfg = Plan::from_value(&json!({
+        "token-limit": {"tokens-per-minute": 100000, "completion-estimate": 1000},
+        "services": {"chat": {"instances": [{"name": "llama", "base-url": "http://a:1"}]}}
+    }))
+    .unwrap();
+    let reserved = |body: &[u8]| match scan_body(&cfg, "/v1/responses", "application/json", body) {
+        BodyStep::Route(r) => r.tokens.map(|t| (t.reserved, t.prompt_estimate)),
+        _ => panic!("not routed"),
+    };
+    // The prompt estimate is the whole body's bytes / 4: `instructions` and `input` count.
+    let body = br#"{"model":"llama","instructions":"Be brief.","input":[{"role":"user","content":"Hello there"}],"max_output_tokens":50}"#;
+    let prompt = (body.len() as u64).div_ceil(4);
+    assert_eq!(reserved(body), Some((prompt + 50, prompt)));
+    // Without it, the budget's estimate.
+    let body = br#"{"model":"llama","input":"Hello"}"#;
+    let prompt = (body.len() as u64).div_ceil(4);
+    assert_eq!(reserved(body), Some((prompt + 1000, prompt)));
+}

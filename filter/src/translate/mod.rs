@@ -112,12 +112,18 @@ impl Protocol {
 }
 
 /// The translator of requests on `endpoint` to a `protocol` instance. `None` when they pass as
-/// they are (Anthropic's endpoints to Anthropic backends, OpenAI's to OpenAI ones).
+/// they are (Anthropic's endpoints to Anthropic backends, OpenAI's to OpenAI ones). A Responses
+/// request to an OpenAI-compatible instance is translated to chat completions; one whose adapter
+/// says it serves Responses itself passes, which the exchange decides before asking here
+/// (`exchange::translation::translates`).
 pub fn translator(endpoint: Endpoint, protocol: Protocol) -> Option<&'static dyn Translator> {
     match protocol {
-        // A client speaking Anthropic Messages: the other way round. (Other backends' OpenAI
-        // translators refuse its endpoints.)
+        // A client speaking Anthropic Messages or OpenAI Responses: the other way round. (Other
+        // backends' OpenAI translators refuse their endpoints.)
         Protocol::OpenAi if endpoint.is_anthropic() => Some(&messages_to_openai::MessagesToOpenAi),
+        Protocol::OpenAi if endpoint == Endpoint::Responses => {
+            Some(&responses_to_openai::ResponsesToOpenAi)
+        }
         Protocol::Anthropic if endpoint.is_anthropic() => None,
         other => other.backend().from_openai,
     }
@@ -184,6 +190,11 @@ pub struct ReplyContext {
 pub trait StreamTranslator {
     fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), Malformed>;
     fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), Malformed>;
+    /// Ends a stream gone bad (`feed` or `finish` said `Malformed`) the way the client's
+    /// protocol ends a failed stream: by default OpenAI's error event and `[DONE]`.
+    fn fail(&mut self, why: &str, out: &mut Vec<u8>) {
+        chunks::failed(out, why);
+    }
     /// The counts the backend reported so far, whether or not the client asked for them (token
     /// budgets and metrics settle from them).
     fn usage(&self) -> Option<openai::TokenUsage> {
