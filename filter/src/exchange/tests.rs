@@ -1778,7 +1778,6 @@ fn chat_stream() -> Vec<Vec<u8>> {
 }
 
 #[test]
-#[ignore = "until responses_to_openai translates (the skeleton refuses every request)"]
 fn a_translated_responses_request_costs_what_a_translated_messages_request_does() {
     let answer = ok_json();
     let messages = translated_calls(
@@ -1798,7 +1797,6 @@ fn a_translated_responses_request_costs_what_a_translated_messages_request_does(
 }
 
 #[test]
-#[ignore = "until responses_to_openai translates (the skeleton refuses every request)"]
 fn a_translated_responses_stream_costs_what_a_translated_messages_stream_does() {
     let chunks = chat_stream();
     let chunks: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();

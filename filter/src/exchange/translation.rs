@@ -216,11 +216,7 @@ impl Translation {
             Err(Malformed(why)) => {
                 self.broken = true;
                 let why = format!("The backend's stream is malformed: {why}");
-                if self.endpoint.is_anthropic() {
-                    messages_to_openai::stream_error(&mut out, 502, &why);
-                } else {
-                    translator.fail(&why, &mut out);
-                }
+                translator.fail(&why, &mut out);
                 Err(out)
             }
         }

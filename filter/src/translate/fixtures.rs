@@ -64,23 +64,13 @@ fn context(dir: &str) -> (Endpoint, Protocol, &'static str, &'static str) {
             "qwen3:8b",
             "claude-sonnet-4-5",
         ),
-        // Its endpoint once the dispatch routes `/v1/responses` (see `translator_of`).
-        "responses_to_openai" => (
-            Endpoint::ChatCompletions,
-            Protocol::OpenAi,
-            "qwen3:8b",
-            "gpt-4.1",
-        ),
+        "responses_to_openai" => (Endpoint::Responses, Protocol::OpenAi, "qwen3:8b", "gpt-4.1"),
         other => panic!("no translator for fixtures/{other}"),
     }
 }
 
-/// The translator of a fixture directory: the one the dispatch picks, except the Responses
-/// translator, named until the dispatch knows its endpoint.
+/// The translator of a fixture directory: the one the dispatch picks.
 fn translator_of(dir: &str) -> &'static dyn Translator {
-    if dir == "responses_to_openai" {
-        return &super::responses_to_openai::ResponsesToOpenAi;
-    }
     let (endpoint, protocol, _, _) = context(dir);
     translator(endpoint, protocol).unwrap()
 }
@@ -210,6 +200,28 @@ fn cases() -> Vec<Case> {
         "sse",
         "out.sse"
     ));
+    // A Responses client always gets the usage, in response.completed.
+    let responses = context("responses_to_openai").0;
+    for case in [
+        case!(
+            "responses_to_openai",
+            "stream-text",
+            no_usage,
+            responses,
+            "sse",
+            "out.sse"
+        ),
+        case!(
+            "responses_to_openai",
+            "stream-tools",
+            no_usage,
+            responses,
+            "sse",
+            "out.sse"
+        ),
+    ] {
+        cases.push(case);
+    }
     cases
 }
 

@@ -907,6 +907,11 @@ impl MessageStream {
 }
 
 impl StreamTranslator for MessageStream {
+    /// Anthropic's `error` event (an `api_error`, as for a 502).
+    fn fail(&mut self, why: &str, out: &mut Vec<u8>) {
+        stream_error(out, 502, why);
+    }
+
     fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), Malformed> {
         let mut sse = std::mem::take(&mut self.sse);
         let result = sse.feed(chunk, &mut |event| self.on_event(event, out));

@@ -60,6 +60,12 @@ impl Translator for ResponsesToOpenAi {
     fn error_message(&self, body: &[u8]) -> Option<String> {
         super::messages_to_openai::openai_error_message(body)
     }
+
+    /// The backend's chat bytes: the translated stream repeats its text (each delta, then the
+    /// item's `.done` events and `response.completed`), which would count it four times.
+    fn usage_in_backend_bytes(&self) -> bool {
+        true
+    }
 }
 
 /// Fields dropped without a word: hints and options of OpenAI's own service that a chat
