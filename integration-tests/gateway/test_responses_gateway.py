@@ -68,7 +68,9 @@ def test_a_native_stream_passes_event_by_event_and_its_usage_is_counted(backends
         assert r.headers["content-type"].startswith("text/event-stream")
         text = r.read().decode()
     kinds = [line.removeprefix("event: ") for line in text.splitlines() if line.startswith("event: ")]
-    assert kinds == ["response.created", "response.output_text.delta", "response.completed"]
+    # The backend's own events, as it sent them (the stub's: OpenAI's sequence for one message).
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed", kinds
+    assert "response.output_text.delta" in kinds
     assert native.requests[-1].json()["stream"] is True
     time.sleep(1.5)  # each worker hands its counts to Envoy once a second
     s = scrape(gw)
@@ -79,11 +81,11 @@ def test_a_native_stream_passes_event_by_event_and_its_usage_is_counted(backends
 
 def test_a_chat_instance_gets_the_translation_never_the_responses_body(backends):
     gw, chat, _ = backends
-    # A tool type chat completions cannot carry: refused by the translation (501 while it is
-    # a skeleton, 400 naming the type once written) before the backend sees anything.
+    # A tool type chat completions cannot carry: refused by the translation with a 400 naming
+    # the type, before the backend sees anything.
     r = post(gw, {"model": "qwen", "input": "Hi", "tools": [{"type": "web_search"}]})
-    assert r.status_code in (400, 501), r.text
-    error_of(r)
+    assert r.status_code == 400, r.text
+    assert "web_search" in error_of(r)["message"]
     assert not chat.requests
 
 

@@ -9,7 +9,9 @@
 //!   SDKs, most tools) in front of an instance whose `adapter:` speaks Anthropic Messages, the
 //!   Gemini API or Ollama's native API;
 //! - `messages_to_openai`: the other way round, a client speaking Anthropic Messages (Claude
-//!   Code, the Anthropic SDKs) in front of an OpenAI-compatible backend.
+//!   Code, the Anthropic SDKs) in front of an OpenAI-compatible backend;
+//! - `responses_to_openai`: a client speaking OpenAI's Responses API (Codex CLI, the Agents
+//!   SDK) in front of a chat-completions backend.
 //!
 //! Each implements [`Translator`], the one contract, and says what its protocol is (its
 //! [`Backend`]); [`Protocol::backend`] is the one dispatch: adding a protocol is its module, its
