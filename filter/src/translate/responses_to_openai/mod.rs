@@ -491,6 +491,8 @@ pub enum Status {
     Completed,
     /// Cut short: `incomplete_details.reason` says why (`max_output_tokens`, `content_filter`).
     Incomplete(&'static str),
+    /// Broke off (a stream whose backend failed): `error` says why.
+    Failed,
 }
 
 impl Status {
@@ -503,37 +505,51 @@ impl Status {
         }
     }
 
+    /// The Response's `status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Failed => "failed",
+            other => other.item_status(),
+        }
+    }
+
     /// The status of an output item of an answer in this state.
     pub fn item_status(self) -> &'static str {
         match self {
             Status::InProgress => "in_progress",
             Status::Completed => "completed",
-            Status::Incomplete(_) => "incomplete",
+            Status::Incomplete(_) | Status::Failed => "incomplete",
         }
     }
 }
 
 /// The Response object (what a whole answer is, and what `response.created`,
-/// `response.in_progress` and `response.completed` events carry): its `output` items and its
-/// `usage` (a Responses usage object, or `null`). The fields the SDKs require are all there;
-/// those of the request it does not know are their defaults.
+/// `response.in_progress`, `response.completed` and `response.failed` events carry): its
+/// `output` items, its `usage` (a Responses usage object, or `null`) and, when it failed, why.
+/// The fields the SDKs require are all there; those of the request it does not know are their
+/// defaults.
 pub(super) fn response_object(
     reply: &ReplyContext,
     status: Status,
     output: Vec<Value>,
     usage: Value,
+    error: Option<&str>,
 ) -> Value {
     let incomplete_details = match status {
         Status::Incomplete(reason) => json!({"reason": reason}),
-        Status::InProgress | Status::Completed => Value::Null,
+        Status::InProgress | Status::Completed | Status::Failed => Value::Null,
     };
+    let error = error.map_or(
+        Value::Null,
+        |message| json!({"code": "server_error", "message": message}),
+    );
     json!({
         "id": ResponseIds::new(reply).response(),
         "object": "response",
         "created_at": reply.created,
-        "status": status.item_status(),
+        "status": status.as_str(),
         "background": false,
-        "error": null,
+        "error": error,
         "incomplete_details": incomplete_details,
         "instructions": null,
         "max_output_tokens": null,
@@ -553,59 +569,80 @@ pub(super) fn response_object(
     })
 }
 
-/// The answer's `message` item holding `text` (one `output_text` part).
-pub(super) fn message_item(ids: ResponseIds, text: &str, status: Status) -> Value {
+/// A `message` item of the answer holding `text` (one `output_text` part); `status` is the
+/// item's (`in_progress`, `completed`, `incomplete`).
+pub(super) fn message_item(id: &str, text: &str, status: &str) -> Value {
     json!({
-        "id": ids.message(),
+        "id": id,
         "type": "message",
         "role": "assistant",
-        "status": status.item_status(),
-        "content": [{"type": "output_text", "text": text, "annotations": []}],
+        "status": status,
+        "content": [output_text_part(text)],
     })
 }
 
-/// The answer's `index`th `function_call` item; `call_id` is the backend's tool call id.
+/// The `output_text` part of a message item.
+pub(super) fn output_text_part(text: &str) -> Value {
+    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []})
+}
+
+/// A `function_call` item of the answer; `call_id` is the backend's tool call id.
 pub(super) fn function_call_item(
-    ids: ResponseIds,
-    index: u64,
+    id: &str,
     call_id: &str,
     name: &str,
     arguments: &str,
-    status: Status,
+    status: &str,
 ) -> Value {
     json!({
-        "id": ids.function_call(index),
+        "id": id,
         "type": "function_call",
         "call_id": call_id,
         "name": name,
         "arguments": arguments,
-        "status": status.item_status(),
+        "status": status,
     })
 }
 
-/// A chat `usage` object as the Responses usage: the same counts under Responses' names, with
-/// the cache and reasoning details the SDKs require (0 when the backend gave none).
-pub(super) fn response_usage(chat_usage: &Value) -> Value {
-    let count = |path: &[&str]| {
-        path.iter()
-            .try_fold(chat_usage, |v, key| v.get(key))
-            .and_then(Value::as_u64)
-    };
-    let input = count(&["prompt_tokens"]).unwrap_or(0);
-    let output = count(&["completion_tokens"]).unwrap_or(0);
-    json!({
-        "input_tokens": input,
-        "input_tokens_details": {
-            "cached_tokens": count(&["prompt_tokens_details", "cached_tokens"]).unwrap_or(0),
-            // Chat usage does not say what was written to a cache.
-            "cache_write_tokens": 0,
-        },
-        "output_tokens": output,
-        "output_tokens_details": {
-            "reasoning_tokens": count(&["completion_tokens_details", "reasoning_tokens"]).unwrap_or(0),
-        },
-        "total_tokens": count(&["total_tokens"]).unwrap_or(input.saturating_add(output)),
-    })
+/// The counts of a Responses `usage` object, read from a chat `usage` object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct ResponseUsage {
+    pub input: u64,
+    pub output: u64,
+    pub cached: u64,
+    pub reasoning: u64,
+    pub total: u64,
+}
+
+impl ResponseUsage {
+    /// The counts of a chat `usage` object (0 for what it leaves out).
+    pub fn of_chat(chat_usage: &Value) -> ResponseUsage {
+        let count = |path: &str| chat_usage.pointer(path).and_then(Value::as_u64);
+        let input = count("/prompt_tokens").unwrap_or(0);
+        let output = count("/completion_tokens").unwrap_or(0);
+        ResponseUsage {
+            input,
+            output,
+            cached: count("/prompt_tokens_details/cached_tokens").unwrap_or(0),
+            reasoning: count("/completion_tokens_details/reasoning_tokens").unwrap_or(0),
+            total: count("/total_tokens").unwrap_or(input.saturating_add(output)),
+        }
+    }
+
+    /// The Responses `usage` object, with the cache and reasoning details the SDKs require.
+    pub fn to_json(self) -> Value {
+        json!({
+            "input_tokens": self.input,
+            "input_tokens_details": {
+                "cached_tokens": self.cached,
+                // Chat usage does not say what was written to a cache.
+                "cache_write_tokens": 0,
+            },
+            "output_tokens": self.output,
+            "output_tokens_details": {"reasoning_tokens": self.reasoning},
+            "total_tokens": self.total,
+        })
+    }
 }
 
 /// An OpenAI chat.completion → a Response object (bytes of JSON).
@@ -635,14 +672,14 @@ pub fn from_chat_response(body: &[u8], reply: &ReplyContext) -> Result<Vec<u8>, 
     let ids = ResponseIds::new(reply);
     let mut output = Vec::new();
     if !text.is_empty() {
-        output.push(message_item(ids, &text, status));
+        output.push(message_item(&ids.message(), &text, status.item_status()));
     }
     output.extend(function_call_items(message, ids)?);
     let usage = answer
         .get("usage")
         .filter(|u| u.is_object())
-        .map_or(Value::Null, response_usage);
-    Ok(response_object(reply, status, output, usage)
+        .map_or(Value::Null, |u| ResponseUsage::of_chat(u).to_json());
+    Ok(response_object(reply, status, output, usage, None)
         .to_string()
         .into_bytes())
 }
@@ -671,12 +708,11 @@ fn function_call_items(message: &Value, ids: ResponseIds) -> Result<Vec<Value>, 
             .and_then(Value::as_str)
             .unwrap_or("{}");
         items.push(function_call_item(
-            ids,
-            index,
+            &ids.function_call(index),
             &call_id,
             name,
             arguments,
-            Status::Completed,
+            Status::Completed.item_status(),
         ));
     }
     Ok(items)
@@ -964,11 +1000,12 @@ mod tests {
 
     #[test]
     fn usage_takes_the_chat_counts_and_their_details() {
-        let usage = response_usage(&json!({
+        let usage = ResponseUsage::of_chat(&json!({
             "prompt_tokens": 10, "completion_tokens": 5,
             "prompt_tokens_details": {"cached_tokens": 4},
             "completion_tokens_details": {"reasoning_tokens": 2},
-        }));
+        }))
+        .to_json();
         assert_eq!(
             usage,
             json!({

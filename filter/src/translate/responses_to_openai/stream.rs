@@ -25,7 +25,10 @@
 //! - Memory: each item's text or arguments are kept for its `.done` events and the final
 //!   Response, so a stream holds what its whole answer would; the rest is a few counters.
 
-use super::ResponseIds;
+use super::{
+    function_call_item, message_item, output_text_part, response_object, ResponseIds,
+    ResponseUsage, Status,
+};
 use crate::json_text::{push_decimal, push_string};
 use crate::translate::frames::{Event, SseEvents};
 use crate::translate::openai::TokenUsage;
@@ -47,7 +50,7 @@ pub struct ResponseStream {
     /// The highest OpenAI tool call index seen: a delta for an earlier one cannot be placed.
     last_call: Option<u64>,
     finish_reason: Option<String>,
-    usage: Option<Counts>,
+    usage: Option<ResponseUsage>,
     /// `response.completed` or `response.failed` went out: nothing more is said.
     ended: bool,
 }
@@ -73,15 +76,6 @@ enum Body {
         name: String,
         arguments: String,
     },
-}
-
-/// The backend's counts, from its usage chunk.
-#[derive(Debug, Clone, Copy)]
-struct Counts {
-    input: u64,
-    output: u64,
-    cached: u64,
-    reasoning: u64,
 }
 
 /// Writes the events, numbering them.
@@ -145,58 +139,23 @@ impl Item {
     fn to_json(&self, added: bool) -> Value {
         match &self.body {
             Body::Message { text } => {
-                let content = if added { vec![] } else { vec![text_part(text)] };
-                json!({
-                    "type": "message",
-                    "id": self.id,
-                    "status": self.status,
-                    "role": "assistant",
-                    "content": content,
-                })
+                let mut item = message_item(&self.id, text, self.status);
+                // Added before any of its text: no parts yet.
+                if let Some(content) = item.get_mut("content").filter(|_| added) {
+                    *content = json!([]);
+                }
+                item
             }
             Body::FunctionCall {
                 call_id,
                 name,
                 arguments,
                 ..
-            } => json!({
-                "type": "function_call",
-                "id": self.id,
-                "call_id": call_id,
-                "name": name,
-                "arguments": if added { "" } else { arguments.as_str() },
-                "status": self.status,
-            }),
+            } => {
+                let arguments = if added { "" } else { arguments.as_str() };
+                function_call_item(&self.id, call_id, name, arguments, self.status)
+            }
         }
-    }
-}
-
-fn text_part(text: &str) -> Value {
-    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []})
-}
-
-impl Counts {
-    /// The counts of an OpenAI `usage` object; `None` without `prompt_tokens`.
-    fn read(usage: &Value) -> Option<Counts> {
-        let count = |path: &str| usage.pointer(path).and_then(Value::as_u64).unwrap_or(0);
-        usage.get("prompt_tokens")?.as_u64()?;
-        Some(Counts {
-            input: count("/prompt_tokens"),
-            output: count("/completion_tokens"),
-            cached: count("/prompt_tokens_details/cached_tokens"),
-            reasoning: count("/completion_tokens_details/reasoning_tokens"),
-        })
-    }
-
-    /// The Responses `usage` object.
-    fn to_json(self) -> Value {
-        json!({
-            "input_tokens": self.input,
-            "input_tokens_details": {"cached_tokens": self.cached, "cache_write_tokens": 0},
-            "output_tokens": self.output,
-            "output_tokens_details": {"reasoning_tokens": self.reasoning},
-            "total_tokens": self.input.saturating_add(self.output),
-        })
     }
 }
 
@@ -254,8 +213,12 @@ impl ResponseStream {
             return Ok(());
         }
         self.start(out);
-        if let Some(counts) = chunk.get("usage").and_then(Counts::read) {
-            self.usage = Some(counts);
+        // The usage chunk: an OpenAI `usage` object with its `prompt_tokens`.
+        if let Some(usage) = chunk
+            .get("usage")
+            .filter(|u| u.get("prompt_tokens").is_some())
+        {
+            self.usage = Some(ResponseUsage::of_chat(usage));
         }
         let choices = chunk
             .get("choices")
@@ -301,7 +264,7 @@ impl ResponseStream {
             return;
         }
         self.started = true;
-        let response = self.response("in_progress", None);
+        let response = self.response(Status::InProgress, None);
         for kind in ["response.created", "response.in_progress"] {
             self.events.emit(out, kind, |data| {
                 member_value(data, "response", &response);
@@ -310,38 +273,13 @@ impl ResponseStream {
     }
 
     /// The Response as its lifecycle events carry it; `error`: why it failed.
-    fn response(&self, status: &str, error: Option<&str>) -> Value {
+    fn response(&self, status: Status, error: Option<&str>) -> Value {
         let output: Vec<Value> = self.items.iter().map(|item| item.to_json(false)).collect();
-        let incomplete = match status {
-            "incomplete" => self
-                .incomplete_reason()
-                .map(|reason| json!({"reason": reason})),
-            _ => None,
-        };
-        let error = error.map(|message| json!({"code": "server_error", "message": message}));
         let usage = match status {
-            "in_progress" => None,
-            _ => self.usage.map(Counts::to_json),
+            Status::InProgress => Value::Null,
+            _ => self.usage.map_or(Value::Null, ResponseUsage::to_json),
         };
-        json!({
-            "id": self.ids.response(),
-            "object": "response",
-            "created_at": self.reply.created,
-            "status": status,
-            "model": self.reply.model,
-            "output": output,
-            "error": error,
-            "incomplete_details": incomplete,
-            "usage": usage,
-            "instructions": null,
-            "metadata": {},
-            "parallel_tool_calls": true,
-            "temperature": null,
-            "top_p": null,
-            "tool_choice": "auto",
-            "tools": [],
-            "store": false,
-        })
+        response_object(&self.reply, status, output, usage, error)
     }
 
     /// Opens the next output item, closing the one before.
@@ -367,7 +305,7 @@ impl ResponseStream {
                 .emit(out, "response.content_part.added", |data| {
                     item_members(data, &id, output_index);
                     data.push_str(r#","content_index":0"#);
-                    member_value(data, "part", &text_part(""));
+                    member_value(data, "part", &output_text_part(""));
                 });
         }
     }
@@ -394,7 +332,7 @@ impl ResponseStream {
                 events.emit(out, "response.content_part.done", |data| {
                     item_members(data, &item.id, output_index);
                     data.push_str(r#","content_index":0"#);
-                    member_value(data, "part", &text_part(text));
+                    member_value(data, "part", &output_text_part(text));
                 });
             }
             Body::FunctionCall {
@@ -525,21 +463,9 @@ impl ResponseStream {
     /// The answer is whole: its last item closes and `response.completed` goes out.
     fn complete(&mut self, out: &mut Vec<u8>) {
         self.start(out);
-        let status = match self.incomplete_reason() {
-            Some(_) => "incomplete",
-            None => "completed",
-        };
-        self.close(status, out);
+        let status = Status::of_finish(self.finish_reason.as_deref());
+        self.close(status.item_status(), out);
         self.end("response.completed", status, None, out);
-    }
-
-    /// Why the answer stopped short, in the Responses API's words, from its finish_reason.
-    fn incomplete_reason(&self) -> Option<&'static str> {
-        match self.finish_reason.as_deref() {
-            Some("length") => Some("max_output_tokens"),
-            Some("content_filter") => Some("content_filter"),
-            _ => None,
-        }
     }
 
     /// The answer broke off: the open item closes as it is and `response.failed` goes out.
@@ -548,11 +474,11 @@ impl ResponseStream {
             return;
         }
         self.start(out);
-        self.close("incomplete", out);
-        self.end("response.failed", "failed", Some(message), out);
+        self.close(Status::Failed.item_status(), out);
+        self.end("response.failed", Status::Failed, Some(message), out);
     }
 
-    fn end(&mut self, kind: &str, status: &str, error: Option<&str>, out: &mut Vec<u8>) {
+    fn end(&mut self, kind: &str, status: Status, error: Option<&str>, out: &mut Vec<u8>) {
         let response = self.response(status, error);
         self.events.emit(out, kind, |data| {
             member_value(data, "response", &response);
