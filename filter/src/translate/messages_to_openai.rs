@@ -12,7 +12,7 @@
 //! stopped it).
 
 use super::frames::{Event, SseEvents};
-use super::openai;
+use super::openai::{self, StreamChunk};
 use super::{
     not_translated, parse_answer, Malformed, Object, Refusal, ReplyContext, StreamTranslator,
     Translator, Upstream,
@@ -486,30 +486,15 @@ pub fn from_chat_response(body: &[u8], reply: &ReplyContext) -> Result<Vec<u8>, 
         content.push(json!({"type": "text", "text": refusal}));
         finish_reason = Some("content_filter");
     }
-    let calls = match message.get("tool_calls") {
-        None | Some(Value::Null) => &[][..],
-        Some(Value::Array(calls)) => calls.as_slice(),
-        Some(_) => return Err(Malformed::new("the backend's tool_calls is not a list")),
-    };
-    for (at, call) in calls.iter().enumerate() {
-        let function = call.get("function");
-        let name = function
-            .and_then(|f| f.get("name"))
-            .and_then(Value::as_str)
-            .ok_or_else(|| Malformed::new("a tool call of the backend has no function name"))?;
-        // The client answers with this id; a backend that gives none still needs one.
-        let id = call
-            .get("id")
-            .and_then(Value::as_str)
-            .map_or_else(|| format!("call_{at}"), str::to_string);
+    let calls = openai::tool_calls(message)?;
+    for call in &calls {
         // Arguments the model got wrong are the client's to see as an empty input, not a 502.
-        let input = function
-            .and_then(|f| f.get("arguments"))
-            .and_then(Value::as_str)
+        let input = call
+            .arguments
             .and_then(|a| serde_json::from_str::<Value>(a).ok())
             .filter(Value::is_object)
             .unwrap_or_else(|| json!({}));
-        content.push(json!({"type": "tool_use", "id": id, "name": name, "input": input}));
+        content.push(json!({"type": "tool_use", "id": call.id, "name": call.name, "input": input}));
     }
     let usage = answer.get("usage");
     let message = json!({
@@ -704,38 +689,20 @@ impl MessageStream {
         if self.ended {
             return Ok(());
         }
-        let data = event.data.trim_ascii();
-        if data.is_empty() {
-            return Ok(());
-        }
-        if data == b"[DONE]" {
-            self.end(None, out);
-            return Ok(());
-        }
-        let chunk: Value = serde_json::from_slice(data)
-            .map_err(|_| Malformed::new("a chunk of the backend's stream is not valid JSON"))?;
-        let Some(chunk) = chunk.as_object() else {
-            return Err(Malformed::new(
-                "a chunk of the backend's stream is not a JSON object",
-            ));
+        let mut slot = Value::Null;
+        let chunk = match openai::read_stream_chunk(&event.data, &mut slot)? {
+            StreamChunk::Nothing => return Ok(()),
+            StreamChunk::Done => {
+                self.end(None, out);
+                return Ok(());
+            }
+            StreamChunk::Error(message, status) => {
+                self.ended = true;
+                stream_error(out, status.unwrap_or(500), message);
+                return Ok(());
+            }
+            StreamChunk::Chunk(chunk) => chunk,
         };
-        if let Some(error) = chunk.get("error").filter(|e| !e.is_null()) {
-            self.ended = true;
-            let message = error
-                .get("message")
-                .and_then(Value::as_str)
-                .or_else(|| error.as_str())
-                .unwrap_or("the backend reported an error");
-            // vLLM and others put the HTTP status in `code`.
-            let status = error
-                .get("code")
-                .and_then(Value::as_u64)
-                .and_then(|c| u32::try_from(c).ok())
-                .filter(|c| (400..=599).contains(c))
-                .unwrap_or(500);
-            stream_error(out, status, message);
-            return Ok(());
-        }
         self.start(chunk.get("id").and_then(Value::as_str), out);
         if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
             self.input_tokens = token_count(Some(usage), "prompt_tokens").or(self.input_tokens);

@@ -2,7 +2,7 @@
 //! error, built one way for every protocol (its stream chunks: `chunks`), and the readers of an
 //! OpenAI request.
 
-use super::{Backend, Refusal};
+use super::{Backend, Malformed, Refusal};
 use crate::endpoint::ServiceType;
 use serde_json::{json, Map, Value};
 
@@ -282,6 +282,93 @@ pub fn assistant_tool_call(call: &Value) -> Result<(String, String, Map<String, 
     };
     let id = call.get("id").and_then(Value::as_str).unwrap_or_default();
     Ok((id.to_string(), name.to_string(), arguments))
+}
+
+/// One event of a backend's chat stream, as the client-side translators read it.
+pub enum StreamChunk<'a> {
+    /// Nothing to read (an empty event).
+    Nothing,
+    /// `data: [DONE]`.
+    Done,
+    /// An error the backend sent in the stream (`{"error": …}`): its message and, when it gave
+    /// one, the HTTP status it put in `code` (vLLM and others do).
+    Error(&'a str, Option<u32>),
+    /// A `chat.completion.chunk`.
+    Chunk(&'a Map<String, Value>),
+}
+
+/// What a chat stream event's data is, parsed into `slot` (which the chunk borrows).
+pub fn read_stream_chunk<'a>(
+    data: &[u8],
+    slot: &'a mut Value,
+) -> Result<StreamChunk<'a>, Malformed> {
+    let data = data.trim_ascii();
+    if data.is_empty() {
+        return Ok(StreamChunk::Nothing);
+    }
+    if data == b"[DONE]" {
+        return Ok(StreamChunk::Done);
+    }
+    *slot = serde_json::from_slice(data)
+        .map_err(|_| Malformed::new("a chunk of the backend's stream is not valid JSON"))?;
+    let Some(chunk) = slot.as_object() else {
+        return Err(Malformed::new(
+            "a chunk of the backend's stream is not a JSON object",
+        ));
+    };
+    if let Some(error) = chunk.get("error").filter(|e| !e.is_null()) {
+        let message = error
+            .get("message")
+            .and_then(Value::as_str)
+            .or_else(|| error.as_str())
+            .unwrap_or("the backend reported an error");
+        let status = error
+            .get("code")
+            .and_then(Value::as_u64)
+            .and_then(|c| u32::try_from(c).ok())
+            .filter(|c| (400..=599).contains(c));
+        return Ok(StreamChunk::Error(message, status));
+    }
+    Ok(StreamChunk::Chunk(chunk))
+}
+
+/// One tool call of a chat answer's message.
+pub struct ToolCall<'a> {
+    /// The backend's id, or `call_<index>` when it gave none (the client answers with it).
+    pub id: String,
+    pub name: &'a str,
+    /// The arguments as the backend wrote them (JSON text), if it wrote any.
+    pub arguments: Option<&'a str>,
+}
+
+/// The tool calls of a chat answer's `message`, in order.
+pub fn tool_calls(message: &Value) -> Result<Vec<ToolCall<'_>>, Malformed> {
+    let calls = match message.get("tool_calls") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(calls)) => calls,
+        Some(_) => return Err(Malformed::new("the backend's tool_calls is not a list")),
+    };
+    let mut read = Vec::with_capacity(calls.len());
+    for (at, call) in calls.iter().enumerate() {
+        let function = call.get("function");
+        let name = function
+            .and_then(|f| f.get("name"))
+            .and_then(Value::as_str)
+            .ok_or_else(|| Malformed::new("a tool call of the backend has no function name"))?;
+        let id = call
+            .get("id")
+            .and_then(Value::as_str)
+            .map_or_else(|| format!("call_{at}"), str::to_string);
+        let arguments = function
+            .and_then(|f| f.get("arguments"))
+            .and_then(Value::as_str);
+        read.push(ToolCall {
+            id,
+            name,
+            arguments,
+        });
+    }
+    Ok(read)
 }
 
 /// Whether the client asked for a final usage chunk.

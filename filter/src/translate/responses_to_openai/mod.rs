@@ -686,36 +686,19 @@ pub fn from_chat_response(body: &[u8], reply: &ReplyContext) -> Result<Vec<u8>, 
 
 /// The chat message's tool calls as `function_call` items.
 fn function_call_items(message: &Value, ids: ResponseIds) -> Result<Vec<Value>, Malformed> {
-    let calls = match message.get("tool_calls") {
-        None | Some(Value::Null) => return Ok(Vec::new()),
-        Some(Value::Array(calls)) => calls,
-        Some(_) => return Err(Malformed::new("the backend's tool_calls is not a list")),
-    };
-    let mut items = Vec::with_capacity(calls.len());
-    for (index, call) in (0u64..).zip(calls) {
-        let function = call.get("function");
-        let name = function
-            .and_then(|f| f.get("name"))
-            .and_then(Value::as_str)
-            .ok_or_else(|| Malformed::new("a tool call of the backend has no function name"))?;
-        // The client answers with this id; a backend that gives none still needs one.
-        let call_id = call
-            .get("id")
-            .and_then(Value::as_str)
-            .map_or_else(|| format!("call_{index}"), str::to_string);
-        let arguments = function
-            .and_then(|f| f.get("arguments"))
-            .and_then(Value::as_str)
-            .unwrap_or("{}");
-        items.push(function_call_item(
-            &ids.function_call(index),
-            &call_id,
-            name,
-            arguments,
-            Status::Completed.item_status(),
-        ));
-    }
-    Ok(items)
+    let calls = openai::tool_calls(message)?;
+    Ok((0u64..)
+        .zip(&calls)
+        .map(|(index, call)| {
+            function_call_item(
+                &ids.function_call(index),
+                &call.id,
+                call.name,
+                call.arguments.unwrap_or("{}"),
+                Status::Completed.item_status(),
+            )
+        })
+        .collect())
 }
 
 /// The ids a translated answer carries, made by the gateway from the request's nonce (unique

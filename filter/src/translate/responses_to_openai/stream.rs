@@ -31,7 +31,7 @@ use super::{
 };
 use crate::json_text::{push_decimal, push_string};
 use crate::translate::frames::{Event, SseEvents};
-use crate::translate::openai::TokenUsage;
+use crate::translate::openai::{self, StreamChunk, TokenUsage};
 use crate::translate::{Malformed, ReplyContext, StreamTranslator};
 use serde_json::{json, Value};
 
@@ -188,30 +188,19 @@ impl ResponseStream {
         if self.ended {
             return Ok(());
         }
-        let data = event.data.trim_ascii();
-        if data.is_empty() {
-            return Ok(());
-        }
-        if data == b"[DONE]" {
-            self.complete(out);
-            return Ok(());
-        }
-        let chunk: Value = serde_json::from_slice(data)
-            .map_err(|_| Malformed::new("a chunk of the backend's stream is not valid JSON"))?;
-        let Some(chunk) = chunk.as_object() else {
-            return Err(Malformed::new(
-                "a chunk of the backend's stream is not a JSON object",
-            ));
+        let mut slot = Value::Null;
+        let chunk = match openai::read_stream_chunk(&event.data, &mut slot)? {
+            StreamChunk::Nothing => return Ok(()),
+            StreamChunk::Done => {
+                self.complete(out);
+                return Ok(());
+            }
+            StreamChunk::Error(message, _) => {
+                self.break_off(out, message);
+                return Ok(());
+            }
+            StreamChunk::Chunk(chunk) => chunk,
         };
-        if let Some(error) = chunk.get("error").filter(|e| !e.is_null()) {
-            let message = error
-                .get("message")
-                .and_then(Value::as_str)
-                .or_else(|| error.as_str())
-                .unwrap_or("the backend reported an error");
-            self.break_off(out, message);
-            return Ok(());
-        }
         self.start(out);
         // The usage chunk: an OpenAI `usage` object with its `prompt_tokens`.
         if let Some(usage) = chunk
